@@ -1,0 +1,263 @@
+"""Curvature over flat parameter vectors: Hessian-vector products, Lanczos, Hutchinson.
+
+All functions are pure: they never modify parameters and never touch ``.grad``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+Params = tuple[Tensor, ...]
+Operator = Callable[[Tensor], Tensor]
+
+FORWARD = "forward-over-reverse"
+REVERSE = "reverse-over-reverse"
+_METHOD_ALIASES = {"forward": FORWARD, FORWARD: FORWARD, "reverse": REVERSE, REVERSE: REVERSE}
+
+
+def flatten(tensors: Sequence[Tensor]) -> Tensor:
+    """Concatenate tensors into one flat vector."""
+    if len(tensors) == 0:
+        return torch.zeros(0)
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(vector: Tensor, like: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """Split a flat vector into views shaped (and typed) like ``like``."""
+    sizes = [t.numel() for t in like]
+    if vector.dim() != 1 or vector.numel() != sum(sizes):
+        raise ValueError(f"vector of shape {tuple(vector.shape)} does not match {sum(sizes)} elements")
+    chunks = torch.split(vector, sizes)
+    return tuple(c.reshape(t.shape).to(dtype=t.dtype, device=t.device) for c, t in zip(chunks, like))
+
+
+def dot(a: Tensor, b: Tensor) -> float:
+    """Inner product of two flat vectors as a Python float."""
+    return float(torch.dot(a.reshape(-1), b.reshape(-1).to(a.dtype)))
+
+
+class Hvp:
+    """Callable flat ``v -> H v`` for a fixed loss and parameter point."""
+
+    def __init__(self, fn: Operator, method: str, dim: int, fallback_reason: str | None = None):
+        self._fn = fn
+        self.method = method
+        self.dim = dim
+        self.calls = 0
+        self.fallback_reason = fallback_reason
+
+    def __call__(self, v: Tensor) -> Tensor:
+        """Return ``H v`` as a detached flat vector."""
+        if v.shape != (self.dim,):
+            raise ValueError(f"expected a flat vector of {self.dim} elements, got shape {tuple(v.shape)}")
+        self.calls += 1
+        return self._fn(v).detach()
+
+    def __repr__(self) -> str:
+        return f"Hvp(method={self.method!r}, dim={self.dim}, calls={self.calls})"
+
+
+def _forward_over_reverse(loss_of_params: Callable[[Params], Tensor], params: Params) -> Operator:
+    """HVP as the JVP of the gradient: one forward-mode pass through a backward pass per call."""
+    grad_fn = torch.func.grad(loss_of_params)
+
+    def hvp(v: Tensor) -> Tensor:
+        _, hv = torch.func.jvp(grad_fn, (params,), (unflatten(v, params),))
+        return flatten(hv)
+
+    return hvp
+
+
+def _reverse_over_reverse(loss_of_params: Callable[[Params], Tensor], params: Params) -> Operator:
+    """HVP by double backward through a gradient graph built once and retained."""
+    leaves = tuple(p.detach().requires_grad_(True) for p in params)
+    with torch.enable_grad():
+        loss = loss_of_params(leaves)
+        grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+    # Gradient entries that do not depend on the parameters contribute nothing to H v.
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+
+    def hvp(v: Tensor) -> Tensor:
+        if not live:
+            return torch.zeros(sum(p.numel() for p in params), dtype=flatten(params).dtype, device=v.device)
+        vs = unflatten(v, params)
+        with torch.enable_grad():
+            out = torch.autograd.grad(
+                [grads[i] for i in live], leaves, grad_outputs=[vs[i] for i in live],
+                retain_graph=True, allow_unused=True,
+            )
+        return flatten([torch.zeros_like(p) if h is None else h for h, p in zip(out, params)])
+
+    return hvp
+
+
+def _seconds(fn: Operator, v: Tensor) -> float:
+    """Wall-clock seconds of one call, synchronising CUDA if needed."""
+    sync = torch.cuda.synchronize if v.is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn(v)
+    sync()
+    return time.perf_counter() - start
+
+
+def _describe(error: BaseException) -> str:
+    """First line of an exception, prefixed with its type."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def make_hvp(loss_of_params: Callable[[Params], Tensor], params: Params, method: str = "auto") -> Hvp:
+    """Build an HVP operator at ``params`` ("forward", "reverse" or "auto" = fastest that works)."""
+    params = tuple(p.detach() for p in params)
+    dim = sum(p.numel() for p in params)
+    if method != "auto":
+        if method not in _METHOD_ALIASES:
+            raise ValueError(f"unknown method {method!r}; use 'forward', 'reverse' or 'auto'")
+        builder = _forward_over_reverse if _METHOD_ALIASES[method] == FORWARD else _reverse_over_reverse
+        return Hvp(builder(loss_of_params, params), _METHOD_ALIASES[method], dim)
+
+    probe = torch.ones(dim, dtype=flatten(params).dtype, device=params[0].device if params else None)
+    reverse = _reverse_over_reverse(loss_of_params, params)
+    try:
+        forward = _forward_over_reverse(loss_of_params, params)
+        forward(probe)  # warm-up; raises if some op lacks forward-mode AD
+    except Exception as error:  # noqa: BLE001 - any forward-mode failure means "use reverse"
+        return Hvp(reverse, REVERSE, dim, fallback_reason=_describe(error))
+    reverse(probe)  # warm-up
+    if _seconds(forward, probe) <= _seconds(reverse, probe):
+        return Hvp(forward, FORWARD, dim)
+    return Hvp(reverse, REVERSE, dim)
+
+
+def quadratic_form(hvp: Operator, v: Tensor) -> float:
+    """Return ``vᵀ H v`` (one operator call); the second-order Taylor term is half of this."""
+    return dot(v, hvp(v))
+
+
+def directional_curvature(hvp: Operator, v: Tensor) -> float:
+    """Return the Rayleigh quotient ``vᵀ H v / vᵀ v`` (curvature along ``v``)."""
+    return quadratic_form(hvp, v) / dot(v, v)
+
+
+def _rademacher(dim: int, generator: torch.Generator | None, dtype, device) -> Tensor:
+    """Random ±1 vector drawn on the generator's device, then moved."""
+    where = generator.device if generator is not None else torch.device("cpu")
+    signs = torch.randint(0, 2, (dim,), generator=generator, device=where)
+    return (2 * signs - 1).to(dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+@dataclass(frozen=True)
+class LanczosResult:
+    """Top Ritz pair, its honest residual ``‖Hv − λv‖`` and the number of operator calls."""
+
+    eigenvalue: float
+    eigenvector: Tensor
+    residual: float
+    iterations: int
+
+
+def _top_ritz_pair(alphas: list[float], betas: list[float]) -> tuple[float, Tensor]:
+    """Largest eigenpair of the float64 symmetric tridiagonal matrix T = tridiag(β, α, β)."""
+    k = len(alphas)
+    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if k > 1:
+        off = torch.tensor(betas[: k - 1], dtype=torch.float64)
+        t = t + torch.diag(off, 1) + torch.diag(off, -1)
+    values, vectors = torch.linalg.eigh(t)
+    return float(values[-1]), vectors[:, -1]
+
+
+def lanczos(
+    operator: Operator,
+    dim: int,
+    *,
+    iterations: int = 20,
+    start: Tensor | None = None,
+    tol: float = 1e-6,
+    generator: torch.Generator | None = None,
+    dtype=None,
+    device=None,
+) -> LanczosResult:
+    """Largest algebraic eigenpair of a symmetric operator by Lanczos with full reorthogonalisation.
+
+    Runs at most ``min(iterations, dim)`` Lanczos steps, stopping once the Ritz residual estimate
+    ``β_k |s_k|`` of the top pair (Golub & Van Loan, Matrix Computations, §10.1) falls below
+    ``tol·|λ|`` or the Krylov space becomes invariant (β ≈ 0). Then one extra operator call computes
+    the reported residual ``‖Hv − λv‖`` honestly, with λ the Rayleigh quotient of the returned unit
+    vector; ``iterations`` in the result counts all operator calls, including that one.
+    Only the spectrum reachable from ``start`` is seen: a start exactly orthogonal to the top
+    eigenvector cannot find it. Working dtype/device default to those of the operator's output.
+    """
+    if dim < 1 or iterations < 1:
+        raise ValueError("dim and iterations must be positive")
+    q = start.reshape(-1) if start is not None else _rademacher(dim, generator, dtype, device)
+    q = q.to(dtype=dtype or q.dtype, device=device or q.device)
+    norm = torch.linalg.vector_norm(q)
+    if not norm > 0:
+        raise ValueError("start vector must be nonzero")
+    q = q / norm
+    steps = min(iterations, dim)
+    basis: Tensor | None = None
+    alphas: list[float] = []
+    betas: list[float] = []
+    scale = 0.0
+    for k in range(steps):
+        w = operator(q)
+        if basis is None:  # adopt the operator's dtype/device unless told otherwise
+            q = q.to(dtype=dtype or w.dtype, device=device or w.device)
+            w = w.to(q.dtype)
+            rescale = torch.linalg.vector_norm(q)  # H is linear: renormalise q and Hq together
+            q, w = q / rescale, w / rescale
+            basis = torch.empty(steps, dim, dtype=q.dtype, device=q.device)
+        w = w.to(q.dtype)
+        basis[k] = q
+        active = basis[: k + 1]
+        # Classical Gram-Schmidt twice against all Lanczos vectors ("twice is enough").
+        coeffs = active @ w
+        w = w - active.T @ coeffs
+        correction = active @ w
+        w = w - active.T @ correction
+        alphas.append(float(coeffs[k] + correction[k]))
+        beta = float(torch.linalg.vector_norm(w))
+        betas.append(beta)
+        theta, s = _top_ritz_pair(alphas, betas)
+        scale = max(scale, abs(alphas[-1]), beta)
+        if beta * abs(float(s[-1])) <= tol * abs(theta):
+            break
+        if beta <= torch.finfo(q.dtype).eps * dim**0.5 * scale or scale == 0.0:
+            break  # invariant subspace: the Ritz values are exact eigenvalues
+        q = w / beta
+    assert basis is not None
+    ritz = s.to(basis.dtype) @ basis[: len(alphas)]
+    ritz = ritz / torch.linalg.vector_norm(ritz)
+    h_ritz = operator(ritz).to(ritz.dtype)
+    eigenvalue = float(torch.dot(ritz, h_ritz))
+    residual = float(torch.linalg.vector_norm(h_ritz - eigenvalue * ritz))
+    return LanczosResult(eigenvalue, ritz.detach(), residual, len(alphas) + 1)
+
+
+def hutchinson_trace(
+    operator: Operator,
+    dim: int,
+    *,
+    samples: int = 20,
+    generator: torch.Generator | None = None,
+    dtype=None,
+    device=None,
+) -> tuple[float, float]:
+    """Estimate tr(H) as the mean of zᵀHz over Rademacher z (Hutchinson 1989); return (mean, stderr)."""
+    if samples < 1:
+        raise ValueError("samples must be positive")
+    values = []
+    for _ in range(samples):
+        z = _rademacher(dim, generator, dtype, device)
+        values.append(dot(operator(z), z))
+    v = torch.tensor(values, dtype=torch.float64)
+    stderr = float(v.std() / samples**0.5) if samples > 1 else float("inf")
+    return float(v.mean()), stderr
