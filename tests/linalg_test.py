@@ -369,3 +369,8 @@ def test_hutchinson_on_mlp_hessian(method):
     assert hvp.calls == 100
     assert abs(estimate - float(torch.trace(hessian))) <= 4 * stderr
 
+
+
+def test_lanczos_rejects_non_finite_operator():
+    with pytest.raises(FloatingPointError):
+        lanczos(lambda v: v * float("nan"), 5, dtype=F64, generator=gen(0))

@@ -5,6 +5,7 @@ All functions are pure: they never modify parameters and never touch ``.grad``.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -173,6 +174,16 @@ def _top_ritz_pair(alphas: list[float], betas: list[float]) -> tuple[float, Tens
     return float(values[-1]), vectors[:, -1]
 
 
+def _orthogonalise(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
+    """Remove from ``w`` its components along the orthonormal rows of ``basis``; return (w, coefficients)."""
+    # Classical Gram-Schmidt applied twice ("twice is enough", Giraud et al. 2005): full
+    # reorthogonalisation keeps the Lanczos vectors orthogonal to working precision.
+    coeffs = basis @ w
+    w = w - basis.T @ coeffs
+    correction = basis @ w
+    return w - basis.T @ correction, coeffs + correction
+
+
 def lanczos(
     operator: Operator,
     dim: int,
@@ -193,6 +204,7 @@ def lanczos(
     vector; ``iterations`` in the result counts all operator calls, including that one.
     Only the spectrum reachable from ``start`` is seen: a start exactly orthogonal to the top
     eigenvector cannot find it. Working dtype/device default to those of the operator's output.
+    Raises FloatingPointError if the operator returns NaN/inf.
     """
     if dim < 1 or iterations < 1:
         raise ValueError("dim and iterations must be positive")
@@ -211,20 +223,15 @@ def lanczos(
         w = operator(q)
         if basis is None:  # adopt the operator's dtype/device unless told otherwise
             q = q.to(dtype=dtype or w.dtype, device=device or w.device)
-            w = w.to(q.dtype)
             rescale = torch.linalg.vector_norm(q)  # H is linear: renormalise q and Hq together
-            q, w = q / rescale, w / rescale
+            q, w = q / rescale, w.to(q) / rescale
             basis = torch.empty(steps, dim, dtype=q.dtype, device=q.device)
-        w = w.to(q.dtype)
         basis[k] = q
-        active = basis[: k + 1]
-        # Classical Gram-Schmidt twice against all Lanczos vectors ("twice is enough").
-        coeffs = active @ w
-        w = w - active.T @ coeffs
-        correction = active @ w
-        w = w - active.T @ correction
-        alphas.append(float(coeffs[k] + correction[k]))
+        w, coeffs = _orthogonalise(w.to(q), basis[: k + 1])
+        alphas.append(float(coeffs[k]))
         beta = float(torch.linalg.vector_norm(w))
+        if not math.isfinite(alphas[-1] + beta):
+            raise FloatingPointError(f"operator returned non-finite values at Lanczos step {k}")
         betas.append(beta)
         theta, s = _top_ritz_pair(alphas, betas)
         scale = max(scale, abs(alphas[-1]), beta)
