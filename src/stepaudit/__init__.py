@@ -1,0 +1,24 @@
+"""stepaudit: audit every optimizer step of a PyTorch run and say, with honest numbers, why it trains or not."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .audit import Audit, AuditError  # noqa: E402
+from .store import load  # noqa: E402
+
+
+def explain(*args, **kwargs):
+    """Backprop on a small expression, simultaneous vs sequential updates (see ``stepaudit.explain``)."""
+    from .explain import explain as _explain
+
+    return _explain(*args, **kwargs)
+
+
+def diagnose(run_or_records, **kwargs):
+    """Named diagnoses (doctor rules) for a run folder or a list of records."""
+    from .doctor import diagnose as _diagnose
+
+    return _diagnose(run_or_records, **kwargs)
+
+
+__all__ = ["Audit", "AuditError", "load", "explain", "diagnose", "__version__"]

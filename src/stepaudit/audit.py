@@ -1,0 +1,480 @@
+"""Active capture: ``Audit`` sees every optimizer step through documented hook points.
+
+Hook order for one audited step (nothing wraps or subclasses the optimizer):
+  1. ``model`` forward pre-hook   — RNG and autocast state of the training forward (for replay);
+  2. optimizer step pre-hook       — weights before, the gradient the optimizer received (or, for
+                                     closure optimizers such as LBFGS, a wrapped closure that
+                                     captures the first evaluation), the loss before if needed;
+  3. optimizer step post-hook      — Δw, re-evaluation at the new weights, probes, record, store.
+Unaudited steps (``every``) pay only the hook calls.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from . import probes as probe_registry
+from .context import Part, StepContext, check_scalar_loss
+from .meta import describe
+from .precision import Float64Twin, working_roundoff
+from .probes.step import rounding_noise, step_fields
+from .records import flatten, layer_rows, per_parameter_sums, summarize, views
+from .state import AutocastState, RngState, _cuda_devices
+from .store import RunStore, new_run_dir
+
+
+class AuditError(RuntimeError):
+    """Raised in ``strict=True`` mode when auditing a step fails (training would otherwise go on)."""
+
+
+@dataclass
+class StepWatch:
+    """Handle yielded by ``Audit.watch``: set ``loss`` before ``optimizer.step()`` to save a forward."""
+
+    loss: Any = None
+    record: dict | None = None
+
+
+@dataclass
+class _Pending:
+    """State of the step in progress inside ``step()``/``watch()``."""
+
+    batches: list
+    watch: StepWatch
+    due: bool
+    rngs: list = field(default_factory=list)
+    autocast: AutocastState | None = None
+    ctx: StepContext | None = None
+    loss_before: float | None = None
+    stepped: bool = False
+    error: BaseException | None = None
+
+
+def _check_replayable(batch: Any) -> None:
+    if isinstance(batch, Iterator) or (hasattr(batch, "__next__") and not isinstance(batch, torch.Tensor)):
+        raise TypeError(
+            "the batch is a one-shot iterator/generator and cannot be replayed at the new weights; "
+            "pass the batch itself (a tensor, tuple, list or dict), e.g. list(batch)"
+        )
+
+
+class Audit:
+    """Audit every (or every N-th) optimizer step of a training loop and record what it did.
+
+    ``loss_fn(model, batch) -> scalar tensor`` is the training loss; the audit re-evaluates it on
+    the same batch at the new weights. Use ``audit.step(batch)`` for the whole step, or
+    ``with audit.watch(batch): ...`` around your own step code.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+        run: str | os.PathLike | None = None,
+        every: int = 1,
+        strict: bool = False,
+        precision: str | None = None,
+        probes: Mapping[str, int] | None = None,
+        *,
+        name: str | None = None,
+        reference: Any = None,
+        reference_every: int = 1,
+        reference_mode: str = "eval",
+        tensorboard: str | os.PathLike | None = None,
+    ) -> None:
+        self._validate(model, optimizer, loss_fn, every, precision, reference_mode)
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.every, self.strict, self.precision = every, strict, precision
+        self.options = {"reference": reference, "reference_every": reference_every, "reference_mode": reference_mode}
+        probes = dict(probes or {})
+        if reference is not None:
+            probes.setdefault("reference", reference_every)
+        self.probes = probe_registry.validate(probes)
+        self._index_parameters()
+        self.run = Path(run) if run is not None else new_run_dir(name=name)
+        self.store = RunStore(self.run, describe(model, optimizer, every=every, probes=self.probes, precision=precision), name=name)
+        self.records: list[dict] = []
+        self.memory: dict = {}  # probe state carried across steps
+        self.skipped_steps = 0
+        self._step_count = 0
+        self._pending: _Pending | None = None
+        self._twin: Float64Twin | None = None
+        self._relative_error: float | None = None
+        self._noise_method = "roundoff"
+        self._warned_outside = False
+        self._closed = False
+        self._sinks: list[Callable[[dict], None]] = []
+        if tensorboard is not None:
+            from .export import TensorBoardSink
+
+            self._sinks.append(TensorBoardSink(tensorboard))
+        self._install_hooks()
+
+    # -- construction ---------------------------------------------------------------------------
+    @staticmethod
+    def _validate(model, optimizer, loss_fn, every, precision, reference_mode) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> scalar tensor, e.g. "
+                            "lambda m, b: F.cross_entropy(m(b[0]), b[1])")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int (1 audits every step), got {every!r}")
+        if precision not in (None, "float64"):
+            raise ValueError(f"precision must be None or 'float64', got {precision!r}")
+        if reference_mode not in ("eval", "train"):
+            raise ValueError(f"reference_mode must be 'eval' or 'train', got {reference_mode!r}")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError("the model has no trainable parameters (requires_grad=True); unfreeze some, "
+                             "e.g. for p in model.parameters(): p.requires_grad_(True)")
+
+    def _index_parameters(self) -> None:
+        """Names, modules and groups of the optimizer's parameters; refuse strangers, warn on orphans."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        self.names, self.params, self.modules, self.groups = [], [], [], []
+        for g, group in enumerate(self.optimizer.param_groups):
+            for p in group["params"]:
+                if id(p) not in names:
+                    raise ValueError(
+                        f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not in the model; "
+                        "build the optimizer from model.parameters() of the model you pass to Audit"
+                    )
+                name = names[id(p)]
+                self.names.append(name)
+                self.params.append(p)
+                self.modules.append(name.rsplit(".", 1)[0] if "." in name else "(root)")
+                self.groups.append(g)
+        in_optimizer = {id(p) for p in self.params}
+        orphans = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
+        if orphans:
+            warnings.warn(f"trainable parameters not in the optimizer (they will never change): {', '.join(orphans[:10])}"
+                          + (" …" if len(orphans) > 10 else ""), stacklevel=3)
+        self._devices = _cuda_devices(self.model)
+        self._lengths = torch.tensor([p.numel() for p in self.params], device=self.params[0].device)
+
+    def _install_hooks(self) -> None:
+        me = weakref.ref(self)  # hooks must not keep the audit alive, nor be deep-copied with it
+
+        def forward_pre(module, args):
+            audit = me()
+            if audit is not None and module is audit.model:
+                audit._on_forward()
+
+        def step_pre(optimizer, args, kwargs):
+            audit = me()
+            return None if audit is None else audit._on_step_pre(args, kwargs)
+
+        def step_post(optimizer, args, kwargs):
+            audit = me()
+            if audit is not None:
+                audit._on_step_post()
+
+        self._handles = [
+            self.model.register_forward_pre_hook(forward_pre),
+            self.optimizer.register_step_pre_hook(step_pre),
+            self.optimizer.register_step_post_hook(step_post),
+        ]
+
+    # -- public API ---------------------------------------------------------------------------------
+    def due(self, step: int | None = None) -> bool:
+        """Whether optimizer step ``step`` (default: the next one) is audited."""
+        step = self._step_count if step is None else step
+        return step % self.every == 0 or any(step % every == 0 for every in self.probes.values())
+
+    def step(self, batch: Any) -> torch.Tensor:
+        """zero_grad, forward, backward, optimizer.step and the audit; returns the training loss."""
+        _check_replayable(batch)
+        losses: list[torch.Tensor] = []
+
+        def closure():
+            self.optimizer.zero_grad()
+            loss = check_scalar_loss(self.loss_fn(self.model, batch))
+            loss.backward()
+            losses.append(loss.detach())
+            return loss
+
+        with self.watch(batch) as handle:
+            if self._pending is not None and self._pending.due:
+                self._pending.rngs.append(RngState.capture(self._devices))
+            if self._takes_closure():
+                self.optimizer.step(closure)
+            else:
+                closure()
+                handle.loss = losses[0]
+                self.optimizer.step()
+        return losses[0]
+
+    @contextlib.contextmanager
+    def watch(self, batch: Any, *, accumulate: int = 1) -> Iterator[StepWatch]:
+        """Audit the optimizer step taken inside the block, on ``batch``.
+
+        Gradient accumulation: pass the micro-batches as a list and ``accumulate=len(list)``; the
+        audited objective is then the mean of ``loss_fn`` over them (divide each micro-batch loss
+        by ``accumulate`` before ``backward()``, as usual), each replayed with its own dropout masks.
+        """
+        if self._pending is not None:
+            raise RuntimeError("audit.watch() blocks cannot be nested; finish the current step first")
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise ValueError(f"accumulate must be a positive int, got {accumulate!r}")
+        if accumulate > 1:
+            if not isinstance(batch, (list, tuple)) or len(batch) != accumulate:
+                raise ValueError(f"with accumulate={accumulate}, pass a list of {accumulate} micro-batches "
+                                 "in the order you forward them")
+            batches = list(batch)
+        else:
+            batches = [batch]
+        for b in batches:
+            _check_replayable(b)
+        handle = StepWatch()
+        self._pending = _Pending(batches=batches, watch=handle, due=self.due())
+        try:
+            yield handle
+        finally:
+            pending, self._pending = self._pending, None
+            if pending.due and not pending.stepped:
+                self.skipped_steps += 1  # e.g. GradScaler skipped a step with inf/NaN gradients
+                warnings.warn("no optimizer step happened inside audit.watch() (GradScaler skipped it, or "
+                              "step() was not called); nothing was audited", stacklevel=3)
+
+    @property
+    def last(self) -> dict | None:
+        """The newest record, or None before the first audited step."""
+        return self.records[-1] if self.records else None
+
+    def summary(self) -> dict:
+        """Per-run shares and medians (decrease/increase/flat, alpha, delta/first_order, …)."""
+        return summarize(self.records, skipped_steps=self.skipped_steps, steps_seen=self._step_count)
+
+    def diagnose(self) -> list[dict]:
+        """The doctor's diagnoses for this run's records so far (most likely root cause first)."""
+        from .doctor import diagnose
+
+        return diagnose(self.records, meta=self.store_meta())
+
+    def store_meta(self) -> dict:
+        """The run metadata as written to the store."""
+        from .store import read_run
+
+        return read_run(self.run)[0]
+
+    def close(self) -> None:
+        """Remove the hooks, write the summary, close the store (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for handle in self._handles:
+            handle.remove()
+        try:
+            self.store.update_meta(summary=self.summary(), steps_seen=self._step_count)
+        finally:
+            self.store.close()
+            for sink in self._sinks:
+                getattr(sink, "close", lambda: None)()
+
+    def __enter__(self) -> "Audit":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- hooks ----------------------------------------------------------------------------------------
+    def _takes_closure(self) -> bool:
+        return isinstance(self.optimizer, torch.optim.LBFGS) or getattr(self.optimizer, "requires_closure", False)
+
+    def _on_forward(self) -> None:
+        pending = self._pending
+        if pending is None or not pending.due or pending.stepped:
+            return
+        if pending.autocast is None:
+            pending.autocast = AutocastState.capture()
+        if len(pending.rngs) < len(pending.batches):
+            pending.rngs.append(RngState.capture(self._devices))
+
+    def _on_step_pre(self, args, kwargs):
+        pending = self._pending
+        if pending is None:
+            if not self._warned_outside:
+                self._warned_outside = True
+                warnings.warn("optimizer.step() was called outside audit.step()/audit.watch(); such steps are "
+                              "counted but not audited", stacklevel=4)
+            return None
+        if not pending.due or pending.stepped:
+            return None
+        try:
+            return self._prepare(pending, args, kwargs)
+        except Exception as error:  # never break training
+            if self.strict:
+                raise AuditError(f"auditing step {self._step_count} failed before the step: {error}") from error
+            pending.error = error
+            return None
+
+    def _prepare(self, pending: _Pending, args, kwargs):
+        """Snapshot weights and gradient; for closure optimizers, wrap the closure to catch its first call."""
+        rngs = pending.rngs + [None] * (len(pending.batches) - len(pending.rngs))
+        ctx = StepContext(
+            step=self._step_count, model=self.model, optimizer=self.optimizer, loss_fn=self.loss_fn,
+            parts=[Part(b, r) for b, r in zip(pending.batches, rngs)],
+            autocast=pending.autocast or AutocastState.capture(),
+            names=self.names, params=self.params,
+            before=[], grads=[], memory=self.memory,
+        )
+        ctx.flat_before = flatten(self.params)
+        ctx.before = views(ctx.flat_before, self.params)
+        ctx.options = self.options
+        pending.ctx = ctx
+        # The hook receives the step's own arguments: args[0] is the optimizer itself.
+        closure = args[1] if len(args) > 1 else kwargs.get("closure")
+        if closure is None:
+            ctx.grads = self._grads()
+            pending.loss_before = self._loss_before(pending)
+            return None
+
+        def first_call_recorded():
+            loss = closure()
+            if not ctx.grads:
+                ctx.grads = self._grads()
+                ctx.parts = [Part(b, r) for b, r in zip(pending.batches, pending.rngs + [None])]
+                pending.loss_before = float(loss) if self.precision is None else self._loss_before(pending)
+            return loss
+
+        if len(args) > 1:
+            return (args[0], first_call_recorded, *args[2:]), kwargs
+        return args, {**kwargs, "closure": first_call_recorded}
+
+    def _grads(self) -> list[torch.Tensor]:
+        """Views into one flat copy of the gradient the optimizer sees (zeros where .grad is None)."""
+        flat = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
+        self._pending.ctx.flat_grad = flat
+        return views(flat, self.params)
+
+    def _loss_before(self, pending: _Pending) -> float:
+        """Training loss at the old weights: the user's, else one replayed forward (float64 twin if asked)."""
+        ctx = pending.ctx
+        if self.precision == "float64":
+            return self._twin_loss(ctx)
+        if pending.watch.loss is not None:
+            return float(pending.watch.loss)
+        return ctx.loss_now()
+
+    def _twin_loss(self, ctx: StepContext) -> float:
+        """The step's objective at the live weights, in float64 on the twin."""
+        if self._twin is None:
+            self._twin = Float64Twin(self.model)
+        self._twin.load(self.model)
+        return sum(self._twin.loss(self.loss_fn, part.batch, part.rng) for part in ctx.parts) / len(ctx.parts)
+
+    def _measure_rounding(self, ctx: StepContext) -> None:
+        """Relative rounding error of one loss evaluation, measured once against a float64 twin (eval mode)."""
+        floor = working_roundoff(self.params, ctx.autocast)
+        try:
+            twin = Float64Twin(self.model)
+            twin.load(self.model)
+            measured = twin.relative_error(self.model, self.loss_fn, ctx.parts[0].batch, ctx.autocast)
+            self._relative_error, self._noise_method = max(4.0 * measured, floor), "measured"
+        except Exception:  # odd models (no deepcopy, dtype-specific code): fall back to the roundoff floor
+            self._relative_error, self._noise_method = 64 * floor, "roundoff"
+
+    def _on_step_post(self) -> None:
+        pending, index = self._pending, self._step_count
+        self._step_count += 1
+        if pending is None or not pending.due or pending.stepped:
+            return
+        pending.stepped = True
+        try:
+            if pending.error is not None:
+                raise pending.error
+            record = self._audit(pending, index)
+        except Exception as error:
+            if self.strict:
+                raise AuditError(f"auditing step {index} failed: {error}") from error
+            record = {"step": index, "verdict": "error", "error": f"{type(error).__name__}: {error}"}
+        pending.watch.record = record
+        self._commit(record)
+
+    def _audit(self, pending: _Pending, index: int) -> dict:
+        ctx = pending.ctx
+        ctx.flat_delta_w = flatten(self.params) - ctx.flat_before
+        ctx.delta_w = views(ctx.flat_delta_w, self.params)
+        record = {"step": index, "lr": ctx.lr(), "batch_size": _batch_size(pending.batches)}
+        sums = per_parameter_sums(ctx.flat_before, ctx.flat_grad, ctx.flat_delta_w, self._lengths)
+        layers, totals = layer_rows(self.names, self.modules, self.groups, sums)
+        record.update(totals)
+        if self.precision == "float64":
+            loss_after = self._twin_loss(ctx)
+            noise = rounding_noise(pending.loss_before, loss_after, torch.finfo(torch.float64).eps)
+            record["noise_method"] = "float64"
+        else:
+            if self._relative_error is None:
+                self._measure_rounding(ctx)
+            loss_after = ctx.loss_now()
+            noise = rounding_noise(pending.loss_before, loss_after, self._relative_error or 0.0)
+            record["noise_method"] = self._noise_method
+        record.update(step_fields(pending.loss_before, loss_after, totals["first_order"], noise,
+                                  moved=totals["update_norm"] > 0))
+        if not math.isfinite(totals["first_order"]) and record["verdict"] != "nonfinite":
+            record["verdict"] = "nonfinite"  # finite losses but NaN/Inf in the gradient or the update
+        record["layers"] = layers
+        ctx.record = record
+        self._run_probes(ctx, record, index)
+        return record
+
+    def _run_probes(self, ctx: StepContext, record: dict, index: int) -> None:
+        for name, every in self.probes.items():
+            if index % every:
+                continue
+            try:
+                fields = probe_registry.get(name)(ctx)
+            except Exception as error:
+                if self.strict:
+                    raise AuditError(f"probe {name!r} failed at step {index}: {error}") from error
+                record.setdefault("probe_errors", {})[name] = f"{type(error).__name__}: {error}"
+                continue
+            previous = fields.pop("previous_step", None)
+            record.update(fields)
+            if previous and self.records and self.records[-1].get("step") == index - 1:
+                self.records[-1].update(previous)  # fields only known one step later (next_delta)
+                self.store.append(self.records[-1])
+
+    def _commit(self, record: dict) -> None:
+        self.records.append(record)
+        try:
+            self.store.append(record)
+            for sink in self._sinks:
+                sink(record)
+        except Exception as error:
+            if self.strict:
+                raise AuditError(f"writing step {record['step']} failed: {error}") from error
+            warnings.warn(f"stepaudit could not write step {record['step']}: {error}", stacklevel=2)
+
+
+def _batch_size(batches: list) -> int | None:
+    """Examples per optimizer step: the leading dimension of the first tensor of each (micro-)batch."""
+    total = 0
+    for batch in batches:
+        tensor = _first_tensor(batch)
+        if tensor is None or tensor.dim() == 0:
+            return None
+        total += tensor.shape[0]
+    return total
+
+
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    for value in values:
+        found = _first_tensor(value)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,51 @@
+"""Run metadata: what was trained with what, so a run folder explains itself later."""
+from __future__ import annotations
+
+import platform
+import sys
+from typing import Any
+
+import torch
+
+from . import __version__
+
+
+def _plain(value: Any) -> Any:
+    """Hyperparameter values as JSON-friendly scalars/lists (tensors and tuples included)."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return repr(value)
+
+
+def optimizer_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Hyperparameters of every parameter group (without the parameters themselves)."""
+    return [
+        {**{k: _plain(v) for k, v in group.items() if k != "params"}, "n_params": sum(p.numel() for p in group["params"])}
+        for group in optimizer.param_groups
+    ]
+
+
+def describe(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **extra: Any) -> dict:
+    """Model summary, parameter counts, optimizer and groups, versions and seed."""
+    params = list(model.parameters())
+    return {
+        "model": type(model).__name__,
+        "model_summary": repr(model)[:20000],
+        "n_params": sum(p.numel() for p in params),
+        "n_trainable": sum(p.numel() for p in params if p.requires_grad),
+        "optimizer": type(optimizer).__name__,
+        "param_groups": optimizer_groups(optimizer),
+        "versions": {
+            "stepaudit": __version__,
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+        },
+        "seed": torch.initial_seed(),
+        "device": str(params[0].device) if params else "cpu",
+        **extra,
+    }

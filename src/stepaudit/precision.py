@@ -1,0 +1,66 @@
+"""Float64 re-evaluation: a twin of the model for exact losses, and the rounding error it reveals."""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .state import AutocastState, RngState, map_tensors, preserved
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    """Machine epsilon of a floating dtype (the spacing of numbers near 1)."""
+    return float(torch.finfo(dtype).eps)
+
+
+def working_roundoff(parameters: Sequence[torch.Tensor], autocast: AutocastState) -> float:
+    """Epsilon of the least precise dtype the loss is computed in: parameters or autocast."""
+    dtypes = {p.dtype for p in parameters if p.is_floating_point()} | {d for _, d in autocast.regions}
+    return max((unit_roundoff(d) for d in dtypes), default=unit_roundoff(torch.float32))
+
+
+def cast_batch(batch: Any, dtype: torch.dtype) -> Any:
+    """Cast the floating tensors of a batch (integer labels stay as they are)."""
+    return map_tensors(batch, lambda t: t.to(dtype) if t.is_floating_point() else t)
+
+
+class Float64Twin:
+    """A float64 deep copy of the model, loaded with given weights on demand (for exact losses).
+
+    The twin shares nothing with the live model, so evaluating it can never disturb training.
+    Dropout masks are replayed from the same RNG state, but float64 kernels may draw them
+    differently from float32 ones: both twin losses of a step share masks with each other, not
+    necessarily with the training forward.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.twin = copy.deepcopy(model).to(torch.float64)
+        self._params = list(self.twin.parameters())
+        self._buffers = list(self.twin.buffers())
+        self._modules = list(self.twin.modules())
+
+    def load(self, model: torch.nn.Module) -> None:
+        """Copy the live model's current parameters, buffers and train/eval flags into the twin."""
+        with torch.no_grad():
+            for mine, theirs in zip(self._params, model.parameters()):
+                mine.copy_(theirs)
+            for mine, theirs in zip(self._buffers, model.buffers()):
+                mine.copy_(theirs)
+        for mine, theirs in zip(self._modules, model.modules()):
+            mine.training = theirs.training
+
+    def loss(self, loss_fn: Callable, batch: Any, rng: RngState | None) -> float:
+        """The loss of the twin in float64, training mode as the live model, without autocast."""
+        with torch.no_grad(), preserved(self.twin, rng, AutocastState()):
+            return float(loss_fn(self.twin, cast_batch(batch, torch.float64)))
+
+    def relative_error(self, model: torch.nn.Module, loss_fn: Callable, batch: Any, autocast: AutocastState) -> float:
+        """|loss − loss₆₄| / |loss₆₄| at the current weights, both in eval mode (no random masks)."""
+        with torch.no_grad(), preserved(model, None, autocast):
+            model.eval()
+            working = float(loss_fn(model, batch))
+        with torch.no_grad(), preserved(self.twin, None, AutocastState()):
+            self.twin.eval()
+            exact = float(loss_fn(self.twin, cast_batch(batch, torch.float64)))
+        return abs(working - exact) / max(abs(exact), torch.finfo(torch.float64).tiny)

@@ -1,0 +1,69 @@
+"""Optional probes: ``probe(ctx) -> dict`` functions turned on by name with their own schedule.
+
+``Audit(..., probes={"quadratic": 1, "sharpness": 10})`` runs each named probe on the steps where
+``step % every == 0``. A probe reads the shared, lazily computed ``StepContext`` and returns record
+fields; it never touches the training loop. New quantities are new probes, registered here.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Mapping
+
+Probe = Callable[["StepContext"], dict]  # noqa: F821 - StepContext lives in stepaudit.context
+
+_REGISTRY: dict[str, Probe] = {}
+# Modules whose import registers probes; imported on first lookup so start-up stays cheap.
+_PROBE_MODULES = ("stepaudit.probes.curvature", "stepaudit.probes.data")
+_loaded = False
+
+
+def register(name: str) -> Callable[[Probe], Probe]:
+    """Decorator: make ``fn`` available as ``Audit(probes={name: every})``."""
+
+    def decorate(fn: Probe) -> Probe:
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorate
+
+
+def _load_builtin() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for module in _PROBE_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise
+
+
+def known() -> list[str]:
+    """Names of all registered probes, sorted."""
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Probe:
+    """The probe registered under ``name``."""
+    _load_builtin()
+    return _REGISTRY[name]
+
+
+def validate(probes: Mapping[str, int] | None) -> dict[str, int]:
+    """Check a ``{name: every}`` mapping; unknown names and bad schedules are refused with the fix."""
+    if probes is None:
+        return {}
+    if not isinstance(probes, Mapping):
+        raise TypeError(f"probes must be a dict {{name: every}}, e.g. {{'quadratic': 1}}; got {type(probes).__name__}")
+    names = known()
+    checked = {}
+    for name, every in probes.items():
+        if name not in _REGISTRY:
+            raise ValueError(f"unknown probe {name!r}; known probes: {', '.join(names) or '(none)'}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"probe {name!r}: every must be a positive int (1 = every step), got {every!r}")
+        checked[name] = every
+    return checked

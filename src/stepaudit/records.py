@@ -1,0 +1,81 @@
+"""Per-step norms and ratios (global, per module, per parameter group) and per-run summaries."""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from statistics import median
+from typing import Sequence
+
+import torch
+
+
+def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One detached flat copy of the tensors (a single kernel for the whole model)."""
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def views(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-parameter views into a flat vector, shaped like ``like`` (no copies)."""
+    return [v.view_as(t) for v, t in zip(torch.split(flat, [t.numel() for t in like]), like)]
+
+
+def per_parameter_sums(before: torch.Tensor, grad: torch.Tensor, delta_w: torch.Tensor,
+                       lengths: torch.Tensor) -> list[list[float]]:
+    """Rows [g·Δw, ‖g‖², ‖Δw‖², ‖w‖²] per parameter, accumulated in float64 (one sync for the model)."""
+    g, d, w = grad.double(), delta_w.double(), before.double()
+    products = torch.stack([g * d, g * g, d * d, w * w], dim=1)
+    return torch.segment_reduce(products, "sum", lengths=lengths, axis=0).tolist()
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator > 0 else (math.nan if numerator == 0 else math.inf)
+
+
+def _norms(g2: float, d2: float, w2: float) -> dict:
+    update, weight = math.sqrt(d2), math.sqrt(w2)
+    return {"grad_norm": math.sqrt(g2), "update_norm": update, "weight_norm": weight,
+            "update_ratio": _ratio(update, weight)}
+
+
+def layer_rows(names: Sequence[str], modules: Sequence[str], groups: Sequence[int],
+               sums: list[list[float]]) -> tuple[list[dict], dict]:
+    """Aggregate per-parameter sums into per-module and per-group rows, and the global totals."""
+    by_key: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
+    for module, group, row in zip(modules, groups, sums):
+        for key in (("module", module), ("group", str(group))):
+            acc = by_key[key]
+            for i in range(4):
+                acc[i] += row[i]
+    rows = [{"kind": kind, "name": name, **_norms(*acc[1:])} for (kind, name), acc in by_key.items()]
+    first_order = sum(r[0] for r in sums)
+    g2, d2, w2 = (sum(r[i] for r in sums) for i in (1, 2, 3))
+    totals = {"first_order": first_order, **_norms(g2, d2, w2)}
+    denominator = math.sqrt(g2 * d2)
+    totals["descent_cos"] = -first_order / denominator if denominator > 0 else math.nan
+    return rows, totals
+
+
+def _finite(values) -> list[float]:
+    return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+
+
+def _share(records: list[dict], verdict: str) -> float:
+    return sum(r.get("verdict") == verdict for r in records) / len(records) if records else math.nan
+
+
+def summarize(records: list[dict], **extra) -> dict:
+    """Shares of verdicts, medians of alpha and of delta/first_order, and loss trend over the records."""
+    ratios = _finite(r.get("delta", math.nan) / r["first_order"] for r in records
+                     if isinstance(r.get("first_order"), float) and r["first_order"] != 0)
+    alphas = _finite(r.get("alpha") for r in records)
+    losses = _finite(r.get("loss_before") for r in records)
+    summary = {
+        "audited_steps": len(records),
+        **{f"share_{v}": _share(records, v) for v in ("decrease", "increase", "flat", "nonfinite", "error")},
+        "median_alpha": median(alphas) if alphas else math.nan,
+        "median_delta_over_first_order": median(ratios) if ratios else math.nan,
+        "first_loss": losses[0] if losses else math.nan,
+        "last_loss": losses[-1] if losses else math.nan,
+    }
+    summary.update(extra)
+    return summary

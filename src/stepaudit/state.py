@@ -1,0 +1,116 @@
+"""Capture and restore the training state an audit must not disturb: RNG streams, buffers, autocast."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+
+def _cuda_devices(model: torch.nn.Module) -> list[int]:
+    """CUDA device indices holding the model's tensors (their RNG streams must be replayed too)."""
+    devices = {t.device.index or 0 for t in list(model.parameters()) + list(model.buffers()) if t.is_cuda}
+    return sorted(devices)
+
+
+@dataclass
+class RngState:
+    """The CPU generator state plus the generator state of every CUDA device the model lives on."""
+
+    cpu: torch.Tensor
+    cuda: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def capture(cls, cuda_devices: list[int]) -> "RngState":
+        """Snapshot the generators now (cheap: a few kB copied)."""
+        cuda = {d: torch.cuda.get_rng_state(d) for d in cuda_devices}
+        return cls(torch.get_rng_state(), cuda)
+
+    def apply(self) -> None:
+        """Set the generators to this snapshot."""
+        torch.set_rng_state(self.cpu)
+        for device, state in self.cuda.items():
+            torch.cuda.set_rng_state(state, device)
+
+
+@dataclass(frozen=True)
+class AutocastState:
+    """Which autocast regions were active at the training forward, so a re-evaluation uses the same."""
+
+    regions: tuple[tuple[str, torch.dtype], ...] = ()
+
+    @classmethod
+    def capture(cls) -> "AutocastState":
+        """Read the autocast state of the CPU and CUDA device types."""
+        regions = []
+        for device_type in ("cpu", "cuda"):
+            try:
+                if torch.is_autocast_enabled(device_type):
+                    regions.append((device_type, torch.get_autocast_dtype(device_type)))
+            except (RuntimeError, TypeError, AttributeError):  # device type unsupported by this build
+                continue
+        return cls(tuple(regions))
+
+    @contextlib.contextmanager
+    def entered(self) -> Iterator[None]:
+        """Run the block under exactly these autocast regions (and no others)."""
+        with contextlib.ExitStack() as stack:
+            for device_type in ("cpu", "cuda"):
+                wanted = dict(self.regions).get(device_type)
+                try:
+                    if wanted is not None:
+                        stack.enter_context(torch.autocast(device_type, dtype=wanted))
+                    elif torch.is_autocast_enabled(device_type):
+                        stack.enter_context(torch.autocast(device_type, enabled=False))
+                except (RuntimeError, TypeError, AttributeError):
+                    continue
+            yield
+
+
+def snapshot_buffers(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Pairs (buffer, copy) for every buffer, so running statistics can be put back bit for bit."""
+    return [(b, b.detach().clone()) for b in model.buffers()]
+
+
+def restore_buffers(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Copy the saved values back into the live buffers (in place: references stay valid)."""
+    with torch.no_grad():
+        for live, copy in saved:
+            live.copy_(copy)
+
+
+@contextlib.contextmanager
+def preserved(model: torch.nn.Module, rng: RngState | None, autocast: AutocastState | None) -> Iterator[None]:
+    """Run a re-evaluation with the training forward's RNG and autocast, then restore RNG, buffers and modes.
+
+    Everything the block touches that training could observe later is put back: the RNG streams
+    (via ``torch.random.fork_rng``), buffers such as BatchNorm running statistics, and each
+    module's ``training`` flag.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    saved = snapshot_buffers(model)
+    devices = _cuda_devices(model)
+    with torch.random.fork_rng(devices=devices, enabled=True):
+        if rng is not None:
+            rng.apply()
+        try:
+            with (autocast or AutocastState()).entered():
+                yield
+        finally:
+            restore_buffers(saved)
+            for module, mode in modes:
+                module.training = mode
+
+
+def map_tensors(obj: Any, fn) -> Any:
+    """Apply ``fn`` to every tensor inside nested tuples, lists and dicts (e.g. to cast a batch)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(map_tensors(x, fn) for x in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(x, fn) for x in obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, map_tensors(v, fn)) for k, v in obj.items())
+    return obj

@@ -1,0 +1,204 @@
+"""RunStore: one embedded SQLite file per run folder (WAL), and ``load`` to read it back.
+
+Tables:
+  ``runs``   one row: ``name``, ``created`` and ``meta`` (JSON: model, optimizer, versions, seed).
+  ``steps``  one row per audited step; a column per scalar field, added as fields first appear.
+  ``layers`` one row per (step, kind, name): kind is ``module`` or ``group``, with norms and ratio.
+  ``extras`` non-scalar fields (lists, matrices) as JSON, keyed by (step, field).
+Each step is committed as soon as it is written, so a killed process loses nothing already written
+(WAL with ``synchronous=NORMAL`` is durable against process crashes, not against power loss).
+No pickle anywhere: reading a run never executes code.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+STORE_FILE = "stepaudit.sqlite"
+LAYER_FIELDS = ("grad_norm", "update_norm", "weight_norm", "update_ratio")
+_COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def new_run_dir(root: str | os.PathLike = "stepaudit-runs", name: str | None = None) -> Path:
+    """A fresh folder ``root/<name or timestamp>[-N]`` that did not exist before."""
+    base = Path(root) / (name or time.strftime("%Y%m%d-%H%M%S"))
+    candidate, n = base, 1
+    while candidate.exists():
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+    candidate.mkdir(parents=True)
+    return candidate
+
+
+def _store_path(run: str | os.PathLike) -> Path:
+    path = Path(run)
+    return path if path.suffix == ".sqlite" else path / STORE_FILE
+
+
+def _sql_value(value: Any) -> Any:
+    """Floats stay floats (NaN becomes NULL, ±inf is kept); bools become ints."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+class RunStore:
+    """Append-only writer for one run's SQLite file; safe to read from another process meanwhile."""
+
+    def __init__(self, run: str | os.PathLike, meta: dict | None = None, name: str | None = None) -> None:
+        self.path = _store_path(run)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(
+            """
+            CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, name TEXT, created REAL, meta TEXT);
+            CREATE TABLE IF NOT EXISTS steps (step INTEGER PRIMARY KEY);
+            CREATE TABLE IF NOT EXISTS layers (step INTEGER, kind TEXT, name TEXT, grad_norm REAL,
+                update_norm REAL, weight_norm REAL, update_ratio REAL, PRIMARY KEY (step, kind, name));
+            CREATE TABLE IF NOT EXISTS extras (step INTEGER, field TEXT, value TEXT, PRIMARY KEY (step, field));
+            """
+        )
+        self._columns = {row[1] for row in self.db.execute("PRAGMA table_info(steps)")}
+        if meta is not None:
+            self.db.execute("DELETE FROM runs")
+            self.db.execute(
+                "INSERT INTO runs (id, name, created, meta) VALUES (1, ?, ?, ?)",
+                (name or self.path.parent.name, time.time(), json.dumps(meta, default=str)),
+            )
+
+    def update_meta(self, **fields: Any) -> None:
+        """Merge fields into the run's metadata (e.g. a summary written at close)."""
+        row = self.db.execute("SELECT meta FROM runs WHERE id = 1").fetchone()
+        meta = json.loads(row[0]) if row and row[0] else {}
+        meta.update(fields)
+        self.db.execute("UPDATE runs SET meta = ? WHERE id = 1", (json.dumps(meta, default=str),))
+
+    def _ensure_column(self, field: str, value: Any) -> None:
+        if field in self._columns:
+            return
+        if not _COLUMN.match(field):
+            raise ValueError(f"field name {field!r} is not a valid identifier")
+        kind = "TEXT" if isinstance(value, str) else "REAL"
+        self.db.execute(f'ALTER TABLE steps ADD COLUMN "{field}" {kind}')
+        self._columns.add(field)
+
+    def append(self, record: dict) -> None:
+        """Write one step (its scalar fields, layer rows and extras) in a single committed transaction."""
+        scalars = {k: v for k, v in record.items() if k != "layers" and _is_scalar(v)}
+        extras = {k: v for k, v in record.items() if k != "layers" and not _is_scalar(v)}
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for field, value in scalars.items():
+                self._ensure_column(field, value)
+            names = list(scalars)
+            columns = ", ".join(f'"{n}"' for n in names)
+            marks = ", ".join("?" for _ in names)
+            self.db.execute(
+                f"INSERT OR REPLACE INTO steps ({columns}) VALUES ({marks})",
+                [_sql_value(scalars[n]) for n in names],
+            )
+            self.db.executemany(
+                "INSERT OR REPLACE INTO layers VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (record["step"], row["kind"], row["name"], *(_sql_value(row.get(f)) for f in LAYER_FIELDS))
+                    for row in record.get("layers", ())
+                ],
+            )
+            self.db.executemany(
+                "INSERT OR REPLACE INTO extras VALUES (?, ?, ?)",
+                [(record["step"], k, json.dumps(v, default=_json_default)) for k, v in extras.items()],
+            )
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        """Checkpoint the WAL into the main file and close."""
+        try:
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            self.db.close()
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
+
+
+def _rows(db: sqlite3.Connection, sql: str) -> list[dict]:
+    cursor = db.execute(sql)
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+def read_run(run: str | os.PathLike) -> tuple[dict, list[dict], list[dict]]:
+    """(meta, step records with extras merged in, layer rows) of a run, read-only."""
+    path = _store_path(run)
+    if not path.exists():
+        raise FileNotFoundError(f"no stepaudit run at {path.parent} (expected {path.name}); pass a run folder")
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        run_rows = _rows(db, "SELECT name, created, meta FROM runs")
+        meta = json.loads(run_rows[0]["meta"]) if run_rows and run_rows[0]["meta"] else {}
+        if run_rows:
+            meta.setdefault("name", run_rows[0]["name"])
+            meta.setdefault("created", run_rows[0]["created"])
+        real_columns = {r[1] for r in db.execute("PRAGMA table_info(steps)") if r[2] == "REAL"}
+        steps = _rows(db, "SELECT * FROM steps ORDER BY step")
+        by_step = {s["step"]: s for s in steps}
+        for row in _rows(db, "SELECT step, field, value FROM extras"):
+            if row["step"] in by_step:
+                by_step[row["step"]][row["field"]] = json.loads(row["value"])
+        layers = _rows(db, "SELECT * FROM layers ORDER BY step, kind, name")
+    finally:
+        db.close()
+    for record in steps:  # a NULL in a numeric column was a NaN
+        for key in real_columns:
+            if record.get(key) is None:
+                record[key] = math.nan
+    return meta, steps, layers
+
+
+def load(run: str | os.PathLike, table: str = "steps") -> Any:
+    """Read a run's ``steps`` (default), ``layers`` or ``meta``: a pandas DataFrame when pandas is installed.
+
+    Works while another process is still writing the run (SQLite WAL readers never block).
+    """
+    if table not in ("steps", "layers", "meta"):
+        raise ValueError(f"table must be 'steps', 'layers' or 'meta', not {table!r}")
+    meta, steps, layers = read_run(run)
+    if table == "meta":
+        return meta
+    rows = steps if table == "steps" else layers
+    try:
+        import pandas as pd
+    except ImportError:
+        return rows
+    return pd.DataFrame(rows)
+
+
+def iter_runs(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Run folders among the given paths (a folder containing runs expands to its runs)."""
+    found = []
+    for p in map(Path, paths):
+        if _store_path(p).exists():
+            found.append(p)
+        elif p.is_dir():
+            found.extend(sorted(c for c in p.iterdir() if _store_path(c).exists()))
+    return found
