@@ -7,14 +7,15 @@ from __future__ import annotations
 import math
 
 
-def parabola(loss_before: float, loss_after: float, first_order: float) -> dict[str, float]:
+def parabola(loss_before: float, loss_after: float, first_order: float, noise: float = 0.0) -> dict[str, float]:
     """Fit p(t) = loss_before + first_order·t + c·t² through (1, loss_after); locate the step on it.
 
     ``best_scale`` is the minimiser t* = −first_order / (2c) (``inf`` when the parabola is not
     convex along a descent direction, ``nan`` when it has no minimum at all). ``alpha`` follows
     Cockpit (Schneider et al., 2021): the step t = 1 mapped so that −1 is "did not move", 0 the
     valley floor t*, +1 the opposite wall at 2t*; i.e. alpha = 1/t* − 1. Concave or linear along
-    a descent direction gives −1 (still going downhill where it stopped). ``alpha`` is ``nan``
+    a descent direction gives −1 (still going downhill where it stopped); so does a curvature term
+    no larger than the rounding ``noise`` of the two losses (no measurable curvature). ``alpha`` is ``nan``
     when the step is not a first-order descent direction (first_order ≥ 0): there is no valley
     ahead to place it in.
     """
@@ -22,7 +23,7 @@ def parabola(loss_before: float, loss_after: float, first_order: float) -> dict[
     if not all(map(math.isfinite, (loss_before, loss_after, first_order))):
         return {"alpha": math.nan, "best_scale": math.nan}
     if first_order < 0:
-        if curvature <= 0:
+        if curvature <= noise:
             return {"alpha": -1.0, "best_scale": math.inf}
         best = -first_order / (2.0 * curvature)
         return {"alpha": 1.0 / best - 1.0, "best_scale": best}
@@ -63,5 +64,5 @@ def step_fields(loss_before: float, loss_after: float, first_order: float, noise
         "rounding_noise": noise,
         "verdict": verdict(loss_before, loss_after, noise, moved),
     }
-    record.update(parabola(loss_before, loss_after, first_order))
+    record.update(parabola(loss_before, loss_after, first_order, noise))
     return record

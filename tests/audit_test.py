@@ -1,0 +1,193 @@
+"""The core audit against independent oracles: recomputed losses, autograd dot products, closed forms."""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import stepaudit
+from conftest import classification_loss, make_mlp
+
+
+def audited_sgd_step(model, batch, lr, tmp_path, **kwargs):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    with stepaudit.Audit(model, opt, classification_loss, run=tmp_path / "run", **kwargs) as audit:
+        audit.step(batch)
+        return audit.last
+
+
+def test_delta_matches_independent_recomputation_with_dropout(tiny_batch, tmp_path):
+    model = make_mlp(dropout=0.3)
+    old = copy.deepcopy(model)
+    torch.manual_seed(123)
+    rng = torch.get_rng_state()
+    record = audited_sgd_step(model, tiny_batch, 0.5, tmp_path)
+    with torch.no_grad():  # the oracle: same masks by reseeding, old and new weights
+        torch.set_rng_state(rng)
+        before = classification_loss(old, tiny_batch).item()
+        torch.set_rng_state(rng)
+        after = classification_loss(model, tiny_batch).item()
+    assert record["loss_before"] == pytest.approx(before, rel=1e-6)
+    assert record["loss_after"] == pytest.approx(after, rel=1e-6)
+    assert record["delta"] == pytest.approx(after - before, rel=1e-5, abs=1e-7)
+
+
+def test_first_order_is_autograd_gradient_dot_update(tiny_batch, tmp_path):
+    model = make_mlp()
+    old = copy.deepcopy(model)
+    record = audited_sgd_step(model, tiny_batch, 0.3, tmp_path)
+    grads = torch.autograd.grad(classification_loss(old, tiny_batch), list(old.parameters()))
+    update = [new.detach() - o.detach() for new, o in zip(model.parameters(), old.parameters())]
+    expected = sum(float((g.double() * u.double()).sum()) for g, u in zip(grads, update))
+    assert record["first_order"] == pytest.approx(expected, rel=1e-6)
+    g_norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+    u_norm = math.sqrt(sum(float((u.double() ** 2).sum()) for u in update))
+    assert record["grad_norm"] == pytest.approx(g_norm, rel=1e-6)
+    assert record["update_norm"] == pytest.approx(u_norm, rel=1e-6)
+    assert record["descent_cos"] == pytest.approx(-expected / (g_norm * u_norm), rel=1e-6)
+    w_norm = math.sqrt(sum(float((p.detach().double() ** 2).sum()) for p in old.parameters()))
+    assert record["update_ratio"] == pytest.approx(u_norm / w_norm, rel=1e-6)
+
+
+def test_layer_rows_match_per_module_norms(tiny_batch, tmp_path):
+    model = make_mlp()
+    old = copy.deepcopy(model)
+    record = audited_sgd_step(model, tiny_batch, 0.3, tmp_path)
+    rows = {(r["kind"], r["name"]): r for r in record["layers"]}
+    for index in ("0", "2"):
+        d = torch.cat([(a - b).reshape(-1) for a, b in zip(model[int(index)].parameters(), old[int(index)].parameters())])
+        w = torch.cat([b.reshape(-1) for b in old[int(index)].parameters()])
+        assert rows[("module", index)]["update_norm"] == pytest.approx(float(d.double().norm()), rel=1e-6)
+        assert rows[("module", index)]["update_ratio"] == pytest.approx(float(d.double().norm() / w.double().norm()), rel=1e-6)
+    assert rows[("group", "0")]["update_norm"] == pytest.approx(record["update_norm"], rel=1e-9)
+
+
+def test_remainder_shrinks_like_lr_squared(tiny_batch, tmp_path):
+    lrs = np.geomspace(3e-3, 3e-1, 6)
+    remainders = []
+    for i, lr in enumerate(lrs):
+        model = make_mlp().double()
+        batch = (tiny_batch[0].double(), tiny_batch[1])
+        record = audited_sgd_step(model, batch, float(lr), tmp_path / str(i))
+        remainders.append(abs(record["remainder"]))
+    slope = np.polyfit(np.log(lrs), np.log(remainders), 1)[0]
+    assert 1.8 <= slope <= 2.2
+
+
+class Quadratic(nn.Module):
+    """L(w) = ½ (w − c)ᵀ A (w − c): the parabola along any step is exact, so alpha has a closed form."""
+
+    def __init__(self, a: torch.Tensor, c: torch.Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(len(c), dtype=torch.float64))
+        self.a, self.c = a, c
+
+    def forward(self, _batch):
+        d = self.w - self.c
+        return 0.5 * d @ self.a @ d
+
+
+@pytest.mark.parametrize("lr", [0.05, 0.2, 0.5, 0.9])
+def test_alpha_and_best_scale_on_a_quadratic(lr, tmp_path):
+    a = torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    c = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    model = Quadratic(a, c)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    with stepaudit.Audit(model, opt, lambda m, b: m(b), run=tmp_path / "q") as audit:
+        audit.step(torch.zeros(1))
+    r = audit.last
+    g = a @ (torch.zeros(2, dtype=torch.float64) - c)  # gradient at w = 0
+    step = -lr * g
+    slope, curvature = float(g @ step), float(0.5 * step @ a @ step)
+    best = -slope / (2 * curvature)  # closed-form minimiser of the 1-D parabola
+    assert r["first_order"] == pytest.approx(slope, rel=1e-12)
+    assert r["remainder"] == pytest.approx(curvature, rel=1e-9)
+    assert r["best_scale"] == pytest.approx(best, rel=1e-9)
+    assert r["alpha"] == pytest.approx(1 / best - 1, rel=1e-9, abs=1e-12)
+    assert r["verdict"] == "decrease"
+
+
+def test_alpha_is_minus_one_when_the_step_does_not_reach_curvature(tmp_path):
+    # A linear loss: no curvature at all, the valley is infinitely far → Cockpit's −1.
+    model = nn.Linear(3, 1, bias=False).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with stepaudit.Audit(model, opt, lambda m, b: m(b).sum(), run=tmp_path / "lin") as audit:
+        audit.step(torch.ones(1, 3, dtype=torch.float64))
+    assert audit.last["alpha"] == -1.0 and math.isinf(audit.last["best_scale"])
+
+
+def test_tiny_float32_step_is_flat_never_increase(tiny_batch, tmp_path):
+    verdicts = []
+    for i, lr in enumerate([1e-9, 1e-10, 1e-11, 1e-12]):
+        record = audited_sgd_step(make_mlp(seed=i), tiny_batch, lr, tmp_path / str(i))
+        verdicts.append(record["verdict"])
+        assert abs(record["delta"]) <= record["rounding_noise"] or record["delta"] == 0
+    assert set(verdicts) == {"flat"}
+
+
+def test_float64_precision_reports_exact_tiny_decrease(tiny_batch, tmp_path):
+    record = audited_sgd_step(make_mlp(), tiny_batch, 1e-4, tmp_path, precision="float64")
+    assert record["noise_method"] == "float64"
+    assert record["verdict"] == "decrease"  # a small plain-SGD step always goes downhill (descent lemma)
+    assert record["delta"] == pytest.approx(record["first_order"], rel=1e-2)
+
+
+def test_every_n_audits_one_step_in_n(tiny_batch, tmp_path):
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with stepaudit.Audit(model, opt, classification_loss, run=tmp_path / "r", every=4) as audit:
+        for _ in range(10):
+            audit.step(tiny_batch)
+    assert [r["step"] for r in audit.records] == [0, 4, 8]
+
+
+def test_param_groups_lbfgs_and_adamw(tiny_batch, tmp_path):
+    model = make_mlp()
+    opt = torch.optim.AdamW([{"params": model[0].parameters(), "lr": 1e-2},
+                             {"params": model[2].parameters(), "lr": 1e-3}], weight_decay=0.1)
+    old = copy.deepcopy(model)
+    with stepaudit.Audit(model, opt, classification_loss, run=tmp_path / "adamw") as audit:
+        audit.step(tiny_batch)
+    groups = {r["name"]: r for r in audit.last["layers"] if r["kind"] == "group"}
+    d0 = torch.cat([(a - b).reshape(-1) for a, b in zip(model[0].parameters(), old[0].parameters())])
+    assert groups["0"]["update_norm"] == pytest.approx(float(d0.double().norm()), rel=1e-6)
+    assert set(groups) == {"0", "1"}
+
+    model = make_mlp().double()
+    batch = (tiny_batch[0].double(), tiny_batch[1])
+    old = copy.deepcopy(model)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
+    with stepaudit.Audit(model, opt, classification_loss, run=tmp_path / "lbfgs") as audit:
+        loss = audit.step(batch)
+    r = audit.last
+    assert r["loss_before"] == pytest.approx(float(classification_loss(old, batch)), rel=1e-12)
+    assert float(loss) == pytest.approx(r["loss_before"], rel=1e-12)
+    with torch.no_grad():
+        assert r["loss_after"] == pytest.approx(float(classification_loss(model, batch)), rel=1e-12)
+    grads = torch.autograd.grad(classification_loss(old, batch), list(old.parameters()))
+    fo = sum(float((g * (n.detach() - o.detach())).sum()) for g, n, o in zip(grads, model.parameters(), old.parameters()))
+    assert r["first_order"] == pytest.approx(fo, rel=1e-9)
+    assert r["verdict"] == "decrease"
+
+
+def test_summary_and_load_round_trip(tiny_batch, tmp_path):
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with stepaudit.Audit(model, opt, classification_loss, run=tmp_path / "r") as audit:
+        for _ in range(3):
+            audit.step(tiny_batch)
+    summary = audit.summary()
+    assert summary["audited_steps"] == 3
+    assert summary["share_decrease"] + summary["share_increase"] + summary["share_flat"] == pytest.approx(1.0)
+    frame = stepaudit.load(tmp_path / "r")
+    assert list(frame["step"]) == [0, 1, 2]
+    assert list(frame["delta"]) == pytest.approx([r["delta"] for r in audit.records], rel=1e-15)
+    meta = stepaudit.load(tmp_path / "r", table="meta")
+    assert meta["optimizer"] == "SGD" and meta["param_groups"][0]["lr"] == 0.1
+    assert meta["summary"]["audited_steps"] == 3
+    layers = stepaudit.load(tmp_path / "r", table="layers")
+    assert set(layers["kind"]) == {"module", "group"}
