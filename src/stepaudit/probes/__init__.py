@@ -7,6 +7,7 @@ fields; it never touches the training loop. New quantities are new probes, regis
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import Callable, Mapping
 
 Probe = Callable[["StepContext"], dict]  # noqa: F821 - StepContext lives in stepaudit.context
@@ -35,9 +36,8 @@ def _load_builtin() -> None:
     for module in _PROBE_MODULES:
         try:
             importlib.import_module(module)
-        except ModuleNotFoundError as error:
-            if error.name != module:
-                raise
+        except ImportError as error:  # a broken optional probe module must not break training
+            warnings.warn(f"stepaudit: probes in {module} are unavailable: {error}", stacklevel=3)
 
 
 def known() -> list[str]:
