@@ -1,0 +1,191 @@
+"""Assemble the full explanation (the ``--json`` object) and its plain-language verdict."""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from .circuit import RULES, Circuit, build, objective_fn
+from .descent import hessian_at, quadratic_bound, sequential, simultaneous
+from .lrset import SCAN_RANGE, decreasing_set
+from .parse import SYMBOL, ExplainError, parse
+
+DEFAULT_EXPR = "(x + y) * z"
+
+
+def fmt(v: float | None, digits: int = 6) -> str:
+    """Short, exact-looking number: 6 significant digits, no '-0', 'inf' spelled out."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "undefined"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    s = f"{v:.{digits}g}"
+    return "0" if s in ("-0", "0") else s
+
+
+def _clean(x: Any) -> Any:
+    """Make ``x`` strictly valid JSON: non-finite floats (a step out of the domain) become null."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _nodes(c: Circuit) -> list[dict]:
+    """The circuit as a DAG: one node per variable (gradients from all its uses add up), then gates."""
+    ids: dict[int, int] = {}
+    nodes = [{"id": i, "op": "var", "label": n, "text": n, "value": c.point[n], "grad": c.grads[n],
+              "inputs": [], "uses": 0} for i, n in enumerate(c.names)]
+    for g in c.gates:
+        if g.op == "var":
+            ids[g.id] = c.names.index(g.name)  # type: ignore[arg-type]
+            nodes[ids[g.id]]["uses"] += 1
+            continue
+        ids[g.id] = len(nodes)
+        node: dict[str, Any] = {"id": len(nodes), "op": g.op, "label": _label(g.op, g.text),
+                                "text": g.text, "value": g.value, "grad": g.grad,
+                                "inputs": [ids[k] for k in g.inputs]}
+        if g.op != "const":
+            node["rule"] = RULES[g.op][1]
+            node["local"] = list(g.local)
+            node["input_grads"] = [None if loc is None or g.grad is None else g.grad * loc
+                                   for loc in g.local]
+        nodes.append(node)
+    return nodes
+
+
+def _label(op: str, text: str) -> str:
+    if op == "const":
+        return text
+    if op == "loss":
+        return "loss"
+    return SYMBOL.get(op, op)
+
+
+def explain(expr: str = DEFAULT_EXPR, at: Mapping[str, float] | None = None, lr: float = 0.1,
+            target: float | None = None) -> dict:
+    """Backprop on ``expr`` at ``at``, one gradient step of size ``lr``, and the decreasing-lr set."""
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        raise ExplainError(f"--lr must be a positive finite number, got {lr!r}")
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
+                               or not math.isfinite(target)):
+        raise ExplainError(f"--target must be a finite number, got {target!r}")
+    lr = float(lr)
+    target = None if target is None else float(target)
+    tree = parse(expr)
+    c = build(tree, at, target)
+    names = c.names
+    w = np.array([c.point[n] for n in names])
+    g = np.array([c.grads[n] for n in names])
+    fn = objective_fn(tree, names, target)
+    h = hessian_at(fn, w)
+    step = simultaneous(fn, names, w, g, h, lr)
+    seq = sequential(fn, names, w, g, lr)
+    qb, ghg = quadratic_bound(g, h)
+    dset = decreasing_set(tree, target, fn, names, w, g, (lr,) + ((qb,) if qb else ()))
+    ivs = dset["intervals"]
+    unbounded = bool(ivs) and ivs[-1][1] is None
+    out = {
+        "expr": expr.strip(), "variables": names, "at": c.point, "lr": lr, "target": target,
+        "objective": {"formula": "f" if target is None else f"½(f − {fmt(target)})²",
+                      "value": c.objective},
+        "value": c.value, "grads": c.grads, "expr_grads": c.expr_grads, "nodes": _nodes(c),
+        "hessian": {"names": names, "matrix": h.tolist(), "gHg": ghg, "quadratic_term": step.quadratic,
+                    "off_diagonal": [{"pair": [names[i], names[j]], "value": float(h[i, j])}
+                                     for i in range(len(names)) for j in range(i + 1, len(names))
+                                     if h[i, j] != 0.0]},
+        "step": {"lr": lr, "old": step.old, "new": step.new, "objective_before": step.objective_before,
+                 "objective_after": step.objective_after, "predicted": step.predicted,
+                 "actual": step.actual, "remainder": step.remainder, "quadratic": step.quadratic, "interplay": step.interplay,
+                 "higher_order": step.higher_order, "grads_after": step.grads_after,
+                 "sign_flips": step.sign_flips},
+        "sequential": seq,
+        "decreasing_lr": {**dset, "unbounded": unbounded},
+        "max_decreasing_lr": None if not ivs or unbounded else ivs[-1][1],
+        "first_stop_lr": ivs[0][1] if ivs and ivs[0][0] == 0.0 else None,
+        "quadratic_bound_lr": qb,
+    }
+    out = _clean(out)
+    out["verdict"] = verdict(out)
+    return out
+
+
+def _name(r: dict) -> str:
+    return "f" if r["target"] is None else "L"
+
+
+def verdict(r: dict) -> str:
+    """One plain-language paragraph: what the step did, why, and how large a step still helps."""
+    f, s, d = _name(r), r["step"], r["decreasing_lr"]
+    parts = [] if r["target"] is None else [f"Here L = ½(f − {fmt(r['target'])})² is minimised."]
+    if not any(r["grads"].values()):
+        parts.append(f"All partial derivatives of {f} are zero here, so a gradient step does not move.")
+        return " ".join(parts)
+    a, lr = s["actual"], fmt(s["lr"])
+    if a is None:
+        parts.append(f"A step of lr = {lr} leaves the domain: {f} is undefined at the new point.")
+    else:
+        how = f"lowers {f} by {fmt(-a)}" if a < 0 else (f"raises {f} by {fmt(a)}" if a > 0
+                                                        else f"leaves {f} unchanged")
+        parts.append(f"A simultaneous step of lr = {lr} {how} (from {fmt(s['objective_before'])} to "
+                     f"{fmt(s['objective_after'])}).")
+        exact = abs(s["higher_order"]) <= 1e-9 * max(1.0, abs(a), abs(s["predicted"]))
+        second = f"the second-order term ½ΔᵀHΔ = {fmt(s['quadratic'])}"
+        parts.append(f"First order predicted {fmt(s['predicted'])} (−lr·‖g‖²); the remaining "
+                     f"{fmt(s['remainder'])} is " + (f"exactly {second}" if exact else
+                                                     f"{second} plus {fmt(s['higher_order'])} of higher order")
+                     + ". Interplay between different weights (off-diagonal Hessian terms, ignored by "
+                       f"the first-order prediction) contributes {fmt(s['interplay'])} of it.")
+        flips = s["sign_flips"]
+        parts.append("After the step " + ", ".join(
+            f"∂{f}/∂{x['name']} changed sign ({fmt(x['before'])} → {fmt(x['after'])})" for x in flips)
+            + ": backprop took every slope before any weight moved." if flips
+            else "No partial derivative changed sign.")
+    parts.append(_lr_sentence(r, f, d))
+    q = r["sequential"]
+    if q["actual"] is None:
+        parts.append(f"One weight at a time, {f} also ends up undefined.")
+    else:
+        seq_flips = [u["name"] for u in q["updates"] if u["sign_flipped"]]
+        parts.append(f"One weight at a time ({', then '.join(q['order'])}, recomputing the gradient "
+                     f"before each update) changes {f} by {fmt(q['actual'])} instead"
+                     + (f"; on the way ∂{f}/∂{seq_flips[0]} had flipped sign" if seq_flips else "") + ".")
+    return " ".join(parts)
+
+
+def _lr_sentence(r: dict, f: str, d: dict) -> str:
+    ivs, qb = d["intervals"], r["quadratic_bound_lr"]
+    where = "" if d["method"] != "numerical" else (
+        f" (numerical: lr scanned from {fmt(SCAN_RANGE[0])} to {fmt(SCAN_RANGE[1])}, refined by bisection)")
+    if not ivs:
+        return f"No learning rate lowers {f} along −g{where}."
+    first = ivs[0]
+    if first[0] == 0.0 and first[1] is None:
+        curv = f" (the curvature along −g, gᵀHg = {fmt(r['hessian']['gHg'])}, is not positive)" \
+            if r["hessian"]["gHg"] is not None and r["hessian"]["gHg"] <= 0 else ""
+        text = f"{f} keeps going down for every lr > 0 along −g{curv}, so no learning rate is too large{where}."
+        if qb is None:
+            return text
+    elif first[0] == 0.0:
+        text = f"It would stop lowering {f} above lr = {fmt(first[1])}{where}"
+        more = [f"({fmt(lo)}, {fmt(hi) if hi is not None else 'inf'})" for lo, hi in ivs[1:]]
+        text += (f"; it lowers {f} again for lr in " + ", ".join(more) if more else "") + "."
+    else:
+        text = f"The decreasing learning rates are {_ivs_text(ivs)}{where}."
+    if qb is None:
+        return text + " The quadratic model sees no limit (gᵀHg ≤ 0)."
+    exact = d["method"] == "polynomial" and d.get("degree", 9) <= 2
+    true = first[1] if first[0] == 0.0 else None
+    return text + (f" The quadratic model's bound 2‖g‖²/(gᵀHg) = {fmt(qb)}"
+                   + (" is exact here, because the objective is quadratic along the step." if exact
+                      else f" is only a local estimate{'' if true is None else ' of ' + fmt(true)}."))
+
+
+def _ivs_text(ivs: list) -> str:
+    return ", ".join(f"({fmt(lo)}, {fmt(hi) if hi is not None else 'inf'})" for lo, hi in ivs)
