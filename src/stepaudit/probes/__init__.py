@@ -37,6 +37,8 @@ def _load_builtin() -> None:
         try:
             importlib.import_module(module)
         except ImportError as error:  # a broken optional probe module must not break training
+            if getattr(error, "name", None) == module:
+                continue  # not part of this installation
             warnings.warn(f"stepaudit: probes in {module} are unavailable: {error}", stacklevel=3)
 
 
@@ -54,7 +56,7 @@ def get(name: str) -> Probe:
 
 def validate(probes: Mapping[str, int] | None) -> dict[str, int]:
     """Check a ``{name: every}`` mapping; unknown names and bad schedules are refused with the fix."""
-    if probes is None:
+    if probes is None or (isinstance(probes, Mapping) and not probes):
         return {}
     if not isinstance(probes, Mapping):
         raise TypeError(f"probes must be a dict {{name: every}}, e.g. {{'quadratic': 1}}; got {type(probes).__name__}")
