@@ -1,0 +1,38 @@
+"""The demo and the CLI entry points run end to end on built-in data."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import stepaudit
+from stepaudit import cli
+
+
+def test_demo_json_trains_each_optimizer_and_writes_runs(tmp_path, capsys):
+    code = cli.main(["demo", "--steps", "12", "--json", "--no-report", "--runs", str(tmp_path)])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    rows = out["runs"]
+    assert [r["optimizer"] for r in rows] == ["sgd", "momentum", "adam"]
+    for row in rows:
+        records = stepaudit.load(row["run"])
+        assert len(records) == 12  # every step audited
+        assert row["share_increase"] == (records["verdict"] == "increase").mean()
+        assert 0.0 <= row["test_accuracy"] <= 1.0
+
+
+def test_demo_rejects_unknown_optimizer(capsys):
+    assert cli.main(["demo", "--optimizers", "lion"]) == 2
+    assert "unknown optimizer" in capsys.readouterr().err
+
+
+def test_cli_help_and_unknown_command(capsys):
+    assert cli.main([]) == 0
+    assert "doctor" in capsys.readouterr().out
+    assert cli.main(["frobnicate"]) == 2
+
+
+def test_console_script_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "stepaudit", "--version"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("stepaudit ")
