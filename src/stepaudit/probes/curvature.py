@@ -1,0 +1,360 @@
+"""Curvature probes: why a step did what it did beyond its first-order promise g·Δw.
+
+``delta − first_order`` is curvature: ½ Δwᵀ H Δw (``quadratic``) plus higher-order terms
+(``cubic_remainder``). The cross-layer part of ``quadratic`` is ``interplay``; the largest Hessian
+eigenvalue (``sharpness``) sets the learning rate below which gradient descent is stable
+(``safe_lr``); for Adam-like optimizers the preconditioned sharpness λ_max(P⁻¹H) plays that role
+(``precond_sharpness`` vs ``precond_bound``). Every Hessian is taken at the old weights on the
+step's own batch with the training forward's semantics (same dropout masks, BatchNorm batch
+statistics, buffers restored), via ``StepContext.hvp``.
+
+Settings (tolerance, HVP budget, batch vs reference) go through ``configure(audit, ...)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from .. import linalg
+from ..context import Part, StepContext
+from ..precision import Float64Twin, cast_batch
+from ..state import AutocastState, RngState, _cuda_devices
+from . import register
+from .preconditioner import preconditioner
+
+
+@dataclass
+class CurvatureSettings:
+    """Knobs of the curvature probes; defaults aim at 1e-3 relative accuracy for a few HVPs."""
+
+    sharpness_on: str = "batch"  # "batch" (the step's own) or "reference" (Audit(reference=<one batch>))
+    tol: float = 1e-3  # Lanczos stops when ‖Hv − λv‖ ≤ tol·|λ| (so |λ − λ_true| ≤ tol·|λ| for that eigenvalue)
+    max_hvps: int = 40  # Lanczos steps per estimate (warm starts usually need far fewer)
+    trace_samples: int = 20  # Rademacher vectors per Hutchinson trace estimate
+    top_pairs: int = 5  # layer pairs named in interplay_top
+    seed: int = 0  # private generator for random vectors (the global RNG is never touched)
+    reference_batch: Any = field(default=None, repr=False)  # an explicit fixed batch for sharpness
+
+
+def configure(audit: Any, **settings: Any) -> CurvatureSettings:
+    """Set the curvature probes' options on an ``Audit`` (stored in ``audit.options["curvature"]``).
+
+    ``sharpness_on`` is "batch" (default), "reference" (the Audit's ``reference`` must then be a
+    single batch), or a batch itself (tensor, tuple, list or dict) used as the fixed reference.
+    """
+    known = {f.name for f in dataclasses.fields(CurvatureSettings)} - {"reference_batch"}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise ValueError(f"unknown curvature setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    on = settings.get("sharpness_on", "batch")
+    if not isinstance(on, str):
+        settings["reference_batch"], settings["sharpness_on"] = on, "reference"
+    elif on == "reference":
+        settings["reference_batch"] = _single_batch(audit.options.get("reference"))
+    elif on != "batch":
+        raise ValueError(f"sharpness_on must be 'batch', 'reference' or a batch, got {on!r}")
+    for name in ("max_hvps", "trace_samples", "top_pairs"):
+        value = settings.get(name, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not 0 < float(settings.get("tol", 1e-3)) < 1:
+        raise ValueError(f"tol must lie in (0, 1), got {settings.get('tol')!r}")
+    chosen = CurvatureSettings(**settings)
+    audit.options["curvature"] = chosen
+    return chosen
+
+
+def _single_batch(reference: Any) -> Any:
+    """The Audit's reference if it is one replayable batch; otherwise refuse, naming the fix."""
+    if reference is None:
+        raise ValueError("sharpness_on='reference' needs Audit(..., reference=<one batch>) or "
+                         "configure(audit, sharpness_on=<a batch>)")
+    if isinstance(reference, (torch.Tensor, tuple, list, dict)):
+        return reference
+    raise ValueError(f"sharpness_on='reference' needs a single batch (tensor, tuple, list or dict), "
+                     f"not a {type(reference).__name__}; pass configure(audit, sharpness_on=next(iter(loader)))")
+
+
+def _settings(ctx: StepContext) -> CurvatureSettings:
+    return ctx.options.get("curvature") or CurvatureSettings()
+
+
+def _generator(ctx: StepContext) -> torch.Generator:
+    """A private CPU generator kept across steps: random start vectors never consume training RNG."""
+    if "_curvature_generator" not in ctx.memory:
+        ctx.memory["_curvature_generator"] = torch.Generator().manual_seed(_settings(ctx).seed)
+    return ctx.memory["_curvature_generator"]
+
+
+# -- the Hessian operator -------------------------------------------------------------------------
+def _wants_float64(ctx: StepContext) -> bool:
+    return ctx.options.get("precision") == "float64" or ctx.record.get("noise_method") == "float64"
+
+
+def _twin_loss(ctx: StepContext, parts: list[Part]) -> Callable:
+    """``params -> loss`` on a float64 twin of the model (Audit(precision="float64"))."""
+    twin = ctx.memory.get("_curvature_twin")
+    if twin is None:
+        twin = ctx.memory["_curvature_twin"] = Float64Twin(ctx.model)
+    twin.load(ctx.model)  # buffers and train/eval flags; the weights are substituted anyway
+    parts64 = [Part(cast_batch(p.batch, torch.float64), p.rng) for p in parts]
+    shadow = dataclasses.replace(ctx, model=twin.twin, parts=parts64, autocast=AutocastState(), cache={})
+    return shadow.loss_of_params()
+
+
+def _in_eval_mode(model: torch.nn.Module, loss: Callable) -> Callable:
+    """Wrap ``loss`` so it runs with every module in eval mode, flags restored afterwards."""
+
+    def evaluated(params: tuple) -> torch.Tensor:
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        try:
+            return loss(params)
+        finally:
+            for module, mode in modes:
+                module.training = mode
+
+    return evaluated
+
+
+def _reference_part(ctx: StepContext, batch: Any) -> Part:
+    """The fixed reference batch with a fixed RNG state (same dropout masks at every step)."""
+    if "_curvature_reference_rng" not in ctx.memory:
+        devices = _cuda_devices(ctx.model)
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(_settings(ctx).seed)
+            ctx.memory["_curvature_reference_rng"] = RngState.capture(devices)
+    return Part(batch, ctx.memory["_curvature_reference_rng"])
+
+
+def hessian(ctx: StepContext, on: str = "batch") -> linalg.Hvp:
+    """H·v at the old weights on the step's batch (``on="batch"``) or the fixed reference (cached per step).
+
+    With ``Audit(precision="float64")`` the products run on a float64 twin; otherwise in the
+    model's dtype. The HVP method is chosen once per audit ("auto": measured) and then reused.
+    """
+    key = f"_hessian:{on}"
+    if key in ctx.cache:
+        return ctx.cache[key]
+    float64 = _wants_float64(ctx)
+    if on == "batch" and not float64:
+        operator = ctx.hvp()
+    else:
+        if on == "batch":
+            parts = ctx.parts
+        else:
+            parts = [_reference_part(ctx, _settings(ctx).reference_batch)]
+        loss = _twin_loss(ctx, parts) if float64 else ctx.loss_of_params(parts)
+        if on == "reference" and ctx.options.get("reference_mode", "eval") == "eval":
+            loss = _in_eval_mode(ctx.memory["_curvature_twin"].twin if float64 else ctx.model, loss)
+        params = tuple(p.detach().to(torch.float64) if float64 else p for p in ctx.before)
+        slot = ctx.memory.setdefault("_hvp_method64" if float64 else "_hvp_method", {})
+        operator = linalg.make_hvp(loss, params, method=slot.get("method", "auto"))
+        slot["method"] = operator.method
+    slot = ctx.memory.setdefault("_hvp_method64" if float64 else "_hvp_method", {})
+    if operator.fallback_reason:
+        slot["fallback"] = operator.fallback_reason
+    ctx.cache[key] = operator
+    return operator
+
+
+def _method_fields(ctx: StepContext, operator: linalg.Hvp) -> dict:
+    fields = {"hvp_method": operator.method}
+    slot = ctx.memory.get("_hvp_method64" if _wants_float64(ctx) else "_hvp_method", {})
+    if slot.get("fallback"):
+        fields["hvp_fallback"] = slot["fallback"]
+    return fields
+
+
+def _delta_w(ctx: StepContext, operator: linalg.Hvp) -> torch.Tensor:
+    dtype = torch.float64 if _wants_float64(ctx) else ctx.flat_delta_w.dtype
+    return ctx.flat_delta_w.to(dtype)
+
+
+def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.dot(a.to(torch.float64), b.to(torch.float64)))
+
+
+# -- quadratic and interplay -----------------------------------------------------------------------
+def _quadratic_fields(ctx: StepContext, quadratic: float) -> dict:
+    delta, first_order = ctx.record.get("delta", math.nan), ctx.record.get("first_order", math.nan)
+    return {"quadratic": quadratic, "cubic_remainder": delta - first_order - quadratic}
+
+
+@register("quadratic")
+def quadratic_probe(ctx: StepContext) -> dict:
+    """``quadratic`` = ½ Δwᵀ H Δw (one HVP) and ``cubic_remainder`` = delta − first_order − quadratic."""
+    operator = hessian(ctx)
+    delta_w = _delta_w(ctx, operator)
+    quadratic = 0.5 * _dot64(delta_w, operator(delta_w))
+    return {**_quadratic_fields(ctx, quadratic), **_method_fields(ctx, operator)}
+
+
+def _layers(ctx: StepContext) -> tuple[list[str], torch.Tensor]:
+    """Module paths (the parameters' parent modules, first-seen order) and each element's module index."""
+    key = "_curvature_layers"
+    if key not in ctx.memory:
+        paths: list[str] = []
+        index = []
+        for name, p in zip(ctx.names, ctx.params):
+            path = name.rsplit(".", 1)[0] if "." in name else "(root)"
+            if path not in paths:
+                paths.append(path)
+            index.append(torch.full((p.numel(),), paths.index(path), dtype=torch.long))
+        ctx.memory[key] = (paths, torch.cat(index).to(ctx.flat_before.device))
+    return ctx.memory[key]
+
+
+def interplay_matrix(ctx: StepContext) -> tuple[list[str], torch.Tensor]:
+    """Layer names and the matrix C with C_ij = ½ Δw_iᵀ H_ij Δw_j (one HVP per layer); ΣC = quadratic."""
+    if "_interplay" in ctx.cache:
+        return ctx.cache["_interplay"]
+    operator = hessian(ctx)
+    delta_w = _delta_w(ctx, operator)
+    paths, element_layer = _layers(ctx)
+    n = len(paths)
+    columns = torch.zeros(n, n, dtype=torch.float64, device=delta_w.device)
+    for j in range(n):
+        # H (Δw restricted to layer j), then dotted with Δw_i for every layer i: column j of the matrix.
+        v = torch.where(element_layer == j, delta_w, torch.zeros_like(delta_w))
+        if not bool(v.any()):
+            continue
+        products = (delta_w * operator(v)).to(torch.float64)
+        columns[:, j] = torch.zeros(n, dtype=torch.float64, device=delta_w.device).index_add_(0, element_layer, products)
+    matrix = 0.25 * (columns + columns.T)  # ½ and symmetrised (H is symmetric; HVPs are so to rounding)
+    ctx.cache["_interplay"] = (paths, matrix.cpu())
+    return ctx.cache["_interplay"]
+
+
+def _interplay_fields(ctx: StepContext) -> dict:
+    paths, matrix = interplay_matrix(ctx)
+    quadratic = float(matrix.sum())
+    interplay = quadratic - float(matrix.diagonal().sum())
+    pairs = [(2.0 * float(matrix[i, j]), i, j) for i in range(len(paths)) for j in range(i + 1, len(paths))]
+    pairs.sort(key=lambda item: -abs(item[0]))
+    top = [{"a": paths[i], "b": paths[j], "value": value}
+           for value, i, j in pairs[: _settings(ctx).top_pairs] if value != 0.0]
+    fields = {"interplay": interplay, "interplay_top": top, **_method_fields(ctx, hessian(ctx))}
+    if "quadratic" not in ctx.record:  # free here (ΣC); the quadratic probe's own value wins if it ran
+        fields.update(_quadratic_fields(ctx, quadratic))
+    return fields
+
+
+@register("interplay")
+def interplay_probe(ctx: StepContext) -> dict:
+    """``interplay``: cross-layer part of ``quadratic``; ``interplay_top``: the largest Δw_iᵀH_ijΔw_j pairs."""
+    return _interplay_fields(ctx)
+
+
+@register("interplay_matrix")
+def interplay_matrix_probe(ctx: StepContext) -> dict:
+    """Everything ``interplay`` records plus the full matrix (``interplay_matrix``, ``interplay_layers``)."""
+    paths, matrix = interplay_matrix(ctx)
+    return {**_interplay_fields(ctx), "interplay_layers": list(paths), "interplay_matrix": matrix.tolist()}
+
+
+# -- sharpness ---------------------------------------------------------------------------------------
+def _top_eigen(ctx: StepContext, operator: Callable, dim: int, memory_key: str) -> linalg.LanczosResult:
+    """Lanczos for λ_max, warm-started from the previous step's top eigenvector (plus a little noise)."""
+    settings, generator = _settings(ctx), _generator(ctx)
+    previous = ctx.memory.get(memory_key)
+    start = None
+    if previous is not None and previous.numel() == dim:
+        # A small random admixture keeps the start from being exactly orthogonal to a new top direction.
+        noise = linalg._rademacher(dim, generator, previous.dtype, previous.device)
+        start = previous + 1e-2 * noise / math.sqrt(dim)
+    else:
+        start = linalg._rademacher(dim, generator, ctx.flat_before.dtype, ctx.flat_before.device)
+    result = linalg.lanczos(operator, dim, iterations=settings.max_hvps, start=start, tol=settings.tol)
+    ctx.memory[memory_key] = result.eigenvector
+    return result
+
+
+def safe_lr(optimizer: torch.optim.Optimizer, sharpness: float) -> tuple[float, str]:
+    """Largest stable learning rate on the quadratic model with curvature ``sharpness``, and its rule.
+
+    Plain GD: η < 2/λ (descent lemma). Heavy-ball momentum β with PyTorch's dampening d:
+    η(1−d) < (2+2β)/λ; Nesterov: η < (2+2β)/((1+2β)λ) (Cohen et al., ICLR 2021, Appendix).
+    Weight decay wd adds wd to the curvature the optimizer sees. Uses the first parameter group.
+    """
+    if not isinstance(optimizer, torch.optim.SGD):
+        return math.nan, "adaptive or unknown optimizer: see precond_sharpness"
+    group = optimizer.param_groups[0]
+    beta, dampening = float(group.get("momentum", 0.0)), float(group.get("dampening", 0.0))
+    curvature = sharpness + float(group.get("weight_decay", 0.0))
+    if curvature <= 0:
+        return math.inf, "no positive curvature"
+    if beta == 0:
+        return 2.0 / curvature, "2/λ"
+    if group.get("nesterov"):
+        return (2 + 2 * beta) / ((1 + 2 * beta) * curvature), "(2+2β)/((1+2β)λ) nesterov"
+    return (2 + 2 * beta) / ((1 - dampening) * curvature), "(2+2β)/((1−d)λ) heavy-ball"
+
+
+def _nan_fields(prefix: str, note: str) -> dict:
+    return {prefix: math.nan, f"{prefix}_note": note}
+
+
+@register("sharpness")
+def sharpness_probe(ctx: StepContext) -> dict:
+    """λ_max of the Hessian (Lanczos, warm-started), its residual, HVPs used, and the safe learning rate."""
+    on = _settings(ctx).sharpness_on
+    operator = hessian(ctx, on)
+    calls = operator.calls
+    try:
+        result = _top_eigen(ctx, operator, operator.dim, f"_sharpness_vector:{on}")
+    except FloatingPointError as error:
+        return {**_nan_fields("sharpness", f"non-finite Hessian-vector product ({error}); diverged weights?"),
+                "sharpness_on": on, **_method_fields(ctx, operator)}
+    safe, rule = safe_lr(ctx.optimizer, result.eigenvalue)
+    lr = ctx.lr()
+    return {
+        "sharpness": result.eigenvalue, "sharpness_residual": result.residual,
+        "sharpness_hvps": operator.calls - calls, "sharpness_on": on,
+        "safe_lr": safe, "safe_lr_rule": rule,
+        "lr_exceeds_safe": (lr > safe) if math.isfinite(safe) else (None if math.isnan(safe) else False),
+        **_method_fields(ctx, operator),
+    }
+
+
+@register("precond_sharpness")
+def precond_sharpness_probe(ctx: StepContext) -> dict:
+    """λ_max(P⁻¹H) with P from the optimizer's second-moment state, vs the stability bound (Cohen et al. 2022)."""
+    found = preconditioner(ctx.optimizer, ctx.params)
+    if found.inverse_sqrt is None:
+        return _nan_fields("precond_sharpness", found.rule)
+    operator = hessian(ctx)
+    scale = found.inverse_sqrt.to(device=ctx.flat_before.device)
+    calls = operator.calls
+
+    def preconditioned(v: torch.Tensor) -> torch.Tensor:
+        # λ(P⁻¹H) = λ(P^{-½} H P^{-½}): a similar, symmetric operator Lanczos can handle.
+        d = scale.to(v.dtype)
+        return d * operator(d * v).to(v.dtype)
+
+    try:
+        result = _top_eigen(ctx, preconditioned, operator.dim, "_precond_vector")
+    except FloatingPointError as error:
+        return {**_nan_fields("precond_sharpness", f"non-finite Hessian-vector product ({error})"),
+                "precond_bound": found.bound}
+    return {
+        "precond_sharpness": result.eigenvalue, "precond_sharpness_residual": result.residual,
+        "precond_hvps": operator.calls - calls, "precond_bound": found.bound, "precond_rule": found.rule,
+        "precond_exceeds": result.eigenvalue > found.bound, **_method_fields(ctx, operator),
+    }
+
+
+@register("hessian_trace")
+def hessian_trace_probe(ctx: StepContext) -> dict:
+    """tr(H) by Hutchinson's estimator with Rademacher vectors, and its standard error."""
+    operator = hessian(ctx)
+    samples = _settings(ctx).trace_samples
+    trace, stderr = linalg.hutchinson_trace(operator, operator.dim, samples=samples, generator=_generator(ctx),
+                                            dtype=ctx.flat_before.dtype if not _wants_float64(ctx) else torch.float64,
+                                            device=ctx.flat_before.device)
+    return {"hessian_trace": trace, "hessian_trace_stderr": stderr, "hessian_trace_samples": samples,
+            **_method_fields(ctx, operator)}
