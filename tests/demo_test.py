@@ -36,3 +36,10 @@ def test_cli_help_and_unknown_command(capsys):
 def test_console_script_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "stepaudit", "--version"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.startswith("stepaudit ")
+
+
+def test_public_api_names():
+    import stepaudit.explain  # noqa: F401 - importing the subpackage must not shadow the function
+
+    assert callable(stepaudit.explain) and callable(stepaudit.Audit) and callable(stepaudit.load)
+    assert stepaudit.explain("x * y", at={"x": 2.0, "y": 3.0})["grads"] == {"x": 3.0, "y": 2.0}

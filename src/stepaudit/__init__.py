@@ -5,13 +5,7 @@ __version__ = "0.1.0"
 
 from .audit import Audit, AuditError  # noqa: E402
 from .store import load  # noqa: E402
-
-
-def explain(*args, **kwargs):
-    """Backprop on a small expression, simultaneous vs sequential updates (see ``stepaudit.explain``)."""
-    from .explain import explain as _explain
-
-    return _explain(*args, **kwargs)
+from .explain import explain  # noqa: E402  (rebinds the name from the subpackage to the function)
 
 
 def diagnose(run_or_records, **kwargs):
