@@ -123,3 +123,31 @@ def test_plain_step_api_is_bit_identical_to_a_hand_written_loop(tmp_path):
         return model, opt, torch.get_rng_state(), audit
 
     assert_identical(run(False), run(True))
+
+
+ALL_OPTIMIZERS = ["Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "ASGD", "NAdam", "RAdam",
+                  "RMSprop", "Rprop", "SGD"]
+
+
+@pytest.mark.parametrize("name", [n for n in ALL_OPTIMIZERS if hasattr(torch.optim, n)])
+def test_every_torch_optimizer_is_audited_and_untouched(name, tiny_batch, tmp_path):
+    def run(audited):
+        model = make_mlp(dropout=0.1)
+        kwargs = {"lr": 0.01} if name not in ("Adadelta",) else {}
+        opt = getattr(torch.optim, name)(model.parameters(), **kwargs)
+        audit = stepaudit.Audit(model, opt, classification_loss, run=tmp_path / f"{name}{audited}") if audited else None
+        torch.manual_seed(3)
+        for _ in range(3):
+            if audit:
+                audit.step(tiny_batch)
+            else:
+                opt.zero_grad()
+                classification_loss(model, tiny_batch).backward()
+                opt.step()
+        if audit:
+            audit.close()
+        return model, opt, torch.get_rng_state(), audit
+
+    plain, audited = run(False), run(True)
+    assert_identical(plain, audited)
+    assert [r["verdict"] in ("decrease", "increase", "flat") for r in audited[3].records] == [True] * 3
