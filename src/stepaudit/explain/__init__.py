@@ -8,9 +8,6 @@ updates, and the largest learning rate that still goes downhill.
 """
 from __future__ import annotations
 
-import sys
-import types
-
 from .cli import main
 from .parse import ExplainError, parse
 from .result import explain
@@ -18,12 +15,3 @@ from .svg import circuit_svg
 
 __all__ = ["explain", "main", "circuit_svg", "parse", "ExplainError"]
 
-
-class _CallableModule(types.ModuleType):
-    """Importing this subpackage rebinds ``stepaudit.explain`` to it; keep ``stepaudit.explain(...)`` working."""
-
-    def __call__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        return explain(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

@@ -101,3 +101,19 @@ def quadratic_bound(g: np.ndarray, h: np.ndarray) -> tuple[float | None, float]:
     if gg == 0.0 or ghg <= 0.0:
         return None, ghg
     return 2.0 * gg / ghg, ghg
+
+
+def profile(fn: Objective, w: np.ndarray, g: np.ndarray, marks: list[float], points: int = 49) -> dict:
+    """The objective along -g at evenly spaced lr from 0 to 1.5x the largest finite mark."""
+    top = _nice(1.5 * max([m for m in marks if m is not None and math.isfinite(m)] + [1e-12]))
+    lrs = np.linspace(0.0, top, points)
+    with torch.no_grad():
+        t = torch.as_tensor(lrs, dtype=DTYPE)[:, None]
+        vals = fn(torch.as_tensor(w, dtype=DTYPE) - t * torch.as_tensor(g, dtype=DTYPE)).numpy()
+    return {"lr": lrs.tolist(), "objective": vals.tolist()}
+
+
+def _nice(x: float) -> float:
+    """The smallest of 1, 2, 2.5, 5 times a power of ten that is >= x."""
+    p = 10.0 ** math.floor(math.log10(x))
+    return next(m * p for m in (1, 2, 2.5, 5, 10) if m * p >= x * (1 - 1e-12))

@@ -13,11 +13,13 @@ from .result import fmt
 
 TITLE, HEAD, DIM, WARN, NOTE = "bold", "bold magenta", "grey50", "bold yellow", "italic"
 WIDTH = 96
+_SPARK = "▁▂▃▄▅▆▇█"
 _ASCII = str.maketrans({
     "─": "-", "│": "|", "┼": "+", "┬": "+", "┴": "+", "┐": "+", "┘": "+", "┤": "+", "┌": "+",
     "└": "+", "├": "+", "∂": "d", "×": "*", "−": "-", "÷": "/", "·": "*", "½": "1/2", "²": "^2",
     "‖": "|", "ᵀ": "T", "Δ": "D", "→": "->", "←": "<-", "≤": "<=", "∈": "in", "∞": "inf",
-    "ᵇ": "^b", "⁻": "^-", "¹": "1", "…": "...",
+    "ᵇ": "^b", "⁻": "^-", "¹": "1", "…": "...", "↑": "^", "▁": "_", "▂": ".", "▃": "-", "▄": "~",
+    "▅": "=", "▆": "+", "▇": "*", "█": "#",
 })
 
 
@@ -165,7 +167,33 @@ def _lrset(r: dict, f: str) -> list[Line]:
     qb = r["quadratic_bound_lr"]
     qtext = fmt(qb) if qb is not None else f"none (gᵀHg = {fmt(r['hessian']['gHg'])} ≤ 0)"
     out.append([("   quadratic-model bound 2‖g‖²/(gᵀHg)  ", DIM), (qtext, "")])
-    return out
+    return out + _profile(r, f)
+
+
+def _profile(r: dict, f: str) -> list[Line]:
+    """A sparkline of the objective along -g: green where the step would lower it, red where not."""
+    lrs, vals = r["profile"]["lr"], r["profile"]["objective"]
+    f0 = r["step"]["objective_before"]
+    finite = [v for v in vals if v is not None]
+    if f0 is None or len(finite) < 2:
+        return []
+    lo, hi = min(finite), max(finite)
+    label = f"   {f}(w − lr·g)  "
+    line: Line = [(label, DIM)]
+    for i, v in enumerate(vals):
+        k = 0 if v is None or hi == lo else round((v - lo) / (hi - lo) * 7)
+        line.append((" " if v is None else _SPARK[k], DIM if i == 0 else VALUE if v is not None and v < f0 else GRAD))
+    line.append(("   green: lower than at lr = 0, red: not", DIM))
+    width, top = len(vals), lrs[-1]
+    axis = [" "] * (width + 12)
+    mark = f"↑ lr = {fmt(r['lr'])}"
+    at = round(r["lr"] / top * (width - 1)) if top > 0 else 0
+    axis[at:at + len(mark)] = list(mark)
+    end = fmt(top)
+    if at + len(mark) < width - len(end):
+        axis[width - len(end):width] = list(end)
+    axis[0] = "0"
+    return [[], line, [(" " * len(label) + "".join(axis).rstrip(), DIM)]]
 
 
 def print_lines(lines: list[Line], file: IO[str] | None = None, color: bool | None = None) -> None:

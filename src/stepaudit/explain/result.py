@@ -7,7 +7,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .circuit import RULES, Circuit, build, objective_fn
-from .descent import hessian_at, quadratic_bound, sequential, simultaneous
+from .descent import hessian_at, profile, quadratic_bound, sequential, simultaneous
 from .lrset import SCAN_RANGE, decreasing_set
 from .parse import SYMBOL, ExplainError, parse
 
@@ -110,6 +110,7 @@ def explain(expr: str = DEFAULT_EXPR, at: Mapping[str, float] | None = None, lr:
         "max_decreasing_lr": None if not ivs or unbounded else ivs[-1][1],
         "first_stop_lr": ivs[0][1] if ivs and ivs[0][0] == 0.0 else None,
         "quadratic_bound_lr": qb,
+        "profile": profile(fn, w, g, [lr, qb] + [e for iv in ivs for e in iv]),
     }
     out = _clean(out)
     out["verdict"] = verdict(out)
