@@ -1,0 +1,143 @@
+"""A run as the report needs it: numeric columns, layer matrices, summary numbers and the doctor's findings."""
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..records import summarize
+from ..store import read_run
+
+VERDICTS = ("decrease", "increase", "flat", "nonfinite", "error")
+
+
+@dataclass
+class Run:
+    """One run read back from its store, with everything the pages draw from it."""
+
+    path: str
+    meta: dict
+    steps: list[dict]
+    layers: list[dict]
+    columns: dict[str, np.ndarray] = field(default_factory=dict)
+    verdicts: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
+    findings: list[dict] = field(default_factory=list)
+    findings_error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("name") or os.path.basename(os.path.normpath(self.path)) or self.path)
+
+    def has(self, name: str) -> bool:
+        """Whether the field was recorded with at least one finite value."""
+        column = self.columns.get(name)
+        return column is not None and bool(np.isfinite(column).any())
+
+    def xy(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of a field, restricted to the steps where it was recorded (finite or ±inf)."""
+        values = self.columns[name]
+        recorded = ~np.isnan(values)
+        return self.columns["step"][recorded], values[recorded]
+
+
+def load_run(run: str | os.PathLike, diagnose: bool = True) -> Run:
+    """Read a run folder and prepare its columns (and the doctor's findings unless ``diagnose=False``)."""
+    meta, steps, layers = read_run(run)
+    result = Run(str(run), meta, steps, layers, columns(steps), np.array([s.get("verdict") for s in steps], dtype=object))
+    if diagnose:
+        result.findings, result.findings_error = findings(meta, steps, layers)
+    return result
+
+
+def columns(steps: list[dict]) -> dict[str, np.ndarray]:
+    """Every numeric field as a float array over the steps (NaN where a step lacks it)."""
+    names: dict[str, None] = {}
+    for record in steps:  # some fields appear only on some steps (probes with their own schedule)
+        names.update(dict.fromkeys(record))
+    out = {}
+    for name in names:
+        values = [s.get(name) for s in steps]
+        if all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values):
+            out[name] = np.array([math.nan if v is None else float(v) for v in values], dtype=float)
+    if "step" not in out:
+        out["step"] = np.arange(len(steps), dtype=float)
+    return out
+
+
+def with_layers(steps: list[dict], layers: list[dict]) -> list[dict]:
+    """Step records with their ``layers`` lists restored (the shape ``Audit.records`` has)."""
+    by_step: dict[int, list[dict]] = defaultdict(list)
+    for row in layers:
+        by_step[row["step"]].append({k: v for k, v in row.items() if k != "step"})
+    return [{**record, "layers": by_step.get(record.get("step"), [])} for record in steps]
+
+
+def findings(meta: dict, steps: list[dict], layers: list[dict]) -> tuple[list[dict], str | None]:
+    """Diagnoses stored with the run plus the doctor's (when ``stepaudit.doctor`` exists); and an error note."""
+    stored = [d for d in meta.get("diagnoses") or [] if isinstance(d, dict)]
+    try:
+        from ..doctor import diagnose
+    except ImportError:
+        return stored, None
+    try:
+        computed = list(diagnose(with_layers(steps, layers), meta=meta) or [])
+    except Exception as error:  # the report must render even when a rule fails
+        return stored, f"the doctor failed on this run: {type(error).__name__}: {error}"
+    codes = {d.get("code") for d in stored}
+    return stored + [d for d in computed if isinstance(d, dict) and d.get("code") not in codes], None
+
+
+def summary(run: Run) -> dict:
+    """Verdict shares, medians and loss trend over the recorded steps (``records.summarize``)."""
+    return summarize(run.steps, steps_seen=run.meta.get("steps_seen"))
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders ``layers.10`` after ``layers.9``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def layer_matrix(layers: list[dict], kind: str, field_name: str, max_columns: int = 160
+                 ) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(row names, column step edges, mean of log10(value) per row and column span) for a heatmap.
+
+    Averaging in log space is the geometric mean: a cell's colour is the typical order of magnitude
+    of the field over the steps it covers.
+    """
+    per_name: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
+    for row in layers:
+        if row.get("kind") == kind:
+            value = row.get(field_name)
+            if isinstance(value, (int, float)) and value > 0 and math.isfinite(value):
+                steps, values = per_name[row["name"]]
+                steps.append(row["step"])
+                values.append(value)
+    names = sorted(per_name, key=natural_key)
+    if not names:
+        return [], np.array([]), np.zeros((0, 0))
+    all_steps = np.unique(np.concatenate([np.asarray(per_name[n][0], float) for n in names]))
+    if len(all_steps) <= max_columns:
+        edges = np.r_[all_steps - 0.5, all_steps[-1] + 0.5]
+    else:
+        edges = np.linspace(all_steps[0], all_steps[-1] + 1, max_columns + 1)
+    matrix = np.full((len(names), len(edges) - 1), np.nan)
+    for r, name in enumerate(names):
+        steps, values = (np.asarray(a, float) for a in per_name[name])
+        column = np.clip(np.searchsorted(edges, steps, side="right") - 1, 0, len(edges) - 2)
+        totals = np.bincount(column, weights=np.log10(values), minlength=len(edges) - 1)
+        counts = np.bincount(column, minlength=len(edges) - 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            matrix[r] = np.where(counts > 0, totals / np.maximum(counts, 1), np.nan)
+    return names, edges, matrix
+
+
+def hyperparameters(meta: dict) -> dict[str, Any]:
+    """The first parameter group's hyperparameters (lr, momentum, betas, weight decay …)."""
+    groups = meta.get("param_groups") or [{}]
+    keep = ("lr", "momentum", "betas", "weight_decay", "eps", "nesterov", "dampening", "alpha")
+    return {k: groups[0][k] for k in keep if k in groups[0] and groups[0][k] not in (None, False)}
