@@ -12,8 +12,10 @@ from .parse import SYMBOL, ExplainError, Expr, variables
 DTYPE = torch.float64
 CLASSIC_POINT = {"x": -2.0, "y": 5.0, "z": -4.0}
 
+# abs is x*sign(x): the same values and derivatives as torch.abs, whose double backward
+# (for the Hessian) triggers a one-off import costing about two seconds.
 _UNARY: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "abs": torch.abs,
+    "neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "abs": lambda t: t * torch.sign(t),
     "sin": torch.sin, "cos": torch.cos, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
     "relu": torch.relu,
 }
@@ -38,8 +40,8 @@ RULES: dict[str, tuple[str, str]] = {  # op -> (short tag, sentence)
     "tanh": ("× (1−out²)", "multiplies the gradient by 1 − output²"),
     "sigmoid": ("× s(1−s)", "multiplies the gradient by output·(1 − output)"),
     "relu": ("gates", "passes the gradient if its input is > 0, blocks it otherwise"),
-    "max": ("routes", "routes the whole gradient to the largest input (split evenly on ties)"),
-    "min": ("routes", "routes the whole gradient to the smallest input (split evenly on ties)"),
+    "max": ("routes", "the whole gradient goes to the largest input (split evenly on ties)"),
+    "min": ("routes", "the whole gradient goes to the smallest input (split evenly on ties)"),
     "loss": ("× (f−T)", "hands down (f − T) times its gradient"),
 }
 

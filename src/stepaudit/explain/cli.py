@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 
 from .parse import ExplainError
@@ -87,10 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"explain: cannot write {args.svg!r}: {e.strerror or e}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(result, indent=2, allow_nan=False))
-    else:
-        print_lines(render(result))
+    try:
+        if args.json:
+            print(json.dumps(result, indent=2, allow_nan=False))
+        else:
+            print_lines(render(result))
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. piped into `head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     if args.svg:
         print(f"explain: wrote the circuit to {args.svg}", file=sys.stderr)
     return 0

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 MAX_CHARS = 1000
 MAX_BRACKET_DEPTH = 20
-MAX_DEPTH = 40
+MAX_DEPTH = 60
 MAX_NODES = 150
 MAX_VARS = 10
 

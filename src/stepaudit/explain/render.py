@@ -88,9 +88,11 @@ def _gates(r: dict, f: str) -> list[Line]:
     for n in nodes[: len(r["variables"])]:
         line += [(f"∂{f}/∂{n['label']} = ", ""), (fmt(n["grad"]), GRAD), ("   ", "")]
     out.append(line)
-    if shared:
-        out += _wrap(f"{', '.join(n['label'] for n in shared)} feed more than one gate: "
-                     "the gradients arriving along their wires add up.", style=DIM)
+    for v in shared:
+        shares = [g["input_grads"][k] for g in nodes if g["op"] not in ("var", "const")
+                  for k, i in enumerate(g["inputs"]) if i == v["id"] and g["input_grads"][k] is not None]
+        out.append([(f"   {v['label']} feeds {v['uses']} wires; where wires fan out, gradients add:  ", DIM),
+                    (f"∂{f}/∂{v['label']} = " + " + ".join(fmt(x) for x in shares) + f" = {fmt(v['grad'])}", "")])
     return out
 
 
@@ -157,8 +159,13 @@ def _lrset(r: dict, f: str) -> list[Line]:
     out += _wrap(how, style=DIM)
     ivs = d["intervals"]
     top = "∞" if d["method"] != "numerical" else f"beyond {fmt(SCAN_RANGE[1])}"
-    text = " ∪ ".join(f"({fmt(lo)}, {top if hi is None else fmt(hi)})" for lo, hi in ivs) or "none"
-    out.append([("   decreasing for lr ∈ ", DIM), (text, VALUE)])
+    pieces = [f"({fmt(lo)}, {top if hi is None else fmt(hi)})" for lo, hi in ivs[:6]] or ["none"]
+    more = d.get("count", len(ivs)) - 6
+    for i in range(0, len(pieces), 3):
+        out.append([("   decreasing for lr ∈ " if i == 0 else " " * 23, DIM),
+                    ((" ∪ " if i else "") + " ∪ ".join(pieces[i:i + 3]), VALUE)])
+    if more > 0:
+        out[-1].append((f" ∪ … ({more} more)", WARN))
     mx = r["max_decreasing_lr"]
     big = (f"none: every lr > 0 lowers {f}" if d["method"] != "numerical" else
            f"none found: {f} still goes down at lr = {fmt(SCAN_RANGE[1])}") if d.get("unbounded") else \

@@ -90,7 +90,7 @@ def explain(expr: str = DEFAULT_EXPR, at: Mapping[str, float] | None = None, lr:
     qb, ghg = quadratic_bound(g, h)
     dset = decreasing_set(tree, target, fn, names, w, g, (lr,) + ((qb,) if qb else ()))
     ivs = dset["intervals"]
-    unbounded = bool(ivs) and ivs[-1][1] is None
+    unbounded = bool(ivs) and dset.get("sup", ivs[-1][1]) is None
     out = {
         "expr": expr.strip(), "variables": names, "at": c.point, "lr": lr, "target": target,
         "objective": {"formula": "f" if target is None else f"½(f − {fmt(target)})²",
@@ -107,7 +107,7 @@ def explain(expr: str = DEFAULT_EXPR, at: Mapping[str, float] | None = None, lr:
                  "sign_flips": step.sign_flips},
         "sequential": seq,
         "decreasing_lr": {**dset, "unbounded": unbounded},
-        "max_decreasing_lr": None if not ivs or unbounded else ivs[-1][1],
+        "max_decreasing_lr": None if not ivs or unbounded else dset.get("sup", ivs[-1][1]),
         "first_stop_lr": ivs[0][1] if ivs and ivs[0][0] == 0.0 else None,
         "quadratic_bound_lr": qb,
         "profile": profile(fn, w, g, [lr, qb] + [e for iv in ivs for e in iv]),
@@ -175,10 +175,11 @@ def _lr_sentence(r: dict, f: str, d: dict) -> str:
             return text
     elif first[0] == 0.0:
         text = f"It would stop lowering {f} above lr = {fmt(first[1])}{where}"
-        more = [f"({fmt(lo)}, {fmt(hi) if hi is not None else 'inf'})" for lo, hi in ivs[1:]]
-        text += (f"; it lowers {f} again for lr in " + ", ".join(more) if more else "") + "."
+        more = _ivs_text(ivs[1:4]) + (f" and {d.get('count', len(ivs)) - 4} more intervals"
+                                      if d.get("count", len(ivs)) > 4 else "")
+        text += (f"; it lowers {f} again for lr in {more}" if ivs[1:] else "") + "."
     else:
-        text = f"The decreasing learning rates are {_ivs_text(ivs)}{where}."
+        text = f"The decreasing learning rates are {_ivs_text(ivs[:4])}{where}."
     if qb is None:
         return text + " The quadratic model sees no limit (gᵀHg ≤ 0)."
     exact = d["method"] == "polynomial" and d.get("degree", 9) <= 2
