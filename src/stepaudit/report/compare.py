@@ -38,8 +38,7 @@ def summary_rows(runs: Sequence[Run]) -> list[dict]:
             "optimizer": str(run.meta.get("optimizer") or "?"),
             "lr": hyper.get("lr"),
             "steps": s["audited_steps"],
-            "first_loss": s["first_loss"],
-            "last_loss": s["last_loss"],
+            "loss": f"{fmt(s['first_loss'])} → {fmt(s['last_loss'])}",
             "lowered": s["share_decrease"],
             "raised": s["share_increase"],
             "flat": s["share_flat"],
@@ -50,10 +49,9 @@ def summary_rows(runs: Sequence[Run]) -> list[dict]:
     return rows
 
 
-COLUMNS = (("run", "run"), ("optimizer", "optimizer"), ("lr", "lr"), ("steps", "audited steps"),
-           ("first_loss", "first loss"), ("last_loss", "last loss"), ("lowered", "lowered the loss"),
-           ("raised", "raised it"), ("flat", "flat"), ("median_alpha", "median α"),
-           ("kept", "median Δloss / g·Δw"), ("finding", "doctor's top finding"))
+COLUMNS = (("run", "run"), ("optimizer", "optimizer"), ("lr", "lr"), ("steps", "steps"),
+           ("loss", "loss first → last"), ("lowered", "lowered"), ("raised", "raised"), ("flat", "flat"),
+           ("median_alpha", "median α"), ("kept", "Δloss/g·Δw"), ("finding", "doctor's top finding"))
 
 
 def cell(key: str, value) -> str:
@@ -67,7 +65,7 @@ def cell(key: str, value) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        return fmt(value, 4)
+        return fmt(value, 3)
     return str(value)
 
 
