@@ -7,7 +7,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from .parse import SYMBOL, ExplainError, Expr, variables
+from .parse import SYMBOL, ExplainError, Expr, snippet, variables
 
 DTYPE = torch.float64
 CLASSIC_POINT = {"x": -2.0, "y": 5.0, "z": -4.0}
@@ -152,10 +152,10 @@ def build(expr: Expr, at: Mapping[str, float] | None = None, target: float | Non
     root = evaluate(objective_expr(expr, target), leaves, record)
     for e, t, kids in record:
         if not torch.isfinite(t):
-            shown = ", ".join(f"{record[k][0].text or record[k][0].op} = {_num(record[k][1].item())}"
+            shown = ", ".join(f"{snippet(record[k][0].text, 24)} = {_num(record[k][1].item())}"
                               for k in kids if record[k][0].op != "const")
-            raise ExplainError(f"{e.text!r} is not finite at this point ({_num(t.item())}"
-                               f"{'; inputs: ' + shown if shown else ''})")
+            raise ExplainError(f"{snippet(e.text)!r} (col {e.col}) is not finite at this point "
+                               f"({_num(t.item())}{'; inputs: ' + shown if shown else ''})")
         if t.requires_grad:
             t.retain_grad()
     root.backward(retain_graph=True)
@@ -176,11 +176,11 @@ def build(expr: Expr, at: Mapping[str, float] | None = None, target: float | Non
         gates.append(Gate(i, e.op, e.text or _label(e), t.item(), wire_grads[i], kids, e.name, local))
     for g in gates:
         if any(v is not None and not math.isfinite(v) for v in g.local):
-            raise ExplainError(f"{g.text!r} has no finite slope at this point "
+            raise ExplainError(f"{snippet(g.text)!r} has no finite slope at this point "
                                f"(local derivatives {', '.join(map(str, g.local))})")
     for g in reversed(gates):
         if g.grad is not None and not math.isfinite(g.grad):
-            raise ExplainError(f"the gradient at {g.text!r} is not finite at this point ({g.grad})")
+            raise ExplainError(f"the gradient at {snippet(g.text)!r} is not finite at this point ({g.grad})")
     return Circuit(expr, target, names, point, f_tensor.item(), root.item(), grads,
                    {n: _item(g) for n, g in zip(names, expr_grads)}, gates)
 

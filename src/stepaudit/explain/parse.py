@@ -53,9 +53,11 @@ class Expr:
     value: float | None = None  # for "const"
     name: str | None = None  # for "var"
     text: str = field(default="", compare=False)  # source snippet, for messages and labels
+    col: int = field(default=0, compare=False)  # 1-based column of the snippet in the input
 
 
-def _snippet(text: str, limit: int = 40) -> str:
+def snippet(text: str, limit: int = 40) -> str:
+    """``text`` shortened to ``limit`` characters for one-line messages."""
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -67,8 +69,7 @@ class _Source(str):
 
 def _fail(what: str, source: str, node: ast.AST) -> ExplainError:
     seg = ast.get_source_segment(source, node) or ""
-    col = getattr(node, "col_offset", 0) + 1 + getattr(source, "lead", 0)
-    return ExplainError(f"{what}: {_snippet(seg)!r} (col {col})")
+    return ExplainError(f"{what}: {snippet(seg)!r} (col {_col(node, source)})")
 
 
 def _precheck(source: str) -> None:
@@ -78,7 +79,7 @@ def _precheck(source: str) -> None:
     if len(source) > MAX_CHARS:
         raise ExplainError(
             f"expression is too long: {len(source):,} characters (limit {MAX_CHARS:,}); "
-            f"it runs on past col {MAX_CHARS}: {_snippet(source[MAX_CHARS:MAX_CHARS + 20], 20)!r}")
+            f"it runs on past col {MAX_CHARS}: {snippet(source[MAX_CHARS:MAX_CHARS + 20], 20)!r}")
     if not source.strip():
         raise ExplainError("the expression is empty")
     depth = 0
@@ -90,7 +91,7 @@ def _precheck(source: str) -> None:
             if depth > MAX_BRACKET_DEPTH:
                 raise ExplainError(
                     f"brackets nested too deeply: more than {MAX_BRACKET_DEPTH} levels: "
-                    f"{_snippet(source[i:], 20)!r} (col {i + 1})")
+                    f"{snippet(source[i:], 20)!r} (col {i + 1})")
         elif ch in ")]}":
             depth -= 1
 
@@ -133,8 +134,13 @@ def parse(source: str) -> Expr:
     return expr
 
 
+def _col(node: ast.AST, src: str) -> int:
+    return getattr(node, "col_offset", 0) + 1 + getattr(src, "lead", 0)
+
+
 def _convert(node: ast.AST, src: str) -> Expr:
     seg = ast.get_source_segment(src, node) or ""
+    col = _col(node, src)
     if isinstance(node, ast.Constant):
         return _constant(node, src)
     if isinstance(node, ast.Name):
@@ -142,10 +148,10 @@ def _convert(node: ast.AST, src: str) -> Expr:
             raise _fail("dunder names are not allowed", src, node)
         if node.id in FUNCTIONS:
             raise _fail(f"{node.id!r} is a function; call it like {node.id}(x)", src, node)
-        return Expr("var", name=node.id, text=seg)
+        return Expr("var", name=node.id, text=seg, col=col)
     if isinstance(node, ast.UnaryOp):
         if isinstance(node.op, ast.USub):
-            return Expr("neg", (_convert(node.operand, src),), text=seg)
+            return Expr("neg", (_convert(node.operand, src),), text=seg, col=col)
         if isinstance(node.op, ast.UAdd):
             return _convert(node.operand, src)
         sym = "not" if isinstance(node.op, ast.Not) else "~"
@@ -155,7 +161,8 @@ def _convert(node: ast.AST, src: str) -> Expr:
         if kind not in BINARY:
             raise _fail(f"operator {_REFUSED_OPERATORS.get(kind, kind.__name__)!r} is not allowed",
                         src, node)
-        return Expr(BINARY[kind], (_convert(node.left, src), _convert(node.right, src)), text=seg)
+        return Expr(BINARY[kind], (_convert(node.left, src), _convert(node.right, src)), text=seg,
+                    col=col)
     if isinstance(node, ast.Call):
         return _call(node, src, seg)
     for kind, what in _REFUSED_KINDS.items():
@@ -178,7 +185,7 @@ def _constant(node: ast.Constant, src: str) -> Expr:
         raise _fail("number is too large", src, node) from None
     if x != x or x in (float("inf"), float("-inf")):
         raise _fail("number is too large", src, node)
-    return Expr("const", value=x, text=ast.get_source_segment(src, node) or repr(x))
+    return Expr("const", value=x, text=ast.get_source_segment(src, node) or repr(x), col=_col(node, src))
 
 
 def _call(node: ast.Call, src: str, seg: str) -> Expr:
@@ -199,7 +206,7 @@ def _call(node: ast.Call, src: str, seg: str) -> Expr:
     if n < lo or (hi is not None and n > hi):
         want = f"{lo}" if lo == hi else f"at least {lo}"
         raise _fail(f"{name}() takes {want} argument{'s' if lo != 1 else ''}, got {n}", src, node)
-    return Expr(name, tuple(_convert(a, src) for a in node.args), text=seg)
+    return Expr(name, tuple(_convert(a, src) for a in node.args), text=seg, col=_col(node, src))
 
 
 def variables(expr: Expr) -> list[str]:

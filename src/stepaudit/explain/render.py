@@ -147,7 +147,7 @@ def _hessian(r: dict, f: str) -> list[Line]:
 
 def _lrset(r: dict, f: str) -> list[Line]:
     d = r["decreasing_lr"]
-    out = _section(5, f"Which learning rates lower {f}?", f"the step w − lr·g, for every lr > 0")
+    out = _section(5, f"Which learning rates lower {f}?", "the step w − lr·g, for every lr > 0")
     if d["method"] == "polynomial":
         how = (f"exact: {f}(w − lr·g) is a polynomial of degree {d['degree']} in lr; "
                "the set comes from its real roots, each sign-checked in rational arithmetic")
