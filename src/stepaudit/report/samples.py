@@ -1,10 +1,11 @@
-"""Synthetic runs written straight into a run store: for report tests and size/speed checks at 100k steps.
+"""Sample runs for tests, docs and size checks: short real ones, and synthetic ones of any length.
 
-Training a real model for 100,000 audited steps takes hours; the report only reads records, so a
-run with realistic shapes (a decaying noisy loss, loss spikes, a few non-finite steps, sparse
-curvature and noise probes, per-layer rows) exercises it the same way in a second or two.
+``trained_run`` audits a few dozen real steps on the digits MLP. Training for 100,000 audited steps
+takes hours, but the report only reads records, so ``write_synthetic_run`` writes a run with
+realistic shapes (a decaying noisy loss, loss spikes, a few non-finite steps, sparse curvature and
+noise probes, per-layer rows) straight into a run store in a few seconds.
 
-    python -m stepaudit.report.synthetic RUN_DIR [--steps 100000]
+    python -m stepaudit.report.samples RUN_DIR [--steps 100000]
 """
 from __future__ import annotations
 
@@ -107,9 +108,36 @@ def write_synthetic_run(run: str | os.PathLike, steps: int = 100_000, seed: int 
     return Path(run)
 
 
+OPTIMIZERS = {"sgd": {"lr": 0.05}, "momentum": {"lr": 0.05, "momentum": 0.9}, "adam": {"lr": 1e-3}}
+
+
+def trained_run(run: str | os.PathLike, steps: int = 40, optimizer: str = "sgd", seed: int = 0,
+                batch_size: int = 64, **audit_options) -> list[dict]:
+    """Audit ``steps`` real steps of the digits MLP into ``run``; returns the in-memory records."""
+    import torch
+
+    from ..audit import Audit
+    from ..workloads import digits_mlp
+
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {optimizer!r}")
+    with torch.random.fork_rng():
+        workload = digits_mlp(batch_size=batch_size, seed=seed)
+        kind = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
+        audit = Audit(workload.model, kind(workload.model.parameters(), **OPTIMIZERS[optimizer]), workload.loss_fn,
+                      run=run, **audit_options)
+        batches = workload.batches()
+        try:
+            for _ in range(steps):
+                audit.step(next(batches))
+        finally:
+            audit.close()
+    return audit.records
+
+
 def main(argv: list[str] | None = None) -> int:
     """Write a synthetic run folder."""
-    parser = argparse.ArgumentParser(prog="python -m stepaudit.report.synthetic", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m stepaudit.report.samples", description=main.__doc__)
     parser.add_argument("run", help="run folder to create")
     parser.add_argument("--steps", type=int, default=100_000)
     parser.add_argument("--name", default=None)

@@ -36,13 +36,12 @@ def power_label(exponent: int) -> str:
 
 
 def nice_step(span: float, count: int) -> float:
-    """A 1/2/5×10^k step giving about ``count`` intervals over ``span``."""
+    """A 1/2/5×10^k step giving about ``count`` intervals over ``span`` (d3's tickIncrement rule)."""
     raw = span / max(count, 1)
     power = 10.0 ** math.floor(math.log10(raw))
-    for multiple in (1, 2, 5, 10):
-        if raw <= multiple * power:
-            return multiple * power
-    return 10 * power
+    error = raw / power
+    multiple = 10 if error >= math.sqrt(50) else 5 if error >= math.sqrt(10) else 2 if error >= math.sqrt(2) else 1
+    return multiple * power
 
 
 def linear_ticks(lo: float, hi: float, count: int = 5) -> list[float]:

@@ -1,0 +1,190 @@
+"""The HTML report and comparison page: self-contained, every chart drawn from the recorded numbers, escaped."""
+import html
+import json
+import math
+import re
+import sqlite3
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+
+from stepaudit.report import render_report, write_compare, write_report
+from stepaudit.report.data import load_run
+from stepaudit.report.samples import trained_run, write_synthetic_run
+
+ALWAYS = ("loss", "promise", "alpha", "alpha-hist", "ratio-heatmap", "update", "norms")
+
+
+@pytest.fixture(scope="module")
+def real(tmp_path_factory):
+    """40 audited steps of SGD with momentum on the digits MLP, and the records the audit kept in memory."""
+    run = tmp_path_factory.mktemp("real") / "momentum"
+    return run, trained_run(run, steps=40, optimizer="momentum")
+
+
+def figure_ids(text):
+    return re.findall(r'<figure class="card[^"]*" id="fig-([^"]+)"', text)
+
+
+def tips(text, figure):
+    """The hover data of a time chart: what the chart drew, per series."""
+    match = re.search(r'id="fig-%s".*?data-tip="([^"]*)"' % re.escape(figure), text, re.S)
+    return json.loads(html.unescape(match.group(1)))
+
+
+def figure_svg(text, figure):
+    return re.search(r'id="fig-%s".*?(<svg.*?</svg>)' % re.escape(figure), text, re.S).group(1)
+
+
+def g4(value):
+    return float(f"{value:.4g}") if math.isfinite(value) else None
+
+
+def test_report_is_self_contained_and_has_every_recorded_chart(real):
+    run, _ = real
+    path = write_report(run)
+    assert path == run / "report.html"
+    text = path.read_text()
+    assert text.startswith("<!DOCTYPE html>")
+    for external in ("<link", " src=", "http://", "https://", "@import", "url(http"):
+        assert external not in text, f"the report references something outside itself: {external}"
+    assert "default-src 'none'" in text  # the page may not load anything even if it tried
+    assert figure_ids(text) == list(ALWAYS)  # sharpness, noise … were not recorded: no empty charts
+    for figure in ALWAYS:
+        svg = figure_svg(text, figure)
+        assert re.search(r'<path d="M|<rect x=|<circle', svg), f"chart {figure} draws nothing"
+        assert re.search(r'class="tick"', svg) and re.search(r'class="label"', svg), f"chart {figure} has no axes"
+    assert ">SGD<" in text and ">momentum<" in text and ">0.9<" in text and ">torch<" in text
+
+
+def test_loss_chart_plots_the_losses_the_audit_recorded(real):
+    run, records = real
+    series = tips(render_report(load_run(run)), "loss")
+    assert [s["n"] for s in series] == ["training loss (batch, before the step)", "same batch, after the step"]
+    assert series[0]["x"] == [r["step"] for r in records]
+    assert series[0]["y"] == [g4(r["loss_before"]) for r in records]
+    assert series[1]["y"] == [g4(r["loss_after"]) for r in records]
+
+
+def test_headline_numbers_match_the_records(real):
+    run, records = real
+    text = render_report(load_run(run))
+    lowered = sum(r["verdict"] == "decrease" for r in records) / len(records)
+    assert re.search(r'<div class="v">%d%%</div><div class="k">steps that lowered the loss' % round(lowered * 100), text)
+    assert re.search(r'<div class="v">40</div><div class="k">audited steps', text)
+
+
+def test_promise_scatter_places_and_colours_every_step(real):
+    run, records = real
+    svg = figure_svg(render_report(load_run(run)), "promise")
+    dots = re.findall(r'<circle cx="[^"]+" cy="[^"]+" r="[^"]+" fill="(#[0-9a-f]+)"[^>]*><title>step (\d+):', svg)
+    colours = {"decrease": "#16a34a", "increase": "#dc2626", "flat": "#9ca3af"}
+    assert sorted(int(s) for _, s in dots) == [r["step"] for r in records]
+    assert {int(s): c for c, s in dots} == {r["step"]: colours[r["verdict"]] for r in records}
+    assert 'class="diagonal"' in svg
+
+
+def test_heatmap_has_a_row_per_module_and_the_guide(real):
+    run, records = real
+    svg = figure_svg(render_report(load_run(run)), "ratio-heatmap")
+    modules = sorted({row["name"] for r in records for row in r["layers"] if row["kind"] == "module"})
+    assert sorted(set(re.findall(r"<title>([^<,]+), steps", svg))) == modules
+    assert len(re.findall(r"<title>[^<]+, steps", svg)) == len(modules) * len(records)
+    assert "10⁻³ guide" in svg
+
+
+def test_optional_charts_appear_when_recorded(tmp_path):
+    run = write_synthetic_run(tmp_path / "probed", steps=400)
+    text = render_report(load_run(run))
+    assert figure_ids(text) == list(ALWAYS) + ["sharpness", "noise"]
+    sharp = tips(text, "sharpness")
+    assert sharp[0]["x"] == list(range(0, 400, 100))
+    assert set(sharp[1]["y"]) == {40.0}  # the bound 2/η at η = 0.05
+    assert "stability bound 2/η" in text
+
+
+def test_a_100k_step_report_is_small_fast_and_keeps_its_spikes(tmp_path):
+    run = write_synthetic_run(tmp_path / "long", steps=100_000)
+    start = time.perf_counter()
+    path = write_report(run)
+    elapsed = time.perf_counter() - start
+    size = path.stat().st_size
+    print(f"100k-step report: {size / 1e6:.2f} MB in {elapsed:.1f} s")
+    assert size < 5e6
+    assert elapsed < 60  # a few seconds on an idle machine; generous for a loaded CI runner
+    db = sqlite3.connect(run / "stepaudit.sqlite")
+    highest = db.execute("SELECT max(loss_before) FROM steps").fetchone()[0]
+    lowest_alpha = db.execute("SELECT min(alpha) FROM steps").fetchone()[0]
+    text = path.read_text()
+    loss = tips(text, "loss")[0]
+    assert len(loss["x"]) < 1000 and loss["hi"] is not None  # downsampled …
+    assert max(v for v in loss["hi"] if v is not None) == g4(highest)  # … without losing the highest spike
+    assert min(v for v in tips(text, "alpha")[0]["lo"] if v is not None) == g4(lowest_alpha)
+    assert text.count("<title>non-finite loss</title>") == 1 and "non-finite step (3)" in text
+
+
+def test_every_user_string_is_escaped(tmp_path):
+    evil = "<script>alert(1)</script>"
+    meta = {"model": "<svg onload=alert(2)>", "optimizer": "SGD<img src=x onerror=alert(3)>",
+            "param_groups": [{"lr": 0.05, "note": "</td><script>alert(4)</script>"}],
+            "diagnoses": [{"code": "<b>code</b>", "severity": "high", "confidence": 0.8, "first_step": 1,
+                           "evidence": {"<k>": "<v onclick=alert(5)>"}, "fix": "<script>alert(6)</script>"}]}
+    run = write_synthetic_run(tmp_path / "evil", steps=50, name=evil, meta=meta,
+                              modules=("<img src=x onerror=alert(7)>", "blocks.0"))
+    text = render_report(load_run(run))
+    for raw in (evil, meta["model"], meta["optimizer"], "<script>alert(4)", "<b>code</b>", "<v onclick", "<img src=x"):
+        assert raw not in text
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "&lt;img src=x onerror=alert(7)&gt;" in text
+    compare = write_compare([run, run], tmp_path / "compare.html").read_text()
+    assert evil not in compare and "&lt;script&gt;alert(1)&lt;/script&gt;" in compare
+
+
+def fake_doctor(diagnose):
+    module = types.ModuleType("stepaudit.doctor")
+    module.diagnose = diagnose
+    return module
+
+
+def test_findings_are_shown_first_and_a_failing_doctor_does_not_break_the_report(tmp_path, monkeypatch):
+    run = write_synthetic_run(tmp_path / "sick", steps=60, meta={"diagnoses": [{"code": "stored_finding", "fix": "x"}]})
+    seen = {}
+
+    def diagnose(records, meta=None):
+        seen["records"], seen["meta"] = records, meta
+        return [{"code": "lr_too_high", "severity": "high", "confidence": 0.9, "first_step": 3,
+                 "evidence": {"median_alpha": 1.7}, "fix": "lower the learning rate 3×"}]
+
+    monkeypatch.setitem(sys.modules, "stepaudit.doctor", fake_doctor(diagnose))
+    text = render_report(load_run(run))
+    assert len(seen["records"]) == 60 and seen["records"][0]["layers"]  # records as Audit keeps them
+    assert text.index("The doctor") < text.index("Step by step")
+    assert "stored_finding" in text and "lr_too_high" in text and "lower the learning rate 3×" in text
+    assert "confidence 90%" in text and "from step 3" in text
+
+    def broken(records, meta=None):
+        raise RuntimeError("rule exploded")
+
+    monkeypatch.setitem(sys.modules, "stepaudit.doctor", fake_doctor(broken))
+    text = render_report(load_run(run))
+    assert "the doctor failed on this run: RuntimeError: rule exploded" in text and "stored_finding" in text
+
+    monkeypatch.setitem(sys.modules, "stepaudit.doctor", None)  # not installed: stored findings only
+    assert "lr_too_high" not in render_report(load_run(run))
+
+
+def test_comparison_overlays_each_run(tmp_path, real):
+    momentum, records = real
+    sgd = write_synthetic_run(tmp_path / "sgd", steps=40, name="sgd")
+    path = write_compare([momentum, sgd], tmp_path / "out" / "compare.html")
+    text = path.read_text()
+    loss = tips(text, "c-loss")
+    assert [s["n"] for s in loss] == ["momentum", "sgd"]
+    assert loss[0]["y"] == [g4(r["loss_before"]) for r in records]
+    assert "<th>Δloss/g·Δw</th>" in text and text.count('<span class="swatch"') == 2
+    assert re.search(r'id="fig-c-update".*?10⁻³', text, re.S)
+    with pytest.raises(ValueError, match="at least one run"):
+        write_compare([], tmp_path / "none.html")
