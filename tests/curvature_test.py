@@ -401,3 +401,27 @@ def test_training_is_bit_identical_with_every_curvature_probe_on(tmp_path, kind)
     for s1, s2 in zip(o1.state.values(), o2.state.values()):
         for key in s1:
             assert torch.equal(torch.as_tensor(s1[key]), torch.as_tensor(s2[key])), key
+
+
+def test_hvp_through_attention_matches_finite_difference_of_gradient(tmp_path):
+    """Fused attention kernels lack double-backward; HVPs run on the math backend and still match."""
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).to(F64)
+    x = torch.randn(4, 5, 8, dtype=F64)
+    data = (x, torch.randn(4, 5, 8, dtype=F64))
+    start = copy.deepcopy(model)
+    audit = stepaudit.Audit(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, run=tmp_path / "run",
+                            probes={"_test_capture_hvp": 1, "sharpness": 1})
+    audit.step(data)
+    audit.close()
+    assert "probe_errors" not in audit.records[0] and math.isfinite(audit.records[0]["sharpness"])
+    v, hv = CAPTURED["v"], CAPTURED["hv"]
+
+    def grad_at(w):
+        m = copy.deepcopy(start)
+        torch.nn.utils.vector_to_parameters(w, m.parameters())
+        return torch.cat([t.reshape(-1) for t in torch.autograd.grad(mse_loss(m, data), list(m.parameters()))])
+
+    w0, eps = flat_params(start), 1e-5
+    fd = (grad_at(w0 + eps * v) - grad_at(w0 - eps * v)) / (2 * eps)
+    assert torch.linalg.vector_norm(hv - fd) / torch.linalg.vector_norm(fd) < 1e-6

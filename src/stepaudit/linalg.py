@@ -5,6 +5,7 @@ All functions are pure: they never modify parameters and never touch ``.grad``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -63,12 +64,23 @@ class Hvp:
         return f"Hvp(method={self.method!r}, dim={self.dim}, calls={self.calls})"
 
 
+def second_order_kernels() -> contextlib.AbstractContextManager:
+    """Run attention on PyTorch's math SDPA backend: the fused (flash, memory-efficient) kernels
+    have no double-backward and no forward-mode derivative, so an HVP through them fails."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - older torch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 def _forward_over_reverse(loss_of_params: Callable[[Params], Tensor], params: Params) -> Operator:
     """HVP as the JVP of the gradient: one forward-mode pass through a backward pass per call."""
     grad_fn = torch.func.grad(loss_of_params)
 
     def hvp(v: Tensor) -> Tensor:
-        _, hv = torch.func.jvp(grad_fn, (params,), (unflatten(v, params),))
+        with second_order_kernels():
+            _, hv = torch.func.jvp(grad_fn, (params,), (unflatten(v, params),))
         return flatten(hv)
 
     return hvp
@@ -77,7 +89,7 @@ def _forward_over_reverse(loss_of_params: Callable[[Params], Tensor], params: Pa
 def _reverse_over_reverse(loss_of_params: Callable[[Params], Tensor], params: Params) -> Operator:
     """HVP by double backward through a gradient graph built once and retained."""
     leaves = tuple(p.detach().requires_grad_(True) for p in params)
-    with torch.enable_grad():
+    with torch.enable_grad(), second_order_kernels():
         loss = loss_of_params(leaves)
         grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
     # Gradient entries that do not depend on the parameters contribute nothing to H v.
