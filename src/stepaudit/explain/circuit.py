@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -130,7 +131,7 @@ def resolve_point(names: list[str], at: Mapping[str, float] | None) -> dict[str,
         if k not in names:
             raise ExplainError(f"--at sets {k!r}, which is not in the expression "
                                f"(variables: {', '.join(names) or 'none'})")
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+        if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
             raise ExplainError(f"--at {k}={v!r}: the value must be a finite number")
     point = {}
     for n in names:
@@ -154,7 +155,8 @@ def build(expr: Expr, at: Mapping[str, float] | None = None, target: float | Non
         if not torch.isfinite(t):
             shown = ", ".join(f"{snippet(record[k][0].text, 24)} = {_num(record[k][1].item())}"
                               for k in kids if record[k][0].op != "const")
-            raise ExplainError(f"{snippet(e.text)!r} (col {e.col}) is not finite at this point "
+            where = f" (col {e.col})" if e.col else ""
+            raise ExplainError(f"{snippet(e.text)!r}{where} is not finite at this point "
                                f"({_num(t.item())}{'; inputs: ' + shown if shown else ''})")
         if t.requires_grad:
             t.retain_grad()

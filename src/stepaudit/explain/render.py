@@ -9,7 +9,7 @@ from .circuit import RULES
 from .drawing import GATE, GRAD, VALUE, VAR, Line, draw
 from .layout import symbol
 from .lrset import SCAN_RANGE
-from .result import fmt
+from .result import negligible, fmt
 
 TITLE, HEAD, DIM, WARN, NOTE = "bold", "bold magenta", "grey50", "bold yellow", "italic"
 WIDTH = 96
@@ -110,8 +110,7 @@ def _step(r: dict, f: str) -> list[Line]:
     if a is None:
         out += _wrap(f"the step leaves the domain: {f} is undefined at the new point", style=WARN)
     else:
-        scale = max(1.0, abs(a), abs(s["predicted"]))
-        ho = "0" if abs(s["higher_order"]) <= 1e-12 * scale else fmt(s["higher_order"])
+        ho = "0" if negligible(s["higher_order"], a, s["predicted"]) else fmt(s["higher_order"])
         rows = [[(f"change in {f}, all at once", ""), ("", ""), (fmt(a), VALUE), ("", "")],
                 [("  first order", ""), ("−lr·‖g‖²", DIM), (fmt(s["predicted"]), ""), ("", "")],
                 [("  second order", ""), ("½ΔᵀHΔ", DIM), (fmt(s["quadratic"]), ""),

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Mapping
 
 import numpy as np
@@ -9,7 +10,7 @@ import numpy as np
 from .circuit import RULES, Circuit, build, objective_fn
 from .descent import hessian_at, profile, quadratic_bound, sequential, simultaneous
 from .lrset import SCAN_RANGE, decreasing_set
-from .parse import SYMBOL, ExplainError, parse
+from .parse import SYMBOL, ExplainError, Expr, parse
 
 DEFAULT_EXPR = "(x + y) * z"
 
@@ -71,14 +72,19 @@ def _label(op: str, text: str) -> str:
 def explain(expr: str = DEFAULT_EXPR, at: Mapping[str, float] | None = None, lr: float = 0.1,
             target: float | None = None) -> dict:
     """Backprop on ``expr`` at ``at``, one gradient step of size ``lr``, and the decreasing-lr set."""
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not (math.isfinite(lr) and lr > 0):
         raise ExplainError(f"--lr must be a positive finite number, got {lr!r}")
-    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
+    if target is not None and (isinstance(target, bool) or not isinstance(target, numbers.Real)
                                or not math.isfinite(target)):
         raise ExplainError(f"--target must be a finite number, got {target!r}")
-    lr = float(lr)
     target = None if target is None else float(target)
     tree = parse(expr)
+    with np.errstate(all="ignore"):  # overflow in a huge step shows up as null, not as warnings
+        return _explain(tree, expr, at, float(lr), target)
+
+
+def _explain(tree: Expr, expr: str, at: Mapping[str, float] | None, lr: float,
+             target: float | None) -> dict:
     c = build(tree, at, target)
     names = c.names
     w = np.array([c.point[n] for n in names])
@@ -136,13 +142,7 @@ def verdict(r: dict) -> str:
                                                         else f"leaves {f} unchanged")
         parts.append(f"A simultaneous step of lr = {lr} {how} (from {fmt(s['objective_before'])} to "
                      f"{fmt(s['objective_after'])}).")
-        exact = abs(s["higher_order"]) <= 1e-9 * max(1.0, abs(a), abs(s["predicted"]))
-        second = f"the second-order term ½ΔᵀHΔ = {fmt(s['quadratic'])}"
-        parts.append(f"First order predicted {fmt(s['predicted'])} (−lr·‖g‖²); the remaining "
-                     f"{fmt(s['remainder'])} is " + (f"exactly {second}" if exact else
-                                                     f"{second} plus {fmt(s['higher_order'])} of higher order")
-                     + ". Interplay between different weights (off-diagonal Hessian terms, ignored by "
-                       f"the first-order prediction) contributes {fmt(s['interplay'])} of it.")
+        parts.append(_split_sentence(s, a, len(r["variables"])))
         flips = s["sign_flips"]
         parts.append("After the step " + ", ".join(
             f"∂{f}/∂{x['name']} changed sign ({fmt(x['before'])} → {fmt(x['after'])})" for x in flips)
@@ -150,14 +150,35 @@ def verdict(r: dict) -> str:
             else "No partial derivative changed sign.")
     parts.append(_lr_sentence(r, f, d))
     q = r["sequential"]
-    if q["actual"] is None:
+    if len(q["order"]) == 1:
+        pass  # one weight: "one at a time" is the same step
+    elif q["actual"] is None:
         parts.append(f"One weight at a time, {f} also ends up undefined.")
+    elif a is not None and negligible(q["actual"] - a, a, rel=1e-9):
+        parts.append("One weight at a time gives the same change: here the order of updates does not matter.")
     else:
         seq_flips = [u["name"] for u in q["updates"] if u["sign_flipped"]]
         parts.append(f"One weight at a time ({', then '.join(q['order'])}, recomputing the gradient "
                      f"before each update) changes {f} by {fmt(q['actual'])} instead"
                      + (f"; on the way ∂{f}/∂{seq_flips[0]} had flipped sign" if seq_flips else "") + ".")
     return " ".join(parts)
+
+
+def _split_sentence(s: dict, a: float, n_vars: int) -> str:
+    """First-order prediction versus the rest of the change, and the interplay's share."""
+    pred = f"First order predicted {fmt(s['predicted'])} (−lr·‖g‖²)"
+    if negligible(s["remainder"], a, s["predicted"], rel=1e-9):
+        return pred + ", and that is the whole change (up to rounding)."
+    second = f"the second-order term ½ΔᵀHΔ = {fmt(s['quadratic'])}"
+    text = (f"{pred}; the remaining {fmt(s['remainder'])} is "
+            + (f"exactly {second}" if negligible(s["higher_order"], a, s["predicted"], rel=1e-9)
+               else f"{second} plus {fmt(s['higher_order'])} of higher order") + ".")
+    if n_vars == 1:
+        return text
+    if not s["interplay"]:
+        return text + " The weights do not interact (no off-diagonal Hessian terms)."
+    return text + (" Interplay between different weights (off-diagonal Hessian terms, ignored by "
+                   f"the first-order prediction) contributes {fmt(s['interplay'])} of it.")
 
 
 def _lr_sentence(r: dict, f: str, d: dict) -> str:
@@ -191,3 +212,10 @@ def _lr_sentence(r: dict, f: str, d: dict) -> str:
 
 def _ivs_text(ivs: list) -> str:
     return ", ".join(f"({fmt(lo)}, {fmt(hi) if hi is not None else 'inf'})" for lo, hi in ivs)
+
+
+def negligible(x: float | None, *scale: float | None, rel: float = 1e-12) -> bool:
+    """Whether ``x`` is rounding noise next to the numbers in ``scale`` (False when undefined)."""
+    if x is None or any(v is None for v in scale):
+        return False
+    return abs(x) <= rel * max([1.0] + [abs(v) for v in scale])
