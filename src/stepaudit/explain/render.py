@@ -42,6 +42,18 @@ def _table(header: list[str], rows: list[list[tuple[str, str]]], indent: int = 3
     return out
 
 
+def _pack(items: list[str], sep: str, width: int) -> list[str]:
+    """Join ``items`` with ``sep`` into lines of at most ``width`` characters, never splitting one."""
+    lines: list[str] = []
+    for item in items:
+        if lines and len(lines[-1]) + len(sep) + len(item) <= width:
+            lines[-1] += sep + item
+        else:
+            lines[-1:] = [lines[-1] + sep.rstrip()] if lines else []
+            lines.append(item)
+    return lines
+
+
 def _section(n: int, title: str, sub: str = "") -> list[Line]:
     return [[], [(f" {n}  {title}", HEAD), (f"   {sub}" if sub else "", DIM)]]
 
@@ -138,8 +150,9 @@ def _hessian(r: dict, f: str) -> list[Line]:
     rows = [[(a, VAR)] + [(fmt(v), WARN if i != j and v != 0 else "") for j, v in enumerate(row)]
             for i, (a, row) in enumerate(zip(names, h["matrix"]))]
     out += _table([""] + names, rows)
-    pairs = ", ".join(f"H[{o['pair'][0]},{o['pair'][1]}] = {fmt(o['value'])}" for o in h["off_diagonal"])
-    out.append([("   off-diagonal  ", DIM), (pairs or "none: the weights do not interact", "")])
+    pairs = [f"H[{o['pair'][0]},{o['pair'][1]}] = {fmt(o['value'])}" for o in h["off_diagonal"]]
+    for i, text in enumerate(_pack(pairs, ", ", WIDTH - 17) or ["none: the weights do not interact"]):
+        out.append([("   off-diagonal  " if i == 0 else " " * 17, DIM), (text, "")])
     out.append([("   gᵀHg = ", DIM), (fmt(h["gHg"]), ""), ("    ½ΔᵀHΔ = ", DIM), (fmt(h["quadratic_term"]), "")])
     return out
 
@@ -160,9 +173,8 @@ def _lrset(r: dict, f: str) -> list[Line]:
     top = "∞" if d["method"] != "numerical" else f"beyond {fmt(SCAN_RANGE[1])}"
     pieces = [f"({fmt(lo)}, {top if hi is None else fmt(hi)})" for lo, hi in ivs[:6]] or ["none"]
     more = d.get("count", len(ivs)) - 6
-    for i in range(0, len(pieces), 3):
-        out.append([("   decreasing for lr ∈ " if i == 0 else " " * 23, DIM),
-                    ((" ∪ " if i else "") + " ∪ ".join(pieces[i:i + 3]), VALUE)])
+    for i, text in enumerate(_pack(pieces, " ∪ ", WIDTH - 23)):
+        out.append([("   decreasing for lr ∈ " if i == 0 else " " * 23, DIM), (text, VALUE)])
     if more > 0:
         out[-1].append((f" ∪ … ({more} more)", WARN))
     mx = r["max_decreasing_lr"]
@@ -198,7 +210,8 @@ def _profile(r: dict, f: str) -> list[Line]:
     end = fmt(top)
     if at + len(mark) < width - len(end):
         axis[width - len(end):width] = list(end)
-    axis[0] = "0"
+    if at >= 2:
+        axis[0] = "0"
     return [[], line, [(" " * len(label) + "".join(axis).rstrip(), DIM)]]
 
 
