@@ -161,7 +161,7 @@ class Audit:
             warnings.warn(f"trainable parameters not in the optimizer (they will never change): {', '.join(orphans[:10])}"
                           + (" …" if len(orphans) > 10 else ""), stacklevel=3)
         self._devices = _cuda_devices(self.model)
-        self._lengths = torch.tensor([p.numel() for p in self.params], device=self.params[0].device)
+        self._lengths = [p.numel() for p in self.params]
 
     def _install_hooks(self) -> None:
         me = weakref.ref(self)  # hooks must not keep the audit alive, nor be deep-copied with it

@@ -20,11 +20,19 @@ def views(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor
 
 
 def per_parameter_sums(before: torch.Tensor, grad: torch.Tensor, delta_w: torch.Tensor,
-                       lengths: torch.Tensor) -> list[list[float]]:
-    """Rows [g·Δw, ‖g‖², ‖Δw‖², ‖w‖²] per parameter, accumulated in float64 (one sync for the model)."""
-    g, d, w = grad.double(), delta_w.double(), before.double()
-    products = torch.stack([g * d, g * g, d * d, w * w], dim=1)
-    return torch.segment_reduce(products, "sum", lengths=lengths, axis=0).tolist()
+                       lengths: torch.Tensor | Sequence[int]) -> list[list[float]]:
+    """Rows [g·Δw, ‖g‖², ‖Δw‖², ‖w‖²] per parameter, accumulated in float64 (one sync for the model).
+
+    One small matmul per parameter: the 3×3 Gram matrix of (g, Δw, w) over a float64 copy. Products of
+    float32 values are exact in float64, so only the summation rounds; no n×4 temporaries.
+    """
+    sizes = lengths.tolist() if isinstance(lengths, torch.Tensor) else list(lengths)
+    rows = torch.empty(3, grad.numel(), dtype=torch.float64, device=grad.device)
+    rows[0].copy_(grad)
+    rows[1].copy_(delta_w)
+    rows[2].copy_(before)
+    grams = torch.stack([part @ part.T for part in torch.split(rows, sizes, dim=1)])
+    return grams[:, [0, 0, 1, 2], [1, 0, 1, 2]].tolist()
 
 
 def _ratio(numerator: float, denominator: float) -> float:
