@@ -158,3 +158,28 @@ def test_json_edges_are_finite_or_null():
     for r in (explain(), explain("max(x, y) * z"), explain(target=1.0)):
         for lo, hi in r["decreasing_lr"]["intervals"]:
             assert math.isfinite(lo) and (hi is None or (math.isfinite(hi) and hi > lo))
+
+
+@pytest.mark.parametrize("x0", [10.0, 0.5, -3.0])
+def test_degree_24_with_huge_or_tiny_gradients(x0):
+    # phi(t) = (x0 - g t)^24 < x0^24 exactly when |x0 - g t| < |x0|, i.e. 0 < t < 2 x0 / g
+    r = explain("x**24", at={"x": x0})
+    g = 24 * x0**23
+    assert r["grads"]["x"] == pytest.approx(g, rel=1e-15)
+    assert r["decreasing_lr"]["method"] == "polynomial"
+    assert r["decreasing_lr"]["intervals"] == [[0.0, pytest.approx(2 * x0 / g, rel=1e-12)]]
+
+
+def test_numerical_scan_follows_the_gradient_scale():
+    # exp(x) at 40: |g| = e^40, so the interesting learning rates are far below 1e-6
+    r = explain("exp(x) - 2*x", at={"x": 40.0})
+    d = r["decreasing_lr"]
+    assert d["method"] == "numerical" and d["scan"]["from"] < 1e-6 / math.exp(40) * 1.01
+    # phi(t) < phi(0) while exp(40 - g t) - 2(40 - g t) stays below its start: check the edge by hand
+    g = math.exp(40) - 2
+    (lo, hi), = d["intervals"]
+
+    def phi(t):
+        return math.exp(40 - g * t) - 2 * (40 - g * t)
+
+    assert lo == 0.0 and phi(hi * (1 - 1e-9)) < phi(0) < phi(hi * (1 + 1e-9))

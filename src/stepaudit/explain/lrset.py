@@ -19,7 +19,7 @@ from .circuit import DTYPE, evaluate, objective_expr
 from .parse import Expr
 
 MAX_DEGREE = 24
-SCAN_RANGE = (1e-6, 1e3)  # the numerical scan covers these learning rates (log grid + linear grid)
+SCAN_RANGE = (1e-6, 1e3)  # the scan covers these lr, and these step lengths lr*|g| (see scan_range)
 MAX_INTERVALS = 50
 
 Poly = list[Fraction]  # coefficients, lowest degree first
@@ -135,6 +135,49 @@ def _intervals(breaks: list[float], signs: list[int]) -> list[list[float | None]
     return out
 
 
+def _float(c: Fraction) -> float:
+    try:
+        return float(c)
+    except OverflowError:
+        return math.inf if c > 0 else -math.inf  # shown as null in the JSON
+
+
+def _log2(c: Fraction) -> int:
+    return abs(c.numerator).bit_length() - c.denominator.bit_length()
+
+
+def _candidate_roots(q: Poly) -> list[float]:
+    """Approximate positive real roots of q by numpy.roots, after exact rescaling to float range.
+
+    With t = 2^e * s and 2^e near the geometric mean of the roots' sizes, the coefficients of
+    q(2^e s) are balanced; dividing by a power of two keeps them within float64.  Roots from the
+    unscaled coefficients are added when those are representable.  Near-real complex roots count
+    too: every candidate is only a place to look, sign-checked exactly afterwards.
+    """
+    if len(q) < 2:
+        return []
+    n, top = len(q) - 1, _log2(q[-1])
+    low = next(k for k, c in enumerate(q) if c)
+    scales = {round((_log2(q[low]) - top) / (n - low)) if low < n else 0, 0}
+    found: list[float] = []
+    for e in scales:
+        scaled = [c * Fraction(2) ** (e * k) for k, c in enumerate(q)]
+        big = max(_log2(c) for c in scaled if c)
+        try:
+            roots = np.roots([float(c / Fraction(2) ** big) for c in reversed(scaled)])
+        except (OverflowError, np.linalg.LinAlgError):
+            continue
+        found += [_ldexp(float(r.real), e) for r in roots if r.real > 0 and abs(r.imag) <= 1e-3 * abs(r)]
+    return sorted(r for r in found if math.isfinite(r))
+
+
+def _ldexp(x: float, e: int) -> float:
+    try:
+        return math.ldexp(x, e)
+    except OverflowError:
+        return math.inf
+
+
 def polynomial_set(tree: Expr, point: Mapping[str, float], grads: Mapping[str, float]) -> dict | None:
     """The decreasing set from the exact polynomial phi, or None when the objective is not one."""
     d = degree(tree)
@@ -144,11 +187,10 @@ def polynomial_set(tree: Expr, point: Mapping[str, float], grads: Mapping[str, f
     q = phi[1:]  # (phi(t) - phi(0)) / t, positive t only
     while q and q[-1] == 0:
         q.pop()
-    info = {"method": "polynomial", "degree": len(q), "coefficients": [float(c) for c in phi]}
+    info = {"method": "polynomial", "degree": len(q), "coefficients": [_float(c) for c in phi]}
     if not q:
         return {**info, "intervals": []}
-    roots = np.roots([float(c) for c in reversed(q)]) if len(q) > 1 else np.array([])
-    cands = sorted(r.real for r in roots if r.real > 0 and abs(r.imag) <= 1e-3 * abs(r))
+    cands = _candidate_roots(q)
     breaks: list[float] = []
     for r in cands:
         if not breaks or r > breaks[-1] * (1 + 1e-12):
@@ -159,7 +201,7 @@ def polynomial_set(tree: Expr, point: Mapping[str, float], grads: Mapping[str, f
     # sharpen each sign change between neighbouring probes to float precision, exactly signed
     edges: list[float] = []
     kept: list[int] = [signs[0]]
-    for i, b in enumerate(breaks):
+    for i in range(len(breaks)):
         if signs[i] != signs[i + 1]:
             edges.append(_bisect(lambda t: _sign(q, t), probes[i], probes[i + 1]))
             kept.append(signs[i + 1])
@@ -169,12 +211,19 @@ def polynomial_set(tree: Expr, point: Mapping[str, float], grads: Mapping[str, f
     return {**info, "intervals": _intervals(edges, kept)}
 
 
+def scan_range(gnorm: float) -> tuple[float, float]:
+    """Learning rates to scan: both lr and the step length lr*|g| run over at least SCAN_RANGE."""
+    lo, hi = SCAN_RANGE
+    return max(lo / max(1.0, gnorm), 1e-300), min(hi / min(1.0, gnorm), 1e300)
+
+
 def numerical_set(fn: Callable[[torch.Tensor], torch.Tensor], w: np.ndarray, g: np.ndarray,
                   extra: tuple[float, ...] = ()) -> dict:
-    """Scan lr over SCAN_RANGE (log and linear grids), then bisect every sign change."""
-    lo, hi = SCAN_RANGE
+    """Scan lr over scan_range(|g|) (log and linear grids), then bisect every sign change."""
+    big = float(np.max(np.abs(g)))
+    lo, hi = scan_range(big * float(np.linalg.norm(g / big)))  # scaled: |g| may overflow
     grid = np.unique(np.concatenate([np.logspace(math.log10(lo), math.log10(hi), 3000),
-                                     np.linspace(lo, 10.0, 3000),
+                                     np.linspace(lo, hi / 100, 3000),
                                      [t for t in extra if lo <= t <= hi]]))
     wt, gt = torch.as_tensor(w, dtype=DTYPE), torch.as_tensor(g, dtype=DTYPE)
     with torch.no_grad():

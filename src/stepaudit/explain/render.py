@@ -8,7 +8,6 @@ from typing import IO
 from .circuit import RULES
 from .drawing import GATE, GRAD, VALUE, VAR, Line, draw
 from .layout import symbol
-from .lrset import SCAN_RANGE
 from .result import negligible, fmt
 
 TITLE, HEAD, DIM, WARN, NOTE = "bold", "bold magenta", "grey50", "bold yellow", "italic"
@@ -164,13 +163,13 @@ def _lrset(r: dict, f: str) -> list[Line]:
         how = (f"exact: {f}(w − lr·g) is a polynomial of degree {d['degree']} in lr; "
                "the set comes from its real roots, each sign-checked in rational arithmetic")
     elif d["method"] == "numerical":
-        how = (f"numerical: {f}(w − lr·g) is not a polynomial; lr scanned from {fmt(SCAN_RANGE[0])} "
-               f"to {fmt(SCAN_RANGE[1])} on a dense log+linear grid, sign changes refined by bisection")
+        how = (f"numerical: {f}(w − lr·g) is not a polynomial; lr scanned from {fmt(d['scan']['from'])} "
+               f"to {fmt(d['scan']['to'])} on a dense log+linear grid, sign changes refined by bisection")
     else:
         how = d.get("note", "")
     out += _wrap(how, style=DIM)
     ivs = d["intervals"]
-    top = "∞" if d["method"] != "numerical" else f"beyond {fmt(SCAN_RANGE[1])}"
+    top = "∞" if d["method"] != "numerical" else f"beyond {fmt(d['scan']['to'])}"
     pieces = [f"({fmt(lo)}, {top if hi is None else fmt(hi)})" for lo, hi in ivs[:6]] or ["none"]
     more = d.get("count", len(ivs)) - 6
     for i, text in enumerate(_pack(pieces, " ∪ ", WIDTH - 23)):
@@ -179,7 +178,7 @@ def _lrset(r: dict, f: str) -> list[Line]:
         out[-1].append((f" ∪ … ({more} more)", WARN))
     mx = r["max_decreasing_lr"]
     big = (f"none: every lr > 0 lowers {f}" if d["method"] != "numerical" else
-           f"none found: {f} still goes down at lr = {fmt(SCAN_RANGE[1])}") if d.get("unbounded") else \
+           f"none found: {f} still goes down at lr = {fmt(d['scan']['to'])}") if d.get("unbounded") else \
         ("none" if mx is None else fmt(mx))
     out.append([("   largest decreasing lr  ", DIM), (big, WARN)])
     qb = r["quadratic_bound_lr"]

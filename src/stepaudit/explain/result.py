@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import asdict
 from typing import Any, Mapping
 
 import numpy as np
 
 from .circuit import RULES, Circuit, build, objective_fn
 from .descent import hessian_at, profile, quadratic_bound, sequential, simultaneous
-from .lrset import SCAN_RANGE, decreasing_set
+from .lrset import decreasing_set
 from .parse import SYMBOL, ExplainError, Expr, parse
 
 DEFAULT_EXPR = "(x + y) * z"
@@ -106,11 +107,7 @@ def _explain(tree: Expr, expr: str, at: Mapping[str, float] | None, lr: float,
                     "off_diagonal": [{"pair": [names[i], names[j]], "value": float(h[i, j])}
                                      for i in range(len(names)) for j in range(i + 1, len(names))
                                      if h[i, j] != 0.0]},
-        "step": {"lr": lr, "old": step.old, "new": step.new, "objective_before": step.objective_before,
-                 "objective_after": step.objective_after, "predicted": step.predicted,
-                 "actual": step.actual, "remainder": step.remainder, "quadratic": step.quadratic, "interplay": step.interplay,
-                 "higher_order": step.higher_order, "grads_after": step.grads_after,
-                 "sign_flips": step.sign_flips},
+        "step": asdict(step),
         "sequential": seq,
         "decreasing_lr": {**dset, "unbounded": unbounded},
         "max_decreasing_lr": None if not ivs or unbounded else dset.get("sup", ivs[-1][1]),
@@ -184,7 +181,8 @@ def _split_sentence(s: dict, a: float, n_vars: int) -> str:
 def _lr_sentence(r: dict, f: str, d: dict) -> str:
     ivs, qb = d["intervals"], r["quadratic_bound_lr"]
     where = "" if d["method"] != "numerical" else (
-        f" (numerical: lr scanned from {fmt(SCAN_RANGE[0])} to {fmt(SCAN_RANGE[1])}, refined by bisection)")
+        f" (numerical: lr scanned from {fmt(d['scan']['from'])} to {fmt(d['scan']['to'])}, "
+        "refined by bisection)")
     if not ivs:
         return f"No learning rate lowers {f} along −g{where}."
     first = ivs[0]
