@@ -5,13 +5,18 @@ circuit), along -g with g from hand-derived formulas, on a fine grid of learning
 """
 from __future__ import annotations
 
+import ast
 import math
+import operator
+import random
+from fractions import Fraction
 from typing import Callable
 
 import numpy as np
 import pytest
 
-from stepaudit.explain import explain
+from stepaudit.explain import explain, parse
+from stepaudit.explain.parse import variables
 
 Fn = Callable[[dict], float]
 
@@ -183,3 +188,66 @@ def test_numerical_scan_follows_the_gradient_scale():
         return math.exp(40 - g * t) - 2 * (40 - g * t)
 
     assert lo == 0.0 and phi(hi * (1 - 1e-9)) < phi(0) < phi(hi * (1 + 1e-9))
+
+
+def _random_polynomial(rng) -> str:
+    def gen(d: int) -> str:
+        if d == 0 or rng.random() < 0.3:
+            return rng.choice(["x", "y", "z", "1", "2", "0.5", "3"])
+        k = rng.random()
+        if k < 0.7:
+            return f"({gen(d - 1)} {rng.choice(['+', '-', '*'])} {gen(d - 1)})"
+        return f"{gen(d - 1)} ** {rng.choice([2, 3])}" if k < 0.85 else f"-{gen(d - 1)}"
+
+    return gen(4)
+
+
+def _exact(node: ast.AST, env: dict) -> Fraction:
+    """Rational evaluation of + - * ** and unary minus: the oracle for random polynomials."""
+    if isinstance(node, ast.Expression):
+        return _exact(node.body, env)
+    if isinstance(node, ast.Constant):
+        return Fraction(node.value)
+    if isinstance(node, ast.Name):
+        return env[node.id]
+    if isinstance(node, ast.UnaryOp):
+        return -_exact(node.operand, env)
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Pow: operator.pow}
+    return ops[type(node.op)](_exact(node.left, env), _exact(node.right, env))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_polynomials_against_an_exact_brute_force(seed):
+    rng = random.Random(seed)
+    tested = 0
+    for _ in range(300):
+        if tested == 12:
+            break
+        expr, target = _random_polynomial(rng), rng.choice([None, 0.0, 1.5])
+        names = variables(parse(expr))
+        if not names:
+            continue
+        r = explain(expr, at={k: v for k, v in {"x": 0.7, "y": -1.2, "z": 0.3}.items() if k in names},
+                    target=target)
+        d = r["decreasing_lr"]
+        if d["method"] != "polynomial":
+            continue  # zero gradient, or degree above 24
+        tree = ast.parse(expr, mode="eval")
+        w = {k: Fraction(v) for k, v in r["at"].items()}
+        g = {k: Fraction(v) for k, v in r["grads"].items()}
+
+        def obj(env):
+            f = _exact(tree, env)
+            return f if target is None else (f - Fraction(target)) ** 2 / 2
+
+        f0, ivs = obj(w), d["intervals"]
+        edges = [e for iv in ivs for e in iv if e not in (None, 0.0)]
+        top = max([1.0] + [3 * e for e in edges])
+        for t in [*np.linspace(0, top, 300)[1:], *np.logspace(-8, math.log10(top), 100)]:
+            if any(abs(t - e) <= 1e-9 * e for e in edges):
+                continue
+            change = obj({k: w[k] - Fraction(float(t)) * g[k] for k in w}) - f0
+            if change != 0:
+                assert inside(ivs, t) == (change < 0), (expr, target, t, ivs)
+        tested += 1
+    assert tested == 12

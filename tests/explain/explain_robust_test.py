@@ -12,6 +12,7 @@ import math
 import operator
 import random
 import time
+import warnings
 
 import pytest
 
@@ -138,8 +139,6 @@ def test_largest_allowed_expression_is_quick():
     {"expr": "x**2", "at": {"x": 1e-320}}, {"expr": "x", "at": {"x": 1.5}},
 ])
 def test_extreme_numbers_give_strict_json_and_no_warnings(kwargs):
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         r = explain(**kwargs)
