@@ -124,12 +124,12 @@ class Frame:
     def axes(self, y_ticks: bool = True) -> str:
         x0, y0, x1, y1 = self.plot
         out = []
-        for value, label in (self.ys.ticks() if y_ticks else []):
+        for value, label in _thin(self.ys.ticks() if y_ticks else [], self.ys, 14.0):
             y = self.ys(value)
             if y0 - 0.5 <= y <= y1 + 0.5:
                 out.append(f'<line class="grid" x1="{_n(x0)}" x2="{_n(x1)}" y1="{_n(y)}" y2="{_n(y)}"/>')
                 out.append(f'<text class="tick" x="{_n(x0 - 6)}" y="{_n(y + 3.5)}" text-anchor="end">{escape(label)}</text>')
-        for value, label in self.xs.ticks():
+        for value, label in _thin(self.xs.ticks(), self.xs, 48.0):
             x = self.xs(value)
             if x0 - 0.5 <= x <= x1 + 0.5:
                 out.append(f'<line class="grid" x1="{_n(x)}" x2="{_n(x)}" y1="{_n(y0)}" y2="{_n(y1)}"/>')
@@ -150,6 +150,15 @@ class Frame:
             f'height="{_n(y1 - y0 + 2)}"/></clipPath></defs>{self.axes(y_ticks)}'
             f"<g clip-path=\"url(#{clip})\">{''.join(self.body)}</g>{''.join(self.overlay)}</svg>"
         )
+
+
+def _thin(ticks: list[tuple[float, str]], scale: Scale, gap: float) -> list[tuple[float, str]]:
+    """Drop tick labels closer than ``gap`` pixels to one kept already (zero first, then the largest)."""
+    kept: list[tuple[float, str]] = []
+    for value, label in sorted(ticks, key=lambda t: (t[0] != 0, -abs(t[0]))):
+        if all(abs(scale(value) - scale(v)) >= gap for v, _ in kept):
+            kept.append((value, label))
+    return sorted(kept)
 
 
 def _finite(*arrays: np.ndarray) -> np.ndarray:
@@ -210,12 +219,16 @@ def time_chart(uid: str, title: str, series: list[Series], *, y_label: str, x_la
         elif s.style == "points":
             py = ys(np.clip(env.mid, *sorted((ys.lo, ys.hi)))) if y_kind != "log" else ys(env.mid)
             inside = ys.contains(env.mid)
+            if len(env.x) > 1 and np.median(np.diff(env.x)) > 1:  # a probe with its own schedule: join its points
+                frame.body.append(f'<path d="{polyline(px[inside], py[inside])}" fill="none" stroke="{s.color}" '
+                                  'stroke-width="1" opacity="0.45"/>')
             frame.body.append(f'<path d="{dots(px[inside], py[inside])}" stroke="{s.color}" stroke-width="4.5" stroke-linecap="round" fill="none"/>')
             outside = np.isfinite(env.mid) & ~inside
             if outside.any():
                 marks = "".join(f"M{_n(x)},{_n(y - 5 if y < (y0 + y1) / 2 else y)}v5" for x, y in zip(px[outside], py[outside]))
                 frame.body.append(f'<path d="{marks}" stroke="{s.color}" stroke-width="2.5" fill="none"/>')
-                notes.append(f"{s.name}: {int(outside.sum())} values beyond the axis drawn as ticks at its edge")
+                count = int(outside.sum())
+                notes.append(f"{s.name}: {count} value{'s' if count > 1 else ''} beyond the axis, drawn as ticks at its edge")
         else:
             frame.body.append(f'<path d="{polyline(px, ys(env.mid))}" fill="none" stroke="{s.color}" stroke-width="{s.width}"{dash}/>')
         tips.append({"n": s.name, "c": s.color, "x": _rounded(env.x), "y": _rounded(env.mid),

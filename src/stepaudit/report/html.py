@@ -76,7 +76,7 @@ def figure_html(fig: Figure) -> str:
 
 
 _SEVERITY = {"critical": "high", "error": "high", "high": "high", "severe": "high",
-             "info": "low", "low": "low", "note": "low"}
+             "info": "low", "low": "low", "note": "low"}  # the doctor uses error / warning / info
 
 
 def findings_html(findings: list[dict], error: str | None = None) -> str:
@@ -106,9 +106,10 @@ def findings_html(findings: list[dict], error: str | None = None) -> str:
             body.append(value_html(evidence))
         elif evidence is not None:
             body.append(f"<p>Evidence: {value_html(evidence)}</p>")
-        if d.get("fix"):
+        if d.get("fix") and d.get("code") != "healthy":
             body.append(f'<p class="fix"><b>Fix:</b> {value_html(d["fix"])}</p>')
-        cards.append(f'<div class="finding sev-{_SEVERITY.get(severity, "medium")}"><div class="head">{"".join(head)}</div>'
+        level = "ok" if d.get("code") == "healthy" else _SEVERITY.get(severity, "medium")
+        cards.append(f'<div class="finding sev-{level}"><div class="head">{"".join(head)}</div>'
                      f"{''.join(body)}</div>")
     notice = f'<p class="notice">{escape(error)}</p>' if error else ""
     if not cards and not notice:
@@ -212,3 +213,9 @@ def write_report(run: str | os.PathLike, out: str | os.PathLike | None = None) -
     path.write_text(render_report(data), encoding="utf-8")
     return path
 
+
+def write_compare(runs, out: str | os.PathLike = "compare.html") -> Path:
+    """The comparison page (``compare.write_compare``), importable from here as well."""
+    from .compare import write_compare as write
+
+    return write(runs, out)

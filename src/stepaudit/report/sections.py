@@ -61,9 +61,9 @@ def loss_figure(run: Run) -> Figure | None:
     if len(nonfinite):
         svg = nonfinite_marks(svg, nonfinite, _x_domain(run))
         legend.append((f"non-finite step ({len(nonfinite)})", RED, "tick"))
-    return Figure("loss", "Loss per step", svg,
-                  "Solid: the batch's loss before each step; dashed: the same batch right after it (below solid = the "
-                  "step helped its own batch); green: loss on fixed held-out data.", legend, notes)
+    how = ("Solid: the batch's loss before each step; dashed: the same batch right after it (below solid = the step "
+           "helped its own batch)" + ("; green: loss on fixed held-out data." if any(s.color == GREEN for s in series) else "."))
+    return Figure("loss", "Loss per step", svg, how, legend, notes)
 
 
 def promise_figure(run: Run) -> Figure | None:
@@ -124,7 +124,7 @@ def alpha_histogram(run: Run) -> Figure | None:
     beyond = int((alpha[np.isfinite(alpha)] > top).sum())
     svg = histogram("alpha-hist", "Distribution of α", alpha, edges, color=PURPLE, x_label="α",
                     guides=(Guide(0, "valley floor", "#111827"), Guide(1, "same height", RED)))
-    notes = [f"{beyond} steps with α > {fmt(top)} are counted in the last bar"] if beyond else []
+    notes = [f"{beyond} step{'s' if beyond > 1 else ''} with α > {fmt(top)} counted in the last bar"] if beyond else []
     finite = alpha[np.isfinite(alpha)]
     median = f"median α = {fmt(float(np.median(finite)))}" if finite.size else "no finite α"
     return Figure("alpha-hist", "Distribution of α", svg,
@@ -191,7 +191,9 @@ def sharpness_figure(run: Run) -> Figure | None:
     x, sharp = run.xy("sharpness")
     series = [Series("sharpness λmax", x, sharp, BLUE, "points")]
     legend = [("sharpness λmax", BLUE, "dot")]
-    if run.has("lr"):
+    adaptive = "safe_lr" in run.columns and not run.has("safe_lr")  # the probe found no 2/η-type rule (Adam …)
+    notes_extra = ["no plain stability bound for this optimizer: see the preconditioned sharpness"] if adaptive else []
+    if run.has("lr") and not adaptive:
         lr = run.columns["lr"]
         bound = np.where(lr > 0, 2.0 / np.where(lr > 0, lr, 1.0), np.nan)
         label = "2/η"
@@ -206,6 +208,7 @@ def sharpness_figure(run: Run) -> Figure | None:
         legend.append((f"stability bound {label}", RED, "dash"))
     svg, notes = time_chart("sharpness", "Sharpness against the stability bound", series, y_label="λmax of the Hessian",
                             x_domain=_x_domain(run))
+    notes += notes_extra
     return Figure("sharpness", "Sharpness against the stability bound", svg,
                   "The Hessian's largest eigenvalue against the largest one gradient descent tolerates at this learning "
                   "rate; above the dashed line the step diverges along the sharpest direction (edge of stability).",

@@ -72,7 +72,7 @@ def _finding_line(d: dict) -> tuple[str, str]:
         extra.append(f"confidence {confidence:.0%}")
     if d.get("first_step") is not None:
         extra.append(f"from step {d['first_step']}")
-    fix = f"fix: {d['fix']}" if d.get("fix") else ""
+    fix = f"fix: {d['fix']}" if d.get("fix") and d.get("code") != "healthy" else ""
     return head + (f" ({', '.join(extra)})" if extra else ""), fix
 
 
