@@ -16,7 +16,8 @@ CLASSIC_POINT = {"x": -2.0, "y": 5.0, "z": -4.0}
 # abs is x*sign(x): the same values and derivatives as torch.abs, whose double backward
 # (for the Hessian) triggers a one-off import costing about two seconds.
 _UNARY: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "abs": lambda t: t * torch.sign(t),
+    "neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt,
+    "abs": lambda t: t * torch.sign(t),
     "sin": torch.sin, "cos": torch.cos, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
     "relu": torch.relu,
 }
@@ -197,7 +198,8 @@ def _label(e: Expr) -> str:
     return SYMBOL.get(e.op, e.op)
 
 
-def objective_fn(expr: Expr, names: list[str], target: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
+def objective_fn(expr: Expr, names: list[str],
+                 target: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The objective as a function of a stacked variable tensor ``w[..., i]`` (for Hessians and scans)."""
     tree = objective_expr(expr, target)
 

@@ -79,7 +79,8 @@ def render(r: dict) -> list[Line]:
 
 
 def _gates(r: dict, f: str) -> list[Line]:
-    out = _section(2, "The gates, right to left", "each gate's local rule turns its gradient into its inputs'")
+    out = _section(2, "The gates, right to left",
+                   "each gate's local rule turns its gradient into its inputs'")
     nodes = r["nodes"]
     for n in reversed(nodes):
         if n["op"] in ("var", "const") or n["grad"] is None:
@@ -103,7 +104,7 @@ def _gates(r: dict, f: str) -> list[Line]:
         shares = [g["input_grads"][k] for g in nodes if g["op"] not in ("var", "const")
                   for k, i in enumerate(g["inputs"]) if i == v["id"] and g["input_grads"][k] is not None]
         out.append([(f"   {v['label']} feeds {v['uses']} wires; where wires fan out, gradients add:  ", DIM),
-                    (f"∂{f}/∂{v['label']} = " + " + ".join(fmt(x) for x in shares) + f" = {fmt(v['grad'])}", "")])
+                    (f"∂{f}/∂{v['label']} = " + " + ".join(map(fmt, shares)) + f" = {fmt(v['grad'])}", "")])
     return out
 
 
@@ -152,7 +153,8 @@ def _hessian(r: dict, f: str) -> list[Line]:
     pairs = [f"H[{o['pair'][0]},{o['pair'][1]}] = {fmt(o['value'])}" for o in h["off_diagonal"]]
     for i, text in enumerate(_pack(pairs, ", ", WIDTH - 17) or ["none: the weights do not interact"]):
         out.append([("   off-diagonal  " if i == 0 else " " * 17, DIM), (text, "")])
-    out.append([("   gᵀHg = ", DIM), (fmt(h["gHg"]), ""), ("    ½ΔᵀHΔ = ", DIM), (fmt(h["quadratic_term"]), "")])
+    out.append([("   gᵀHg = ", DIM), (fmt(h["gHg"]), ""), ("    ½ΔᵀHΔ = ", DIM),
+                (fmt(h["quadratic_term"]), "")])
     return out
 
 
@@ -199,7 +201,8 @@ def _profile(r: dict, f: str) -> list[Line]:
     line: Line = [(label, DIM)]
     for i, v in enumerate(vals):
         k = 0 if v is None or hi == lo else round((v - lo) / (hi - lo) * 7)
-        line.append((" " if v is None else _SPARK[k], DIM if i == 0 else VALUE if v is not None and v < f0 else GRAD))
+        style = DIM if i == 0 else VALUE if v is not None and v < f0 else GRAD
+        line.append((" " if v is None else _SPARK[k], style))
     line.append(("   green: lower than at lr = 0, red: not", DIM))
     width, top = len(vals), lrs[-1]
     axis = [" "] * (width + 12)

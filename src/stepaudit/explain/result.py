@@ -189,7 +189,8 @@ def _lr_sentence(r: dict, f: str, d: dict) -> str:
     if first[0] == 0.0 and first[1] is None:
         curv = f" (the curvature along −g, gᵀHg = {fmt(r['hessian']['gHg'])}, is not positive)" \
             if r["hessian"]["gHg"] is not None and r["hessian"]["gHg"] <= 0 else ""
-        text = f"{f} keeps going down for every lr > 0 along −g{curv}, so no learning rate is too large{where}."
+        text = (f"{f} keeps going down for every lr > 0 along −g{curv}, "
+                f"so no learning rate is too large{where}.")
         if qb is None:
             return text
     elif first[0] == 0.0:
