@@ -237,20 +237,20 @@ def covariance_trace(rows: torch.Tensor) -> float:
     return float(torch.trace(torch.cov(rows.T)))
 
 
-@pytest.mark.parametrize("bn, method, expected", [(False, None, "per_sample"), (True, None, "micro_batch"),
-                                                  (False, "micro_batch", "micro_batch")])
-def test_noise_probe_matches_brute_force_gradients(tmp_path, bn, method, expected):
+@pytest.mark.parametrize("bn, options, expected, engine", [
+    (False, {}, "per_sample", "hooks"), (False, {"engine": "vmap"}, "per_sample", "vmap"),
+    (True, {}, "micro_batch", None), (False, {"method": "micro_batch"}, "micro_batch", None)])
+def test_noise_probe_matches_brute_force_gradients(tmp_path, bn, options, expected, engine):
     torch.manual_seed(0)
     factory = lambda: Net(bn=bn)  # noqa: E731
     model = factory()
     audit = audited(model, tmp_path, probes={"noise": 1}, strict=True)
-    if method:
-        audit.options["probe_options"] = {"noise": {"method": method}}
+    audit.options["probe_options"] = {"noise": options}
     for batch in batches(2):
         before = snapshot(model)
         audit.step(batch)
         record = audit.last
-        assert record["noise_scale_method"] == expected
+        assert record["noise_scale_method"] == expected and record.get("noise_engine") == engine
         unit = 1 if expected == "per_sample" else 4  # 8 micro-batches of 4
         rows = unit_gradients(factory, before, batch, list(range(0, 33, unit)))
         trace = unit * covariance_trace(rows)

@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from .. import noise as noise_stats
 from ..context import StepContext, check_scalar_loss
+from ..persample import layer_moments
 from ..precision import cast_batch
 from ..records import flatten, views
 from ..state import AutocastState, RngState, _cuda_devices, preserved
@@ -219,11 +220,8 @@ def next_delta_probe(ctx: StepContext) -> dict:
 
 # -- gradient noise ------------------------------------------------------------------------------------------
 def _batchnorm_training(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules())
-
-
-def _dropout_active(model: torch.nn.Module) -> bool:
-    return any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+    """BatchNorm normalising with batch statistics (train mode, or no running statistics kept)."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
                for m in model.modules())
 
 
@@ -236,23 +234,47 @@ def _functional(ctx: StepContext) -> noise_stats.Loss:
     return loss
 
 
-def _per_sample(ctx: StepContext, loss, params: dict, options: dict) -> noise_stats.NoiseEstimate:
-    merged = None
+def _check_mean_reduction(ctx: StepContext, loss, params: dict) -> None:
+    """Once per audit: refuse a loss that sums over examples (every estimator assumes the mean)."""
+    if ctx.memory.get("noise_mean_checked"):
+        return
+    batch = ctx.parts[0].batch
+    size = noise_stats.batch_len(batch) or 0
+    if size >= 2:
+        with torch.no_grad(), preserved(ctx.model, None, ctx.autocast):
+            ctx.model.eval()  # deterministic: no dropout masks to match
+            pair, first, second = (float(loss(params, noise_stats.slice_batch(batch, a, b, size)))
+                                   for a, b in ((0, 2), (0, 1), (1, 2)))
+        scale = abs(pair)
+        if scale > 0 and abs(pair - (first + second)) <= 1e-4 * scale < abs(pair - (first + second) / 2):
+            raise ValueError("loss_fn sums over the batch; noise statistics need the mean over examples "
+                             "(e.g. reduction='mean')")
+    ctx.memory["noise_mean_checked"] = True
+
+
+def _per_sample(ctx: StepContext, loss, params: dict, options: dict) -> dict:
+    """Per-example statistics: layer identities from one backward where they apply, else chunked vmap."""
+    merged, engines = None, []
+    groups = options.get("groups", noise_stats.DEFAULT_GROUPS)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="There is a performance drop")  # vmap fallback kernels
         for part in ctx.parts:
-            with preserved(ctx.model, part.rng, ctx.autocast):
-                moments = noise_stats.per_sample_moments(loss, params, part.batch, chunk=options.get("chunk"),
-                                                         groups=options.get("groups", noise_stats.DEFAULT_GROUPS))
+            moments = None
+            if options.get("engine", "auto") in ("auto", "hooks"):
+                with preserved(ctx.model, part.rng, ctx.autocast):  # the training forward's dropout masks
+                    moments = layer_moments(ctx.model, loss, params, part.batch, groups=groups)
+                if moments is None and options.get("engine") == "hooks":
+                    raise ValueError("engine 'hooks' needs every audited parameter in a Linear, Conv1d/2d, "
+                                     "LayerNorm or eval-mode BatchNorm module, each called once")
+            if moments is None:
+                with preserved(ctx.model, part.rng, ctx.autocast):
+                    moments = noise_stats.per_sample_moments(loss, params, part.batch, chunk=options.get("chunk"),
+                                                             groups=groups)
+                engines.append("vmap")
+            else:
+                engines.append("hooks")
             merged = moments if merged is None else merged.merge(moments)
-    size, batch_loss = merged.batch_size, ctx.record.get("loss_before", math.nan)
-    mean_example = merged.loss_sum / size
-    if (not _dropout_active(ctx.model) and math.isfinite(batch_loss) and batch_loss != 0
-            and abs(batch_loss - size * mean_example) <= 1e-4 * abs(batch_loss)
-            and abs(batch_loss - mean_example) > 1e-3 * abs(batch_loss)):
-        raise ValueError("loss_fn sums over the batch; noise statistics need the mean over examples "
-                         "(e.g. reduction='mean')")
-    return noise_stats.estimate(merged, "per_sample")
+    return {**noise_stats.estimate(merged, "per_sample").fields(), "noise_engine": "+".join(sorted(set(engines)))}
 
 
 def _micro_batch(ctx: StepContext, loss, params: dict, options: dict, bn_train: bool) -> noise_stats.NoiseEstimate:
@@ -304,6 +326,7 @@ def noise_probe(ctx: StepContext) -> dict:
     loss = _functional(ctx)
     params = {"model." + n: w for n, w in zip(ctx.names, ctx.before)}
     bn_train = _batchnorm_training(ctx.model)
+    _check_mean_reduction(ctx, loss, params)
     reasons = []
     if method in ("auto", "per_sample"):
         if bn_train:
@@ -313,9 +336,9 @@ def noise_probe(ctx: StepContext) -> dict:
             reasons.append("BatchNorm in train mode")
         else:
             try:
-                return _per_sample(ctx, loss, params, options).fields()
+                return _per_sample(ctx, loss, params, options)
             except Exception as error:
-                if method == "per_sample" or "sums over the batch" in str(error):
+                if method == "per_sample":
                     raise
                 reasons.append(f"per_sample: {type(error).__name__}: {error}"[:200])
     if method in ("auto", "micro_batch"):

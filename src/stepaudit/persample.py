@@ -1,0 +1,173 @@
+"""Per-example gradient statistics from ONE backward pass, layer by layer (no per-example graphs).
+
+For Linear, Conv1d/2d, LayerNorm and eval-mode BatchNorm the per-example gradient of a weight is a
+small function of the layer's input a_i and of the gradient δ_i at its output (Goodfellow 2015,
+"Efficient per-example gradient computations"; BackPACK and Opacus use the same identities):
+
+    Linear   g_i(W) = Σ_t δ_it a_itᵀ      ‖g_i(W)‖² = ‖δ_i‖²‖a_i‖² without a sequence axis,
+                                          Σ_{t,s} (δ_it·δ_is)(a_it·a_is) with one (whichever is cheaper)
+    Conv     g_i(W) = δ_i U_iᵀ            U_i = unfold(a_i) (im2col), same two routes
+    Norms    g_i(γ) = Σ δ_i ∘ x̂_i,  g_i(β) = Σ δ_i  over the non-channel axes
+
+With a mean loss, the hook sees δ/B, so per-example gradients are B times the per-row terms. Only
+squared norms and per-group sums are formed, example chunk by example chunk. Anything else (a raw
+Parameter, a module called twice, grouped convolution, a module whose weights are used without
+calling it, as in MultiheadAttention) makes ``layer_moments`` return None: the caller then uses vmap.
+The result is checked against the batch gradient of the same backward before it is trusted.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .noise import DEFAULT_BUDGET_BYTES, DEFAULT_GROUPS, Moments, batch_len
+
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm)
+
+
+def _supported(module: nn.Module) -> bool:
+    """Modules with their stock forward whose per-example gradients we know in closed form."""
+    kind = type(module)
+    if isinstance(module, nn.Linear):
+        return kind.forward is nn.Linear.forward
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return (kind.forward in (nn.Conv1d.forward, nn.Conv2d.forward) and module.groups == 1
+                and module.padding_mode == "zeros" and not isinstance(module.padding, str))
+    if isinstance(module, nn.LayerNorm):
+        return kind.forward is nn.LayerNorm.forward
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return kind.forward is nn.modules.batchnorm._BatchNorm.forward and not module.training \
+            and module.running_mean is not None
+    return False
+
+
+def _owners(model: nn.Module, params: Mapping[str, Tensor], prefix: str) -> dict[str, nn.Module] | None:
+    """Module name → module for every parameter in ``params``; None if one is not in a supported module."""
+    owners, covered = {}, set()
+    for name, module in model.named_modules():
+        if not _supported(module):
+            continue
+        for pname, _ in module.named_parameters(recurse=False):
+            key = prefix + (name + "." if name else "") + pname
+            if key in params:
+                owners[name] = module
+                covered.add(key)
+    return owners if covered == set(params) else None
+
+
+def _square_norms_of_products(left: Tensor, right: Tensor) -> Tensor:
+    """‖L_i R_iᵀ‖²_F per example for L [c, p, T], R [c, q, T]: Gram route or explicit product, cheaper first."""
+    p, q, t = left.shape[1], right.shape[1], left.shape[2]
+    if t * t <= p * q:
+        return ((left.transpose(1, 2) @ left) * (right.transpose(1, 2) @ right)).sum((1, 2))
+    return torch.linalg.vector_norm((left @ right.transpose(1, 2)).flatten(1), dim=1) ** 2
+
+
+def _per_module(module: nn.Module, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Callable[[slice], Tensor]]]:
+    """For each parameter: per-example squared norms [c] and a function giving the sum over examples ``rows``."""
+    c = a.shape[0]
+    if isinstance(module, nn.Linear):
+        a3, d3 = a.reshape(c, -1, a.shape[-1]), d.reshape(c, -1, d.shape[-1])  # [c, T, in], [c, T, out]
+        if a3.shape[1] == 1:
+            weight_sq = (torch.linalg.vector_norm(a3.flatten(1), dim=1) * torch.linalg.vector_norm(d3.flatten(1), dim=1)) ** 2
+        else:
+            weight_sq = _square_norms_of_products(d3.transpose(1, 2), a3.transpose(1, 2))
+        out = {"weight": (weight_sq, lambda r: d3[r].reshape(-1, d3.shape[-1]).T @ a3[r].reshape(-1, a3.shape[-1]))}
+        bias = d3.sum(1)
+    elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        two_d = isinstance(module, nn.Conv2d)
+        pair = lambda v: tuple(v) if two_d else (1, v[0])  # noqa: E731 - Conv1d as a 1×L Conv2d
+        x = a if two_d else a.unsqueeze(2)
+        u = F.unfold(x, pair(module.kernel_size), dilation=pair(module.dilation),
+                     padding=pair(module.padding) if two_d else (0, module.padding[0]), stride=pair(module.stride))
+        d3 = d.reshape(c, d.shape[1], -1)  # [c, out, L]
+        out = {"weight": (_square_norms_of_products(d3, u),
+                          lambda r: d3[r].transpose(0, 1).reshape(d3.shape[1], -1) @ u[r].transpose(0, 1).reshape(u.shape[1], -1).T)}
+        bias = d3.sum(2)
+    else:  # LayerNorm, eval-mode BatchNorm: y = γ x̂ + β
+        if isinstance(module, nn.LayerNorm):
+            x_hat = F.layer_norm(a, module.normalized_shape, eps=module.eps)
+            axes = tuple(range(1, a.dim() - len(module.normalized_shape)))  # example's leading axes
+        else:
+            shape = (1, -1) + (1,) * (a.dim() - 2)
+            x_hat = (a - module.running_mean.view(shape)) / torch.sqrt(module.running_var.view(shape) + module.eps)
+            axes = tuple(range(2, a.dim()))  # spatial axes
+        gamma, bias = (d * x_hat).sum(axes) if axes else d * x_hat, d.sum(axes) if axes else d
+        out = {"weight": (torch.linalg.vector_norm(gamma.flatten(1), dim=1) ** 2, lambda r: gamma[r].sum(0))}
+    out["bias"] = (torch.linalg.vector_norm(bias.flatten(1), dim=1) ** 2, lambda r: bias[r].sum(0))
+    return out
+
+
+def layer_moments(model: nn.Module, loss: Callable[[Mapping[str, Tensor], Any], Tensor], params: Mapping[str, Tensor],
+                  batch: Any, *, prefix: str = "model.", groups: int = DEFAULT_GROUPS,
+                  budget_bytes: int = DEFAULT_BUDGET_BYTES, tolerance: float = 1e-3) -> Moments | None:
+    """Per-example statistics (same ``Moments`` as ``noise.per_sample_moments``) from one forward/backward.
+
+    ``loss(params, batch)`` must run ``model``'s modules (e.g. ``functional_call`` on a wrapper whose
+    parameter names are ``prefix`` + the model's). Hooks are added for the call and removed after.
+    """
+    size = batch_len(batch)
+    owners = _owners(model, params, prefix)
+    if owners is None or size is None or size < 2:
+        return None
+    captured: dict[str, list] = {name: [] for name in owners}
+
+    def hook_for(name: str):
+        def forward_hook(module, inputs, output):
+            record = [inputs[0].detach(), None]
+            captured[name].append(record)
+            output.register_hook(lambda grad: record.__setitem__(1, grad.detach()))
+            return output.clone()  # in-place ops downstream (ReLU(inplace=True)) must not touch the hooked tensor
+        return forward_hook
+
+    handles = [module.register_forward_hook(hook_for(name)) for name, module in owners.items()]
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    try:
+        with torch.enable_grad():
+            grads = torch.autograd.grad(loss(leaves, batch), list(leaves.values()), allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if any(len(calls) != 1 or calls[0][1] is None for calls in captured.values()):
+        return None  # a module called twice (weights shared) or not on the loss's path
+    groups = max(1, min(groups, size))
+    group_of = torch.arange(size) * groups // size
+    bounds = [0] + torch.bincount(group_of, minlength=groups).cumsum(0).tolist()
+    offsets, offset = {}, 0
+    for key, value in params.items():
+        offsets[key], offset = (offset, value.numel()), offset + value.numel()
+    device = next(iter(params.values())).device
+    counts = torch.bincount(group_of, minlength=groups).double().to(device)
+    moments = Moments(torch.zeros(groups, offset, dtype=torch.float64, device=device),
+                      torch.zeros(groups, dtype=torch.float64, device=device), counts, counts.clone())
+    squares = torch.zeros(size, dtype=torch.float64, device=device)
+    for name, module in owners.items():
+        a, d = captured[name][0]
+        d = d * size  # per-example gradients of a mean loss
+        spread = int(torch.tensor(module.kernel_size).prod()) if isinstance(module, (nn.Conv1d, nn.Conv2d)) else 1
+        per_example = (4 * spread * a[:1].numel() + 2 * d[:1].numel()) * a.element_size() \
+            + sum(p.numel() * p.element_size() for p in module.parameters())  # unfold / products / Gram
+        chunk = max(1, budget_bytes // max(per_example, 1))
+        for start in range(0, size, chunk):
+            stop = min(start + chunk, size)
+            terms = _per_module(module, a[start:stop], d[start:stop])
+            for pname, (square, summed) in terms.items():
+                key = prefix + (name + "." if name else "") + pname
+                if key not in params:
+                    continue
+                squares[start:stop] += square.double()
+                first, length = offsets[key]
+                for k in range(groups):
+                    lo, hi = max(bounds[k], start), min(bounds[k + 1], stop)
+                    if lo < hi:
+                        moments.sums[k, first:first + length] += summed(slice(lo - start, hi - start)).reshape(-1)
+    moments.sq.index_add_(0, group_of.to(device), squares)
+    batch_grad = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
+                            for g, p in zip(grads, leaves.values())])
+    error = torch.linalg.vector_norm(moments.mean_grad() - batch_grad)
+    if not error <= tolerance * torch.linalg.vector_norm(batch_grad) + 1e-12:
+        return None  # the layer identities do not describe this model: let vmap do it
+    return moments
