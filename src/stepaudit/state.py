@@ -10,6 +10,8 @@ import torch
 
 def _cuda_devices(model: torch.nn.Module) -> list[int]:
     """CUDA device indices holding the model's tensors (their RNG streams must be replayed too)."""
+    if not torch.cuda.is_initialized():  # no tensor can live on a GPU before CUDA is initialised
+        return []
     devices = {t.device.index or 0 for t in list(model.parameters()) + list(model.buffers()) if t.is_cuda}
     return sorted(devices)
 
