@@ -139,7 +139,7 @@ def kpis_html(run: Run) -> str:
         count = int((run.verdicts == "nonfinite").sum()), int((run.verdicts == "error").sum())
         cards.append(("non-finite / failed audits", f"{count[0]} / {count[1]}", "see the red ticks on the loss"))
     return '<section class="kpis">' + "".join(
-        f'<div class="kpi"><div class="v">{escape(v)}</div><div class="k">{escape(k)}</div><div class="h">{escape(h)}</div></div>'
+        f'<div class="kpi"><div class="v{" long" if len(v) > 11 else ""}">{escape(v)}</div><div class="k">{escape(k)}</div><div class="h">{escape(h)}</div></div>'
         for k, v, h in cards) + "</section>"
 
 
