@@ -106,8 +106,16 @@ def test_optional_charts_appear_when_recorded(tmp_path):
     assert "stability bound 2/η" in text
 
 
-def test_a_100k_step_report_is_small_fast_and_keeps_its_spikes(tmp_path):
-    run = write_synthetic_run(tmp_path / "long", steps=100_000)
+def long_run(tmp_path_factory):
+    """One 100,000-step synthetic run per session, shared with the browser test."""
+    run = tmp_path_factory.getbasetemp() / "synthetic-100k"
+    if not (run / "stepaudit.sqlite").exists():
+        write_synthetic_run(run, steps=100_000, modules=("embed", "blocks.0", "head"))
+    return run
+
+
+def test_a_100k_step_report_is_small_fast_and_keeps_its_spikes(tmp_path_factory):
+    run = long_run(tmp_path_factory)
     start = time.perf_counter()
     path = write_report(run)
     elapsed = time.perf_counter() - start
@@ -188,3 +196,20 @@ def test_comparison_overlays_each_run(tmp_path, real):
     assert re.search(r'id="fig-c-update".*?10⁻³', text, re.S)
     with pytest.raises(ValueError, match="at least one run"):
         write_compare([], tmp_path / "none.html")
+
+
+def test_failed_audits_and_probes_are_named_and_an_empty_run_renders(tmp_path):
+    from stepaudit.store import RunStore
+
+    store = RunStore(tmp_path / "broken", {"model": "M", "optimizer": "SGD"})
+    for step in (0, 1):
+        store.append({"step": step, "verdict": "error", "error": "RuntimeError: <boom>"})
+    store.append({"step": 2, "verdict": "decrease", "loss_before": 1.0, "loss_after": 0.9, "delta": -0.1,
+                  "first_order": -0.12, "probe_errors": {"sharpness": "ValueError: <bad>"}})
+    store.close()
+    text = render_report(load_run(tmp_path / "broken"))
+    assert "2 audited steps could not be measured; first at step 0: RuntimeError: &lt;boom&gt;" in text
+    assert "probes failed on 1 step; first: sharpness at step 2: ValueError: &lt;bad&gt;" in text
+    assert "<boom>" not in text and "<bad>" not in text
+    RunStore(tmp_path / "empty", {"model": "M"}).close()
+    assert "This run has no audited steps yet." in render_report(load_run(tmp_path / "empty"))

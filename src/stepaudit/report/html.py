@@ -183,16 +183,32 @@ def meta_html(meta: dict, audited: int) -> str:
     return f'<section id="metadata"><h2>Run metadata</h2><div class="tables">{"".join(tables)}</div>{details}</section>'
 
 
+def problems_html(run: Run) -> str:
+    """A notice naming the first failed audit and the first failed probe, when any."""
+    failed = [r for r in run.steps if r.get("verdict") == "error"]
+    probes = [(r["step"], r["probe_errors"]) for r in run.steps if isinstance(r.get("probe_errors"), dict) and r["probe_errors"]]
+    lines = []
+    if failed:
+        lines.append(f"{len(failed)} audited step{'s' if len(failed) > 1 else ''} could not be measured; first at step "
+                     f"{failed[0].get('step')}: {failed[0].get('error', 'no message')}")
+    if probes:
+        step, errors = probes[0]
+        name, message = next(iter(errors.items()))
+        lines.append(f"probes failed on {len(probes)} step{'s' if len(probes) > 1 else ''}; first: {name} at step {step}: {message}")
+    return "".join(f'<p class="notice">{escape(line)}</p>' for line in lines)
+
+
 def render_report(run: Run) -> str:
     """The complete HTML page for one run."""
     meta = run.meta
     hyper = ", ".join(f"{k}={_short(v)}" for k, v in hyperparameters(meta).items())
-    subtitle = " · ".join(x for x in (str(meta.get("model") or ""), f"{meta.get('optimizer') or ''}({hyper})" if meta.get("optimizer") else "",
+    optimizer = f"{meta['optimizer']}({hyper})" if meta.get("optimizer") and hyper else str(meta.get("optimizer") or "")
+    subtitle = " · ".join(x for x in (str(meta.get("model") or ""), optimizer,
                                       f"{len(run.steps):,} audited steps", _created(meta)) if x)
     figures = run_figures(run) if run.steps else []
     charts = "".join(figure_html(f) for f in figures) or '<p class="notice">This run has no audited steps yet.</p>'
     body = (f'<header><p class="brand">stepaudit report</p><h1>{escape(run.name)}</h1><p class="sub">{escape(subtitle)}</p></header>'
-            f"{findings_html(run.findings, run.findings_error)}{kpis_html(run)}"
+            f"{findings_html(run.findings, run.findings_error)}{problems_html(run)}{kpis_html(run)}"
             f'<h2>Step by step</h2><section class="charts">{charts}</section>{meta_html(meta, len(run.steps))}')
     return page(f"stepaudit — {run.name}", body)
 

@@ -78,7 +78,8 @@ def _finding_line(d: dict) -> tuple[str, str]:
 
 def _subtitle(run: Run) -> str:
     hyper = ", ".join(f"{k}={v}" for k, v in hyperparameters(run.meta).items())
-    return f"{run.meta.get('model', '?')} · {run.meta.get('optimizer', '?')}({hyper})"
+    optimizer = str(run.meta.get("optimizer") or "?") + (f"({hyper})" if hyper else "")
+    return f"{run.meta.get('model', '?')} · {optimizer}"
 
 
 def plain_run(run: Run) -> str:
