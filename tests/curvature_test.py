@@ -220,6 +220,19 @@ def test_sharpness_matches_eigvalsh_and_residual_bounds_the_error(tmp_path):
     assert record2["sharpness_residual"] <= 1e-3 * top
 
 
+@pytest.mark.parametrize("verify", [False, True])
+def test_sharpness_residual_is_the_true_residual_of_the_returned_vector(tmp_path, verify):
+    model, data = net(), batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    record, before, _, audit = audit_one_step(model, opt, ce_loss, data, tmp_path, {"sharpness": 1},
+                                              configure={"verify": verify, "tol": 1e-2})
+    v = audit.memory["_sharpness_vector:batch"].to(F64)
+    hv = dense_hessian(model, ce_loss, data, before) @ v
+    assert float(v @ v) == pytest.approx(1.0, rel=1e-12)
+    assert record["sharpness"] == pytest.approx(float(v @ hv), rel=1e-8)
+    assert record["sharpness_residual"] == pytest.approx(float(torch.linalg.vector_norm(hv - record["sharpness"] * v)), rel=1e-6)
+
+
 def test_sharpness_on_a_fixed_reference_batch_in_eval_mode(tmp_path):
     model, data, ref = net(dropout=0.3), batch(), batch(n=40, seed=9)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

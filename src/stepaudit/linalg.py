@@ -195,10 +195,11 @@ def _orthogonalise(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
     """Remove from ``w`` its components along the orthonormal rows of ``basis``; return (w, coefficients)."""
     # Classical Gram-Schmidt applied twice ("twice is enough", Giraud et al. 2005): full
     # reorthogonalisation keeps the Lanczos vectors orthogonal to working precision.
+    # (c @ basis rather than basis.T @ c: the same product, several times faster on CPU.)
     coeffs = basis @ w
-    w = w - basis.T @ coeffs
+    w = w - coeffs @ basis
     correction = basis @ w
-    return w - basis.T @ correction, coeffs + correction
+    return w - correction @ basis, coeffs + correction
 
 
 def lanczos(
@@ -212,6 +213,7 @@ def lanczos(
     dtype=None,
     device=None,
     stop: str = "residual",
+    verify: bool = True,
 ) -> LanczosResult:
     """Largest algebraic eigenpair of a symmetric operator by Lanczos with full reorthogonalisation.
 
@@ -229,6 +231,10 @@ def lanczos(
     the second Ritz value (Saad, Numerical Methods for Large Eigenvalue Problems, Thm 3.9 / Kato–Temple),
     and its change over the last step are both ≤ ``tol·|λ|``. Far fewer calls for the same λ accuracy;
     the returned residual is still the honest one (a rigorous bound on the distance to an eigenvalue).
+
+    ``verify=False`` skips the extra call: the eigenvalue is the Ritz value and the residual the
+    Lanczos estimate β_k|s_k|, which with full reorthogonalisation equals ‖Hv − λv‖ up to rounding
+    (the relation H Q = Q T + β q e_kᵀ holds to working precision; Paige 1976).
     """
     if dim < 1 or iterations < 1:
         raise ValueError("dim and iterations must be positive")
@@ -278,6 +284,8 @@ def lanczos(
     assert basis is not None
     ritz = s.to(basis.dtype) @ basis[: len(alphas)]
     ritz = ritz / torch.linalg.vector_norm(ritz)
+    if not verify:
+        return LanczosResult(theta, ritz.detach(), beta * abs(float(s[-1])), len(alphas))
     h_ritz = operator(ritz).to(ritz.dtype)
     eigenvalue = float(torch.dot(ritz, h_ritz))
     residual = float(torch.linalg.vector_norm(h_ritz - eigenvalue * ritz))
