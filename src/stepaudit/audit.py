@@ -404,7 +404,7 @@ class Audit:
 
     def _audit(self, pending: _Pending, index: int) -> dict:
         ctx = pending.ctx
-        ctx.flat_delta_w = flatten(self.params) - ctx.flat_before
+        ctx.flat_delta_w = flatten(self.params).sub_(ctx.flat_before)  # fresh copy: subtract in place
         ctx.delta_w = views(ctx.flat_delta_w, self.params)
         record = {"step": index, "lr": ctx.lr(), "batch_size": _batch_size(pending.batches)}
         sums = per_parameter_sums(ctx.flat_before, ctx.flat_grad, ctx.flat_delta_w, self._lengths)
