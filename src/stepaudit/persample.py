@@ -66,8 +66,14 @@ def _square_norms_of_products(left: Tensor, right: Tensor) -> Tensor:
     return torch.linalg.vector_norm((left @ right.transpose(1, 2)).flatten(1), dim=1) ** 2
 
 
-def _per_module(module: nn.Module, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Callable[[slice], Tensor]]]:
-    """For each parameter: per-example squared norms [c] and a function giving the sum over examples ``rows``."""
+def _split(x: Tensor, count: int) -> Tensor:
+    """[n, ...] rows → [count, n/count, ...]: ``count`` equal consecutive groups of examples."""
+    return x.reshape(count, x.shape[0] // count, *x.shape[1:])
+
+
+def _per_module(module: nn.Module, a: Tensor, d: Tensor) -> dict[str, tuple[Tensor, Callable[[int, int, int], Tensor]]]:
+    """Per parameter: per-example squared norms [c], and ``sums(lo, hi, n)`` giving the parameter-gradient
+    sums of n equal consecutive groups of examples spanning rows lo:hi, as [n, *param.shape]."""
     c = a.shape[0]
     if isinstance(module, nn.Linear):
         a3, d3 = a.reshape(c, -1, a.shape[-1]), d.reshape(c, -1, d.shape[-1])  # [c, T, in], [c, T, out]
@@ -75,7 +81,12 @@ def _per_module(module: nn.Module, a: Tensor, d: Tensor) -> dict[str, tuple[Tens
             weight_sq = (torch.linalg.vector_norm(a3.flatten(1), dim=1) * torch.linalg.vector_norm(d3.flatten(1), dim=1)) ** 2
         else:
             weight_sq = _square_norms_of_products(d3.transpose(1, 2), a3.transpose(1, 2))
-        out = {"weight": (weight_sq, lambda r: d3[r].reshape(-1, d3.shape[-1]).T @ a3[r].reshape(-1, a3.shape[-1]))}
+
+        def weight_sums(lo: int, hi: int, n: int) -> Tensor:
+            dg, ag = _split(d3[lo:hi], n), _split(a3[lo:hi], n)  # [n, rows, T, ·]
+            return dg.flatten(1, 2).transpose(1, 2) @ ag.flatten(1, 2)
+
+        out = {"weight": (weight_sq, weight_sums)}
         bias = d3.sum(1)
     elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
         two_d = isinstance(module, nn.Conv2d)
@@ -84,8 +95,12 @@ def _per_module(module: nn.Module, a: Tensor, d: Tensor) -> dict[str, tuple[Tens
         u = F.unfold(x, pair(module.kernel_size), dilation=pair(module.dilation),
                      padding=pair(module.padding) if two_d else (0, module.padding[0]), stride=pair(module.stride))
         d3 = d.reshape(c, d.shape[1], -1)  # [c, out, L]
-        out = {"weight": (_square_norms_of_products(d3, u),
-                          lambda r: d3[r].transpose(0, 1).reshape(d3.shape[1], -1) @ u[r].transpose(0, 1).reshape(u.shape[1], -1).T)}
+
+        def weight_sums(lo: int, hi: int, n: int) -> Tensor:
+            dg, ug = _split(d3[lo:hi], n), _split(u[lo:hi], n)  # [n, rows, out|K, L]
+            return dg.transpose(1, 2).flatten(2) @ ug.transpose(1, 2).flatten(2).transpose(1, 2)
+
+        out = {"weight": (_square_norms_of_products(d3, u), weight_sums)}
         bias = d3.sum(2)
     else:  # LayerNorm, eval-mode BatchNorm: y = γ x̂ + β
         if isinstance(module, nn.LayerNorm):
@@ -96,9 +111,23 @@ def _per_module(module: nn.Module, a: Tensor, d: Tensor) -> dict[str, tuple[Tens
             x_hat = (a - module.running_mean.view(shape)) / torch.sqrt(module.running_var.view(shape) + module.eps)
             axes = tuple(range(2, a.dim()))  # spatial axes
         gamma, bias = (d * x_hat).sum(axes) if axes else d * x_hat, d.sum(axes) if axes else d
-        out = {"weight": (torch.linalg.vector_norm(gamma.flatten(1), dim=1) ** 2, lambda r: gamma[r].sum(0))}
-    out["bias"] = (torch.linalg.vector_norm(bias.flatten(1), dim=1) ** 2, lambda r: bias[r].sum(0))
+        out = {"weight": (torch.linalg.vector_norm(gamma.flatten(1), dim=1) ** 2,
+                          lambda lo, hi, n: _split(gamma[lo:hi], n).sum(1))}
+    out["bias"] = (torch.linalg.vector_norm(bias.flatten(1), dim=1) ** 2, lambda lo, hi, n: _split(bias[lo:hi], n).sum(1))
     return out
+
+
+def _runs(bounds: list[int], start: int, stop: int) -> list[tuple[int, int, int, int]]:
+    """(first group, lo, hi, count): runs of consecutive equal-sized groups clipped to rows start:stop."""
+    pieces = [(k, max(bounds[k], start), min(bounds[k + 1], stop)) for k in range(len(bounds) - 1)
+              if max(bounds[k], start) < min(bounds[k + 1], stop)]
+    runs: list[list[int]] = []
+    for k, lo, hi in pieces:
+        if runs and hi - lo == (runs[-1][2] - runs[-1][1]) // runs[-1][3]:
+            runs[-1][2], runs[-1][3] = hi, runs[-1][3] + 1
+        else:
+            runs.append([k, lo, hi, 1])
+    return [tuple(r) for r in runs]
 
 
 def layer_moments(model: nn.Module, loss: Callable[[Mapping[str, Tensor], Any], Tensor], params: Mapping[str, Tensor],
@@ -139,13 +168,16 @@ def layer_moments(model: nn.Module, loss: Callable[[Mapping[str, Tensor], Any], 
     offsets, offset = {}, 0
     for key, value in params.items():
         offsets[key], offset = (offset, value.numel()), offset + value.numel()
-    device = next(iter(params.values())).device
+    first_param = next(iter(params.values()))
+    device = first_param.device
     counts = torch.bincount(group_of, minlength=groups).double().to(device)
-    moments = Moments(torch.zeros(groups, offset, dtype=torch.float64, device=device),
-                      torch.zeros(groups, dtype=torch.float64, device=device), counts, counts.clone())
+    # group sums in the working dtype (each entry sums ≤ B/K rows of one backward), float64 once at the end
+    sums = torch.zeros(groups, offset, dtype=first_param.dtype, device=device)
     squares = torch.zeros(size, dtype=torch.float64, device=device)
     for name, module in owners.items():
         a, d = captured[name][0]
+        if a.dtype in (torch.float16, torch.bfloat16):  # autocast: square and sum in float32
+            a, d = a.float(), d.float()
         d = d * size  # per-example gradients of a mean loss
         spread = int(torch.tensor(module.kernel_size).prod()) if isinstance(module, (nn.Conv1d, nn.Conv2d)) else 1
         per_example = (4 * spread * a[:1].numel() + 2 * d[:1].numel()) * a.element_size() \
@@ -154,16 +186,16 @@ def layer_moments(model: nn.Module, loss: Callable[[Mapping[str, Tensor], Any], 
         for start in range(0, size, chunk):
             stop = min(start + chunk, size)
             terms = _per_module(module, a[start:stop], d[start:stop])
-            for pname, (square, summed) in terms.items():
+            runs = _runs(bounds, start, stop)
+            for pname, (square, group_sums) in terms.items():
                 key = prefix + (name + "." if name else "") + pname
                 if key not in params:
                     continue
                 squares[start:stop] += square.double()
                 first, length = offsets[key]
-                for k in range(groups):
-                    lo, hi = max(bounds[k], start), min(bounds[k + 1], stop)
-                    if lo < hi:
-                        moments.sums[k, first:first + length] += summed(slice(lo - start, hi - start)).reshape(-1)
+                for k, lo, hi, count in runs:
+                    sums[k:k + count, first:first + length] += group_sums(lo - start, hi - start, count).reshape(count, -1)
+    moments = Moments(sums.double(), torch.zeros(groups, dtype=torch.float64, device=device), counts, counts.clone())
     moments.sq.index_add_(0, group_of.to(device), squares)
     batch_grad = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
                             for g, p in zip(grads, leaves.values())])
