@@ -234,8 +234,10 @@ def lanczos(
     ``stop="eigenvalue"`` targets the eigenvalue instead of the eigenvector: it stops once the
     estimated error of the top Ritz value, min(r, r²/gap) with r = β_k|s_k| and gap the distance to
     the second Ritz value (Saad, Numerical Methods for Large Eigenvalue Problems, Thm 3.9 / Kato–Temple),
-    and its change over the last step are both ≤ ``tol·|λ|``. Far fewer calls for the same λ accuracy;
-    the returned residual is still the honest one (a rigorous bound on the distance to an eigenvalue).
+    and its change over the last step are both ≤ ``tol·|λ|``. Fewer calls for the same λ accuracy when
+    the top eigenvalue is isolated; when the top eigenvalues crowd together the Ritz gap overstates the
+    true gap and it can stop early. The returned residual is still a rigorous bound on the distance
+    from the estimate to an eigenvalue.
 
     ``verify=False`` skips the extra call: the eigenvalue is the Ritz value and the residual the
     Lanczos estimate β_k|s_k|, which with full reorthogonalisation equals ‖Hv − λv‖ up to rounding
