@@ -6,12 +6,12 @@ small function of the layer's input a_i and of the gradient δ_i at its output (
 
     Linear   g_i(W) = Σ_t δ_it a_itᵀ      ‖g_i(W)‖² = ‖δ_i‖²‖a_i‖² without a sequence axis,
                                           Σ_{t,s} (δ_it·δ_is)(a_it·a_is) with one (whichever is cheaper)
-    Conv     g_i(W) = δ_i U_iᵀ            U_i = unfold(a_i) (im2col), same two routes
+    Conv     g_i(W): one grouped convolution-weight gradient with the examples as groups, per chunk
     Norms    g_i(γ) = Σ δ_i ∘ x̂_i,  g_i(β) = Σ δ_i  over the non-channel axes
 
 With a mean loss, the hook sees δ/B, so per-example gradients are B times the per-row terms. Only
 squared norms and per-group sums are formed, example chunk by example chunk. Anything else (a raw
-Parameter, a module called twice, grouped convolution, a module whose weights are used without
+Parameter, a module called twice, a string padding such as "same", a module whose weights are used without
 calling it, as in MultiheadAttention) makes ``layer_moments`` return None: the caller then uses vmap.
 The result is checked against the batch gradient of the same backward before it is trusted.
 """
@@ -34,8 +34,8 @@ def _supported(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return kind.forward is nn.Linear.forward
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return (kind.forward in (nn.Conv1d.forward, nn.Conv2d.forward) and module.groups == 1
-                and module.padding_mode == "zeros" and not isinstance(module.padding, str))
+        return (kind.forward in (nn.Conv1d.forward, nn.Conv2d.forward) and module.padding_mode == "zeros"
+                and not isinstance(module.padding, str))
     if isinstance(module, nn.LayerNorm):
         return kind.forward is nn.LayerNorm.forward
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -89,19 +89,16 @@ def _per_module(module: nn.Module, a: Tensor, d: Tensor) -> dict[str, tuple[Tens
         out = {"weight": (weight_sq, weight_sums)}
         bias = d3.sum(1)
     elif isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        two_d = isinstance(module, nn.Conv2d)
-        pair = lambda v: tuple(v) if two_d else (1, v[0])  # noqa: E731 - Conv1d as a 1×L Conv2d
-        x = a if two_d else a.unsqueeze(2)
-        u = F.unfold(x, pair(module.kernel_size), dilation=pair(module.dilation),
-                     padding=pair(module.padding) if two_d else (0, module.padding[0]), stride=pair(module.stride))
-        d3 = d.reshape(c, d.shape[1], -1)  # [c, out, L]
-
-        def weight_sums(lo: int, hi: int, n: int) -> Tensor:
-            dg, ug = _split(d3[lo:hi], n), _split(u[lo:hi], n)  # [n, rows, out|K, L]
-            return dg.transpose(1, 2).flatten(2) @ ug.transpose(1, 2).flatten(2).transpose(1, 2)
-
-        out = {"weight": (_square_norms_of_products(d3, u), weight_sums)}
-        bias = d3.sum(2)
+        # Per-example weight gradients as ONE grouped convolution-weight gradient: the c examples
+        # become c groups of channels (what vmap's batching rule does), materialised per chunk.
+        weight_grad = torch.nn.grad.conv2d_weight if isinstance(module, nn.Conv2d) else torch.nn.grad.conv1d_weight
+        out_channels, in_per_group = module.weight.shape[0], module.weight.shape[1]
+        per_example = weight_grad(a.reshape(1, -1, *a.shape[2:]), (c * out_channels, in_per_group, *module.kernel_size),
+                                  d.reshape(1, -1, *d.shape[2:]), stride=module.stride, padding=module.padding,
+                                  dilation=module.dilation, groups=c * module.groups).reshape(c, -1)
+        out = {"weight": (torch.linalg.vector_norm(per_example, dim=1) ** 2,
+                          lambda lo, hi, n: _split(per_example[lo:hi], n).sum(1))}
+        bias = d.reshape(c, d.shape[1], -1).sum(2)
     else:  # LayerNorm, eval-mode BatchNorm: y = γ x̂ + β
         if isinstance(module, nn.LayerNorm):
             x_hat = F.layer_norm(a, module.normalized_shape, eps=module.eps)
@@ -179,9 +176,8 @@ def layer_moments(model: nn.Module, loss: Callable[[Mapping[str, Tensor], Any], 
         if a.dtype in (torch.float16, torch.bfloat16):  # autocast: square and sum in float32
             a, d = a.float(), d.float()
         d = d * size  # per-example gradients of a mean loss
-        spread = int(torch.tensor(module.kernel_size).prod()) if isinstance(module, (nn.Conv1d, nn.Conv2d)) else 1
-        per_example = (4 * spread * a[:1].numel() + 2 * d[:1].numel()) * a.element_size() \
-            + sum(p.numel() * p.element_size() for p in module.parameters())  # unfold / products / Gram
+        per_example = (2 * a[:1].numel() + 2 * d[:1].numel()) * a.element_size() \
+            + 2 * sum(p.numel() * p.element_size() for p in module.parameters())  # products / Gram / conv grads
         chunk = max(1, budget_bytes // max(per_example, 1))
         for start in range(0, size, chunk):
             stop = min(start + chunk, size)
