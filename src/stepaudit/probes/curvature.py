@@ -176,9 +176,11 @@ def _method_fields(ctx: StepContext, operator: linalg.Hvp) -> dict:
     return fields
 
 
-def _delta_w(ctx: StepContext, operator: linalg.Hvp) -> torch.Tensor:
-    dtype = torch.float64 if _wants_float64(ctx) else ctx.flat_delta_w.dtype
-    return ctx.flat_delta_w.to(dtype)
+def _delta_w(ctx: StepContext) -> torch.Tensor:
+    """Δw in the dtype of the Hessian operator (float64 twin: recomputed from the weights, exactly)."""
+    if _wants_float64(ctx):
+        return torch.cat([p.detach().reshape(-1).double() for p in ctx.params]) - ctx.flat_before.double()
+    return ctx.flat_delta_w
 
 
 def _dot64(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -195,7 +197,7 @@ def _quadratic_fields(ctx: StepContext, quadratic: float) -> dict:
 def quadratic_probe(ctx: StepContext) -> dict:
     """``quadratic`` = ½ Δwᵀ H Δw (one HVP) and ``cubic_remainder`` = delta − first_order − quadratic."""
     operator = hessian(ctx)
-    delta_w = _delta_w(ctx, operator)
+    delta_w = _delta_w(ctx)
     quadratic = 0.5 * _dot64(delta_w, operator(delta_w))
     return {**_quadratic_fields(ctx, quadratic), **_method_fields(ctx, operator)}
 
@@ -220,7 +222,7 @@ def interplay_matrix(ctx: StepContext) -> tuple[list[str], torch.Tensor]:
     if "_interplay" in ctx.cache:
         return ctx.cache["_interplay"]
     operator = hessian(ctx)
-    delta_w = _delta_w(ctx, operator)
+    delta_w = _delta_w(ctx)
     paths, element_layer = _layers(ctx)
     n = len(paths)
     columns = torch.zeros(n, n, dtype=torch.float64, device=delta_w.device)
