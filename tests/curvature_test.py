@@ -18,6 +18,15 @@ F64 = torch.float64
 CAPTURED: dict = {}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is as fast alone and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def mse_loss(model, batch):
     x, y = batch
     return F.mse_loss(model(x), y)
