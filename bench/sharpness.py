@@ -3,10 +3,10 @@
 One process, per workload (digits MLP, CNN with BatchNorm, tiny transformer LM; ``stepaudit.workloads``),
 at the weights reached after a few SGD steps, on one training batch:
 
-1. λ_max by stepaudit's ``sharpness`` probe (cold start, default settings: Lanczos until the honest
-   residual ‖Hv − λv‖ ≤ 1e-3·λ) and by PyHessian (``hessian(model, criterion, data=...)`` then
-   ``.eigenvalues(top_n=1)``, its defaults: power iteration, maxIter=100, tol=1e-3 on the change of
-   the estimate). Wall time (operator construction included) and relative error against a tightly
+1. λ_max by stepaudit's ``sharpness`` probe from a cold start (default settings: Lanczos until the
+   residual ‖Hv − λv‖ ≤ 1e-3·λ; and the opt-in ``stop="eigenvalue"``) and by PyHessian
+   (``hessian(model, criterion, data=...)`` then ``.eigenvalues(top_n=1)``, its defaults: power
+   iteration, maxIter=100, tol=1e-3 on the change of the estimate; and with tol=1e-4). Wall time (operator construction included) and relative error against a tightly
    converged float64 reference (Lanczos to residual ≤ 1e-9·λ). PyHessian silently switches the model
    to eval mode, so on the CNN it measures the eval-mode Hessian (running BatchNorm statistics), not
    the one of the training step: its error is given against both references.
