@@ -94,7 +94,8 @@ class Audit:
         self._validate(model, optimizer, loss_fn, every, precision, reference_mode)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.every, self.strict, self.precision = every, strict, precision
-        self.options = {"reference": reference, "reference_every": reference_every, "reference_mode": reference_mode}
+        self.options = {"reference": reference, "reference_every": reference_every, "reference_mode": reference_mode,
+                        "precision": precision}
         probes = dict(probes or {})
         if reference is not None:
             probes.setdefault("reference", reference_every)
@@ -445,6 +446,8 @@ class Audit:
             if previous and self.records and self.records[-1].get("step") == index - 1:
                 self.records[-1].update(previous)  # fields only known one step later (next_delta)
                 self.store.append(self.records[-1])
+                for sink in self._sinks:
+                    sink({"step": index - 1, **previous})
 
     def _commit(self, record: dict) -> None:
         self.records.append(record)
