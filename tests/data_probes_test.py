@@ -371,3 +371,36 @@ def test_run_shares_counts_by_hand():
     assert shares["noise_scale_pooled"] == pytest.approx((60 / 3) / (3.5 / 3), rel=1e-12)  # averaged, then divided
     empty = run_shares([])
     assert empty["steps_with_next_delta"] == 0 and math.isnan(empty["share_hurt_next"])
+
+
+def test_noise_falls_back_to_two_batch_when_micro_batches_are_impossible(tmp_path):
+    torch.manual_seed(0)
+    audit = audited(Net(bn=True), tmp_path, probes={"noise": 1}, strict=True)
+    x, y = data(3, seed=2)  # BatchNorm in train mode and 3 examples: no 2 micro-batches of ≥ 2
+    audit.step((x, y))
+    record = audit.last
+    assert record["noise_scale_method"] == "two_batch"
+    assert "BatchNorm in train mode" in record["noise_fallback"] and "micro_batch" in record["noise_fallback"]
+    audit.close()
+
+
+def test_gradient_accumulation_parts_pool_into_one_batch(tmp_path):
+    """watch(accumulate=2): per-example statistics over both micro-batches = over the 32 examples."""
+    torch.manual_seed(0)
+    factory = lambda: Net()  # noqa: E731
+    model = factory()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    audit = stepaudit.Audit(model, optimizer, loss_fn, run=tmp_path / "run", probes={"noise": 1}, strict=True)
+    batch = batches(1)[0]
+    parts = [(batch[0][:16], batch[1][:16]), (batch[0][16:], batch[1][16:])]
+    before = snapshot(model)
+    with audit.watch(parts, accumulate=2):
+        optimizer.zero_grad()
+        for part in parts:
+            (loss_fn(model, part) / 2).backward()
+        optimizer.step()
+    rows = unit_gradients(factory, before, batch, list(range(33)))
+    trace = covariance_trace(rows)
+    assert audit.last["trace_sigma"] == pytest.approx(trace, rel=1e-4)
+    assert audit.last["grad_sq_norm"] == pytest.approx(float(rows.mean(0) @ rows.mean(0)) - trace / 32, rel=1e-3)
+    audit.close()
