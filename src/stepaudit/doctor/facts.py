@@ -1,0 +1,257 @@
+"""Derived quantities the doctor's rules share, computed once from step records and run-level observations.
+
+Everything here is a plain measurement with a meaning (a loss level, a ratio of norms, a cosine); the
+thresholds that turn measurements into diagnoses live in ``rules.py`` next to their sources.
+Records come from the active audit (own-batch ``delta``, ``alpha``, probes) or from passive capture
+(``grad_cos_prev``, activation shares, input scale); a missing field makes a quantity ``None``.
+"""
+from __future__ import annotations
+
+import math
+from functools import cached_property
+from statistics import mean, median
+from typing import Any, Iterable, Sequence
+
+
+def finite(values: Iterable[Any]) -> list[float]:
+    """The finite numbers among ``values`` (bools, None, NaN and ±inf dropped)."""
+    return [float(v) for v in values
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+
+
+def med(values: Iterable[Any]) -> float | None:
+    """Median of the finite values, or None."""
+    kept = finite(values)
+    return median(kept) if kept else None
+
+
+def rolling_median(values: Sequence[float], width: int) -> list[float]:
+    """Median of each window of ``width`` consecutive values (one batch's outlier cannot look like a trend)."""
+    width = max(1, min(width, len(values)))
+    return [median(values[i:i + width]) for i in range(len(values) - width + 1)]
+
+
+def entropy(counts: dict) -> float | None:
+    """Entropy (nats) of the empirical label distribution: the loss of always predicting the label prior."""
+    total = sum(float(c) for c in counts.values())
+    if total <= 0:
+        return None
+    return -sum(float(c) / total * math.log(float(c) / total) for c in counts.values() if float(c) > 0)
+
+
+class Facts:
+    """The run as the rules see it: losses, windows, sampled step statistics, passive observations."""
+
+    def __init__(self, records: Sequence[dict], meta: dict | None = None, observations: dict | None = None) -> None:
+        self.records = sorted((r for r in records if isinstance(r.get("step"), (int, float))), key=lambda r: r["step"])
+        self.meta = dict(meta or {})
+        self.obs = dict(observations if observations is not None else self.meta.get("observations") or {})
+        self.passive = self.obs.get("mode") == "passive"
+
+    # -- counts ------------------------------------------------------------------------------------------
+    @cached_property
+    def n_steps(self) -> int:
+        """Optimizer steps seen (passive: all of them; active: last audited step + 1)."""
+        if "steps" in self.obs:
+            return int(self.obs["steps"])
+        return int(self.records[-1]["step"]) + 1 if self.records else 0
+
+    @cached_property
+    def batch_size(self) -> int | None:
+        """Examples per step, as the records or the observations report it."""
+        size = self.obs.get("batch_size") or med(r.get("batch_size") for r in self.records)
+        return int(size) if size else None
+
+    # -- non-finite ----------------------------------------------------------------------------------------
+    @cached_property
+    def first_nonfinite(self) -> dict | None:
+        """The first step where the loss, the gradient, the update or the weights stopped being finite."""
+        for r in self.records:
+            loss = r.get("loss_before")
+            what = None
+            if isinstance(loss, (int, float)) and not math.isfinite(loss):
+                what = "loss"
+            elif r.get("verdict") == "nonfinite" or r.get("grad_nonfinite"):
+                what = "gradient"
+            elif any(isinstance(r.get(k), float) and not math.isfinite(r[k]) for k in ("update_norm", "weight_norm")):
+                what = "update"
+            elif r.get("weights_nonfinite") or r.get("input_nonfinite"):
+                what = "input" if r.get("input_nonfinite") else "weights"
+            if what:
+                return {"step": int(r["step"]), "what": what, "loss": loss}
+        return None
+
+    @cached_property
+    def healthy_records(self) -> list[dict]:
+        """Records before anything went non-finite (statistics after NaN weights mean nothing)."""
+        stop = self.first_nonfinite["step"] if self.first_nonfinite else math.inf
+        return [r for r in self.records if r["step"] < stop]
+
+    # -- the loss curve ------------------------------------------------------------------------------------
+    @cached_property
+    def losses(self) -> list[tuple[int, float]]:
+        """(step, loss at backward / loss_before) of every finite loss before the first non-finite step."""
+        return [(int(r["step"]), float(r["loss_before"])) for r in self.healthy_records
+                if isinstance(r.get("loss_before"), (int, float)) and math.isfinite(r["loss_before"])]
+
+    @cached_property
+    def smoothing(self) -> int:
+        """Window of the rolling median: about 64 examples' worth of batches, 5 to 25 steps."""
+        b = self.batch_size or 16
+        return max(5, min(25, math.ceil(64 / max(b, 1))))
+
+    @cached_property
+    def loss_init(self) -> float | None:
+        """Loss at the first step (at initialisation)."""
+        return self.losses[0][1] if self.losses else None
+
+    @cached_property
+    def loss_start(self) -> float | None:
+        """Median loss of the first steps (the starting level, robust to one odd batch)."""
+        values = [v for _, v in self.losses[:self.smoothing]]
+        return median(values) if values else None
+
+    @cached_property
+    def loss_end(self) -> float | None:
+        """Median loss of the last fifth of the run (at least ``smoothing`` steps)."""
+        if len(self.losses) < 2:
+            return None
+        width = max(self.smoothing, len(self.losses) // 5)
+        return median(v for _, v in self.losses[-width:])
+
+    @cached_property
+    def progress(self) -> float | None:
+        """Share of the starting loss removed by the end of the run: (start − end)/|start|."""
+        if self.loss_start is None or self.loss_end is None or self.loss_start == 0:
+            return None
+        return (self.loss_start - self.loss_end) / abs(self.loss_start)
+
+    @cached_property
+    def peak(self) -> tuple[float, int] | None:
+        """Highest rolling-median loss and the step where the rolling median first exceeded 1.5× the start."""
+        values = [v for _, v in self.losses]
+        if len(values) < 2 or self.loss_init is None:
+            return None
+        width = min(self.smoothing, max(1, len(values) // 3))
+        smooth = rolling_median(values, width)
+        top = max(smooth)
+        bar = 1.5 * abs(self.loss_init)
+        window = next((i for i, v in enumerate(smooth) if v > bar), None)
+        if window is None:
+            return top, None
+        # the onset: the first step inside that window whose own loss is above the bar
+        first = next(self.losses[j][0] for j in range(window, window + width) if self.losses[j][1] > bar)
+        return top, first
+
+    @cached_property
+    def label_entropy(self) -> tuple[float, str] | None:
+        """Loss of the best input-blind predictor: label entropy (classification) or target variance (MSE)."""
+        counts = self.obs.get("label_counts") or {}
+        if counts and len(counts) >= 2:
+            value = entropy(counts)
+            return (value, f"entropy of the labels ({len(counts)} classes)") if value else None
+        variance = self.obs.get("target_variance")
+        if isinstance(variance, (int, float)) and variance > 0 and "mse_loss" in (self.obs.get("loss_calls") or {}):
+            return float(variance), "variance of the regression targets"
+        return None
+
+    # -- sampled step statistics ---------------------------------------------------------------------------
+    @cached_property
+    def sampled(self) -> list[dict]:
+        """Healthy records with the gradient/update statistics."""
+        return [r for r in self.healthy_records if isinstance(r.get("grad_norm"), (int, float))]
+
+    def early(self, records: Sequence[dict]) -> list[dict]:
+        """The records in the first third of the run (at least the first 10 steps)."""
+        cut = max(10, self.n_steps / 3)
+        return [r for r in records if r["step"] < cut]
+
+    @cached_property
+    def update_ratio(self) -> float | None:
+        """Median ‖Δw‖/‖w‖ over sampled steps (cs231n: about 1e-3 is healthy)."""
+        return med(r.get("update_ratio") for r in self.sampled)
+
+    @cached_property
+    def update_ratio_early(self) -> float | None:
+        """Median ‖Δw‖/‖w‖ of the first five steps or of the first third, whichever is larger."""
+        first = med(r.get("update_ratio") for r in self.sampled if r["step"] < 5)
+        third = med(r.get("update_ratio") for r in self.early(self.sampled))
+        return max((v for v in (first, third) if v is not None), default=None)
+
+    @cached_property
+    def moved(self) -> bool:
+        """Whether any sampled step changed the weights at all."""
+        return any(isinstance(r.get("update_norm"), (int, float)) and r["update_norm"] > 0 for r in self.sampled)
+
+    @cached_property
+    def predicted_per_step(self) -> float | None:
+        """Mean own-batch decrease the first-order term promised per step, −g·Δw (≥ 0 for descent)."""
+        values = finite(-r["first_order"] for r in self.sampled if "first_order" in r)
+        return mean(values) if values else None
+
+    @cached_property
+    def predicted_total(self) -> float | None:
+        """−g·Δw summed over the whole run (extrapolated from the sampled steps)."""
+        per_step = self.predicted_per_step
+        return None if per_step is None else per_step * max(len(self.losses), 1)
+
+    @cached_property
+    def grad_cos_early(self) -> float | None:
+        """Mean cosine between consecutive steps' gradients over the first third (passive pairs)."""
+        values = finite(r.get("grad_cos_prev") for r in self.early(self.sampled))
+        return mean(values) if len(values) >= 2 else None
+
+    @cached_property
+    def grad_growth(self) -> tuple[float, int] | None:
+        """Largest ‖g‖ relative to the first sampled ‖g‖, and the first step where it reached 100×."""
+        norms = [(r["step"], r["grad_norm"]) for r in self.sampled if math.isfinite(r["grad_norm"])]
+        if len(norms) < 2 or norms[0][1] <= 0:
+            return None
+        base = norms[0][1]
+        first = next((s for s, g in norms if g >= 100 * base), None)
+        return max(g for _, g in norms) / base, first
+
+    def layer_rows(self, record: dict) -> list[dict]:
+        """Per-module rows of weight layers, input side first (order of the optimizer's parameters)."""
+        weight_layers = self.obs.get("weight_layers")
+        rows = [row for row in record.get("layers") or () if row.get("kind") == "module"
+                and isinstance(row.get("weight_norm"), (int, float)) and row["weight_norm"] > 0
+                and isinstance(row.get("grad_norm"), (int, float)) and math.isfinite(row["grad_norm"])]
+        if weight_layers:
+            rows = [row for row in rows if row["name"] in weight_layers]
+        return rows
+
+    @cached_property
+    def depth_ratio(self) -> tuple[float, str, str] | None:
+        """Median over sampled steps of (‖g‖/‖w‖ of the first weight layer) / (same of the last)."""
+        ratios, names = [], None
+        for record in self.sampled:
+            rows = self.layer_rows(record)
+            if len(rows) < 2 or rows[-1]["grad_norm"] <= 0:
+                continue
+            first, last = rows[0], rows[-1]
+            ratios.append((first["grad_norm"] / first["weight_norm"]) / (last["grad_norm"] / last["weight_norm"]))
+            names = (first["name"], last["name"])
+        value = med(ratios)
+        return (value, *names) if value is not None and names else None
+
+    @cached_property
+    def relative_grad_init(self) -> float | None:
+        """Median over weight layers of ‖g‖/‖w‖ at the first sampled step."""
+        if not self.sampled:
+            return None
+        return med(row["grad_norm"] / row["weight_norm"] for row in self.layer_rows(self.sampled[0]))
+
+    def share_late(self, key: str) -> tuple[float, int] | None:
+        """Median of a per-step share over the last half of its observations, and the first step it was ≥ 0.5."""
+        rows = [(r["step"], r[key]) for r in self.healthy_records if isinstance(r.get(key), (int, float))]
+        if not rows:
+            return None
+        late = [v for _, v in rows[len(rows) // 2:]]
+        return median(late), next((s for s, v in rows if v >= 0.5), rows[0][0])
+
+    # -- active-mode own-batch quantities --------------------------------------------------------------------
+    @cached_property
+    def own_batch(self) -> list[dict]:
+        """Healthy records with an own-batch re-evaluation (active audit)."""
+        return [r for r in self.healthy_records if isinstance(r.get("delta"), (int, float)) and math.isfinite(r["delta"])]

@@ -1,0 +1,477 @@
+"""The doctor's rules: one small function per diagnosis, each reading ``Facts`` and citing its source.
+
+A rule returns a ``Diagnosis`` (or None). Thresholds are round numbers with a stated meaning, not
+fits to a test suite. Sources:
+  [K]   A. Karpathy, "A Recipe for Training Neural Networks" (2019): verify loss @ init (= ln C),
+        normalise inputs, overfit one batch, watch for a loss that rises.
+  [CS]  cs231n, "Neural Networks Part 3": ‖Δw‖/‖w‖ ≈ 1e-3; much lower: lr too low; much higher: too
+        high; "as much as 40% of your network can be dead" ReLUs.
+  [DL]  The descent lemma: for L-smooth f, f(w − ηg) ≤ f(w) − η(1 − Lη/2)‖g‖², so a step longer than
+        2/L can raise the loss; a loss that climbs above its starting value is steps overshooting.
+  [MC]  McCandlish et al., "An Empirical Model of Large-Batch Training" (2018): with noise scale
+        B_noise = tr Σ/‖G‖², E[cos(g_t, g_t+1)] ≈ 1/(1 + B_noise/B) for independent batches.
+  [LC]  LeCun et al., "Efficient BackProp" (1998) §4.3: inputs with zero mean and unit variance;
+        the curvature of a first-layer weight scales with E[x²].
+  [GB]  Glorot & Bengio, "Understanding the difficulty of training deep feedforward networks" (2010):
+        saturated sigmoid/tanh units and gradients shrinking layer by layer.
+  [PM]  Pascanu, Mikolov & Bengio, "On the difficulty of training RNNs" (2013): exploding gradients,
+        norms growing by orders of magnitude; clip them.
+  [ZK]  Zhang et al., "Understanding deep learning requires rethinking generalization" (2017): random
+        labels are fitted only by memorisation, slowly, the loss staying near the label entropy.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+from .facts import Facts, finite, med
+
+SEVERITIES = ("error", "warning", "info")
+
+
+@dataclass
+class Diagnosis:
+    """One named finding: what, how sure, since when, the numbers, and the change to make."""
+
+    code: str
+    severity: str
+    confidence: float
+    first_step: int | None
+    evidence: str
+    fix: str
+    kind: str = ""  # sub-kind for causal ordering (e.g. loss_wiring "init")
+    whole_run: bool = False  # judged over the whole run: no onset to compare with a cause's
+
+    def as_dict(self) -> dict:
+        """The JSON contract: code, severity, confidence, first_step, evidence, fix."""
+        return {"code": self.code, "severity": self.severity, "confidence": round(min(max(self.confidence, 0.0), 1.0), 3),
+                "first_step": self.first_step, "evidence": self.evidence, "fix": self.fix}
+
+
+def _g(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return "n/a"
+    return f"{x:.{digits}g}"
+
+
+def _clip(x: float) -> float:
+    return min(max(x, 0.05), 0.99)
+
+
+def _not_training(f: Facts) -> bool:
+    """The loss lost less than 10% of its starting value over the run [K: 'the loss should go down']."""
+    return f.progress is not None and f.progress < 0.10
+
+
+# -- structural findings (seen directly, not inferred) ----------------------------------------------------------
+def nonfinite(f: Facts) -> Diagnosis | None:
+    """NaN/Inf in the loss, the gradient, the update or the weights."""
+    found = f.first_nonfinite
+    if found is None:
+        return None
+    step, what = found["step"], found["what"]
+    before = [v for s, v in f.losses if s < step]
+    grew = bool(before) and f.loss_init is not None and max(before) > 1.5 * abs(f.loss_init)
+    if what == "input":
+        detail, fix = ("the first layer's input already contained NaN/Inf",
+                       "clean the data: assert torch.isfinite(x).all() when loading; impute or drop the bad rows")
+    elif grew:
+        detail, fix = (f"after the loss had grown to {_g(max(before))} (from {_g(f.loss_init)})",
+                       "lower the learning rate or clip gradients (torch.nn.utils.clip_grad_norm_(params, 1.0))")
+    else:
+        detail, fix = (f"suddenly, with the loss still near {_g(before[-1] if before else None)} just before",
+                       "look for NaN/Inf in the data (torch.isfinite(x).all()) and for log(0), division by zero "
+                       "or sqrt(0) in the loss; add an epsilon (e.g. log(p + 1e-8)) or use the fused loss")
+    return Diagnosis("nonfinite", "error", 0.95, step, f"the {what} became NaN/Inf at step {step}, {detail}.", fix,
+                     kind="growth" if grew else what)
+
+
+def params_not_updating(f: Facts) -> Diagnosis | None:
+    """No optimizer step, a zero learning rate, or parameters that get no gradient or no optimizer."""
+    obs = f.obs
+    steps, backwards = f.n_steps, obs.get("backward_passes")
+    if f.passive and steps == 0:
+        if backwards:
+            return Diagnosis("params_not_updating", "error", 0.97, 0,
+                             f"{backwards} backward passes ran but optimizer.step() was never called: the weights never change.",
+                             "call optimizer.step() after loss.backward() (and optimizer.zero_grad() before it)")
+        return Diagnosis("params_not_updating", "warning", 0.5, None,
+                         "no backward pass and no optimizer step were seen: nothing was trained.",
+                         "check that the script reaches its training loop (loss.backward(); optimizer.step())")
+    groups = [g for o in obs.get("optimizers") or [] for g in o.get("param_groups") or []] or (f.meta.get("param_groups") or [])
+    zero_lr = [g for g in groups if g.get("lr") == 0]
+    if groups and len(zero_lr) == len(groups):
+        return Diagnosis("params_not_updating", "error", 0.95, 0, "the learning rate is 0 in every parameter group.",
+                         "set a positive learning rate (e.g. lr=1e-3 for Adam, 1e-2–1e-1 for SGD)")
+    if f.sampled and not f.moved:
+        zero_grad = all((r.get("grad_norm") or 0) == 0 for r in f.sampled)
+        if zero_grad:
+            return Diagnosis("params_not_updating", "error", 0.95, int(f.sampled[0]["step"]),
+                             f"the gradient the optimizer received was exactly 0 at all {len(f.sampled)} sampled steps, "
+                             "so no weight changed: .grad is cleared between backward() and step(), or backward() "
+                             "runs after step().",
+                             "order each iteration as optimizer.zero_grad(); loss.backward(); optimizer.step()")
+        return Diagnosis("params_not_updating", "error", 0.9, int(f.sampled[0]["step"]),
+                         f"‖Δw‖ = 0 at all {len(f.sampled)} sampled steps although ‖g‖ ≈ {_g(med(r['grad_norm'] for r in f.sampled))}.",
+                         "check the learning rate and that the optimizer holds the model's parameters")
+    return _partly_not_updating(f, zero_lr, groups)
+
+
+def _partly_not_updating(f: Facts, zero_lr: list, groups: list) -> Diagnosis | None:
+    obs = f.obs
+    trainable = obs.get("trainable_numel") or 0
+    orphans = obs.get("orphan_params") or []
+    orphan_numel = sum(o["numel"] for o in orphans)
+    no_grad = [p for o in obs.get("optimizers") or [] for p in o.get("no_grad") or []]
+    no_grad_numel = sum(o.get("no_grad_numel", 0) for o in obs.get("optimizers") or [])
+    held = sum(o.get("numel", 0) for o in obs.get("optimizers") or [])
+    parts, share = [], 0.0
+    if orphans:
+        share = max(share, orphan_numel / trainable if trainable else 1.0)
+        parts.append(f"{len(orphans)} parameter tensors ({orphan_numel:,} values, {share:.0%} of the model's trainable "
+                     f"values; e.g. {', '.join(o['name'] for o in orphans[:3])}) receive gradients but belong to no "
+                     "optimizer, so they never change")
+    if no_grad_numel and held:
+        s = no_grad_numel / held
+        share = max(share, s)
+        parts.append(f"{len(no_grad)} of the optimizer's parameter tensors ({s:.0%} of its values; e.g. "
+                     f"{', '.join(p['name'] for p in no_grad[:3])}) never received a nonzero gradient (detached or unused)")
+    if zero_lr:
+        share = max(share, len(zero_lr) / len(groups))
+        parts.append(f"{len(zero_lr)} of {len(groups)} parameter groups have lr = 0")
+    if not parts:
+        return None
+    severity = "error" if share >= 0.5 or orphans else "warning"
+    kind = "no_grad" if not orphans and not zero_lr else "structure"
+    return Diagnosis("params_not_updating", severity, _clip(0.6 + 0.4 * share), 0, "; ".join(parts) + ".",
+                     "build the optimizer after the model is final (after replacing layers / moving to the device) "
+                     "from model.parameters(); don't detach() or wrap the forward in torch.no_grad()", kind=kind)
+
+
+def missing_zero_grad(f: Facts) -> Diagnosis | None:
+    """``.grad`` still holds the previous step's gradient when the next backward begins (passive check)."""
+    checks = [c for c in f.obs.get("zero_checks") or [] if isinstance(c.get("kept"), (int, float))]
+    if len(checks) < 2:
+        return None
+    kept = [c for c in checks if c["kept"] >= 0.5]
+    share = len(kept) / len(checks)
+    if share < 0.9:  # deliberate accumulation still clears .grad after every step
+        return None
+    first = kept[0].get("next", kept[0].get("step", -1) + 1)
+    return Diagnosis("missing_zero_grad", "error", _clip(0.75 + 0.25 * share), int(first),
+                     f"at {len(kept)} of {len(checks)} checked steps the previous step's gradient was still in .grad "
+                     "when the next backward() began, so gradients add up across steps (step k uses g_1+…+g_k).",
+                     "call optimizer.zero_grad() once per iteration, before loss.backward()")
+
+
+_WIRING = {
+    "probabilities_into_cross_entropy": (
+        "error", 0.95, "CrossEntropyLoss received probabilities (every row sums to {row_sum:.3g} and lies in [0, 1]) "
+        "instead of logits: it applies log_softmax itself, so the loss cannot go below ~ln(e + C − 1) − 1 and "
+        "gradients are squashed",
+        "remove the final softmax (nn.Softmax / F.softmax) and feed raw logits to CrossEntropyLoss"),
+    "log_probabilities_into_cross_entropy": (
+        "info", 0.3, "CrossEntropyLoss received log-probabilities (rows' logsumexp = 0): harmless, since log_softmax "
+        "is idempotent, but redundant",
+        "drop the log_softmax before CrossEntropyLoss, or use NLLLoss with it"),
+    "scores_into_nll_loss": (
+        "error", 0.95, "NLLLoss received values that are not log-probabilities (rows' logsumexp = {logsumexp:.3g}, "
+        "max {max:.3g}; it expects log_softmax outputs), so the loss is unbounded below",
+        "apply F.log_softmax(logits, dim=1) before NLLLoss, or use CrossEntropyLoss on the logits"),
+    "probabilities_into_bce_with_logits": (
+        "error", 0.9, "BCEWithLogitsLoss received values in [{min:.3g}, {max:.3g}], i.e. probabilities after a "
+        "sigmoid, where it expects logits (it applies the sigmoid itself)",
+        "remove the sigmoid before BCEWithLogitsLoss (or use BCELoss on the probabilities)"),
+    "broadcast_shapes": (
+        "error", 0.9, "the regression loss compared input of shape {input_shape} with target of shape "
+        "{target_shape}: they broadcast to a matrix, so every prediction is fitted to every target",
+        "make the shapes equal, e.g. loss_fn(pred.squeeze(-1), y) or y.unsqueeze(-1)"),
+}
+
+
+def loss_wiring(f: Facts) -> Diagnosis | None:
+    """A loss wired to the wrong kind of input, or a loss at initialisation far from ln C [K: verify loss @ init]."""
+    findings = f.obs.get("loss_findings") or []
+    ranked = sorted(findings, key=lambda x: SEVERITIES.index(_WIRING[x["kind"]][0]) if x.get("kind") in _WIRING else 9)
+    for finding in ranked:
+        if finding.get("kind") not in _WIRING:
+            continue
+        severity, confidence, evidence, fix = _WIRING[finding["kind"]]
+        try:
+            text = evidence.format(**finding)
+        except (KeyError, ValueError):
+            text = evidence.split("{")[0]
+        return Diagnosis("loss_wiring", severity, confidence, int(finding.get("step") or 0), text + ".", fix,
+                         kind=finding["kind"])
+    init = f.obs.get("initial_loss") or {}
+    classes, value = init.get("classes"), init.get("value")
+    if init.get("loss") == "cross_entropy" and classes and classes >= 2 and isinstance(value, (int, float)):
+        expected = math.log(classes)
+        if math.isfinite(value) and value > 1.5 * expected:
+            # For logits of spread s, E[CE] ≈ ln C + s²/2: 1.5 ln C means logits spread ≈ √(ln C) or more.
+            ratio = value / expected
+            return Diagnosis("loss_wiring", "warning", _clip(0.5 + 0.1 * math.log2(ratio)), int(init.get("step") or 0),
+                             f"the loss at initialisation is {_g(value)}, {ratio:.3g}× ln {classes} = {_g(expected)} "
+                             "(uniform predictions): the initial logits are far too large or the loss is scaled.",
+                             "scale down the last layer's initial weights (e.g. multiply by 0.01) and check the "
+                             "loss reduction ('mean'); then verify the first loss ≈ ln C", kind="init")
+    return None
+
+
+def unnormalized_inputs(f: Facts) -> Diagnosis | None:
+    """First-layer input far from unit scale [LC §4.3; K: normalise inputs]."""
+    rows = [r for r in f.records if isinstance(r.get("input_rms"), (int, float))]
+    if not rows:
+        return None
+    first = rows[0]
+    rms, feature_max = first["input_rms"], first.get("input_feature_rms_max") or first["input_rms"]
+    # The first layer's curvature scales with E[x²] [LC]: two orders of magnitude either way is a mismatch.
+    too_large = rms >= 10 or feature_max >= 100
+    too_small = 0 < rms <= 1e-2
+    if not (too_large or too_small):
+        return None
+    off = math.log10(max(rms, feature_max / 10)) if too_large else -math.log10(rms)
+    evidence = (f"the first layer ({first.get('input_layer', '?')}) receives inputs with RMS {_g(rms)} "
+                f"(largest feature RMS {_g(feature_max)}, median feature std {_g(first.get('input_feature_std_median'))}); "
+                "unit scale is ≈ 1")
+    trouble = _not_training(f) or f.first_nonfinite is not None or any(
+        (r.get("saturated_share") or 0) >= 0.5 or (r.get("dead_relu_share") or 0) >= 0.5 for r in f.records)
+    severity = "error" if trouble else "warning"
+    return Diagnosis("unnormalized_inputs", severity, _clip(0.55 + 0.15 * (off - 1) + (0.2 if trouble else 0)),
+                     int(first["step"]), evidence + ".",
+                     "standardise the inputs with the training-set statistics: x = (x - mean) / std "
+                     "(images: divide by 255, then normalise per channel)")
+
+
+# -- activations and gradients ----------------------------------------------------------------------------------
+def dead_relu(f: Facts) -> Diagnosis | None:
+    """Hidden ReLU units that output 0 for every example of a batch [CS: up to 40% can die]."""
+    overall = f.share_late("dead_relu_share")
+    layer = f.share_late("dead_relu_max")
+    if overall is None:
+        return None
+    share, first = overall
+    layer_share = layer[0] if layer else share
+    if share < 0.5 and layer_share < 0.9:
+        return None
+    if (f.progress or 0) >= 0.5 and share < 0.9:
+        return None  # the loss halved anyway: the dead units are not what stops training
+    severity = "error" if share >= 0.9 or _not_training(f) else "warning"
+    return Diagnosis("dead_relu", severity, _clip(0.5 + 0.5 * max(share, layer_share - 0.2)), first if share >= 0.5 else (layer[1] if layer else first),
+                     f"{share:.0%} of hidden ReLU units never fire on a whole batch (worst layer {layer_share:.0%} dead), "
+                     "so they pass no gradient and never recover.",
+                     "lower the learning rate; check biases/initialisation (no large negative bias; "
+                     "kaiming init); LeakyReLU or normalisation layers keep units alive")
+
+
+def saturated_activations(f: Facts) -> Diagnosis | None:
+    """Hidden sigmoid/tanh units stuck near their asymptotes, where the derivative is ~0 [GB]."""
+    found = f.share_late("saturated_share")
+    if found is None or found[0] < 0.5:
+        return None
+    share, first = found
+    if (f.progress or 0) >= 0.5 and share < 0.9:
+        return None  # the loss halved anyway: learnt saturation (binary-like features) is not the problem
+    severity = "error" if _not_training(f) else "warning"
+    return Diagnosis("saturated_activations", severity, _clip(0.45 + 0.5 * share), first,
+                     f"{share:.0%} of hidden sigmoid/tanh outputs sit within 1% of their limits (derivative < 2% of "
+                     "its maximum), so little gradient flows through them.",
+                     "normalise the inputs, use a smaller initialisation (xavier) or ReLU-family activations, "
+                     "or add normalisation layers")
+
+
+def vanishing_gradients(f: Facts) -> Diagnosis | None:
+    """Relative gradient shrinking by orders of magnitude from the last layer to the first [GB]."""
+    found = f.depth_ratio
+    if found is None:
+        return None
+    ratio, first, last = found
+    if ratio > 1e-2:
+        return None
+    severity = "error" if _not_training(f) or ratio <= 1e-4 else "warning"
+    step = int(f.sampled[0]["step"]) if f.sampled else 0
+    return Diagnosis("vanishing_gradients", severity, _clip(0.6 + 0.08 * -math.log10(ratio / 1e-2)), step,
+                     f"the first weight layer ({first}) gets a relative gradient ‖g‖/‖w‖ {ratio:.2g}× that of the last "
+                     f"({last}) (median over sampled steps): the early layers barely learn.",
+                     "use ReLU-family activations with kaiming init, add residual connections or "
+                     "BatchNorm/LayerNorm, and avoid deep stacks of sigmoid/tanh")
+
+
+def exploding_gradients(f: Facts) -> Diagnosis | None:
+    """Gradients growing by orders of magnitude over the run, or already huge relative to the weights [PM]."""
+    parts, first = [], None
+    growth = f.grad_growth
+    if growth and growth[0] >= 100:
+        parts.append(f"‖g‖ grew {growth[0]:.3g}× over the run")
+        first = growth[1]
+    rel = f.relative_grad_init
+    if rel is not None and rel >= 10:
+        # ‖g‖/‖w‖ ≥ 10: even lr = 1e-2 would move the weights by 10% per step, 100× cs231n's 1e-3.
+        parts.append(f"at step {f.sampled[0]['step']} the gradient was {rel:.3g}× the weights' norm (median over layers)")
+        first = int(f.sampled[0]["step"])
+    overflow = next((r for r in f.records if r.get("grad_nonfinite")
+                     and isinstance(r.get("loss_before"), (int, float)) and math.isfinite(r["loss_before"])), None)
+    if overflow is not None:
+        parts.append(f"the gradient overflowed to NaN/Inf at step {overflow['step']} while the loss was finite")
+        first = int(overflow["step"]) if first is None else first
+    if not parts:
+        return None
+    severity = "error" if f.first_nonfinite or _not_training(f) else "warning"
+    return Diagnosis("exploding_gradients", severity, _clip(0.55 + 0.15 * len(parts)), first, "; ".join(parts) + ".",
+                     "clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)), use a smaller "
+                     "initialisation or normalisation layers, and lower the learning rate",
+                     kind="init" if first == (f.sampled[0]["step"] if f.sampled else None) else "growth")
+
+
+# -- the learning rate and the data --------------------------------------------------------------------------------
+def lr_too_high(f: Facts) -> Diagnosis | None:
+    """Steps that overshoot: the loss climbs above its start [DL], own-batch increases, lr beyond 2/λ_max."""
+    parts, first, strength = [], None, 0.0
+    peak = f.peak
+    if peak and peak[1] is not None:
+        parts.append(f"the loss rose to {_g(peak[0])} (rolling median; it started at {_g(f.loss_init)})")
+        first, strength = peak[1], strength + 0.35
+    found = f.first_nonfinite
+    growth = f.grad_growth
+    grew = first is not None or (growth is not None and growth[0] >= 10)
+    if found and found["step"] > 0 and grew and (f.update_ratio_early or 0) >= 1e-2:
+        parts.append(f"then went non-finite at step {found['step']}")  # after growth, not out of the blue
+        first = found["step"] if first is None else first
+        strength += 0.2
+    own = [r for r in f.own_batch if isinstance(r.get("first_order"), (int, float)) and r["first_order"] < 0]
+    if len(own) >= 5:
+        up = sum(r["delta"] > 0 for r in own) / len(own)
+        alpha = med(r.get("alpha") for r in own)
+        if up >= 0.25 or (alpha is not None and alpha > 1):
+            parts.append(f"{up:.0%} of steps raised the loss on their own batch (median α {_g(alpha)}; α > 1 overshoots the valley)")
+            first = first if first is not None else next(int(r["step"]) for r in own if r["delta"] > 0)
+            strength += 0.35
+    unsafe = [r for r in f.healthy_records if r.get("lr_exceeds_safe") in (True, 1) or r.get("precond_exceeds") in (True, 1)]
+    judged = [r for r in f.healthy_records if r.get("lr_exceeds_safe") is not None or r.get("precond_exceeds") is not None]
+    if judged and len(unsafe) >= 0.5 * len(judged):
+        parts.append(f"lr exceeded the stability bound 2/λ_max at {len(unsafe)} of {len(judged)} measured steps")
+        first = first if first is not None else int(unsafe[0]["step"])
+        strength += 0.3
+    if not parts:
+        return None
+    ratio = f.update_ratio_early
+    if ratio is not None and ratio >= 1e-2:
+        parts.append(f"early steps moved the weights by {_g(ratio)} of their norm (cs231n: ≈ 1e-3)")
+        strength += 0.1 + (0.1 if ratio >= 1e-1 else 0)
+    elif not f.own_batch and not unsafe:
+        strength -= 0.15  # a rising loss with modest steps may be bad data or wiring rather than the lr
+    lr = next((r.get("lr") for r in f.records if isinstance(r.get("lr"), (int, float))), None)
+    lr_text = f" (lr = {_g(lr)})" if lr else ""
+    return Diagnosis("lr_too_high", "error", _clip(0.4 + strength), first, "; ".join(parts) + ".",
+                     f"lower the learning rate{lr_text} by 3–10× (or add warm-up / gradient clipping)")
+
+
+def lr_too_low(f: Facts) -> Diagnosis | None:
+    """Steps too small to matter: tiny ‖Δw‖/‖w‖ [CS], a first-order promise that adds up to little, α ≈ −1."""
+    if not f.moved or not _not_training(f):
+        return None
+    parts, strength = [], 0.0
+    ratio = f.update_ratio
+    if ratio is not None and ratio <= 1e-4:
+        parts.append(f"‖Δw‖/‖w‖ is {_g(ratio)} per step (median; cs231n: ≈ 1e-3)")
+        strength += 0.3
+    total, start = f.predicted_total, f.loss_start
+    if total is not None and start and total < 0.1 * abs(start):
+        parts.append(f"even if every step's own-batch decrease −g·Δw carried over, the whole run would remove only "
+                     f"{_g(total)} of a loss of {_g(start)}")
+        strength += 0.3
+    own = f.own_batch
+    alpha, scale = med(r.get("alpha") for r in own), med(r.get("best_scale") for r in own)
+    if alpha is not None and alpha <= -0.8 and scale is not None and scale >= 10:
+        parts.append(f"on its own batch each step stops far short of the valley floor (median α {_g(alpha)}, "
+                     f"best step {_g(scale)}× longer)")
+        strength += 0.35
+    if not parts:
+        return None
+    cos = f.grad_cos_early
+    if cos is not None and cos >= 0.2:
+        parts.append(f"consecutive gradients agree (cos {_g(cos, 2)}), so longer steps would follow a reliable direction")
+        strength += 0.1
+    lr = next((r.get("lr") for r in f.records if isinstance(r.get("lr"), (int, float))), None)
+    return Diagnosis("lr_too_low", "warning" if strength < 0.5 else "error", _clip(0.4 + strength), 0,
+                     f"the loss went from {_g(f.loss_start)} to {_g(f.loss_end)} in {f.n_steps} steps; " + "; ".join(parts) + ".",
+                     f"raise the learning rate{f' (lr = {_g(lr)})' if lr else ''} by 10× and watch the loss; "
+                     "an lr range test finds the largest one that still descends", whole_run=True)
+
+
+def labels_unlearnable(f: Facts) -> Diagnosis | None:
+    """Steps help their own batch but not the others; the loss stays near the label entropy [ZK]."""
+    found = f.label_entropy
+    end, start = f.loss_end, f.loss_start
+    if end is None or start is None or not f.moved:
+        return None
+    parts, strength = [], 0.0
+    reference, what = (found if found else (start, "its starting value"))
+    if reference <= 0 or not 0.8 * reference <= end <= 1.5 * reference:  # near the entropy, not far above it
+        return None
+    parts.append(f"after {f.n_steps} steps the loss is {_g(end)}, still {end / reference:.0%} of {what} ({_g(reference)}): "
+                 "the model has learnt little beyond the label frequencies")
+    strength += 0.25 if found else 0.05
+    total = f.predicted_total
+    if total is not None and total >= 0.5 * reference:
+        parts.append(f"yet the steps promised a decrease of {_g(total)} on their own batches (Σ −g·Δw)")
+        strength += 0.25
+    transfer = _transfer(f)
+    if transfer is not None and transfer <= 0.1:
+        parts.append(f"only {transfer:.0%} of each step's own-batch decrease carried over to other data (ref/next-batch delta)")
+        strength += 0.3
+    if strength < 0.45:
+        return None
+    return Diagnosis("labels_unlearnable", "error", _clip(0.35 + strength), 0, "; ".join(parts) + ".",
+                     "check that inputs and labels stay aligned (same shuffle/permutation, same indexing, no "
+                     "label column leaking or lost); overfit a single small batch first [Karpathy]", whole_run=True)
+
+
+def _transfer(f: Facts) -> float | None:
+    """Active audit: median change on other data (next batch / reference) over median own-batch change."""
+    own = med(r.get("delta") for r in f.own_batch)
+    other = med(r.get("next_delta") if isinstance(r.get("next_delta"), (int, float)) else r.get("ref_delta")
+                for r in f.own_batch)
+    if own is None or other is None or own >= 0:
+        return None
+    return other / own
+
+
+def gradient_noise_dominates(f: Facts) -> Diagnosis | None:
+    """Batch far below the noise scale: each step mostly follows noise [MC]."""
+    b = f.batch_size
+    estimates = []
+    cos = f.grad_cos_early
+    if cos is not None and -0.05 < cos <= 0.1:  # ≈ 0, not negative (negative cosines are overshoot)
+        estimates.append(("consecutive gradients are nearly orthogonal (mean cos %.2g over the first third, so "
+                          "B_noise/B ≈ %s)" % (cos, "∞" if cos <= 0 else _g(1 / cos - 1, 2)), 0.3))
+    scales = finite(r.get("noise_scale") for r in f.healthy_records)
+    if scales and b:
+        ratio = med(scales) / b
+        if ratio >= 10:
+            estimates.append((f"the measured noise scale B_simple ≈ {_g(med(scales))} is {_g(ratio, 2)}× the batch size {b}", 0.45))
+    if not estimates:
+        return None
+    progressing = f.progress is not None and f.progress >= 0.5
+    rising = f.peak is not None and f.peak[1] is not None
+    if progressing or rising:
+        return None
+    strength = sum(w for _, w in estimates) + (0.15 if b is not None and b <= 8 else 0)
+    noisy = ""
+    if len(f.losses) >= 10:
+        late = [v for _, v in f.losses[len(f.losses) // 2:]]
+        spread = (max(late) - min(late)) / max(abs(f.loss_end or 1), 1e-12)
+        noisy = f"; the loss in the second half swings over {spread:.0%} of its level"
+    return Diagnosis("gradient_noise_dominates", "warning", _clip(0.35 + strength), 0,
+                     f"batch size {b or '?'}: " + "; ".join(e for e, _ in estimates) + noisy
+                     + f" (loss {_g(f.loss_start)} → {_g(f.loss_end)}).",
+                     "increase the batch size (or accumulate gradients) toward the noise scale, and/or lower "
+                     "the learning rate / decay it", whole_run=True)
+
+
+RULES: tuple[Callable[[Facts], Diagnosis | None], ...] = (
+    nonfinite, params_not_updating, missing_zero_grad, loss_wiring, unnormalized_inputs, dead_relu,
+    saturated_activations, vanishing_gradients, exploding_gradients, lr_too_high, lr_too_low,
+    labels_unlearnable, gradient_noise_dominates,
+)

@@ -1,0 +1,242 @@
+"""Doctor rules on synthetic records: each record set is built to show one fault, with the numbers known."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from stepaudit.doctor import CODES, diagnose
+from stepaudit.doctor.facts import Facts, entropy, rolling_median
+
+KEYS = {"code", "severity", "confidence", "first_step", "evidence", "fix"}
+UNIFORM_10 = {str(c): 100 for c in range(10)}  # label entropy ln 10
+
+
+def run(n=100, loss=lambda t: 2.3 * math.exp(-t / 30) + 0.05, ratio=1e-3, first_order=-0.02, grad=1.0,
+        weight=10.0, layers=None, **extra):
+    """A passive-looking run: every step has a loss; every step has norms (ratio = ‖Δw‖/‖w‖)."""
+    records = []
+    for t in range(n):
+        r = {"step": t, "lr": 0.1, "loss_before": loss(t), "grad_norm": grad(t) if callable(grad) else grad,
+             "weight_norm": weight, "update_norm": ratio * weight, "update_ratio": ratio,
+             "first_order": first_order(t) if callable(first_order) else first_order}
+        if layers:
+            r["layers"] = layers(t)
+        for key, value in extra.items():
+            r[key] = value(t) if callable(value) else value
+        records.append(r)
+    return records
+
+
+def passive(**obs):
+    return {"observations": {"mode": "passive", **obs}}
+
+
+def codes(found):
+    return [d["code"] for d in found]
+
+
+def check_contract(found):
+    assert found, "diagnose returns at least one diagnosis"
+    for d in found:
+        assert set(d) == KEYS
+        assert d["code"] in CODES
+        assert d["severity"] in ("error", "warning", "info")
+        assert 0.0 <= d["confidence"] <= 1.0
+        assert isinstance(d["evidence"], str) and d["evidence"] and isinstance(d["fix"], str) and d["fix"]
+
+
+def test_healthy_run_is_reported_alone():
+    found = diagnose(run(), meta=passive(label_counts=UNIFORM_10, steps=100))
+    check_contract(found)
+    assert codes(found) == ["healthy"]
+    assert found[0]["first_step"] is None
+
+
+def test_nonfinite_names_the_first_bad_step():
+    found = diagnose(run(loss=lambda t: math.nan if t >= 37 else 2.3 - 0.01 * t))
+    check_contract(found)
+    assert codes(found)[0] == "nonfinite"
+    assert found[0]["first_step"] == 37
+    assert "suddenly" in found[0]["evidence"]  # no growth before: data / log(0), not the lr
+
+
+def test_rising_loss_with_large_steps_is_lr_too_high_and_its_nan_a_symptom():
+    loss = lambda t: 2.3 * 1.1 ** t if t < 40 else math.inf  # noqa: E731
+    found = diagnose(run(loss=loss, ratio=0.3, grad=lambda t: 1.1 ** t))
+    check_contract(found)
+    assert codes(found)[0] == "lr_too_high"
+    # rolling median (5 steps) first exceeds 1.5 × 2.3 where 1.1^t > 1.5: t = 5
+    assert found[0]["first_step"] == 5
+    assert "nonfinite" in codes(found)
+    nan = found[codes(found).index("nonfinite")]
+    assert nan["evidence"].startswith("(likely a consequence of lr_too_high)")
+    assert nan["first_step"] == 40
+
+
+def test_one_bad_batch_is_not_a_rising_loss():
+    loss = lambda t: 20.0 if t == 50 else 2.3 * math.exp(-t / 30) + 0.05  # noqa: E731
+    assert codes(diagnose(run(loss=loss), meta=passive(label_counts=UNIFORM_10))) == ["healthy"]
+
+
+def test_tiny_steps_and_a_flat_loss_are_lr_too_low():
+    found = diagnose(run(loss=lambda t: 2.30 - 1e-5 * t, ratio=1e-6, first_order=-1e-5))
+    check_contract(found)
+    assert codes(found)[0] == "lr_too_low"
+    assert "1e-06" in found[0]["evidence"]
+
+
+def test_zero_update_is_params_not_updating_not_lr_too_low():
+    found = diagnose(run(loss=lambda t: 2.3, ratio=0.0, grad=0.0, first_order=0.0))
+    assert codes(found)[0] == "params_not_updating"
+    assert "exactly 0" in found[0]["evidence"]
+
+
+def test_backward_without_step_and_zero_lr():
+    found = diagnose([], meta=passive(steps=0, backward_passes=12))
+    assert codes(found) == ["params_not_updating"] and "12 backward passes" in found[0]["evidence"]
+    meta = passive(steps=100, optimizers=[{"param_groups": [{"lr": 0.0}], "numel": 10}])
+    found = diagnose(run(loss=lambda t: 2.3, ratio=0.0, first_order=0.0), meta=meta)
+    assert codes(found)[0] == "params_not_updating" and "lr is 0" in found[0]["evidence"].replace("learning rate", "lr")
+
+
+def test_orphan_parameters():
+    meta = passive(steps=100, trainable_numel=1000, orphan_params=[{"name": "fc.weight", "numel": 600}])
+    found = diagnose(run(), meta=meta)
+    assert codes(found)[0] == "params_not_updating"
+    assert "fc.weight" in found[0]["evidence"] and "60%" in found[0]["evidence"]
+
+
+def test_missing_zero_grad_from_zero_checks_and_accumulation_is_fine():
+    kept = [{"step": s, "next": s + 1, "optimizer": 0, "kept": 1.0} for s in range(0, 100, 10)]
+    found = diagnose(run(), meta=passive(zero_checks=kept, label_counts=UNIFORM_10))
+    assert codes(found)[0] == "missing_zero_grad" and found[0]["first_step"] == 1
+    cleared = [{**c, "kept": 0.0} for c in kept]
+    assert codes(diagnose(run(), meta=passive(zero_checks=cleared, label_counts=UNIFORM_10))) == ["healthy"]
+
+
+@pytest.mark.parametrize("finding, severity", [
+    ({"kind": "probabilities_into_cross_entropy", "row_sum": 1.0, "classes": 10}, "error"),
+    ({"kind": "scores_into_nll_loss", "logsumexp": 3.2, "max": 5.0, "probabilities": False}, "error"),
+    ({"kind": "broadcast_shapes", "input_shape": [64, 1], "target_shape": [64]}, "error"),
+    ({"kind": "log_probabilities_into_cross_entropy", "logsumexp": 0.0}, "info"),
+])
+def test_loss_wiring_findings(finding, severity):
+    found = diagnose(run(), meta=passive(loss_findings=[{**finding, "step": 0, "loss": "x"}], label_counts=UNIFORM_10))
+    check_contract(found)
+    assert codes(found)[0] == "loss_wiring" and found[0]["severity"] == severity
+
+
+def test_loss_at_init_far_from_ln_c():
+    init = {"loss": "cross_entropy", "value": 5 * math.log(10), "classes": 10, "step": 0}
+    found = diagnose(run(), meta=passive(initial_loss=init, label_counts=UNIFORM_10))
+    assert codes(found) == ["loss_wiring"] and "5× ln 10" in found[0]["evidence"]
+    init["value"] = 1.1 * math.log(10)
+    assert codes(diagnose(run(), meta=passive(initial_loss=init, label_counts=UNIFORM_10))) == ["healthy"]
+
+
+def test_unnormalized_inputs():
+    found = diagnose(run(input_rms=120.0, input_feature_rms_max=250.0, input_layer="Linear"))
+    assert codes(found)[0] == "unnormalized_inputs" and "120" in found[0]["evidence"]
+    assert codes(diagnose(run(input_rms=0.9, input_feature_rms_max=1.3), meta=passive(label_counts=UNIFORM_10))) == ["healthy"]
+
+
+def test_dead_relu_and_saturation_when_training_stalls():
+    flat = lambda t: 2.3  # noqa: E731
+    found = diagnose(run(loss=flat, dead_relu_share=0.8, dead_relu_max=0.95))
+    assert codes(found)[0] == "dead_relu" and "80%" in found[0]["evidence"]
+    found = diagnose(run(loss=flat, saturated_share=0.7))
+    assert codes(found)[0] == "saturated_activations"
+    # a run whose loss fell by 98% is not stopped by 60% saturated units
+    assert codes(diagnose(run(saturated_share=0.6), meta=passive(label_counts=UNIFORM_10))) == ["healthy"]
+
+
+def layer_rows(first_ratio, last_ratio):
+    """Two weight layers with ‖g‖/‖w‖ as given (‖w‖ = 1)."""
+    return lambda t: [{"kind": "module", "name": "0", "grad_norm": first_ratio, "weight_norm": 1.0, "update_norm": 0, "update_ratio": 0},
+                      {"kind": "module", "name": "4", "grad_norm": last_ratio, "weight_norm": 1.0, "update_norm": 0, "update_ratio": 0},
+                      {"kind": "group", "name": "0", "grad_norm": 1.0, "weight_norm": 1.0, "update_norm": 0, "update_ratio": 0}]
+
+
+def test_vanishing_gradients_from_layer_ratio():
+    found = diagnose(run(loss=lambda t: 2.3, layers=layer_rows(1e-6, 0.1)))
+    assert codes(found)[0] == "vanishing_gradients"
+    assert "1e-05×" in found[0]["evidence"]  # (1e-6/1) / (0.1/1)
+    assert codes(diagnose(run(layers=layer_rows(0.05, 0.1)), meta=passive(label_counts=UNIFORM_10))) == ["healthy"]
+
+
+def test_exploding_gradients_from_growth():
+    found = diagnose(run(loss=lambda t: 2.3, grad=lambda t: 1.2 ** t, ratio=1e-3))
+    assert "exploding_gradients" in codes(found)[:2]
+    d = found[codes(found).index("exploding_gradients")]
+    assert d["first_step"] == math.ceil(math.log(100) / math.log(1.2))  # first step where 1.2^t ≥ 100
+
+
+def test_labels_unlearnable_and_noise():
+    # loss stays at ln 10 while each step promises −0.05 on its own batch: 100 steps × 0.05 = 5 nats promised.
+    found = diagnose(run(loss=lambda t: math.log(10) + 0.01 * math.sin(t), first_order=-0.05, ratio=3e-3),
+                     meta=passive(label_counts=UNIFORM_10, steps=100))
+    assert codes(found)[0] == "labels_unlearnable"
+    # learnable (loss well below ln 10) but consecutive gradients orthogonal and little progress: noise
+    found = diagnose(run(loss=lambda t: 1.5 + 0.3 * math.sin(t) - 0.002 * t, grad_cos_prev=0.01, ratio=3e-3),
+                     meta=passive(label_counts=UNIFORM_10, batch_size=2, steps=100))
+    assert codes(found)[0] == "gradient_noise_dominates" and "batch size 2" in found[0]["evidence"]
+
+
+# -- active-mode records ------------------------------------------------------------------------------------------
+def test_active_own_batch_overshoot_is_lr_too_high():
+    records = run(loss=lambda t: 2.3, ratio=0.05, delta=lambda t: 0.2 if t % 2 else -0.1, alpha=lambda t: 1.6)
+    assert codes(diagnose(records))[0] == "lr_too_high"
+
+
+def test_active_alpha_near_minus_one_is_lr_too_low():
+    records = run(loss=lambda t: 2.3 - 1e-4 * t, ratio=5e-4, first_order=-1e-4, delta=-1e-4, alpha=-0.98, best_scale=40.0)
+    found = diagnose(records)
+    assert codes(found)[0] == "lr_too_low" and "40×" in found[0]["evidence"]
+
+
+def test_active_next_delta_that_does_not_transfer_is_labels_unlearnable():
+    records = run(loss=lambda t: 2.3, first_order=-0.05, delta=-0.04, next_delta=lambda t: 0.001 * (-1) ** t)
+    found = diagnose(records)
+    assert codes(found)[0] == "labels_unlearnable" and "carried over" in found[0]["evidence"]
+
+
+def test_active_noise_scale_against_batch():
+    records = run(loss=lambda t: 2.0 + 0.2 * math.sin(t), noise_scale=2000.0, batch_size=32)
+    found = diagnose(records)
+    assert codes(found)[0] == "gradient_noise_dominates" and "62×" in found[0]["evidence"]
+
+
+# -- ordering and facts ---------------------------------------------------------------------------------------------
+def test_structural_cause_comes_before_its_symptoms():
+    kept = [{"step": s, "next": s + 1, "optimizer": 0, "kept": 1.0} for s in range(0, 60, 10)]
+    found = diagnose(run(loss=lambda t: 2.3 * 1.05 ** t, ratio=0.05, grad=lambda t: 1.1 ** t),
+                     meta=passive(zero_checks=kept))
+    assert codes(found)[0] == "missing_zero_grad"
+    for d in found[1:]:
+        assert "consequence of missing_zero_grad" in d["evidence"]
+        assert d["confidence"] <= found[0]["confidence"]
+
+
+def test_entropy_and_rolling_median_match_closed_forms():
+    assert entropy({"a": 5, "b": 5}) == pytest.approx(math.log(2))
+    assert entropy({"a": 1, "b": 1, "c": 2}) == pytest.approx(-(2 * 0.25 * math.log(0.25) + 0.5 * math.log(0.5)))
+    assert rolling_median([1, 9, 2, 8, 3], 3) == [2, 8, 3]
+    f = Facts(run(n=50, loss=lambda t: 3.0 if t < 10 else 1.0), {})
+    assert f.loss_start == 3.0 and f.loss_end == 1.0 and f.progress == pytest.approx(2 / 3)
+
+
+def test_records_from_a_run_folder_match_records_in_memory(tmp_path):
+    from stepaudit.store import RunStore
+
+    records = run(n=40, loss=lambda t: 2.3 * 1.1 ** t, ratio=0.3, layers=layer_rows(0.1, 0.2))
+    store = RunStore(tmp_path, {"optimizer": "SGD"})
+    for r in records:
+        store.append(r)
+    store.close()
+    assert diagnose(tmp_path) == diagnose(records)
+
+
+def test_bad_argument_names_the_fix():
+    with pytest.raises(TypeError, match="run folder or a list of step records"):
+        diagnose(42)
