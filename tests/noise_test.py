@@ -283,3 +283,13 @@ def test_estimate_needs_two_units_and_per_sample_needs_two_examples():
     with pytest.raises(ValueError, match="at least 2 gradient units"):
         estimate(one, "micro_batch")
     assert isinstance(Moments.concat([one, one]), Moments)
+
+
+def test_merging_parts_with_different_group_counts_keeps_every_unit():
+    params, (x, y) = mlp_params(), mlp_batch(20)
+    small = per_sample_moments(mlp_loss, params, (x[:3], y[:3]), groups=8)  # 3 examples: 3 groups
+    large = per_sample_moments(mlp_loss, params, (x[3:], y[3:]), groups=8)
+    merged = estimate(small.merge(large), "per_sample")
+    whole = estimate(per_sample_moments(mlp_loss, params, (x, y)), "per_sample")
+    assert merged.trace_sigma == pytest.approx(whole.trace_sigma, rel=1e-12)
+    assert merged.units == 20

@@ -50,6 +50,8 @@ class Moments:
 
     def merge(self, other: "Moments") -> "Moments":
         """Statistics of the union of two disjoint sets of units (group k joins group k)."""
+        if self.sq.shape != other.sq.shape:  # e.g. a micro-batch smaller than the group count
+            return Moments.concat([self, other])
         return Moments(self.sums + other.sums, self.sq + other.sq, self.size + other.size,
                        self.units + other.units, self.loss_sum + other.loss_sum)
 

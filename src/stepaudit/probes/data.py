@@ -47,7 +47,7 @@ def reference_batches(reference: Any) -> Callable[[], Iterable]:
     if isinstance(reference, Iterable) and not isinstance(reference, (str, bytes)):
         return lambda: iter(reference)
     raise TypeError(f"reference must be a batch (tensor, tuple, dict) or a re-iterable of batches "
-                    f"(list, DataLoader), got {type(reference).__name__}")
+                    f"(list, DataLoader), got {type(reference).__name__}; wrap a Dataset in a DataLoader")
 
 
 def check_reference(reference: Any) -> None:
