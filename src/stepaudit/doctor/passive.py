@@ -336,6 +336,7 @@ class PassiveWatcher:
         if state.names is None or len(state.names) != len(state.params) or self._names_stale(state):
             self._name(state)
         rows, totals = layer_rows(state.names, state.modules, state.groups, sums)
+        record["measured"] = True  # this step has gradient/update statistics (stored NaN then means NaN)
         record.update(totals)
         record["layers"] = rows
         g2 = torch.tensor([row[1] for row in sums], dtype=torch.float64)
@@ -576,12 +577,12 @@ class PassiveWatcher:
         names: dict[int, str] = {}
         trainable = 0
         seen: set[int] = set()
-        for root in self.roots.values():
+        for root, prefix in self._prefixed_roots():
             for name, p in root.named_parameters():
                 if id(p) in seen:
                     continue
                 seen.add(id(p))
-                names.setdefault(id(p), f"{type(root).__name__}.{name}")
+                names[id(p)] = prefix + name
                 trainable += p.numel() if p.requires_grad else 0
         orphans = [{"name": names.get(key, "?"), "numel": p.numel()} for key, p in self.grad_params.items()
                    if key not in held]

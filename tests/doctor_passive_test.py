@@ -1,0 +1,318 @@
+"""Passive capture: measured against the script's own bookkeeping, never changing what the script does."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import runpy
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.modules import module as nn_module
+from torch.optim import optimizer as optim_module
+
+from stepaudit.doctor.passive import PassiveWatcher, sampled
+from stepaudit.doctor.runner import run_script
+
+TRAIN = """
+import json, sys, torch
+from torch import nn
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+g = torch.Generator().manual_seed(1)
+x, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
+log = []
+for step in range(int(sys.argv[2])):
+    idx = torch.randint(0, 64, (32,))  # the global RNG: any change to it would change the run
+    opt.zero_grad()
+    loss = nn.functional.cross_entropy(nn.functional.dropout(model(x[idx]), 0.1), y[idx])
+    loss.backward()
+    params = list(model.parameters())
+    before = [p.detach().clone().double() for p in params]
+    grads = [p.grad.detach().clone().double() for p in params]
+    opt.step()
+    dw = [p.detach().double() - b for p, b in zip(params, before)]
+    norm = lambda ts: sum(float((t * t).sum()) for t in ts) ** 0.5
+    log.append({"loss": loss.item(), "grad": norm(grads), "update": norm(dw), "weight": norm(before),
+                "first_order": sum(float((a * b).sum()) for a, b in zip(grads, dw))})
+    print(f"step {step} loss {loss.item():.6f}")
+json.dump(log, open(sys.argv[1], "w"))
+torch.save(model.state_dict(), sys.argv[1] + ".pt")
+"""
+
+
+def write(tmp_path, source: str, name: str = "train.py"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def global_state():
+    """Everything a session installs: hook dictionaries and patched functions."""
+    return (dict(optim_module._global_optimizer_pre_hooks), dict(optim_module._global_optimizer_post_hooks),
+            dict(nn_module._global_forward_hooks), dict(nn_module._global_forward_pre_hooks),
+            torch.autograd.backward, torch.relu, torch.relu_, torch.sigmoid, torch.tanh,
+            F.cross_entropy, F.nll_loss, F.mse_loss, F.binary_cross_entropy_with_logits)
+
+
+def watch(path, args=(), **kwargs):
+    watcher = PassiveWatcher(**{"max_steps": 300, **kwargs})
+    outcome = run_script(path, list(args), watcher)
+    return watcher, outcome
+
+
+def test_records_match_the_scripts_own_bookkeeping(tmp_path):
+    path = write(tmp_path, TRAIN)
+    log_file = tmp_path / "log.json"
+    watcher, outcome = watch(path, [str(log_file), "30"], sample_every=10)
+    assert outcome.stopped == "finished" and watcher.step_count == 30
+    log = json.loads(log_file.read_text())
+    by_step = {r["step"]: r for r in watcher.records}
+    assert [r["loss_before"] for r in watcher.records] == pytest.approx([e["loss"] for e in log], rel=1e-6)
+    measured = [s for s in range(30) if sampled(s, 10)]
+    assert measured == [0, 1, 2, 3, 4, 10, 11, 20, 21]
+    for step in measured:
+        record, truth = by_step[step], log[step]
+        for field, key in (("grad_norm", "grad"), ("update_norm", "update"), ("weight_norm", "weight"),
+                           ("first_order", "first_order")):
+            assert record[field] == pytest.approx(truth[key], rel=1e-5), (step, field)
+        assert record["update_ratio"] == pytest.approx(truth["update"] / truth["weight"], rel=1e-5)
+    assert "grad_cos_prev" in by_step[11] and "grad_cos_prev" not in by_step[10]
+    assert not any("grad_norm" in by_step[s] for s in range(30) if s not in measured)
+
+
+def test_script_behaviour_and_output_are_unchanged(tmp_path, capsys):
+    path = write(tmp_path, TRAIN)
+    plain_log, watched_log = tmp_path / "plain.json", tmp_path / "watched.json"
+    saved = sys.argv[:]
+    sys.argv = [str(path), str(plain_log), "25"]
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    finally:
+        sys.argv = saved
+    plain_out, plain_rng = capsys.readouterr().out, torch.get_rng_state()
+    before = global_state()
+    watcher, outcome = watch(path, [str(watched_log), "25"], sample_every=2)  # every step sampled
+    watched_out = capsys.readouterr().out
+    assert outcome.stopped == "finished"
+    assert watched_out == plain_out and plain_out.count("\n") == 25
+    assert torch.equal(torch.get_rng_state(), plain_rng)
+    a, b = torch.load(str(plain_log) + ".pt"), torch.load(str(watched_log) + ".pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert plain_log.read_text() == watched_log.read_text()
+    assert global_state() == before and sys.argv == saved
+
+
+def test_script_exception_is_reported_and_what_ran_is_kept(tmp_path):
+    path = write(tmp_path, """
+        import torch
+        model = torch.nn.Linear(3, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(10):
+            opt.zero_grad()
+            model(torch.ones(4, 3)).pow(2).mean().backward()
+            opt.step()
+            if step == 2:
+                raise ValueError("boom at step 2")
+    """)
+    before = global_state()
+    watcher, outcome = watch(path)
+    assert outcome.stopped == "error"
+    assert "ValueError: boom at step 2" in outcome.error and "train.py" in outcome.error
+    assert "runpy" not in outcome.error  # the traceback starts at the script's own frame
+    assert watcher.step_count == 3 and len(watcher.records) == 3
+    assert global_state() == before
+
+
+def test_stops_at_max_steps_even_through_except_exception(tmp_path):
+    path = write(tmp_path, """
+        import torch
+        model = torch.nn.Linear(3, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        steps = 0
+        while True:
+            try:
+                opt.zero_grad()
+                model(torch.ones(4, 3)).pow(2).mean().backward()
+                opt.step()
+                steps += 1
+            except Exception:
+                pass
+        print("unreachable")
+    """)
+    before = global_state()
+    watcher, outcome = watch(path, max_steps=7)
+    assert outcome.stopped == "max_steps" and watcher.step_count == 7 and len(watcher.records) == 7
+    assert global_state() == before
+
+
+def test_time_limit_in_and_outside_the_hooks(tmp_path):
+    training = write(tmp_path, """
+        import torch
+        model = torch.nn.Linear(3, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        while True:
+            opt.zero_grad(); model(torch.ones(4, 3)).sum().backward(); opt.step()
+    """, "forever.py")
+    start = time.monotonic()
+    watcher, outcome = watch(training, max_steps=None, time_limit=0.3)
+    assert outcome.stopped == "time_limit" and watcher.step_count > 0
+    assert time.monotonic() - start < 2
+    idle = write(tmp_path, "import time\nwhile True:\n    time.sleep(0.01)\n", "idle.py")
+    start = time.monotonic()
+    watcher, outcome = watch(idle, time_limit=0.1)  # no hook ever runs: the alarm backstop stops it
+    assert outcome.stopped == "time_limit" and time.monotonic() - start < 5
+
+
+ZERO_GRAD = """
+import torch
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+for step in range(30):
+    {body}
+"""
+
+
+@pytest.mark.parametrize("body, kept", [
+    ("opt.zero_grad(); torch.nn.functional.cross_entropy(model(x), y).backward(); opt.step()", 0.0),
+    ("torch.nn.functional.cross_entropy(model(x), y).backward(); opt.step()", 1.0),
+    # accumulation over two micro-batches, cleared after each step
+    ("[torch.nn.functional.cross_entropy(model(x[i::2]), y[i::2]).div(2).backward() for i in (0, 1)]; "
+     "opt.step(); opt.zero_grad()", 0.0),
+    # .grad set to None by hand
+    ("torch.nn.functional.cross_entropy(model(x), y).backward(); opt.step()\n"
+     "    for p in model.parameters(): p.grad = None", 0.0),
+])
+def test_zero_grad_checks(tmp_path, body, kept):
+    watcher, outcome = watch(write(tmp_path, ZERO_GRAD.format(body=body)), sample_every=10)
+    assert outcome.stopped == "finished", outcome.error
+    checks = watcher.zero_checks
+    assert len(checks) >= 5 and {c["kept"] for c in checks} == {kept}
+
+
+def test_two_models_two_optimizers_are_not_missing_zero_grad(tmp_path):
+    path = write(tmp_path, """
+        import torch
+        from torch import nn
+        torch.manual_seed(0)
+        G, D = nn.Linear(2, 2), nn.Linear(2, 1)
+        og, od = torch.optim.Adam(G.parameters(), 1e-3), torch.optim.Adam(D.parameters(), 1e-3)
+        bce = nn.BCEWithLogitsLoss()
+        for step in range(25):
+            z, real = torch.randn(16, 2), torch.randn(16, 2) + 2
+            od.zero_grad()
+            (bce(D(real), torch.ones(16, 1)) + bce(D(G(z).detach()), torch.zeros(16, 1))).backward()
+            od.step()
+            og.zero_grad()
+            bce(D(G(z)), torch.ones(16, 1)).backward()  # also fills D's .grad; od.zero_grad() clears it next time
+            og.step()
+    """)
+    watcher, outcome = watch(path, sample_every=4)
+    assert outcome.stopped == "finished"
+    assert len(watcher.optimizers) == 2 and watcher.step_count == 50
+    assert {r["optimizer"] for r in watcher.records} == {0, 1}
+    assert watcher.zero_checks and all(c["kept"] == 0.0 for c in watcher.zero_checks)
+    assert watcher.observations()["orphan_params"] == []
+
+
+@pytest.mark.parametrize("loss, kind", [
+    ("nn.functional.cross_entropy(model(x).softmax(1), y)", "probabilities_into_cross_entropy"),
+    ("nn.CrossEntropyLoss()(nn.Softmax(dim=1)(model(x)), y)", "probabilities_into_cross_entropy"),
+    ("nn.functional.cross_entropy(model(x).log_softmax(1), y)", "log_probabilities_into_cross_entropy"),
+    ("nn.NLLLoss()(model(x), y)", "scores_into_nll_loss"),
+    ("nn.functional.mse_loss(model(x)[:, :1], y.float())", "broadcast_shapes"),
+    ("nn.functional.cross_entropy(model(x), y)", None),
+    ("nn.functional.nll_loss(model(x).log_softmax(1), y)", None),
+])
+def test_loss_wiring_is_seen_in_what_the_loss_receives(tmp_path, loss, kind):
+    path = write(tmp_path, f"""
+        import torch, warnings
+        from torch import nn
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        model = nn.Linear(4, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        for step in range(12):
+            opt.zero_grad(); ({loss}).backward(); opt.step()
+    """)
+    watcher, outcome = watch(path, sample_every=5)
+    assert outcome.stopped == "finished", outcome.error
+    found = [f["kind"] for f in watcher.loss_findings()]
+    assert found == ([kind] if kind else [])
+
+
+def test_dead_units_orphans_and_first_layer_input(tmp_path):
+    path = write(tmp_path, """
+        import torch
+        from torch import nn
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 10), nn.ReLU(), nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 2))
+        with torch.no_grad():
+            model[0].bias[:5] = -1e4   # units 0-4 of the first hidden layer can never fire: 5 of 10
+        opt = torch.optim.SGD(list(model[0].parameters()) + list(model[2].parameters()), lr=1e-3)
+        x, y = 50 * torch.randn(64, 4) + 100, torch.randint(0, 2, (64,))
+        for step in range(6):
+            opt.zero_grad(); nn.functional.cross_entropy(model(x), y).backward(); opt.step()
+    """)
+    watcher, outcome = watch(path)
+    assert outcome.stopped == "finished"
+    first = watcher.records[0]
+    assert first["dead_relu_max"] >= 0.5  # the first ReLU: ≥ 5 of 10 units dead by construction
+    assert first["dead_relu_layers"] == 2
+    # x = 50·N(0,1) + 100 per feature: RMS = √(100² + 50²)
+    assert first["input_rms"] == pytest.approx(math.hypot(100, 50), rel=0.1)
+    assert first["input_layer"] == "Linear"
+    obs = watcher.observations()
+    assert sorted(o["name"] for o in obs["orphan_params"]) == ["4.bias", "4.weight"]
+    assert obs["label_counts"] and sum(obs["label_counts"].values()) == 64 * 5  # steps 0-4 inspected
+    assert obs["initial_loss"]["classes"] == 2
+
+
+def test_closure_optimizer_and_no_step_scripts(tmp_path):
+    path = write(tmp_path, """
+        import torch
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=4)
+        x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+        def closure():
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        for step in range(5):
+            opt.step(closure)
+    """)
+    watcher, outcome = watch(path)
+    assert outcome.stopped == "finished" and watcher.step_count == 5
+    assert all(math.isfinite(r["loss_before"]) and r["grad_norm"] > 0 for r in watcher.records)
+    assert watcher.records[1]["loss_before"] < watcher.records[0]["loss_before"]
+    no_step = write(tmp_path, """
+        import torch
+        model = torch.nn.Linear(3, 1)
+        for step in range(1000):
+            model(torch.ones(2, 3)).sum().backward()
+    """, "no_step.py")
+    watcher, outcome = watch(no_step, max_steps=20)
+    assert outcome.stopped == "max_steps" and watcher.step_count == 0 and watcher.backward_count == 21
+
+
+def test_one_session_at_a_time():
+    first = PassiveWatcher().install()
+    try:
+        with pytest.raises(RuntimeError, match="already running"):
+            PassiveWatcher().install()
+    finally:
+        first.close()
+    with contextlib.redirect_stdout(io.StringIO()):
+        with pytest.raises(ValueError, match="sample_every"):
+            PassiveWatcher(sample_every=1)
