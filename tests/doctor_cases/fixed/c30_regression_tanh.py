@@ -7,14 +7,14 @@ from sklearn.datasets import make_regression
 torch.manual_seed(0)
 rng = np.random.default_rng(0)
 
-X, y = make_regression(n_samples=4000, n_features=10, n_informative=6, noise=60.0, random_state=4)
+X, y = make_regression(n_samples=4000, n_features=40, n_informative=30, noise=200.0, random_state=4)
 y = (y - y.mean()) / y.std()
 X = torch.tensor(X, dtype=torch.float32)
 y = torch.tensor(y, dtype=torch.float32).unsqueeze(1)
 X_train, y_train, X_test, y_test = X[:3200], y[:3200], X[3200:], y[3200:]
 
-model = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
-optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+model = nn.Sequential(nn.Linear(40, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 1))
+optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
 loss_fn = nn.MSELoss()
 
 batch_size = 128
