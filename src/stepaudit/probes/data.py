@@ -131,7 +131,7 @@ def _options(ctx: StepContext, name: str) -> dict:
 
 
 def _is_float64(ctx: StepContext) -> bool:
-    return ctx.record.get("noise_method") == "float64"  # Audit(precision="float64")
+    return ctx.options.get("precision") == "float64" or ctx.record.get("noise_method") == "float64"
 
 
 def _same_buffers(ctx: StepContext, saved: list[Tensor]) -> bool:
