@@ -92,6 +92,14 @@ def test_parameters_without_grad_are_zero_gradient(tmp_path):
                         probes={"no_such_probe": 1}), "known probes"),
         (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=classification_loss,
                         precision="float16"), "precision"),
+        (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=classification_loss,
+                        probe_options={"sharpnes": {}}), "known: curvature"),
+        (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=classification_loss,
+                        probes={"next_delta": 2}), "every step"),
+        (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=classification_loss,
+                        reference=(b for b in [])), "one-shot"),
+        (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=classification_loss,
+                        probe_options={"curvature": {"max_hvps": 0}}), "max_hvps"),
     ],
 )
 def test_bad_arguments_are_refused_with_the_fix(build, match, tmp_path):

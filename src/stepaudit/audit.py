@@ -89,9 +89,14 @@ class Audit:
         reference: Any = None,
         reference_every: int = 1,
         reference_mode: str = "eval",
+        probe_options: Mapping[str, dict] | None = None,
         tensorboard: str | os.PathLike | None = None,
     ) -> None:
         self._validate(model, optimizer, loss_fn, every, precision, reference_mode)
+        if reference is not None:
+            from .probes.data import check_reference
+
+            check_reference(reference)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.every, self.strict, self.precision = every, strict, precision
         self.options = {"reference": reference, "reference_every": reference_every, "reference_mode": reference_mode,
@@ -100,6 +105,7 @@ class Audit:
         if reference is not None:
             probes.setdefault("reference", reference_every)
         self.probes = probe_registry.validate(probes)
+        self._configure_probes(dict(probe_options or {}))
         self._index_parameters()
         self.run = Path(run) if run is not None else new_run_dir(name=name)
         self.store = RunStore(self.run, describe(model, optimizer, every=every, probes=self.probes, precision=precision), name=name)
@@ -121,6 +127,20 @@ class Audit:
         self._install_hooks()
 
     # -- construction ---------------------------------------------------------------------------
+    def _configure_probes(self, probe_options: dict) -> None:
+        """Per-probe settings: ``{"noise": {...}, "reference": {...}, "curvature": {...}}``."""
+        known = set(probe_registry.known()) | {"curvature"}
+        unknown = sorted(set(probe_options) - known)
+        if unknown:
+            raise ValueError(f"probe_options for unknown probe(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if self.probes.get("next_delta", 1) != 1:
+            raise ValueError("next_delta needs every step (probes={'next_delta': 1}): it compares consecutive steps")
+        self.options["probe_options"] = probe_options
+        if "curvature" in probe_options:
+            from .probes.curvature import configure
+
+            configure(self, **probe_options["curvature"])
+
     @staticmethod
     def _validate(model, optimizer, loss_fn, every, precision, reference_mode) -> None:
         if not isinstance(model, torch.nn.Module):
@@ -254,8 +274,11 @@ class Audit:
         return self.records[-1] if self.records else None
 
     def summary(self) -> dict:
-        """Per-run shares and medians (decrease/increase/flat, alpha, delta/first_order, …)."""
-        return summarize(self.records, skipped_steps=self.skipped_steps, steps_seen=self._step_count)
+        """Per-run shares and medians (decrease/increase/flat, alpha, delta/first_order, hurt next/reference, …)."""
+        from .probes.data import run_shares
+
+        return {**summarize(self.records, skipped_steps=self.skipped_steps, steps_seen=self._step_count),
+                **run_shares(self.records)}
 
     def diagnose(self) -> list[dict]:
         """The doctor's diagnoses for this run's records so far (most likely root cause first)."""

@@ -79,7 +79,7 @@ def _single_batch(reference: Any) -> Any:
     if reference is None:
         raise ValueError("sharpness_on='reference' needs Audit(..., reference=<one batch>) or "
                          "configure(audit, sharpness_on=<a batch>)")
-    if isinstance(reference, (torch.Tensor, tuple, list, dict)):
+    if isinstance(reference, (torch.Tensor, tuple, dict)):  # a list is a set of batches (as for reference data)
         return reference
     raise ValueError(f"sharpness_on='reference' needs a single batch (tensor, tuple, list or dict), "
                      f"not a {type(reference).__name__}; pass configure(audit, sharpness_on=next(iter(loader)))")
