@@ -214,14 +214,15 @@ def measure(workload: Workload, args: argparse.Namespace, folder: Path) -> dict:
 
 # -- machine and reporting ----------------------------------------------------------------------------
 def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (Linux), else what platform says."""
+    """The CPU's model name from /proc/cpuinfo (Linux) with its widest vector extension, else platform's."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    vector = next((f for f in ("avx512f", "avx2", "avx", "sse4_2") if f in flags), "")
+    return f"{name or platform.machine()}{f' ({vector})' if vector else ''}"
 
 
 def machine() -> dict:
