@@ -183,6 +183,8 @@ class Audit:
                           + (" …" if len(orphans) > 10 else ""), stacklevel=3)
         self._devices = _cuda_devices(self.model)
         self._lengths = [p.numel() for p in self.params]
+        # float64 sums for float64 models and precision="float64"; the working dtype's BLAS otherwise
+        self._exact_sums = self.precision == "float64" or any(p.dtype == torch.float64 for p in self.params)
 
     def _install_hooks(self) -> None:
         me = weakref.ref(self)  # hooks must not keep the audit alive, nor be deep-copied with it
@@ -431,7 +433,7 @@ class Audit:
         ctx.flat_delta_w = flatten(self.params).sub_(ctx.flat_before)  # fresh copy: subtract in place
         ctx.delta_w = views(ctx.flat_delta_w, self.params)
         record = {"step": index, "lr": ctx.lr(), "batch_size": _batch_size(pending.batches)}
-        sums = per_parameter_sums(ctx.flat_before, ctx.flat_grad, ctx.flat_delta_w, self._lengths)
+        sums = per_parameter_sums(ctx.flat_before, ctx.flat_grad, ctx.flat_delta_w, self._lengths, exact=self._exact_sums)
         layers, totals = layer_rows(self.names, self.modules, self.groups, sums)
         record.update(totals)
         if self.precision == "float64":

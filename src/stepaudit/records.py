@@ -20,19 +20,26 @@ def views(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor
 
 
 def per_parameter_sums(before: torch.Tensor, grad: torch.Tensor, delta_w: torch.Tensor,
-                       lengths: torch.Tensor | Sequence[int]) -> list[list[float]]:
-    """Rows [g·Δw, ‖g‖², ‖Δw‖², ‖w‖²] per parameter, accumulated in float64 (one sync for the model).
+                       lengths: Sequence[int], exact: bool = False) -> list[list[float]]:
+    """Rows [g·Δw, ‖g‖², ‖Δw‖², ‖w‖²] per parameter (one sync for the whole model).
 
-    One small matmul per parameter: the 3×3 Gram matrix of (g, Δw, w) over a float64 copy. Products of
-    float32 values are exact in float64, so only the summation rounds; no n×4 temporaries.
+    ``exact``: products and sums in float64 (products of float32 values are exact in float64), via
+    one 3×3 Gram matrix of (g, Δw, w) per parameter. Otherwise BLAS dot products and norms in the
+    working dtype, three times faster: for float32 the relative error is about 1e-7 (measured
+    3e-7 on 65k-element layers), far below the rounding noise of the losses they are compared with.
     """
-    sizes = lengths.tolist() if isinstance(lengths, torch.Tensor) else list(lengths)
-    rows = torch.empty(3, grad.numel(), dtype=torch.float64, device=grad.device)
-    rows[0].copy_(grad)
-    rows[1].copy_(delta_w)
-    rows[2].copy_(before)
-    grams = torch.stack([part @ part.T for part in torch.split(rows, sizes, dim=1)])
-    return grams[:, [0, 0, 1, 2], [1, 0, 1, 2]].tolist()
+    sizes = list(lengths)
+    if exact:
+        rows = torch.empty(3, grad.numel(), dtype=torch.float64, device=grad.device)
+        rows[0].copy_(grad)
+        rows[1].copy_(delta_w)
+        rows[2].copy_(before)
+        grams = torch.stack([part @ part.T for part in torch.split(rows, sizes, dim=1)])
+        return grams[:, [0, 0, 1, 2], [1, 0, 1, 2]].tolist()
+    g, d, w = (torch.split(t, sizes) for t in (grad, delta_w, before))
+    dots = torch.stack([torch.dot(a, b) for a, b in zip(g, d)])
+    norms = torch.stack([torch.stack(torch._foreach_norm(part)) for part in (g, d, w)]).double()
+    return torch.cat([dots.double()[None], norms * norms]).t().tolist()
 
 
 def _ratio(numerator: float, denominator: float) -> float:
