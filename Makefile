@@ -20,8 +20,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# Benchmarks run with the anchors venv (Cockpit, BackPACK, PyHessian side by side) when it exists:
+# bash bench/anchors.sh builds it. Without it the anchors' cells say "not installed".
+BENCH_PY = $$([ -x bench/.venv-anchors/bin/python ] && echo bench/.venv-anchors/bin/python || echo $(PY))
+
 bench: $(STAMP)
-	$(PY) bench/overhead.py
+	$(BENCH_PY) bench/overhead.py
 
 doctor-eval: $(STAMP)
 	$(PY) -m stepaudit.doctor.evaluate tests/doctor_cases

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 VENV=.venv-anchors
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-if ! "$VENV/bin/python" -c 'import cockpit, backpack, pyhessian' 2>/dev/null; then
+if ! "$VENV/bin/python" -c 'import cockpit, backpack, pyhessian, sklearn' 2>/dev/null; then
   printf 'torch==2.13.0\n' > "$VENV/constraints.txt"
   "$VENV/bin/pip" install -q -c "$VENV/constraints.txt" torch==2.13.0 numpy scikit-learn \
       backpack-for-pytorch==1.7.1 cockpit-for-pytorch==1.0.2 pyhessian==0.1
