@@ -93,7 +93,7 @@ def test_parameters_without_grad_are_zero_gradient(tmp_path):
         (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=classification_loss,
                         precision="float16"), "precision"),
         (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=classification_loss,
-                        probe_options={"sharpnes": {}}), "known: curvature"),
+                        probe_options={"sharpnes": {}}), r"unknown probe\(s\) sharpnes; known: .*curvature"),
         (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=classification_loss,
                         probes={"next_delta": 2}), "every step"),
         (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=classification_loss,
