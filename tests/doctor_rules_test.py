@@ -63,10 +63,10 @@ def test_nonfinite_names_the_first_bad_step():
 
 def test_rising_loss_with_large_steps_is_lr_too_high_and_its_nan_a_symptom():
     loss = lambda t: 2.3 * 1.1 ** t if t < 40 else math.inf  # noqa: E731
-    found = diagnose(run(loss=loss, ratio=0.3, grad=lambda t: 1.1 ** t))
+    found = diagnose(run(loss=loss, ratio=0.3, grad=lambda t: 1.1 ** t, batch_size=64))
     check_contract(found)
     assert codes(found)[0] == "lr_too_high"
-    # rolling median (5 steps) first exceeds 1.5 × 2.3 where 1.1^t > 1.5: t = 5
+    # batches of 64: the start is the loss at init, 2.3; the loss first exceeds 1.5 × 2.3 where 1.1^t > 1.5: t = 5
     assert found[0]["first_step"] == 5
     assert "nonfinite" in codes(found)
     nan = found[codes(found).index("nonfinite")]
@@ -240,3 +240,37 @@ def test_records_from_a_run_folder_match_records_in_memory(tmp_path):
 def test_bad_argument_names_the_fix():
     with pytest.raises(TypeError, match="run folder or a list of step records"):
         diagnose(42)
+
+
+def test_a_spike_the_run_recovers_from_is_not_lr_too_high():
+    """Catapult phase (Lewkowycz et al. 2020): the loss jumps early, then falls well below its start."""
+    loss = lambda t: 2.3 * (3.0 if 1 <= t <= 8 else 1.0) * math.exp(-t / 40) + 0.05  # noqa: E731
+    records = run(loss=loss, ratio=0.05, batch_size=64)
+    assert codes(diagnose(records, meta=passive(label_counts=UNIFORM_10))) == ["healthy"]
+    stays = lambda t: 2.3 * (3.0 if t >= 1 else 1.0)  # noqa: E731
+    assert codes(diagnose(run(loss=stays, ratio=0.05, batch_size=64)))[0] == "lr_too_high"
+
+
+def test_activation_faults_at_initialisation_count_even_if_the_loss_falls():
+    def share(at_init, late):
+        return lambda t: at_init if t == 0 else late
+
+    # majority of one tanh layer saturated at step 0 (pre-activation spread ≳ 4): a mis-scaled init
+    found = diagnose(run(saturated_share=share(0.55, 0.55), saturated_max=share(0.6, 0.6)),
+                     meta=passive(label_counts=UNIFORM_10))
+    assert codes(found) == ["saturated_activations"] and found[0]["first_step"] == 0
+    # the same saturation learnt along the way, while the loss fell by 98%: not the problem
+    found = diagnose(run(saturated_share=share(0.01, 0.55), saturated_max=share(0.02, 0.6)),
+                     meta=passive(label_counts=UNIFORM_10))
+    assert codes(found) == ["healthy"]
+    found = diagnose(run(dead_relu_share=share(0.7, 0.7), dead_relu_max=share(0.8, 0.8)),
+                     meta=passive(label_counts=UNIFORM_10))
+    assert codes(found) == ["dead_relu"] and "from initialisation" in found[0]["evidence"]
+
+
+def test_negative_gradient_cosines_are_overshoot_not_noise():
+    loss = lambda t: 1.5 + 0.3 * math.sin(t) - 0.002 * t  # noqa: E731
+    meta = passive(label_counts=UNIFORM_10, batch_size=2, steps=100)
+    assert "gradient_noise_dominates" not in codes(diagnose(run(loss=loss, grad_cos_prev=-0.6, ratio=3e-3), meta=meta))
+    # a healthy signal: consecutive gradients agree (cos 0.5) although the loss moves little
+    assert "gradient_noise_dominates" not in codes(diagnose(run(loss=loss, grad_cos_prev=0.5, ratio=3e-3), meta=meta))

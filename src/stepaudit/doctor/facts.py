@@ -107,9 +107,13 @@ class Facts:
 
     @cached_property
     def loss_start(self) -> float | None:
-        """Median loss of the first steps (the starting level, robust to one odd batch)."""
-        values = [v for _, v in self.losses[:self.smoothing]]
-        return median(values) if values else None
+        """The starting level: the loss at initialisation when a batch holds ≥ 16 examples, else the median of
+        the first ``smoothing`` steps (one example's loss is too noisy to compare with)."""
+        if not self.losses:
+            return None
+        if (self.batch_size or 0) >= 16 and self.losses[0][0] == 0:
+            return self.losses[0][1]
+        return median(v for _, v in self.losses[:self.smoothing])
 
     @cached_property
     def loss_end(self) -> float | None:
@@ -135,7 +139,7 @@ class Facts:
         width = min(self.smoothing, max(1, len(values) // 3))
         smooth = rolling_median(values, width)
         top = max(smooth)
-        bar = 1.5 * abs(self.loss_init)
+        bar = 1.5 * abs(self.loss_start)
         window = next((i for i, v in enumerate(smooth) if v > bar), None)
         if window is None:
             return top, None
@@ -191,9 +195,67 @@ class Facts:
 
     @cached_property
     def predicted_total(self) -> float | None:
-        """−g·Δw summed over the whole run (extrapolated from the sampled steps)."""
-        per_step = self.predicted_per_step
-        return None if per_step is None else per_step * max(len(self.losses), 1)
+        """−g·Δw summed over the run's finite-loss steps: each sampled value stands for the steps up to the next."""
+        rows = [(r["step"], -r["first_order"]) for r in self.sampled
+                if isinstance(r.get("first_order"), (int, float)) and math.isfinite(r["first_order"])]
+        if not rows or not self.losses:
+            return None
+        end = self.losses[-1][0] + 1
+        total = 0.0
+        for (step, value), nxt in zip(rows, [s for s, _ in rows[1:]] + [end]):
+            total += value * max(nxt - step, 1)
+        return total
+
+    def promised(self, stop: float) -> float | None:
+        """−g·Δw summed over the steps before ``stop``: each sampled value stands for the steps up to the next."""
+        rows = [(r["step"], -r["first_order"]) for r in self.sampled if r["step"] < stop
+                and isinstance(r.get("first_order"), (int, float)) and math.isfinite(r["first_order"])]
+        if not rows:
+            return None
+        ends = [s for s, _ in rows[1:]] + [stop]
+        return sum(value * max(nxt - step, 1) for (step, value), nxt in zip(rows, ends))
+
+    @cached_property
+    def transfer(self) -> tuple[float, float] | None:
+        """(realised decrease on new batches) / (decrease the steps promised on their own batches), first half.
+
+        Each step's batch is new when its loss is measured, so over a stretch of steps
+        (start − end) / Σ −g·Δw ≈ ‖G‖²/(‖G‖² + tr Σ/B) = 1/(1 + B_noise/B) for small SGD steps
+        [McCandlish et al.]; curvature only lowers it. Measured on the first half of the run, before the
+        loss nears its floor. Returns (ratio, promised).
+        """
+        if len(self.losses) < 10 or self.loss_start is None:
+            return None
+        half = max(10, self.losses[-1][0] / 2)
+        promised = self.promised(half)
+        window = [v for s, v in self.losses if s < half]
+        tail = window[-max(self.smoothing, len(window) // 5):]
+        if promised is None or promised <= 0 or len(tail) < 3:
+            return None
+        return (self.loss_start - median(tail)) / promised, promised
+
+    @cached_property
+    def grad_cos_half(self) -> float | None:
+        """Mean cosine between consecutive gradients over the first half of the run."""
+        half = max(10, self.n_steps / 2)
+        values = finite(r.get("grad_cos_prev") for r in self.sampled if r["step"] < half)
+        return mean(values) if len(values) >= 3 else None
+
+    @cached_property
+    def grad_cos_mean(self) -> float | None:
+        """Mean cosine between consecutive steps' gradients over the whole run (negative: steps overshoot)."""
+        values = finite(r.get("grad_cos_prev") for r in self.sampled)
+        return mean(values) if len(values) >= 3 else None
+
+    @cached_property
+    def recovered(self) -> bool:
+        """After the middle of the run the smoothed loss never again exceeds its start (a transient spike)."""
+        values = [v for _, v in self.losses]
+        if len(values) < 4 or self.loss_start is None:
+            return False
+        width = min(self.smoothing, max(1, len(values) // 4))
+        late = rolling_median(values[len(values) // 2:], width)
+        return bool(late) and max(late) < abs(self.loss_start)
 
     @cached_property
     def grad_cos_early(self) -> float | None:
@@ -249,6 +311,15 @@ class Facts:
             return None
         late = [v for _, v in rows[len(rows) // 2:]]
         return median(late), next((s for s, v in rows if v >= 0.5), rows[0][0])
+
+    def first_at(self, key: str, threshold: float) -> int | None:
+        """First step where a per-step share reached ``threshold``."""
+        return next((int(r["step"]) for r in self.healthy_records
+                     if isinstance(r.get(key), (int, float)) and r[key] >= threshold), None)
+
+    def share_init(self, key: str) -> float | None:
+        """A per-step share at step 0: measured in the forward before the first update (the initialisation)."""
+        return med(r.get(key) for r in self.healthy_records if r["step"] == 0)
 
     # -- active-mode own-batch quantities --------------------------------------------------------------------
     @cached_property

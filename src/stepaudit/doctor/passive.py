@@ -33,6 +33,9 @@ _LOSSES = ("cross_entropy", "nll_loss", "binary_cross_entropy_with_logits", "bin
            "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss")
 _ACTIVATIONS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
 MAX_ACTIVATION_ROWS = 64  # per sampled step
+# A unit "never fires on the batch": a healthy unit active on half the examples is silent on all 16 with
+# probability 2⁻¹⁶, so smaller batches cannot tell dead units from unlucky ones.
+MIN_DEAD_BATCH = 16
 
 
 class StopRun(BaseException):
@@ -340,7 +343,7 @@ class PassiveWatcher:
         record.update(totals)
         record["layers"] = rows
         g2 = torch.tensor([row[1] for row in sums], dtype=torch.float64)
-        nonzero = g2 > 0
+        nonzero = g2 != 0  # NaN counts: a NaN gradient was received (and is reported as nonfinite)
         state.ever_grad |= nonzero
         state.zero_watch = {"step": record["step"], "kept": nonzero.clone(), "had": int(nonzero.sum()), "backwards": 0}
         if not bool(torch.isfinite(g2).all()):
@@ -415,6 +418,8 @@ class PassiveWatcher:
             return
         with torch.no_grad():
             if kind == "relu":
+                if output.shape[0] < MIN_DEAD_BATCH:
+                    return
                 alive = output.detach().flatten(1).amax(0) > 0
                 units = alive.numel()
                 share = 1.0 - int(torch.count_nonzero(alive)) / units

@@ -247,38 +247,50 @@ def unnormalized_inputs(f: Facts) -> Diagnosis | None:
 # -- activations and gradients ----------------------------------------------------------------------------------
 def dead_relu(f: Facts) -> Diagnosis | None:
     """Hidden ReLU units that output 0 for every example of a batch [CS: up to 40% can die]."""
-    overall = f.share_late("dead_relu_share")
-    layer = f.share_late("dead_relu_max")
+    overall, layer = f.share_late("dead_relu_share"), f.share_late("dead_relu_max")
     if overall is None:
         return None
     share, first = overall
     layer_share = layer[0] if layer else share
-    if share < 0.5 and layer_share < 0.9:
+    if share < 0.5 and layer_share < 0.9:  # half the units, or a layer that passes (almost) nothing
         return None
-    if (f.progress or 0) >= 0.5 and share < 0.9:
-        return None  # the loss halved anyway: the dead units are not what stops training
-    severity = "error" if share >= 0.9 or _not_training(f) else "warning"
-    return Diagnosis("dead_relu", severity, _clip(0.5 + 0.5 * max(share, layer_share - 0.2)), first if share >= 0.5 else (layer[1] if layer else first),
-                     f"{share:.0%} of hidden ReLU units never fire on a whole batch (worst layer {layer_share:.0%} dead), "
-                     "so they pass no gradient and never recover.",
+    at_init = (f.share_init("dead_relu_share") or 0) >= 0.5 or (f.share_init("dead_relu_max") or 0) >= 0.9
+    if not at_init and (f.progress or 0) >= 0.5 and share < 0.9:
+        return None  # units died along the way but the loss halved: not what stops training
+    severity = "error" if share >= 0.9 or at_init or _not_training(f) else "warning"
+    onsets = [s for s in (f.first_at("dead_relu_share", 0.5), f.first_at("dead_relu_max", 0.9)) if s is not None]
+    first = 0 if at_init else min(onsets, default=first)
+    when = "from initialisation on" if at_init else f"from step {first} on"
+    return Diagnosis("dead_relu", severity, _clip(0.5 + 0.5 * max(share, layer_share - 0.2)), first,
+                     f"{share:.0%} of hidden ReLU units never fire on a whole batch (worst layer {layer_share:.0%} dead) "
+                     f"{when}, so they pass no gradient and never recover.",
                      "lower the learning rate; check biases/initialisation (no large negative bias; "
                      "kaiming init); LeakyReLU or normalisation layers keep units alive")
 
 
 def saturated_activations(f: Facts) -> Diagnosis | None:
-    """Hidden sigmoid/tanh units stuck near their asymptotes, where the derivative is ~0 [GB]."""
-    found = f.share_late("saturated_share")
-    if found is None or found[0] < 0.5:
+    """Hidden sigmoid/tanh units stuck near their asymptotes, where the derivative is ~0 [GB].
+
+    At initialisation a hidden layer is saturated only if its pre-activations have a spread ≳ 4 (half of
+    N(0, σ²) beyond ±2.65 needs σ ≈ 3.9): a mis-scaled initialisation or input, whatever the loss does
+    later. Saturation that develops during training counts only when the loss has not halved.
+    """
+    late, layer = f.share_late("saturated_share"), f.share_late("saturated_max")
+    if late is None:
         return None
-    share, first = found
-    if (f.progress or 0) >= 0.5 and share < 0.9:
-        return None  # the loss halved anyway: learnt saturation (binary-like features) is not the problem
-    severity = "error" if _not_training(f) else "warning"
-    return Diagnosis("saturated_activations", severity, _clip(0.45 + 0.5 * share), first,
-                     f"{share:.0%} of hidden sigmoid/tanh outputs sit within 1% of their limits (derivative < 2% of "
-                     "its maximum), so little gradient flows through them.",
-                     "normalise the inputs, use a smaller initialisation (xavier) or ReLU-family activations, "
-                     "or add normalisation layers")
+    share, first = late
+    init_layer = f.share_init("saturated_max") or 0
+    at_init = init_layer >= 0.5
+    if not at_init and (share < 0.5 or ((f.progress or 0) >= 0.5 and share < 0.9)):
+        return None
+    worst = max(init_layer, layer[0] if layer else 0)
+    severity = "error" if _not_training(f) or share >= 0.5 else "warning"
+    when = "from initialisation on" if at_init else f"from step {first} on"
+    return Diagnosis("saturated_activations", severity, _clip(0.45 + 0.5 * max(share, worst)), 0 if at_init else first,
+                     f"{share:.0%} of hidden sigmoid/tanh outputs (worst layer {worst:.0%}) sit within 1% of their "
+                     f"limits {when}, where the derivative is < 2% of its maximum, so little gradient flows through them.",
+                     "initialise with the fan-in in mind (xavier / N(0, 1/fan_in)), normalise the inputs, "
+                     "or use ReLU-family activations / normalisation layers")
 
 
 def vanishing_gradients(f: Facts) -> Diagnosis | None:
@@ -329,8 +341,9 @@ def lr_too_high(f: Facts) -> Diagnosis | None:
     """Steps that overshoot: the loss climbs above its start [DL], own-batch increases, lr beyond 2/λ_max."""
     parts, first, strength = [], None, 0.0
     peak = f.peak
-    if peak and peak[1] is not None:
-        parts.append(f"the loss rose to {_g(peak[0])} (rolling median; it started at {_g(f.loss_init)})")
+    if peak and peak[1] is not None and not f.recovered:  # a spike the run recovers from is a catapult, not a fault
+        parts.append(f"the loss rose to {_g(peak[0])} (rolling median; it started at {_g(f.loss_start)}) "
+                     f"and was still at {_g(f.loss_end)} at the end")
         first, strength = peak[1], strength + 0.35
     found = f.first_nonfinite
     growth = f.grad_growth
@@ -406,21 +419,29 @@ def labels_unlearnable(f: Facts) -> Diagnosis | None:
     end, start = f.loss_end, f.loss_start
     if end is None or start is None or not f.moved:
         return None
-    parts, strength = [], 0.0
-    reference, what = (found if found else (start, "its starting value"))
+    reference, what = (found if found else (abs(start), "its starting value"))
     if reference <= 0 or not 0.8 * reference <= end <= 1.5 * reference:  # near the entropy, not far above it
         return None
-    parts.append(f"after {f.n_steps} steps the loss is {_g(end)}, still {end / reference:.0%} of {what} ({_g(reference)}): "
-                 "the model has learnt little beyond the label frequencies")
-    strength += 0.25 if found else 0.05
-    total = f.predicted_total
-    if total is not None and total >= 0.5 * reference:
-        parts.append(f"yet the steps promised a decrease of {_g(total)} on their own batches (Σ −g·Δw)")
-        strength += 0.25
-    transfer = _transfer(f)
-    if transfer is not None and transfer <= 0.1:
-        parts.append(f"only {transfer:.0%} of each step's own-batch decrease carried over to other data (ref/next-batch delta)")
+    parts = [f"after {f.n_steps} steps the loss is {_g(end)}, still {end / reference:.0%} of {what} ({_g(reference)}): "
+             "the model has learnt little beyond the label frequencies"]
+    strength = 0.25 if found else 0.05
+    ratio, promised = f.update_ratio_early, f.predicted_total
+    if ratio is not None and ratio >= 1e-4 and promised is not None and promised >= 0.1 * reference:
+        # the steps were not too small to learn (cs231n's 1e-3 within an order) and promised progress
+        parts.append(f"yet the weights moved normally (‖Δw‖/‖w‖ {_g(ratio)} early on) and the steps promised "
+                     f"{_g(promised)} of decrease on their own batches (Σ −g·Δw)")
+        strength += 0.2
+    transfer = f.transfer
+    if transfer is not None and transfer[1] >= 0.05 * reference and transfer[0] <= 0.1:
+        parts.append(f"over the first half only {max(transfer[0], 0):.0%} of the promised decrease showed on new batches")
+        strength += 0.3 + (0.1 if transfer[1] >= 0.5 * reference else 0)
+    active = _transfer(f)
+    if active is not None and active <= 0.1:
+        parts.append(f"only {max(active, 0):.0%} of each step's own-batch decrease carried over to other data "
+                     "(next-batch / reference delta)")
         strength += 0.3
+    if not found:
+        strength *= 0.6  # without the label entropy, "stuck at the start" is weaker evidence of the labels
     if strength < 0.45:
         return None
     return Diagnosis("labels_unlearnable", "error", _clip(0.35 + strength), 0, "; ".join(parts) + ".",
@@ -439,33 +460,41 @@ def _transfer(f: Facts) -> float | None:
 
 
 def gradient_noise_dominates(f: Facts) -> Diagnosis | None:
-    """Batch far below the noise scale: each step mostly follows noise [MC]."""
+    """Batch far below the noise scale: each step mostly follows noise [MC].
+
+    Passive: two estimates of the signal fraction 1/(1 + B_noise/B) over the first half of the run, the
+    mean cosine of consecutive gradients (unbiased, noisy) and the share of the decrease promised on the
+    steps' own batches that shows on new ones (biased low by curvature), combined by their geometric
+    mean: ≤ 0.1 means the noise is ≥ 9× the signal. A clearly negative cosine means the steps overshoot
+    (curvature), not noise. Active: the measured B_simple ≥ 10 B.
+    """
     b = f.batch_size
-    estimates = []
-    cos = f.grad_cos_early
-    if cos is not None and -0.05 < cos <= 0.1:  # ≈ 0, not negative (negative cosines are overshoot)
-        estimates.append(("consecutive gradients are nearly orthogonal (mean cos %.2g over the first third, so "
-                          "B_noise/B ≈ %s)" % (cos, "∞" if cos <= 0 else _g(1 / cos - 1, 2)), 0.3))
+    parts, strength = [], 0.0
     scales = finite(r.get("noise_scale") for r in f.healthy_records)
-    if scales and b:
-        ratio = med(scales) / b
-        if ratio >= 10:
-            estimates.append((f"the measured noise scale B_simple ≈ {_g(med(scales))} is {_g(ratio, 2)}× the batch size {b}", 0.45))
-    if not estimates:
+    if scales and b and med(scales) / b >= 10:
+        parts.append(f"the measured noise scale B_simple ≈ {_g(med(scales))} is {_g(med(scales) / b, 2)}× the batch size {b}")
+        strength += 0.45
+    cos, transfer = f.grad_cos_half, f.transfer
+    if cos is not None and transfer is not None and cos > -0.2:
+        signal = math.sqrt(max(cos, 0.0) * max(transfer[0], 0.0))
+        if signal <= 0.1:
+            estimate = "≫ 100" if signal <= 0.01 else f"≈ {_g(1 / signal - 1, 2)}"
+            parts.append(f"consecutive gradients are nearly orthogonal (mean cos {cos:.2g}) and only "
+                         f"{max(transfer[0], 0):.1%} of the decrease the steps promised on their own batches showed on "
+                         f"new ones (first half): signal fraction ≈ {signal:.2g}, so B_noise/B {estimate}")
+            strength += 0.4
+    if not parts:
         return None
-    progressing = f.progress is not None and f.progress >= 0.5
-    rising = f.peak is not None and f.peak[1] is not None
-    if progressing or rising:
+    converged = f.loss_end is not None and f.loss_start and abs(f.loss_end) < 0.1 * abs(f.loss_start)
+    rising = f.peak is not None and f.peak[1] is not None and not f.recovered
+    if converged or rising:
         return None
-    strength = sum(w for _, w in estimates) + (0.15 if b is not None and b <= 8 else 0)
-    noisy = ""
-    if len(f.losses) >= 10:
-        late = [v for _, v in f.losses[len(f.losses) // 2:]]
-        spread = (max(late) - min(late)) / max(abs(f.loss_end or 1), 1e-12)
-        noisy = f"; the loss in the second half swings over {spread:.0%} of its level"
+    found = f.label_entropy
+    if found and f.loss_end is not None and f.loss_end >= 0.8 * found[0]:
+        strength -= 0.2  # nothing learnt beyond the prior: unlearnable labels explain it better
+    strength += 0.15 if b is not None and b <= 8 else 0
     return Diagnosis("gradient_noise_dominates", "warning", _clip(0.35 + strength), 0,
-                     f"batch size {b or '?'}: " + "; ".join(e for e, _ in estimates) + noisy
-                     + f" (loss {_g(f.loss_start)} → {_g(f.loss_end)}).",
+                     f"batch size {b or '?'}: " + "; ".join(parts) + f" (loss {_g(f.loss_start)} → {_g(f.loss_end)}).",
                      "increase the batch size (or accumulate gradients) toward the noise scale, and/or lower "
                      "the learning rate / decay it", whole_run=True)
 
