@@ -316,3 +316,24 @@ def test_one_session_at_a_time():
     with contextlib.redirect_stdout(io.StringIO()):
         with pytest.raises(ValueError, match="sample_every"):
             PassiveWatcher(sample_every=1)
+
+
+def test_learning_rate_schedules_and_zero_lr(tmp_path):
+    source = """
+        import torch
+        model = torch.nn.Linear(3, 1)
+        opt = torch.optim.SGD(model.parameters(), lr={lr})
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, 20)  # ends at lr 0
+        for step in range(20):
+            opt.zero_grad(); model(torch.ones(4, 3)).pow(2).mean().backward(); opt.step(); sched.step()
+    """
+    watcher, _ = watch(write(tmp_path, source.format(lr=0.1)), sample_every=5)
+    described = watcher.observations()["optimizers"][0]
+    assert described["param_groups"][0]["lr"] == 0.0  # where the schedule ended
+    assert described["max_lr"] == [0.1]  # the largest lr the group had at a sampled step (step 0)
+    from stepaudit.doctor import diagnose
+
+    assert "params_not_updating" not in [d["code"] for d in diagnose(watcher.records, meta={"observations": watcher.observations()})]
+    watcher, _ = watch(write(tmp_path, source.format(lr=0.0), "zero.py"), sample_every=5)
+    found = diagnose(watcher.records, meta={"observations": watcher.observations()})
+    assert found[0]["code"] == "params_not_updating"

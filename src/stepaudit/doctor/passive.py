@@ -66,8 +66,9 @@ class _Optimizer:
     local_step: int = 0
     names: list | None = None
     modules: list | None = None
-    ever_grad: torch.Tensor | None = None  # per parameter: a nonzero gradient was seen at a sampled step
+    ever_grad: list = field(default_factory=list)  # per parameter: a nonzero gradient was seen at a sampled step
     prev_grad: tuple | None = None  # (local step, gradient copies) for the consecutive-gradient cosine
+    max_lr: list = field(default_factory=list)  # largest lr each parameter group had at a sampled step
     zero_watch: dict | None = None  # zeroing check between a sampled step and this optimizer's next step
     pending: dict = field(default_factory=dict)
 
@@ -195,7 +196,7 @@ class PassiveWatcher:
         self.backward_count += 1
         self._backwards_since_step += 1
         for state in self.optimizers:
-            if state.zero_watch is not None and state.zero_watch["kept"].any():
+            if state.zero_watch is not None and any(state.zero_watch["kept"]):
                 self._zero_check(state)
         if self.step_count == 0 and self.max_steps is not None and self.backward_count > self.max_steps:
             self.stopping = "max_steps"  # backward passes but never an optimizer step: enough seen
@@ -210,16 +211,15 @@ class PassiveWatcher:
         """
         watch = state.zero_watch
         watch["backwards"] += 1
-        candidates = watch["kept"].nonzero().flatten().tolist()
-        grads = [state.params[i].grad for i in candidates]
-        present = [(i, g) for i, g in zip(candidates, grads) if g is not None]
+        kept = watch["kept"]
+        present = [i for i, k in enumerate(kept) if k and state.params[i].grad is not None]
+        for i, k in enumerate(kept):
+            if k and state.params[i].grad is None:
+                kept[i] = False  # set to None since the step: cleared
         if present:
-            norms = torch.stack([torch.linalg.vector_norm(_dense(g).detach().double()).cpu() for _, g in present])
-            still = dict(zip((i for i, _ in present), (norms > 0).tolist()))
-        else:
-            still = {}
-        for i in candidates:
-            watch["kept"][i] = bool(still.get(i, False))
+            norms = torch._foreach_norm([_dense(state.params[i].grad).detach() for i in present])
+            for i, nonzero in zip(present, _nonzero(norms)):
+                kept[i] = nonzero
 
     def _finish_zero_check(self, state: _Optimizer) -> None:
         """At the optimizer's next step: record the share of gradients never cleared since its last step."""
@@ -227,7 +227,7 @@ class PassiveWatcher:
         if watch is None or watch["backwards"] == 0 or watch["had"] == 0:
             return  # no backward in between (closure optimizers evaluate inside step): nothing to judge
         self.zero_checks.append({"step": watch["step"], "optimizer": state.index,
-                                 "kept": float(watch["kept"].sum()) / watch["had"], "backwards": watch["backwards"]})
+                                 "kept": sum(watch["kept"]) / watch["had"], "backwards": watch["backwards"]})
 
     # -- optimizer steps -------------------------------------------------------------------------------
     def _register(self, optimizer: torch.optim.Optimizer) -> _Optimizer:
@@ -237,7 +237,7 @@ class PassiveWatcher:
                 params.append(p)
                 groups.append(g)
         state = _Optimizer(len(self.optimizers), optimizer, params, groups)
-        state.ever_grad = torch.zeros(len(params), dtype=torch.bool)
+        state.ever_grad = [False] * len(params)
         self.optimizers.append(state)
         self._by_id[id(optimizer)] = state
         return state
@@ -306,6 +306,8 @@ class PassiveWatcher:
         if self.zero_checks and self.zero_checks[-1]["optimizer"] == state.index and self.zero_checks[-1].get("next") is None:
             self.zero_checks[-1]["next"] = index
             record["grads_kept"] = self.zero_checks[-1]["kept"]
+        if sampled(local, self.every):
+            self._note_lrs(state)
         if "error" in pending:
             record["capture_error"] = pending["error"]
         elif "before" in pending and "grad" in pending:
@@ -330,6 +332,19 @@ class PassiveWatcher:
             self.stopping = "max_steps"
         self._check_stop()
 
+    def _note_lrs(self, state: _Optimizer) -> None:
+        """Track each group's largest learning rate (a schedule may end at 0; a zero lr throughout is a fault)."""
+        lrs = []
+        for group in state.optimizer.param_groups:
+            try:
+                lrs.append(float(group.get("lr", math.nan)))
+            except (TypeError, ValueError):
+                lrs.append(math.nan)
+        if len(state.max_lr) != len(lrs):
+            state.max_lr = lrs
+        else:
+            state.max_lr = [max(a, b) if b == b else a for a, b in zip(state.max_lr, lrs)]
+
     @torch.no_grad()
     def _measure(self, state: _Optimizer, record: dict, pending: dict) -> None:
         """Norms, ratios, g·Δw and per-layer rows of a sampled step (vocabulary of DESIGN.md)."""
@@ -342,21 +357,20 @@ class PassiveWatcher:
         record["measured"] = True  # this step has gradient/update statistics (stored NaN then means NaN)
         record.update(totals)
         record["layers"] = rows
-        g2 = torch.tensor([row[1] for row in sums], dtype=torch.float64)
-        nonzero = g2 != 0  # NaN counts: a NaN gradient was received (and is reported as nonfinite)
-        state.ever_grad |= nonzero
-        state.zero_watch = {"step": record["step"], "kept": nonzero.clone(), "had": int(nonzero.sum()), "backwards": 0}
-        if not bool(torch.isfinite(g2).all()):
+        g2 = [row[1] for row in sums]
+        nonzero = [v != 0 for v in g2]  # NaN counts: a NaN gradient was received (and is reported as nonfinite)
+        state.ever_grad = [a or b for a, b in zip(state.ever_grad, nonzero)]
+        state.zero_watch = {"step": record["step"], "kept": list(nonzero), "had": sum(nonzero), "backwards": 0}
+        if not all(math.isfinite(v) for v in g2):
             record["grad_nonfinite"] = True
         if not math.isfinite(sum(row[3] for row in sums)):  # Σ‖w‖² is finite iff every weight is
             record["weights_nonfinite"] = True
         previous = state.prev_grad
         if previous is not None and previous[0] == record["local_step"] - 1:
             dot = float(torch.stack([_dot(a, b) for a, b in zip(previous[1], grad)]).sum())
-            g2_before = float(torch.stack(torch._foreach_norm(previous[1])).double().pow(2).sum())
-            denominator = math.sqrt(g2_before * float(g2.sum()))
+            denominator = math.sqrt(previous[2] * sum(g2))
             record["grad_cos_prev"] = dot / denominator if denominator > 0 else math.nan
-        state.prev_grad = (record["local_step"], grad) if sampled(record["local_step"] + 1, self.every) else None
+        state.prev_grad = (record["local_step"], grad, sum(g2)) if sampled(record["local_step"] + 1, self.every) else None
         if self.batch_size is not None:
             record["batch_size"] = self.batch_size
 
@@ -563,10 +577,10 @@ class PassiveWatcher:
 
     def _describe(self, state: _Optimizer) -> dict:
         names = state.names or [f"param{i}" for i in range(len(state.params))]
-        no_grad = [i for i, p in enumerate(state.params) if not bool(state.ever_grad[i])]
+        no_grad = [i for i, p in enumerate(state.params) if not state.ever_grad[i]]
         return {
             "index": state.index, "optimizer": type(state.optimizer).__name__,
-            "param_groups": optimizer_groups(state.optimizer), "steps": state.local_step,
+            "param_groups": optimizer_groups(state.optimizer), "steps": state.local_step, "max_lr": state.max_lr,
             "numel": sum(p.numel() for p in state.params),
             "sampled_steps": sum(sampled(s, self.every) for s in range(state.local_step)),
             "frozen": [{"name": names[i], "numel": state.params[i].numel()} for i, p in enumerate(state.params)
@@ -647,6 +661,14 @@ def _copies(tensors: list) -> list:
 
 def _grad_copies(params: list) -> list:
     return _copies([_dense(p.grad).detach() if p.grad is not None else torch.zeros_like(p) for p in params])
+
+
+def _nonzero(norms: list) -> list[bool]:
+    """Which norms are nonzero, with one host sync when they share a device."""
+    try:
+        return torch.stack(norms).ne(0).tolist()
+    except RuntimeError:  # several devices
+        return [bool(n.ne(0)) for n in norms]
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -46,18 +46,19 @@ def render_plain(result: dict, error: str | None = None, run: str | None = None,
 
 
 def render(result: dict, error: str | None = None, run: str | None = None, facts: Facts | None = None) -> str:
-    """The report, with rich formatting when available (plain text when not, or when not a terminal)."""
+    """The report, with rich formatting when available (colours only on a terminal), else plain text."""
     try:
         from rich.console import Console
+        from rich.markup import escape
         from rich.panel import Panel
-        from rich.table import Table
     except ImportError:
         return render_plain(result, error, run, facts)
     import sys
 
     buffer = io.StringIO()
-    console = Console(file=buffer, force_terminal=sys.stdout.isatty(), width=min(110, Console().width or 100),
-                      highlight=False)
+    tty = sys.stdout.isatty()
+    console = Console(file=buffer, force_terminal=tty, width=min(110, Console().width) if tty else 100,
+                      highlight=False, soft_wrap=False)
     console.print(_headline(result, facts), style="bold", markup=False)
     if error:
         console.print("The script raised (diagnosing what ran before it):", style="red")
@@ -65,27 +66,19 @@ def render(result: dict, error: str | None = None, run: str | None = None, facts
     diagnoses = result["diagnoses"]
     if diagnoses:
         top = diagnoses[0]
-        title = "healthy" if top["code"] == "healthy" else "most likely root cause"
+        title = "healthy" if top["code"] == "healthy" else f"most likely root cause: [b]{top['code']}[/b]"
         start = f", from step {top['first_step']}" if top["first_step"] is not None else ""
-        body = f"[b]evidence[/b]  {_escape(top['evidence'])}\n[b]fix[/b]       {_escape(top['fix'])}"
-        console.print(Panel(body, title=f"{title}: [b]{top['code']}[/b] ({top['severity']}, "
-                                        f"confidence {top['confidence']:.2f}{start})",
+        body = f"[b]evidence[/b]  {escape(top['evidence'])}\n[b]fix[/b]       {escape(top['fix'])}"
+        console.print(Panel(body, title=f"{title} ({top['severity']}, confidence {top['confidence']:.2f}{start})",
                             title_align="left", border_style=_STYLE[top["severity"]]))
     if len(diagnoses) > 1:
-        table = Table(title="also found", title_justify="left", show_lines=True)
-        for column in ("code", "severity", "conf.", "step", "evidence and fix"):
-            table.add_column(column, overflow="fold")
+        console.print("also found:", style="bold")
         for d in diagnoses[1:]:
-            table.add_row(d["code"], f"[{_STYLE[d['severity']]}]{d['severity']}[/]", f"{d['confidence']:.2f}",
-                          "" if d["first_step"] is None else str(d["first_step"]),
-                          f"{_escape(d['evidence'])}\n[dim]fix: {_escape(d['fix'])}[/dim]")
-        console.print(table)
+            start = f", step {d['first_step']}" if d["first_step"] is not None else ""
+            console.print(f"  [{_STYLE[d['severity']]}]{_MARK[d['severity']]} {d['code']}[/] "
+                          f"({d['severity']}, {d['confidence']:.2f}{start})")
+            console.print(textwrap.indent(textwrap.fill(d["evidence"], 94), "      "), markup=False)
+            console.print(textwrap.indent(textwrap.fill("fix: " + d["fix"], 94), "      "), style="dim", markup=False)
     if run:
         console.print(f"run store: {run}", style="dim", markup=False)
     return buffer.getvalue().rstrip("\n")
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)

@@ -99,8 +99,10 @@ def params_not_updating(f: Facts) -> Diagnosis | None:
         return Diagnosis("params_not_updating", "warning", 0.5, None,
                          "no backward pass and no optimizer step were seen: nothing was trained.",
                          "check that the script reaches its training loop (loss.backward(); optimizer.step())")
-    groups = [g for o in obs.get("optimizers") or [] for g in o.get("param_groups") or []] or (f.meta.get("param_groups") or [])
-    zero_lr = [g for g in groups if g.get("lr") == 0]
+    groups = [{**g, "lr": (o.get("max_lr") or [])[i] if i < len(o.get("max_lr") or []) else g.get("lr")}
+              for o in obs.get("optimizers") or [] for i, g in enumerate(o.get("param_groups") or [])]
+    groups = groups or (f.meta.get("param_groups") or [])  # active: the groups as the audit began
+    zero_lr = [g for g in groups if g.get("lr") == 0]  # passive: the largest lr seen (schedules may end at 0)
     if groups and len(zero_lr) == len(groups):
         return Diagnosis("params_not_updating", "error", 0.95, 0, "the learning rate is 0 in every parameter group.",
                          "set a positive learning rate (e.g. lr=1e-3 for Adam, 1e-2–1e-1 for SGD)")
