@@ -88,7 +88,7 @@ def _rank(d: Diagnosis) -> int:
     return _PRIORITY.index(d.code) if d.code in _PRIORITY else len(_PRIORITY)
 
 
-def healthy(f: Facts) -> Diagnosis:
+def healthy(f: Facts, notes: bool = False) -> Diagnosis:
     """Nothing fired: say what was measured, and how sure that is given the run's length."""
     parts = []
     if f.loss_start is not None and f.loss_end is not None:
@@ -102,7 +102,8 @@ def healthy(f: Facts) -> Diagnosis:
     if f.n_steps < 20:
         confidence = 0.4
     return Diagnosis("healthy", "info", confidence, None,
-                     ("; ".join(parts) or "no problem was measured") + "; no rule fired.", "nothing to fix")
+                     ("; ".join(parts) or "no problem was measured")
+                     + ("; only informational notes follow." if notes else "; no rule fired."), "nothing to fix")
 
 
 def diagnose_facts(f: Facts) -> list[dict]:
@@ -118,6 +119,8 @@ def diagnose_facts(f: Facts) -> list[dict]:
             found.append(diagnosis)
     if not found:
         return [healthy(f).as_dict()]
+    if all(d.severity == "info" for d in found):  # notes, nothing wrong: healthy first, the notes after it
+        return [healthy(f, notes=True).as_dict()] + [d.as_dict() for d in order(found)]
     return [d.as_dict() for d in order(found)]
 
 

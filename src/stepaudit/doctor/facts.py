@@ -248,6 +248,26 @@ class Facts:
         return mean(values) if len(values) >= 3 else None
 
     @cached_property
+    def grad_cos_stats(self) -> tuple[float, float, int] | None:
+        """(mean, standard error, count) of the consecutive-gradient cosines over the whole run."""
+        values = finite(r.get("grad_cos_prev") for r in self.sampled)
+        if len(values) < 3:
+            return None
+        m = mean(values)
+        se = math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
+        return m, se, len(values)
+
+    @cached_property
+    def oscillating(self) -> bool:
+        """Consecutive gradients point apart on average, beyond their scatter (mean cos < −2 s.e.).
+
+        With small steps E[g_t·g_t+1] ≈ ‖G‖² − η E[g_tᵀ H g_t] ≥ 0 under any amount of noise; a clearly negative
+        mean means the curvature term wins: the steps overshoot along sharp directions.
+        """
+        stats = self.grad_cos_stats
+        return stats is not None and stats[0] < -2 * stats[1] and stats[0] < 0
+
+    @cached_property
     def recovered(self) -> bool:
         """After the middle of the run the smoothed loss never again exceeds its start (a transient spike)."""
         values = [v for _, v in self.losses]

@@ -210,10 +210,12 @@ def loss_wiring(f: Facts) -> Diagnosis | None:
     classes, value = init.get("classes"), init.get("value")
     if init.get("loss") == "cross_entropy" and classes and classes >= 2 and isinstance(value, (int, float)):
         expected = math.log(classes)
-        if math.isfinite(value) and value > 1.5 * expected:
-            # For logits of spread s, E[CE] ≈ ln C + s²/2: 1.5 ln C means logits spread ≈ √(ln C) or more.
+        if math.isfinite(value) and value > 2 * expected:
+            # For logits of spread s, E[CE] ≈ ln C + s²/2: beyond 2 ln C the initialisation alone costs as much as
+            # knowing nothing (s ≳ √(2 ln C)); the first steps are spent undoing it (Karpathy's "hockey stick").
             ratio = value / expected
-            return Diagnosis("loss_wiring", "warning", _clip(0.5 + 0.1 * math.log2(ratio)), int(init.get("step") or 0),
+            severity = "info" if (f.progress or 0) >= 0.5 else "warning"
+            return Diagnosis("loss_wiring", severity, _clip(0.5 + 0.1 * math.log2(ratio)), int(init.get("step") or 0),
                              f"the loss at initialisation is {_g(value)}, {ratio:.3g}× ln {classes} = {_g(expected)} "
                              "(uniform predictions): the initial logits are far too large or the loss is scaled.",
                              "scale down the last layer's initial weights (e.g. multiply by 0.01) and check the "
@@ -477,7 +479,7 @@ def gradient_noise_dominates(f: Facts) -> Diagnosis | None:
         parts.append(f"the measured noise scale B_simple ≈ {_g(med(scales))} is {_g(med(scales) / b, 2)}× the batch size {b}")
         strength += 0.45
     cos, transfer = f.grad_cos_half, f.transfer
-    if cos is not None and transfer is not None and cos > -0.2:
+    if cos is not None and transfer is not None and cos > -0.2 and not f.oscillating:
         signal = math.sqrt(max(cos, 0.0) * max(transfer[0], 0.0))
         if signal <= 0.1:
             estimate = "≫ 100" if signal <= 0.01 else f"≈ {_g(1 / signal - 1, 2)}"
