@@ -337,3 +337,19 @@ def test_learning_rate_schedules_and_zero_lr(tmp_path):
     watcher, _ = watch(write(tmp_path, source.format(lr=0.0), "zero.py"), sample_every=5)
     found = diagnose(watcher.records, meta={"observations": watcher.observations()})
     assert found[0]["code"] == "params_not_updating"
+
+
+def test_a_failing_watcher_never_breaks_the_script(tmp_path, monkeypatch):
+    """Auditing never breaks training: an error inside the hooks is counted, the script runs on unchanged."""
+    path = write(tmp_path, TRAIN)
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("watcher bug")
+
+    for name in ("_measure", "on_activation", "on_loss", "_zero_check", "_forward_pre"):
+        monkeypatch.setattr(PassiveWatcher, name, broken)
+    watcher, outcome = watch(path, [str(tmp_path / "log.json"), "12"])
+    assert outcome.stopped == "finished" and watcher.step_count == 12
+    assert watcher.capture_errors > 0 or any("capture_error" in r for r in watcher.records)
+    log = json.loads((tmp_path / "log.json").read_text())
+    assert [r["loss_before"] for r in watcher.records] == pytest.approx([e["loss"] for e in log], rel=1e-6)

@@ -1,0 +1,215 @@
+"""Forward and loss observations of a passive session: dead/saturated units, first-layer input, loss wiring.
+
+``ForwardObserver`` is mixed into ``PassiveWatcher``: the global module forward hooks (sampled steps only)
+find the model's root modules and its first parametrised layer; the wrapped activation and loss
+functions report what they produced or received. Everything is read under ``no_grad``.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+
+_NORMALIZING = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
+MAX_ACTIVATION_ROWS = 64  # per sampled step
+# A unit "never fires on the batch": a healthy unit active on half the examples is silent on all 16 with
+# probability 2⁻¹⁶, so smaller batches cannot tell dead units from unlucky ones.
+MIN_DEAD_BATCH = 16
+
+
+def _tensor_arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
+    return args[index] if len(args) > index else kwargs.get(name)
+
+
+class ForwardObserver:
+    """State and callbacks for forward-pass and loss statistics (used by ``PassiveWatcher``)."""
+
+    step_count: int
+    every: int
+
+    def _init_observer(self) -> None:
+        self.window = True  # statistics of forward passes are gathered (step 0 is sampled)
+        self._depth = 0
+        self._first_layer_pending = True
+        self._param_calls = 0
+        self.roots: dict[int, torch.nn.Module] = {}
+        self._open_activations: list[dict] = []
+        self._activations: list[dict] = []
+        self._inputs: dict | None = None
+        self._input_windows = 0
+        self._loss_checked: Counter = Counter()  # sampled calls inspected, per loss function
+        self._loss_flags: dict[str, dict] = {}  # kind of miswiring -> first finding, count, last step
+        self.loss_calls: Counter = Counter()
+        self.label_counts: Counter = Counter()
+        self.target_moments = [0.0, 0.0, 0.0]  # n, Σy, Σy² of regression targets
+        self.initial_loss: dict | None = None
+        self.batch_size: int | None = None
+
+    # -- forward statistics ------------------------------------------------------------------------------
+    def _forward_pre(self, module, args):
+        if self._depth == 0:
+            self._close_activations()
+            self.roots.setdefault(id(module), module)
+            self._first_layer_pending = True
+        self._depth += 1
+        if self._first_layer_pending and module._parameters and any(v is not None for v in module._parameters.values()):
+            self._first_layer_pending = False
+            if self._inputs is None and self._input_windows < 3 and args and isinstance(args[0], torch.Tensor):
+                self._inputs = _input_stats(module, args[0])
+                self._input_windows += self._inputs is not None
+                if self._inputs is not None and self.batch_size is None and args[0].dim() >= 2:
+                    self.batch_size = int(args[0].shape[0])
+
+    def _forward_post(self, module, args, output):
+        self._depth = max(0, self._depth - 1)
+        if module._parameters and any(v is not None for v in module._parameters.values()):
+            self._param_calls += 1
+
+    def on_activation(self, kind: str, output: Any) -> None:
+        """Share of dead (ReLU) or saturated (sigmoid/tanh) units of one activation call."""
+        if not (self.window and isinstance(output, torch.Tensor) and output.is_floating_point()):
+            return
+        if output.dim() < 2 or output.shape[0] < 2 or len(self._open_activations) >= MAX_ACTIVATION_ROWS:
+            return
+        with torch.no_grad():
+            if kind == "relu":
+                if output.shape[0] < MIN_DEAD_BATCH:
+                    return
+                alive = output.detach().flatten(1).amax(0) > 0
+                units = alive.numel()
+                share = 1.0 - int(torch.count_nonzero(alive)) / units
+            elif kind == "sigmoid":
+                share, units = float(((output < 0.01) | (output > 0.99)).float().mean()), output[0].numel()
+            else:
+                share, units = float((output.abs() > 0.99).float().mean()), output[0].numel()
+        self._open_activations.append({"kind": kind, "share": share, "units": units, "after": self._param_calls,
+                                       "batch": int(output.shape[0])})
+
+    def _close_activations(self) -> None:
+        """An activation is hidden when a parametrised layer ran after it (it feeds the network, not the loss)."""
+        for row in self._open_activations:
+            row["hidden"] = self._param_calls > row["after"]
+            self._activations.append(row)
+        self._open_activations = []
+
+    def _summarize_activations(self, record: dict) -> None:
+        self._close_activations()
+        rows, self._activations = self._activations, []
+        for kind, key in (("relu", "dead_relu"), ("saturating", "saturated")):
+            chosen = [r for r in rows if r["hidden"] and (r["kind"] == "relu") == (kind == "relu")]
+            if not chosen:
+                continue
+            units = sum(r["units"] for r in chosen)
+            record[f"{key}_share"] = sum(r["share"] * r["units"] for r in chosen) / units
+            record[f"{key}_max"] = max(r["share"] for r in chosen)
+            record[f"{key}_layers"] = len(chosen)
+
+    # -- losses --------------------------------------------------------------------------------------------
+    def on_loss(self, name: str, args: tuple, kwargs: dict, output: Any) -> None:
+        """What a loss function received: probabilities where it expects logits, shapes that broadcast…"""
+        self.loss_calls[name] += 1
+        step = self.step_count
+        if not self.window or not (step < 5 or step % (5 * self.every) < 2):  # a few windows suffice
+            return
+        x = _tensor_arg(args, kwargs, 0, "input")
+        y = _tensor_arg(args, kwargs, 1, "target")
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
+            return
+        grad_enabled = torch.is_grad_enabled()
+        with torch.no_grad():
+            check = _loss_check(name, x.detach(), y)
+            self._loss_checked[name] += 1
+            if check is not None:
+                seen = self._loss_flags.setdefault(check["kind"], {**check, "step": self.step_count, "loss": name,
+                                                                   "count": 0})
+                seen["count"] += 1
+                seen["last_step"] = self.step_count
+            if isinstance(y, torch.Tensor):
+                self._note_targets(name, x, y, kwargs)
+            if (self.initial_loss is None and grad_enabled and x.requires_grad
+                    and isinstance(output, torch.Tensor) and output.numel() == 1):
+                classes = int(x.shape[1]) if name == "cross_entropy" and x.dim() >= 2 else (
+                    int(x.shape[0]) if name == "cross_entropy" else None)
+                self.initial_loss = {"loss": name, "value": float(output), "classes": classes,
+                                     "step": self.step_count}
+            if self.batch_size is None and x.dim() >= 1:
+                self.batch_size = int(x.shape[0])
+
+    def _note_targets(self, name: str, x: torch.Tensor, y: torch.Tensor, kwargs: dict) -> None:
+        if name in ("cross_entropy", "nll_loss") and not y.is_floating_point():
+            ignore = kwargs.get("ignore_index", -100)
+            values = y.reshape(-1)
+            values = values[values != ignore]
+            if values.numel():
+                counts = torch.bincount(values.clamp_min(0).cpu())
+                self.label_counts.update({i: int(c) for i, c in enumerate(counts.tolist()) if c})
+        elif name in ("binary_cross_entropy", "binary_cross_entropy_with_logits"):
+            positives = float(y.detach().float().sum())
+            self.label_counts.update({1: positives, 0: y.numel() - positives})
+        elif name in ("mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss") and y.is_floating_point():
+            t = y.detach().double()
+            self.target_moments[0] += t.numel()
+            self.target_moments[1] += float(t.sum())
+            self.target_moments[2] += float((t * t).sum())
+
+    def loss_findings(self) -> list[dict]:
+        """Miswirings seen at (nearly) every inspected call of their loss function, not once by chance."""
+        found = []
+        for kind, seen in self._loss_flags.items():
+            checked = self._loss_checked[seen["loss"]]
+            if seen["count"] < 0.9 * checked:
+                continue
+            if kind == "probabilities_into_bce_with_logits" and (seen["count"] < 3 or seen["last_step"] < 10):
+                continue  # logits of an untrained model can all fall in (0, 1); trained ones leave it
+            found.append({**seen, "checked": checked})
+        return found
+
+
+@torch.no_grad()
+def _input_stats(module: torch.nn.Module, x: torch.Tensor) -> dict | None:
+    """Scale of the first parametrised layer's input, per feature (LeCun et al. 1998, "Efficient BackProp" §4.3)."""
+    layer = type(module).__name__
+    if not x.is_floating_point() or x.dim() < 2 or x.shape[0] < 2 or isinstance(module, torch.nn.Embedding):
+        return None
+    if isinstance(module, _NORMALIZING):
+        return {"layer": layer, "normalized": True}
+    flat = x.detach().flatten(1).double()
+    finite = bool(torch.isfinite(flat).all())
+    if not finite:
+        return {"layer": layer, "nonfinite": True}
+    feature_rms = flat.pow(2).mean(0).sqrt()
+    std = flat.std(0)
+    return {
+        "layer": layer,
+        "rms": float(flat.pow(2).mean().sqrt()),
+        "feature_rms_median": float(feature_rms.median()),
+        "feature_rms_max": float(feature_rms.max()),
+        "feature_std_median": float(std.median()),
+        "mean_abs": float(flat.mean(0).abs().mean()),
+    }
+
+
+def _loss_check(name: str, x: torch.Tensor, y: Any) -> dict | None:
+    """A loss wired to the wrong kind of input, with the measured numbers."""
+    if name in ("cross_entropy", "nll_loss") and x.dim() >= 2 and x.shape[1] >= 2:
+        low, high = (float(v) for v in torch.aminmax(x))
+        row_sum = x.sum(1) if low >= 0 and high <= 1 else None
+        probabilities = row_sum is not None and float((row_sum - 1).abs().max()) < 1e-3
+        lse = torch.logsumexp(x.float(), 1) if high <= 0 or name == "nll_loss" else None
+        log_probabilities = high <= 0 and lse is not None and float(lse.abs().max()) < 1e-3
+        if name == "cross_entropy" and probabilities:
+            return {"kind": "probabilities_into_cross_entropy", "row_sum": float(row_sum.mean()),
+                    "classes": int(x.shape[1])}
+        if name == "cross_entropy" and log_probabilities:
+            return {"kind": "log_probabilities_into_cross_entropy", "logsumexp": float(lse.abs().max())}
+        if name == "nll_loss" and not log_probabilities:
+            return {"kind": "scores_into_nll_loss", "logsumexp": float(lse.mean()), "max": high,
+                    "probabilities": probabilities}
+    if name == "binary_cross_entropy_with_logits" and x.numel() >= 8:
+        if bool((x > 0).all() and (x < 1).all()):
+            return {"kind": "probabilities_into_bce_with_logits", "min": float(x.min()), "max": float(x.max())}
+    if name in ("mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss") and isinstance(y, torch.Tensor):
+        if tuple(x.shape) != tuple(y.shape):
+            return {"kind": "broadcast_shapes", "input_shape": list(x.shape), "target_shape": list(y.shape)}
+    return None

@@ -1,0 +1,137 @@
+"""The end of a passive session: parameter names, loss values, the run-level observations the rules read.
+
+``RunResults`` is mixed into ``PassiveWatcher``; everything here runs at sampled steps, at a flush of the
+run store, or once the script has ended.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..meta import optimizer_groups
+
+if TYPE_CHECKING:
+    from .passive import _Optimizer
+
+
+class RunResults:
+    """Naming, loss settlement, store flushes and observations of a ``PassiveWatcher``."""
+
+    def _names_stale(self, state: _Optimizer) -> bool:
+        return any(n.startswith("param") for n in state.names) and bool(self.roots)
+
+    def _prefixed_roots(self) -> list[tuple[torch.nn.Module, str]]:
+        """Root modules with parameters, largest first, each with the prefix its names get."""
+        roots = sorted(self.roots.values(), key=lambda m: -sum(p.numel() for p in m.parameters()))
+        with_params = [r for r in roots if any(True for _ in r.parameters())]
+        return [(r, f"{type(r).__name__}." if len(with_params) > 1 else "") for r in with_params]
+
+    def weight_layers(self) -> list[str]:
+        """Names (as in the layer rows) of modules holding a weight matrix/kernel, embeddings excluded."""
+        names: list[str] = []
+        for root, prefix in self._prefixed_roots():
+            for name, module in root.named_modules():
+                weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+                if weight is not None and weight.dim() >= 2 and not isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+                    full = prefix + name if name else prefix.rstrip(".") or "(root)"
+                    if full not in names:
+                        names.append(full)
+        return names
+
+    def _name(self, state: _Optimizer) -> None:
+        """Parameter names from the model's root modules (the ones called at depth 0)."""
+        known: dict[int, str] = {}
+        for root, prefix in self._prefixed_roots():
+            for name, p in root.named_parameters():
+                known.setdefault(id(p), prefix + name)
+        state.names = [known.get(id(p), f"param{i}") for i, p in enumerate(state.params)]
+        state.modules = [n.rsplit(".", 1)[0] if "." in n else "(root)" for n in state.names]
+
+    # -- results ---------------------------------------------------------------------------------------------
+    def _settle_losses(self) -> None:
+        """Turn the kept loss tensors into floats (one sync per step, at the end or at a flush)."""
+        for record in self.records:
+            losses = record.pop("_losses", None)
+            if losses is None:
+                continue
+            values = []
+            for loss in losses:
+                try:
+                    values.append(float(loss))
+                except (TypeError, ValueError, RuntimeError):
+                    continue
+            record["loss_before"] = sum(values) if values else math.nan
+
+    def _flush(self) -> None:
+        self._settle_losses()
+        try:
+            self.flush(self.records[self._flushed:])
+            self._flushed = len(self.records)
+        except Exception as error:  # a store problem never breaks the script
+            self.error = f"writing the run store failed: {error}"
+            self.flush = None
+
+    def finish(self) -> None:
+        """Write what is left to the store (call after ``close``)."""
+        if self.flush is not None and len(self.records) > self._flushed:
+            self._flush()
+
+    def observations(self) -> dict:
+        """Run-level facts the rules read (JSON-friendly), alongside the per-step records."""
+        trainable, orphans = self._orphans()
+        n, s1, s2 = self.target_moments
+        return {
+            "mode": "passive",
+            "steps": self.step_count,
+            "backward_passes": self.backward_count,
+            "optimizers": [self._describe(state) for state in self.optimizers],
+            "zero_checks": self.zero_checks,
+            "loss_findings": self.loss_findings(),
+            "loss_calls": dict(self.loss_calls),
+            "initial_loss": self.initial_loss,
+            "label_counts": {str(k): v for k, v in sorted(self.label_counts.items())},
+            "target_variance": (s2 / n - (s1 / n) ** 2) if n > 1 else None,
+            "batch_size": self.batch_size,
+            "trainable_numel": trainable,
+            "orphan_params": orphans,
+            "weight_layers": self.weight_layers(),
+            "models": sorted({type(m).__name__ for m in self.roots.values() if any(True for _ in m.parameters())}),
+            "elapsed_s": self.elapsed(),
+            "capture_errors": {"count": self.capture_errors, "first": self.first_capture_error},
+        }
+
+    def _describe(self, state: _Optimizer) -> dict:
+        from .passive import sampled  # the schedule lives with the watcher
+
+        names = state.names or [f"param{i}" for i in range(len(state.params))]
+        no_grad = [i for i, p in enumerate(state.params) if not state.ever_grad[i]]
+        return {
+            "index": state.index, "optimizer": type(state.optimizer).__name__,
+            "param_groups": optimizer_groups(state.optimizer), "steps": state.local_step, "max_lr": state.max_lr,
+            "numel": sum(p.numel() for p in state.params),
+            "sampled_steps": sum(sampled(s, self.every) for s in range(state.local_step)),
+            "frozen": [{"name": names[i], "numel": state.params[i].numel()} for i, p in enumerate(state.params)
+                       if not p.requires_grad][:50],
+            "no_grad": [{"name": names[i], "numel": state.params[i].numel()} for i in no_grad
+                        if state.params[i].requires_grad][:50],
+            "no_grad_numel": sum(state.params[i].numel() for i in no_grad if state.params[i].requires_grad),
+        }
+
+    def _orphans(self) -> tuple[int, list[dict]]:
+        """Trainable parameters of the model that had a gradient but belong to no optimizer."""
+        held = {id(p) for state in self.optimizers for p in state.params}
+        names: dict[int, str] = {}
+        trainable = 0
+        seen: set[int] = set()
+        for root, prefix in self._prefixed_roots():
+            for name, p in root.named_parameters():
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                names[id(p)] = prefix + name
+                trainable += p.numel() if p.requires_grad else 0
+        orphans = [{"name": names.get(key, "?"), "numel": p.numel()} for key, p in self.grad_params.items()
+                   if key not in held]
+        return trainable, orphans
