@@ -353,3 +353,28 @@ def test_a_failing_watcher_never_breaks_the_script(tmp_path, monkeypatch):
     assert watcher.capture_errors > 0 or any("capture_error" in r for r in watcher.records)
     log = json.loads((tmp_path / "log.json").read_text())
     assert [r["loss_before"] for r in watcher.records] == pytest.approx([e["loss"] for e in log], rel=1e-6)
+
+
+def test_gradscaler_losses_are_unscaled(tmp_path):
+    path = write(tmp_path, """
+        import json, sys, torch
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+        losses = []
+        for step in range(6):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            losses.append(loss.item())
+        json.dump(losses, open(sys.argv[1], "w"))
+    """)
+    watcher, outcome = watch(path, [str(tmp_path / "losses.json")])
+    assert outcome.stopped == "finished", outcome.error
+    truth = json.loads((tmp_path / "losses.json").read_text())
+    assert [r["loss_before"] for r in watcher.records] == pytest.approx(truth, rel=1e-6)
+    assert torch.amp.GradScaler.scale.__name__ == "scale" and not hasattr(torch.amp.GradScaler.scale, "__wrapped__")

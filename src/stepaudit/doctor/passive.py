@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -97,6 +98,7 @@ class PassiveWatcher(ForwardObserver, RunResults):
         self._patches: list[tuple[Any, str, Any]] = []
         self._started = time.monotonic()
         self.error: str | None = None
+        self._scaled: tuple | None = None  # (weakref to the last GradScaler.scale output, its scale)
         self.capture_errors = 0
         self.first_capture_error: str | None = None
         self._on_backward = self.guarded(self.on_backward)
@@ -119,6 +121,8 @@ class PassiveWatcher(ForwardObserver, RunResults):
             self._patch(torch, name, _activation_wrapper)
         for name in _LOSSES:
             self._patch(F, name, _loss_wrapper)
+        if hasattr(torch.amp, "GradScaler"):  # torch ≥ 2.3; torch.cuda.amp.GradScaler subclasses it
+            self._patch(torch.amp.GradScaler, "scale", _scale_wrapper)
         return self
 
     def guarded(self, fn: Callable) -> Callable:
@@ -192,7 +196,11 @@ class PassiveWatcher(ForwardObserver, RunResults):
         self._depth = 0
         loss = tensors[0] if isinstance(tensors, (tuple, list)) and len(tensors) == 1 else tensors
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            self._since_step.append(loss.detach())
+            scaled = self._scaled
+            if scaled is not None and scaled[0]() is loss:  # GradScaler.scale(loss).backward(): unscale
+                self._since_step.append(loss.detach() / scaled[1])
+            else:
+                self._since_step.append(loss.detach())
         self.backward_count += 1
         self._backwards_since_step += 1
         for state in self.optimizers:
@@ -375,6 +383,22 @@ class PassiveWatcher(ForwardObserver, RunResults):
             record["batch_size"] = self.batch_size
 
 # -- module-level wrappers (they look up the active session at call time) -----------------------------------
+def _scale_wrapper(name: str, original: Callable) -> Callable:
+    def scale(scaler, outputs, *args, **kwargs):
+        scaled = original(scaler, outputs, *args, **kwargs)
+        watcher = _ACTIVE
+        if watcher is not None and isinstance(scaled, torch.Tensor) and scaled.numel() == 1:
+            factor = getattr(scaler, "_scale", None)
+            if isinstance(factor, torch.Tensor):
+                watcher._scaled = (weakref.ref(scaled), factor.detach().clone().to(scaled.device))
+        return scaled
+
+    scale.__wrapped__ = original
+    scale.__doc__ = original.__doc__
+    return scale
+
+
+
 def _backward_wrapper(name: str, original: Callable) -> Callable:
     def backward(tensors, *args, **kwargs):
         watcher = _ACTIVE
