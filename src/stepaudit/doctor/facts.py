@@ -319,10 +319,15 @@ class Facts:
 
     @cached_property
     def relative_grad_init(self) -> float | None:
-        """Median over weight layers of ‖g‖/‖w‖ at the first sampled step."""
+        """Median of ‖g‖/‖w‖ at the first sampled step over the weight layers before the last one.
+
+        The last layer is left out: an output layer initialised small on purpose (Karpathy: "init well")
+        has a large ‖g‖/‖w‖ without anything exploding; growth through depth shows on the earlier layers.
+        """
         if not self.sampled:
             return None
-        return med(row["grad_norm"] / row["weight_norm"] for row in self.layer_rows(self.sampled[0]))
+        rows = self.layer_rows(self.sampled[0])
+        return med(row["grad_norm"] / row["weight_norm"] for row in (rows[:-1] if len(rows) > 1 else rows))
 
     def share_late(self, key: str) -> tuple[float, int] | None:
         """Median of a per-step share over the last half of its observations, and the first step it was ≥ 0.5."""
