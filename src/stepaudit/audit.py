@@ -290,9 +290,9 @@ class Audit:
 
     def store_meta(self) -> dict:
         """The run metadata as written to the store."""
-        from .store import read_run
+        from .store import read_meta
 
-        return read_run(self.run)[0]
+        return read_meta(self.run)
 
     def close(self) -> None:
         """Remove the hooks, write the summary, close the store (idempotent)."""

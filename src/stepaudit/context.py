@@ -122,10 +122,6 @@ class StepContext:
         return self.cache["hvp"]
 
     # -- small helpers probes share ------------------------------------------------------------
-    def flat(self, tensors: Sequence[torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Concatenate tensors (e.g. ``ctx.delta_w``) into one flat vector."""
-        return torch.cat([t.reshape(-1).to(dtype or t.dtype) for t in tensors])
-
     def lr(self) -> float:
         """Learning rate of the first parameter group (what most users mean by "the" lr)."""
         return float(self.optimizer.param_groups[0].get("lr", float("nan")))

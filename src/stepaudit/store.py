@@ -147,18 +147,36 @@ def _rows(db: sqlite3.Connection, sql: str) -> list[dict]:
     return [dict(zip(names, row)) for row in cursor.fetchall()]
 
 
-def read_run(run: str | os.PathLike) -> tuple[dict, list[dict], list[dict]]:
-    """(meta, step records with extras merged in, layer rows) of a run, read-only."""
+def _connect_read_only(run: str | os.PathLike) -> sqlite3.Connection:
     path = _store_path(run)
     if not path.exists():
         raise FileNotFoundError(f"no stepaudit run at {path.parent} (expected {path.name}); pass a run folder")
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+
+
+def _meta(db: sqlite3.Connection) -> dict:
+    run_rows = _rows(db, "SELECT name, created, meta FROM runs")
+    meta = json.loads(run_rows[0]["meta"]) if run_rows and run_rows[0]["meta"] else {}
+    if run_rows:
+        meta.setdefault("name", run_rows[0]["name"])
+        meta.setdefault("created", run_rows[0]["created"])
+    return meta
+
+
+def read_meta(run: str | os.PathLike) -> dict:
+    """A run's metadata alone (no step or layer rows are read)."""
+    db = _connect_read_only(run)
     try:
-        run_rows = _rows(db, "SELECT name, created, meta FROM runs")
-        meta = json.loads(run_rows[0]["meta"]) if run_rows and run_rows[0]["meta"] else {}
-        if run_rows:
-            meta.setdefault("name", run_rows[0]["name"])
-            meta.setdefault("created", run_rows[0]["created"])
+        return _meta(db)
+    finally:
+        db.close()
+
+
+def read_run(run: str | os.PathLike) -> tuple[dict, list[dict], list[dict]]:
+    """(meta, step records with extras merged in, layer rows) of a run, read-only."""
+    db = _connect_read_only(run)
+    try:
+        meta = _meta(db)
         real_columns = {r[1] for r in db.execute("PRAGMA table_info(steps)") if r[2] == "REAL"}
         steps = _rows(db, "SELECT * FROM steps ORDER BY step")
         by_step = {s["step"]: s for s in steps}
@@ -182,9 +200,9 @@ def load(run: str | os.PathLike, table: str = "steps") -> Any:
     """
     if table not in ("steps", "layers", "meta"):
         raise ValueError(f"table must be 'steps', 'layers' or 'meta', not {table!r}")
-    meta, steps, layers = read_run(run)
     if table == "meta":
-        return meta
+        return read_meta(run)
+    meta, steps, layers = read_run(run)
     rows = steps if table == "steps" else layers
     try:
         import pandas as pd
