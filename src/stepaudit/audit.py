@@ -26,7 +26,8 @@ from .context import Part, StepContext, check_scalar_loss
 from .meta import describe
 from .precision import Float64Twin, working_roundoff
 from .probes.step import rounding_noise, step_fields
-from .records import flatten, layer_rows, per_parameter_sums, summarize, views
+from .flat import FlatBuffers
+from .records import layer_rows, summarize
 from .state import AutocastState, RngState, _cuda_devices
 from .store import RunStore, new_run_dir
 
@@ -43,7 +44,7 @@ class StepWatch:
     record: dict | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     """State of the step in progress inside ``step()``/``watch()``."""
 
@@ -115,6 +116,7 @@ class Audit:
         self._step_count = 0
         self._pending: _Pending | None = None
         self._twin: Float64Twin | None = None
+        self._flat: FlatBuffers | None = None
         self._relative_error: float | None = None
         self._noise_method = "roundoff"
         self._warned_outside = False
@@ -182,7 +184,6 @@ class Audit:
             warnings.warn(f"trainable parameters not in the optimizer (they will never change): {', '.join(orphans[:10])}"
                           + (" …" if len(orphans) > 10 else ""), stacklevel=3)
         self._devices = _cuda_devices(self.model)
-        self._lengths = [p.numel() for p in self.params]
         # float64 sums for float64 models and precision="float64"; the working dtype's BLAS otherwise
         self._exact_sums = self.precision == "float64" or any(p.dtype == torch.float64 for p in self.params)
 
@@ -203,8 +204,11 @@ class Audit:
             if audit is not None:
                 audit._on_step_post()
 
+        # The forward pre-hook is attached only while an audited step is pending (``_begin``/``_end``):
+        # any forward hook sends every forward of the model through nn.Module's slower hook path.
+        self._forward_pre = forward_pre
+        self._forward_handle = None
         self._handles = [
-            self.model.register_forward_pre_hook(forward_pre),
             self.optimizer.register_step_pre_hook(step_pre),
             self.optimizer.register_step_post_hook(step_post),
         ]
@@ -213,7 +217,7 @@ class Audit:
     def due(self, step: int | None = None) -> bool:
         """Whether optimizer step ``step`` (default: the next one) is audited."""
         step = self._step_count if step is None else step
-        return step % self.every == 0 or any(step % every == 0 for every in self.probes.values())
+        return step % self.every == 0 or self._probes_due(step)
 
     def step(self, batch: Any) -> torch.Tensor:
         """zero_grad, forward, backward, optimizer.step and the audit; returns the training loss."""
@@ -227,15 +231,20 @@ class Audit:
             losses.append(loss.detach())
             return loss
 
-        with self.watch(batch) as handle:
-            if self._pending is not None and self._pending.due:
-                self._pending.rngs.append(RngState.capture(self._devices))
+        pending = self._begin([batch])
+        try:
+            if pending.due:
+                pending.rngs.append(RngState.capture(self._devices))
             if self._takes_closure():
                 self.optimizer.step(closure)
             else:
                 closure()
-                handle.loss = losses[0]
+                pending.watch.loss = losses[0]
                 self.optimizer.step()
+        except BaseException:
+            self._end(stacklevel=3, failed=True)
+            raise
+        self._end(stacklevel=3)
         return losses[0]
 
     @contextlib.contextmanager
@@ -246,8 +255,6 @@ class Audit:
         audited objective is then the mean of ``loss_fn`` over them (divide each micro-batch loss
         by ``accumulate`` before ``backward()``, as usual), each replayed with its own dropout masks.
         """
-        if self._pending is not None:
-            raise RuntimeError("audit.watch() blocks cannot be nested; finish the current step first")
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise ValueError(f"accumulate must be a positive int, got {accumulate!r}")
         if accumulate > 1:
@@ -259,16 +266,38 @@ class Audit:
             batches = [batch]
         for b in batches:
             _check_replayable(b)
-        handle = StepWatch()
-        self._pending = _Pending(batches=batches, watch=handle, due=self.due())
+        pending = self._begin(batches)
         try:
-            yield handle
-        finally:
-            pending, self._pending = self._pending, None
-            if pending.due and not pending.stepped:
-                self.skipped_steps += 1  # e.g. GradScaler skipped a step with inf/NaN gradients
-                warnings.warn("no optimizer step happened inside audit.watch() (GradScaler skipped it, or "
-                              "step() was not called); nothing was audited", stacklevel=3)
+            yield pending.watch
+        except BaseException:
+            self._end(stacklevel=4, failed=True)
+            raise
+        self._end(stacklevel=4)
+
+    def _begin(self, batches: list) -> _Pending:
+        """Open the step: decide whether it is audited; if so, attach the forward pre-hook."""
+        if self._pending is not None:
+            raise RuntimeError("audit.watch() blocks cannot be nested; finish the current step first")
+        step = self._step_count
+        due = step % self.every == 0 or (bool(self.probes) and self._probes_due(step))
+        self._pending = pending = _Pending(batches, StepWatch(), due)
+        if due and not self._closed:
+            self._forward_handle = self.model.register_forward_pre_hook(self._forward_pre)
+        return pending
+
+    def _end(self, stacklevel: int, failed: bool = False) -> None:
+        """Close the step: detach the forward pre-hook; count a step that was due but never taken.
+
+        ``failed``: the block raised; the exception says what happened, so no warning is added.
+        """
+        pending, self._pending = self._pending, None
+        if self._forward_handle is not None:
+            self._forward_handle.remove()
+            self._forward_handle = None
+        if pending.due and not pending.stepped and not failed:
+            self.skipped_steps += 1  # e.g. GradScaler skipped a step with inf/NaN gradients
+            warnings.warn("no optimizer step happened inside audit.watch() (GradScaler skipped it, or "
+                          "step() was not called); nothing was audited", stacklevel=stacklevel)
 
     @property
     def last(self) -> dict | None:
@@ -299,8 +328,9 @@ class Audit:
         if self._closed:
             return
         self._closed = True
-        for handle in self._handles:
+        for handle in self._handles + ([self._forward_handle] if self._forward_handle is not None else []):
             handle.remove()
+        self._forward_handle = None
         try:
             self.store.update_meta(summary=self.summary(), steps_seen=self._step_count)
         finally:
@@ -355,8 +385,9 @@ class Audit:
             names=self.names, params=self.params,
             before=[], grads=[], memory=self.memory,
         )
-        ctx.flat_before = flatten(self.params)
-        ctx.before = views(ctx.flat_before, self.params)
+        flat = self._flat_buffers()
+        flat.take_before()
+        ctx.flat_before, ctx.before = flat.before, flat.before_views
         ctx.options = self.options
         pending.ctx = ctx
         # The hook receives the step's own arguments: args[0] is the optimizer itself.
@@ -378,11 +409,21 @@ class Audit:
             return (args[0], first_call_recorded, *args[2:]), kwargs
         return args, {**kwargs, "closure": first_call_recorded}
 
+    def _flat_buffers(self) -> FlatBuffers:
+        """The audit's reusable flat copies (made at the first audited step)."""
+        if self._flat is None:
+            self._flat = FlatBuffers(self.params, exact=self._exact_sums)
+        return self._flat
+
     def _grads(self) -> list[torch.Tensor]:
         """Views into one flat copy of the gradient the optimizer sees (zeros where .grad is None)."""
-        flat = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
-        self._pending.ctx.flat_grad = flat
-        return views(flat, self.params)
+        flat = self._flat_buffers()
+        flat.take_grad()
+        self._pending.ctx.flat_grad = flat.grad
+        return flat.grad_views
+
+    def _probes_due(self, step: int) -> bool:
+        return any(step % every == 0 for every in self.probes.values())
 
     def _loss_before(self, pending: _Pending) -> float:
         """Training loss at the old weights: the user's, else one replayed forward (float64 twin if asked)."""
@@ -390,7 +431,8 @@ class Audit:
         if self.precision == "float64":
             return self._twin_loss(ctx)
         if pending.watch.loss is not None:
-            return float(pending.watch.loss)
+            loss = pending.watch.loss
+            return float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
         return ctx.loss_now()
 
     def _twin_loss(self, ctx: StepContext) -> float:
@@ -430,11 +472,15 @@ class Audit:
 
     def _audit(self, pending: _Pending, index: int) -> dict:
         ctx = pending.ctx
-        ctx.flat_delta_w = flatten(self.params).sub_(ctx.flat_before)  # fresh copy: subtract in place
-        ctx.delta_w = views(ctx.flat_delta_w, self.params)
+        flat = self._flat_buffers()
+        keep = self._probes_due(index)
+        first_order, sums = flat.finish(keep_before=keep)
+        if keep:
+            ctx.flat_delta_w, ctx.delta_w = flat.delta_w, flat.delta_w_views
+        else:  # the buffers were reused for Δw; nothing after this point reads them
+            ctx.flat_before = ctx.before = None
         record = {"step": index, "lr": ctx.lr(), "batch_size": _batch_size(pending.batches)}
-        sums = per_parameter_sums(ctx.flat_before, ctx.flat_grad, ctx.flat_delta_w, self._lengths, exact=self._exact_sums)
-        layers, totals = layer_rows(self.names, self.modules, self.groups, sums)
+        layers, totals = layer_rows(self.names, self.modules, self.groups, sums, first_order=first_order)
         record.update(totals)
         if self.precision == "float64":
             loss_after = self._twin_loss(ctx)

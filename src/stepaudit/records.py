@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from statistics import median
 from typing import Sequence
 
@@ -53,16 +52,25 @@ def _norms(g2: float, d2: float, w2: float) -> dict:
 
 
 def layer_rows(names: Sequence[str], modules: Sequence[str], groups: Sequence[int],
-               sums: list[list[float]]) -> tuple[list[dict], dict]:
-    """Aggregate per-parameter sums into per-module and per-group rows, and the global totals."""
-    by_key: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
-    for module, group, row in zip(modules, groups, sums):
+               sums: list[list[float]], first_order: float | None = None) -> tuple[list[dict], dict]:
+    """Aggregate per-parameter sums into per-module and per-group rows, and the global totals.
+
+    ``first_order``: the total g·Δw when it was computed in one piece (the rows' first entries are
+    then not read).
+    """
+    by_key: dict[tuple[str, str], list[float]] = {}
+    for module, group, (_, g2, d2, w2) in zip(modules, groups, sums):
         for key in (("module", module), ("group", str(group))):
-            acc = by_key[key]
-            for i in range(4):
-                acc[i] += row[i]
-    rows = [{"kind": kind, "name": name, **_norms(*acc[1:])} for (kind, name), acc in by_key.items()]
-    first_order = sum(r[0] for r in sums)
+            acc = by_key.get(key)
+            if acc is None:
+                by_key[key] = [g2, d2, w2]
+            else:
+                acc[0] += g2
+                acc[1] += d2
+                acc[2] += w2
+    rows = [{"kind": kind, "name": name, **_norms(*acc)} for (kind, name), acc in by_key.items()]
+    if first_order is None:
+        first_order = sum(r[0] for r in sums)
     g2, d2, w2 = (sum(r[i] for r in sums) for i in (1, 2, 3))
     totals = {"first_order": first_order, **_norms(g2, d2, w2)}
     denominator = math.sqrt(g2 * d2)

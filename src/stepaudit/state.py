@@ -54,9 +54,14 @@ class AutocastState:
                 continue
         return cls(tuple(regions))
 
-    @contextlib.contextmanager
-    def entered(self) -> Iterator[None]:
+    def entered(self) -> contextlib.AbstractContextManager:
         """Run the block under exactly these autocast regions (and no others)."""
+        if not self.regions and not _autocast_active():
+            return contextlib.nullcontext()  # the common case, without an ExitStack per evaluation
+        return self._entered()
+
+    @contextlib.contextmanager
+    def _entered(self) -> Iterator[None]:
         with contextlib.ExitStack() as stack:
             for device_type in ("cpu", "cuda"):
                 wanted = dict(self.regions).get(device_type)
@@ -70,16 +75,14 @@ class AutocastState:
             yield
 
 
-def snapshot_buffers(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Pairs (buffer, copy) for every buffer, so running statistics can be put back bit for bit."""
-    return [(b, b.detach().clone()) for b in model.buffers()]
-
-
-def restore_buffers(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Copy the saved values back into the live buffers (in place: references stay valid)."""
-    with torch.no_grad():
-        for live, copy in saved:
-            live.copy_(copy)
+def _autocast_active() -> bool:
+    for device_type in ("cpu", "cuda"):
+        try:
+            if torch.is_autocast_enabled(device_type):
+                return True
+        except (RuntimeError, TypeError, AttributeError):
+            continue
+    return False
 
 
 @contextlib.contextmanager
@@ -87,21 +90,26 @@ def preserved(model: torch.nn.Module, rng: RngState | None, autocast: AutocastSt
     """Run a re-evaluation with the training forward's RNG and autocast, then restore RNG, buffers and modes.
 
     Everything the block touches that training could observe later is put back: the RNG streams
-    (via ``torch.random.fork_rng``), buffers such as BatchNorm running statistics, and each
-    module's ``training`` flag.
+    (CPU and the model's CUDA devices, as ``torch.random.fork_rng`` does), buffers such as
+    BatchNorm running statistics (bit for bit), and each module's ``training`` flag.
     """
-    modes = [(m, m.training) for m in model.modules()]
-    saved = snapshot_buffers(model)
-    devices = _cuda_devices(model)
-    with torch.random.fork_rng(devices=devices, enabled=True):
-        if rng is not None:
-            rng.apply()
-        try:
-            with (autocast or AutocastState()).entered():
-                yield
-        finally:
-            restore_buffers(saved)
-            for module, mode in modes:
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
+    buffers = list(model.buffers())
+    saved = [b.detach().clone() for b in buffers]
+    outside = RngState.capture(_cuda_devices(model))
+    if rng is not None:
+        rng.apply()
+    try:
+        with (autocast or AutocastState()).entered():
+            yield
+    finally:
+        if buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(buffers, saved)
+        outside.apply()
+        for module, mode in zip(modules, modes):
+            if module.training is not mode:  # nn.Module.__setattr__ is slow: only write what changed
                 module.training = mode
 
 

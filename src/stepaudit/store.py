@@ -41,19 +41,6 @@ def _store_path(run: str | os.PathLike) -> Path:
     return path if path.suffix == ".sqlite" else path / STORE_FILE
 
 
-def _sql_value(value: Any) -> Any:
-    """Floats stay floats (NaN becomes NULL, ±inf is kept); bools become ints."""
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
-def _is_scalar(value: Any) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str))
-
-
 class RunStore:
     """Append-only writer for one run's SQLite file; safe to read from another process meanwhile."""
 
@@ -73,6 +60,7 @@ class RunStore:
             """
         )
         self._columns = {row[1] for row in self.db.execute("PRAGMA table_info(steps)")}
+        self._inserts: dict[tuple[str, ...], str] = {}  # INSERT statement per set of scalar fields
         if meta is not None:
             self.db.execute("DELETE FROM runs")
             self.db.execute(
@@ -98,33 +86,44 @@ class RunStore:
 
     def append(self, record: dict) -> None:
         """Write one step (its scalar fields, layer rows and extras) in a single committed transaction."""
-        scalars = {k: v for k, v in record.items() if k != "layers" and _is_scalar(v)}
-        extras = {k: v for k, v in record.items() if k != "layers" and not _is_scalar(v)}
+        names, values, extras = [], [], []
+        for key, value in record.items():
+            if key == "layers":
+                continue
+            if value is None or isinstance(value, (bool, int, float, str)):
+                names.append(key)
+                values.append(value)  # SQLite stores NaN as NULL and bools as integers by itself
+            else:
+                extras.append((key, value))
+        shape = tuple(names)
+        statement = self._inserts.get(shape)
+        step = record["step"]
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            for field, value in scalars.items():
-                self._ensure_column(field, value)
-            names = list(scalars)
-            columns = ", ".join(f'"{n}"' for n in names)
-            marks = ", ".join("?" for _ in names)
-            self.db.execute(
-                f"INSERT OR REPLACE INTO steps ({columns}) VALUES ({marks})",
-                [_sql_value(scalars[n]) for n in names],
-            )
-            self.db.executemany(
-                "INSERT OR REPLACE INTO layers VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (record["step"], row["kind"], row["name"], *(_sql_value(row.get(f)) for f in LAYER_FIELDS))
-                    for row in record.get("layers", ())
-                ],
-            )
-            self.db.executemany(
-                "INSERT OR REPLACE INTO extras VALUES (?, ?, ?)",
-                [(record["step"], k, json.dumps(v, default=_json_default)) for k, v in extras.items()],
-            )
+            if statement is None:  # a new set of fields: add missing columns, build the statement once
+                for name, value in zip(names, values):
+                    self._ensure_column(name, record[name])
+                columns = ", ".join(f'"{n}"' for n in names)
+                statement = self._inserts[shape] = (
+                    f"INSERT OR REPLACE INTO steps ({columns}) VALUES ({', '.join('?' for _ in names)})")
+            self.db.execute(statement, values)
+            layers = record.get("layers")
+            if layers:
+                self.db.executemany(
+                    "INSERT OR REPLACE INTO layers VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(step, row["kind"], row["name"], row.get("grad_norm"), row.get("update_norm"),
+                      row.get("weight_norm"), row.get("update_ratio")) for row in layers],
+                )
+            if extras:
+                self.db.executemany(
+                    "INSERT OR REPLACE INTO extras VALUES (?, ?, ?)",
+                    [(step, k, json.dumps(v, default=_json_default)) for k, v in extras],
+                )
             self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self.db.execute("ROLLBACK")  # also undoes columns added above: forget them and the statement
+            self._columns = {row[1] for row in self.db.execute("PRAGMA table_info(steps)")}
+            self._inserts.pop(shape, None)
             raise
 
     def close(self) -> None:

@@ -198,8 +198,7 @@ def next_delta_probe(ctx: StepContext) -> dict:
     """For the previous step t: next_delta = L_{t+1}(w_{t+1}) − L_{t+1}(w_t), one extra forward at w_t."""
     memory = ctx.memory.setdefault("next_delta", {})
     previous = memory.get("previous")
-    # flat_before is a fresh tensor every step (torch.cat), so keeping it costs no copy.
-    memory["previous"] = (ctx.step, ctx.flat_before)
+    memory["previous"] = (ctx.step, ctx.flat_before.clone())  # the audit reuses its buffers next step
     if previous is None:
         return {}
     if previous[0] != ctx.step - 1:
