@@ -374,3 +374,13 @@ def test_hutchinson_on_mlp_hessian(method):
 def test_lanczos_rejects_non_finite_operator():
     with pytest.raises(FloatingPointError):
         lanczos(lambda v: v * float("nan"), 5, dtype=F64, generator=gen(0))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_operator_keeps_its_point_when_the_callers_tensors_change(method):
+    # the audit overwrites its weight buffers in place at the next audited step
+    params = (torch.randn(3, dtype=F64),)
+    hvp = make_hvp(lambda ps: (ps[0] ** 3).sum(), params, method)
+    expected = hvp(torch.ones(3, dtype=F64))  # H = diag(6 p)
+    params[0].add_(1.0)
+    assert torch.equal(hvp(torch.ones(3, dtype=F64)), expected)

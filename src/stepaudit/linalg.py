@@ -126,8 +126,12 @@ def _describe(error: BaseException) -> str:
 
 
 def make_hvp(loss_of_params: Callable[[Params], Tensor], params: Params, method: str = "auto") -> Hvp:
-    """Build an HVP operator at ``params`` ("forward", "reverse" or "auto" = fastest that works)."""
-    params = tuple(p.detach() for p in params)
+    """Build an HVP operator at ``params`` ("forward", "reverse" or "auto" = fastest that works).
+
+    The operator holds its own copy of ``params``: it stays valid when the caller's tensors change
+    later (the audit reuses its weight buffers from one audited step to the next).
+    """
+    params = tuple(p.detach().clone() for p in params)
     dim = sum(p.numel() for p in params)
     if method != "auto":
         if method not in _METHOD_ALIASES:
