@@ -68,6 +68,9 @@ CASES = {
     "conv1d": (Conv1dNet, lambda g: (torch.randn(9, 2, 10, generator=g), torch.randint(0, 3, (9,), generator=g))),
     "conv2d-batchnorm-eval": (conv2d_net, lambda g: (torch.randn(11, 2, 6, 6, generator=g),
                                                      torch.randint(0, 3, (11,), generator=g))),
+    "mlp-wide-gram": (lambda: nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(inplace=True),
+                                            nn.Linear(16, 3)),  # B(in+out) ≤ 2·in·out: example Gram route
+                      lambda g: (torch.randn(6, 8, generator=g), torch.randint(0, 3, (6,), generator=g))),
     "layernorm-2d": (lambda: nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 3)),
                      lambda g: (torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g))),
     "batchnorm1d-eval": (lambda: nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).eval(),
@@ -96,14 +99,21 @@ def single_example_gradients(model, batch) -> torch.Tensor:
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("vectors", [True, False])
 @pytest.mark.parametrize("case", list(CASES))
-def test_layer_moments_match_single_example_backward_passes(case):
+def test_layer_moments_match_single_example_backward_passes(case, vectors):
     model, batch, params, loss = setup(case)
-    moments = layer_moments(model, loss, params, batch, groups=3, budget_bytes=2_000)  # tiny budget: many chunks
+    # tiny budget: many chunks (vectors=False: big enough for the 6×6 Gram route, small for chunks)
+    moments = layer_moments(model, loss, params, batch, groups=3, budget_bytes=2_000, vectors=vectors)
     assert moments is not None
     rows = single_example_gradients(model, batch)
     size = rows.shape[0]
-    assert torch.allclose(moments.mean_grad(), rows.mean(0), rtol=1e-4, atol=1e-6)
+    if vectors:
+        assert torch.allclose(moments.mean_grad(), rows.mean(0), rtol=1e-4, atol=1e-6)
+    else:
+        assert moments.sums is None
+    sums = torch.stack([rows[torch.arange(size) * 3 // size == k].sum(0) for k in range(3)])
+    assert torch.allclose(moments.inner_products(), sums @ sums.T, rtol=1e-4, atol=1e-8)
     assert float(moments.sq.sum()) == pytest.approx(float((rows**2).sum()), rel=1e-4)
     est = estimate(moments, "per_sample")
     trace = float(torch.trace(torch.cov(rows.T)))
@@ -165,3 +175,32 @@ def test_unsupported_models_are_refused(build):
     params = {"model." + n: p.detach() for n, p in model.named_parameters()}
     batch = (torch.randn(6, 3), torch.randint(0, 3, (6,)))
     assert layer_moments(model, lambda p, b: functional_call(objective, dict(p), (b,)), params, batch) is None
+
+
+def test_gram_route_runs_where_it_is_cheaper(monkeypatch):
+    import stepaudit.persample as persample
+    chosen = []
+    original = persample._gram_route
+    monkeypatch.setattr(persample, "_gram_route", lambda *a: chosen.append(original(*a)) or chosen[-1])
+    model, batch, params, loss = setup("mlp-wide-gram")
+    assert layer_moments(model, loss, params, batch, groups=3, vectors=False) is not None
+    assert chosen == [True, True, False]  # 8→16 and 16→16 by example Grams; 16→3 by group sums
+
+
+def test_gram_route_refuses_a_weight_used_outside_its_module():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 3)
+
+        def forward(self, x):  # a's weight also used without calling a: the identities miss this term
+            return self.b(torch.tanh(self.a(x))) + (x @ self.a.weight.T)[:, :3]
+
+    torch.manual_seed(0)
+    model = Tied()
+    batch = (torch.randn(6, 8), torch.randint(0, 3, (6,)))
+    objective = Objective(model, classify)
+    params = {"model." + n: p.detach() for n, p in model.named_parameters()}
+    loss = lambda p, b: functional_call(objective, dict(p), (b,))  # noqa: E731
+    assert layer_moments(model, loss, params, batch, vectors=False) is None
+    assert layer_moments(model, loss, params, batch, vectors=True) is None

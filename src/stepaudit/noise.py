@@ -40,16 +40,26 @@ class Moments:
 
     ``sums[k] = Σ_{m∈k} b_m ĝ_m`` (flat), ``sq[k] = Σ_{m∈k} b_m ‖ĝ_m‖²``, ``size[k] = Σ_{m∈k} b_m``,
     ``units[k]`` = number of units in group k; ``loss_sum`` = Σ b_m · loss_m (for a reduction check).
+    ``gram`` = the K×K matrix ⟨sums[k], sums[l]⟩, all that ``estimate`` needs: a producer may give it
+    alone (``sums=None``) when forming the K flat vectors would cost more than their inner products;
+    such moments cannot be merged.
     """
 
-    sums: Tensor
+    sums: Tensor | None
     sq: Tensor
     size: Tensor
     units: Tensor
     loss_sum: float = math.nan
+    gram: Tensor | None = None
+
+    def inner_products(self) -> Tensor:
+        """K×K ⟨S₁ₖ, S₁ₗ⟩ (float64): ‖S₁ − S₁ₖ‖² without touching the vectors again."""
+        return self.gram if self.gram is not None else self.sums @ self.sums.T
 
     def merge(self, other: "Moments") -> "Moments":
         """Statistics of the union of two disjoint sets of units (group k joins group k)."""
+        if self.sums is None or other.sums is None:
+            raise ValueError("moments given only as inner products cannot be merged")
         if self.sq.shape != other.sq.shape:  # e.g. a micro-batch smaller than the group count
             return Moments.concat([self, other])
         return Moments(self.sums + other.sums, self.sq + other.sq, self.size + other.size,
@@ -58,6 +68,8 @@ class Moments:
     @staticmethod
     def concat(parts: list["Moments"]) -> "Moments":
         """Statistics of disjoint sets of units, each set keeping its own groups."""
+        if any(p.sums is None for p in parts):
+            raise ValueError("moments given only as inner products cannot be merged")
         return Moments(torch.cat([p.sums for p in parts]), torch.cat([p.sq for p in parts]),
                        torch.cat([p.size for p in parts]), torch.cat([p.units for p in parts]),
                        sum(p.loss_sum for p in parts))
@@ -114,7 +126,7 @@ def noise_scale(trace_sigma: float, grad_sq_norm: float) -> float:
 
 def estimate(moments: Moments, method: str) -> NoiseEstimate:
     """Point estimates from all units, standard errors by delete-one-group jackknife."""
-    gram = moments.sums @ moments.sums.T  # K×K: ‖S₁ − S₁ₖ‖² without touching the vectors again
+    gram = moments.inner_products()
     s1_sq, s2 = float(gram.sum()), float(moments.sq.sum())
     size, units = float(moments.size.sum()), float(moments.units.sum())
     if units < 2:

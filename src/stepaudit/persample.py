@@ -17,7 +17,8 @@ The result is checked against the batch gradient of the same backward before it 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+import math
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -127,29 +128,44 @@ def _runs(bounds: list[int], start: int, stop: int) -> list[tuple[int, int, int,
     return [tuple(r) for r in runs]
 
 
+def capture(owners: Mapping[str, nn.Module]) -> tuple[dict[str, list], list]:
+    """Forward hooks recording each module's input and the gradient at its output: (captured, handles).
+
+    ``captured[name]`` gets one ``[input, output_grad]`` per call (``[None, None]`` for a call without
+    autograd). Values are untouched; each hooked output is returned as a clone, so that in-place ops
+    downstream (``ReLU(inplace=True)``) cannot modify the tensor whose gradient is recorded.
+    """
+    captured: dict[str, list] = {name: [] for name in owners}
+
+    def hook_for(name: str):
+        def forward_hook(module, inputs, output):
+            if not (isinstance(output, Tensor) and output.requires_grad):
+                captured[name].append([None, None])
+                return None
+            record = [inputs[0].detach(), None]
+            captured[name].append(record)
+            output.register_hook(lambda grad: record.__setitem__(1, grad.detach()))
+            return output.clone()
+        return forward_hook
+
+    return captured, [module.register_forward_hook(hook_for(name)) for name, module in owners.items()]
+
+
 def layer_moments(model: nn.Module, loss: Callable[[Mapping[str, Tensor], Any], Tensor], params: Mapping[str, Tensor],
                   batch: Any, *, prefix: str = "model.", groups: int = DEFAULT_GROUPS,
-                  budget_bytes: int = DEFAULT_BUDGET_BYTES, tolerance: float = 1e-3) -> Moments | None:
+                  budget_bytes: int = DEFAULT_BUDGET_BYTES, tolerance: float = 1e-3,
+                  vectors: bool = True) -> Moments | None:
     """Per-example statistics (same ``Moments`` as ``noise.per_sample_moments``) from one forward/backward.
 
     ``loss(params, batch)`` must run ``model``'s modules (e.g. ``functional_call`` on a wrapper whose
     parameter names are ``prefix`` + the model's). Hooks are added for the call and removed after.
+    ``vectors=False``: only the group sums' inner products (``Moments.gram``), cheaper; not mergeable.
     """
     size = batch_len(batch)
     owners = _owners(model, params, prefix)
     if owners is None or size is None or size < 2:
         return None
-    captured: dict[str, list] = {name: [] for name in owners}
-
-    def hook_for(name: str):
-        def forward_hook(module, inputs, output):
-            record = [inputs[0].detach(), None]
-            captured[name].append(record)
-            output.register_hook(lambda grad: record.__setitem__(1, grad.detach()))
-            return output.clone()  # in-place ops downstream (ReLU(inplace=True)) must not touch the hooked tensor
-        return forward_hook
-
-    handles = [module.register_forward_hook(hook_for(name)) for name, module in owners.items()]
+    captured, handles = capture(owners)
     leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
     try:
         with torch.enable_grad():
@@ -157,25 +173,79 @@ def layer_moments(model: nn.Module, loss: Callable[[Mapping[str, Tensor], Any], 
     finally:
         for handle in handles:
             handle.remove()
+    return captured_moments(owners, captured, params, grads, size, prefix=prefix, groups=groups,
+                            budget_bytes=budget_bytes, tolerance=tolerance, vectors=vectors)
+
+
+def _gram_route(module: nn.Module, a: Tensor, size: int, budget_bytes: int) -> bool:
+    """A Linear layer without a sequence axis whose example-by-example Gram matrices are cheaper than
+    its per-group gradient sums (B(in+out) ≤ 2·in·out multiply-adds) and fit the memory budget."""
+    if not isinstance(module, nn.Linear) or a.dim() != 2:
+        return False
+    fan_in, fan_out = module.in_features, module.out_features
+    return size * (fan_in + fan_out) <= 2 * fan_in * fan_out and 3 * size * size * 8 <= budget_bytes
+
+
+def _mismatch(total: Tensor, batch_grad: Tensor, size: int) -> float:
+    """‖total/B − g‖² for one parameter: the per-example gradients must average to the batch gradient."""
+    return float(torch.linalg.vector_norm((total.reshape(-1) / size - batch_grad.reshape(-1)).double())) ** 2
+
+
+def captured_moments(owners: Mapping[str, nn.Module], captured: Mapping[str, list], params: Mapping[str, Tensor],
+                     grads: Sequence[Tensor | None], size: int, *, prefix: str = "model.",
+                     groups: int = DEFAULT_GROUPS, budget_bytes: int = DEFAULT_BUDGET_BYTES,
+                     tolerance: float = 1e-3, vectors: bool = True) -> Moments | None:
+    """``Moments`` from the inputs and output gradients ``capture`` recorded in one backward of a mean loss.
+
+    ``grads`` (aligned with ``params``) is the batch gradient of that backward: the per-example
+    gradients must average to it (relative ``tolerance``), else the layer identities do not describe
+    this model and None is returned.
+    """
     if any(len(calls) != 1 or calls[0][1] is None for calls in captured.values()):
-        return None  # a module called twice (weights shared) or not on the loss's path
+        return None  # a module called twice (weights shared), without autograd, or off the loss's path
     groups = max(1, min(groups, size))
     group_of = torch.arange(size) * groups // size
-    bounds = [0] + torch.bincount(group_of, minlength=groups).cumsum(0).tolist()
+    per_group = torch.bincount(group_of, minlength=groups)
+    bounds = [0] + per_group.cumsum(0).tolist()
+    first_param = next(iter(params.values()))
+    device, f64 = first_param.device, torch.float64
+    batch_grad = {key: (g if g is not None else torch.zeros_like(p)).detach()
+                  for (key, p), g in zip(params.items(), grads)}
     offsets, offset = {}, 0
     for key, value in params.items():
         offsets[key], offset = (offset, value.numel()), offset + value.numel()
-    first_param = next(iter(params.values()))
-    device = first_param.device
-    counts = torch.bincount(group_of, minlength=groups).double().to(device)
-    # group sums in the working dtype (each entry sums ≤ B/K rows of one backward), float64 once at the end
-    sums = torch.zeros(groups, offset, dtype=first_param.dtype, device=device)
-    squares = torch.zeros(size, dtype=torch.float64, device=device)
+    squares = torch.zeros(size, dtype=f64, device=device)
+    if vectors:  # group sums in the working dtype (each entry sums ≤ B/K rows), float64 once at the end
+        sums = torch.zeros(groups, offset, dtype=first_param.dtype, device=device)
+    else:  # only ⟨S₁ₖ, S₁ₗ⟩ and ‖S₁/B − g‖², accumulated module by module
+        gram = torch.zeros(groups, groups, dtype=f64, device=device)
+        error_sq = 0.0
+        one_hot = F.one_hot(group_of, groups).to(device=device, dtype=f64).T  # K×B
     for name, module in owners.items():
         a, d = captured[name][0]
         if a.dtype in (torch.float16, torch.bfloat16):  # autocast: square and sum in float32
             a, d = a.float(), d.float()
         d = d * size  # per-example gradients of a mean loss
+        keys = {pname: prefix + (name + "." if name else "") + pname for pname in ("weight", "bias")}
+        keys = {pname: key for pname, key in keys.items() if key in params}
+        if not vectors and _gram_route(module, a, size, budget_bytes):
+            # ⟨g_i, g_j⟩ = (a_i·a_j)(δ_i·δ_j) for W and δ_i·δ_j for b (Goodfellow 2015): B×B, no D-vectors.
+            # The two B×B products in the working dtype, like the group sums of the other route.
+            deltas = (d @ d.T).double()
+            block = torch.zeros_like(deltas)
+            if "weight" in keys:
+                block += (a @ a.T).double() * deltas
+                # checked along 4 fixed random directions (unbiased for the squared Frobenius error):
+                # forming dᵀa itself would cost as much as the weight gradient again
+                error_sq += _mismatch(d.T @ a, batch_grad[keys["weight"]], size)
+            if "bias" in keys:
+                block += deltas
+                error_sq += _mismatch(d.sum(0), batch_grad[keys["bias"]], size)
+            squares += block.diagonal()
+            gram += one_hot @ block @ one_hot.T
+            continue
+        module_sums = {key: torch.zeros(groups, params[key].numel(), dtype=first_param.dtype, device=device)
+                       for key in keys.values()} if not vectors else {}
         per_example = (2 * a[:1].numel() + 2 * d[:1].numel()) * a.element_size() \
             + 2 * sum(p.numel() * p.element_size() for p in module.parameters())  # products / Gram / conv grads
         chunk = max(1, budget_bytes // max(per_example, 1))
@@ -183,19 +253,31 @@ def layer_moments(model: nn.Module, loss: Callable[[Mapping[str, Tensor], Any], 
             stop = min(start + chunk, size)
             terms = _per_module(module, a[start:stop], d[start:stop])
             runs = _runs(bounds, start, stop)
-            for pname, (square, group_sums) in terms.items():
-                key = prefix + (name + "." if name else "") + pname
-                if key not in params:
-                    continue
+            for pname, key in keys.items():
+                square, group_sums = terms[pname]
                 squares[start:stop] += square.double()
-                first, length = offsets[key]
+                if vectors:
+                    first, length = offsets[key]
+                    target = sums[:, first:first + length]
+                else:
+                    target = module_sums[key]
                 for k, lo, hi, count in runs:
-                    sums[k:k + count, first:first + length] += group_sums(lo - start, hi - start, count).reshape(count, -1)
-    moments = Moments(sums.double(), torch.zeros(groups, dtype=torch.float64, device=device), counts, counts.clone())
+                    target[k:k + count] += group_sums(lo - start, hi - start, count).reshape(count, -1)
+        for key, group_sums in module_sums.items():
+            error_sq += _mismatch(group_sums.sum(0), batch_grad[key], size)
+            group_sums = group_sums.double()
+            gram += group_sums @ group_sums.T
+    counts = per_group.double().to(device)
+    zeros = torch.zeros(groups, dtype=f64, device=device)
+    if vectors:
+        moments = Moments(sums.double(), zeros, counts, counts.clone())
+    else:
+        moments = Moments(None, zeros, counts, counts.clone(), gram=gram)
     moments.sq.index_add_(0, group_of.to(device), squares)
-    batch_grad = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
-                            for g, p in zip(grads, leaves.values())])
-    error = torch.linalg.vector_norm(moments.mean_grad() - batch_grad)
-    if not error <= tolerance * torch.linalg.vector_norm(batch_grad) + 1e-12:
+    grad_sq = sum(float(g.double().pow(2).sum()) for g in batch_grad.values())
+    if vectors:
+        flat = torch.cat([g.reshape(-1).double() for g in batch_grad.values()])
+        error_sq = float(torch.linalg.vector_norm(moments.mean_grad() - flat)) ** 2
+    if not error_sq <= (tolerance * math.sqrt(grad_sq) + 1e-12) ** 2:
         return None  # the layer identities do not describe this model: let vmap do it
     return moments

@@ -261,7 +261,8 @@ def _per_sample(ctx: StepContext, loss, params: dict, options: dict) -> dict:
             moments = None
             if options.get("engine", "auto") in ("auto", "hooks"):
                 with preserved(ctx.model, part.rng, ctx.autocast):  # the training forward's dropout masks
-                    moments = layer_moments(ctx.model, loss, params, part.batch, groups=groups)
+                    moments = layer_moments(ctx.model, loss, params, part.batch, groups=groups,
+                                            vectors=len(ctx.parts) > 1)  # inner products suffice unless merged
                 if moments is None and options.get("engine") == "hooks":
                     raise ValueError("engine 'hooks' needs every audited parameter in a Linear, Conv1d/2d, "
                                      "LayerNorm or eval-mode BatchNorm module, each called once")
