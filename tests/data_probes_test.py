@@ -248,6 +248,8 @@ def test_noise_probe_matches_brute_force_gradients(tmp_path, bn, options, expect
         audit.step(batch)
         record = audit.last
         assert record["noise_scale_method"] == expected and record.get("noise_engine") == engine
+        if engine == "hooks":
+            assert record["noise_pass"] == "training"  # no forward/backward of its own
         unit = 1 if expected == "per_sample" else 4  # 8 micro-batches of 4
         rows = unit_gradients(factory, before, batch, list(range(0, 33, unit)))
         trace = unit * covariance_trace(rows)
@@ -302,6 +304,37 @@ def test_noise_probe_with_dropout_uses_per_sample_gradients(tmp_path):
     audit.close()
 
 
+def test_noise_probe_replays_the_pass_when_the_training_gradient_was_clipped(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    audit = stepaudit.Audit(model, optimizer, loss_fn, run=tmp_path / "run", probes={"noise": 1}, strict=True)
+    batch = batches(1)[0]
+    before = snapshot(model)
+    with audit.watch(batch):
+        optimizer.zero_grad()
+        loss_fn(model, batch).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)  # the captured gradients no longer add up
+        optimizer.step()
+    record = audit.last
+    assert record["noise_pass"] == "replay"
+    rows = unit_gradients(Net, before, batch, list(range(33)))
+    assert record["trace_sigma"] == pytest.approx(covariance_trace(rows), rel=1e-4)  # of the unclipped loss
+    assert all(not m._forward_hooks for m in model.modules())  # the capture's hooks are gone
+    audit.close()
+
+
+def test_noise_capture_watches_only_the_training_pass(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    audit = audited(model, tmp_path, probes={"noise": 2})
+    for step, batch in enumerate(batches(3)):
+        audit.step(batch)
+        assert all(not m._forward_hooks for m in model.modules())
+        assert ("noise_pass" in audit.last) == (step % 2 == 0)
+    audit.close()
+
+
 # -- auditing never changes training ------------------------------------------------------------------------------
 def train(model, optimizer, data_batches, audit=None):
     for batch in data_batches:
@@ -336,6 +369,8 @@ def test_training_is_bit_identical_with_data_probes_on(tmp_path, config):
         runs.append((model, optimizer, torch.get_rng_state()))
         if audit:
             assert all("probe_errors" not in r for r in audit.records)
+            if config == "dropout-per-sample-eval-ref":
+                assert all(r["noise_pass"] == "training" for r in audit.records)
             assert "next_delta" in audit.records[0] and "ref_delta" in audit.records[0]
             audit.close()
     (m0, o0, r0), (m1, o1, r1) = runs

@@ -57,6 +57,7 @@ class _Pending:
     loss_before: float | None = None
     stepped: bool = False
     error: BaseException | None = None
+    captures: dict = field(default_factory=dict)  # probe name → capture watching the training pass
 
 
 def _check_replayable(batch: Any) -> None:
@@ -283,7 +284,29 @@ class Audit:
         self._pending = pending = _Pending(batches, StepWatch(), due)
         if due and not self._closed:
             self._forward_handle = self.model.register_forward_pre_hook(self._forward_pre)
+            if self.probes:
+                self._start_captures(pending, step)
         return pending
+
+    def _start_captures(self, pending: _Pending, step: int) -> None:
+        """Let due probes watch the training forward/backward (e.g. noise: layer inputs and output gradients)."""
+        for name, every in self.probes.items():
+            start = probe_registry.capture_for(name) if step % every == 0 else None
+            if start is None:
+                continue
+            try:
+                capture = start(self.model, self.names, self.params, self.options)
+            except Exception as error:  # the probe replays the pass itself instead
+                if self.strict:
+                    raise AuditError(f"probe {name!r} could not watch step {step}: {error}") from error
+                continue
+            if capture is not None:
+                pending.captures[name] = capture
+
+    @staticmethod
+    def _stop_captures(pending: _Pending) -> None:
+        for capture in pending.captures.values():
+            capture.stop()
 
     def _end(self, stacklevel: int, failed: bool = False) -> None:
         """Close the step: detach the forward pre-hook; count a step that was due but never taken.
@@ -291,6 +314,7 @@ class Audit:
         ``failed``: the block raised; the exception says what happened, so no warning is added.
         """
         pending, self._pending = self._pending, None
+        self._stop_captures(pending)
         if self._forward_handle is not None:
             self._forward_handle.remove()
             self._forward_handle = None
@@ -377,6 +401,7 @@ class Audit:
 
     def _prepare(self, pending: _Pending, args, kwargs):
         """Snapshot weights and gradient; for closure optimizers, wrap the closure to catch its first call."""
+        self._stop_captures(pending)  # the training backward is done: nothing later is theirs to see
         rngs = pending.rngs + [None] * (len(pending.batches) - len(pending.rngs))
         ctx = StepContext(
             step=self._step_count, model=self.model, optimizer=self.optimizer, loss_fn=self.loss_fn,
@@ -389,6 +414,7 @@ class Audit:
         flat.take_before()
         ctx.flat_before, ctx.before = flat.before, flat.before_views
         ctx.options = self.options
+        ctx.captures = pending.captures
         pending.ctx = ctx
         # The hook receives the step's own arguments: args[0] is the optimizer itself.
         closure = args[1] if len(args) > 1 else kwargs.get("closure")

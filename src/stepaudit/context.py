@@ -72,6 +72,7 @@ class StepContext:
     memory: dict = field(default_factory=dict)  # per-probe state carried across steps (warm starts)
     cache: dict = field(default_factory=dict)
     record: dict = field(default_factory=dict)  # fields computed so far (probes may read them)
+    captures: dict = field(default_factory=dict)  # what probes' captures saw of the training pass
 
     # -- evaluation -------------------------------------------------------------------------
     def loss_now(self) -> float:

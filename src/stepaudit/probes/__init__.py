@@ -13,6 +13,8 @@ from typing import Callable, Mapping
 Probe = Callable[["StepContext"], dict]  # noqa: F821 - StepContext lives in stepaudit.context
 
 _REGISTRY: dict[str, Probe] = {}
+# Optional companions that watch the training forward/backward of a step on which the probe is due.
+_CAPTURES: dict[str, Callable] = {}
 # Modules whose import registers probes; imported on first lookup so start-up stays cheap.
 _PROBE_MODULES = ("stepaudit.probes.curvature", "stepaudit.probes.data")
 _loaded = False
@@ -26,6 +28,26 @@ def register(name: str) -> Callable[[Probe], Probe]:
         return fn
 
     return decorate
+
+
+def register_capture(name: str) -> Callable[[Callable], Callable]:
+    """Decorator: ``fn(model, names, params, options) -> capture | None`` runs before the training
+    forward of a step on which probe ``name`` is due. The capture's ``stop()`` is called before the
+    optimizer step (after the training backward), and the probe finds it in ``ctx.captures[name]``.
+    A capture may only observe: hooks that record tensors, never change a value training computes.
+    """
+
+    def decorate(fn: Callable) -> Callable:
+        _CAPTURES[name] = fn
+        return fn
+
+    return decorate
+
+
+def capture_for(name: str) -> Callable | None:
+    """The training-pass capture registered for probe ``name``, if any."""
+    _load_builtin()
+    return _CAPTURES.get(name)
 
 
 def _load_builtin() -> None:

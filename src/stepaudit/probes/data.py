@@ -20,11 +20,11 @@ from torch.func import functional_call
 
 from .. import noise as noise_stats
 from ..context import StepContext, check_scalar_loss
-from ..persample import layer_moments
+from ..persample import _owners, capture, captured_moments, layer_moments
 from ..precision import cast_batch
 from ..records import flatten, views
 from ..state import AutocastState, RngState, _cuda_devices, preserved
-from . import register
+from . import register, register_capture
 
 NOISE_METHODS = ("auto", "per_sample", "micro_batch", "two_batch")
 
@@ -251,10 +251,54 @@ def _check_mean_reduction(ctx: StepContext, loss, params: dict) -> None:
     ctx.memory["noise_mean_checked"] = True
 
 
+class _TrainingPass:
+    """Layer inputs and output gradients of a step's own training forward/backward (``persample.capture``)."""
+
+    def __init__(self, owners: dict, captured: dict, handles: list) -> None:
+        self.owners, self.captured, self.handles = owners, captured, handles
+
+    def stop(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+@register_capture("noise")
+def noise_capture(model: torch.nn.Module, names: list[str], params: list[Tensor], options: dict) -> _TrainingPass | None:
+    """Watch the training pass so the noise probe can skip its own forward/backward at the old weights
+    (the ``hooks`` engine's models only; anything else replays the pass as before)."""
+    settings = dict((options.get("probe_options") or {}).get("noise") or {})
+    if settings.get("method", "auto") not in ("auto", "per_sample") or settings.get("engine", "auto") not in ("auto", "hooks"):
+        return None
+    owners = _owners(model, {"model." + n: p for n, p in zip(names, params)}, "model.")
+    if owners is None:
+        return None
+    captured, handles = capture(owners)
+    return _TrainingPass(owners, captured, handles)
+
+
+def _from_training_pass(ctx: StepContext, params: dict, groups: int) -> noise_stats.Moments | None:
+    """Per-example moments from the captured training pass, if it was one plain backward of this batch
+    (checked: they must average to the gradient the optimizer received; clipping or loss scaling fail it)."""
+    seen = ctx.captures.get("noise")
+    size = noise_stats.batch_len(ctx.parts[0].batch) if len(ctx.parts) == 1 else None
+    if seen is None or size is None or size < 2:
+        return None
+    return captured_moments(seen.owners, seen.captured, params, ctx.grads, size, groups=groups, vectors=False)
+
+
 def _per_sample(ctx: StepContext, loss, params: dict, options: dict) -> dict:
-    """Per-example statistics: layer identities from one backward where they apply, else chunked vmap."""
-    merged, engines = None, []
+    """Per-example statistics: layer identities from one backward where they apply, else chunked vmap.
+
+    That backward is the training pass's own when ``noise_capture`` saw it (``noise_pass`` =
+    ``training``), else one replayed at the old weights with the step's dropout masks (``replay``).
+    """
     groups = options.get("groups", noise_stats.DEFAULT_GROUPS)
+    moments = _from_training_pass(ctx, params, groups)
+    if moments is not None:
+        return {**noise_stats.estimate(moments, "per_sample").fields(), "noise_engine": "hooks",
+                "noise_pass": "training"}
+    merged, engines = None, []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="There is a performance drop")  # vmap fallback kernels
         for part in ctx.parts:
@@ -274,7 +318,8 @@ def _per_sample(ctx: StepContext, loss, params: dict, options: dict) -> dict:
             else:
                 engines.append("hooks")
             merged = moments if merged is None else merged.merge(moments)
-    return {**noise_stats.estimate(merged, "per_sample").fields(), "noise_engine": "+".join(sorted(set(engines)))}
+    return {**noise_stats.estimate(merged, "per_sample").fields(), "noise_engine": "+".join(sorted(set(engines))),
+            "noise_pass": "replay"}
 
 
 def _micro_batch(ctx: StepContext, loss, params: dict, options: dict, bn_train: bool) -> noise_stats.NoiseEstimate:
