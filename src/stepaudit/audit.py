@@ -1,12 +1,15 @@
 """Active capture: ``Audit`` sees every optimizer step through documented hook points.
 
 Hook order for one audited step (nothing wraps or subclasses the optimizer):
+  0. ``step()``/``watch()`` opens — the step is due: attach (1), start the due probes' captures
+                                     (``probes.register_capture``: observe-only module hooks);
   1. ``model`` forward pre-hook   — RNG and autocast state of the training forward (for replay);
-  2. optimizer step pre-hook       — weights before, the gradient the optimizer received (or, for
-                                     closure optimizers such as LBFGS, a wrapped closure that
-                                     captures the first evaluation), the loss before if needed;
-  3. optimizer step post-hook      — Δw, re-evaluation at the new weights, probes, record, store.
-Unaudited steps (``every``) pay only the hook calls.
+  2. optimizer step pre-hook       — stop the captures; weights before, the gradient the optimizer
+                                     received (or, for closure optimizers such as LBFGS, a wrapped
+                                     closure that captures the first evaluation), the loss before;
+  3. optimizer step post-hook      — Δw, re-evaluation at the new weights, probes, record, store;
+  4. the block closes              — detach (1), stop any capture still running.
+Unaudited steps (``every``) pay only the two optimizer hook calls.
 """
 from __future__ import annotations
 
