@@ -4,9 +4,11 @@ Every method does one full training step (forward, backward, SGD step) on a digi
 the same two statistics, tr Σ̂ = (Σ‖g_i‖² − B‖ḡ‖²)/(B−1) and ‖G‖²̂ = ‖ḡ‖² − tr Σ̂/B:
 
   plain step                 no statistics (the unit of cost)
-  stepaudit per-sample       plain step + the noise probe's computation at the old weights (+ 8-group
-                             jackknife standard errors): (hooks) layer identities from one extra
-                             backward, (vmap) chunked vmap(grad), reduced chunk by chunk
+  stepaudit per-sample       plain step + the noise probe's computation (+ 8-group jackknife standard
+                             errors): (training pass) layer identities read off the training backward
+                             itself, what Audit(noise) does on a due step, like a BackPACK extension;
+                             (hooks) the same from one extra forward/backward at the old weights;
+                             (vmap) chunked vmap(grad), reduced chunk by chunk
   stepaudit micro-batch      plain step + 8 micro-batch gradients (the probe's fallback for BatchNorm in train mode)
   Audit() / Audit(noise)     the whole audited step without / with probes={"noise": 1}
   BackPACK BatchGrad         backward with BatchGrad (all B per-example gradients at once), statistics from them
@@ -39,8 +41,8 @@ from typing import Callable
 import torch
 from torch.func import functional_call
 
-from stepaudit.noise import estimate, micro_batch_moments, per_sample_moments
-from stepaudit.persample import layer_moments
+from stepaudit.noise import batch_len, estimate, micro_batch_moments, per_sample_moments
+from stepaudit.persample import _owners, capture, captured_moments, layer_moments
 from stepaudit.workloads import digits_cnn, digits_mlp
 
 WORKLOADS = {
@@ -49,7 +51,7 @@ WORKLOADS = {
     "cnn-train": ("digits CNN, BatchNorm in train mode, B=128", lambda: digits_cnn(128), "train"),
     "mlp-1024": ("digits MLP 64-256-256-10, B=1024", lambda: digits_mlp(1024), "train"),
 }
-METHODS = ["plain step", "stepaudit per-sample (hooks)", "stepaudit per-sample (vmap)", "stepaudit micro-batch",
+METHODS = ["plain step", "stepaudit per-sample (training pass)", "stepaudit per-sample (hooks)", "stepaudit per-sample (vmap)", "stepaudit micro-batch",
            "Audit()", "Audit(noise)",
            "BackPACK BatchGrad", "BackPACK BatchL2Grad", "BackPACK Variance", "Cockpit NormTest"]
 
@@ -90,6 +92,27 @@ def make_method(name: str, workload, mode: str, tmp: str) -> Callable[[tuple], t
 
     if name == "plain step":
         return lambda batch: step(batch)
+    if name == "stepaudit per-sample (training pass)":
+        # What the noise probe does on a due step, like a BackPACK extension: observe the training
+        # backward (layer inputs, output gradients), reduce to tr Σ̂ and ‖G‖²̂ with jackknife groups.
+        named = {"model." + n: p for n, p in model.named_parameters()}
+        owners = _owners(model, named, "model.")
+
+        def run_training_pass(batch):
+            captured, handles = capture(owners)
+            optimizer.zero_grad()
+            try:
+                loss_fn(model, batch).backward()
+            finally:
+                for handle in handles:
+                    handle.remove()
+            moments = captured_moments(owners, captured, {k: p.detach() for k, p in named.items()},
+                                       [p.grad for p in named.values()], batch_len(batch), vectors=False)
+            est = estimate(moments, name)
+            optimizer.step()
+            return est.trace_sigma, est.grad_sq_norm
+
+        return run_training_pass
     if name.startswith("stepaudit"):
         objective = Objective(model, loss_fn)
 

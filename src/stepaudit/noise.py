@@ -127,24 +127,25 @@ def noise_scale(trace_sigma: float, grad_sq_norm: float) -> float:
 def estimate(moments: Moments, method: str) -> NoiseEstimate:
     """Point estimates from all units, standard errors by delete-one-group jackknife."""
     gram = moments.inner_products()
-    s1_sq, s2 = float(gram.sum()), float(moments.sq.sum())
-    size, units = float(moments.size.sum()), float(moments.units.sum())
+    # one host transfer each; the jackknife below is K small scalar formulas
+    rows, own = gram.sum(1).tolist(), gram.diagonal().tolist()
+    sq, sizes, counts = moments.sq.tolist(), moments.size.tolist(), moments.units.tolist()
+    s1_sq, s2, size, units = math.fsum(rows), math.fsum(sq), math.fsum(sizes), math.fsum(counts)
     if units < 2:
         raise ValueError(f"noise statistics need at least 2 gradient units, got {int(units)}")
     trace, signal, scale = _statistics(s1_sq, s2, size, units)
     errors = [math.nan, math.nan, math.nan]
-    keep = [k for k in range(len(moments.sq)) if moments.units[k] > 0]
-    if len(keep) >= 2 and all(units - float(moments.units[k]) >= 2 for k in keep):
-        rows = gram.sum(1)
-        leave_one_out = torch.tensor([
-            _statistics(s1_sq - 2 * float(rows[k]) + float(gram[k, k]), s2 - float(moments.sq[k]),
-                        size - float(moments.size[k]), units - float(moments.units[k]))
-            for k in keep], dtype=torch.float64)
+    keep = [k for k in range(len(sq)) if counts[k] > 0]
+    if len(keep) >= 2 and all(units - counts[k] >= 2 for k in keep):
+        # ‖S₁ − S₁ₖ‖² = ‖S₁‖² − 2⟨S₁, S₁ₖ⟩ + ‖S₁ₖ‖²
+        leave_one_out = [_statistics(s1_sq - 2 * rows[k] + own[k], s2 - sq[k], size - sizes[k], units - counts[k])
+                         for k in keep]
         n_groups = len(keep)
         for j in range(3):
-            column = leave_one_out[:, j]
-            if torch.isfinite(column).all():
-                errors[j] = math.sqrt((n_groups - 1) / n_groups * float(((column - column.mean()) ** 2).sum()))
+            column = [row[j] for row in leave_one_out]
+            if all(math.isfinite(value) for value in column):
+                mean = math.fsum(column) / n_groups
+                errors[j] = math.sqrt((n_groups - 1) / n_groups * math.fsum((v - mean) ** 2 for v in column))
     snr = size * signal / trace if trace > 0 else math.inf  # B/B_simple = ‖G‖² / (tr Σ / B)
     return NoiseEstimate(trace, signal, scale, snr, errors[0], errors[1], errors[2], method,
                          int(size), int(units))

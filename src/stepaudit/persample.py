@@ -250,8 +250,9 @@ def captured_moments(owners: Mapping[str, nn.Module], captured: Mapping[str, lis
             continue
         module_sums = {key: torch.zeros(groups, params[key].numel(), dtype=first_param.dtype, device=device)
                        for key in keys.values()} if not vectors else {}
-        per_example = (2 * a[:1].numel() + 2 * d[:1].numel()) * a.element_size() \
-            + 2 * sum(p.numel() * p.element_size() for p in module.parameters())  # products / Gram / conv grads
+        per_example = (2 * a[:1].numel() + 2 * d[:1].numel()) * a.element_size()
+        if not (isinstance(module, nn.Linear) and a.dim() == 2):  # per-example products / Gram / conv grads
+            per_example += 2 * sum(p.numel() * p.element_size() for p in module.parameters())
         chunk = max(1, budget_bytes // max(per_example, 1))
         for start in range(0, size, chunk):
             stop = min(start + chunk, size)
