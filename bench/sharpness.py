@@ -49,6 +49,7 @@ LAST: dict = {}
 def _bench_probe(ctx):
     """The real sharpness probe from a cold start, timed; keeps the operator for the HVP timing."""
     ctx.memory.pop("_sharpness_vector:batch", None)
+    ctx.memory.pop("_sharpness_vector:reference", None)
     start = time.perf_counter()
     fields = curvature.sharpness_probe(ctx)
     LAST.update(fields, seconds=time.perf_counter() - start, operator=curvature.hessian(ctx))
@@ -125,24 +126,33 @@ def pyhessian_run(model, name, batch, seed: int, tol: float = 1e-3, max_iter: in
     return {"value": float(values[0]), "seconds": seconds, "hvps": calls["n"]}
 
 
-def side_by_side(model, loss_fn, name, batch, reps: int) -> tuple[dict, object, str | None]:
+def side_by_side(model, loss_fn, name, batch, reps: int, has_modes: bool) -> tuple[dict, object, str | None]:
     """Interleaved repetitions: stepaudit's probe from a cold start (default stop="residual", and the
     opt-in stop="eigenvalue"; same weights every step via SGD lr=0), PyHessian's default run, and
-    PyHessian with tol=1e-4 (what it needs to get near 1e-3 error)."""
+    PyHessian with tol=1e-4 (what it needs to get near 1e-3 error). On models whose train and eval
+    modes differ, also stepaudit's default on the eval-mode Hessian of the batch (``sharpness_on=batch``),
+    the operator PyHessian computes: like against like."""
     failure = pyhessian_works(model, name, batch)
     kernels = second_order_kernels if failure else contextlib.nullcontext
     arms = {"stepaudit": [], "stepaudit_eigenvalue_stop": [], "pyhessian": [], "pyhessian_tol1e-4": []}
+    configs = [("stepaudit", "residual", "batch"), ("stepaudit_eigenvalue_stop", "eigenvalue", "batch")]
+    if has_modes:
+        arms["stepaudit_eval_hessian"] = []
+        configs.append(("stepaudit_eval_hessian", "residual", batch))
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         audits = {}
-        for arm, stop in (("stepaudit", "residual"), ("stepaudit_eigenvalue_stop", "eigenvalue")):
+        for arm, stop, on in configs:
             victim = copy.deepcopy(model)
+            for module in victim.modules():  # the audited (train-mode) steps must not move the running
+                if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):  # statistics the eval-mode
+                    module.momentum = 0.0  # Hessian uses: the reference was computed with these
             audit = stack.enter_context(Audit(victim, torch.optim.SGD(victim.parameters(), lr=0.0), loss_fn,
                                               run=Path(tmp) / arm, probes={"_bench_sharpness": 1}))
-            curvature.configure(audit, stop=stop)
+            curvature.configure(audit, stop=stop, sharpness_on=on)
             LAST.clear()
             audit.step(batch)  # the first audited step also measures which HVP method is faster
             audits[arm] = audit
-            if stop == "residual":
+            if arm == "stepaudit":
                 first = dict(LAST)
         for rep in range(reps):
             for arm, audit in audits.items():
@@ -231,7 +241,7 @@ def bench(name: str, reps: int, warmup: int, track_steps: int, track_repeats: in
     has_modes = any(isinstance(m, (torch.nn.modules.batchnorm._BatchNorm, torch.nn.Dropout)) for m in model.modules())
     ref_train, ref_train_res = reference(model, loss_fn, batch, train=True)
     ref_eval, ref_eval_res = reference(model, loss_fn, batch, train=False) if has_modes else (ref_train, ref_train_res)
-    arms, operator, failure = side_by_side(model, loss_fn, name, batch, reps)
+    arms, operator, failure = side_by_side(model, loss_fn, name, batch, reps, has_modes)
     model.train()
     rel = lambda value, ref: abs(value - ref) / abs(ref)  # noqa: E731
     batches = [next(stream) for _ in range(track_steps)]
@@ -249,6 +259,7 @@ def bench(name: str, reps: int, warmup: int, track_steps: int, track_repeats: in
         "stepaudit": {"method": arms["first"]["hvp_method"], "first_seconds": arms["first"]["seconds"],
                       **summary(arms["stepaudit"], ref_train)},
         "stepaudit_eigenvalue_stop": summary(arms["stepaudit_eigenvalue_stop"], ref_train),
+        "stepaudit_eval_hessian": summary(arms["stepaudit_eval_hessian"], ref_eval) if has_modes else None,
         # PyHessian switches the model to eval mode: its own target is the eval-mode Hessian.
         "pyhessian": {"out_of_the_box": failure or "ok", **summary(arms["pyhessian"], ref_eval)},
         "pyhessian_tol1e-4": summary(arms["pyhessian_tol1e-4"], ref_eval),
@@ -261,20 +272,22 @@ def markdown(results: dict) -> str:
     cell = lambda a: f"{a['seconds'] * 1e3:.0f} ms, {a['hvps']:.0f}, {a['rel_error_max']:.1e}"  # noqa: E731
     lines = [
         "| workload | params | λ_max (train-mode H) | stepaudit (default) | stepaudit, stop=\"eigenvalue\" | "
-        "PyHessian default | PyHessian tol=1e-4 |",
-        "|---|---:|---:|---|---|---|---|",
+        "stepaudit (default), eval-mode H | PyHessian default | PyHessian tol=1e-4 |",
+        "|---|---:|---:|---|---|---|---|---|",
     ]
     for name, r in results.items():
         p = r["pyhessian"]
         note = " ¹" if p["out_of_the_box"] != "ok" else ""
         lines.append(
             f"| {name} | {r['n_params']:,} | {r['reference_train']:.4g} | {cell(r['stepaudit'])} | "
-            f"{cell(r['stepaudit_eigenvalue_stop'])} | {cell(p)} (train H: {p['rel_error_vs_train_hessian_max']:.1e}){note} | "
+            f"{cell(r['stepaudit_eigenvalue_stop'])} | "
+            f"{cell(r['stepaudit_eval_hessian']) if r.get('stepaudit_eval_hessian') else '— (same H)'} | "
+            f"{cell(p)} (train H: {p['rel_error_vs_train_hessian_max']:.1e}){note} | "
             f"{cell(r['pyhessian_tol1e-4'])} |")
     lines.append("\nEach cell: median wall time (operator construction included), median HVPs, largest relative "
-                 "error over the repetitions. stepaudit's error is against the train-mode Hessian of the step; "
-                 "PyHessian's against the eval-mode Hessian it computes (it calls model.eval()), and in brackets "
-                 "against the train-mode one.")
+                 "error over the repetitions. stepaudit's error is against the train-mode Hessian of the step "
+                 "(the eval-mode column: against the eval-mode one); PyHessian's against the eval-mode Hessian it "
+                 "computes (it calls model.eval()), and in brackets against the train-mode one.")
     if any(r["pyhessian"]["out_of_the_box"] != "ok" for r in results.values()):
         failure = next(r["pyhessian"]["out_of_the_box"] for r in results.values() if r["pyhessian"]["out_of_the_box"] != "ok")
         lines.append(f"\n¹ PyHessian as shipped fails ({failure}); timed with the math SDPA backend forced.")
