@@ -6,7 +6,8 @@ the same two statistics, tr Σ̂ = (Σ‖g_i‖² − B‖ḡ‖²)/(B−1) and 
   plain step                 no statistics (the unit of cost)
   stepaudit per-sample       plain step + the noise probe's computation (+ 8-group jackknife standard
                              errors): (training pass) layer identities read off the training backward
-                             itself, what Audit(noise) does on a due step, like a BackPACK extension;
+                             itself, what Audit(noise) does on a due step, like a BackPACK extension
+                             (", no stderr": groups=1, per-example norms only, BatchL2Grad's statistics);
                              (hooks) the same from one extra forward/backward at the old weights;
                              (vmap) chunked vmap(grad), reduced chunk by chunk
   stepaudit micro-batch      plain step + 8 micro-batch gradients (the probe's fallback for BatchNorm in train mode)
@@ -51,7 +52,7 @@ WORKLOADS = {
     "cnn-train": ("digits CNN, BatchNorm in train mode, B=128", lambda: digits_cnn(128), "train"),
     "mlp-1024": ("digits MLP 64-256-256-10, B=1024", lambda: digits_mlp(1024), "train"),
 }
-METHODS = ["plain step", "stepaudit per-sample (training pass)", "stepaudit per-sample (hooks)", "stepaudit per-sample (vmap)", "stepaudit micro-batch",
+METHODS = ["plain step", "stepaudit per-sample (training pass)", "stepaudit per-sample (training pass, no stderr)", "stepaudit per-sample (hooks)", "stepaudit per-sample (vmap)", "stepaudit micro-batch",
            "Audit()", "Audit(noise)",
            "BackPACK BatchGrad", "BackPACK BatchL2Grad", "BackPACK Variance", "Cockpit NormTest"]
 
@@ -92,7 +93,7 @@ def make_method(name: str, workload, mode: str, tmp: str) -> Callable[[tuple], t
 
     if name == "plain step":
         return lambda batch: step(batch)
-    if name == "stepaudit per-sample (training pass)":
+    if name.startswith("stepaudit per-sample (training pass"):
         # What the noise probe does on a due step, like a BackPACK extension: observe the training
         # backward (layer inputs, output gradients), reduce to tr Σ̂ and ‖G‖²̂ with jackknife groups.
         named = {"model." + n: p for n, p in model.named_parameters()}
@@ -107,7 +108,8 @@ def make_method(name: str, workload, mode: str, tmp: str) -> Callable[[tuple], t
                 for handle in handles:
                     handle.remove()
             moments = captured_moments(owners, captured, {k: p.detach() for k, p in named.items()},
-                                       [p.grad for p in named.values()], batch_len(batch), vectors=False)
+                                       [p.grad for p in named.values()], batch_len(batch), vectors=False,
+                                       groups=1 if name.endswith("no stderr)") else 8)
             est = estimate(moments, name)
             optimizer.step()
             return est.trace_sigma, est.grad_sq_norm

@@ -2,6 +2,8 @@
 backward passes, and its refusals (returns None so the caller falls back to vmap)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -204,3 +206,32 @@ def test_gram_route_refuses_a_weight_used_outside_its_module():
     loss = lambda p, b: functional_call(objective, dict(p), (b,))  # noqa: E731
     assert layer_moments(model, loss, params, batch, vectors=False) is None
     assert layer_moments(model, loss, params, batch, vectors=True) is None
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_single_group_gives_the_point_estimates_from_norms_alone(case):
+    # groups=1: per-example squared norms only (BackPACK BatchL2Grad's statistics), no standard errors
+    model, batch, params, loss = setup(case)
+    moments = layer_moments(model, loss, params, batch, groups=1, vectors=False)
+    assert moments is not None and moments.sums is None
+    rows = single_example_gradients(model, batch)
+    size = rows.shape[0]
+    est = estimate(moments, "per_sample")
+    trace = float(torch.trace(torch.cov(rows.T)))
+    assert est.trace_sigma == pytest.approx(trace, rel=1e-4)
+    assert est.grad_sq_norm == pytest.approx(float(rows.mean(0) @ rows.mean(0)) - trace / size, rel=1e-3, abs=1e-6)
+    assert math.isnan(est.trace_sigma_stderr)
+
+
+def test_single_group_still_refuses_a_weight_used_outside_its_module():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def tied(m, b):  # the first weight also enters the loss without calling its module
+        return classify(m, b) + 0.1 * m[0].weight.pow(2).sum()
+
+    objective = Objective(model, tied)
+    batch = (torch.randn(6, 8), torch.randint(0, 3, (6,)))
+    params = {"model." + n: p.detach() for n, p in model.named_parameters()}
+    loss = lambda p, b: functional_call(objective, dict(p), (b,))  # noqa: E731
+    assert layer_moments(model, loss, params, batch, groups=1, vectors=False) is None

@@ -192,6 +192,14 @@ def _mismatch(total: Tensor, batch_grad: Tensor, size: int) -> float:
     return float(torch.linalg.vector_norm(total.reshape(-1) / size - batch_grad.reshape(-1))) ** 2
 
 
+def _linear_mismatch(a: Tensor, d: Tensor, weight_grad: Tensor, size: int) -> float:
+    """``_mismatch`` of a Linear weight by Freivalds' check (1977) along 4 fixed random directions r, an
+    unbiased estimate of the squared Frobenius error: forming dᵀa would cost a second weight gradient.
+    Products are taken as rᵀaᵀ then (rᵀaᵀ)d: CPU GEMM with 4 columns on the right is several times slower."""
+    directions = torch.randn(4, a.shape[1], generator=torch.Generator().manual_seed(0)).to(a)
+    return _mismatch((directions @ a.T) @ d, directions @ weight_grad.T, size) / 4
+
+
 def captured_moments(owners: Mapping[str, nn.Module], captured: Mapping[str, list], params: Mapping[str, Tensor],
                      grads: Sequence[Tensor | None], size: int, *, prefix: str = "model.",
                      groups: int = DEFAULT_GROUPS, budget_bytes: int = DEFAULT_BUDGET_BYTES,
@@ -200,11 +208,13 @@ def captured_moments(owners: Mapping[str, nn.Module], captured: Mapping[str, lis
 
     ``grads`` (aligned with ``params``) is the batch gradient of that backward: the per-example
     gradients must average to it (relative ``tolerance``), else the layer identities do not describe
-    this model and None is returned.
+    this model and None is returned. ``groups=1`` with ``vectors=False`` (no standard errors): only
+    the per-example squared norms are formed, and ‖S₁‖² = B²‖g‖² comes from the batch gradient.
     """
     if any(len(calls) != 1 or calls[0][1] is None for calls in captured.values()):
         return None  # a module called twice (weights shared), without autograd, or off the loss's path
     groups = max(1, min(groups, size))
+    single = groups == 1 and not vectors
     group_of = torch.arange(size) * groups // size
     per_group = torch.bincount(group_of, minlength=groups)
     bounds = [0] + per_group.cumsum(0).tolist()
@@ -212,6 +222,7 @@ def captured_moments(owners: Mapping[str, nn.Module], captured: Mapping[str, lis
     device, f64 = first_param.device, torch.float64
     batch_grad = {key: (g if g is not None else torch.zeros_like(p)).detach()
                   for (key, p), g in zip(params.items(), grads)}
+    grad_sq = sum(float(norm) ** 2 for norm in torch._foreach_norm(list(batch_grad.values())))
     offsets, offset = {}, 0
     for key, value in params.items():
         offsets[key], offset = (offset, value.numel()), offset + value.numel()
@@ -226,25 +237,32 @@ def captured_moments(owners: Mapping[str, nn.Module], captured: Mapping[str, lis
         a, d = captured[name][0]
         if a.dtype in (torch.float16, torch.bfloat16):  # autocast: square and sum in float32
             a, d = a.float(), d.float()
-        d = d * size  # per-example gradients of a mean loss
         keys = {pname: prefix + (name + "." if name else "") + pname for pname in ("weight", "bias")}
         keys = {pname: key for pname, key in keys.items() if key in params}
-        if not vectors and _gram_route(module, a, size, budget_bytes):
+        if single and isinstance(module, nn.Linear) and a.dim() == 2:
+            # ‖g_i(W)‖² = ‖δ_i‖²‖a_i‖², ‖g_i(b)‖² = ‖δ_i‖² with g_i = B·δ_i a_iᵀ: per-example norms only,
+            # as BackPACK's BatchL2Grad; d is the mean loss's δ/B here (scaled in the scalars, not copied)
+            delta_sq = torch.linalg.vector_norm(d, dim=1).double() ** 2 * size**2
+            if "weight" in keys:
+                squares += delta_sq * torch.linalg.vector_norm(a, dim=1).double() ** 2
+                error_sq += _linear_mismatch(a, d, batch_grad[keys["weight"]], 1)
+            if "bias" in keys:
+                squares += delta_sq
+                error_sq += _mismatch(d.sum(0), batch_grad[keys["bias"]], 1)
+            continue
+        d = d * size  # per-example gradients of a mean loss
+        if not vectors and not single and _gram_route(module, a, size, budget_bytes):
             # ⟨g_i, g_j⟩ = (a_i·a_j)(δ_i·δ_j) for W and δ_i·δ_j for b (Goodfellow 2015): B×B, no D-vectors.
-            # The two B×B products in the working dtype, like the group sums of the other route.
-            deltas = (d @ d.T).double()
+            # Products in the working dtype, like the group sums of the other route; sums in float64.
+            deltas = d @ d.T
             block = torch.zeros_like(deltas)
             if "weight" in keys:
-                block += (a @ a.T).double() * deltas
-                # checked along 4 fixed random directions (unbiased for the squared Frobenius error):
-                # forming dᵀa itself would cost as much as the weight gradient again
-                # Freivalds' check (1977) along 4 fixed random directions, an unbiased estimate of the
-                # squared Frobenius error: forming dᵀa would cost a second weight gradient
-                probe = torch.randn(a.shape[1], 4, generator=torch.Generator().manual_seed(0)).to(a)
-                error_sq += _mismatch(d.T @ (a @ probe), batch_grad[keys["weight"]] @ probe, size) / 4
+                block += (a @ a.T) * deltas
+                error_sq += _linear_mismatch(a, d, batch_grad[keys["weight"]], size)
             if "bias" in keys:
                 block += deltas
                 error_sq += _mismatch(d.sum(0), batch_grad[keys["bias"]], size)
+            block = block.double()
             squares += block.diagonal()
             gram += one_hot @ block @ one_hot.T
             continue
@@ -270,16 +288,18 @@ def captured_moments(owners: Mapping[str, nn.Module], captured: Mapping[str, lis
                     target[k:k + count] += group_sums(lo - start, hi - start, count).reshape(count, -1)
         for key, group_sums in module_sums.items():
             error_sq += _mismatch(group_sums.sum(0), batch_grad[key], size)
-            group_sums = group_sums.double()
-            gram += group_sums @ group_sums.T
+            if not single:
+                group_sums = group_sums.double()
+                gram += group_sums @ group_sums.T
     counts = per_group.double().to(device)
     zeros = torch.zeros(groups, dtype=f64, device=device)
     if vectors:
         moments = Moments(sums.double(), zeros, counts, counts.clone())
     else:
+        if single:  # S₁ = B·g once the check below has passed
+            gram = torch.full((1, 1), size**2 * grad_sq, dtype=f64, device=device)
         moments = Moments(None, zeros, counts, counts.clone(), gram=gram)
     moments.sq.index_add_(0, group_of.to(device), squares)
-    grad_sq = sum(float(norm) ** 2 for norm in torch._foreach_norm(list(batch_grad.values())))
     if vectors:
         flat = torch.cat([g.reshape(-1).double() for g in batch_grad.values()])
         error_sq = float(torch.linalg.vector_norm(moments.mean_grad() - flat)) ** 2
