@@ -440,3 +440,26 @@ def test_gradient_accumulation_parts_pool_into_one_batch(tmp_path):
     assert audit.last["trace_sigma"] == pytest.approx(trace, rel=1e-4)
     assert audit.last["grad_sq_norm"] == pytest.approx(float(rows.mean(0) @ rows.mean(0)) - trace / 32, rel=1e-3)
     audit.close()
+
+
+def test_noise_capture_on_the_training_pass_leaves_training_bit_identical(tmp_path):
+    # the capture returns each hooked output as a clone; in-place ReLU then works on the clone
+    def factory():
+        return nn.Sequential(nn.Linear(5, 16), nn.ReLU(inplace=True), nn.Dropout(0.2), nn.Linear(16, 3))
+
+    runs = []
+    for audit_on in (False, True):
+        torch.manual_seed(0)
+        model = factory()
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+        audit = (stepaudit.Audit(model, optimizer, loss_fn, run=tmp_path / "run", probes={"noise": 1}, strict=True)
+                 if audit_on else None)
+        train(model, optimizer, batches(4), audit)
+        if audit is not None:
+            assert all(r["noise_pass"] == "training" for r in audit.records)
+            audit.close()
+        runs.append((model.state_dict(), optimizer.state_dict()["state"], torch.get_rng_state()))
+    (m0, o0, r0), (m1, o1, r1) = runs
+    assert all(torch.equal(m0[k], m1[k]) for k in m0)
+    assert all(torch.equal(o0[i][k], o1[i][k]) for i in o0 for k in o0[i] if torch.is_tensor(o0[i][k]))
+    assert torch.equal(r0, r1)
