@@ -463,3 +463,17 @@ def test_noise_capture_on_the_training_pass_leaves_training_bit_identical(tmp_pa
     assert all(torch.equal(m0[k], m1[k]) for k in m0)
     assert all(torch.equal(o0[i][k], o1[i][k]) for i in o0 for k in o0[i] if torch.is_tensor(o0[i][k]))
     assert torch.equal(r0, r1)
+
+
+def test_noise_probe_replays_when_reading_the_training_pass_fails(tmp_path, monkeypatch):
+    import stepaudit.probes.data as data_probes
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unexpected capture")
+
+    monkeypatch.setattr(data_probes, "captured_moments", broken)
+    torch.manual_seed(0)
+    audit = audited(Net(), tmp_path, probes={"noise": 1}, strict=True)
+    audit.step(batches(1)[0])
+    assert audit.last["noise_pass"] == "replay" and audit.last["noise_scale_method"] == "per_sample"
+    audit.close()

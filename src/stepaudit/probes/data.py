@@ -294,7 +294,10 @@ def _per_sample(ctx: StepContext, loss, params: dict, options: dict) -> dict:
     ``training``), else one replayed at the old weights with the step's dropout masks (``replay``).
     """
     groups = options.get("groups", noise_stats.DEFAULT_GROUPS)
-    moments = _from_training_pass(ctx, params, groups)
+    try:
+        moments = _from_training_pass(ctx, params, groups)
+    except Exception:  # e.g. a layer whose captured shapes the identities do not cover: replay instead
+        moments = None
     if moments is not None:
         return {**noise_stats.estimate(moments, "per_sample").fields(), "noise_engine": "hooks",
                 "noise_pass": "training"}
