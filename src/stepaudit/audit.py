@@ -64,6 +64,8 @@ class _Pending:
 
 
 def _check_replayable(batch: Any) -> None:
+    if type(batch) in (tuple, list, dict) or isinstance(batch, torch.Tensor):
+        return  # the common cases, without the slower ABC check below (this runs every step)
     if isinstance(batch, Iterator) or (hasattr(batch, "__next__") and not isinstance(batch, torch.Tensor)):
         raise TypeError(
             "the batch is a one-shot iterator/generator and cannot be replayed at the new weights; "
