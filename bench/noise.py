@@ -43,7 +43,7 @@ import torch
 from torch.func import functional_call
 
 from stepaudit.noise import batch_len, estimate, micro_batch_moments, per_sample_moments
-from stepaudit.persample import _owners, capture, captured_moments, layer_moments
+from stepaudit.persample import capture, captured_moments, layer_moments, layer_owners
 from stepaudit.workloads import digits_cnn, digits_mlp
 
 WORKLOADS = {
@@ -97,7 +97,7 @@ def make_method(name: str, workload, mode: str, tmp: str) -> Callable[[tuple], t
         # What the noise probe does on a due step, like a BackPACK extension: observe the training
         # backward (layer inputs, output gradients), reduce to tr Σ̂ and ‖G‖²̂ with jackknife groups.
         named = {"model." + n: p for n, p in model.named_parameters()}
-        owners = _owners(model, named, "model.")
+        owners = layer_owners(model, named, "model.")
 
         def run_training_pass(batch):
             captured, handles = capture(owners)

@@ -45,7 +45,7 @@ def _supported(module: nn.Module) -> bool:
     return False
 
 
-def _owners(model: nn.Module, params: Mapping[str, Tensor], prefix: str) -> dict[str, nn.Module] | None:
+def layer_owners(model: nn.Module, params: Mapping[str, Tensor], prefix: str) -> dict[str, nn.Module] | None:
     """Module name → module for every parameter in ``params``; None if one is not in a supported module."""
     owners, covered = {}, set()
     for name, module in model.named_modules():
@@ -162,7 +162,7 @@ def layer_moments(model: nn.Module, loss: Callable[[Mapping[str, Tensor], Any], 
     ``vectors=False``: only the group sums' inner products (``Moments.gram``), cheaper; not mergeable.
     """
     size = batch_len(batch)
-    owners = _owners(model, params, prefix)
+    owners = layer_owners(model, params, prefix)
     if owners is None or size is None or size < 2:
         return None
     captured, handles = capture(owners)

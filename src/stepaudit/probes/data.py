@@ -20,7 +20,7 @@ from torch.func import functional_call
 
 from .. import noise as noise_stats
 from ..context import StepContext, check_scalar_loss
-from ..persample import _owners, capture, captured_moments, layer_moments
+from ..persample import capture, captured_moments, layer_moments, layer_owners
 from ..precision import cast_batch
 from ..records import flatten, views
 from ..state import AutocastState, RngState, _cuda_devices, preserved
@@ -270,7 +270,7 @@ def noise_capture(model: torch.nn.Module, names: list[str], params: list[Tensor]
     settings = dict((options.get("probe_options") or {}).get("noise") or {})
     if settings.get("method", "auto") not in ("auto", "per_sample") or settings.get("engine", "auto") not in ("auto", "hooks"):
         return None
-    owners = _owners(model, {"model." + n: p for n, p in zip(names, params)}, "model.")
+    owners = layer_owners(model, {"model." + n: p for n, p in zip(names, params)}, "model.")
     if owners is None:
         return None
     captured, handles = capture(owners)
