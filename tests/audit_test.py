@@ -191,3 +191,51 @@ def test_summary_and_load_round_trip(tiny_batch, tmp_path):
     assert meta["summary"]["audited_steps"] == 3
     layers = stepaudit.load(tmp_path / "r", table="layers")
     assert set(layers["kind"]) == {"module", "group"}
+
+
+def test_strict_capture_failure_leaves_no_open_step(tmp_path, monkeypatch):
+    from stepaudit import probes as registry
+
+    def failing_capture(model, names, params, options):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(registry._REGISTRY, "_failing_capture", lambda ctx: {})
+    monkeypatch.setitem(registry._CAPTURES, "_failing_capture", failing_capture)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    audit = stepaudit.Audit(model, opt, lambda m, b: m(b).pow(2).mean(), run=tmp_path / "run",
+                            probes={"_failing_capture": 2}, strict=True)
+    with pytest.raises(stepaudit.AuditError, match="could not watch"):
+        audit.step(torch.randn(4, 3))
+    assert audit._pending is None and not model._forward_pre_hooks
+    monkeypatch.setitem(registry._CAPTURES, "_failing_capture", lambda *args: None)
+    audit.step(torch.randn(4, 3))  # the audit is usable again
+    audit.close()
+
+
+@pytest.mark.parametrize("every, expected", [(3, [False] * 4), (1, [True] * 4)])
+def test_flat_buffers_are_kept_only_while_the_next_step_is_audited(tmp_path, every, expected):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    audit = stepaudit.Audit(model, opt, lambda m, b: m(b).pow(2).mean(), run=tmp_path / "run", every=every)
+    held = []
+    for _ in range(4):
+        audit.step(torch.randn(4, 3))
+        held.append(audit._flat is not None and audit._flat.before is not None)
+    assert held == expected  # sparse auditing holds no copy of the model between audited steps
+    assert [r["step"] for r in audit.records] == list(range(0, 4, every))
+    assert all(r["verdict"] != "error" for r in audit.records)
+    audit.close()
+
+
+def test_dtype_change_mid_run_reallocates_the_buffers(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    audit = stepaudit.Audit(model, opt, lambda m, b: m(b).pow(2).mean(), run=tmp_path / "run")
+    audit.step(torch.randn(4, 3))
+    model.double()  # new parameter storage, new dtype (the optimizer holds the same Parameter objects)
+    audit.step(torch.randn(4, 3, dtype=torch.float64))
+    assert audit.last["verdict"] != "error" and audit._flat.before.dtype == torch.float64
+    audit.close()

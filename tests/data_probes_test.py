@@ -477,3 +477,37 @@ def test_noise_probe_replays_when_reading_the_training_pass_fails(tmp_path, monk
     audit.step(batches(1)[0])
     assert audit.last["noise_pass"] == "replay" and audit.last["noise_scale_method"] == "per_sample"
     audit.close()
+
+
+class KeywordCall(nn.Module):
+    """Calls its Linear layer with a keyword argument: forward hooks see no positional input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc(input=x)
+
+
+def test_noise_capture_never_raises_into_the_training_forward(tmp_path):
+    torch.manual_seed(0)
+    model = KeywordCall()
+    audit = audited(model, tmp_path, probes={"noise": 1})
+    audit.step(batches(1)[0])  # must not raise
+    assert audit.last["noise_pass"] == "replay" and "probe_errors" not in audit.last
+    assert not model.fc._forward_hooks
+    audit.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_noise_probe_on_a_16_bit_model(tmp_path, dtype):
+    torch.manual_seed(0)
+    model = Net().to(dtype)
+    audit = audited(model, tmp_path, probes={"noise": 1}, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    batch = batches(1)[0]
+    audit.step((batch[0].to(dtype), batch[1]))
+    record = audit.last
+    assert "probe_errors" not in record and record["noise_scale_method"] == "per_sample"
+    assert math.isfinite(record["trace_sigma"]) and record["trace_sigma"] > 0
+    audit.close()

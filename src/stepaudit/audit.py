@@ -288,9 +288,13 @@ class Audit:
         due = step % self.every == 0 or (bool(self.probes) and self._probes_due(step))
         self._pending = pending = _Pending(batches, StepWatch(), due)
         if due and not self._closed:
-            self._forward_handle = self.model.register_forward_pre_hook(self._forward_pre)
-            if self.probes:
-                self._start_captures(pending, step)
+            try:
+                self._forward_handle = self.model.register_forward_pre_hook(self._forward_pre)
+                if self.probes:
+                    self._start_captures(pending, step)
+            except BaseException:  # strict mode: leave no hook and no open step behind
+                self._end(stacklevel=3, failed=True)
+                raise
         return pending
 
     def _start_captures(self, pending: _Pending, step: int) -> None:
@@ -311,18 +315,26 @@ class Audit:
     @staticmethod
     def _stop_captures(pending: _Pending) -> None:
         for capture in pending.captures.values():
-            capture.stop()
+            try:
+                capture.stop()
+            except Exception:  # removing hooks; nothing a training loop should hear about
+                pass
 
     def _end(self, stacklevel: int, failed: bool = False) -> None:
-        """Close the step: detach the forward pre-hook; count a step that was due but never taken.
+        """Close the step: detach the forward pre-hook and any capture; count a step that was due but
+        never taken; release the flat buffers if the next step is not audited.
 
         ``failed``: the block raised; the exception says what happened, so no warning is added.
         """
         pending, self._pending = self._pending, None
-        self._stop_captures(pending)
-        if self._forward_handle is not None:
-            self._forward_handle.remove()
-            self._forward_handle = None
+        try:
+            self._stop_captures(pending)
+        finally:
+            if self._forward_handle is not None:
+                self._forward_handle.remove()
+                self._forward_handle = None
+        if pending.due and self._flat is not None and not self.due():
+            self._flat.release()  # sparse auditing holds no copy of the model between audited steps
         if pending.due and not pending.stepped and not failed:
             self.skipped_steps += 1  # e.g. GradScaler skipped a step with inf/NaN gradients
             warnings.warn("no optimizer step happened inside audit.watch() (GradScaler skipped it, or "

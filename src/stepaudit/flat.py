@@ -25,27 +25,51 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 
 
 class FlatBuffers:
-    """Flat ``before``, ``grad`` and ``delta_w`` vectors of one parameter list, with per-parameter views."""
+    """Flat ``before``, ``grad`` and ``delta_w`` vectors of one parameter list, with per-parameter views.
+
+    ``before`` and ``grad`` are allocated at the first ``take_before`` and kept while audited steps
+    follow one another; ``release()`` drops them between sparse audited steps, so that an audit with
+    ``every=16`` holds no copy of the model through the 15 training steps in between. ``delta_w``
+    exists only on steps that need it (a probe due, or ``exact``).
+    """
 
     def __init__(self, params: Sequence[torch.Tensor], exact: bool = False) -> None:
-        devices = {p.device for p in params}
-        if len(devices) != 1:
-            raise ValueError("stepaudit audits parameters on one device; this model spans "
-                             + ", ".join(sorted(str(d) for d in devices)))
         self.params = list(params)
         self.exact = exact
         self.sizes = [p.numel() for p in self.params]
+        self._sources: list[torch.Tensor] = []
+        self._pointers: list[int] = []
+        self.release()
+        self._allocate()  # refuses a model on several devices right away
+
+    def release(self) -> None:
+        """Drop the buffers (the next ``take_before`` allocates them again)."""
+        self.before = self.grad = self.delta_w = None
+        self.before_views = self.grad_views = self.delta_w_views = None
+        self._segments: list[tuple[torch.Tensor, ...]] = []
+        self._zeros: dict[int, torch.Tensor] = {}
+
+    def _allocate(self) -> None:
+        devices = {p.device for p in self.params}
+        if len(devices) != 1:
+            raise ValueError("stepaudit audits parameters on one device; this model spans "
+                             + ", ".join(sorted(str(d) for d in devices)))
+        device, dtype = devices.pop(), self._dtype()
+        self.before, self.grad = (torch.empty(sum(self.sizes), dtype=dtype, device=device) for _ in range(2))
+        self._segments = [torch.split(self.before, self.sizes), torch.split(self.grad, self.sizes)]
+        self.before_views, self.grad_views = (self._views(segments) for segments in self._segments)
+        self.delta_w = self.delta_w_views = None
+        self._zeros = {}
+
+    def _dtype(self) -> torch.dtype:
+        """The buffers' dtype: all parameters promoted together."""
         dtype = self.params[0].dtype
         for p in self.params[1:]:
             dtype = torch.promote_types(dtype, p.dtype)
-        self.before, self.grad, self.delta_w = (
-            torch.empty(sum(self.sizes), dtype=dtype, device=self.params[0].device) for _ in range(3))
-        self.segments = [torch.split(flat, self.sizes) for flat in (self.before, self.grad, self.delta_w)]
-        self.before_views, self.grad_views, self.delta_w_views = (
-            [segment.view(p.shape) for segment, p in zip(segments, self.params)] for segments in self.segments)
-        self._zeros: dict[int, torch.Tensor] = {}
-        self._sources: list[torch.Tensor] = []
-        self._pointers: list[int] = []
+        return dtype
+
+    def _views(self, segments: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [segment.view(p.shape) for segment, p in zip(segments, self.params)]
 
     def _param_flats(self) -> list[torch.Tensor]:
         """Flat views of the live parameters (rebuilt if a parameter's storage was replaced)."""
@@ -54,12 +78,18 @@ class FlatBuffers:
             self._sources = [p.detach().reshape(-1) for p in self.params]
             # a non-contiguous parameter gives a copy, not a view: never cache that
             self._pointers = pointers if all(s.data_ptr() == p.data_ptr() for s, p in zip(self._sources, self.params)) else []
+            if self.before is not None and (self.before.device != self.params[0].device
+                                            or self.before.dtype != self._dtype()):
+                self.release()  # model.to(device) or a dtype change: allocate to match in take_before
         return self._sources
 
     @torch.no_grad()
     def take_before(self) -> None:
-        """Before the step: copy the live weights into ``before``."""
-        torch.cat(self._param_flats(), out=self.before)
+        """Before the step: copy the live weights into ``before`` (allocating the buffers if needed)."""
+        sources = self._param_flats()
+        if self.before is None:
+            self._allocate()
+        torch.cat(sources, out=self.before)
 
     @torch.no_grad()
     def take_grad(self) -> None:
@@ -82,24 +112,24 @@ class FlatBuffers:
         float32; 16-bit types accumulate in float32); only the total g·Δw is computed. ``exact``:
         float64 products and sums per parameter. ``keep_before=False`` (no probe needs the buffers):
         ``before`` is overwritten in place by ``before − after`` = −Δw, which saves a copy and a pass;
-        neither ``before`` nor ``delta_w`` holds its meaning afterwards.
+        ``before`` no longer holds its meaning afterwards and ``delta_w`` is not formed.
         """
         if self.exact:
             self._delta_into_buffer()
             rows = per_parameter_sums(self.before, self.grad, self.delta_w, self.sizes, exact=True)
             return sum(row[0] for row in rows), rows
-        before, grads = list(self.segments[0]), list(self.segments[1])
+        before, grads = list(self._segments[0]), list(self._segments[1])
         if keep_before:
             self._delta_into_buffer()
-            norms = self._norms(before + grads + list(self.segments[2]))
+            norms = _norms(before + grads + list(torch.split(self.delta_w, self.sizes)))
             delta, sign = self.delta_w, 1.0
         else:
-            norms = self._norms(before + grads)
+            norms = _norms(before + grads)
             torch._foreach_sub_(before, self._param_flats())
-            norms = [*norms, *self._norms(before)]
+            norms = [*norms, *_norms(before)]
             delta, sign = self.before, -1.0  # IEEE subtraction is antisymmetric: an exact negation
         grad = self.grad
-        if grad.dtype in (torch.float16, torch.bfloat16):
+        if grad.dtype in _LOW_PRECISION:
             grad, delta = grad.float(), delta.float()
         values = torch.stack([torch.dot(grad, delta).to(norms[0].dtype), *norms]).tolist()
         n = len(self.params)
@@ -107,10 +137,21 @@ class FlatBuffers:
         return sign * values[0], rows
 
     def _delta_into_buffer(self) -> None:
+        if self.delta_w is None:
+            self.delta_w = torch.empty_like(self.before)
+            self.delta_w_views = self._views(torch.split(self.delta_w, self.sizes))
         torch.cat(self._param_flats(), out=self.delta_w)
         self.delta_w.sub_(self.before)
 
-    @staticmethod
-    def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        low = tensors[0].dtype in (torch.float16, torch.bfloat16)
-        return list(torch._foreach_norm(tensors, 2, torch.float32) if low else torch._foreach_norm(tensors))
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Euclidean norm of each tensor, one fused call; 16-bit tensors accumulate in float32."""
+    if tensors[0].dtype not in _LOW_PRECISION:
+        return list(torch._foreach_norm(tensors))
+    try:
+        return list(torch._foreach_norm(tensors, 2, torch.float32))
+    except (TypeError, RuntimeError):  # torch without the dtype argument
+        return [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .noise import DEFAULT_BUDGET_BYTES, DEFAULT_GROUPS, Moments, batch_len
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm)
 
 
@@ -139,13 +140,19 @@ def capture(owners: Mapping[str, nn.Module]) -> tuple[dict[str, list], list]:
 
     def hook_for(name: str):
         def forward_hook(module, inputs, output):
-            if not (isinstance(output, Tensor) and output.requires_grad):
+            # These hooks may run inside the user's training forward: they must never raise there.
+            try:
+                if not (inputs and isinstance(inputs[0], Tensor) and isinstance(output, Tensor)
+                        and output.requires_grad):  # e.g. called with keyword arguments, or without autograd
+                    captured[name].append([None, None])
+                    return None
+                record = [inputs[0].detach(), None]
+                output.register_hook(lambda grad: record.__setitem__(1, grad.detach()))
+                captured[name].append(record)
+                return output.clone()
+            except Exception:
                 captured[name].append([None, None])
                 return None
-            record = [inputs[0].detach(), None]
-            captured[name].append(record)
-            output.register_hook(lambda grad: record.__setitem__(1, grad.detach()))
-            return output.clone()
         return forward_hook
 
     return captured, [module.register_forward_hook(hook_for(name)) for name, module in owners.items()]
@@ -189,7 +196,7 @@ def _gram_route(module: nn.Module, a: Tensor, size: int, budget_bytes: int) -> b
 def _mismatch(total: Tensor, batch_grad: Tensor, size: int) -> float:
     """‖total/B − g‖² for one parameter: the per-example gradients must average to the batch gradient
     (working dtype: its rounding, ~1e-7·‖g‖, is far below the 1e-3 tolerance)."""
-    return float(torch.linalg.vector_norm(total.reshape(-1) / size - batch_grad.reshape(-1))) ** 2
+    return float(torch.linalg.vector_norm(total.reshape(-1) / size - batch_grad.reshape(-1).to(total.dtype))) ** 2
 
 
 def _linear_mismatch(a: Tensor, d: Tensor, weight_grad: Tensor, size: int) -> float:
@@ -197,7 +204,7 @@ def _linear_mismatch(a: Tensor, d: Tensor, weight_grad: Tensor, size: int) -> fl
     unbiased estimate of the squared Frobenius error: forming dᵀa would cost a second weight gradient.
     Products are taken as rᵀaᵀ then (rᵀaᵀ)d: CPU GEMM with 4 columns on the right is several times slower."""
     directions = torch.randn(4, a.shape[1], generator=torch.Generator().manual_seed(0)).to(a)
-    return _mismatch((directions @ a.T) @ d, directions @ weight_grad.T, size) / 4
+    return _mismatch((directions @ a.T) @ d, directions @ weight_grad.T.to(a.dtype), size) / 4
 
 
 def captured_moments(owners: Mapping[str, nn.Module], captured: Mapping[str, list], params: Mapping[str, Tensor],
@@ -222,7 +229,7 @@ def captured_moments(owners: Mapping[str, nn.Module], captured: Mapping[str, lis
     device, f64 = first_param.device, torch.float64
     batch_grad = {key: (g if g is not None else torch.zeros_like(p)).detach()
                   for (key, p), g in zip(params.items(), grads)}
-    grad_sq = sum(float(norm) ** 2 for norm in torch._foreach_norm(list(batch_grad.values())))
+    grad_sq = sum(float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 for g in batch_grad.values())
     offsets, offset = {}, 0
     for key, value in params.items():
         offsets[key], offset = (offset, value.numel()), offset + value.numel()
@@ -235,7 +242,7 @@ def captured_moments(owners: Mapping[str, nn.Module], captured: Mapping[str, lis
         one_hot = F.one_hot(group_of, groups).to(device=device, dtype=f64).T  # K×B
     for name, module in owners.items():
         a, d = captured[name][0]
-        if a.dtype in (torch.float16, torch.bfloat16):  # autocast: square and sum in float32
+        if a.dtype != d.dtype or a.dtype in _LOW_PRECISION:  # 16-bit models, autocast: work in float32
             a, d = a.float(), d.float()
         keys = {pname: prefix + (name + "." if name else "") + pname for pname in ("weight", "bias")}
         keys = {pname: key for pname, key in keys.items() if key in params}

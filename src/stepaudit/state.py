@@ -98,9 +98,9 @@ def preserved(model: torch.nn.Module, rng: RngState | None, autocast: AutocastSt
     buffers = list(model.buffers())
     saved = [b.detach().clone() for b in buffers]
     outside = RngState.capture(_cuda_devices(model))
-    if rng is not None:
-        rng.apply()
     try:
+        if rng is not None:
+            rng.apply()  # inside the try: a partial apply (CPU set, a CUDA device failed) is undone too
         with (autocast or AutocastState()).entered():
             yield
     finally:

@@ -21,7 +21,11 @@ _loaded = False
 
 
 def register(name: str) -> Callable[[Probe], Probe]:
-    """Decorator: make ``fn`` available as ``Audit(probes={name: every})``."""
+    """Decorator: make ``fn`` available as ``Audit(probes={name: every})``.
+
+    The context's tensors (``ctx.before``, ``ctx.grads``, ``ctx.delta_w`` and their flat forms) are
+    the audit's buffers, overwritten at the next audited step: a probe that keeps one must copy it.
+    """
 
     def decorate(fn: Probe) -> Probe:
         _REGISTRY[name] = fn
