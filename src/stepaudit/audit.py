@@ -285,7 +285,7 @@ class Audit:
         if self._pending is not None:
             raise RuntimeError("audit.watch() blocks cannot be nested; finish the current step first")
         step = self._step_count
-        due = step % self.every == 0 or (bool(self.probes) and self._probes_due(step))
+        due = self.due(step)
         self._pending = pending = _Pending(batches, StepWatch(), due)
         if due and not self._closed:
             try:

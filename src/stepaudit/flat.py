@@ -28,10 +28,11 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
 class FlatBuffers:
     """Flat ``before``, ``grad`` and ``delta_w`` vectors of one parameter list, with per-parameter views.
 
-    ``before`` and ``grad`` are allocated at the first ``take_before`` and kept while audited steps
-    follow one another; ``release()`` drops them between sparse audited steps, so that an audit with
-    ``every=16`` holds no copy of the model through the 15 training steps in between. ``delta_w``
-    exists only on steps that need it (a probe due, or ``exact``).
+    ``before`` and ``grad`` are allocated with the object (at the first audited step) and kept while
+    audited steps follow one another; ``release()`` drops them between sparse audited steps, so that
+    an audit with ``every=16`` holds no copy of the model through the 15 training steps in between;
+    ``take_before`` allocates them again. ``delta_w`` exists only on steps that need it (a probe due,
+    or ``exact``).
     """
 
     def __init__(self, params: Sequence[torch.Tensor], exact: bool = False) -> None:
@@ -40,7 +41,6 @@ class FlatBuffers:
         self.sizes = [p.numel() for p in self.params]
         self._sources: list[torch.Tensor] = []
         self._pointers: list[int] = []
-        self.release()
         self._allocate()  # refuses a model on several devices right away
 
     def release(self) -> None:

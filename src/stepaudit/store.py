@@ -102,7 +102,7 @@ class RunStore:
         try:
             if statement is None:  # a new set of fields: add missing columns, build the statement once
                 for name, value in zip(names, values):
-                    self._ensure_column(name, record[name])
+                    self._ensure_column(name, value)
                 columns = ", ".join(f'"{n}"' for n in names)
                 statement = self._inserts[shape] = (
                     f"INSERT OR REPLACE INTO steps ({columns}) VALUES ({', '.join('?' for _ in names)})")
@@ -111,8 +111,7 @@ class RunStore:
             if layers:
                 self.db.executemany(
                     "INSERT OR REPLACE INTO layers VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(step, row["kind"], row["name"], row.get("grad_norm"), row.get("update_norm"),
-                      row.get("weight_norm"), row.get("update_ratio")) for row in layers],
+                    [(step, row["kind"], row["name"], *map(row.get, LAYER_FIELDS)) for row in layers],
                 )
             if extras:
                 self.db.executemany(

@@ -127,7 +127,12 @@ def _bound(record: dict, a: float, b: float) -> float:
 
 
 def _options(ctx: StepContext, name: str) -> dict:
-    return dict((ctx.options.get("probe_options") or {}).get(name) or {})
+    return _probe_options(ctx.options, name)
+
+
+def _probe_options(options: dict, name: str) -> dict:
+    """The ``probe_options[name]`` settings of an Audit's options (a copy; empty if none)."""
+    return dict((options.get("probe_options") or {}).get(name) or {})
 
 
 def _is_float64(ctx: StepContext) -> bool:
@@ -267,7 +272,7 @@ class _TrainingPass:
 def noise_capture(model: torch.nn.Module, names: list[str], params: list[Tensor], options: dict) -> _TrainingPass | None:
     """Watch the training pass so the noise probe can skip its own forward/backward at the old weights
     (the ``hooks`` engine's models only; anything else replays the pass as before)."""
-    settings = dict((options.get("probe_options") or {}).get("noise") or {})
+    settings = _probe_options(options, "noise")
     if settings.get("method", "auto") not in ("auto", "per_sample") or settings.get("engine", "auto") not in ("auto", "hooks"):
         return None
     owners = layer_owners(model, {"model." + n: p for n, p in zip(names, params)}, "model.")
