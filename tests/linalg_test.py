@@ -10,6 +10,7 @@ from torch.func import functional_call
 from stepaudit.linalg import (
     FORWARD,
     REVERSE,
+    KrylovBasis,
     directional_curvature,
     flatten,
     hutchinson_trace,
@@ -312,6 +313,27 @@ def test_lanczos_rank_two_invariant_subspace(weights):
     assert result.eigenvalue == pytest.approx(max(max(weights), 0.0), abs=1e-10)
     assert result.residual <= 1e-10
     assert_eigenpair(result, a)
+
+
+def test_krylov_basis_grows_by_doubling_and_keeps_its_rows():
+    rows = torch.randn(20, 5, generator=gen(11))
+    basis = KrylovBasis(20, 5)
+    capacities = []
+    for i, row in enumerate(rows):
+        basis.append(row)
+        capacities.append(basis.capacity)
+        assert torch.equal(basis.rows, rows[: i + 1])
+    assert sorted(set(capacities)) == [8, 16, 20]  # never the whole limit up front
+    with pytest.raises(IndexError, match="limit of 20"):
+        basis.append(rows[0])
+
+
+def test_lanczos_past_the_first_basis_allocation_matches_eigh():
+    # A clustered spectrum without a gap: many steps, so the basis grows twice (8 → 16 → 32 rows).
+    a = random_symmetric(torch.cat([torch.linspace(0.0, 1.0, 299), torch.tensor([1.05])]), seed=12)
+    result = lanczos(matvec(a), 300, iterations=30, dtype=F64, generator=gen(13), tol=1e-12)
+    assert result.iterations == 31  # 30 Lanczos steps, then the verifying product
+    assert_eigenpair(result, a, rel=1e-3)
 
 
 def test_lanczos_dimension_smaller_than_iterations():

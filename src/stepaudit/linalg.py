@@ -224,6 +224,40 @@ def _orthogonalise(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
     return w, coeffs
 
 
+class KrylovBasis:
+    """The Lanczos vectors as rows of one matrix that grows by doubling (up to ``limit`` rows).
+
+    Each row is the size of the model: allocating all ``limit`` rows up front would reserve, on a GPU,
+    40 copies of a large model for a warm start that needs a handful.
+    """
+
+    def __init__(self, limit: int, dim: int, dtype=None, device=None) -> None:
+        self.limit = limit
+        self._matrix = torch.empty(min(limit, 8), dim, dtype=dtype, device=device)
+        self.count = 0
+
+    @property
+    def capacity(self) -> int:
+        return self._matrix.shape[0]
+
+    @property
+    def rows(self) -> Tensor:
+        """The vectors appended so far (a view)."""
+        return self._matrix[: self.count]
+
+    def append(self, q: Tensor) -> None:
+        """Add one vector as the next row, doubling the storage when it is full."""
+        if self.count == self.limit:
+            raise IndexError(f"the basis already holds its limit of {self.limit} vectors")
+        if self.count == self.capacity:
+            grown = torch.empty(min(self.limit, 2 * self.capacity), self._matrix.shape[1],
+                                dtype=self._matrix.dtype, device=self._matrix.device)
+            grown[: self.count] = self._matrix
+            self._matrix = grown
+        self._matrix[self.count] = q
+        self.count += 1
+
+
 def lanczos(
     operator: Operator,
     dim: int,
@@ -271,7 +305,7 @@ def lanczos(
         raise ValueError("start vector must be nonzero")
     q = q / norm
     steps = min(iterations, dim)
-    basis: Tensor | None = None
+    basis: KrylovBasis | None = None
     alphas: list[float] = []
     betas: list[float] = []
     scale = 0.0
@@ -282,9 +316,9 @@ def lanczos(
             q = q.to(dtype=dtype or w.dtype, device=device or w.device)
             rescale = torch.linalg.vector_norm(q)  # H is linear: renormalise q and Hq together
             q, w = q / rescale, w.to(q) / rescale
-            basis = torch.empty(steps, dim, dtype=q.dtype, device=q.device)
-        basis[k] = q
-        w, coeffs = _orthogonalise(w.to(q), basis[: k + 1])
+            basis = KrylovBasis(steps, dim, dtype=q.dtype, device=q.device)
+        basis.append(q)
+        w, coeffs = _orthogonalise(w.to(q), basis.rows)
         alphas.append(float(coeffs[k]))
         beta = float(torch.linalg.vector_norm(w))
         if not math.isfinite(alphas[-1] + beta):
@@ -306,7 +340,7 @@ def lanczos(
             break  # invariant subspace: the Ritz values are exact eigenvalues
         q = w / beta
     assert basis is not None
-    ritz = s.to(basis.dtype) @ basis[: len(alphas)]
+    ritz = s.to(basis.rows.dtype) @ basis.rows
     ritz = ritz / torch.linalg.vector_norm(ritz)
     if not verify:
         return LanczosResult(theta, ritz.detach(), beta * abs(float(s[-1])), len(alphas))
