@@ -1,5 +1,8 @@
 """Time per optimizer step of a plain loop, of the audited loop (every=1, every=16) and of Cockpit "economy".
 
+A "floor" arm runs the plain step plus one gradient-free loss evaluation at the new weights on the same
+batch: the least an exact own-batch audit can cost, since ``loss_after`` is that evaluation.
+
 All arms of a workload run in one process, interleaved: each repetition runs every arm for the same
 number of steps, in an order that rotates from one repetition to the next, so drifts of the machine
 (other processes, thermal state) hit all arms alike. Each arm trains its own copy of the same model
@@ -79,6 +82,23 @@ def plain_arm(workload: Workload, steps: int) -> Arm:
         optimizer.step()
 
     return Arm("plain", step, steps)
+
+
+def floor_arm(workload: Workload, steps: int) -> Arm:
+    """The plain step plus one loss evaluation at the new weights on the same batch, without gradients:
+    what any exact own-batch audit must pay at least (the audit adds its records and the RNG replay)."""
+    model = copy.deepcopy(workload.model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    loss_fn = workload.loss_fn
+
+    def step(batch):
+        optimizer.zero_grad()
+        loss_fn(model, batch).backward()
+        optimizer.step()
+        with torch.no_grad():
+            float(loss_fn(model, batch))
+
+    return Arm("floor", step, steps)
 
 
 def audited_arm(workload: Workload, steps: int, every: int, folder: Path) -> Arm:
@@ -175,6 +195,7 @@ def measure(workload: Workload, args: argparse.Namespace, folder: Path) -> dict:
     stream = workload.batches()
     batches = [next(stream) for _ in range(DISTINCT_BATCHES)]
     arms = [plain_arm(workload, args.steps),
+            floor_arm(workload, args.steps),
             audited_arm(workload, args.steps, 1, folder),
             audited_arm(workload, args.steps, AUDIT_SPARSE_EVERY, folder)]
     if not args.no_cockpit:
@@ -244,12 +265,14 @@ def cell(entry: dict, plain: bool = False) -> str:
 
 def markdown(results: list[dict], info: dict, args: argparse.Namespace) -> str:
     """The results as a markdown table, with the machine and settings underneath."""
-    lines = ["| workload | plain | audited, every=1 | audited, every=16 | Cockpit economy |",
-             "|---|---|---|---|---|"]
+    lines = ["| workload | plain | plain + one forward (the floor) | audited, every=1 | audited, every=16 "
+             "| Cockpit economy |",
+             "|---|---|---|---|---|---|"]
     for result in results:
         arms = result["arms"]
         cockpit = arms.get("cockpit", {"status": "not run (--no-cockpit)"})
-        lines.append(f"| {result['description']} | {cell(arms['plain'], plain=True)} | {cell(arms['every=1'])} "
+        lines.append(f"| {result['description']} | {cell(arms['plain'], plain=True)} | {cell(arms['floor'])} "
+                     f"| {cell(arms['every=1'])} "
                      f"| {cell(arms['every=16'])} | {cell(cockpit)} |")
     notes = sorted({r["arms"][a]["note"] for r in results for a in r["arms"] if r["arms"][a].get("note")})
     if notes:

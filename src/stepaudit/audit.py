@@ -25,11 +25,12 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from . import probes as probe_registry
+from .arguments import batch_size, check_replayable, index_parameters, validate
 from .context import Part, StepContext, check_scalar_loss
-from .meta import describe
-from .precision import Float64Twin, working_roundoff
-from .probes.step import rounding_noise, step_fields
 from .flat import FlatBuffers
+from .losses import LossEvaluator
+from .meta import describe
+from .probes.step import step_fields
 from .records import layer_rows, summarize
 from .state import AutocastState, RngState, _cuda_devices
 from .store import RunStore, new_run_dir
@@ -63,16 +64,6 @@ class _Pending:
     captures: dict = field(default_factory=dict)  # probe name → capture watching the training pass
 
 
-def _check_replayable(batch: Any) -> None:
-    if type(batch) in (tuple, list, dict) or isinstance(batch, torch.Tensor):
-        return  # the common cases, without the slower ABC check below (this runs every step)
-    if isinstance(batch, Iterator) or (hasattr(batch, "__next__") and not isinstance(batch, torch.Tensor)):
-        raise TypeError(
-            "the batch is a one-shot iterator/generator and cannot be replayed at the new weights; "
-            "pass the batch itself (a tensor, tuple, list or dict), e.g. list(batch)"
-        )
-
-
 class Audit:
     """Audit every (or every N-th) optimizer step of a training loop and record what it did.
 
@@ -99,7 +90,7 @@ class Audit:
         probe_options: Mapping[str, dict] | None = None,
         tensorboard: str | os.PathLike | None = None,
     ) -> None:
-        self._validate(model, optimizer, loss_fn, every, precision, reference_mode)
+        validate(model, optimizer, loss_fn, every, precision, reference_mode)
         if reference is not None:
             from .probes.data import check_reference
 
@@ -113,7 +104,12 @@ class Audit:
             probes.setdefault("reference", reference_every)
         self.probes = probe_registry.validate(probes)
         self._configure_probes(dict(probe_options or {}))
-        self._index_parameters()
+        index = index_parameters(model, optimizer, stacklevel=2)
+        self.names, self.params, self.modules, self.groups = index.names, index.params, index.modules, index.groups
+        self._devices = _cuda_devices(model)
+        # float64 sums for float64 models and precision="float64"; the working dtype's BLAS otherwise
+        self._exact_sums = precision == "float64" or any(p.dtype == torch.float64 for p in self.params)
+        self.losses = LossEvaluator(model, loss_fn, self.params, precision)
         self.run = Path(run) if run is not None else new_run_dir(name=name)
         self.store = RunStore(self.run, describe(model, optimizer, every=every, probes=self.probes, precision=precision), name=name)
         self.records: list[dict] = []
@@ -121,10 +117,7 @@ class Audit:
         self.skipped_steps = 0
         self._step_count = 0
         self._pending: _Pending | None = None
-        self._twin: Float64Twin | None = None
         self._flat: FlatBuffers | None = None
-        self._relative_error: float | None = None
-        self._noise_method = "roundoff"
         self._warned_outside = False
         self._closed = False
         self._sinks: list[Callable[[dict], None]] = []
@@ -148,50 +141,6 @@ class Audit:
             from .probes.curvature import configure
 
             configure(self, **probe_options["curvature"])
-
-    @staticmethod
-    def _validate(model, optimizer, loss_fn, every, precision, reference_mode) -> None:
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if not callable(loss_fn):
-            raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> scalar tensor, e.g. "
-                            "lambda m, b: F.cross_entropy(m(b[0]), b[1])")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int (1 audits every step), got {every!r}")
-        if precision not in (None, "float64"):
-            raise ValueError(f"precision must be None or 'float64', got {precision!r}")
-        if reference_mode not in ("eval", "train"):
-            raise ValueError(f"reference_mode must be 'eval' or 'train', got {reference_mode!r}")
-        if not any(p.requires_grad for p in model.parameters()):
-            raise ValueError("the model has no trainable parameters (requires_grad=True); unfreeze some, "
-                             "e.g. for p in model.parameters(): p.requires_grad_(True)")
-
-    def _index_parameters(self) -> None:
-        """Names, modules and groups of the optimizer's parameters; refuse strangers, warn on orphans."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        self.names, self.params, self.modules, self.groups = [], [], [], []
-        for g, group in enumerate(self.optimizer.param_groups):
-            for p in group["params"]:
-                if id(p) not in names:
-                    raise ValueError(
-                        f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not in the model; "
-                        "build the optimizer from model.parameters() of the model you pass to Audit"
-                    )
-                name = names[id(p)]
-                self.names.append(name)
-                self.params.append(p)
-                self.modules.append(name.rsplit(".", 1)[0] if "." in name else "(root)")
-                self.groups.append(g)
-        in_optimizer = {id(p) for p in self.params}
-        orphans = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
-        if orphans:
-            warnings.warn(f"trainable parameters not in the optimizer (they will never change): {', '.join(orphans[:10])}"
-                          + (" …" if len(orphans) > 10 else ""), stacklevel=3)
-        self._devices = _cuda_devices(self.model)
-        # float64 sums for float64 models and precision="float64"; the working dtype's BLAS otherwise
-        self._exact_sums = self.precision == "float64" or any(p.dtype == torch.float64 for p in self.params)
 
     def _install_hooks(self) -> None:
         me = weakref.ref(self)  # hooks must not keep the audit alive, nor be deep-copied with it
@@ -227,7 +176,7 @@ class Audit:
 
     def step(self, batch: Any) -> torch.Tensor:
         """zero_grad, forward, backward, optimizer.step and the audit; returns the training loss."""
-        _check_replayable(batch)
+        check_replayable(batch)
         losses: list[torch.Tensor] = []
 
         def closure():
@@ -271,7 +220,7 @@ class Audit:
         else:
             batches = [batch]
         for b in batches:
-            _check_replayable(b)
+            check_replayable(b)
         pending = self._begin(batches)
         try:
             yield pending.watch
@@ -437,7 +386,7 @@ class Audit:
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
         if closure is None:
             ctx.grads = self._grads()
-            pending.loss_before = self._loss_before(pending)
+            pending.loss_before = self.losses.before(ctx, pending.watch.loss)
             return None
 
         def first_call_recorded():
@@ -445,7 +394,7 @@ class Audit:
             if not ctx.grads:
                 ctx.grads = self._grads()
                 ctx.parts = [Part(b, r) for b, r in zip(pending.batches, pending.rngs + [None])]
-                pending.loss_before = float(loss) if self.precision is None else self._loss_before(pending)
+                pending.loss_before = self.losses.before(ctx, loss)
             return loss
 
         if len(args) > 1:
@@ -467,34 +416,6 @@ class Audit:
 
     def _probes_due(self, step: int) -> bool:
         return any(step % every == 0 for every in self.probes.values())
-
-    def _loss_before(self, pending: _Pending) -> float:
-        """Training loss at the old weights: the user's, else one replayed forward (float64 twin if asked)."""
-        ctx = pending.ctx
-        if self.precision == "float64":
-            return self._twin_loss(ctx)
-        if pending.watch.loss is not None:
-            loss = pending.watch.loss
-            return float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
-        return ctx.loss_now()
-
-    def _twin_loss(self, ctx: StepContext) -> float:
-        """The step's objective at the live weights, in float64 on the twin."""
-        if self._twin is None:
-            self._twin = Float64Twin(self.model)
-        self._twin.load(self.model)
-        return sum(self._twin.loss(self.loss_fn, part.batch, part.rng) for part in ctx.parts) / len(ctx.parts)
-
-    def _measure_rounding(self, ctx: StepContext) -> None:
-        """Relative rounding error of one loss evaluation, measured once against a float64 twin (eval mode)."""
-        floor = working_roundoff(self.params, ctx.autocast)
-        try:
-            twin = Float64Twin(self.model)
-            twin.load(self.model)
-            measured = twin.relative_error(self.model, self.loss_fn, ctx.parts[0].batch, ctx.autocast)
-            self._relative_error, self._noise_method = max(4.0 * measured, floor), "measured"
-        except Exception:  # odd models (no deepcopy, dtype-specific code): fall back to the roundoff floor
-            self._relative_error, self._noise_method = 64 * floor, "roundoff"
 
     def _on_step_post(self) -> None:
         pending, index = self._pending, self._step_count
@@ -522,19 +443,10 @@ class Audit:
             ctx.flat_delta_w, ctx.delta_w = flat.delta_w, flat.delta_w_views
         else:  # the buffers were reused for Δw; nothing after this point reads them
             ctx.flat_before = ctx.before = None
-        record = {"step": index, "lr": ctx.lr(), "batch_size": _batch_size(pending.batches)}
+        record = {"step": index, "lr": ctx.lr(), "batch_size": batch_size(pending.batches)}
         layers, totals = layer_rows(self.names, self.modules, self.groups, sums, first_order=first_order)
         record.update(totals)
-        if self.precision == "float64":
-            loss_after = self._twin_loss(ctx)
-            noise = rounding_noise(pending.loss_before, loss_after, torch.finfo(torch.float64).eps)
-            record["noise_method"] = "float64"
-        else:
-            if self._relative_error is None:
-                self._measure_rounding(ctx)
-            loss_after = ctx.loss_now()
-            noise = rounding_noise(pending.loss_before, loss_after, self._relative_error or 0.0)
-            record["noise_method"] = self._noise_method
+        loss_after, noise, record["noise_method"] = self.losses.after(ctx, pending.loss_before)
         record.update(step_fields(pending.loss_before, loss_after, totals["first_order"], noise,
                                   moved=totals["update_norm"] > 0))
         if not math.isfinite(totals["first_order"]) and record["verdict"] != "nonfinite":
@@ -574,24 +486,3 @@ class Audit:
                 raise AuditError(f"writing step {record['step']} failed: {error}") from error
             warnings.warn(f"stepaudit could not write step {record['step']}: {error}", stacklevel=2)
 
-
-def _batch_size(batches: list) -> int | None:
-    """Examples per optimizer step: the leading dimension of the first tensor of each (micro-)batch."""
-    total = 0
-    for batch in batches:
-        tensor = _first_tensor(batch)
-        if tensor is None or tensor.dim() == 0:
-            return None
-        total += tensor.shape[0]
-    return total
-
-
-def _first_tensor(obj: Any) -> torch.Tensor | None:
-    if isinstance(obj, torch.Tensor):
-        return obj
-    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
-    for value in values:
-        found = _first_tensor(value)
-        if found is not None:
-            return found
-    return None

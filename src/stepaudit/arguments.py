@@ -1,0 +1,98 @@
+"""What ``Audit`` checks before it trusts its arguments, and the index of the parameters it audits.
+
+Every refusal names the fix. Nothing here touches training state.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+
+def validate(model: Any, optimizer: Any, loss_fn: Any, every: Any, precision: Any, reference_mode: Any) -> None:
+    """Refuse arguments ``Audit`` cannot work with, each with a message that says what to pass instead."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not callable(loss_fn):
+        raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> scalar tensor, e.g. "
+                        "lambda m, b: F.cross_entropy(m(b[0]), b[1])")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"every must be a positive int (1 audits every step), got {every!r}")
+    if precision not in (None, "float64"):
+        raise ValueError(f"precision must be None or 'float64', got {precision!r}")
+    if reference_mode not in ("eval", "train"):
+        raise ValueError(f"reference_mode must be 'eval' or 'train', got {reference_mode!r}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameters (requires_grad=True); unfreeze some, "
+                         "e.g. for p in model.parameters(): p.requires_grad_(True)")
+
+
+@dataclass
+class ParameterIndex:
+    """The optimizer's parameters in its order, with their model names, owning modules and groups."""
+
+    names: list[str]
+    params: list[torch.Tensor]
+    modules: list[str]  # module path of each parameter ("(root)" for the model's own)
+    groups: list[int]  # param-group index of each parameter
+
+
+def index_parameters(model: torch.nn.Module, optimizer: torch.optim.Optimizer, stacklevel: int = 2) -> ParameterIndex:
+    """Index the optimizer's parameters by model name; refuse strangers, warn on trainable orphans."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    index = ParameterIndex([], [], [], [])
+    for g, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            if id(p) not in names:
+                raise ValueError(
+                    f"the optimizer holds a parameter of shape {tuple(p.shape)} that is not in the model; "
+                    "build the optimizer from model.parameters() of the model you pass to Audit"
+                )
+            name = names[id(p)]
+            index.names.append(name)
+            index.params.append(p)
+            index.modules.append(name.rsplit(".", 1)[0] if "." in name else "(root)")
+            index.groups.append(g)
+    in_optimizer = {id(p) for p in index.params}
+    orphans = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
+    if orphans:
+        warnings.warn(f"trainable parameters not in the optimizer (they will never change): {', '.join(orphans[:10])}"
+                      + (" …" if len(orphans) > 10 else ""), stacklevel=stacklevel + 1)
+    return index
+
+
+def check_replayable(batch: Any) -> None:
+    """Refuse a one-shot iterator: the audit must evaluate the same batch again at the new weights."""
+    if type(batch) in (tuple, list, dict) or isinstance(batch, torch.Tensor):
+        return  # the common cases, without the slower ABC check below (this runs every step)
+    if isinstance(batch, Iterator) or (hasattr(batch, "__next__") and not isinstance(batch, torch.Tensor)):
+        raise TypeError(
+            "the batch is a one-shot iterator/generator and cannot be replayed at the new weights; "
+            "pass the batch itself (a tensor, tuple, list or dict), e.g. list(batch)"
+        )
+
+
+def batch_size(batches: list) -> int | None:
+    """Examples per optimizer step: the leading dimension of the first tensor of each (micro-)batch."""
+    total = 0
+    for batch in batches:
+        tensor = _first_tensor(batch)
+        if tensor is None or tensor.dim() == 0:
+            return None
+        total += tensor.shape[0]
+    return total
+
+
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    for value in values:
+        found = _first_tensor(value)
+        if found is not None:
+            return found
+    return None
