@@ -1,0 +1,57 @@
+"""LossEvaluator: the before/after losses and their rounding noise, against separate recomputations."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stepaudit.context import Part, StepContext
+from stepaudit.losses import LossEvaluator
+from stepaudit.state import AutocastState, RngState
+
+
+def loss_fn(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def setup(dropout: float = 0.0):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 3))
+    batch = (torch.randn(32, 5), torch.randint(0, 3, (32,)))
+    params = list(model.parameters())
+    ctx = StepContext(step=0, model=model, optimizer=torch.optim.SGD(params, lr=0.1), loss_fn=loss_fn,
+                      parts=[Part(batch, RngState.capture([]))], autocast=AutocastState(),
+                      names=[n for n, _ in model.named_parameters()], params=params, before=[], grads=[])
+    return model, batch, params, ctx
+
+
+def test_before_takes_the_training_loss_as_given():
+    model, _, params, ctx = setup()
+    assert LossEvaluator(model, loss_fn, params, None).before(ctx, torch.tensor(1.25)) == 1.25
+    assert LossEvaluator(model, loss_fn, params, None).before(ctx, 0.5) == 0.5
+
+
+def test_working_dtype_after_is_the_replayed_loss_and_training_rng_is_untouched():
+    model, batch, params, ctx = setup(dropout=0.5)
+    rng = ctx.parts[0].rng
+    rng.apply()
+    expected = float(loss_fn(model, batch))  # the same masks the training forward drew
+    outside = torch.get_rng_state()
+    after, noise, method = LossEvaluator(model, loss_fn, params, None).after(ctx, loss_before=expected)
+    assert after == expected
+    assert torch.equal(torch.get_rng_state(), outside)
+    assert method == "measured" and 0 < noise < 1e-5 * abs(expected)
+
+
+def test_float64_losses_match_a_float64_copy():
+    model, batch, params, ctx = setup()
+    oracle = copy.deepcopy(model).double()
+    expected = float(F.cross_entropy(oracle(batch[0].double()), batch[1]))
+    evaluator = LossEvaluator(model, loss_fn, params, "float64")
+    assert evaluator.before(ctx, torch.tensor(123.0)) == pytest.approx(expected, rel=1e-15)  # the twin, not the float32 value
+    after, noise, method = evaluator.after(ctx, loss_before=expected)
+    assert after == pytest.approx(expected, rel=1e-15)
+    assert method == "float64" and noise < 1e-13
