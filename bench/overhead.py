@@ -70,8 +70,12 @@ class Arm:
 
 
 # -- arms -------------------------------------------------------------------------------------------
-def plain_arm(workload: Workload, steps: int) -> Arm:
-    """zero_grad, forward, backward, optimizer step: the loop without any instrumentation."""
+def plain_arm(workload: Workload, steps: int, floor: bool = False) -> Arm:
+    """zero_grad, forward, backward, optimizer step: the loop without any instrumentation.
+
+    ``floor``: then one gradient-free loss evaluation at the new weights on the same batch — what any
+    exact own-batch audit must pay at least (the audit adds its records and the RNG replay).
+    """
     model = copy.deepcopy(workload.model)
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
     loss_fn = workload.loss_fn
@@ -80,25 +84,11 @@ def plain_arm(workload: Workload, steps: int) -> Arm:
         optimizer.zero_grad()
         loss_fn(model, batch).backward()
         optimizer.step()
+        if floor:
+            with torch.no_grad():
+                float(loss_fn(model, batch))
 
-    return Arm("plain", step, steps)
-
-
-def floor_arm(workload: Workload, steps: int) -> Arm:
-    """The plain step plus one loss evaluation at the new weights on the same batch, without gradients:
-    what any exact own-batch audit must pay at least (the audit adds its records and the RNG replay)."""
-    model = copy.deepcopy(workload.model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
-    loss_fn = workload.loss_fn
-
-    def step(batch):
-        optimizer.zero_grad()
-        loss_fn(model, batch).backward()
-        optimizer.step()
-        with torch.no_grad():
-            float(loss_fn(model, batch))
-
-    return Arm("floor", step, steps)
+    return Arm("floor" if floor else "plain", step, steps)
 
 
 def audited_arm(workload: Workload, steps: int, every: int, folder: Path) -> Arm:
@@ -195,7 +185,7 @@ def measure(workload: Workload, args: argparse.Namespace, folder: Path) -> dict:
     stream = workload.batches()
     batches = [next(stream) for _ in range(DISTINCT_BATCHES)]
     arms = [plain_arm(workload, args.steps),
-            floor_arm(workload, args.steps),
+            plain_arm(workload, args.steps, floor=True),
             audited_arm(workload, args.steps, 1, folder),
             audited_arm(workload, args.steps, AUDIT_SPARSE_EVERY, folder)]
     if not args.no_cockpit:
