@@ -61,3 +61,40 @@ def test_skipped_step_is_counted_not_audited(tiny_batch, tmp_path):
     assert audit.skipped_steps == 1
     assert [r["step"] for r in audit.records] == [0]
     assert audit.summary()["skipped_steps"] == 1
+
+
+def test_fused_optimizer_gradient_is_unscaled_and_its_skipped_step_counted(tiny_batch, tmp_path):
+    # A fused optimizer gets the still-scaled gradient plus optimizer.grad_scale / found_inf from
+    # GradScaler and unscales (or skips) inside its kernel; the record must see the true gradient.
+    records = {}
+    for fused in (False, True):
+        model = make_mlp()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        with stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / f"f{fused}") as audit:
+            with audit.watch(tiny_batch) as w:
+                optimizer.zero_grad()
+                w.loss = classification_loss(model, tiny_batch)
+                scaler.scale(w.loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+        records[fused] = audit.last
+    oracle = make_mlp()  # the same initial weights, gradient by autograd
+    grads = torch.autograd.grad(classification_loss(oracle, tiny_batch), list(oracle.parameters()))
+    true_norm = float(torch.cat([g.reshape(-1) for g in grads]).norm())
+    for fused in (False, True):
+        assert records[fused]["grad_norm"] == pytest.approx(true_norm, rel=1e-5)
+    assert records[True]["first_order"] == pytest.approx(records[False]["first_order"], rel=1e-4)
+
+    model = make_mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    bad = (tiny_batch[0] * float("inf"), tiny_batch[1])
+    with stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / "skip") as audit:
+        with pytest.warns(UserWarning, match="no optimizer step happened"):
+            with audit.watch(bad):
+                optimizer.zero_grad()
+                scaler.scale(classification_loss(model, bad)).backward()
+                scaler.step(optimizer)
+                scaler.update()
+    assert audit.skipped_steps == 1 and audit.records == []

@@ -168,3 +168,64 @@ def test_sigkill_loses_no_committed_record_and_runs_are_readable_while_written(t
     assert len(records) >= printed + 1
     assert list(records["step"]) == list(range(len(records)))
     assert records["loss_after"].notna().all()
+
+
+def test_closure_optimizer_audit_failure_is_recorded_not_raised(tiny_batch, tmp_path):
+    def float32_only(model, batch):  # fine in training, fails on the float64 twin
+        x, y = batch
+        return torch.nn.functional.cross_entropy(model(x.float()), y)
+
+    model = make_mlp()
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
+    with stepaudit.Audit(model, optimizer, float32_only, run=tmp_path / "r", precision="float64") as audit:
+        audit.step(tiny_batch)
+        audit.step(tiny_batch)
+    assert [r["verdict"] for r in audit.records] == ["error", "error"]
+    assert "dtype" in audit.records[0]["error"]
+    model = make_mlp()
+    optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
+    with stepaudit.Audit(model, optimizer, float32_only, run=tmp_path / "strict2", precision="float64",
+                         strict=True) as strict:
+        with pytest.raises(stepaudit.AuditError, match="closure"):
+            strict.step(tiny_batch)
+
+
+def test_non_finite_first_step_does_not_poison_the_rounding_noise(tiny_batch, tmp_path):
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+    bad = tiny_batch[0].clone()
+    bad[0, 0] = float("nan")
+    with stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / "r") as audit:
+        with audit.watch((bad, tiny_batch[1])):  # a guard skips the update (the step is still called)
+            optimizer.zero_grad()
+            classification_loss(model, (bad, tiny_batch[1])).backward()
+            optimizer.zero_grad()
+            optimizer.step()
+        audit.step(tiny_batch)
+        audit.step(tiny_batch)
+    assert audit.records[0]["verdict"] == "nonfinite"
+    assert all(0 < r["rounding_noise"] < 1e-5 for r in audit.records[1:])
+    assert audit.records[-1]["noise_method"] == "measured"
+
+
+def test_closed_audit_watches_nothing_and_a_dropped_one_leaves_no_hooks(tiny_batch, tmp_path):
+    import gc
+    import warnings
+
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    audit = stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / "closed")
+    audit.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "no optimizer step happened" warning after close()
+        with audit.watch(tiny_batch):
+            optimizer.zero_grad()
+            classification_loss(model, tiny_batch).backward()
+            optimizer.step()
+    assert audit.skipped_steps == 0 and audit.records == []
+    for epoch in range(3):  # a new Audit per epoch, close() forgotten
+        dropped = stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / f"e{epoch}")
+        dropped.step(tiny_batch)
+    del dropped
+    gc.collect()
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks

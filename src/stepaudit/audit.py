@@ -1,9 +1,11 @@
 """Active capture: ``Audit`` sees every optimizer step through documented hook points.
 
 Hook order for one audited step (nothing wraps or subclasses the optimizer):
-  0. ``step()``/``watch()`` opens — the step is due: attach (1), start the due probes' captures
-                                     (``probes.register_capture``: observe-only module hooks);
-  1. ``model`` forward pre-hook   — RNG and autocast state of the training forward (for replay);
+  0. ``step()``/``watch()`` opens — the step is due: the random state here is the one the first
+                                     (micro-)batch's re-evaluation replays; attach (1), start the due
+                                     probes' captures (``probes.register_capture``: observe-only hooks);
+  1. ``model`` forward hook       — autocast state of the training forward, and the RNG state after
+                                     each forward (where a later micro-batch's loss_fn starts);
   2. optimizer step pre-hook       — stop the captures; weights before, the gradient the optimizer
                                      received (or, for closure optimizers such as LBFGS, a wrapped
                                      closure that captures the first evaluation), the loss before;
@@ -32,7 +34,7 @@ from .losses import LossEvaluator
 from .meta import describe
 from .probes.step import step_fields
 from .records import layer_rows, summarize
-from .state import AutocastState, RngState, _cuda_devices
+from .state import AutocastState, RngState, _cuda_devices, host_state, same_host_state
 from .store import RunStore, new_run_dir
 
 
@@ -55,7 +57,9 @@ class _Pending:
     batches: list
     watch: StepWatch
     due: bool
-    rngs: list = field(default_factory=list)
+    entry: RngState | None = None  # random state where the step began (step(): where loss_fn is called)
+    forward_ends: list = field(default_factory=list)  # random state after each training forward of the model
+    skipped: bool = False  # a fused optimizer was told by GradScaler to skip this step (inf/NaN gradients)
     autocast: AutocastState | None = None
     ctx: StepContext | None = None
     loss_before: float | None = None
@@ -118,6 +122,8 @@ class Audit:
         self._step_count = 0
         self._pending: _Pending | None = None
         self._flat: FlatBuffers | None = None
+        self._audited = 0  # steps begun as due
+        self._track_host = False  # replay Python's and NumPy's generators too (seen drawn in a step)
         self._warned_outside = False
         self._closed = False
         self._sinks: list[Callable[[dict], None]] = []
@@ -145,10 +151,10 @@ class Audit:
     def _install_hooks(self) -> None:
         me = weakref.ref(self)  # hooks must not keep the audit alive, nor be deep-copied with it
 
-        def forward_pre(module, args):
+        def forward_end(module, args, output):
             audit = me()
             if audit is not None and module is audit.model:
-                audit._on_forward()
+                audit._on_forward_end()
 
         def step_pre(optimizer, args, kwargs):
             audit = me()
@@ -159,14 +165,16 @@ class Audit:
             if audit is not None:
                 audit._on_step_post()
 
-        # The forward pre-hook is attached only while an audited step is pending (``_begin``/``_end``):
+        # The forward hook is attached only while an audited step is pending (``_begin``/``_end``):
         # any forward hook sends every forward of the model through nn.Module's slower hook path.
-        self._forward_pre = forward_pre
+        self._forward_end = forward_end
         self._forward_handle = None
         self._handles = [
             self.optimizer.register_step_pre_hook(step_pre),
             self.optimizer.register_step_post_hook(step_post),
         ]
+        # an audit that is dropped without close() leaves no hooks on the optimizer
+        self._finalizer = weakref.finalize(self, _remove_handles, list(self._handles))
 
     # -- public API ---------------------------------------------------------------------------------
     def due(self, step: int | None = None) -> bool:
@@ -188,8 +196,6 @@ class Audit:
 
         pending = self._begin([batch])
         try:
-            if pending.due:
-                pending.rngs.append(RngState.capture(self._devices))
             if self._takes_closure():
                 self.optimizer.step(closure)
             else:
@@ -234,11 +240,13 @@ class Audit:
         if self._pending is not None:
             raise RuntimeError("audit.watch() blocks cannot be nested; finish the current step first")
         step = self._step_count
-        due = self.due(step)
+        due = not self._closed and self.due(step)
         self._pending = pending = _Pending(batches, StepWatch(), due)
-        if due and not self._closed:
+        if due:
+            self._audited += 1
             try:
-                self._forward_handle = self.model.register_forward_pre_hook(self._forward_pre)
+                pending.entry = RngState.capture(self._devices, host=self._track_host or self._audited % 64 == 1)
+                self._forward_handle = self.model.register_forward_hook(self._forward_end)
                 if self.probes:
                     self._start_captures(pending, step)
             except BaseException:  # strict mode: leave no hook and no open step behind
@@ -318,6 +326,7 @@ class Audit:
         if self._closed:
             return
         self._closed = True
+        self._finalizer.detach()
         for handle in self._handles + ([self._forward_handle] if self._forward_handle is not None else []):
             handle.remove()
         self._forward_handle = None
@@ -338,14 +347,24 @@ class Audit:
     def _takes_closure(self) -> bool:
         return isinstance(self.optimizer, torch.optim.LBFGS) or getattr(self.optimizer, "requires_closure", False)
 
-    def _on_forward(self) -> None:
+    def _on_forward_end(self) -> None:
         pending = self._pending
-        if pending is None or not pending.due or pending.stepped:
+        if pending is None or not pending.due or pending.stepped or pending.entry is None:
             return
         if pending.autocast is None:
             pending.autocast = AutocastState.capture()
-        if len(pending.rngs) < len(pending.batches):
-            pending.rngs.append(RngState.capture(self._devices))
+        if len(pending.forward_ends) < 64 * len(pending.batches):  # enough for any sane forwards-per-batch
+            pending.forward_ends.append(RngState.capture(self._devices, host=pending.entry.host is not None))
+
+    @staticmethod
+    def _replay_states(pending: _Pending) -> list[RngState | None]:
+        """The random state each (micro-)batch's ``loss_fn`` started from: the step's entry for the first;
+        for micro-batch i > 0 the state after the last model forward of micro-batch i − 1 (forwards are
+        split evenly between micro-batches, so a ``loss_fn`` that calls the model twice is handled)."""
+        count, ends = len(pending.batches), pending.forward_ends
+        per_batch = max(1, len(ends) // count)
+        later = [ends[i * per_batch - 1] if i * per_batch - 1 < len(ends) else None for i in range(1, count)]
+        return [pending.entry, *later]
 
     def _on_step_pre(self, args, kwargs):
         pending = self._pending
@@ -368,7 +387,7 @@ class Audit:
     def _prepare(self, pending: _Pending, args, kwargs):
         """Snapshot weights and gradient; for closure optimizers, wrap the closure to catch its first call."""
         self._stop_captures(pending)  # the training backward is done: nothing later is theirs to see
-        rngs = pending.rngs + [None] * (len(pending.batches) - len(pending.rngs))
+        rngs = self._replay_states(pending)
         ctx = StepContext(
             step=self._step_count, model=self.model, optimizer=self.optimizer, loss_fn=self.loss_fn,
             parts=[Part(b, r) for b, r in zip(pending.batches, rngs)],
@@ -386,15 +405,23 @@ class Audit:
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
         if closure is None:
             ctx.grads = self._grads()
+            if self._fused_amp_skip(ctx):
+                pending.skipped = True
+                return None
             pending.loss_before = self.losses.before(ctx, pending.watch.loss)
             return None
 
         def first_call_recorded():
             loss = closure()
-            if not ctx.grads:
-                ctx.grads = self._grads()
-                ctx.parts = [Part(b, r) for b, r in zip(pending.batches, pending.rngs + [None])]
-                pending.loss_before = self.losses.before(ctx, loss)
+            if not ctx.grads and pending.error is None:
+                try:
+                    ctx.grads = self._grads()
+                    ctx.parts = [Part(b, r) for b, r in zip(pending.batches, self._replay_states(pending))]
+                    pending.loss_before = self.losses.before(ctx, loss)
+                except Exception as error:  # never break training: the record says what failed
+                    if self.strict:
+                        raise AuditError(f"auditing step {ctx.step} failed in the closure: {error}") from error
+                    pending.error = error
             return loss
 
         if len(args) > 1:
@@ -414,11 +441,25 @@ class Audit:
         self._pending.ctx.flat_grad = flat.grad
         return flat.grad_views
 
+    def _fused_amp_skip(self, ctx: StepContext) -> bool:
+        """GradScaler with a fused optimizer (``_step_supports_amp_scaling``): it calls ``step()`` with the
+        gradient still scaled, ``optimizer.grad_scale`` and ``optimizer.found_inf`` set, and the fused
+        kernel unscales (or skips the update). Unscale our copy the same way; say whether it skips."""
+        found_inf = getattr(self.optimizer, "found_inf", None)
+        if isinstance(found_inf, torch.Tensor) and float(found_inf) > 0:
+            return True
+        scale = getattr(self.optimizer, "grad_scale", None)
+        if isinstance(scale, torch.Tensor):
+            ctx.flat_grad.div_(scale.to(ctx.flat_grad))  # the views in ctx.grads share this storage
+        return False
+
     def _probes_due(self, step: int) -> bool:
         return any(step % every == 0 for every in self.probes.values())
 
     def _on_step_post(self) -> None:
         pending, index = self._pending, self._step_count
+        if pending is not None and pending.skipped:
+            return  # counted in _end like a step GradScaler did not take (the weights did not move)
         self._step_count += 1
         if pending is None or not pending.due or pending.stepped:
             return
@@ -436,6 +477,7 @@ class Audit:
 
     def _audit(self, pending: _Pending, index: int) -> dict:
         ctx = pending.ctx
+        self._check_host_randomness(pending, ctx)
         flat = self._flat_buffers()
         keep = self._probes_due(index)
         first_order, sums = flat.finish(keep_before=keep)
@@ -455,6 +497,18 @@ class Audit:
         ctx.record = record
         self._run_probes(ctx, record, index)
         return record
+
+    def _check_host_randomness(self, pending: _Pending, ctx: StepContext) -> None:
+        """On a checking step: if Python's or NumPy's generator moved during the step, track them from now
+        on (replayed and restored like torch's); if not, drop the snapshots so re-evaluations skip them."""
+        if self._track_host or pending.entry is None or pending.entry.host is None:
+            return
+        if same_host_state(pending.entry.host, host_state()):
+            for part in ctx.parts:
+                if part.rng is not None:
+                    part.rng.host = None
+        else:
+            self._track_host = True
 
     def _run_probes(self, ctx: StepContext, record: dict, index: int) -> None:
         for name, every in self.probes.items():
@@ -486,3 +540,7 @@ class Audit:
                 raise AuditError(f"writing step {record['step']} failed: {error}") from error
             warnings.warn(f"stepaudit could not write step {record['step']}: {error}", stacklevel=2)
 
+
+def _remove_handles(handles: list) -> None:
+    for handle in handles:
+        handle.remove()

@@ -8,6 +8,7 @@ and the noise of a difference follows from it (``probes.step.rounding_noise``).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -24,7 +25,7 @@ class LossEvaluator:
                  precision: str | None) -> None:
         self.model, self.loss_fn, self.params, self.precision = model, loss_fn, params, precision
         self._twin: Float64Twin | None = None
-        self._relative_error: float | None = None
+        self._relative_error: float | None = None  # measured once (see _rounding)
         self._noise_method = "roundoff"
 
     def before(self, ctx: StepContext, training_loss: Any = None) -> float:
@@ -40,10 +41,9 @@ class LossEvaluator:
         if self.precision == "float64":
             loss_after = self._twin_loss(ctx)
             return loss_after, rounding_noise(loss_before, loss_after, torch.finfo(torch.float64).eps), "float64"
-        if self._relative_error is None:
-            self._measure_rounding(ctx)
+        relative_error, method = self._rounding(ctx)
         loss_after = ctx.loss_now()
-        return loss_after, rounding_noise(loss_before, loss_after, self._relative_error or 0.0), self._noise_method
+        return loss_after, rounding_noise(loss_before, loss_after, relative_error), method
 
     def _twin_loss(self, ctx: StepContext) -> float:
         """The step's objective at the live weights, in float64 on the twin."""
@@ -52,13 +52,27 @@ class LossEvaluator:
         self._twin.load(self.model)
         return sum(self._twin.loss(self.loss_fn, part.batch, part.rng) for part in ctx.parts) / len(ctx.parts)
 
-    def _measure_rounding(self, ctx: StepContext) -> None:
-        """Relative rounding error of one loss evaluation, measured once against a float64 twin (eval mode)."""
+    def _rounding(self, ctx: StepContext) -> tuple[float, str]:
+        """Relative rounding error of one loss evaluation and how it was found, measured once.
+
+        Measured against a float64 twin in eval mode (×4 for margin, never below the dtype's roundoff
+        floor). Falls back to 64× the roundoff floor, labelled "roundoff", for models the twin cannot
+        copy and for a ``loss_fn`` that draws random numbers itself; a non-finite measurement (NaN
+        weights or data on that step) is not kept, so the next audited step measures again.
+        """
+        if self._relative_error is not None:
+            return self._relative_error, self._noise_method
         floor = working_roundoff(self.params, ctx.autocast)
         try:
             twin = Float64Twin(self.model)
             twin.load(self.model)
             measured = twin.relative_error(self.model, self.loss_fn, ctx.parts[0].batch, ctx.autocast)
-            self._relative_error, self._noise_method = max(4.0 * measured, floor), "measured"
-        except Exception:  # odd models (no deepcopy, dtype-specific code): fall back to the roundoff floor
+        except Exception:  # odd models (no deepcopy, dtype-specific code)
+            measured = None
+        if measured is not None and not math.isfinite(measured):
+            return 64 * floor, "roundoff"
+        if measured is None:
             self._relative_error, self._noise_method = 64 * floor, "roundoff"
+        else:
+            self._relative_error, self._noise_method = max(4.0 * measured, floor), "measured"
+        return self._relative_error, self._noise_method

@@ -55,11 +55,21 @@ class Float64Twin:
         with torch.no_grad(), preserved(self.twin, rng, AutocastState()):
             return float(loss_fn(self.twin, cast_batch(batch, torch.float64)))
 
-    def relative_error(self, model: torch.nn.Module, loss_fn: Callable, batch: Any, autocast: AutocastState) -> float:
-        """|loss − loss₆₄| / |loss₆₄| at the current weights, both in eval mode (no random masks)."""
+    def relative_error(self, model: torch.nn.Module, loss_fn: Callable, batch: Any,
+                       autocast: AutocastState) -> float | None:
+        """|loss − loss₆₄| / |loss₆₄| at the current weights, both in eval mode (no random masks).
+
+        None when ``loss_fn`` draws random numbers even in eval mode (noise added to the input, a
+        sampled timestep): the two evaluations would see different draws, not just different rounding.
+        """
         with torch.no_grad(), preserved(model, None, autocast):
             model.eval()
+            devices = [d for d in range(torch.cuda.device_count())] if torch.cuda.is_initialized() else []
+            start = RngState.capture(devices)
             working = float(loss_fn(model, batch))
+            end = RngState.capture(devices)
+        if not torch.equal(start.cpu, end.cpu) or any(not torch.equal(start.cuda[d], end.cuda[d]) for d in devices):
+            return None
         with torch.no_grad(), preserved(self.twin, None, AutocastState()):
             self.twin.eval()
             exact = float(loss_fn(self.twin, cast_batch(batch, torch.float64)))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import random
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -18,22 +20,49 @@ def _cuda_devices(model: torch.nn.Module) -> list[int]:
 
 @dataclass
 class RngState:
-    """The CPU generator state plus the generator state of every CUDA device the model lives on."""
+    """The CPU generator state plus the generator state of every CUDA device the model lives on.
+
+    ``host``: also Python's ``random`` and NumPy's legacy global generator, for models that draw
+    from them in their forward (layer drop written with ``random.random()``). Reading NumPy's state
+    costs ~60 µs, so the audit tracks them only after it has seen a training pass draw from them.
+    """
 
     cpu: torch.Tensor
     cuda: dict[int, torch.Tensor] = field(default_factory=dict)
+    host: tuple | None = None
 
     @classmethod
-    def capture(cls, cuda_devices: list[int]) -> "RngState":
+    def capture(cls, cuda_devices: list[int], host: bool = False) -> "RngState":
         """Snapshot the generators now (cheap: a few kB copied)."""
         cuda = {d: torch.cuda.get_rng_state(d) for d in cuda_devices}
-        return cls(torch.get_rng_state(), cuda)
+        return cls(torch.get_rng_state(), cuda, host_state() if host else None)
 
     def apply(self) -> None:
         """Set the generators to this snapshot."""
         torch.set_rng_state(self.cpu)
         for device, state in self.cuda.items():
             torch.cuda.set_rng_state(state, device)
+        if self.host is not None:
+            python, numpy_state = self.host
+            random.setstate(python)
+            if numpy_state is not None:
+                sys.modules["numpy"].random.set_state(numpy_state)
+
+
+def host_state() -> tuple:
+    """(Python ``random`` state, NumPy legacy global state or None when NumPy is not imported)."""
+    numpy = sys.modules.get("numpy")
+    return random.getstate(), (numpy.random.get_state() if numpy is not None else None)
+
+
+def same_host_state(a: tuple, b: tuple) -> bool:
+    """Whether two ``host_state()`` snapshots are equal (no draw happened in between)."""
+    if a[0] != b[0] or (a[1] is None) != (b[1] is None):
+        return False
+    if a[1] is None:
+        return True
+    numpy = sys.modules["numpy"]
+    return all(numpy.array_equal(x, y) if isinstance(x, numpy.ndarray) else x == y for x, y in zip(a[1], b[1]))
 
 
 @dataclass(frozen=True)
@@ -67,7 +96,9 @@ class AutocastState:
                 wanted = dict(self.regions).get(device_type)
                 try:
                     if wanted is not None:
-                        stack.enter_context(torch.autocast(device_type, dtype=wanted))
+                        # cache off: inside a region that spans optimizer.step(), autocast's cached low-precision
+                        # copies of the weights are the pre-step ones
+                        stack.enter_context(torch.autocast(device_type, dtype=wanted, cache_enabled=False))
                     elif torch.is_autocast_enabled(device_type):
                         stack.enter_context(torch.autocast(device_type, enabled=False))
                 except (RuntimeError, TypeError, AttributeError):
@@ -95,18 +126,23 @@ def preserved(model: torch.nn.Module, rng: RngState | None, autocast: AutocastSt
     """
     modules = list(model.modules())
     modes = [m.training for m in modules]
-    buffers = list(model.buffers())
-    saved = [b.detach().clone() for b in buffers]
-    outside = RngState.capture(_cuda_devices(model))
+    # (owner, name, tensor): a forward may re-bind a buffer (``self.mean = 0.9 * self.mean + …``)
+    # instead of updating it in place; the original object goes back, then its saved values.
+    slots = [(m, name, b) for m in modules for name, b in m._buffers.items() if b is not None]
+    saved = [b.detach().clone() for _, _, b in slots]
+    outside = RngState.capture(_cuda_devices(model), host=rng is not None and rng.host is not None)
     try:
         if rng is not None:
             rng.apply()  # inside the try: a partial apply (CPU set, a CUDA device failed) is undone too
         with (autocast or AutocastState()).entered():
             yield
     finally:
-        if buffers:
+        if slots:
+            for module, name, buffer in slots:
+                if module._buffers.get(name) is not buffer:
+                    module._buffers[name] = buffer
             with torch.no_grad():
-                torch._foreach_copy_(buffers, saved)
+                torch._foreach_copy_([b for _, _, b in slots], saved)
         outside.apply()
         for module, mode in zip(modules, modes):
             if module.training is not mode:  # nn.Module.__setattr__ is slow: only write what changed

@@ -1,0 +1,158 @@
+"""Training state the audit must replay and put back: Python/NumPy generators, re-bound buffers, autocast's
+weight cache, the random state a loss_fn starts from. Each case runs the same loop with and without the
+audit (the oracle) or against an independent recomputation."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import stepaudit
+from conftest import classification_loss
+
+
+def batches(count: int, n: int = 16, seed: int = 1) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)) for _ in range(count)]
+
+
+class HostLayerDrop(nn.Module):
+    """Layer drop decided with Python's and NumPy's global generators (older Hugging Face code)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        if self.training and random.random() < 0.5:
+            x = x + self.a(x)
+        if self.training and np.random.uniform() < 0.5:
+            x = x * 1.5
+        return self.b(x)
+
+
+class RebindingEma(nn.Module):
+    """A buffer updated by re-binding (``self.mean = …``), as in EMA and VQ-codebook modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+        self.register_buffer("mean", torch.zeros(6))
+
+    def forward(self, x):
+        if self.training:
+            self.mean = 0.9 * self.mean + 0.1 * x.detach().mean(0)
+        return self.lin(x - self.mean)
+
+
+def train(make, audited: bool, tmp_path, steps: int = 6, **audit_kwargs):
+    torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    model = make()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    audit = stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / f"r{audited}",
+                            **audit_kwargs) if audited else None
+    for batch in batches(steps):
+        if audit is not None:
+            audit.step(batch)
+        else:
+            optimizer.zero_grad()
+            classification_loss(model, batch).backward()
+            optimizer.step()
+    records = audit.records if audit is not None else None
+    if audit is not None:
+        audit.close()
+    return model, random.getstate(), np.random.get_state()[1].copy(), records
+
+
+def test_python_and_numpy_generators_are_replayed_and_restored(tmp_path):
+    plain, python_plain, numpy_plain, _ = train(HostLayerDrop, False, tmp_path)
+    audited, python_audited, numpy_audited, records = train(HostLayerDrop, True, tmp_path)
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), audited.parameters()))
+    assert python_plain == python_audited
+    assert np.array_equal(numpy_plain, numpy_audited)
+    # replayed, not merely restored: at lr 0 the re-evaluation takes the same layer-drop decisions
+    torch.manual_seed(0)
+    model = HostLayerDrop()
+    with stepaudit.Audit(model, torch.optim.SGD(model.parameters(), lr=0.0), classification_loss,
+                         run=tmp_path / "lr0") as audit:
+        for batch in batches(4):
+            audit.step(batch)
+    assert all(r["delta"] == 0.0 for r in audit.records)
+
+
+def test_a_rebound_buffer_goes_back_to_its_object_and_values(tmp_path):
+    plain, *_ = train(RebindingEma, False, tmp_path, steps=4)
+    audited, *_ = train(RebindingEma, True, tmp_path, steps=4)
+    assert torch.equal(plain.mean, audited.mean)
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), audited.parameters()))
+
+
+def test_loss_after_inside_an_autocast_region_spanning_the_step_uses_the_new_weights(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    batch = batches(1, n=64)[0]
+    audit = stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / "r")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the whole step inside autocast: its weight cache
+        with audit.watch(batch) as w:                   # holds bf16 copies of the pre-step weights
+            optimizer.zero_grad()
+            loss = classification_loss(model, batch)
+            loss.backward()
+            w.loss = loss
+            optimizer.step()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # a fresh region: the new weights
+        expected = float(classification_loss(model, batch))
+    audit.close()
+    assert audit.last["loss_after"] == expected
+    assert audit.last["loss_after"] != audit.last["loss_before"]
+
+
+def noisy_loss(model, batch):
+    """A loss_fn that draws its own noise before calling the model (denoising, diffusion)."""
+    x, y = batch
+    return F.cross_entropy(model(x + 0.1 * torch.randn_like(x)), y)
+
+
+@pytest.mark.parametrize("use_watch", [False, True])
+def test_a_loss_fn_drawing_noise_before_the_model_is_replayed_from_its_start(use_watch, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # nothing moves: delta must be exactly 0
+    with stepaudit.Audit(model, optimizer, noisy_loss, run=tmp_path / "r") as audit:
+        for batch in batches(3):
+            if use_watch:
+                with audit.watch(batch) as w:
+                    optimizer.zero_grad()
+                    w.loss = noisy_loss(model, batch)
+                    w.loss.backward()
+                    optimizer.step()
+            else:
+                audit.step(batch)
+    assert all(r["delta"] == 0.0 for r in audit.records)
+    # the loss itself is random, so its rounding error cannot be measured against a float64 twin
+    assert all(r["noise_method"] == "roundoff" for r in audit.records)
+
+
+def test_accumulation_with_two_model_calls_per_micro_batch_replays_each_micro_batch(tmp_path):
+    def r_drop(model, batch):  # two dropout forwards per loss (R-Drop, SimCSE)
+        x, y = batch
+        first, second = model(x), model(x)
+        return 0.5 * (F.cross_entropy(first, y) + F.cross_entropy(second, y)) + F.mse_loss(first, second)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.3), nn.Linear(32, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    micro = batches(2)
+    with stepaudit.Audit(model, optimizer, r_drop, run=tmp_path / "r") as audit:
+        with audit.watch(micro, accumulate=2):
+            optimizer.zero_grad()
+            for batch in micro:
+                (r_drop(model, batch) / 2).backward()
+            optimizer.step()
+    assert audit.last["delta"] == 0.0 and audit.last["loss_before"] == audit.last["loss_after"]
