@@ -58,3 +58,13 @@ def test_validate_names_the_fix(every, message):
     net = model()
     with pytest.raises(ValueError, match=message):
         validate(net, torch.optim.SGD(net.parameters(), lr=0.1), lambda m, b: m(b).sum(), every, None, "eval")
+
+
+def test_complex_and_torchscript_models_are_refused_with_the_fix():
+    net = nn.Linear(3, 2)
+    net.register_parameter("phase", nn.Parameter(torch.zeros(2, dtype=torch.complex64)))
+    with pytest.raises(TypeError, match=r"phase is complex.*view_as_complex"):
+        validate(net, torch.optim.SGD(net.parameters(), lr=0.1), lambda m, b: m(b).sum(), 1, None, "eval")
+    scripted = torch.jit.script(nn.Linear(3, 2))
+    with pytest.raises(TypeError, match="eager model"):
+        validate(scripted, torch.optim.SGD(scripted.parameters(), lr=0.1), lambda m, b: m(b).sum(), 1, None, "eval")

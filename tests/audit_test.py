@@ -239,3 +239,27 @@ def test_dtype_change_mid_run_reallocates_the_buffers(tmp_path):
     audit.step(torch.randn(4, 3, dtype=torch.float64))
     assert audit.last["verdict"] != "error" and audit._flat.before.dtype == torch.float64
     audit.close()
+
+
+def test_a_param_group_added_after_the_audit_is_audited_too(tiny_batch, tmp_path):
+    import copy
+    import warnings
+
+    model = make_mlp()
+    first, last = model[0], model[-1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the last layer is not in the optimizer yet: a named warning
+        optimizer = torch.optim.SGD(first.parameters(), lr=0.1)
+        audit = stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / "r")
+    audit.step(tiny_batch)
+    optimizer.add_param_group({"params": list(last.parameters()), "lr": 0.05})  # progressive unfreezing
+    before = copy.deepcopy(model)
+    audit.step(tiny_batch)
+    audit.close()
+    grads = torch.autograd.grad(classification_loss(before, tiny_batch), list(before.parameters()))
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    first_order = sum(float((g * (p.detach() - q.detach())).sum())
+                      for (n, p), q, g in zip(model.named_parameters(), before.parameters(), grads) if n in trained)
+    record = audit.last
+    assert record["first_order"] == pytest.approx(first_order, rel=1e-5)
+    assert {row["name"] for row in record["layers"] if row["kind"] == "group"} == {"0", "1"}

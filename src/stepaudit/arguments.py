@@ -26,6 +26,14 @@ def validate(model: Any, optimizer: Any, loss_fn: Any, every: Any, precision: An
         raise ValueError(f"precision must be None or 'float64', got {precision!r}")
     if reference_mode not in ("eval", "train"):
         raise ValueError(f"reference_mode must be 'eval' or 'train', got {reference_mode!r}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("stepaudit hooks the model's forward, which TorchScript modules do not support; "
+                        "audit the eager model (before torch.jit.script) and script it for deployment")
+    complex_params = [n for n, p in model.named_parameters() if p.requires_grad and p.is_complex()]
+    if complex_params:
+        raise TypeError(f"stepaudit audits real-valued parameters; {', '.join(complex_params[:5])} is complex. "
+                        "Store it as a real tensor with a trailing dimension of 2 and use "
+                        "torch.view_as_complex(param) in forward")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters (requires_grad=True); unfreeze some, "
                          "e.g. for p in model.parameters(): p.requires_grad_(True)")

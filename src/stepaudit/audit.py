@@ -108,12 +108,7 @@ class Audit:
             probes.setdefault("reference", reference_every)
         self.probes = probe_registry.validate(probes)
         self._configure_probes(dict(probe_options or {}))
-        index = index_parameters(model, optimizer, stacklevel=2)
-        self.names, self.params, self.modules, self.groups = index.names, index.params, index.modules, index.groups
-        self._devices = _cuda_devices(model)
-        # float64 sums for float64 models and precision="float64"; the working dtype's BLAS otherwise
-        self._exact_sums = precision == "float64" or any(p.dtype == torch.float64 for p in self.params)
-        self.losses = LossEvaluator(model, loss_fn, self.params, precision)
+        self._index_parameters(stacklevel=3)
         self.run = Path(run) if run is not None else new_run_dir(name=name)
         self.store = RunStore(self.run, describe(model, optimizer, every=every, probes=self.probes, precision=precision), name=name)
         self.records: list[dict] = []
@@ -121,7 +116,6 @@ class Audit:
         self.skipped_steps = 0
         self._step_count = 0
         self._pending: _Pending | None = None
-        self._flat: FlatBuffers | None = None
         self._audited = 0  # steps begun as due
         self._track_host = False  # replay Python's and NumPy's generators too (seen drawn in a step)
         self._warned_outside = False
@@ -147,6 +141,17 @@ class Audit:
             from .probes.curvature import configure
 
             configure(self, **probe_options["curvature"])
+
+    def _index_parameters(self, stacklevel: int) -> None:
+        """Index the optimizer's parameters (again after ``add_param_group``); reset what depends on them."""
+        index = index_parameters(self.model, self.optimizer, stacklevel=stacklevel)
+        self.names, self.params, self.modules, self.groups = index.names, index.params, index.modules, index.groups
+        self._indexed = (len(self.optimizer.param_groups), len(self.params))
+        self._devices = _cuda_devices(self.model)
+        # float64 sums for float64 models and precision="float64"; the working dtype's BLAS otherwise
+        self._exact_sums = self.precision == "float64" or any(p.dtype == torch.float64 for p in self.params)
+        self.losses = LossEvaluator(self.model, self.loss_fn, self.params, self.precision)
+        self._flat = None
 
     def _install_hooks(self) -> None:
         me = weakref.ref(self)  # hooks must not keep the audit alive, nor be deep-copied with it
@@ -244,6 +249,9 @@ class Audit:
         self._pending = pending = _Pending(batches, StepWatch(), due)
         if due:
             self._audited += 1
+            groups = self.optimizer.param_groups
+            if (len(groups), sum(len(g["params"]) for g in groups)) != self._indexed:
+                self._index_parameters(stacklevel=4)  # progressive unfreezing: optimizer.add_param_group
             try:
                 pending.entry = RngState.capture(self._devices, host=self._track_host or self._audited % 64 == 1)
                 self._forward_handle = self.model.register_forward_hook(self._forward_end)

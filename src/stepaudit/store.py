@@ -17,6 +17,7 @@ import os
 import re
 import sqlite3
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -28,12 +29,15 @@ _COLUMN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 def new_run_dir(root: str | os.PathLike = "stepaudit-runs", name: str | None = None) -> Path:
     """A fresh folder ``root/<name or timestamp>[-N]`` that did not exist before."""
     base = Path(root) / (name or time.strftime("%Y%m%d-%H%M%S"))
+    base.parent.mkdir(parents=True, exist_ok=True)
     candidate, n = base, 1
-    while candidate.exists():
-        n += 1
-        candidate = base.with_name(f"{base.name}-{n}")
-    candidate.mkdir(parents=True)
-    return candidate
+    while True:
+        try:
+            candidate.mkdir()  # atomic: of several processes asking at once, each gets its own folder
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = base.with_name(f"{base.name}-{n}")
 
 
 def _store_path(run: str | os.PathLike) -> Path:
@@ -62,6 +66,11 @@ class RunStore:
         self._columns = {row[1] for row in self.db.execute("PRAGMA table_info(steps)")}
         self._inserts: dict[tuple[str, ...], str] = {}  # INSERT statement per set of scalar fields
         if meta is not None:
+            earlier = self.db.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
+            if earlier:  # a new run in an old folder: never mix the two runs' steps
+                warnings.warn(f"{self.path.parent} held {earlier} steps of an earlier run; they are replaced "
+                              "(pass run=None, or a new folder, to keep them)", stacklevel=3)
+                self.db.executescript("DELETE FROM steps; DELETE FROM layers; DELETE FROM extras;")
             self.db.execute("DELETE FROM runs")
             self.db.execute(
                 "INSERT INTO runs (id, name, created, meta) VALUES (1, ?, ?, ?)",
