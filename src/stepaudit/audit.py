@@ -148,6 +148,7 @@ class Audit:
         self.names, self.params, self.modules, self.groups = index.names, index.params, index.modules, index.groups
         self._indexed = (len(self.optimizer.param_groups), len(self.params))
         self._devices = _cuda_devices(self.model)
+        self._device = self.params[0].device  # where the model was when _devices was read
         # float64 sums for float64 models and precision="float64"; the working dtype's BLAS otherwise
         self._exact_sums = self.precision == "float64" or any(p.dtype == torch.float64 for p in self.params)
         self.losses = LossEvaluator(self.model, self.loss_fn, self.params, self.precision)
@@ -252,6 +253,8 @@ class Audit:
             groups = self.optimizer.param_groups
             if (len(groups), sum(len(g["params"]) for g in groups)) != self._indexed:
                 self._index_parameters(stacklevel=4)  # progressive unfreezing: optimizer.add_param_group
+            elif self.params[0].device != self._device:  # model.to("cuda") after the Audit was built
+                self._devices, self._device = _cuda_devices(self.model), self.params[0].device
             try:
                 pending.entry = RngState.capture(self._devices, host=self._track_host or self._audited % 64 == 1)
                 self._forward_handle = self.model.register_forward_hook(self._forward_end)
