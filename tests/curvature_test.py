@@ -3,6 +3,7 @@ the optimizer's own observed update, and the divergence of gradient descent itse
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import pytest
@@ -472,3 +473,187 @@ def test_lanczos_eigenvalue_stop_meets_its_target_with_fewer_calls():
 
 def gen_(seed):
     return torch.Generator().manual_seed(seed)
+
+
+# -- 16-bit models ----------------------------------------------------------------------------------
+def promoted_mse(model, batch):
+    """MSE with the output promoted to at least float32 (as a mixed-precision loss would)."""
+    x, y = batch
+    out = model(x)
+    return F.mse_loss(out.to(torch.promote_types(out.dtype, torch.float32)), y)
+
+
+def wide_linear_problem(dtype):
+    """nn.Linear(127, 130): 16 640 parameters, more than 1/eps² of bfloat16; MSE makes H independent of w."""
+    torch.manual_seed(0)
+    model = nn.Linear(127, 130).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(64, 127, generator=g) + torch.linspace(-1, 2, 127)).to(dtype)
+    return model, (x, torch.randn(64, 130, generator=g))
+
+
+def linear_mse_block(x, outputs):
+    """Closed form: H = I_out ⊗ A with A = 2/(n·out) [x 1]ᵀ[x 1] over each output's (weight row, bias)."""
+    xa = torch.cat([x.to(F64), torch.ones(len(x), 1, dtype=F64)], dim=1)
+    return 2 / (len(x) * outputs) * xa.T @ xa
+
+
+def test_sharpness_of_a_bf16_model_matches_the_closed_form_hessian(tmp_path):
+    model, data = wide_linear_problem(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    record, *_ = audit_one_step(model, opt, promoted_mse, data, tmp_path, {"sharpness": 1})
+    top = float(torch.linalg.eigvalsh(linear_mse_block(data[0], 130))[-1])
+    assert rel(record["sharpness"], top) < 2e-2  # bf16 HVPs: each product rounded to 8 significant bits
+    assert record["sharpness_hvps"] > 2
+
+
+def _folded_p_inverse_sqrt(opt, params):
+    """Oracle P⁻¹ᐟ² straight from Adam's state: P = (1−β₁ᵗ)(√(v/(1−β₂ᵗ)) + ε), one group."""
+    group = opt.param_groups[0]
+    beta1, beta2 = group["betas"]
+    pieces = []
+    for p in params:
+        state = opt.state[p]
+        t = float(state["step"])
+        v = state["exp_avg_sq"].to(F64).reshape(-1)
+        pieces.append(((1 - beta1**t) * ((v / (1 - beta2**t)).sqrt() + group["eps"])).rsqrt())
+    return torch.cat(pieces)
+
+
+@pytest.mark.parametrize("precision", [None, "float64"])
+def test_precond_sharpness_of_a_bf16_model_matches_the_dense_oracle(tmp_path, precision):
+    model, data = wide_linear_problem(torch.bfloat16)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    record, *_ = audit_one_step(model, opt, promoted_mse, data, tmp_path, {"precond_sharpness": 1},
+                                configure={"tol": 1e-10, "max_hvps": 60} if precision else None,
+                                warmup=3, precision=precision)
+    d = _folded_p_inverse_sqrt(opt, list(model.parameters()))
+    # D H D is block diagonal, one (weight row, bias) block per output: D_j A D_j.
+    rows = torch.cat([d[: 127 * 130].reshape(130, 127), d[127 * 130:, None]], dim=1)
+    a = linear_mse_block(data[0], 130)
+    top = float(torch.linalg.eigvalsh(rows[:, :, None] * a * rows[:, None, :])[:, -1].max())
+    assert rel(record["precond_sharpness"], top) < (1e-8 if precision else 2e-2)
+
+
+# -- RNG, zero learning rate, dampening, L2 weight decay --------------------------------------------
+def test_reference_batch_rng_comes_from_private_generators(tmp_path, monkeypatch):
+    """Seeding the global generators would reseed every CUDA device too (or queue it for lazy CUDA init)."""
+    model, data, ref = net(dropout=0.3), batch(), batch(n=40, seed=9)
+    plain = copy.deepcopy(model)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a global generator was seeded")
+
+    for owner in (torch, torch.random, torch.cuda):
+        for name in ("manual_seed", "manual_seed_all", "seed", "seed_all"):
+            if hasattr(owner, name):
+                monkeypatch.setattr(owner, name, refuse)
+    state = torch.get_rng_state()
+    torch.optim.SGD(plain.parameters(), lr=0.1).step(lambda: ce_loss(plain, data).backward())
+    expected_state = torch.get_rng_state()
+    torch.set_rng_state(state)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    record, *_, audit = audit_one_step(model, opt, ce_loss, data, tmp_path, {"sharpness": 1},
+                                       configure={"sharpness_on": ref})
+    assert math.isfinite(record["sharpness"]) and record["sharpness_on"] == "reference"
+    assert torch.equal(torch.get_rng_state(), expected_state)  # the training stream, exactly as unaudited
+    reference = audit.memory["_curvature_reference_rng"]
+    assert torch.equal(reference.cpu, torch.Generator().manual_seed(0).get_state()) and reference.cuda == {}
+
+
+@pytest.mark.parametrize("kind", ["adamw", "rmsprop"])
+def test_precond_sharpness_at_zero_learning_rate_has_no_bound(tmp_path, kind):
+    """A warm-up start (η = 0): no step, so no stability bound; λ(P⁻¹H) is still measured (P unfolded)."""
+    model, data = net(), batch()
+    make = {"adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}[kind]
+    opt = make(model.parameters(), lr=0.0)
+    record, before, after, _ = audit_one_step(model, opt, ce_loss, data, tmp_path, {"precond_sharpness": 1},
+                                              configure={"tol": 1e-10, "max_hvps": 200}, warmup=2)
+    assert torch.equal(before, after)
+    assert record["precond_bound"] == math.inf and record["precond_exceeds"] is False
+    if kind == "adamw":
+        d = _folded_p_inverse_sqrt(opt, list(model.parameters()))
+    else:
+        group = opt.param_groups[0]
+        v = torch.cat([opt.state[p]["square_avg"].reshape(-1) for p in model.parameters()])
+        d = (v.sqrt() + group["eps"]).rsqrt()
+    h = dense_hessian(model, ce_loss, data, before)
+    assert rel(record["precond_sharpness"], float(torch.linalg.eigvalsh(d[:, None] * h * d[None, :])[-1])) < 1e-6
+
+
+def test_full_dampening_has_no_stable_learning_rate_limit(tmp_path):
+    """dampening = 1: after the first step no gradient enters the momentum buffer, so no lr diverges."""
+    model, data = net(), batch()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, dampening=1.0)
+    record, *_ = audit_one_step(model, opt, ce_loss, data, tmp_path, {"sharpness": 1})
+    assert math.isfinite(record["sharpness"]) and record["sharpness"] > 0
+    assert record["safe_lr"] == math.inf and "no gradient" in record["safe_lr_rule"]
+    assert record["lr_exceeds_safe"] is False
+    # Oracle: the dynamics. On ½λw² with λ = 3, lr = 100 (far above 2/λ) stays bounded.
+    w = nn.Parameter(torch.ones(1, dtype=F64))
+    sgd = torch.optim.SGD([w], lr=100.0, momentum=0.9, dampening=1.0)
+    for _ in range(300):
+        sgd.zero_grad()
+        (1.5 * w * w).sum().backward()
+        sgd.step()
+    assert abs(float(w)) < 1e4
+
+
+class Quadratic(nn.Module):
+    """Two parameter tensors under the loss ½ wᵀ A w (w their concatenation): H = A exactly."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.first = nn.Parameter(torch.randn(4, generator=g, dtype=F64))
+        self.second = nn.Parameter(torch.randn(3, generator=g, dtype=F64))
+
+
+def quadratic_matrix():
+    g = torch.Generator().manual_seed(4)
+    q, _ = torch.linalg.qr(torch.randn(7, 7, generator=g, dtype=F64))
+    return (q * torch.linspace(0.2, 2.0, 7, dtype=F64)) @ q.T
+
+
+def quadratic_loss(model, batch):
+    w = torch.cat([model.first, model.second])
+    return 0.5 * w @ quadratic_matrix() @ w
+
+
+@pytest.mark.parametrize("kind", ["adam", "adam_decoupled", "adamw", "rmsprop"])
+def test_precond_sharpness_includes_l2_weight_decay(tmp_path, kind):
+    """Adam (coupled) and RMSprop precondition g + wd·w: the operator is P⁻¹(H + wd·I) per group; AdamW's P⁻¹H.
+
+    Oracle: P from the update the optimizer made (Δw = −η_g P_g⁻¹ m, folded to the first group's η), then
+    eigvalsh of D(A + diag(wd))D with the closed-form Hessian A.
+    """
+    if kind == "adam_decoupled" and "decoupled_weight_decay" not in inspect.signature(torch.optim.Adam).parameters:
+        pytest.skip("this torch's Adam has no decoupled_weight_decay")
+    model = Quadratic()
+    lrs, wds = (0.01, 0.003), (0.5, 0.2)
+    groups = [{"params": [model.first], "lr": lrs[0], "weight_decay": wds[0]},
+              {"params": [model.second], "lr": lrs[1], "weight_decay": wds[1]}]
+    make = {"adam": lambda: torch.optim.Adam(groups),
+            "adam_decoupled": lambda: torch.optim.Adam(groups, decoupled_weight_decay=True),
+            "adamw": lambda: torch.optim.AdamW(groups),
+            "rmsprop": lambda: torch.optim.RMSprop(groups)}
+    opt = make[kind]()
+    record, before, after, _ = audit_one_step(model, opt, quadratic_loss, torch.zeros(1), tmp_path,
+                                              {"precond_sharpness": 1}, configure={"tol": 1e-12, "max_hvps": 50},
+                                              warmup=5)
+    a = quadratic_matrix()
+    lr_of = torch.tensor([lrs[0]] * 4 + [lrs[1]] * 3, dtype=F64)
+    wd_of = torch.tensor([wds[0]] * 4 + [wds[1]] * 3, dtype=F64)
+    coupled = kind in ("adam", "rmsprop")
+    dw = after - before
+    if not coupled:
+        dw = dw + lr_of * wd_of * before  # undo the decoupled decay w ← w(1 − η_g·wd_g)
+    if kind == "rmsprop":
+        m = a @ before + wd_of * before  # the L2-augmented gradient at the old weights
+    else:
+        m = torch.cat([opt.state[p]["exp_avg"] for p in model.parameters()])
+    p_diag = -lrs[0] * m / dw  # = P_g·η/η_g: P_g folded to the first group's η
+    d = p_diag.rsqrt()
+    operator = a + torch.diag(wd_of) if coupled else a
+    expected = float(torch.linalg.eigvalsh(d[:, None] * operator * d[None, :])[-1])
+    assert rel(record["precond_sharpness"], expected) < 1e-8

@@ -12,6 +12,7 @@ from stepaudit.linalg import (
     REVERSE,
     KrylovBasis,
     directional_curvature,
+    dot,
     flatten,
     hutchinson_trace,
     lanczos,
@@ -406,3 +407,78 @@ def test_operator_keeps_its_point_when_the_callers_tensors_change(method):
     expected = hvp(torch.ones(3, dtype=F64))  # H = diag(6 p)
     params[0].add_(1.0)
     assert torch.equal(hvp(torch.ones(3, dtype=F64)), expected)
+
+
+# --- 16-bit operators, verification and the private default generator ----------------------------
+
+
+def sixteen_bit_operator(dtype, dim: int = 20000):
+    """A Householder-rotated diagonal computed in a 16-bit dtype; exact spectrum: top 10, the rest in [0, 1]."""
+    spectrum = torch.rand(dim, generator=gen(20), dtype=F64)
+    spectrum[123] = 10.0
+    d = spectrum.to(dtype)
+    u = torch.randn(dim, generator=gen(21), dtype=F64)
+    u = (u / torch.linalg.vector_norm(u)).to(dtype)
+
+    def reflect(x):
+        return x - 2 * u * torch.dot(u, x)
+
+    def op(v):
+        x = v.to(dtype)  # what an HVP does: unflatten casts to the parameters' dtype
+        return reflect(d * reflect(x))
+
+    return op, float(d.double().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lanczos_with_a_16bit_operator_of_large_dimension_finds_the_top_eigenvalue(dtype):
+    # dim > 1/eps² of bfloat16: a breakdown test of eps·√dim·scale in the operator's dtype fired after one step.
+    op, top = sixteen_bit_operator(dtype)
+    result = lanczos(op, 20000, iterations=30, tol=1e-2, generator=gen(22))
+    assert result.eigenvalue == pytest.approx(top, rel=2e-2)
+    assert result.eigenvector.dtype == torch.float32  # Krylov vectors never in the 16-bit dtype
+    explicit = lanczos(op, 20000, iterations=30, tol=1e-2, generator=gen(22), dtype=F64)
+    assert explicit.eigenvector.dtype == F64 and explicit.eigenvalue == pytest.approx(top, rel=2e-2)
+
+
+def test_lanczos_breakdown_threshold_does_not_grow_with_the_dimension():
+    # float32, dim 10⁶: eps·√dim ≈ 1.2e-4 would stop a Krylov space that is not invariant (β ≈ 1e-4·scale).
+    dim = 10**6
+    d = torch.zeros(dim)
+    d[:3] = torch.tensor([1.0, 1.0 + 2e-4, 2.0])
+    start = torch.zeros(dim)
+    start[:3] = torch.tensor([1.0, 1.0, 1e-6])
+    result = lanczos(lambda v: d * v, dim, iterations=10, tol=1e-9, start=start, stop="residual")
+    assert result.eigenvalue == pytest.approx(2.0, rel=1e-5)
+
+
+def test_lanczos_verify_raises_on_a_non_finite_verifying_product():
+    calls = []
+    values = torch.tensor([1.0, 2.0, 3.0], dtype=F64)
+
+    def op(v):
+        calls.append(1)
+        out = values * v
+        if len(calls) == 4:  # three Lanczos steps span the space; the fourth call is the verification
+            out[0] = float("nan")
+        return out
+
+    with pytest.raises(FloatingPointError, match="verif"):
+        lanczos(op, 3, tol=1e-12, generator=gen(0), verify=True)
+    assert len(calls) == 4
+
+
+def test_lanczos_and_hutchinson_without_a_generator_leave_the_global_rng_alone():
+    a = random_symmetric(torch.linspace(-1.0, 3.0, 12), seed=14)
+    state = torch.get_rng_state()
+    first = lanczos(matvec(a), 12, dtype=F64)
+    trace = hutchinson_trace(matvec(a), 12, samples=7, dtype=F64)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(first.eigenvector, lanczos(matvec(a), 12, dtype=F64).eigenvector)  # a fixed private seed
+    assert trace == hutchinson_trace(matvec(a), 12, samples=7, dtype=F64)
+
+
+def test_dot_of_16bit_vectors_is_not_rounded_to_16_bits():
+    a = torch.full((26122,), 0.01, dtype=torch.bfloat16)
+    exact = float(a.double() @ a.double())
+    assert dot(a, a) == pytest.approx(exact, rel=1e-6)

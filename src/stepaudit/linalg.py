@@ -1,6 +1,8 @@
 """Curvature over flat parameter vectors: Hessian-vector products, Lanczos, Hutchinson.
 
-All functions are pure: they never modify parameters and never touch ``.grad``.
+All functions are pure: they never modify parameters and never touch ``.grad``, and never draw from
+the global RNG: random vectors come from the caller's generator or, without one, from a private generator
+seeded with ``DEFAULT_SEED`` (so a call without a generator is reproducible).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ Operator = Callable[[Tensor], Tensor]
 FORWARD = "forward-over-reverse"
 REVERSE = "reverse-over-reverse"
 _METHOD_ALIASES = {"forward": FORWARD, FORWARD: FORWARD, "reverse": REVERSE, REVERSE: REVERSE}
+DEFAULT_SEED = 0
 
 
 def flatten(tensors: Sequence[Tensor]) -> Tensor:
@@ -38,9 +41,15 @@ def unflatten(vector: Tensor, like: Sequence[Tensor]) -> tuple[Tensor, ...]:
     return tuple(c.reshape(t.shape).to(dtype=t.dtype, device=t.device) for c, t in zip(chunks, like))
 
 
+def working_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``dtype`` promoted to at least float32: sums of a 16-bit dtype's products keep only 8-11 bits."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def dot(a: Tensor, b: Tensor) -> float:
-    """Inner product of two flat vectors as a Python float."""
-    return float(torch.dot(a.reshape(-1), b.reshape(-1).to(a.dtype)))
+    """Inner product of two flat vectors as a Python float, computed in at least float32."""
+    dtype = working_dtype(torch.promote_types(a.dtype, b.dtype))
+    return float(torch.dot(a.reshape(-1).to(dtype), b.reshape(-1).to(dtype)))
 
 
 class Hvp:
@@ -167,6 +176,11 @@ def directional_curvature(hvp: Operator, v: Tensor) -> float:
     return quadratic_form(hvp, v) / dot(v, v)
 
 
+def _private(generator: torch.Generator | None) -> torch.Generator:
+    """The caller's generator, or a fresh private one seeded with ``DEFAULT_SEED`` (never the global RNG)."""
+    return generator if generator is not None else torch.Generator().manual_seed(DEFAULT_SEED)
+
+
 def _rademacher(dim: int, generator: torch.Generator | None, dtype, device) -> Tensor:
     """Random ±1 vector drawn on the generator's device, then moved."""
     where = generator.device if generator is not None else torch.device("cpu")
@@ -279,8 +293,11 @@ def lanczos(
     the reported residual ``‖Hv − λv‖`` honestly, with λ the Rayleigh quotient of the returned unit
     vector; ``iterations`` in the result counts all operator calls, including that one.
     Only the spectrum reachable from ``start`` is seen: a start exactly orthogonal to the top
-    eigenvector cannot find it. Working dtype/device default to those of the operator's output.
-    Raises FloatingPointError if the operator returns NaN/inf.
+    eigenvector cannot find it. The Krylov vectors and all arithmetic use ``dtype`` if given, else the
+    operator's output dtype promoted to at least float32 (a 16-bit basis loses orthogonality at once);
+    the operator receives vectors in that dtype. The device defaults to that of the operator's output.
+    Random start vectors come from ``generator`` (default: a private one seeded with ``DEFAULT_SEED``).
+    Raises FloatingPointError if the operator returns NaN/inf, including in the verifying product.
 
     ``stop="eigenvalue"`` targets the eigenvalue instead of the eigenvector: it stops once the
     estimated error of the top Ritz value, min(r, r²/gap) with r = β_k|s_k| and gap the distance to
@@ -298,8 +315,8 @@ def lanczos(
         raise ValueError("dim and iterations must be positive")
     if stop not in ("residual", "eigenvalue"):
         raise ValueError(f"stop must be 'residual' or 'eigenvalue', got {stop!r}")
-    q = start.reshape(-1) if start is not None else _rademacher(dim, generator, dtype, device)
-    q = q.to(dtype=dtype or q.dtype, device=device or q.device)
+    q = start.reshape(-1) if start is not None else _rademacher(dim, _private(generator), dtype, device)
+    q = q.to(dtype=dtype or working_dtype(q.dtype), device=device or q.device)
     norm = torch.linalg.vector_norm(q)
     if not norm > 0:
         raise ValueError("start vector must be nonzero")
@@ -312,8 +329,8 @@ def lanczos(
     previous = math.nan
     for k in range(steps):
         w = operator(q)
-        if basis is None:  # adopt the operator's dtype/device unless told otherwise
-            q = q.to(dtype=dtype or w.dtype, device=device or w.device)
+        if basis is None:  # adopt the operator's dtype (at least float32) and device unless told otherwise
+            q = q.to(dtype=dtype or working_dtype(w.dtype), device=device or w.device)
             rescale = torch.linalg.vector_norm(q)  # H is linear: renormalise q and Hq together
             q, w = q / rescale, w.to(q) / rescale
             basis = KrylovBasis(steps, dim, dtype=q.dtype, device=q.device)
@@ -336,8 +353,10 @@ def lanczos(
         previous = theta
         if estimate <= tol * abs(theta) and (stop == "residual" or k > 0):
             break
-        if beta <= torch.finfo(q.dtype).eps * dim**0.5 * scale or scale == 0.0:
-            break  # invariant subspace: the Ritz values are exact eigenvalues
+        # Invariant subspace: the Ritz values are eigenvalues up to β. No √dim factor: rounding leaves β at
+        # a few eps·scale whatever the dimension, and a small β already bounds the residual β|s_k| ≤ β.
+        if beta <= 16 * torch.finfo(q.dtype).eps * scale or scale == 0.0:
+            break
         q = w / beta
     assert basis is not None
     ritz = s.to(basis.rows.dtype) @ basis.rows
@@ -347,6 +366,8 @@ def lanczos(
     h_ritz = operator(ritz).to(ritz.dtype)
     eigenvalue = float(torch.dot(ritz, h_ritz))
     residual = float(torch.linalg.vector_norm(h_ritz - eigenvalue * ritz))
+    if not math.isfinite(eigenvalue + residual):
+        raise FloatingPointError("operator returned non-finite values in the verifying product")
     return LanczosResult(eigenvalue, ritz.detach(), residual, len(alphas) + 1)
 
 
@@ -359,9 +380,13 @@ def hutchinson_trace(
     dtype=None,
     device=None,
 ) -> tuple[float, float]:
-    """Estimate tr(H) as the mean of zᵀHz over Rademacher z (Hutchinson 1989); return (mean, stderr)."""
+    """Estimate tr(H) as the mean of zᵀHz over Rademacher z (Hutchinson 1989); return (mean, stderr).
+
+    ``generator`` defaults to a private one seeded with ``DEFAULT_SEED`` (the global RNG is never touched).
+    """
     if samples < 1:
         raise ValueError("samples must be positive")
+    generator = _private(generator)
     values = []
     for _ in range(samples):
         z = _rademacher(dim, generator, dtype, device)

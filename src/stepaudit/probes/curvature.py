@@ -127,13 +127,20 @@ def _in_eval_mode(model: torch.nn.Module, loss: Callable) -> Callable:
     return evaluated
 
 
+def _seeded_rng_state(seed: int, cuda_devices: list[int]) -> RngState:
+    """Generator states as after seeding with ``seed``, read from private generators.
+
+    torch.manual_seed would reseed every CUDA device (or queue that for a lazy CUDA init): a change to
+    the training run's random streams even inside fork_rng, which restores only the devices it is given.
+    """
+    cuda = {d: torch.Generator(device=f"cuda:{d}").manual_seed(seed).get_state() for d in cuda_devices}
+    return RngState(torch.Generator().manual_seed(seed).get_state(), cuda)
+
+
 def _reference_part(ctx: StepContext, batch: Any) -> Part:
     """The fixed reference batch with a fixed RNG state (same dropout masks at every step)."""
     if "_curvature_reference_rng" not in ctx.memory:
-        devices = _cuda_devices(ctx.model)
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(_settings(ctx).seed)
-            ctx.memory["_curvature_reference_rng"] = RngState.capture(devices)
+        ctx.memory["_curvature_reference_rng"] = _seeded_rng_state(_settings(ctx).seed, _cuda_devices(ctx.model))
     return Part(batch, ctx.memory["_curvature_reference_rng"])
 
 
@@ -174,6 +181,11 @@ def _method_fields(ctx: StepContext, operator: linalg.Hvp) -> dict:
     if slot.get("fallback"):
         fields["hvp_fallback"] = slot["fallback"]
     return fields
+
+
+def _working_dtype(ctx: StepContext) -> torch.dtype:
+    """Dtype of the Lanczos vectors: the Hessian operator's (float64 twin or model dtype), at least float32."""
+    return linalg.working_dtype(torch.float64 if _wants_float64(ctx) else ctx.flat_before.dtype)
 
 
 def _delta_w(ctx: StepContext) -> torch.Tensor:
@@ -274,14 +286,15 @@ def _top_eigen(ctx: StepContext, operator: Callable, dim: int, memory_key: str,
     top Hessian eigenspace (Gur-Ari et al. 2018), which cuts iterations and the chance of settling
     on the second eigenvalue when the first is barely present in a random start.
     """
-    settings, generator = _settings(ctx), _generator(ctx)
+    settings, generator, dtype = _settings(ctx), _generator(ctx), _working_dtype(ctx)
     previous = ctx.memory.get(memory_key)
     if previous is not None and previous.numel() == dim:
         # A small random admixture keeps the start from being exactly orthogonal to a new top direction.
-        noise = linalg._rademacher(dim, generator, previous.dtype, previous.device)
+        previous = previous.to(dtype)
+        noise = linalg._rademacher(dim, generator, dtype, previous.device)
         start = previous + 1e-2 * noise / math.sqrt(dim)
     else:
-        start = linalg._rademacher(dim, generator, ctx.flat_before.dtype, ctx.flat_before.device) / math.sqrt(dim)
+        start = linalg._rademacher(dim, generator, dtype, ctx.flat_before.device) / math.sqrt(dim)
         if hint is not None:
             norm = float(torch.linalg.vector_norm(hint))
             if math.isfinite(norm) and norm > 0:
@@ -297,7 +310,8 @@ def safe_lr(optimizer: torch.optim.Optimizer, sharpness: float) -> tuple[float, 
 
     Plain GD: η < 2/λ (descent lemma). Heavy-ball momentum β with PyTorch's dampening d:
     η(1−d) < (2+2β)/λ; Nesterov: η < (2+2β)/((1+2β)λ) (Cohen et al., ICLR 2021, Appendix).
-    Weight decay wd adds wd to the curvature the optimizer sees. Uses the first parameter group.
+    Weight decay wd adds wd to the curvature the optimizer sees. Dampening 1: after the first step no
+    gradient enters the momentum buffer, so no learning rate diverges. Uses the first parameter group.
     """
     if not isinstance(optimizer, torch.optim.SGD):
         return math.nan, "adaptive or unknown optimizer: see precond_sharpness"
@@ -308,6 +322,8 @@ def safe_lr(optimizer: torch.optim.Optimizer, sharpness: float) -> tuple[float, 
         return math.inf, "no positive curvature"
     if beta == 0:
         return 2.0 / curvature, "2/λ"
+    if dampening == 1:
+        return math.inf, "dampening 1: no gradient enters the momentum buffer"
     if group.get("nesterov"):
         return (2 + 2 * beta) / ((1 + 2 * beta) * curvature), "(2+2β)/((1+2β)λ) nesterov"
     return (2 + 2 * beta) / ((1 - dampening) * curvature), "(2+2β)/((1−d)λ) heavy-ball"
@@ -341,18 +357,23 @@ def sharpness_probe(ctx: StepContext) -> dict:
 
 @register("precond_sharpness")
 def precond_sharpness_probe(ctx: StepContext) -> dict:
-    """λ_max(P⁻¹H) with P from the optimizer's second-moment state, vs the stability bound (Cohen et al. 2022)."""
+    """λ_max(P⁻¹(H + wd)) with P from the optimizer's second-moment state and wd its L2 (coupled) weight decay,
+    vs the stability bound (Cohen et al. 2022)."""
     found = preconditioner(ctx.optimizer, ctx.params)
     if found.inverse_sqrt is None:
         return _nan_fields("precond_sharpness", found.rule)
     operator = hessian(ctx)
     scale = found.inverse_sqrt.to(device=ctx.flat_before.device)
+    dtype = _working_dtype(ctx)  # never the 16-bit model dtype: P⁻ᐟ² rounded to 8 bits is another matrix
+    d = scale.to(dtype)
+    decay = None if found.weight_decay is None else (scale**2 * found.weight_decay.to(scale.device)).to(dtype)
     calls = operator.calls
 
     def preconditioned(v: torch.Tensor) -> torch.Tensor:
-        # λ(P⁻¹H) = λ(P^{-½} H P^{-½}): a similar, symmetric operator Lanczos can handle.
-        d = scale.to(v.dtype)
-        return d * operator(d * v).to(v.dtype)
+        # λ(P⁻¹(H + wd)) = λ(P^{-½} H P^{-½} + P⁻¹wd): a similar, symmetric operator Lanczos can handle.
+        v = v.to(dtype)
+        out = d * operator(d * v).to(dtype)
+        return out if decay is None else out + decay * v
 
     try:
         hint = None if ctx.flat_grad is None else scale * ctx.flat_grad.to(scale.dtype)
