@@ -263,3 +263,21 @@ def test_a_param_group_added_after_the_audit_is_audited_too(tiny_batch, tmp_path
     record = audit.last
     assert record["first_order"] == pytest.approx(first_order, rel=1e-5)
     assert {row["name"] for row in record["layers"] if row["kind"] == "group"} == {"0", "1"}
+
+
+def test_probe_state_is_reset_when_a_param_group_is_added(tiny_batch, tmp_path):
+    import warnings
+
+    model = make_mlp()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimizer = torch.optim.SGD(model[0].parameters(), lr=0.1)
+        audit = stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / "r",
+                                probes={"interplay": 1, "next_delta": 1, "sharpness": 1})
+    with audit:
+        audit.step(tiny_batch)
+        audit.step(tiny_batch)
+        optimizer.add_param_group({"params": list(model[-1].parameters())})
+        audit.step(tiny_batch)
+        audit.step(tiny_batch)
+    assert all("probe_errors" not in r for r in audit.records)

@@ -229,3 +229,43 @@ def test_closed_audit_watches_nothing_and_a_dropped_one_leaves_no_hooks(tiny_bat
     del dropped
     gc.collect()
     assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+
+
+def test_a_param_group_holding_a_stranger_is_an_error_record_not_a_crash(tiny_batch, tmp_path):
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    temperature = torch.nn.Parameter(torch.tensor(1.0))  # a learnable loss temperature, not in the model
+    with stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / "r") as audit:
+        audit.step(tiny_batch)
+        optimizer.add_param_group({"params": [temperature]})
+        audit.step(tiny_batch)
+        audit.step(tiny_batch)
+    assert [r["verdict"] for r in audit.records][1:] == ["error", "error"]
+    assert "not in the model" in audit.records[1]["error"]
+    strict_model = make_mlp()
+    strict_optimizer = torch.optim.SGD(strict_model.parameters(), lr=0.1)
+    with stepaudit.Audit(strict_model, strict_optimizer, classification_loss, run=tmp_path / "s", strict=True) as strict:
+        strict_optimizer.add_param_group({"params": [temperature]})
+        with pytest.raises(stepaudit.AuditError, match="not in the model"):
+            strict.step(tiny_batch)
+        assert strict._pending is None and not strict_model._forward_hooks
+
+
+def test_a_diverged_run_stops_copying_the_model_to_float64(tiny_batch, tmp_path, monkeypatch):
+    from stepaudit import losses
+
+    built = []
+    original = losses.Float64Twin.__init__
+
+    def counting(self, *args, **kwargs):
+        built.append(1)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(losses.Float64Twin, "__init__", counting)
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    broken = (tiny_batch[0] * float("nan"), tiny_batch[1])  # non-finite from the first step on
+    with stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / "r") as audit:
+        for _ in range(12):
+            audit.step(broken)
+    assert len(built) == 3 and audit.last["noise_method"] == "roundoff"

@@ -156,3 +156,83 @@ def test_accumulation_with_two_model_calls_per_micro_batch_replays_each_micro_ba
                 (r_drop(model, batch) / 2).backward()
             optimizer.step()
     assert audit.last["delta"] == 0.0 and audit.last["loss_before"] == audit.last["loss_after"]
+
+
+def test_host_generators_are_tracked_even_when_the_checking_step_is_not_taken(tmp_path):
+    torch.manual_seed(0)
+    results = {}
+    for audited in (False, True):
+        torch.manual_seed(0)
+        random.seed(0)
+        np.random.seed(0)
+        model = HostLayerDrop()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        audit = stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / f"a{audited}") if audited else None
+        for i, batch in enumerate(batches(5)):
+            if audit is not None:
+                with pytest.warns(UserWarning) if i == 0 else _no_warning():
+                    with audit.watch(batch):
+                        optimizer.zero_grad()
+                        classification_loss(model, batch).backward()
+                        if i > 0:  # step 0, the first checking step, never calls optimizer.step()
+                            optimizer.step()
+            else:
+                optimizer.zero_grad()
+                classification_loss(model, batch).backward()
+                if i > 0:
+                    optimizer.step()
+        results[audited] = (model, random.getstate())
+        if audit is not None:
+            audit.close()
+    assert results[False][1] == results[True][1]
+    assert all(torch.equal(p, q) for p, q in zip(results[False][0].parameters(), results[True][0].parameters()))
+
+
+def _no_warning():
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def test_replays_without_a_state_of_their_own_restore_host_generators_while_tracked(tmp_path):
+    # reference_mode="train" replays a fixed torch state that carries no Python/NumPy part
+    reference = batches(1, n=32, seed=7)[0]
+    states = {}
+    for audited in (False, True):
+        torch.manual_seed(0)
+        random.seed(0)
+        np.random.seed(0)
+        model = HostLayerDrop()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        audit = stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / f"r{audited}",
+                                reference=reference, reference_mode="train") if audited else None
+        for batch in batches(5):
+            if audit is not None:
+                audit.step(batch)
+            else:
+                optimizer.zero_grad()
+                classification_loss(model, batch).backward()
+                optimizer.step()
+        states[audited] = (random.getstate(), np.random.get_state()[1].copy(), [p.clone() for p in model.parameters()])
+        if audit is not None:
+            audit.close()
+    assert states[False][0] == states[True][0]
+    assert np.array_equal(states[False][1], states[True][1])
+    assert all(torch.equal(p, q) for p, q in zip(states[False][2], states[True][2]))
+
+
+def test_accumulation_replays_a_loss_fn_drawing_after_the_model_call(tmp_path):
+    def logit_dropout(model, batch):  # randomness drawn by loss_fn after the model call
+        x, y = batch
+        return F.cross_entropy(F.dropout(model(x), 0.3), y)
+
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    micro = batches(3)
+    with stepaudit.Audit(model, optimizer, logit_dropout, run=tmp_path / "r") as audit:
+        with audit.watch(micro, accumulate=3):
+            optimizer.zero_grad()
+            for batch in micro:
+                (logit_dropout(model, batch) / 3).backward()
+            optimizer.step()
+    assert audit.last["delta"] == 0.0

@@ -88,19 +88,20 @@ def batch_size(batches: list) -> int | None:
     """Examples per optimizer step: the leading dimension of the first tensor of each (micro-)batch."""
     total = 0
     for batch in batches:
-        tensor = _first_tensor(batch)
+        tensor = first_tensor(batch)
         if tensor is None or tensor.dim() == 0:
             return None
         total += tensor.shape[0]
     return total
 
 
-def _first_tensor(obj: Any) -> torch.Tensor | None:
+def first_tensor(obj: Any) -> torch.Tensor | None:
+    """The first tensor inside nested tuples, lists and dicts (depth first), or None."""
     if isinstance(obj, torch.Tensor):
         return obj
     values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
     for value in values:
-        found = _first_tensor(value)
+        found = first_tensor(value)
         if found is not None:
             return found
     return None

@@ -27,14 +27,15 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from . import probes as probe_registry
-from .arguments import batch_size, check_replayable, index_parameters, validate
+from .arguments import batch_size, check_replayable, first_tensor, index_parameters, validate
 from .context import Part, StepContext, check_scalar_loss
 from .flat import FlatBuffers
 from .losses import LossEvaluator
 from .meta import describe
 from .probes.step import step_fields
 from .records import layer_rows, summarize
-from .state import AutocastState, RngState, _cuda_devices, host_state, same_host_state
+from .state import (AutocastState, RngState, _cuda_devices, count_host_tracker, host_state, replay_states,
+                    same_host_state)
 from .store import RunStore, new_run_dir
 
 
@@ -58,7 +59,7 @@ class _Pending:
     watch: StepWatch
     due: bool
     entry: RngState | None = None  # random state where the step began (step(): where loss_fn is called)
-    forward_ends: list = field(default_factory=list)  # random state after each training forward of the model
+    marks: list = field(default_factory=list)  # random state as the backward reaches each model output
     skipped: bool = False  # a fused optimizer was told by GradScaler to skip this step (inf/NaN gradients)
     autocast: AutocastState | None = None
     ctx: StepContext | None = None
@@ -118,6 +119,7 @@ class Audit:
         self._pending: _Pending | None = None
         self._audited = 0  # steps begun as due
         self._track_host = False  # replay Python's and NumPy's generators too (seen drawn in a step)
+        self._host_check = True  # the next due step checks whether the training pass draws from them
         self._warned_outside = False
         self._closed = False
         self._sinks: list[Callable[[dict], None]] = []
@@ -145,6 +147,8 @@ class Audit:
     def _index_parameters(self, stacklevel: int) -> None:
         """Index the optimizer's parameters (again after ``add_param_group``); reset what depends on them."""
         index = index_parameters(self.model, self.optimizer, stacklevel=stacklevel)
+        if hasattr(self, "memory"):
+            self.memory.clear()  # probe state laid out by the old parameter list (warm starts, layer maps)
         self.names, self.params, self.modules, self.groups = index.names, index.params, index.modules, index.groups
         self._indexed = (len(self.optimizer.param_groups), len(self.params))
         self._devices = _cuda_devices(self.model)
@@ -160,7 +164,7 @@ class Audit:
         def forward_end(module, args, output):
             audit = me()
             if audit is not None and module is audit.model:
-                audit._on_forward_end()
+                audit._on_forward_end(output)
 
         def step_pre(optimizer, args, kwargs):
             audit = me()
@@ -180,7 +184,8 @@ class Audit:
             self.optimizer.register_step_post_hook(step_post),
         ]
         # an audit that is dropped without close() leaves no hooks on the optimizer
-        self._finalizer = weakref.finalize(self, _remove_handles, list(self._handles))
+        self._cleanup_state = {"handles": list(self._handles), "host_tracker": False}
+        self._finalizer = weakref.finalize(self, _cleanup, self._cleanup_state)
 
     # -- public API ---------------------------------------------------------------------------------
     def due(self, step: int | None = None) -> bool:
@@ -242,7 +247,7 @@ class Audit:
         self._end(stacklevel=4)
 
     def _begin(self, batches: list) -> _Pending:
-        """Open the step: decide whether it is audited; if so, attach the forward pre-hook."""
+        """Open the step: decide whether it is audited; if so, save the random state and attach the forward hook."""
         if self._pending is not None:
             raise RuntimeError("audit.watch() blocks cannot be nested; finish the current step first")
         step = self._step_count
@@ -250,13 +255,11 @@ class Audit:
         self._pending = pending = _Pending(batches, StepWatch(), due)
         if due:
             self._audited += 1
-            groups = self.optimizer.param_groups
-            if (len(groups), sum(len(g["params"]) for g in groups)) != self._indexed:
-                self._index_parameters(stacklevel=4)  # progressive unfreezing: optimizer.add_param_group
-            elif self.params[0].device != self._device:  # model.to("cuda") after the Audit was built
-                self._devices, self._device = _cuda_devices(self.model), self.params[0].device
+            if self._audited % 64 == 0:
+                self._host_check = True  # look again now and then: a model may start drawing later
             try:
-                pending.entry = RngState.capture(self._devices, host=self._track_host or self._audited % 64 == 1)
+                self._refresh_index(pending)
+                pending.entry = RngState.capture(self._devices, host=self._track_host or self._host_check)
                 self._forward_handle = self.model.register_forward_hook(self._forward_end)
                 if self.probes:
                     self._start_captures(pending, step)
@@ -264,6 +267,19 @@ class Audit:
                 self._end(stacklevel=3, failed=True)
                 raise
         return pending
+
+    def _refresh_index(self, pending: _Pending) -> None:
+        """Re-index after ``optimizer.add_param_group`` (progressive unfreezing) or a move to another device."""
+        groups = self.optimizer.param_groups
+        if (len(groups), sum(len(g["params"]) for g in groups)) != self._indexed:
+            try:
+                self._index_parameters(stacklevel=5)
+            except ValueError as error:  # e.g. a group holding a parameter that is not in the model
+                if self.strict:
+                    raise AuditError(f"auditing step {self._step_count}: {error}") from error
+                pending.error = error  # audited with the old index; the record says why it is an error
+        elif self.params[0].device != self._device:  # model.to("cuda") after the Audit was built
+            self._devices, self._device = _cuda_devices(self.model), self.params[0].device
 
     def _start_captures(self, pending: _Pending, step: int) -> None:
         """Let due probes watch the training forward/backward (e.g. noise: layer inputs and output gradients)."""
@@ -301,6 +317,8 @@ class Audit:
             if self._forward_handle is not None:
                 self._forward_handle.remove()
                 self._forward_handle = None
+        if pending.due and pending.entry is not None and pending.entry.host is not None:
+            self._check_host_randomness(pending)  # a step that was not audited still tells
         if pending.due and self._flat is not None and not self.due():
             self._flat.release()  # sparse auditing holds no copy of the model between audited steps
         if pending.due and not pending.stepped and not failed:
@@ -337,9 +355,9 @@ class Audit:
         if self._closed:
             return
         self._closed = True
-        self._finalizer.detach()
-        for handle in self._handles + ([self._forward_handle] if self._forward_handle is not None else []):
-            handle.remove()
+        self._finalizer()  # the optimizer hooks, and this audit's count as a host-RNG tracker
+        if self._forward_handle is not None:
+            self._forward_handle.remove()
         self._forward_handle = None
         try:
             self.store.update_meta(summary=self.summary(), steps_seen=self._step_count)
@@ -358,24 +376,21 @@ class Audit:
     def _takes_closure(self) -> bool:
         return isinstance(self.optimizer, torch.optim.LBFGS) or getattr(self.optimizer, "requires_closure", False)
 
-    def _on_forward_end(self) -> None:
+    def _on_forward_end(self, output: Any) -> None:
         pending = self._pending
         if pending is None or not pending.due or pending.stepped or pending.entry is None:
             return
         if pending.autocast is None:
             pending.autocast = AutocastState.capture()
-        if len(pending.forward_ends) < 64 * len(pending.batches):  # enough for any sane forwards-per-batch
-            pending.forward_ends.append(RngState.capture(self._devices, host=pending.entry.host is not None))
+        if len(pending.batches) > 1:  # accumulation: mark where the next micro-batch's loss_fn starts
+            tensor = first_tensor(output)
+            if tensor is not None and tensor.requires_grad and len(pending.marks) < 64 * len(pending.batches):
+                devices, host = self._devices, pending.entry.host is not None
 
-    @staticmethod
-    def _replay_states(pending: _Pending) -> list[RngState | None]:
-        """The random state each (micro-)batch's ``loss_fn`` started from: the step's entry for the first;
-        for micro-batch i > 0 the state after the last model forward of micro-batch i − 1 (forwards are
-        split evenly between micro-batches, so a ``loss_fn`` that calls the model twice is handled)."""
-        count, ends = len(pending.batches), pending.forward_ends
-        per_batch = max(1, len(ends) // count)
-        later = [ends[i * per_batch - 1] if i * per_batch - 1 < len(ends) else None for i in range(1, count)]
-        return [pending.entry, *later]
+                def mark(grad):  # reached in micro-batch i's backward: after all of its loss_fn's draws
+                    pending.marks.append(RngState.capture(devices, host=host))
+
+                tensor.register_hook(mark)
 
     def _on_step_pre(self, args, kwargs):
         pending = self._pending
@@ -398,7 +413,7 @@ class Audit:
     def _prepare(self, pending: _Pending, args, kwargs):
         """Snapshot weights and gradient; for closure optimizers, wrap the closure to catch its first call."""
         self._stop_captures(pending)  # the training backward is done: nothing later is theirs to see
-        rngs = self._replay_states(pending)
+        rngs = replay_states(pending.entry, pending.marks, len(pending.batches))
         ctx = StepContext(
             step=self._step_count, model=self.model, optimizer=self.optimizer, loss_fn=self.loss_fn,
             parts=[Part(b, r) for b, r in zip(pending.batches, rngs)],
@@ -427,7 +442,8 @@ class Audit:
             if not ctx.grads and pending.error is None:
                 try:
                     ctx.grads = self._grads()
-                    ctx.parts = [Part(b, r) for b, r in zip(pending.batches, self._replay_states(pending))]
+                    ctx.parts = [Part(b, r) for b, r in zip(pending.batches, replay_states(
+                        pending.entry, pending.marks, len(pending.batches)))]
                     pending.loss_before = self.losses.before(ctx, loss)
                 except Exception as error:  # never break training: the record says what failed
                     if self.strict:
@@ -488,7 +504,8 @@ class Audit:
 
     def _audit(self, pending: _Pending, index: int) -> dict:
         ctx = pending.ctx
-        self._check_host_randomness(pending, ctx)
+        if pending.entry is not None and pending.entry.host is not None:
+            self._check_host_randomness(pending, ctx.parts)
         flat = self._flat_buffers()
         keep = self._probes_due(index)
         first_order, sums = flat.finish(keep_before=keep)
@@ -509,17 +526,20 @@ class Audit:
         self._run_probes(ctx, record, index)
         return record
 
-    def _check_host_randomness(self, pending: _Pending, ctx: StepContext) -> None:
-        """On a checking step: if Python's or NumPy's generator moved during the step, track them from now
-        on (replayed and restored like torch's); if not, drop the snapshots so re-evaluations skip them."""
-        if self._track_host or pending.entry is None or pending.entry.host is None:
+    def _check_host_randomness(self, pending: _Pending, parts: list[Part] = ()) -> None:
+        """On a checking step: if Python's or NumPy's generator moved since the step opened, track them from
+        now on (replayed and restored like torch's); if not, drop the snapshots so re-evaluations skip them."""
+        if self._track_host:
             return
         if same_host_state(pending.entry.host, host_state()):
-            for part in ctx.parts:
-                if part.rng is not None:
-                    part.rng.host = None
+            self._host_check = False
+            for rng in [pending.entry] + [part.rng for part in parts]:
+                if rng is not None:
+                    rng.host = None
         else:
-            self._track_host = True
+            self._track_host, self._host_check = True, False
+            self._cleanup_state["host_tracker"] = True
+            count_host_tracker(+1)
 
     def _run_probes(self, ctx: StepContext, record: dict, index: int) -> None:
         for name, every in self.probes.items():
@@ -552,6 +572,10 @@ class Audit:
             warnings.warn(f"stepaudit could not write step {record['step']}: {error}", stacklevel=2)
 
 
-def _remove_handles(handles: list) -> None:
-    for handle in handles:
+def _cleanup(state: dict) -> None:
+    """Remove an audit's optimizer hooks and its host-RNG tracker count (at close() or when it is dropped)."""
+    for handle in state["handles"]:
         handle.remove()
+    if state["host_tracker"]:
+        state["host_tracker"] = False
+        count_host_tracker(-1)

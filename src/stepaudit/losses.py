@@ -26,6 +26,7 @@ class LossEvaluator:
         self.model, self.loss_fn, self.params, self.precision = model, loss_fn, params, precision
         self._twin: Float64Twin | None = None
         self._relative_error: float | None = None  # measured once (see _rounding)
+        self._failed_measurements = 0
         self._noise_method = "roundoff"
 
     def before(self, ctx: StepContext, training_loss: Any = None) -> float:
@@ -58,7 +59,8 @@ class LossEvaluator:
         Measured against a float64 twin in eval mode (×4 for margin, never below the dtype's roundoff
         floor). Falls back to 64× the roundoff floor, labelled "roundoff", for models the twin cannot
         copy and for a ``loss_fn`` that draws random numbers itself; a non-finite measurement (NaN
-        weights or data on that step) is not kept, so the next audited step measures again.
+        weights or data on that step) is not kept, so the next audited step measures again (three
+        tries, then the fallback: a diverged run must not copy the model to float64 every step).
         """
         if self._relative_error is not None:
             return self._relative_error, self._noise_method
@@ -70,7 +72,10 @@ class LossEvaluator:
         except Exception:  # odd models (no deepcopy, dtype-specific code)
             measured = None
         if measured is not None and not math.isfinite(measured):
-            return 64 * floor, "roundoff"
+            self._failed_measurements += 1
+            if self._failed_measurements < 3:  # a bad batch: measure again at the next audited step
+                return 64 * floor, "roundoff"
+            measured = None  # a diverged run: stop building a float64 copy of the model every step
         if measured is None:
             self._relative_error, self._noise_method = 64 * floor, "roundoff"
         else:

@@ -49,6 +49,16 @@ class RngState:
                 sys.modules["numpy"].random.set_state(numpy_state)
 
 
+# How many live audits track Python's and NumPy's generators; while any does, every re-evaluation saves
+# and restores them, including those with no state to replay (a reference batch, an un-hooked micro-batch).
+_HOST_TRACKERS = [0]
+
+
+def count_host_tracker(delta: int) -> None:
+    """An audit starts (+1) or stops (−1) tracking Python's and NumPy's generators."""
+    _HOST_TRACKERS[0] = max(0, _HOST_TRACKERS[0] + delta)
+
+
 def host_state() -> tuple:
     """(Python ``random`` state, NumPy legacy global state or None when NumPy is not imported)."""
     numpy = sys.modules.get("numpy")
@@ -130,7 +140,8 @@ def preserved(model: torch.nn.Module, rng: RngState | None, autocast: AutocastSt
     # instead of updating it in place; the original object goes back, then its saved values.
     slots = [(m, name, b) for m in modules for name, b in m._buffers.items() if b is not None]
     saved = [b.detach().clone() for _, _, b in slots]
-    outside = RngState.capture(_cuda_devices(model), host=rng is not None and rng.host is not None)
+    outside = RngState.capture(_cuda_devices(model),
+                               host=(rng is not None and rng.host is not None) or _HOST_TRACKERS[0] > 0)
     try:
         if rng is not None:
             rng.apply()  # inside the try: a partial apply (CPU set, a CUDA device failed) is undone too
@@ -147,6 +158,19 @@ def preserved(model: torch.nn.Module, rng: RngState | None, autocast: AutocastSt
         for module, mode in zip(modules, modes):
             if module.training is not mode:  # nn.Module.__setattr__ is slow: only write what changed
                 module.training = mode
+
+
+def replay_states(entry: RngState | None, marks: list, count: int) -> list[RngState | None]:
+    """The random state each of ``count`` micro-batches' ``loss_fn`` started from.
+
+    The first: ``entry``, where the step opened. Micro-batch i > 0: ``marks`` holds one state per model
+    output, taken when the backward reached it — after every draw of micro-batch i − 1's ``loss_fn``
+    (before or after its model calls) and before micro-batch i's; outputs are split evenly between
+    micro-batches, so a ``loss_fn`` that calls the model twice (R-Drop) is handled. None: not known.
+    """
+    per_batch = max(1, len(marks) // count)
+    later = [marks[i * per_batch - 1] if i * per_batch - 1 < len(marks) else None for i in range(1, count)]
+    return [entry, *later]
 
 
 def map_tensors(obj: Any, fn) -> Any:
