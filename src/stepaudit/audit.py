@@ -4,8 +4,9 @@ Hook order for one audited step (nothing wraps or subclasses the optimizer):
   0. ``step()``/``watch()`` opens — the step is due: the random state here is the one the first
                                      (micro-)batch's re-evaluation replays; attach (1), start the due
                                      probes' captures (``probes.register_capture``: observe-only hooks);
-  1. ``model`` forward hook       — autocast state of the training forward, and the RNG state after
-                                     each forward (where a later micro-batch's loss_fn starts);
+  1. ``model`` forward hook       — autocast state of the training forward; with accumulation, a
+                                     gradient hook on each output marks the RNG state when the backward
+                                     reaches it (where the next micro-batch's loss_fn starts);
   2. optimizer step pre-hook       — stop the captures; weights before, the gradient the optimizer
                                      received (or, for closure optimizers such as LBFGS, a wrapped
                                      closure that captures the first evaluation), the loss before;
