@@ -35,8 +35,8 @@ from .losses import LossEvaluator
 from .meta import describe
 from .probes.step import step_fields
 from .records import layer_rows, summarize
-from .state import (AutocastState, RngState, _cuda_devices, count_host_tracker, host_state, replay_states,
-                    same_host_state)
+from .replay import MAX_MARKS_PER_BATCH, Replay
+from .state import AutocastState, RngState, _cuda_devices
 from .store import RunStore, new_run_dir
 
 
@@ -118,9 +118,7 @@ class Audit:
         self.skipped_steps = 0
         self._step_count = 0
         self._pending: _Pending | None = None
-        self._audited = 0  # steps begun as due
-        self._track_host = False  # replay Python's and NumPy's generators too (seen drawn in a step)
-        self._host_check = True  # the next due step checks whether the training pass draws from them
+        self.replay = Replay()  # which random state each re-evaluation replays
         self._warned_outside = False
         self._closed = False
         self._sinks: list[Callable[[dict], None]] = []
@@ -185,8 +183,7 @@ class Audit:
             self.optimizer.register_step_post_hook(step_post),
         ]
         # an audit that is dropped without close() leaves no hooks on the optimizer
-        self._cleanup_state = {"handles": list(self._handles), "host_tracker": False}
-        self._finalizer = weakref.finalize(self, _cleanup, self._cleanup_state)
+        self._finalizer = weakref.finalize(self, _cleanup, list(self._handles), self.replay)
 
     # -- public API ---------------------------------------------------------------------------------
     def due(self, step: int | None = None) -> bool:
@@ -255,12 +252,9 @@ class Audit:
         due = not self._closed and self.due(step)
         self._pending = pending = _Pending(batches, StepWatch(), due)
         if due:
-            self._audited += 1
-            if self._audited % 64 == 0:
-                self._host_check = True  # look again now and then: a model may start drawing later
             try:
                 self._refresh_index(pending)
-                pending.entry = RngState.capture(self._devices, host=self._track_host or self._host_check)
+                pending.entry = self.replay.open(self._devices)
                 self._forward_handle = self.model.register_forward_hook(self._forward_end)
                 if self.probes:
                     self._start_captures(pending, step)
@@ -318,8 +312,8 @@ class Audit:
             if self._forward_handle is not None:
                 self._forward_handle.remove()
                 self._forward_handle = None
-        if pending.due and pending.entry is not None and pending.entry.host is not None:
-            self._check_host_randomness(pending)  # a step that was not audited still tells
+        if pending.due:
+            self.replay.check(pending.entry)  # a step that was not audited still tells
         if pending.due and self._flat is not None and not self.due():
             self._flat.release()  # sparse auditing holds no copy of the model between audited steps
         if pending.due and not pending.stepped and not failed:
@@ -385,13 +379,9 @@ class Audit:
             pending.autocast = AutocastState.capture()
         if len(pending.batches) > 1:  # accumulation: mark where the next micro-batch's loss_fn starts
             tensor = first_tensor(output)
-            if tensor is not None and tensor.requires_grad and len(pending.marks) < 64 * len(pending.batches):
-                devices, host = self._devices, pending.entry.host is not None
-
-                def mark(grad):  # reached in micro-batch i's backward: after all of its loss_fn's draws
-                    pending.marks.append(RngState.capture(devices, host=host))
-
-                tensor.register_hook(mark)
+            if tensor is not None:
+                self.replay.mark_output(tensor, pending.marks, MAX_MARKS_PER_BATCH * len(pending.batches),
+                                        self._devices, host=pending.entry.host is not None)
 
     def _on_step_pre(self, args, kwargs):
         pending = self._pending
@@ -414,7 +404,7 @@ class Audit:
     def _prepare(self, pending: _Pending, args, kwargs):
         """Snapshot weights and gradient; for closure optimizers, wrap the closure to catch its first call."""
         self._stop_captures(pending)  # the training backward is done: nothing later is theirs to see
-        rngs = replay_states(pending.entry, pending.marks, len(pending.batches))
+        rngs = self.replay.states(pending.entry, pending.marks, len(pending.batches))
         ctx = StepContext(
             step=self._step_count, model=self.model, optimizer=self.optimizer, loss_fn=self.loss_fn,
             parts=[Part(b, r) for b, r in zip(pending.batches, rngs)],
@@ -443,7 +433,7 @@ class Audit:
             if not ctx.grads and pending.error is None:
                 try:
                     ctx.grads = self._grads()
-                    ctx.parts = [Part(b, r) for b, r in zip(pending.batches, replay_states(
+                    ctx.parts = [Part(b, r) for b, r in zip(pending.batches, self.replay.states(
                         pending.entry, pending.marks, len(pending.batches)))]
                     pending.loss_before = self.losses.before(ctx, loss)
                 except Exception as error:  # never break training: the record says what failed
@@ -505,8 +495,7 @@ class Audit:
 
     def _audit(self, pending: _Pending, index: int) -> dict:
         ctx = pending.ctx
-        if pending.entry is not None and pending.entry.host is not None:
-            self._check_host_randomness(pending, ctx.parts)
+        self.replay.check(pending.entry, [part.rng for part in ctx.parts])
         flat = self._flat_buffers()
         keep = self._probes_due(index)
         first_order, sums = flat.finish(keep_before=keep)
@@ -526,21 +515,6 @@ class Audit:
         ctx.record = record
         self._run_probes(ctx, record, index)
         return record
-
-    def _check_host_randomness(self, pending: _Pending, parts: list[Part] = ()) -> None:
-        """On a checking step: if Python's or NumPy's generator moved since the step opened, track them from
-        now on (replayed and restored like torch's); if not, drop the snapshots so re-evaluations skip them."""
-        if self._track_host:
-            return
-        if same_host_state(pending.entry.host, host_state()):
-            self._host_check = False
-            for rng in [pending.entry] + [part.rng for part in parts]:
-                if rng is not None:
-                    rng.host = None
-        else:
-            self._track_host, self._host_check = True, False
-            self._cleanup_state["host_tracker"] = True
-            count_host_tracker(+1)
 
     def _run_probes(self, ctx: StepContext, record: dict, index: int) -> None:
         for name, every in self.probes.items():
@@ -573,10 +547,8 @@ class Audit:
             warnings.warn(f"stepaudit could not write step {record['step']}: {error}", stacklevel=2)
 
 
-def _cleanup(state: dict) -> None:
-    """Remove an audit's optimizer hooks and its host-RNG tracker count (at close() or when it is dropped)."""
-    for handle in state["handles"]:
+def _cleanup(handles: list, replay: Replay) -> None:
+    """Remove an audit's optimizer hooks and stop its host-RNG tracking (at close() or when it is dropped)."""
+    for handle in handles:
         handle.remove()
-    if state["host_tracker"]:
-        state["host_tracker"] = False
-        count_host_tracker(-1)
+    replay.close()

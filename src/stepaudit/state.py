@@ -160,19 +160,6 @@ def preserved(model: torch.nn.Module, rng: RngState | None, autocast: AutocastSt
                 module.training = mode
 
 
-def replay_states(entry: RngState | None, marks: list, count: int) -> list[RngState | None]:
-    """The random state each of ``count`` micro-batches' ``loss_fn`` started from.
-
-    The first: ``entry``, where the step opened. Micro-batch i > 0: ``marks`` holds one state per model
-    output, taken when the backward reached it — after every draw of micro-batch i − 1's ``loss_fn``
-    (before or after its model calls) and before micro-batch i's; outputs are split evenly between
-    micro-batches, so a ``loss_fn`` that calls the model twice (R-Drop) is handled. None: not known.
-    """
-    per_batch = max(1, len(marks) // count)
-    later = [marks[i * per_batch - 1] if i * per_batch - 1 < len(marks) else None for i in range(1, count)]
-    return [entry, *later]
-
-
 def map_tensors(obj: Any, fn) -> Any:
     """Apply ``fn`` to every tensor inside nested tuples, lists and dicts (e.g. to cast a batch)."""
     if isinstance(obj, torch.Tensor):
