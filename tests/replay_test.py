@@ -9,24 +9,29 @@ from stepaudit import state
 from stepaudit.replay import CHECK_EVERY, Replay
 
 
-def test_micro_batches_split_the_marks_evenly():
-    entry, marks = "entry", [f"m{i}" for i in range(6)]
-    assert Replay.states(entry, marks, 1) == ["entry"]
-    assert Replay.states(entry, marks, 3) == ["entry", "m1", "m3"]  # two outputs per micro-batch (R-Drop)
-    assert Replay.states(entry, marks[:2], 3) == ["entry", "m0", "m1"]
-    assert Replay.states(entry, [], 3) == ["entry", None, None]  # outputs without grad: nothing to replay
+def test_micro_batches_start_at_the_last_mark_before_their_first_forward():
+    f, m = "forward", "mark"
+    per_micro_batch = [(f, "f0"), (m, "m0"), (f, "f1"), (m, "m1"), (f, "f2"), (m, "m2")]
+    assert Replay.states("entry", per_micro_batch, 1) == ["entry"]
+    assert Replay.states("entry", per_micro_batch, 3) == ["entry", "m0", "m1"]
+    r_drop = [(f, "a0"), (f, "b0"), (m, "x0"), (m, "y0"), (f, "a1"), (f, "b1"), (m, "x1"), (m, "y1")]
+    assert Replay.states("entry", r_drop, 2) == ["entry", "y0"]  # two model calls per micro-batch
+    one_backward = [(f, "f0"), (f, "f1"), (f, "f2"), (m, "m2"), (m, "m1"), (m, "m0")]
+    assert Replay.states("entry", one_backward, 3) == ["entry", "f0", "f1"]  # no mark in between
+    assert Replay.states("entry", [(f, "f0")], 3) == ["entry", None, None]
 
 
-def test_a_mark_is_taken_when_the_backward_reaches_the_output():
+def test_a_mark_is_taken_when_the_backward_reaches_the_output_and_leaves_are_not_hooked():
     weight = torch.ones(3, requires_grad=True)
-    output, marks = weight * 2, []
-    Replay.mark_output(output, marks, limit=4, devices=[], host=False)
+    output, events, handles = weight * 2, [], []
+    Replay.record_forward((weight.detach(), weight, output), events, handles, devices=[], host=False)
+    assert len(handles) == 1  # the non-leaf output, not the detached tensor nor the parameter itself
     torch.rand(5)  # a draw after the forward, before the backward (a loss_fn's own noise)
     expected = torch.get_rng_state()
     output.sum().backward()
-    assert len(marks) == 1 and torch.equal(marks[0].cpu, expected)
-    Replay.mark_output(weight.detach() * 2, marks, limit=4, devices=[], host=False)  # no grad: no hook
-    assert len(marks) == 1
+    assert [kind for kind, _ in events] == ["forward", "mark"] and torch.equal(events[1][1].cpu, expected)
+    handles[0].remove()
+    assert not weight._backward_hooks
 
 
 def test_host_generators_are_tracked_only_after_a_draw_and_the_count_is_released():

@@ -236,3 +236,65 @@ def test_accumulation_replays_a_loss_fn_drawing_after_the_model_call(tmp_path):
                 (logit_dropout(model, batch) / 3).backward()
             optimizer.step()
     assert audit.last["delta"] == 0.0
+
+
+def test_python_random_drawn_only_later_in_training_is_still_restored(tmp_path):
+    class LateLayerDrop(HostLayerDrop):
+        on = False  # switched on by the loop after the audit's first check
+
+        def forward(self, x):
+            if self.training and LateLayerDrop.on and random.random() < 0.5:
+                x = x + self.a(x)
+            return self.b(x)
+
+    results = {}
+    for audited in (False, True):
+        torch.manual_seed(0)
+        random.seed(0)
+        LateLayerDrop.on = False
+        model = LateLayerDrop()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        audit = stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / f"l{audited}") if audited else None
+        for i, batch in enumerate(batches(8)):
+            LateLayerDrop.on = i >= 3
+            if audit is not None:
+                audit.step(batch)
+            else:
+                optimizer.zero_grad()
+                classification_loss(model, batch).backward()
+                optimizer.step()
+        results[audited] = (model, random.getstate())
+        if audit is not None:
+            audit.close()
+    assert results[False][1] == results[True][1]
+    assert all(torch.equal(p, q) for p, q in zip(results[False][0].parameters(), results[True][0].parameters()))
+
+
+def test_one_backward_for_all_micro_batches_replays_each_from_its_forward(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.3), nn.Linear(32, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    micro = batches(2)
+    with stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / "r") as audit:
+        with audit.watch(micro, accumulate=2) as w:
+            optimizer.zero_grad()
+            w.loss = sum(classification_loss(model, b) / 2 for b in micro)
+            w.loss.backward()
+            optimizer.step()
+    assert audit.last["loss_after"] == pytest.approx(float(w.loss), rel=1e-6)  # the same masks, lr 0
+
+
+def test_closing_inside_a_step_leaves_no_host_tracker_behind(tmp_path):
+    from stepaudit import state
+
+    before = state._HOST_TRACKERS[0]
+    torch.manual_seed(0)
+    model = HostLayerDrop()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    audit = stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / "r")
+    batch = batches(1)[0]
+    with audit.watch(batch):
+        optimizer.zero_grad()
+        classification_loss(model, batch).backward()
+        audit.close()
+    assert state._HOST_TRACKERS[0] == before

@@ -4,9 +4,10 @@ Hook order for one audited step (nothing wraps or subclasses the optimizer):
   0. ``step()``/``watch()`` opens — the step is due: the random state here is the one the first
                                      (micro-)batch's re-evaluation replays; attach (1), start the due
                                      probes' captures (``probes.register_capture``: observe-only hooks);
-  1. ``model`` forward hook       — autocast state of the training forward; with accumulation, a
-                                     gradient hook on each output marks the RNG state when the backward
-                                     reaches it (where the next micro-batch's loss_fn starts);
+  1. ``model`` forward hook       — autocast state of the training forward; with accumulation, the
+                                     RNG state after each forward and, through a gradient hook on its
+                                     output, when the backward reaches it (where the next micro-batch's
+                                     loss_fn starts; ``replay.py``);
   2. optimizer step pre-hook       — stop the captures; weights before, the gradient the optimizer
                                      received (or, for closure optimizers such as LBFGS, a wrapped
                                      closure that captures the first evaluation), the loss before;
@@ -28,14 +29,14 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from . import probes as probe_registry
-from .arguments import batch_size, check_replayable, first_tensor, index_parameters, validate
+from .arguments import batch_size, check_replayable, index_parameters, validate
 from .context import Part, StepContext, check_scalar_loss
 from .flat import FlatBuffers
 from .losses import LossEvaluator
 from .meta import describe
 from .probes.step import step_fields
 from .records import layer_rows, summarize
-from .replay import MAX_MARKS_PER_BATCH, Replay
+from .replay import MAX_EVENTS_PER_BATCH, Replay
 from .state import AutocastState, RngState, _cuda_devices
 from .store import RunStore, new_run_dir
 
@@ -60,7 +61,8 @@ class _Pending:
     watch: StepWatch
     due: bool
     entry: RngState | None = None  # random state where the step began (step(): where loss_fn is called)
-    marks: list = field(default_factory=list)  # random state as the backward reaches each model output
+    events: list = field(default_factory=list)  # ("forward" | "mark", random state), in order (accumulation)
+    handles: list = field(default_factory=list)  # gradient hooks on model outputs, removed when the step closes
     skipped: bool = False  # a fused optimizer was told by GradScaler to skip this step (inf/NaN gradients)
     autocast: AutocastState | None = None
     ctx: StepContext | None = None
@@ -306,13 +308,15 @@ class Audit:
         ``failed``: the block raised; the exception says what happened, so no warning is added.
         """
         pending, self._pending = self._pending, None
+        for handle in pending.handles:
+            handle.remove()
         try:
             self._stop_captures(pending)
         finally:
             if self._forward_handle is not None:
                 self._forward_handle.remove()
                 self._forward_handle = None
-        if pending.due:
+        if pending.due and not self._closed:
             self.replay.check(pending.entry)  # a step that was not audited still tells
         if pending.due and self._flat is not None and not self.due():
             self._flat.release()  # sparse auditing holds no copy of the model between audited steps
@@ -377,11 +381,10 @@ class Audit:
             return
         if pending.autocast is None:
             pending.autocast = AutocastState.capture()
-        if len(pending.batches) > 1:  # accumulation: mark where the next micro-batch's loss_fn starts
-            tensor = first_tensor(output)
-            if tensor is not None:
-                self.replay.mark_output(tensor, pending.marks, MAX_MARKS_PER_BATCH * len(pending.batches),
-                                        self._devices, host=pending.entry.host is not None)
+        count = len(pending.batches)
+        if count > 1 and torch.is_grad_enabled() and len(pending.events) < MAX_EVENTS_PER_BATCH * count:
+            self.replay.record_forward(output, pending.events, pending.handles, self._devices,
+                                       host=pending.entry.host is not None)
 
     def _on_step_pre(self, args, kwargs):
         pending = self._pending
@@ -404,7 +407,7 @@ class Audit:
     def _prepare(self, pending: _Pending, args, kwargs):
         """Snapshot weights and gradient; for closure optimizers, wrap the closure to catch its first call."""
         self._stop_captures(pending)  # the training backward is done: nothing later is theirs to see
-        rngs = self.replay.states(pending.entry, pending.marks, len(pending.batches))
+        rngs = self.replay.states(pending.entry, pending.events, len(pending.batches))
         ctx = StepContext(
             step=self._step_count, model=self.model, optimizer=self.optimizer, loss_fn=self.loss_fn,
             parts=[Part(b, r) for b, r in zip(pending.batches, rngs)],
@@ -434,7 +437,7 @@ class Audit:
                 try:
                     ctx.grads = self._grads()
                     ctx.parts = [Part(b, r) for b, r in zip(pending.batches, self.replay.states(
-                        pending.entry, pending.marks, len(pending.batches)))]
+                        pending.entry, pending.events, len(pending.batches)))]
                     pending.loss_before = self.losses.before(ctx, loss)
                 except Exception as error:  # never break training: the record says what failed
                     if self.strict:

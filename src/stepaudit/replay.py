@@ -2,22 +2,22 @@
 noise match the training pass), and whether Python's and NumPy's generators are replayed too.
 
 Per audited step: ``open()`` when the step opens — the state the first (micro-)batch's ``loss_fn``
-starts from; with accumulation, ``mark_output()`` on each model output — the state when the backward
-reaches it, after every draw of that micro-batch's ``loss_fn``, which is where the next one starts;
-``states()`` pairs them with the micro-batches; ``check()`` after the step decides whether Python's
+starts from; with accumulation, ``record_forward()`` after each model forward — that state, and again
+when the backward reaches the output, after every draw of that micro-batch's ``loss_fn``, which is
+where the next one starts; ``states()`` pairs them with the micro-batches; ``check()`` after the step decides whether Python's
 and NumPy's generators need tracking (reading NumPy's state costs ~60 µs, so only models seen drawing
 from them pay it: checked on the first audited step and every 64th after).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from .state import RngState, count_host_tracker, host_state, same_host_state
 
 CHECK_EVERY = 64  # audited steps between two checks for Python/NumPy draws
-MAX_MARKS_PER_BATCH = 64  # model outputs marked per micro-batch, at most
+MAX_EVENTS_PER_BATCH = 64  # forwards and backward marks noted per micro-batch, at most
 
 
 class Replay:
@@ -25,6 +25,7 @@ class Replay:
 
     def __init__(self) -> None:
         self.tracking_host = False  # Python's and NumPy's generators replayed and restored too
+        self.closed = False
         self._check_next = True  # the next opened step checks whether the training pass draws from them
         self._opened = 0
 
@@ -36,31 +37,44 @@ class Replay:
         return RngState.capture(devices, host=self.tracking_host or self._check_next)
 
     @staticmethod
-    def mark_output(output: torch.Tensor, marks: list, limit: int, devices: list[int], host: bool) -> None:
-        """With accumulation: append the state to ``marks`` when the backward reaches ``output``."""
-        if not output.requires_grad or len(marks) >= limit:
+    def record_forward(output: Any, events: list, handles: list, devices: list[int], host: bool) -> None:
+        """With accumulation: note the state after a model forward, and hook the first non-leaf output that
+        requires grad so the state is noted again when the backward reaches it (``events``, in order)."""
+        events.append(("forward", RngState.capture(devices, host=host)))
+        tensor = next((t for t in tensors_in(output) if t.grad_fn is not None), None)
+        if tensor is None:
             return
 
-        def mark(grad):  # reached in micro-batch i's backward: after all of its loss_fn's draws
-            marks.append(RngState.capture(devices, host=host))
+        def mark(grad):  # micro-batch i's backward: after every draw of its loss_fn
+            events.append(("mark", RngState.capture(devices, host=host)))
 
-        output.register_hook(mark)
+        handles.append(tensor.register_hook(mark))
 
     @staticmethod
-    def states(entry: RngState | None, marks: list, count: int) -> list[RngState | None]:
+    def states(entry: RngState | None, events: list, count: int) -> list[RngState | None]:
         """The state each of ``count`` micro-batches' ``loss_fn`` started from (None: not known).
 
-        The first: ``entry``. Micro-batch i > 0: the mark of micro-batch i − 1's last output (outputs are
-        split evenly between micro-batches, so a ``loss_fn`` that calls the model twice is handled).
+        The first: ``entry``. Micro-batch i > 0 (forwards split evenly, so a ``loss_fn`` calling the model
+        twice is handled): the last backward mark between micro-batch i − 1's last forward and i's first —
+        after all of i − 1's draws, before or after its model calls; without one (one backward for all
+        micro-batches, an output modified in place) the state after i − 1's last forward.
         """
-        per_batch = max(1, len(marks) // count)
-        later = [marks[i * per_batch - 1] if i * per_batch - 1 < len(marks) else None for i in range(1, count)]
-        return [entry, *later]
+        forwards = [position for position, (kind, _) in enumerate(events) if kind == "forward"]
+        per_batch = max(1, len(forwards) // count)
+        states = [entry]
+        for batch in range(1, count):
+            first = batch * per_batch
+            if first >= len(forwards):
+                states.append(None)
+                continue
+            marks = [state for kind, state in events[forwards[first - 1] + 1:forwards[first]] if kind == "mark"]
+            states.append(marks[-1] if marks else events[forwards[first - 1]][1])
+        return states
 
     def check(self, entry: RngState | None, others: Sequence[RngState | None] = ()) -> None:
         """After a checking step: if Python's or NumPy's generator moved since ``entry``, track them from now
         on; if not, drop their snapshots from ``entry`` and ``others`` so re-evaluations skip them."""
-        if self.tracking_host or entry is None or entry.host is None:
+        if self.closed or self.tracking_host or entry is None or entry.host is None:
             return
         if same_host_state(entry.host, host_state()):
             self._check_next = False
@@ -73,6 +87,19 @@ class Replay:
 
     def close(self) -> None:
         """Stop tracking (every re-evaluation restores Python/NumPy generators while any audit tracks them)."""
+        self.closed = True
         if self.tracking_host:
             self.tracking_host = False
             count_host_tracker(-1)
+
+
+def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor inside nested tuples, lists and dicts, depth first."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from tensors_in(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from tensors_in(value)

@@ -131,8 +131,9 @@ def preserved(model: torch.nn.Module, rng: RngState | None, autocast: AutocastSt
     """Run a re-evaluation with the training forward's RNG and autocast, then restore RNG, buffers and modes.
 
     Everything the block touches that training could observe later is put back: the RNG streams
-    (CPU and the model's CUDA devices, as ``torch.random.fork_rng`` does), buffers such as
-    BatchNorm running statistics (bit for bit), and each module's ``training`` flag.
+    (CPU and the model's CUDA devices, as ``torch.random.fork_rng`` does, and Python's ``random``;
+    NumPy's while an audit tracks it), buffers such as BatchNorm running statistics (bit for bit), and
+    each module's ``training`` flag.
     """
     modules = list(model.modules())
     modes = [m.training for m in modules]
@@ -142,6 +143,9 @@ def preserved(model: torch.nn.Module, rng: RngState | None, autocast: AutocastSt
     saved = [b.detach().clone() for _, _, b in slots]
     outside = RngState.capture(_cuda_devices(model),
                                host=(rng is not None and rng.host is not None) or _HOST_TRACKERS[0] > 0)
+    # Python's generator always goes back (~20 µs): a model may start drawing from it between two of the
+    # audit's checks. NumPy's (~120 µs to save and restore) only while tracked.
+    python = random.getstate() if outside.host is None else None
     try:
         if rng is not None:
             rng.apply()  # inside the try: a partial apply (CPU set, a CUDA device failed) is undone too
@@ -155,6 +159,8 @@ def preserved(model: torch.nn.Module, rng: RngState | None, autocast: AutocastSt
             with torch.no_grad():
                 torch._foreach_copy_([b for _, _, b in slots], saved)
         outside.apply()
+        if python is not None:
+            random.setstate(python)
         for module, mode in zip(modules, modes):
             if module.training is not mode:  # nn.Module.__setattr__ is slow: only write what changed
                 module.training = mode
