@@ -3,7 +3,9 @@ weight cache, the random state a loss_fn starts from. Each case runs the same lo
 audit (the oracle) or against an independent recomputation."""
 from __future__ import annotations
 
+import contextlib
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -49,7 +51,9 @@ class RebindingEma(nn.Module):
         return self.lin(x - self.mean)
 
 
-def train(make, audited: bool, tmp_path, steps: int = 6, **audit_kwargs):
+def train(make, audited: bool, tmp_path, steps: int = 6, skip=(), before_each=None, **audit_kwargs):
+    """The same loop with or without the audit (through ``watch``; steps in ``skip`` never call
+    ``optimizer.step()``); returns (model, Python's state, NumPy's key, records)."""
     torch.manual_seed(0)
     random.seed(0)
     np.random.seed(0)
@@ -57,25 +61,33 @@ def train(make, audited: bool, tmp_path, steps: int = 6, **audit_kwargs):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     audit = stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / f"r{audited}",
                             **audit_kwargs) if audited else None
-    for batch in batches(steps):
-        if audit is not None:
-            audit.step(batch)
-        else:
-            optimizer.zero_grad()
-            classification_loss(model, batch).backward()
-            optimizer.step()
+    for i, batch in enumerate(batches(steps)):
+        if before_each is not None:
+            before_each(i)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no optimizer step happened" on skipped steps
+            with audit.watch(batch) if audit is not None else contextlib.nullcontext():
+                optimizer.zero_grad()
+                classification_loss(model, batch).backward()
+                if i not in skip:
+                    optimizer.step()
     records = audit.records if audit is not None else None
     if audit is not None:
         audit.close()
     return model, random.getstate(), np.random.get_state()[1].copy(), records
 
 
-def test_python_and_numpy_generators_are_replayed_and_restored(tmp_path):
-    plain, python_plain, numpy_plain, _ = train(HostLayerDrop, False, tmp_path)
-    audited, python_audited, numpy_audited, records = train(HostLayerDrop, True, tmp_path)
+def assert_same_training(make, tmp_path, **kwargs) -> None:
+    """Weights and Python/NumPy generator states bit-identical with and without the audit."""
+    plain, python_plain, numpy_plain, _ = train(make, False, tmp_path, **kwargs)
+    audited, python_audited, numpy_audited, _ = train(make, True, tmp_path, **kwargs)
     assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), audited.parameters()))
     assert python_plain == python_audited
     assert np.array_equal(numpy_plain, numpy_audited)
+
+
+def test_python_and_numpy_generators_are_replayed_and_restored(tmp_path):
+    assert_same_training(HostLayerDrop, tmp_path)
     # replayed, not merely restored: at lr 0 the re-evaluation takes the same layer-drop decisions
     torch.manual_seed(0)
     model = HostLayerDrop()
@@ -90,7 +102,7 @@ def test_a_rebound_buffer_goes_back_to_its_object_and_values(tmp_path):
     plain, *_ = train(RebindingEma, False, tmp_path, steps=4)
     audited, *_ = train(RebindingEma, True, tmp_path, steps=4)
     assert torch.equal(plain.mean, audited.mean)
-    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), audited.parameters()))
+    assert_same_training(RebindingEma, tmp_path, steps=4)
 
 
 def test_loss_after_inside_an_autocast_region_spanning_the_step_uses_the_new_weights(tmp_path):
@@ -139,103 +151,43 @@ def test_a_loss_fn_drawing_noise_before_the_model_is_replayed_from_its_start(use
     assert all(r["noise_method"] == "roundoff" for r in audit.records)
 
 
-def test_accumulation_with_two_model_calls_per_micro_batch_replays_each_micro_batch(tmp_path):
-    def r_drop(model, batch):  # two dropout forwards per loss (R-Drop, SimCSE)
-        x, y = batch
-        first, second = model(x), model(x)
-        return 0.5 * (F.cross_entropy(first, y) + F.cross_entropy(second, y)) + F.mse_loss(first, second)
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.3), nn.Linear(32, 3))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    micro = batches(2)
-    with stepaudit.Audit(model, optimizer, r_drop, run=tmp_path / "r") as audit:
-        with audit.watch(micro, accumulate=2):
-            optimizer.zero_grad()
-            for batch in micro:
-                (r_drop(model, batch) / 2).backward()
-            optimizer.step()
-    assert audit.last["delta"] == 0.0 and audit.last["loss_before"] == audit.last["loss_after"]
-
-
 def test_host_generators_are_tracked_even_when_the_checking_step_is_not_taken(tmp_path):
-    torch.manual_seed(0)
-    results = {}
-    for audited in (False, True):
-        torch.manual_seed(0)
-        random.seed(0)
-        np.random.seed(0)
-        model = HostLayerDrop()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        audit = stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / f"a{audited}") if audited else None
-        for i, batch in enumerate(batches(5)):
-            if audit is not None:
-                with pytest.warns(UserWarning) if i == 0 else _no_warning():
-                    with audit.watch(batch):
-                        optimizer.zero_grad()
-                        classification_loss(model, batch).backward()
-                        if i > 0:  # step 0, the first checking step, never calls optimizer.step()
-                            optimizer.step()
-            else:
-                optimizer.zero_grad()
-                classification_loss(model, batch).backward()
-                if i > 0:
-                    optimizer.step()
-        results[audited] = (model, random.getstate())
-        if audit is not None:
-            audit.close()
-    assert results[False][1] == results[True][1]
-    assert all(torch.equal(p, q) for p, q in zip(results[False][0].parameters(), results[True][0].parameters()))
-
-
-def _no_warning():
-    import contextlib
-    return contextlib.nullcontext()
+    assert_same_training(HostLayerDrop, tmp_path, steps=5, skip={0})  # step 0 checks, but is never taken
 
 
 def test_replays_without_a_state_of_their_own_restore_host_generators_while_tracked(tmp_path):
     # reference_mode="train" replays a fixed torch state that carries no Python/NumPy part
-    reference = batches(1, n=32, seed=7)[0]
-    states = {}
-    for audited in (False, True):
-        torch.manual_seed(0)
-        random.seed(0)
-        np.random.seed(0)
-        model = HostLayerDrop()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        audit = stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / f"r{audited}",
-                                reference=reference, reference_mode="train") if audited else None
-        for batch in batches(5):
-            if audit is not None:
-                audit.step(batch)
-            else:
-                optimizer.zero_grad()
-                classification_loss(model, batch).backward()
-                optimizer.step()
-        states[audited] = (random.getstate(), np.random.get_state()[1].copy(), [p.clone() for p in model.parameters()])
-        if audit is not None:
-            audit.close()
-    assert states[False][0] == states[True][0]
-    assert np.array_equal(states[False][1], states[True][1])
-    assert all(torch.equal(p, q) for p, q in zip(states[False][2], states[True][2]))
+    assert_same_training(HostLayerDrop, tmp_path, steps=5, reference=batches(1, n=32, seed=7)[0],
+                         reference_mode="train")
 
 
-def test_accumulation_replays_a_loss_fn_drawing_after_the_model_call(tmp_path):
-    def logit_dropout(model, batch):  # randomness drawn by loss_fn after the model call
-        x, y = batch
-        return F.cross_entropy(F.dropout(model(x), 0.3), y)
+def r_drop(model, batch):
+    """Two dropout forwards per loss (R-Drop, SimCSE)."""
+    x, y = batch
+    first, second = model(x), model(x)
+    return 0.5 * (F.cross_entropy(first, y) + F.cross_entropy(second, y)) + F.mse_loss(first, second)
 
+
+def logit_dropout(model, batch):
+    """Randomness drawn by loss_fn after the model call."""
+    x, y = batch
+    return F.cross_entropy(F.dropout(model(x), 0.3), y)
+
+
+@pytest.mark.parametrize("loss_fn", [r_drop, logit_dropout, noisy_loss])
+@pytest.mark.parametrize("micro_batches", [2, 3])
+def test_accumulation_replays_each_micro_batch_from_where_its_loss_fn_started(loss_fn, micro_batches, tmp_path):
     torch.manual_seed(0)
-    model = nn.Linear(6, 3)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    micro = batches(3)
-    with stepaudit.Audit(model, optimizer, logit_dropout, run=tmp_path / "r") as audit:
-        with audit.watch(micro, accumulate=3):
+    model = nn.Sequential(nn.Linear(6, 32), nn.Dropout(0.3), nn.Linear(32, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # nothing moves: delta must be exactly 0
+    micro = batches(micro_batches)
+    with stepaudit.Audit(model, optimizer, loss_fn, run=tmp_path / "r") as audit:
+        with audit.watch(micro, accumulate=micro_batches):
             optimizer.zero_grad()
             for batch in micro:
-                (logit_dropout(model, batch) / 3).backward()
+                (loss_fn(model, batch) / micro_batches).backward()
             optimizer.step()
-    assert audit.last["delta"] == 0.0
+    assert audit.last["delta"] == 0.0 and audit.last["loss_before"] == audit.last["loss_after"]
 
 
 def test_python_random_drawn_only_later_in_training_is_still_restored(tmp_path):
@@ -247,27 +199,10 @@ def test_python_random_drawn_only_later_in_training_is_still_restored(tmp_path):
                 x = x + self.a(x)
             return self.b(x)
 
-    results = {}
-    for audited in (False, True):
-        torch.manual_seed(0)
-        random.seed(0)
-        LateLayerDrop.on = False
-        model = LateLayerDrop()
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        audit = stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / f"l{audited}") if audited else None
-        for i, batch in enumerate(batches(8)):
-            LateLayerDrop.on = i >= 3
-            if audit is not None:
-                audit.step(batch)
-            else:
-                optimizer.zero_grad()
-                classification_loss(model, batch).backward()
-                optimizer.step()
-        results[audited] = (model, random.getstate())
-        if audit is not None:
-            audit.close()
-    assert results[False][1] == results[True][1]
-    assert all(torch.equal(p, q) for p, q in zip(results[False][0].parameters(), results[True][0].parameters()))
+    def switch(step: int) -> None:
+        LateLayerDrop.on = step >= 3
+
+    assert_same_training(LateLayerDrop, tmp_path, steps=8, before_each=switch)
 
 
 def test_one_backward_for_all_micro_batches_replays_each_from_its_forward(tmp_path):
