@@ -383,8 +383,13 @@ class Audit:
             pending.autocast = AutocastState.capture()
         count = len(pending.batches)
         if count > 1 and torch.is_grad_enabled() and len(pending.events) < MAX_EVENTS_PER_BATCH * count:
-            self.replay.record_forward(output, pending.events, pending.handles, self._devices,
-                                       host=pending.entry.host is not None)
+            try:
+                self.replay.record_forward(output, pending.events, pending.handles, self._devices,
+                                           host=pending.entry.host is not None)
+            except Exception as error:  # inside the user's forward: never break training
+                if self.strict:
+                    raise AuditError(f"auditing step {self._step_count}: marking a forward failed: {error}") from error
+                pending.error = error
 
     def _on_step_pre(self, args, kwargs):
         pending = self._pending
