@@ -51,3 +51,21 @@ def test_host_generators_are_tracked_only_after_a_draw_and_the_count_is_released
     before = state._HOST_TRACKERS[0]
     replay.close()
     assert not replay.tracking_host and state._HOST_TRACKERS[0] == before - 1
+
+
+def test_forwards_without_a_backward_stay_inside_their_micro_batch():
+    f, m = "forward", "mark"
+    detached_targets_first = [(f, "t"), (f, "f0"), (m, "m0"), (f, "f1"), (m, "m1")]
+    assert Replay.states("entry", detached_targets_first, 2) == ["entry", "m0"]
+    accuracy_check_after_first = [(f, "f0"), (m, "m0"), (f, "acc"), (f, "f1"), (m, "m1"), (f, "f2"), (m, "m2")]
+    assert Replay.states("entry", accuracy_check_after_first, 3) == ["entry", "m0", "m1"]
+
+
+def test_a_mark_waits_for_the_end_of_its_backward():
+    weight = torch.ones(3, requires_grad=True)
+    output, events, handles = weight * 2, [], []
+    Replay.record_forward(output, events, handles, devices=[], host=False)
+    weight.register_hook(lambda grad: torch.rand(1) and None)  # a draw later in the same backward
+    output.sum().backward()
+    assert torch.equal(events[-1][1].cpu, torch.get_rng_state())  # noted after that draw
+    handles[0].remove()

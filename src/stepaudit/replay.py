@@ -45,11 +45,17 @@ class Replay:
         if tensor is None:
             return
 
-        def mark(grad):  # micro-batch i's backward: after every draw of its loss_fn
+        def note() -> None:
             try:
                 events.append(("mark", RngState.capture(devices, host=host)))
             except Exception:  # inside the user's backward: a missing mark only means the forward fallback
                 pass
+
+        def mark(grad):  # micro-batch i's backward: note the state once this whole backward has run
+            try:  # (after any draw in it: checkpoint recomputation, noisy gradient hooks)
+                torch.autograd.Variable._execution_engine.queue_callback(note)
+            except Exception:  # an engine without callbacks: note it now
+                note()
 
         handles.append(tensor.register_hook(mark))
 
@@ -57,11 +63,17 @@ class Replay:
     def states(entry: RngState | None, events: list, count: int) -> list[RngState | None]:
         """The state each of ``count`` micro-batches' ``loss_fn`` started from (None: not known).
 
-        The first: ``entry``. Micro-batch i > 0 (forwards split evenly, so a ``loss_fn`` calling the model
-        twice is handled): the last backward mark between micro-batch i − 1's last forward and i's first —
-        after all of i − 1's draws, before or after its model calls; without one (one backward for all
-        micro-batches, an output modified in place) the state after i − 1's last forward.
+        The first: ``entry``. The others, when the events fall into ``count`` groups that each end with a
+        backward (a forward right after a mark opens a group): the last mark before the group — after
+        every draw of the previous micro-batch, before or after its model calls; extra forwards that
+        get no backward (detached targets, an accuracy check) stay inside a group. Otherwise (one
+        backward for all micro-batches, outputs without grad) forwards are split evenly, which also
+        handles a ``loss_fn`` calling the model twice, and micro-batch i starts at the last mark
+        between its first forward and the previous one, else at the state after that previous forward.
         """
+        starts = [p for p, (kind, _) in enumerate(events) if kind == "forward" and p and events[p - 1][0] == "mark"]
+        if len(starts) == count - 1 and events and events[-1][0] == "mark":
+            return [entry, *(events[p - 1][1] for p in starts)]
         forwards = [position for position, (kind, _) in enumerate(events) if kind == "forward"]
         per_batch = max(1, len(forwards) // count)
         states = [entry]
