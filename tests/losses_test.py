@@ -55,3 +55,31 @@ def test_float64_losses_match_a_float64_copy():
     after, noise, method = evaluator.after(ctx, loss_before=expected)
     assert after == pytest.approx(expected, rel=1e-15)
     assert method == "float64" and noise < 1e-13
+
+
+def gradient_penalty_loss(model, batch):
+    """A loss that differentiates inside (WGAN-GP, R1): it cannot be evaluated under torch.no_grad()."""
+    x, y = batch
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    return F.cross_entropy(out, y) + 0.1 * grad.pow(2).sum(1).mean()
+
+
+@pytest.mark.parametrize("precision", [None, "float64"])
+def test_a_loss_with_a_gradient_penalty_is_re_evaluated_with_grad_mode_on(precision, tmp_path):
+    import stepaudit
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    batch = (torch.randn(32, 5), torch.randint(0, 3, (32,)))
+    with stepaudit.Audit(model, torch.optim.SGD(model.parameters(), lr=0.1), gradient_penalty_loss,
+                         run=tmp_path / "r", precision=precision) as audit:
+        audit.step(batch)
+        audit.step(batch)
+    oracle = copy.deepcopy(model)
+    if precision == "float64":
+        oracle, batch = oracle.double(), (batch[0].double(), batch[1])
+    expected = float(gradient_penalty_loss(oracle, batch))
+    assert audit.last["verdict"] != "error"
+    assert audit.last["loss_after"] == pytest.approx(expected, rel=1e-6 if precision is None else 1e-12)

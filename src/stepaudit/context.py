@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.func import functional_call
 
-from .state import AutocastState, RngState, preserved
+from .state import AutocastState, RngState, preserved, without_grad
 
 
 class _Objective(torch.nn.Module):
@@ -77,12 +77,14 @@ class StepContext:
     # -- evaluation -------------------------------------------------------------------------
     def loss_now(self) -> float:
         """The step's objective at the live weights, replayed (same masks), nothing left changed."""
-        total = 0.0
-        with torch.no_grad():
+        def evaluate() -> float:
+            total = 0.0
             for part in self.parts:
                 with preserved(self.model, part.rng, self.autocast):
                     total += float(check_scalar_loss(self.loss_fn(self.model, part.batch)))
-        return total / len(self.parts)
+            return total / len(self.parts)
+
+        return without_grad(evaluate, self.memory)
 
     def objective(self) -> _Objective:
         """The cached module wrapper used for functional evaluation."""

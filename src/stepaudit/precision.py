@@ -6,7 +6,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .state import AutocastState, RngState, map_tensors, preserved
+from .state import AutocastState, RngState, map_tensors, preserved, without_grad
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -36,6 +36,7 @@ class Float64Twin:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.twin = copy.deepcopy(model).to(torch.float64)
+        self.flags: dict = {}  # loss_needs_grad: the loss differentiates inside (see state.without_grad)
         self._params = list(self.twin.parameters())
         self._buffers = list(self.twin.buffers())
         self._modules = list(self.twin.modules())
@@ -52,8 +53,11 @@ class Float64Twin:
 
     def loss(self, loss_fn: Callable, batch: Any, rng: RngState | None) -> float:
         """The loss of the twin in float64, training mode as the live model, without autocast."""
-        with torch.no_grad(), preserved(self.twin, rng, AutocastState()):
-            return float(loss_fn(self.twin, cast_batch(batch, torch.float64)))
+        def evaluate() -> float:
+            with preserved(self.twin, rng, AutocastState()):
+                return float(loss_fn(self.twin, cast_batch(batch, torch.float64)))
+
+        return without_grad(evaluate, self.flags)
 
     def relative_error(self, model: torch.nn.Module, loss_fn: Callable, batch: Any,
                        autocast: AutocastState) -> float | None:

@@ -5,7 +5,7 @@ import contextlib
 import random
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -164,6 +164,21 @@ def preserved(model: torch.nn.Module, rng: RngState | None, autocast: AutocastSt
         for module, mode in zip(modules, modes):
             if module.training is not mode:  # nn.Module.__setattr__ is slow: only write what changed
                 module.training = mode
+
+
+def without_grad(evaluate: Callable[[], float], flags: dict) -> float:
+    """``evaluate()`` under ``torch.no_grad()``; with grad mode on if the loss differentiates inside
+    (a gradient penalty calls ``torch.autograd.grad``), which ``flags`` remembers for later calls."""
+    if not flags.get("loss_needs_grad"):
+        try:
+            with torch.no_grad():
+                return evaluate()
+        except RuntimeError as error:
+            if "does not require grad" not in str(error):
+                raise
+            flags["loss_needs_grad"] = True
+    with torch.enable_grad():
+        return evaluate()
 
 
 def map_tensors(obj: Any, fn) -> Any:
