@@ -10,6 +10,8 @@ from typing import Any, Iterator
 
 import torch
 
+from .state import tensors_in
+
 
 def validate(model: Any, optimizer: Any, loss_fn: Any, every: Any, precision: Any, reference_mode: Any) -> None:
     """Refuse arguments ``Audit`` cannot work with, each with a message that says what to pass instead."""
@@ -97,11 +99,4 @@ def batch_size(batches: list) -> int | None:
 
 def first_tensor(obj: Any) -> torch.Tensor | None:
     """The first tensor inside nested tuples, lists and dicts (depth first), or None."""
-    if isinstance(obj, torch.Tensor):
-        return obj
-    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
-    for value in values:
-        found = first_tensor(value)
-        if found is not None:
-            return found
-    return None
+    return next(tensors_in(obj), None)

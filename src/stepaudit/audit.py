@@ -112,11 +112,11 @@ class Audit:
             probes.setdefault("reference", reference_every)
         self.probes = probe_registry.validate(probes)
         self._configure_probes(dict(probe_options or {}))
+        self.memory: dict = {}  # probe state carried across steps (reset when the parameters are re-indexed)
         self._index_parameters(stacklevel=3)
         self.run = Path(run) if run is not None else new_run_dir(name=name)
         self.store = RunStore(self.run, describe(model, optimizer, every=every, probes=self.probes, precision=precision), name=name)
         self.records: list[dict] = []
-        self.memory: dict = {}  # probe state carried across steps
         self.skipped_steps = 0
         self._step_count = 0
         self._pending: _Pending | None = None
@@ -148,8 +148,7 @@ class Audit:
     def _index_parameters(self, stacklevel: int) -> None:
         """Index the optimizer's parameters (again after ``add_param_group``); reset what depends on them."""
         index = index_parameters(self.model, self.optimizer, stacklevel=stacklevel)
-        if hasattr(self, "memory"):
-            self.memory.clear()  # probe state laid out by the old parameter list (warm starts, layer maps)
+        self.memory.clear()  # probe state laid out by the old parameter list (warm starts, layer maps)
         self.names, self.params, self.modules, self.groups = index.names, index.params, index.modules, index.groups
         self._indexed = (len(self.optimizer.param_groups), len(self.params))
         self._devices = _cuda_devices(self.model)
@@ -302,7 +301,7 @@ class Audit:
                 pass
 
     def _end(self, stacklevel: int, failed: bool = False) -> None:
-        """Close the step: detach the forward pre-hook and any capture; count a step that was due but
+        """Close the step: detach the forward hook, output hooks and captures; count a step that was due but
         never taken; release the flat buffers if the next step is not audited.
 
         ``failed``: the block raised; the exception says what happened, so no warning is added.

@@ -6,7 +6,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .state import AutocastState, RngState, map_tensors, preserved, without_grad
+from .state import AutocastState, RngState, _cuda_devices, map_tensors, preserved, without_grad
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -68,7 +68,7 @@ class Float64Twin:
         """
         with torch.no_grad(), preserved(model, None, autocast):
             model.eval()
-            devices = [d for d in range(torch.cuda.device_count())] if torch.cuda.is_initialized() else []
+            devices = _cuda_devices(model)
             start = RngState.capture(devices)
             working = float(loss_fn(model, batch))
             end = RngState.capture(devices)

@@ -4,17 +4,18 @@ noise match the training pass), and whether Python's and NumPy's generators are 
 Per audited step: ``open()`` when the step opens — the state the first (micro-)batch's ``loss_fn``
 starts from; with accumulation, ``record_forward()`` after each model forward — that state, and again
 when the backward reaches the output, after every draw of that micro-batch's ``loss_fn``, which is
-where the next one starts; ``states()`` pairs them with the micro-batches; ``check()`` after the step decides whether Python's
-and NumPy's generators need tracking (reading NumPy's state costs ~60 µs, so only models seen drawing
-from them pay it: checked on the first audited step and every 64th after).
+where the next one starts; ``states()`` pairs them with the micro-batches; ``check()`` after the
+step decides whether Python's and NumPy's generators need tracking (reading NumPy's state costs
+~60 µs, so only models seen drawing from them pay it: checked on the first audited step and every
+64th after).
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from .state import RngState, count_host_tracker, host_state, same_host_state
+from .state import RngState, count_host_tracker, host_state, same_host_state, tensors_in
 
 CHECK_EVERY = 64  # audited steps between two checks for Python/NumPy draws
 MAX_EVENTS_PER_BATCH = 64  # forwards and backward marks noted per micro-batch, at most
@@ -107,14 +108,3 @@ class Replay:
             self.tracking_host = False
             count_host_tracker(-1)
 
-
-def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
-    """Every tensor inside nested tuples, lists and dicts, depth first."""
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from tensors_in(value)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from tensors_in(value)

@@ -192,3 +192,15 @@ def map_tensors(obj: Any, fn) -> Any:
     if isinstance(obj, dict):
         return type(obj)((k, map_tensors(v, fn)) for k, v in obj.items())
     return obj
+
+
+def tensors_in(obj: Any) -> Iterator[torch.Tensor]:
+    """Every tensor inside nested tuples, lists and dicts, depth first."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from tensors_in(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from tensors_in(value)
