@@ -1,0 +1,119 @@
+"""AuditCallback under a real Lightning Trainer: training bit-identical, records right, logs untouched."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import stepaudit
+
+pl = pytest.importorskip("lightning.pytorch")
+from stepaudit.integrations.lightning import AuditCallback  # noqa: E402
+
+
+class Net(pl.LightningModule):
+    """Dropout and BatchNorm (train-mode randomness and buffers); logs its loss every step and per epoch."""
+
+    def __init__(self, fail_at: int | None = None, optimizer: str = "adam"):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+        self.fail_at, self.optimizer_name = fail_at, optimizer
+
+    def training_step(self, batch, batch_idx):
+        if self.fail_at is not None and self.global_step == self.fail_at:
+            raise RuntimeError("boom")
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return {"loss": loss}
+
+    def configure_optimizers(self):
+        if self.optimizer_name == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def loader(same_batch: bool = False) -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(96, 6, generator=g), torch.randint(0, 3, (96,), generator=g)
+    if same_batch:  # one batch, seen every step: loss_after of step k is loss_before of step k+1
+        x, y = x[:32].repeat(4, 1), y[:32].repeat(4)
+        return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=False)
+    return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
+
+
+def fit(callbacks=(), steps: int = 7, same_batch: bool = False, **module_kwargs):
+    pl.seed_everything(0, verbose=False)
+    module = Net(**module_kwargs)
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
+    trainer.fit(module, loader(same_batch))
+    return module, trainer
+
+
+def test_training_is_bit_identical_with_the_callback(tmp_path):
+    plain, plain_trainer = fit()
+    plain_rng = torch.get_rng_state()
+    callback = AuditCallback(run=tmp_path / "run")
+    audited, audited_trainer = fit([callback])
+    assert torch.equal(torch.get_rng_state(), plain_rng)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), audited.state_dict().items()):
+        assert torch.equal(a, b), name  # weights and BatchNorm buffers
+    plain_state = plain_trainer.optimizers[0].state_dict()["state"]
+    audited_state = audited_trainer.optimizers[0].state_dict()["state"]
+    for key in plain_state:
+        for field in plain_state[key]:
+            assert torch.equal(torch.as_tensor(plain_state[key][field]), torch.as_tensor(audited_state[key][field]))
+    # The re-evaluations did not log: the epoch mean of train_loss is the training passes' own.
+    assert torch.equal(plain_trainer.callback_metrics["train_loss_epoch"],
+                       audited_trainer.callback_metrics["train_loss_epoch"])
+    records = callback.audit.records
+    assert [r["step"] for r in records] == list(range(7))
+    assert all(r["verdict"] in ("decrease", "increase", "flat") for r in records)
+    assert len(stepaudit.load(tmp_path / "run", table="steps")) == 7
+
+
+def test_loss_after_is_the_next_steps_loss_before_on_a_repeated_batch(tmp_path):
+    """Oracle: with one batch every step, the same function at the same weights is the next step's training loss
+    (computed by Lightning's own closure). Dropout draws differ step to step, so eval-free nets only."""
+    callback = AuditCallback(run=tmp_path / "run", loss_fn=lambda m, b: nn.functional.cross_entropy(m.net(b[0]), b[1]))
+    pl.seed_everything(0, verbose=False)
+    module = Net(optimizer="sgd")
+    module.net[3].p = 0.0  # no dropout: the loss is a function of weights and batch alone
+    trainer = pl.Trainer(max_steps=5, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer.fit(module, loader(same_batch=True))
+    records = callback.audit.records
+    for this, following in zip(records, records[1:]):
+        assert this["loss_after"] == pytest.approx(following["loss_before"], rel=1e-6, abs=1e-7)
+        assert this["delta"] == pytest.approx(this["loss_after"] - this["loss_before"], rel=1e-9, abs=1e-12)
+
+
+def test_every_n_and_training_step_loss_with_dict_output(tmp_path):
+    callback = AuditCallback(run=tmp_path / "run", every=3)
+    fit([callback], steps=7)
+    assert [r["step"] for r in callback.audit.records] == [0, 3, 6]
+    assert callback.audit._closed
+
+
+def test_gradient_accumulation_is_refused_with_the_fix(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2,
+                         callbacks=[AuditCallback(run=tmp_path / "run")])
+    with pytest.raises(ValueError, match="accumulate=N"):
+        trainer.fit(Net(), loader())
+
+
+def test_a_crash_keeps_the_committed_steps_and_closes_the_audit(tmp_path):
+    callback = AuditCallback(run=tmp_path / "run")
+    with pytest.raises(RuntimeError, match="boom"):
+        fit([callback], fail_at=3)
+    assert callback.audit._closed and callback._watch is None
+    assert list(stepaudit.load(tmp_path / "run", table="steps")["step"]) == [0, 1, 2]
+
+
+def test_unknown_optimizer_index_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="optimizer"):
+        fit([AuditCallback(run=tmp_path / "run", optimizer=1)], steps=1)
