@@ -1,0 +1,110 @@
+"""AuditMixin under a real transformers Trainer: training bit-identical, records right, refusals clear."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import stepaudit
+
+transformers = pytest.importorskip("transformers")
+from stepaudit.integrations.huggingface import AuditMixin  # noqa: E402
+
+
+class AuditedTrainer(AuditMixin, transformers.Trainer):
+    pass
+
+
+class Tokens(torch.utils.data.Dataset):
+    """64 random token sequences with binary labels (nothing downloaded)."""
+
+    def __init__(self, n: int = 64, length: int = 12, same: bool = False):
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(1, 40, (n, length), generator=g)
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+        if same:  # 8 examples, one batch per epoch: loss_after of step k is loss_before of step k+1
+            self.ids, self.labels = self.ids[:8], self.labels[:8]
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.labels[i]}
+
+
+def tiny_bert(dropout: float = 0.1):
+    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, num_labels=2,
+                                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config)
+
+
+def train(tmp_path, trainer_class=transformers.Trainer, steps: int = 6, dropout: float = 0.1, same: bool = False,
+          accumulation: int = 1, label_smoothing: float = 0.0, **extra):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-3,
+        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0,
+        gradient_accumulation_steps=accumulation, label_smoothing_factor=label_smoothing, disable_tqdm=True)
+    model = tiny_bert(dropout)
+    trainer = trainer_class(model=model, args=args, train_dataset=Tokens(same=same), **extra)
+    trainer.train()
+    return model, trainer
+
+
+def test_training_is_bit_identical_with_the_mixin(tmp_path):
+    plain, plain_trainer = train(tmp_path / "plain")
+    plain_rng = torch.get_rng_state()
+    audited, trainer = train(tmp_path / "audited", AuditedTrainer, audit_options={"run": tmp_path / "run"})
+    assert torch.equal(torch.get_rng_state(), plain_rng)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), audited.state_dict().items()):
+        assert torch.equal(a, b), name
+    plain_state, audited_state = plain_trainer.optimizer.state_dict()["state"], trainer.optimizer.state_dict()["state"]
+    for key in plain_state:
+        for field in plain_state[key]:
+            assert torch.equal(torch.as_tensor(plain_state[key][field]), torch.as_tensor(audited_state[key][field]))
+    records = trainer.audit.records
+    assert [r["step"] for r in records] == list(range(6)) and trainer.audit._closed
+    assert all(r["verdict"] in ("decrease", "increase", "flat") for r in records)
+    assert len(stepaudit.load(tmp_path / "run", table="steps")) == 6
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_loss_after_is_the_next_steps_loss_before_on_a_repeated_batch(tmp_path, smoothing):
+    """Oracle: same batch every step and no dropout, so loss_after(k) is the loss at the weights of step k+1.
+    Label smoothing makes compute_loss pop "labels" from its inputs: the audit must hand it a copy."""
+    _, trainer = train(tmp_path, AuditedTrainer, dropout=0.0, same=True, label_smoothing=smoothing,
+                       audit_options={"run": tmp_path / "run"})
+    records = trainer.audit.records
+    assert len(records) == 6 and all(r["verdict"] != "error" for r in records)
+    for this, following in zip(records, records[1:]):
+        assert this["loss_after"] == pytest.approx(following["loss_before"], rel=1e-5, abs=1e-7)
+
+
+def test_every_n_and_an_explicit_loss_fn(tmp_path):
+    def loss_fn(model, inputs):
+        return model(**inputs).loss
+
+    _, trainer = train(tmp_path, AuditedTrainer, steps=7, audit_loss_fn=loss_fn,
+                       audit_options={"run": tmp_path / "run", "every": 3})
+    assert [r["step"] for r in trainer.audit.records] == [0, 3, 6]
+
+
+def test_gradient_accumulation_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="accumulate=N"):
+        train(tmp_path, AuditedTrainer, accumulation=2, audit_options={"run": tmp_path / "run"})
+
+
+def test_a_crash_keeps_the_committed_steps_and_closes_the_audit(tmp_path):
+    class Crashing(AuditedTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if self.state.global_step == 3 and model.training and torch.is_grad_enabled():
+                raise RuntimeError("boom")
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=8,
+                                          report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = Crashing(model=tiny_bert(), args=args, train_dataset=Tokens(), audit_options={"run": tmp_path / "run"})
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    assert trainer.audit._closed and trainer._audit_watch is None
+    assert list(stepaudit.load(tmp_path / "run", table="steps")["step"]) == [0, 1, 2]
