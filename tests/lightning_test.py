@@ -117,3 +117,42 @@ def test_a_crash_keeps_the_committed_steps_and_closes_the_audit(tmp_path):
 def test_unknown_optimizer_index_is_refused(tmp_path):
     with pytest.raises(ValueError, match="optimizer"):
         fit([AuditCallback(run=tmp_path / "run", optimizer=1)], steps=1)
+
+
+class ManualNet(Net):
+    """Manual optimization: training_step calls manual_backward and opt.step() itself."""
+
+    def __init__(self):
+        super().__init__(optimizer="sgd")
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.manual_backward(loss)
+        opt.step()
+        self.log("train_loss", loss, on_step=True, on_epoch=True)
+        return loss
+
+
+def test_manual_optimization_is_audited_and_unchanged(tmp_path):
+    def run(callbacks):
+        pl.seed_everything(0, verbose=False)
+        module = ManualNet()
+        trainer = pl.Trainer(max_steps=5, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+        trainer.fit(module, loader())
+        return module
+
+    with pytest.raises(ValueError, match="loss_fn"):  # training_step steps the optimizer: not a loss to re-evaluate
+        run([AuditCallback(run=tmp_path / "refused")])
+    plain = run([])
+    callback = AuditCallback(run=tmp_path / "run", loss_fn=lambda m, b: nn.functional.cross_entropy(m.net(b[0]), b[1]))
+    audited = run([callback])
+    for (name, a), (_, b) in zip(plain.state_dict().items(), audited.state_dict().items()):
+        assert torch.equal(a, b), name
+    records = callback.audit.records
+    assert [r["step"] for r in records] == list(range(5))
+    assert all(r["verdict"] in ("decrease", "increase", "flat") for r in records)

@@ -12,7 +12,9 @@ subclasses alike) — the way Hugging Face documents changing what a Trainer com
   ``train()`` returns or raises   — close the audit (the run folder keeps every committed step).
 
 The audited loss is ``self.compute_loss(model, inputs)`` — yours if you override it — on a copy of the
-inputs, or ``audit_loss_fn(model, inputs)``. ``gradient_accumulation_steps > 1`` is refused with the fix.
+inputs, or ``audit_loss_fn(model, inputs)`` (use it when ``compute_loss`` has side effects, such as metrics
+recorded there: they would run again at each re-evaluation). ``gradient_accumulation_steps > 1`` is refused
+with the fix.
 """
 from __future__ import annotations
 

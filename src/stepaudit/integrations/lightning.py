@@ -11,8 +11,10 @@ A thin adapter onto ``Audit.watch``. Hook order, per training batch:
 
 The loss the audit re-evaluates is ``loss_fn(module, batch)`` if given, else your ``training_step``
 (its ``Tensor`` or ``{"loss": ...}``), called with ``self.log``/``self.log_dict`` silenced so that the
-re-evaluations leave your logged metrics alone. Gradient accumulation (``accumulate_grad_batches > 1``)
-is refused with the fix: audit such loops with ``Audit.watch(..., accumulate=N)`` in plain PyTorch.
+re-evaluations leave your logged metrics alone (any other side effect of ``training_step`` would run again:
+pass ``loss_fn`` then). Refused with the fix: gradient accumulation (``accumulate_grad_batches > 1``; audit
+such loops with ``Audit.watch(..., accumulate=N)`` in plain PyTorch) and manual optimization without a
+``loss_fn`` (its ``training_step`` steps the optimizer itself).
 """
 from __future__ import annotations
 
@@ -74,6 +76,9 @@ class AuditCallback(Callback):
             raise ValueError(f"AuditCallback cannot audit accumulate_grad_batches={trainer.accumulate_grad_batches}: "
                              "one optimizer step spans several training batches; use accumulate_grad_batches=1, or "
                              "audit the loop in plain PyTorch with audit.watch(micro_batches, accumulate=N)")
+        if self.loss_fn is None and not getattr(pl_module, "automatic_optimization", True):
+            raise ValueError("with manual optimization training_step steps the optimizer itself, so the audit cannot "
+                             "re-evaluate it as the loss; pass AuditCallback(loss_fn=lambda module, batch: ...)")
         optimizers = trainer.optimizers
         if not 0 <= self.optimizer_index < len(optimizers):
             raise ValueError(f"AuditCallback(optimizer={self.optimizer_index}) but the Trainer has "
