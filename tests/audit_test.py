@@ -145,6 +145,19 @@ def test_every_n_audits_one_step_in_n(tiny_batch, tmp_path):
     assert [r["step"] for r in audit.records] == [0, 4, 8]
 
 
+def test_first_step_continues_a_resumed_count(tiny_batch, tmp_path):
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with stepaudit.Audit(model, opt, classification_loss, run=tmp_path / "r", every=2, first_step=3) as audit:
+        for _ in range(4):  # global steps 3, 4, 5, 6: every=2 audits 4 and 6
+            audit.step(tiny_batch)
+    assert [r["step"] for r in audit.records] == [4, 6]
+    assert audit.summary()["steps_seen"] == 4
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="first_step"):
+            stepaudit.Audit(model, opt, classification_loss, run=tmp_path / "bad", first_step=bad)
+
+
 def test_param_groups_lbfgs_and_adamw(tiny_batch, tmp_path):
     model = make_mlp()
     opt = torch.optim.AdamW([{"params": model[0].parameters(), "lr": 1e-2},

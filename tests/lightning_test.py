@@ -15,10 +15,10 @@ from stepaudit.integrations.lightning import AuditCallback  # noqa: E402
 class Net(pl.LightningModule):
     """Dropout and BatchNorm (train-mode randomness and buffers); logs its loss every step and per epoch."""
 
-    def __init__(self, fail_at: int | None = None, optimizer: str = "adam"):
+    def __init__(self, fail_at: int | None = None, optimizer: str = "adam", lr: float = 0.1):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
-        self.fail_at, self.optimizer_name = fail_at, optimizer
+        self.fail_at, self.optimizer_name, self.lr = fail_at, optimizer, lr
 
     def training_step(self, batch, batch_idx):
         if self.fail_at is not None and self.global_step == self.fail_at:
@@ -30,7 +30,7 @@ class Net(pl.LightningModule):
 
     def configure_optimizers(self):
         if self.optimizer_name == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+            return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
@@ -43,11 +43,13 @@ def loader(same_batch: bool = False) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
 
 
-def fit(callbacks=(), steps: int = 7, same_batch: bool = False, **module_kwargs):
+def fit(callbacks=(), steps: int = 7, same_batch: bool = False, module_class=None, trainer_options=None,
+        **module_kwargs):
     pl.seed_everything(0, verbose=False)
-    module = Net(**module_kwargs)
+    module = (module_class or Net)(**module_kwargs)
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+                         **(trainer_options or {}))
     trainer.fit(module, loader(same_batch))
     return module, trainer
 
@@ -156,3 +158,97 @@ def test_manual_optimization_is_audited_and_unchanged(tmp_path):
     records = callback.audit.records
     assert [r["step"] for r in records] == list(range(5))
     assert all(r["verdict"] in ("decrease", "increase", "flat") for r in records)
+
+
+def test_bf16_mixed_re_evaluates_under_the_trainers_autocast(tmp_path):
+    """At lr 1e-6 the step changes the loss far below bf16 rounding: delta within its noise, verdict flat.
+    Re-evaluated outside Lightning's autocast, loss_after was fp32 against a bf16 loss_before: 'decrease'."""
+    callback = AuditCallback(run=tmp_path / "run")
+    fit([callback], steps=4, optimizer="sgd", lr=1e-6, trainer_options={"precision": "bf16-mixed"})
+    records = callback.audit.records
+    assert [r["verdict"] for r in records] == ["flat"] * 4
+    assert all(abs(r["delta"]) <= r["rounding_noise"] for r in records)
+
+
+class NoBatchIdx(Net):
+    def training_step(self, batch):  # Lightning accepts a training_step without batch_idx
+        return super().training_step(batch, 0)
+
+
+def test_training_step_without_batch_idx(tmp_path):
+    callback = AuditCallback(run=tmp_path / "run")
+    fit([callback], steps=3, module_class=NoBatchIdx)
+    assert [r["verdict"] != "error" for r in callback.audit.records] == [True] * 3
+
+
+def test_a_gradient_accumulation_scheduler_is_refused_up_front(tmp_path):
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    with pytest.raises(ValueError, match="GradientAccumulationScheduler"):
+        fit([AuditCallback(run=tmp_path / "run"), GradientAccumulationScheduler({0: 1, 1: 3})], steps=6)
+
+
+class SkipsSecondBatch(Net):
+    def on_train_batch_start(self, batch, batch_idx):
+        return -1 if batch_idx == 1 else None  # -1: Lightning skips the rest of the epoch
+
+
+def test_batches_lightning_skips_are_not_counted_as_skipped_steps(tmp_path):
+    import warnings
+
+    callback = AuditCallback(run=tmp_path / "run")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit([callback], steps=3, module_class=SkipsSecondBatch)
+    assert [r["step"] for r in callback.audit.records] == [0, 1, 2]
+    assert callback.audit.skipped_steps == 0
+    assert not [w for w in caught if "no optimizer step happened" in str(w.message)]
+
+
+class WithMetric(Net):
+    def __init__(self):
+        super().__init__()
+        import torchmetrics
+
+        self.train_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x)
+        self.train_acc(logits, y)
+        self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
+        return nn.functional.cross_entropy(logits, y)
+
+
+def test_torchmetrics_state_is_put_back_after_re_evaluations(tmp_path):
+    _, plain = fit(steps=6, module_class=WithMetric)
+    callback = AuditCallback(run=tmp_path / "run")
+    _, audited = fit([callback], steps=6, module_class=WithMetric)
+    assert torch.equal(plain.callback_metrics["train_acc"], audited.callback_metrics["train_acc"])
+    assert len(callback.audit.records) == 6
+
+
+def test_a_resumed_fit_continues_the_step_count(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    module = Net()
+    options = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   enable_checkpointing=False)
+    first = pl.Trainer(max_steps=3, **options)
+    first.fit(module, loader())
+    first.save_checkpoint(tmp_path / "three.ckpt")
+    callback = AuditCallback(run=tmp_path / "resumed", every=2)
+    pl.Trainer(max_steps=7, callbacks=[callback], **options).fit(Net(), loader(), ckpt_path=tmp_path / "three.ckpt")
+    assert [r["step"] for r in callback.audit.records] == [4, 6]
+
+
+def test_each_rank_writes_its_own_folder(tmp_path):
+    """Several processes: run=<folder> becomes <folder>-rank<i> (ranks sharing a folder overwrite each other)."""
+    from types import SimpleNamespace
+
+    module = Net()
+    trainer = SimpleNamespace(accumulate_grad_batches=1, callbacks=[], optimizers=[module.configure_optimizers()],
+                              world_size=2, global_rank=1, global_step=0, precision_plugin=None)
+    callback = AuditCallback(run=tmp_path / "run")
+    callback.on_train_start(trainer, module)
+    assert callback.audit.run == tmp_path / "run-rank1"
+    callback.audit.close()

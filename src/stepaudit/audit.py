@@ -97,8 +97,12 @@ class Audit:
         reference_mode: str = "eval",
         probe_options: Mapping[str, dict] | None = None,
         tensorboard: str | os.PathLike | None = None,
+        first_step: int = 0,
     ) -> None:
         validate(model, optimizer, loss_fn, every, precision, reference_mode)
+        if isinstance(first_step, bool) or not isinstance(first_step, int) or first_step < 0:
+            raise ValueError(f"first_step must be a non-negative int (the index of the first step, e.g. the "
+                             f"global step a resumed run starts from), got {first_step!r}")
         if reference is not None:
             from .probes.data import check_reference
 
@@ -118,7 +122,7 @@ class Audit:
         self.store = RunStore(self.run, describe(model, optimizer, every=every, probes=self.probes, precision=precision), name=name)
         self.records: list[dict] = []
         self.skipped_steps = 0
-        self._step_count = 0
+        self._step_count = self._first_step = first_step  # index of the next optimizer step (resumed runs start later)
         self._pending: _Pending | None = None
         self.replay = Replay()  # which random state each re-evaluation replays
         self._warned_outside = False
@@ -333,7 +337,8 @@ class Audit:
         """Per-run shares and medians (decrease/increase/flat, alpha, delta/first_order, hurt next/reference, …)."""
         from .probes.data import run_shares
 
-        return {**summarize(self.records, skipped_steps=self.skipped_steps, steps_seen=self._step_count),
+        seen = self._step_count - self._first_step
+        return {**summarize(self.records, skipped_steps=self.skipped_steps, steps_seen=seen),
                 **run_shares(self.records)}
 
     def diagnose(self) -> list[dict]:
@@ -358,7 +363,7 @@ class Audit:
             self._forward_handle.remove()
         self._forward_handle = None
         try:
-            self.store.update_meta(summary=self.summary(), steps_seen=self._step_count)
+            self.store.update_meta(summary=self.summary(), steps_seen=self._step_count - self._first_step)
         finally:
             self.store.close()
             for sink in self._sinks:

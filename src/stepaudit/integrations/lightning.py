@@ -1,24 +1,32 @@
 """Lightning: ``AuditCallback`` audits the optimizer steps of ``Trainer.fit`` without touching your module.
 
 A thin adapter onto ``Audit.watch``. Hook order, per training batch:
-  ``on_train_start``        — build the ``Audit`` on the LightningModule and the Trainer's (first) optimizer;
+  ``on_train_start``        — build the ``Audit`` on the LightningModule and the Trainer's (first) optimizer,
+                              counting steps from ``trainer.global_step`` (a resumed fit continues its count);
   ``on_train_batch_start``  — open ``audit.watch(batch)``: the random state here is what the re-evaluation
                               replays, so dropout masks match;
   (Lightning runs ``optimizer.step(closure)``: the closure — ``training_step`` and ``backward`` — runs
   inside the step, where the audit's step hooks capture the gradient, Δw and the loss after;)
-  ``on_train_batch_end``    — close the watch;
+  ``on_train_batch_end``    — close the watch (a batch your ``on_train_batch_start`` skipped by returning
+                              −1 is abandoned at the next hook instead, and not counted as a skipped step);
   ``on_train_end`` / ``on_exception`` — close the audit (the run folder keeps every committed step).
 
-The loss the audit re-evaluates is ``loss_fn(module, batch)`` if given, else your ``training_step``
-(its ``Tensor`` or ``{"loss": ...}``), called with ``self.log``/``self.log_dict`` silenced so that the
-re-evaluations leave your logged metrics alone (any other side effect of ``training_step`` would run again:
-pass ``loss_fn`` then). Refused with the fix: gradient accumulation (``accumulate_grad_batches > 1``; audit
-such loops with ``Audit.watch(..., accumulate=N)`` in plain PyTorch) and manual optimization without a
-``loss_fn`` (its ``training_step`` steps the optimizer itself).
+The loss the audit re-evaluates is ``loss_fn(module, batch)`` if given, else your ``training_step`` (its
+``Tensor`` or ``{"loss": ...}``), called with ``self.log``/``self.log_dict`` silenced and the state of
+every torchmetrics ``Metric`` in the module put back afterwards, so that the re-evaluations leave your
+logged metrics alone (any other side effect of ``training_step`` would run again: pass ``loss_fn`` then).
+Either runs inside the Trainer's precision context (``precision="bf16-mixed"``: autocast, as in training).
+Refused with the fix: gradient accumulation (``accumulate_grad_batches > 1`` or a
+``GradientAccumulationScheduler``; audit such loops with ``Audit.watch(..., accumulate=N)`` in plain
+PyTorch) and manual optimization without a ``loss_fn`` (its ``training_step`` steps the optimizer itself).
+With several processes each rank writes its own folder (``<run>-rank<i>``).
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -26,8 +34,16 @@ from ..audit import Audit
 
 try:  # the unified package first, then the standalone one
     from lightning.pytorch import Callback
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+    from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 except ImportError:  # pragma: no cover - depends on what is installed
     from pytorch_lightning import Callback
+    from pytorch_lightning.callbacks import GradientAccumulationScheduler
+    from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
+
+
+class _Abandoned(Exception):
+    """Closes a watch whose batch Lightning skipped: not a step that failed, not a step GradScaler skipped."""
 
 
 def _training_loss(output: Any) -> torch.Tensor:
@@ -40,18 +56,41 @@ def _training_loss(output: Any) -> torch.Tensor:
                     "pass AuditCallback(loss_fn=lambda module, batch: ...) instead")
 
 
-class _Silenced:
-    """Shadow ``module.log`` and ``module.log_dict`` with no-ops for the duration of a block."""
+@contextlib.contextmanager
+def _silenced(module: torch.nn.Module) -> Iterator[None]:
+    """Shadow ``module.log`` and ``module.log_dict`` with no-ops for the duration of the block."""
+    module.__dict__["log"] = module.__dict__["log_dict"] = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        module.__dict__.pop("log", None)
+        module.__dict__.pop("log_dict", None)
 
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
 
-    def __enter__(self) -> None:
-        self.module.__dict__["log"] = self.module.__dict__["log_dict"] = lambda *args, **kwargs: None
-
-    def __exit__(self, *exc: Any) -> None:
-        self.module.__dict__.pop("log", None)
-        self.module.__dict__.pop("log_dict", None)
+@contextlib.contextmanager
+def _metrics_kept(module: torch.nn.Module) -> Iterator[None]:
+    """Put back the state of every torchmetrics ``Metric`` in ``module`` after the block (same objects, old values)."""
+    try:
+        from torchmetrics import Metric
+    except ImportError:  # pragma: no cover - Lightning installs torchmetrics
+        yield
+        return
+    saved = []
+    for metric in (m for m in module.modules() if isinstance(m, Metric)):
+        for name in [*metric._defaults, "_update_count", "_computed", "_forward_cache"]:
+            value = getattr(metric, name)
+            copy = value.detach().clone() if isinstance(value, torch.Tensor) else list(value) if isinstance(value, list) else value
+            saved.append((metric, name, value, copy))
+    try:
+        yield
+    finally:
+        for metric, name, value, copy in saved:
+            if isinstance(value, torch.Tensor):
+                with torch.no_grad():
+                    value.copy_(copy)  # states are updated in place (``self.total += n``)
+            elif isinstance(value, list):
+                value[:] = copy  # list states grow by append
+            setattr(metric, name, value)
 
 
 class AuditCallback(Callback):
@@ -63,18 +102,29 @@ class AuditCallback(Callback):
         self.loss_fn, self.optimizer_index, self.audit_options = loss_fn, optimizer, audit_options
         self.audit: Audit | None = None
         self._watch: Any = None
+        self._trainer: Any = None
         self._batch_idx = 0
+        self._warned_accumulation = False
 
-    def _training_step_loss(self, module: torch.nn.Module, batch: Any) -> torch.Tensor:
-        """``training_step`` as a ``loss_fn``, with logging silenced (re-evaluations must not log)."""
-        with _Silenced(module):
-            return _training_loss(module.training_step(batch, self._batch_idx))
+    def _audited_loss(self, module: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """``loss_fn`` or ``training_step`` (logging silenced, metrics kept), in the Trainer's precision context."""
+        with self._trainer.precision_plugin.train_step_context():
+            if self.loss_fn is not None:
+                return self.loss_fn(module, batch)
+            with _silenced(module), _metrics_kept(module):
+                if is_param_in_hook_signature(module.training_step, "batch_idx", min_args=2):
+                    return _training_loss(module.training_step(batch, self._batch_idx))
+                return _training_loss(module.training_step(batch))
 
     def on_train_start(self, trainer: Any, pl_module: torch.nn.Module) -> None:
         """Build the audit on the module and the Trainer's optimizer (refusing what it cannot audit)."""
-        if getattr(trainer, "accumulate_grad_batches", 1) != 1:
-            raise ValueError(f"AuditCallback cannot audit accumulate_grad_batches={trainer.accumulate_grad_batches}: "
-                             "one optimizer step spans several training batches; use accumulate_grad_batches=1, or "
+        accumulation = getattr(trainer, "accumulate_grad_batches", 1)
+        scheduled = any(isinstance(c, GradientAccumulationScheduler) and c.going_to_accumulate_grad_batches()
+                        for c in trainer.callbacks)
+        if accumulation != 1 or scheduled:
+            raise ValueError("AuditCallback cannot audit gradient accumulation (accumulate_grad_batches="
+                             f"{accumulation}{', or a GradientAccumulationScheduler' if scheduled else ''}): one "
+                             "optimizer step spans several training batches; use accumulate_grad_batches=1, or "
                              "audit the loop in plain PyTorch with audit.watch(micro_batches, accumulate=N)")
         if self.loss_fn is None and not getattr(pl_module, "automatic_optimization", True):
             raise ValueError("with manual optimization training_step steps the optimizer itself, so the audit cannot "
@@ -85,13 +135,23 @@ class AuditCallback(Callback):
                              f"{len(optimizers)} optimizer(s); pass an index below {len(optimizers)}")
         if self.audit is not None:  # a second fit() on the same callback: start a fresh run
             self.audit.close()
-        self.audit = Audit(pl_module, optimizers[self.optimizer_index], self.loss_fn or self._training_step_loss,
-                           **self.audit_options)
+        options = dict(self.audit_options)
+        if getattr(trainer, "world_size", 1) > 1 and options.get("run") is not None:
+            options["run"] = Path(f"{options['run']}-rank{trainer.global_rank}")  # ranks never share a folder
+        options.setdefault("first_step", trainer.global_step)
+        self._trainer = trainer
+        self.audit = Audit(pl_module, optimizers[self.optimizer_index], self._audited_loss, **options)
 
     def on_train_batch_start(self, trainer: Any, pl_module: torch.nn.Module, batch: Any, batch_idx: int) -> None:
         """Open ``audit.watch(batch)`` around the step Lightning is about to take."""
-        self._close_watch()  # a batch skipped by on_train_batch_start returning -1 never reached its end hook
+        self._abandon_watch()  # the batch before was skipped (on_train_batch_start returned -1): no step was taken
         if self.audit is None:
+            return
+        if getattr(trainer, "accumulate_grad_batches", 1) != 1:  # changed during the fit: stop auditing, say so once
+            if not self._warned_accumulation:
+                self._warned_accumulation = True
+                warnings.warn(f"accumulate_grad_batches became {trainer.accumulate_grad_batches} during the fit; "
+                              "AuditCallback stops auditing (one step now spans several batches)", stacklevel=2)
             return
         self._batch_idx = batch_idx
         self._watch = self.audit.watch(batch)
@@ -99,10 +159,15 @@ class AuditCallback(Callback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: torch.nn.Module, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self._close_watch()
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.__exit__(None, None, None)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: torch.nn.Module) -> None:
+        self._abandon_watch()
 
     def on_train_end(self, trainer: Any, pl_module: torch.nn.Module) -> None:
-        self._close_watch()
+        self._abandon_watch()
         if self.audit is not None:
             self.audit.close()
 
@@ -114,7 +179,9 @@ class AuditCallback(Callback):
         if self.audit is not None:
             self.audit.close()
 
-    def _close_watch(self) -> None:
+    def _abandon_watch(self) -> None:
+        """Close a watch whose batch never reached ``on_train_batch_end`` (Lightning skipped it)."""
         watch, self._watch = self._watch, None
         if watch is not None:
-            watch.__exit__(None, None, None)
+            abandoned = _Abandoned()
+            watch.__exit__(_Abandoned, abandoned, None)
