@@ -40,11 +40,13 @@ def tiny_bert(dropout: float = 0.1):
 
 
 def train(tmp_path, trainer_class=transformers.Trainer, steps: int = 6, dropout: float = 0.1, same: bool = False,
-          accumulation: int = 1, label_smoothing: float = 0.0, **extra):
+          accumulation: int = 1, label_smoothing: float = 0.0, save_strategy: str = "no", save_steps: int = 500,
+          **extra):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-3,
-        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0,
-        gradient_accumulation_steps=accumulation, label_smoothing_factor=label_smoothing, disable_tqdm=True)
+        report_to=[], save_strategy=save_strategy, save_steps=save_steps, logging_strategy="no", use_cpu=True,
+        seed=0, dataloader_num_workers=0, gradient_accumulation_steps=accumulation,
+        label_smoothing_factor=label_smoothing, disable_tqdm=True)
     model = tiny_bert(dropout)
     trainer = trainer_class(model=model, args=args, train_dataset=Tokens(same=same), **extra)
     trainer.train()
@@ -68,12 +70,21 @@ def test_training_is_bit_identical_with_the_mixin(tmp_path):
     assert len(stepaudit.load(tmp_path / "run", table="steps")) == 6
 
 
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_loss_after_is_the_next_steps_loss_before_on_a_repeated_batch(tmp_path, smoothing):
-    """Oracle: same batch every step and no dropout, so loss_after(k) is the loss at the weights of step k+1.
-    Label smoothing makes compute_loss pop "labels" from its inputs: the audit must hand it a copy."""
-    _, trainer = train(tmp_path, AuditedTrainer, dropout=0.0, same=True, label_smoothing=smoothing,
-                       audit_options={"run": tmp_path / "run"})
+def summed_loss(outputs, labels, num_items_in_batch=None):
+    """A compute_loss_func with the documented signature: a sum normalised by the Trainer's item count."""
+    return torch.nn.functional.cross_entropy(outputs.logits, labels, reduction="sum") / num_items_in_batch
+
+
+@pytest.mark.parametrize("variant", ["plain", "label smoothing", "compute_loss_func"])
+def test_loss_after_is_the_next_steps_loss_before_on_a_repeated_batch(tmp_path, variant):
+    """Oracle: same batch every step and no dropout, so loss_after(k) is the loss at the weights of step k+1,
+    whose loss_before is the Trainer's own training loss. Label smoothing makes compute_loss pop "labels" from
+    its inputs (the audit must hand it a copy); a compute_loss_func divides by num_items_in_batch (it must get it)."""
+    extra = {"label_smoothing": 0.1} if variant == "label smoothing" else {}
+    if variant == "compute_loss_func":
+        extra["compute_loss_func"] = summed_loss
+    _, trainer = train(tmp_path, AuditedTrainer, dropout=0.0, same=True, audit_options={"run": tmp_path / "run"},
+                       **extra)
     records = trainer.audit.records
     assert len(records) == 6 and all(r["verdict"] != "error" for r in records)
     for this, following in zip(records, records[1:]):
@@ -108,3 +119,44 @@ def test_a_crash_keeps_the_committed_steps_and_closes_the_audit(tmp_path):
         trainer.train()
     assert trainer.audit._closed and trainer._audit_watch is None
     assert list(stepaudit.load(tmp_path / "run", table="steps")["step"]) == [0, 1, 2]
+
+
+def test_the_training_loss_is_loss_before_no_extra_forward(tmp_path):
+    """The mixin hands the Trainer's training loss to the audit: two forwards per audited step (training,
+    loss_after), plus at most one for the rounding-noise measurement."""
+    calls = []
+    original_init = AuditedTrainer.__init__
+
+    def counting_init(self, *args, model=None, **kwargs):
+        model.register_forward_hook(lambda module, inputs, output: calls.append(module is model))
+        original_init(self, *args, model=model, **kwargs)
+
+    class Counted(AuditedTrainer):
+        __init__ = counting_init
+
+    _, trainer = train(tmp_path, Counted, steps=6, audit_options={"run": tmp_path / "run"})
+    assert len(trainer.audit.records) == 6
+    assert 12 <= sum(calls) <= 13
+
+
+def test_a_resumed_run_continues_the_step_count(tmp_path):
+    first, _ = train(tmp_path / "first", steps=3, save_strategy="steps", save_steps=3)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "first" / "out"), max_steps=7, per_device_train_batch_size=8, learning_rate=1e-3,
+        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+    trainer = AuditedTrainer(model=tiny_bert(), args=args, train_dataset=Tokens(),
+                             audit_options={"run": tmp_path / "resumed", "every": 2})
+    trainer.train(resume_from_checkpoint=str(tmp_path / "first" / "out" / "checkpoint-3"))
+    assert [r["step"] for r in trainer.audit.records] == [4, 6]
+
+
+def test_each_rank_writes_its_own_folder(tmp_path, monkeypatch):
+    """Several processes: run=<folder> becomes <folder>-rank<i> (ranks sharing a folder overwrite each other)."""
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True)
+    trainer = AuditedTrainer(model=tiny_bert(), args=args, train_dataset=Tokens(), audit_options={"run": tmp_path / "run"})
+    trainer.create_optimizer()
+    monkeypatch.setattr(type(trainer.args), "world_size", property(lambda self: 2))
+    monkeypatch.setattr(type(trainer.args), "process_index", property(lambda self: 1))
+    audit = trainer._build_audit(trainer.model)
+    assert audit.run == tmp_path / "run-rank1"
+    audit.close()
