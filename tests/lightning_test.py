@@ -252,3 +252,44 @@ def test_each_rank_writes_its_own_folder(tmp_path):
     callback.on_train_start(trainer, module)
     assert callback.audit.run == tmp_path / "run-rank1"
     callback.audit.close()
+
+
+LIGHTNING_SCRIPT = """
+import torch, lightning.pytorch as pl
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+class M(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3))
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=5.0)  # far too large
+
+g = torch.Generator().manual_seed(0)
+x, y = torch.randn(512, 8, generator=g), torch.randint(0, 3, (512,), generator=g)
+pl.Trainer(max_steps=60, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+           enable_model_summary=False, accelerator="cpu").fit(M(), DataLoader(TensorDataset(x, y), batch_size=32))
+"""
+
+
+def test_the_doctor_diagnoses_an_unchanged_lightning_script(tmp_path):
+    """Passive capture needs no callback: the global optimizer hooks see Lightning's steps."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text(LIGHTNING_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    done = subprocess.run([sys.executable, "-m", "stepaudit", "doctor", "--json", "--run", str(tmp_path / "run"),
+                           str(script)], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["steps"] == 60 and result["stopped"] == "finished"
+    assert result["diagnoses"][0]["code"] == "lr_too_high"
