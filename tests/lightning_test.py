@@ -206,25 +206,36 @@ def test_batches_lightning_skips_are_not_counted_as_skipped_steps(tmp_path):
 
 
 class WithMetric(Net):
+    """Two torchmetrics states kinds: tensor sums (accuracy) and a growing list (CatMetric)."""
+
     def __init__(self):
         super().__init__()
         import torchmetrics
 
         self.train_acc = torchmetrics.classification.MulticlassAccuracy(num_classes=3)
+        self.losses = torchmetrics.aggregation.CatMetric()
 
     def training_step(self, batch, batch_idx):
         x, y = batch
         logits = self.net(x)
+        loss = nn.functional.cross_entropy(logits, y)
         self.train_acc(logits, y)
+        self.losses.update(loss.detach())
         self.log("train_acc", self.train_acc, on_step=False, on_epoch=True)
-        return nn.functional.cross_entropy(logits, y)
+        return loss
 
 
-def test_torchmetrics_state_is_put_back_after_re_evaluations(tmp_path):
-    _, plain = fit(steps=6, module_class=WithMetric)
-    callback = AuditCallback(run=tmp_path / "run")
-    _, audited = fit([callback], steps=6, module_class=WithMetric)
+@pytest.mark.parametrize("probes", [{}, {"sharpness": 1, "quadratic": 1}])
+def test_torchmetrics_state_is_put_back_after_re_evaluations(tmp_path, probes):
+    """Also through the curvature probes, whose HVPs re-evaluate the loss inside torch.func transforms."""
+    plain_module, plain = fit(steps=6, module_class=WithMetric)
+    callback = AuditCallback(run=tmp_path / "run", probes=probes)
+    audited_module, audited = fit([callback], steps=6, module_class=WithMetric)
     assert torch.equal(plain.callback_metrics["train_acc"], audited.callback_metrics["train_acc"])
+    for name in ("tp", "fp", "tn", "fn"):
+        assert torch.equal(getattr(plain_module.train_acc, name), getattr(audited_module.train_acc, name))
+    assert audited_module.train_acc._update_count == plain_module.train_acc._update_count
+    assert torch.equal(plain_module.losses.compute(), audited_module.losses.compute())
     assert len(callback.audit.records) == 6
 
 
@@ -293,3 +304,18 @@ def test_the_doctor_diagnoses_an_unchanged_lightning_script(tmp_path):
     result = json.loads(done.stdout)
     assert result["steps"] == 60 and result["stopped"] == "finished"
     assert result["diagnoses"][0]["code"] == "lr_too_high"
+
+
+def test_with_several_optimizers_a_resumed_count_is_divided_among_them(tmp_path):
+    """Lightning's global_step counts every optimizer's steps: a GAN resumed at 6 has taken 3 steps of each."""
+    from types import SimpleNamespace
+
+    module = ManualNet()
+    optimizers = [torch.optim.SGD(module.net[0].parameters(), lr=0.1), torch.optim.SGD(module.net[4].parameters(), lr=0.1)]
+    trainer = SimpleNamespace(accumulate_grad_batches=1, callbacks=[], optimizers=optimizers, world_size=1,
+                              global_rank=0, global_step=6, precision_plugin=None)
+    callback = AuditCallback(run=tmp_path / "run", loss_fn=lambda m, b: m.net(b[0]).sum())
+    with pytest.warns(UserWarning, match="first_step"):
+        callback.on_train_start(trainer, module)
+    assert callback.audit.due(3) and callback.audit._step_count == 3
+    callback.audit.close()

@@ -62,9 +62,11 @@ class AuditMixin:
         the item count it normalises by (the Trainer's own for the step's batch; counted alike for any other)."""
         if inputs is self._audit_inputs:
             items = self._audit_items
-        else:  # a reference or next batch (data probes): count its items the way the Trainer would
-            count = getattr(self, "_get_num_items_in_batch", None)
-            items = count([inputs], self.args.device) if count is not None else None
+        elif self.args.world_size == 1:  # a reference or next batch (data probes): count its items as the Trainer
+            count = getattr(self, "_get_num_items_in_batch", None)  # would (across processes that count gathers:
+            items = count([inputs], self.args.device) if count is not None else None  # never inside a probe)
+        else:
+            items = None
         if items is None:
             return self.compute_loss(model, dict(inputs))
         return self.compute_loss(model, dict(inputs), num_items_in_batch=items)

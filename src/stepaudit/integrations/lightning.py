@@ -2,7 +2,8 @@
 
 A thin adapter onto ``Audit.watch``. Hook order, per training batch:
   ``on_train_start``        — build the ``Audit`` on the LightningModule and the Trainer's (first) optimizer,
-                              counting steps from ``trainer.global_step`` (a resumed fit continues its count);
+                              counting steps from ``trainer.global_step`` (a resumed fit continues its count;
+                              with n optimizers, from global_step // n);
   ``on_train_batch_start``  — open ``audit.watch(batch)``: the random state here is what the re-evaluation
                               replays, so dropout masks match;
   (Lightning runs ``optimizer.step(closure)``: the closure — ``training_step`` and ``backward`` — runs
@@ -13,7 +14,7 @@ A thin adapter onto ``Audit.watch``. Hook order, per training batch:
 
 The loss the audit re-evaluates is ``loss_fn(module, batch)`` if given, else your ``training_step`` (its
 ``Tensor`` or ``{"loss": ...}``), called with ``self.log``/``self.log_dict`` silenced and the state of
-every torchmetrics ``Metric`` in the module put back afterwards, so that the re-evaluations leave your
+every torchmetrics ``Metric`` registered in the module put back afterwards, so that the re-evaluations leave your
 logged metrics alone (any other side effect of ``training_step`` would run again: pass ``loss_fn`` then).
 Either runs inside the Trainer's precision context (``precision="bf16-mixed"``: autocast, as in training).
 Refused with the fix: gradient accumulation (``accumulate_grad_batches > 1`` or a
@@ -69,7 +70,8 @@ def _silenced(module: torch.nn.Module) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _metrics_kept(module: torch.nn.Module) -> Iterator[None]:
-    """Put back the state of every torchmetrics ``Metric`` in ``module`` after the block (same objects, old values)."""
+    """Put back the state of every torchmetrics ``Metric`` registered in ``module`` after the block (same objects,
+    old values); each state on its own, so one that cannot be written back does not leave the others updated."""
     try:
         from torchmetrics import Metric
     except ImportError:  # pragma: no cover - Lightning installs torchmetrics
@@ -79,18 +81,23 @@ def _metrics_kept(module: torch.nn.Module) -> Iterator[None]:
     for metric in (m for m in module.modules() if isinstance(m, Metric)):
         for name in [*metric._defaults, "_update_count", "_computed", "_forward_cache"]:
             value = getattr(metric, name)
-            copy = value.detach().clone() if isinstance(value, torch.Tensor) else list(value) if isinstance(value, list) else value
-            saved.append((metric, name, value, copy))
+            if isinstance(value, torch.Tensor):
+                saved.append((metric, name, value, value.detach().clone(), value._version))
+            else:
+                saved.append((metric, name, value, list(value) if isinstance(value, list) else value, None))
     try:
         yield
     finally:
-        for metric, name, value, copy in saved:
-            if isinstance(value, torch.Tensor):
-                with torch.no_grad():
-                    value.copy_(copy)  # states are updated in place (``self.total += n``)
-            elif isinstance(value, list):
-                value[:] = copy  # list states grow by append
-            setattr(metric, name, value)
+        for metric, name, value, copy, version in saved:
+            try:
+                if isinstance(value, torch.Tensor) and value._version != version:
+                    with torch.no_grad():
+                        value.copy_(copy)  # states are updated in place (``self.total += n``)
+                elif isinstance(value, list):
+                    value[:] = copy  # list states grow by append
+                setattr(metric, name, value)
+            except Exception:  # e.g. inside a torch.func transform (the HVP): the old value in a new object
+                setattr(metric, name, copy)
 
 
 class AuditCallback(Callback):
@@ -138,7 +145,14 @@ class AuditCallback(Callback):
         options = dict(self.audit_options)
         if getattr(trainer, "world_size", 1) > 1 and options.get("run") is not None:
             options["run"] = Path(f"{options['run']}-rank{trainer.global_rank}")  # ranks never share a folder
-        options.setdefault("first_step", trainer.global_step)
+        if "first_step" not in options:
+            # Lightning's global_step counts the steps of every optimizer: with several, assume each steps once
+            # per batch (a GAN) and say so, since a resumed fit cannot tell how many this one took.
+            options["first_step"] = trainer.global_step // len(optimizers)
+            if len(optimizers) > 1 and trainer.global_step > 0:
+                warnings.warn(f"AuditCallback numbers steps from global_step {trainer.global_step} // "
+                              f"{len(optimizers)} optimizers = {options['first_step']}; pass first_step=... if "
+                              "the audited optimizer took another number of steps", stacklevel=2)
         self._trainer = trainer
         self.audit = Audit(pl_module, optimizers[self.optimizer_index], self._audited_loss, **options)
 
