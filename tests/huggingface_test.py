@@ -100,9 +100,53 @@ def test_every_n_and_an_explicit_loss_fn(tmp_path):
     assert [r["step"] for r in trainer.audit.records] == [0, 3, 6]
 
 
-def test_gradient_accumulation_is_refused_with_the_fix(tmp_path):
-    with pytest.raises(ValueError, match="accumulate=N"):
-        train(tmp_path, AuditedTrainer, accumulation=2, audit_options={"run": tmp_path / "run"})
+def test_training_with_gradient_accumulation_is_bit_identical(tmp_path):
+    plain, plain_trainer = train(tmp_path / "plain", accumulation=2)
+    plain_rng = torch.get_rng_state()
+    audited, trainer = train(tmp_path / "audited", AuditedTrainer, accumulation=2, audit_options={"run": tmp_path / "run"})
+    assert torch.equal(torch.get_rng_state(), plain_rng)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), audited.state_dict().items()):
+        assert torch.equal(a, b), name
+    records = trainer.audit.records
+    assert [r["step"] for r in records] == list(range(6))
+    assert all(r["verdict"] in ("decrease", "increase", "flat") for r in records)
+
+
+class PaddedText(torch.utils.data.Dataset):
+    """16 token sequences of random length, padded; labels -100 on the padding (a causal LM's batch)."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(1, 40, (16, 12), generator=g)
+        self.lengths = torch.randint(3, 13, (16,), generator=g)
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        mask = (torch.arange(12) < self.lengths[i]).long()
+        labels = torch.where(mask.bool(), self.ids[i], torch.full_like(self.ids[i], -100))
+        return {"input_ids": self.ids[i] * mask, "attention_mask": mask, "labels": labels}
+
+
+def test_accumulated_token_normalised_objective_is_the_trainers(tmp_path):
+    """Oracle: a causal LM whose two micro-batches hold different numbers of label tokens, seen every step
+    (one optimizer step per epoch). The Trainer's objective is Σ token losses / all tokens of the step, not the
+    mean of the micro-batch means; loss_after(k) at the new weights must equal the next step's training loss."""
+    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=5, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+        learning_rate=1e-3, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0,
+        disable_tqdm=True)
+    trainer = AuditedTrainer(model=model, args=args, train_dataset=PaddedText(), audit_options={"run": tmp_path / "run"})
+    trainer.train()
+    records = trainer.audit.records
+    assert len(records) == 5 and trainer.audit.skipped_steps == 0
+    for this, following in zip(records, records[1:]):
+        assert this["loss_after"] == pytest.approx(following["loss_before"], rel=1e-5, abs=1e-7)
 
 
 def test_a_crash_keeps_the_committed_steps_and_closes_the_audit(tmp_path):

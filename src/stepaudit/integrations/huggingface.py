@@ -3,21 +3,22 @@
 Mix it in front of any Trainer (``class AuditedTrainer(AuditMixin, Trainer)``; ``SFTTrainer`` and other
 subclasses alike) — the way Hugging Face documents changing what a Trainer computes. A thin adapter onto
 ``Audit.watch``; hook order, per optimizer step:
-  ``training_step`` (first call)  — build the ``Audit`` on the unwrapped model and the torch optimizer
-                                    inside the Trainer's (Accelerate's) wrapper, counting steps from the
-                                    Trainer's global step (a resumed run continues its count);
-  ``training_step``               — open ``audit.watch(inputs)`` before the forward: the random state
-                                    here is what the re-evaluation replays, so dropout masks match; the
-                                    training loss it returns is the audit's ``loss_before``;
-  ``optimizer.step()``            — the audit's step hooks: gradient, Δw, loss after, probes, record;
-  ``on_step_end`` (a callback)    — close the watch;
-  ``train()`` returns or raises   — close the audit (the run folder keeps every committed step).
+  ``get_batch_samples``   — the Trainer fetches the step's micro-batches (one, or ``gradient_accumulation_steps``):
+                            build the ``Audit`` on first use (unwrapped model, the torch optimizer inside
+                            Accelerate's wrapper, steps counted from the Trainer's global step so that a resumed
+                            run continues its count) and open ``audit.watch(micro_batches, accumulate=n)``: the
+                            random state here is what the re-evaluation replays, so dropout masks match;
+  ``training_step`` ×n    — the Trainer's own; the losses it returns add up to the audit's ``loss_before``;
+  ``optimizer.step()``    — the audit's step hooks: gradient, Δw, loss after, probes, record;
+  ``on_step_end``         — (a callback) close the watch;
+  ``train()`` returns or raises — close the audit (the run folder keeps every committed step).
 
 The audited loss is ``self.compute_loss(model, inputs)`` — yours if you override it — on a copy of the
-inputs, with the item count the Trainer normalises by (``num_items_in_batch``); or ``audit_loss_fn(model,
-inputs)``: use it when ``compute_loss`` has side effects, such as metrics recorded there, which would run
-again at each re-evaluation. ``gradient_accumulation_steps > 1`` is refused with the fix. With several
-processes each rank writes its own folder (``<run>-rank<i>``).
+inputs, scaled so that the mean over the micro-batches is the Trainer's objective (with the item count it
+normalises by, ``num_items_in_batch``: Σ token losses / all tokens of the step); or ``audit_loss_fn(model,
+inputs)`` — the mean of it over the micro-batches is then the audited objective — which you want when
+``compute_loss`` has side effects, such as metrics recorded there, which would run again at each
+re-evaluation. With several processes each rank writes its own folder (``<run>-rank<i>``).
 """
 from __future__ import annotations
 
@@ -53,23 +54,38 @@ class AuditMixin:
         self.audit_options, self.audit_loss_fn = dict(audit_options or {}), audit_loss_fn
         self.audit: Audit | None = None
         self._audit_watch: Any = None
-        self._audit_inputs: Any = None  # the step's own (prepared) inputs and the Trainer's item count for them
-        self._audit_items: Any = None
+        self._audit_handle: Any = None
+        self._audit_batches: list = []  # the step's (prepared) micro-batches, the Trainer's item count for them,
+        self._audit_items: Any = None  # and whether it normalised the loss by that count over all of them
+        self._audit_scaled = False
         self.add_callback(_CloseStep(self))
 
     def _audited_loss(self, model: torch.nn.Module, inputs: Any) -> torch.Tensor:
-        """The Trainer's own ``compute_loss`` on a shallow copy (it may pop "labels" from what it is given), with
-        the item count it normalises by (the Trainer's own for the step's batch; counted alike for any other)."""
-        if inputs is self._audit_inputs:
+        """The Trainer's own ``compute_loss`` on a shallow copy (it may pop "labels" from what it is given).
+
+        The audit's objective is the mean of this over the step's n micro-batches; the Trainer's is Σᵢ lossᵢ/n,
+        or — when it normalises by the item count N of all micro-batches — Σᵢ sumᵢ/N. Then micro-batch i is
+        n·compute_loss(i, N). Any other batch (the data probes' reference or next batch) is its own mean.
+        """
+        if any(inputs is batch for batch in self._audit_batches):
             items = self._audit_items
-        elif self.args.world_size == 1:  # a reference or next batch (data probes): count its items as the Trainer
-            count = getattr(self, "_get_num_items_in_batch", None)  # would (across processes that count gathers:
-            items = count([inputs], self.args.device) if count is not None else None  # never inside a probe)
+            scale = len(self._audit_batches) if self._audit_scaled and items is not None else 1
         else:
-            items = None
+            scale = 1
+            count = getattr(self, "_get_num_items_in_batch", None)  # counted as the Trainer would; across processes
+            single = self.args.world_size == 1  # that count gathers, which a probe must never do
+            items = count([inputs], self.args.device) if count is not None and single else None
         if items is None:
             return self.compute_loss(model, dict(inputs))
-        return self.compute_loss(model, dict(inputs), num_items_in_batch=items)
+        return scale * self.compute_loss(model, dict(inputs), num_items_in_batch=items)
+
+    def _loss_is_scaled(self, items: Any) -> bool:
+        """Whether the Trainer normalises micro-batch losses by the step's item count (its own rule)."""
+        flag = getattr(self, "loss_is_scaled_for_ga", None)
+        if flag is not None:
+            return bool(flag)
+        return bool((getattr(self, "model_accepts_loss_kwargs", False) and items is not None)
+                    or getattr(self, "compute_loss_func", None) is not None)
 
     def _build_audit(self, model: torch.nn.Module) -> Audit:
         """The Audit on the unwrapped model and the torch optimizer inside Accelerate's wrapper."""
@@ -83,10 +99,6 @@ class AuditMixin:
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """``Trainer.train``, then the audit closed — also when training raises."""
-        if self.args.gradient_accumulation_steps != 1:
-            raise ValueError(f"AuditMixin cannot audit gradient_accumulation_steps={self.args.gradient_accumulation_steps}: "
-                             "one optimizer step spans several batches; use gradient_accumulation_steps=1, or audit "
-                             "the loop in plain PyTorch with audit.watch(micro_batches, accumulate=N)")
         failure: BaseException | None = None
         try:
             return super().train(*args, **kwargs)
@@ -98,21 +110,31 @@ class AuditMixin:
             if self.audit is not None:
                 self.audit.close()
 
-    def training_step(self, model: torch.nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Open ``audit.watch(inputs)`` around the Trainer's own training step, and hand it the training loss."""
+    def get_batch_samples(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer fetches all micro-batches of the next optimizer step here: open ``audit.watch`` on them."""
+        batch_samples, items = super().get_batch_samples(*args, **kwargs)
         self._close_audit_watch()
+        if not batch_samples:
+            return batch_samples, items
         if self.audit is None or self.audit._closed:
-            self.audit = self._build_audit(model)
-        self._audit_inputs = self._prepare_inputs(inputs)
-        self._audit_items = args[0] if args else kwargs.get("num_items_in_batch")
-        self._audit_watch = self.audit.watch(self._audit_inputs)
-        handle = self._audit_watch.__enter__()
+            self.audit = self._build_audit(self.model)
+        self._audit_batches = [self._prepare_inputs(batch) for batch in batch_samples]
+        self._audit_items, self._audit_scaled = items, self._loss_is_scaled(items)
+        n = len(self._audit_batches)
+        self._audit_watch = self.audit.watch(self._audit_batches if n > 1 else self._audit_batches[0], accumulate=n)
+        self._audit_handle = self._audit_watch.__enter__()
+        return batch_samples, items
+
+    def training_step(self, model: torch.nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The Trainer's own training step; the losses it returns add up to the audit's ``loss_before``."""
         loss = super().training_step(model, inputs, *args, **kwargs)
-        handle.loss = loss  # loss_before without a replayed forward (gradient accumulation is refused: unscaled)
+        if self._audit_handle is not None:  # each returned loss is already divided (or normalised) for accumulation
+            previous = self._audit_handle.loss
+            self._audit_handle.loss = loss if previous is None else previous + loss
         return loss
 
     def _close_audit_watch(self, failure: BaseException | None = None) -> None:
-        watch, self._audit_watch = self._audit_watch, None
+        watch, self._audit_watch, self._audit_handle = self._audit_watch, None, None
         if watch is None:
             return
         if failure is None:
