@@ -135,6 +135,7 @@ class AuditMixin:
 
     def _close_audit_watch(self, failure: BaseException | None = None) -> None:
         watch, self._audit_watch, self._audit_handle = self._audit_watch, None, None
+        self._audit_batches = []  # the step is over: hold no copy of its inputs until the next one
         if watch is None:
             return
         if failure is None:
