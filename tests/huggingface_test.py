@@ -41,9 +41,9 @@ def tiny_bert(dropout: float = 0.1):
 
 def train(tmp_path, trainer_class=transformers.Trainer, steps: int = 6, dropout: float = 0.1, same: bool = False,
           accumulation: int = 1, label_smoothing: float = 0.0, save_strategy: str = "no", save_steps: int = 500,
-          **extra):
+          learning_rate: float = 1e-3, **extra):
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=8, learning_rate=1e-3,
+        output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=8, learning_rate=learning_rate,
         report_to=[], save_strategy=save_strategy, save_steps=save_steps, logging_strategy="no", use_cpu=True,
         seed=0, dataloader_num_workers=0, gradient_accumulation_steps=accumulation,
         label_smoothing_factor=label_smoothing, disable_tqdm=True)
@@ -147,6 +147,73 @@ def test_accumulated_token_normalised_objective_is_the_trainers(tmp_path):
     assert len(records) == 5 and trainer.audit.skipped_steps == 0
     for this, following in zip(records, records[1:]):
         assert this["loss_after"] == pytest.approx(following["loss_before"], rel=1e-5, abs=1e-7)
+
+
+def gpt2_trainer(tmp_path, audit_options, steps=5, **args_extra):
+    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+        learning_rate=1e-3, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0,
+        disable_tqdm=True, **args_extra)
+    return AuditedTrainer(model=transformers.GPT2LMHeadModel(config), args=args, train_dataset=PaddedText(),
+                          audit_options=audit_options)
+
+
+def test_accumulated_steps_measure_rounding_noise_and_float64_on_the_same_objective(tmp_path):
+    """The float64 twin evaluates cast copies of the micro-batches: they must get the step's scale and item count.
+    Otherwise the rounding noise was measured between two different objectives (every verdict 'flat') and
+    precision="float64" audited another objective than the Trainer's."""
+    default = gpt2_trainer(tmp_path / "default", {"run": tmp_path / "run32"})
+    default.train()
+    exact = gpt2_trainer(tmp_path / "exact", {"run": tmp_path / "run64", "precision": "float64"})
+    exact.train()
+    assert max(r["rounding_noise"] for r in default.audit.records) < 1e-5
+    assert {r["verdict"] for r in default.audit.records} != {"flat"}
+    for ours, theirs in zip(exact.audit.records, default.audit.records):  # same training: the audit changes nothing
+        assert ours["loss_before"] == pytest.approx(theirs["loss_before"], rel=1e-5)
+        assert ours["loss_after"] == pytest.approx(theirs["loss_after"], rel=1e-5)
+
+
+def test_a_loss_already_scaled_for_accumulation_without_an_item_count(tmp_path):
+    """loss_is_scaled_for_ga=True and no num_items_in_batch (the Trainer's documented pattern for a compute_loss
+    that divides by the accumulation itself): the Trainer then adds micro-batch losses without dividing."""
+    class SelfScaled(AuditedTrainer):
+        loss_is_scaled_for_ga = True
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return model(**inputs).loss / self.args.gradient_accumulation_steps
+
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), max_steps=5, per_device_train_batch_size=8, gradient_accumulation_steps=2,
+        learning_rate=1e-3, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0,
+        disable_tqdm=True)
+    trainer = SelfScaled(model=tiny_bert(dropout=0.0), args=args, train_dataset=Tokens(n=16),
+                         audit_options={"run": tmp_path / "run"})
+    trainer.model_accepts_loss_kwargs = False  # no item count: the Trainer relies on the flag alone
+    trainer.train()
+    records = trainer.audit.records
+    for this, following in zip(records, records[1:]):
+        assert this["loss_after"] == pytest.approx(following["loss_before"], rel=1e-5)
+
+
+def test_the_first_step_after_a_mid_epoch_resume_replays_its_dropout_masks(tmp_path):
+    """Oracle: at learning rate 0 nothing moves, so loss_after equals the training loss when the masks match (to
+    rounding: (L₁ + L₂)/2 against L₁/2 + L₂/2; wrong masks are off by ~1e-3). A resumed run reloads its RNG state
+    after fetching the micro-batches: the watch must open after that."""
+    first, _ = train(tmp_path / "first", steps=2, save_strategy="steps", save_steps=2, accumulation=2,
+                     learning_rate=0.0)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "first" / "out"), max_steps=5, per_device_train_batch_size=8, learning_rate=0.0,
+        gradient_accumulation_steps=2, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
+        seed=0, disable_tqdm=True)
+    trainer = AuditedTrainer(model=tiny_bert(), args=args, train_dataset=Tokens(),
+                             audit_options={"run": tmp_path / "resumed"})
+    trainer.train(resume_from_checkpoint=str(tmp_path / "first" / "out" / "checkpoint-2"))
+    records = trainer.audit.records
+    assert [r["step"] for r in records] == [2, 3, 4]
+    assert all(abs(r["delta"]) <= 1e-6 for r in records), [r["delta"] for r in records]
 
 
 def test_a_crash_keeps_the_committed_steps_and_closes_the_audit(tmp_path):

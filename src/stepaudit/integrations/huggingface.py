@@ -4,11 +4,13 @@ Mix it in front of any Trainer (``class AuditedTrainer(AuditMixin, Trainer)``; `
 subclasses alike) — the way Hugging Face documents changing what a Trainer computes. A thin adapter onto
 ``Audit.watch``; hook order, per optimizer step:
   ``get_batch_samples``   — the Trainer fetches the step's micro-batches (one, or ``gradient_accumulation_steps``):
-                            build the ``Audit`` on first use (unwrapped model, the torch optimizer inside
-                            Accelerate's wrapper, steps counted from the Trainer's global step so that a resumed
-                            run continues its count) and open ``audit.watch(micro_batches, accumulate=n)``: the
-                            random state here is what the re-evaluation replays, so dropout masks match;
-  ``training_step`` ×n    — the Trainer's own; the losses it returns add up to the audit's ``loss_before``;
+                            keep them (prepared as the Trainer will);
+  ``training_step`` ×n    — the first builds the ``Audit`` on first use (unwrapped model, the torch optimizer
+                            inside Accelerate's wrapper, steps counted from the Trainer's global step so that a
+                            resumed run continues its count) and opens ``audit.watch(micro_batches, accumulate=n)``:
+                            the random state here, after a resume's RNG reload, is what the re-evaluation
+                            replays, so dropout masks match; then the Trainer's own step, whose returned
+                            losses add up to the audit's ``loss_before``;
   ``optimizer.step()``    — the audit's step hooks: gradient, Δw, loss after, probes, record;
   ``on_step_end``         — (a callback) close the watch;
   ``train()`` returns or raises — close the audit (the run folder keeps every committed step).
@@ -58,26 +60,40 @@ class AuditMixin:
         self._audit_batches: list = []  # the step's (prepared) micro-batches, the Trainer's item count for them,
         self._audit_items: Any = None  # and whether it normalised the loss by that count over all of them
         self._audit_scaled = False
+        self._audit_opening = False  # micro-batches fetched, watch not yet open (it opens at their first forward)
         self.add_callback(_CloseStep(self))
 
     def _audited_loss(self, model: torch.nn.Module, inputs: Any) -> torch.Tensor:
         """The Trainer's own ``compute_loss`` on a shallow copy (it may pop "labels" from what it is given).
 
         The audit's objective is the mean of this over the step's n micro-batches; the Trainer's is Σᵢ lossᵢ/n,
-        or — when it normalises by the item count N of all micro-batches — Σᵢ sumᵢ/N. Then micro-batch i is
-        n·compute_loss(i, N). Any other batch (the data probes' reference or next batch) is its own mean.
+        or — when it treats the loss as already scaled for accumulation (it normalises by the item count N of
+        all micro-batches) — Σᵢ lossᵢ. Then micro-batch i is n·compute_loss(i, N). Any other batch (the data
+        probes' reference or next batch) is its own mean.
         """
-        if any(inputs is batch for batch in self._audit_batches):
+        if self._is_step_batch(inputs):
             items = self._audit_items
-            scale = len(self._audit_batches) if self._audit_scaled and items is not None else 1
+            scale = len(self._audit_batches) if self._audit_scaled else 1
         else:
             scale = 1
             count = getattr(self, "_get_num_items_in_batch", None)  # counted as the Trainer would; across processes
             single = self.args.world_size == 1  # that count gathers, which a probe must never do
             items = count([inputs], self.args.device) if count is not None and single else None
-        if items is None:
-            return self.compute_loss(model, dict(inputs))
-        return scale * self.compute_loss(model, dict(inputs), num_items_in_batch=items)
+        loss = self.compute_loss(model, dict(inputs)) if items is None else \
+            self.compute_loss(model, dict(inputs), num_items_in_batch=items)
+        return loss if scale == 1 else scale * loss
+
+    def _is_step_batch(self, inputs: Any) -> bool:
+        """Whether ``inputs`` is one of the step's micro-batches: the object itself, or a copy the audit made of it
+        (the float64 twin casts floating tensors; other values stay the same objects)."""
+        for batch in self._audit_batches:
+            if inputs is batch:
+                return True
+            if isinstance(inputs, dict) and isinstance(batch, dict) and inputs.keys() == batch.keys() and all(
+                    a is b or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                               and torch.equal(a.to(b.dtype), b)) for a, b in ((inputs[k], batch[k]) for k in batch)):
+                return True
+        return False
 
     def _loss_is_scaled(self, items: Any) -> bool:
         """Whether the Trainer normalises micro-batch losses by the step's item count (its own rule)."""
@@ -111,22 +127,26 @@ class AuditMixin:
                 self.audit.close()
 
     def get_batch_samples(self, *args: Any, **kwargs: Any) -> Any:
-        """The Trainer fetches all micro-batches of the next optimizer step here: open ``audit.watch`` on them."""
+        """The Trainer fetches all micro-batches of the next optimizer step here: keep them for its watch."""
         batch_samples, items = super().get_batch_samples(*args, **kwargs)
         self._close_audit_watch()
-        if not batch_samples:
-            return batch_samples, items
-        if self.audit is None or self.audit._closed:
-            self.audit = self._build_audit(self.model)
-        self._audit_batches = [self._prepare_inputs(batch) for batch in batch_samples]
-        self._audit_items, self._audit_scaled = items, self._loss_is_scaled(items)
-        n = len(self._audit_batches)
-        self._audit_watch = self.audit.watch(self._audit_batches if n > 1 else self._audit_batches[0], accumulate=n)
-        self._audit_handle = self._audit_watch.__enter__()
+        if batch_samples:
+            self._audit_batches = [self._prepare_inputs(batch) for batch in batch_samples]
+            self._audit_items, self._audit_scaled = items, self._loss_is_scaled(items)
+            self._audit_opening = True
         return batch_samples, items
 
     def training_step(self, model: torch.nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The Trainer's own training step; the losses it returns add up to the audit's ``loss_before``."""
+        """The Trainer's own training step; the first of a step opens ``audit.watch(micro_batches, accumulate=n)``
+        (here, not when the batches are fetched: a resumed run reloads its RNG state in between), and the losses
+        it returns add up to the audit's ``loss_before``."""
+        if self._audit_opening:
+            self._audit_opening = False
+            if self.audit is None or self.audit._closed:
+                self.audit = self._build_audit(model)
+            n = len(self._audit_batches)
+            self._audit_watch = self.audit.watch(self._audit_batches if n > 1 else self._audit_batches[0], accumulate=n)
+            self._audit_handle = self._audit_watch.__enter__()
         loss = super().training_step(model, inputs, *args, **kwargs)
         if self._audit_handle is not None:  # each returned loss is already divided (or normalised) for accumulation
             previous = self._audit_handle.loss
@@ -135,7 +155,7 @@ class AuditMixin:
 
     def _close_audit_watch(self, failure: BaseException | None = None) -> None:
         watch, self._audit_watch, self._audit_handle = self._audit_watch, None, None
-        self._audit_batches = []  # the step is over: hold no copy of its inputs until the next one
+        self._audit_batches, self._audit_opening = [], False  # the step is over: hold no copy of its inputs
         if watch is None:
             return
         if failure is None:
