@@ -13,7 +13,8 @@ import torch
 from .state import tensors_in
 
 
-def validate(model: Any, optimizer: Any, loss_fn: Any, every: Any, precision: Any, reference_mode: Any) -> None:
+def validate(model: Any, optimizer: Any, loss_fn: Any, every: Any, precision: Any, reference_mode: Any,
+             first_step: Any = 0) -> None:
     """Refuse arguments ``Audit`` cannot work with, each with a message that says what to pass instead."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -24,6 +25,9 @@ def validate(model: Any, optimizer: Any, loss_fn: Any, every: Any, precision: An
                         "lambda m, b: F.cross_entropy(m(b[0]), b[1])")
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be a positive int (1 audits every step), got {every!r}")
+    if isinstance(first_step, bool) or not isinstance(first_step, int) or first_step < 0:
+        raise ValueError(f"first_step must be a non-negative int (the index of the first step, e.g. the "
+                         f"global step a resumed run starts from), got {first_step!r}")
     if precision not in (None, "float64"):
         raise ValueError(f"precision must be None or 'float64', got {precision!r}")
     if reference_mode not in ("eval", "train"):

@@ -99,10 +99,7 @@ class Audit:
         tensorboard: str | os.PathLike | None = None,
         first_step: int = 0,
     ) -> None:
-        validate(model, optimizer, loss_fn, every, precision, reference_mode)
-        if isinstance(first_step, bool) or not isinstance(first_step, int) or first_step < 0:
-            raise ValueError(f"first_step must be a non-negative int (the index of the first step, e.g. the "
-                             f"global step a resumed run starts from), got {first_step!r}")
+        validate(model, optimizer, loss_fn, every, precision, reference_mode, first_step)
         if reference is not None:
             from .probes.data import check_reference
 
@@ -333,12 +330,16 @@ class Audit:
         """The newest record, or None before the first audited step."""
         return self.records[-1] if self.records else None
 
+    @property
+    def _steps_seen(self) -> int:
+        """Optimizer steps this audit saw (a resumed run counts from ``first_step``)."""
+        return self._step_count - self._first_step
+
     def summary(self) -> dict:
         """Per-run shares and medians (decrease/increase/flat, alpha, delta/first_order, hurt next/reference, …)."""
         from .probes.data import run_shares
 
-        seen = self._step_count - self._first_step
-        return {**summarize(self.records, skipped_steps=self.skipped_steps, steps_seen=seen),
+        return {**summarize(self.records, skipped_steps=self.skipped_steps, steps_seen=self._steps_seen),
                 **run_shares(self.records)}
 
     def diagnose(self) -> list[dict]:
@@ -363,7 +364,7 @@ class Audit:
             self._forward_handle.remove()
         self._forward_handle = None
         try:
-            self.store.update_meta(summary=self.summary(), steps_seen=self._step_count - self._first_step)
+            self.store.update_meta(summary=self.summary(), steps_seen=self._steps_seen)
         finally:
             self.store.close()
             for sink in self._sinks:
