@@ -228,7 +228,7 @@ def test_a_crash_keeps_the_committed_steps_and_closes_the_audit(tmp_path):
     trainer = Crashing(model=tiny_bert(), args=args, train_dataset=Tokens(), audit_options={"run": tmp_path / "run"})
     with pytest.raises(RuntimeError, match="boom"):
         trainer.train()
-    assert trainer.audit._closed and trainer._audit_watch is None
+    assert trainer.audit._closed and trainer._audit_step is None
     assert list(stepaudit.load(tmp_path / "run", table="steps")["step"]) == [0, 1, 2]
 
 

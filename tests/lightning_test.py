@@ -112,7 +112,7 @@ def test_a_crash_keeps_the_committed_steps_and_closes_the_audit(tmp_path):
     callback = AuditCallback(run=tmp_path / "run")
     with pytest.raises(RuntimeError, match="boom"):
         fit([callback], fail_at=3)
-    assert callback.audit._closed and callback._watch is None
+    assert callback.audit._closed and callback._step is None
     assert list(stepaudit.load(tmp_path / "run", table="steps")["step"]) == [0, 1, 2]
 
 

@@ -31,6 +31,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..audit import Audit
+from ._held import HeldWatch
 
 
 class _CloseStep(TrainerCallback):
@@ -40,7 +41,7 @@ class _CloseStep(TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self.trainer._close_audit_watch()
+        self.trainer._close_audit_step()
 
 
 class AuditMixin:
@@ -55,8 +56,7 @@ class AuditMixin:
         super().__init__(*args, **kwargs)
         self.audit_options, self.audit_loss_fn = dict(audit_options or {}), audit_loss_fn
         self.audit: Audit | None = None
-        self._audit_watch: Any = None
-        self._audit_handle: Any = None
+        self._audit_step: HeldWatch | None = None  # the watch of the optimizer step in progress
         self._audit_batches: list = []  # the step's (prepared) micro-batches, the Trainer's item count for them,
         self._audit_items: Any = None  # and whether it normalised the loss by that count over all of them
         self._audit_scaled = False
@@ -122,14 +122,14 @@ class AuditMixin:
             failure = error
             raise
         finally:
-            self._close_audit_watch(failure)
+            self._close_audit_step(failure)
             if self.audit is not None:
                 self.audit.close()
 
     def get_batch_samples(self, *args: Any, **kwargs: Any) -> Any:
         """The Trainer fetches all micro-batches of the next optimizer step here: keep them for its watch."""
         batch_samples, items = super().get_batch_samples(*args, **kwargs)
-        self._close_audit_watch()
+        self._close_audit_step()
         if batch_samples:
             self._audit_batches = [self._prepare_inputs(batch) for batch in batch_samples]
             self._audit_items, self._audit_scaled = items, self._loss_is_scaled(items)
@@ -145,20 +145,15 @@ class AuditMixin:
             if self.audit is None or self.audit._closed:
                 self.audit = self._build_audit(model)
             n = len(self._audit_batches)
-            self._audit_watch = self.audit.watch(self._audit_batches if n > 1 else self._audit_batches[0], accumulate=n)
-            self._audit_handle = self._audit_watch.__enter__()
+            self._audit_step = HeldWatch(self.audit, self._audit_batches if n > 1 else self._audit_batches[0], n)
         loss = super().training_step(model, inputs, *args, **kwargs)
-        if self._audit_handle is not None:  # each returned loss is already divided (or normalised) for accumulation
-            previous = self._audit_handle.loss
-            self._audit_handle.loss = loss if previous is None else previous + loss
+        if self._audit_step is not None:  # each returned loss is already divided (or normalised) for accumulation
+            handle = self._audit_step.handle
+            handle.loss = loss if handle.loss is None else handle.loss + loss
         return loss
 
-    def _close_audit_watch(self, failure: BaseException | None = None) -> None:
-        watch, self._audit_watch, self._audit_handle = self._audit_watch, None, None
+    def _close_audit_step(self, failure: BaseException | None = None) -> None:
+        step, self._audit_step = self._audit_step, None
         self._audit_batches, self._audit_opening = [], False  # the step is over: hold no copy of its inputs
-        if watch is None:
-            return
-        if failure is None:
-            watch.__exit__(None, None, None)
-        else:
-            watch.__exit__(type(failure), failure, failure.__traceback__)
+        if step is not None:
+            step.close(failure)

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..audit import Audit
+from ._held import HeldWatch
 
 try:  # the unified package first, then the standalone one
     from lightning.pytorch import Callback
@@ -41,10 +42,6 @@ except ImportError:  # pragma: no cover - depends on what is installed
     from pytorch_lightning import Callback
     from pytorch_lightning.callbacks import GradientAccumulationScheduler
     from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
-
-
-class _Abandoned(Exception):
-    """Closes a watch whose batch Lightning skipped: not a step that failed, not a step GradScaler skipped."""
 
 
 def _training_loss(output: Any) -> torch.Tensor:
@@ -108,9 +105,10 @@ class AuditCallback(Callback):
         super().__init__()
         self.loss_fn, self.optimizer_index, self.audit_options = loss_fn, optimizer, audit_options
         self.audit: Audit | None = None
-        self._watch: Any = None
+        self._step: HeldWatch | None = None  # the watch of the batch in progress
         self._trainer: Any = None
         self._batch_idx = 0
+        self._passes_batch_idx = True  # whether training_step takes batch_idx (read once per fit)
         self._warned_accumulation = False
 
     def _audited_loss(self, module: torch.nn.Module, batch: Any) -> torch.Tensor:
@@ -119,7 +117,7 @@ class AuditCallback(Callback):
             if self.loss_fn is not None:
                 return self.loss_fn(module, batch)
             with _silenced(module), _metrics_kept(module):
-                if is_param_in_hook_signature(module.training_step, "batch_idx", min_args=2):
+                if self._passes_batch_idx:
                     return _training_loss(module.training_step(batch, self._batch_idx))
                 return _training_loss(module.training_step(batch))
 
@@ -154,11 +152,12 @@ class AuditCallback(Callback):
                               f"{len(optimizers)} optimizers = {options['first_step']}; pass first_step=... if "
                               "the audited optimizer took another number of steps", stacklevel=2)
         self._trainer = trainer
+        self._passes_batch_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
         self.audit = Audit(pl_module, optimizers[self.optimizer_index], self._audited_loss, **options)
 
     def on_train_batch_start(self, trainer: Any, pl_module: torch.nn.Module, batch: Any, batch_idx: int) -> None:
         """Open ``audit.watch(batch)`` around the step Lightning is about to take."""
-        self._abandon_watch()  # the batch before was skipped (on_train_batch_start returned -1): no step was taken
+        self._release(abandon=True)  # the batch before was skipped (on_train_batch_start returned -1): no step taken
         if self.audit is None:
             return
         if getattr(trainer, "accumulate_grad_batches", 1) != 1:  # changed during the fit: stop auditing, say so once
@@ -168,34 +167,33 @@ class AuditCallback(Callback):
                               "AuditCallback stops auditing (one step now spans several batches)", stacklevel=2)
             return
         self._batch_idx = batch_idx
-        self._watch = self.audit.watch(batch)
-        self._watch.__enter__()
+        self._step = HeldWatch(self.audit, batch)
 
     def on_train_batch_end(self, trainer: Any, pl_module: torch.nn.Module, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        watch, self._watch = self._watch, None
-        if watch is not None:
-            watch.__exit__(None, None, None)
+        self._release()
 
     def on_train_epoch_end(self, trainer: Any, pl_module: torch.nn.Module) -> None:
-        self._abandon_watch()
+        self._release(abandon=True)
 
     def on_train_end(self, trainer: Any, pl_module: torch.nn.Module) -> None:
-        self._abandon_watch()
+        self._release(abandon=True)
         if self.audit is not None:
             self.audit.close()
 
     def on_exception(self, trainer: Any, pl_module: torch.nn.Module, exception: BaseException) -> None:
         """Training failed: close the open step as failed and the audit (committed steps stay on disk)."""
-        watch, self._watch = self._watch, None
-        if watch is not None:
-            watch.__exit__(type(exception), exception, exception.__traceback__)
+        self._release(exception)
         if self.audit is not None:
             self.audit.close()
 
-    def _abandon_watch(self) -> None:
-        """Close a watch whose batch never reached ``on_train_batch_end`` (Lightning skipped it)."""
-        watch, self._watch = self._watch, None
-        if watch is not None:
-            abandoned = _Abandoned()
-            watch.__exit__(_Abandoned, abandoned, None)
+    def _release(self, failure: BaseException | None = None, abandon: bool = False) -> None:
+        """Close the open watch, if any: normally, as failed, or abandoned (a batch that never reached
+        ``on_train_batch_end``: Lightning skipped it, so no step was taken)."""
+        step, self._step = self._step, None
+        if step is None:
+            return
+        if abandon:
+            step.abandon()
+        else:
+            step.close(failure)
