@@ -39,14 +39,20 @@ def tiny_bert(dropout: float = 0.1):
     return transformers.BertForSequenceClassification(config)
 
 
+def quiet_args(output_dir, **overrides) -> "transformers.TrainingArguments":
+    """CPU, seeded, batch 8, lr 1e-3, no saving, logging or reporting; ``overrides`` change any of it."""
+    options = dict(output_dir=str(output_dir), per_device_train_batch_size=8, learning_rate=1e-3, report_to=[],
+                   save_strategy="no", logging_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0,
+                   disable_tqdm=True)
+    return transformers.TrainingArguments(**{**options, **overrides})
+
+
 def train(tmp_path, trainer_class=transformers.Trainer, steps: int = 6, dropout: float = 0.1, same: bool = False,
           accumulation: int = 1, label_smoothing: float = 0.0, save_strategy: str = "no", save_steps: int = 500,
           learning_rate: float = 1e-3, **extra):
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=8, learning_rate=learning_rate,
-        report_to=[], save_strategy=save_strategy, save_steps=save_steps, logging_strategy="no", use_cpu=True,
-        seed=0, dataloader_num_workers=0, gradient_accumulation_steps=accumulation,
-        label_smoothing_factor=label_smoothing, disable_tqdm=True)
+    args = quiet_args(tmp_path / "out", max_steps=steps, learning_rate=learning_rate, save_strategy=save_strategy,
+                      save_steps=save_steps, gradient_accumulation_steps=accumulation,
+                      label_smoothing_factor=label_smoothing)
     model = tiny_bert(dropout)
     trainer = trainer_class(model=model, args=args, train_dataset=Tokens(same=same), **extra)
     trainer.train()
@@ -129,36 +135,26 @@ class PaddedText(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i] * mask, "attention_mask": mask, "labels": labels}
 
 
+def gpt2_trainer(tmp_path, audit_options, steps=5, **args_extra):
+    """A tiny GPT-2 (no dropout) on ``PaddedText``, accumulating 2 micro-batches per step, audited."""
+    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    args = quiet_args(tmp_path / "out", max_steps=steps, gradient_accumulation_steps=2, **args_extra)
+    return AuditedTrainer(model=transformers.GPT2LMHeadModel(config), args=args, train_dataset=PaddedText(),
+                          audit_options=audit_options)
+
+
 def test_accumulated_token_normalised_objective_is_the_trainers(tmp_path):
     """Oracle: a causal LM whose two micro-batches hold different numbers of label tokens, seen every step
     (one optimizer step per epoch). The Trainer's objective is Σ token losses / all tokens of the step, not the
     mean of the micro-batch means; loss_after(k) at the new weights must equal the next step's training loss."""
-    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=5, per_device_train_batch_size=8, gradient_accumulation_steps=2,
-        learning_rate=1e-3, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0,
-        disable_tqdm=True)
-    trainer = AuditedTrainer(model=model, args=args, train_dataset=PaddedText(), audit_options={"run": tmp_path / "run"})
+    trainer = gpt2_trainer(tmp_path, {"run": tmp_path / "run"})
     trainer.train()
     records = trainer.audit.records
     assert len(records) == 5 and trainer.audit.skipped_steps == 0
     for this, following in zip(records, records[1:]):
         assert this["loss_after"] == pytest.approx(following["loss_before"], rel=1e-5, abs=1e-7)
-
-
-def gpt2_trainer(tmp_path, audit_options, steps=5, **args_extra):
-    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    torch.manual_seed(0)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=8, gradient_accumulation_steps=2,
-        learning_rate=1e-3, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0,
-        disable_tqdm=True, **args_extra)
-    return AuditedTrainer(model=transformers.GPT2LMHeadModel(config), args=args, train_dataset=PaddedText(),
-                          audit_options=audit_options)
 
 
 def test_accumulated_steps_measure_rounding_noise_and_float64_on_the_same_objective(tmp_path):
@@ -185,10 +181,7 @@ def test_a_loss_already_scaled_for_accumulation_without_an_item_count(tmp_path):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             return model(**inputs).loss / self.args.gradient_accumulation_steps
 
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "out"), max_steps=5, per_device_train_batch_size=8, gradient_accumulation_steps=2,
-        learning_rate=1e-3, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0,
-        disable_tqdm=True)
+    args = quiet_args(tmp_path / "out", max_steps=5, gradient_accumulation_steps=2)
     trainer = SelfScaled(model=tiny_bert(dropout=0.0), args=args, train_dataset=Tokens(n=16),
                          audit_options={"run": tmp_path / "run"})
     trainer.model_accepts_loss_kwargs = False  # no item count: the Trainer relies on the flag alone
@@ -204,10 +197,7 @@ def test_the_first_step_after_a_mid_epoch_resume_replays_its_dropout_masks(tmp_p
     after fetching the micro-batches: the watch must open after that."""
     first, _ = train(tmp_path / "first", steps=2, save_strategy="steps", save_steps=2, accumulation=2,
                      learning_rate=0.0)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "first" / "out"), max_steps=5, per_device_train_batch_size=8, learning_rate=0.0,
-        gradient_accumulation_steps=2, report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
-        seed=0, disable_tqdm=True)
+    args = quiet_args(tmp_path / "first" / "out", max_steps=5, learning_rate=0.0, gradient_accumulation_steps=2)
     trainer = AuditedTrainer(model=tiny_bert(), args=args, train_dataset=Tokens(),
                              audit_options={"run": tmp_path / "resumed"})
     trainer.train(resume_from_checkpoint=str(tmp_path / "first" / "out" / "checkpoint-2"))
@@ -223,8 +213,7 @@ def test_a_crash_keeps_the_committed_steps_and_closes_the_audit(tmp_path):
                 raise RuntimeError("boom")
             return super().compute_loss(model, inputs, *args, **kwargs)
 
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=8,
-                                          report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    args = quiet_args(tmp_path / "out", max_steps=6)
     trainer = Crashing(model=tiny_bert(), args=args, train_dataset=Tokens(), audit_options={"run": tmp_path / "run"})
     with pytest.raises(RuntimeError, match="boom"):
         trainer.train()
@@ -252,9 +241,7 @@ def test_the_training_loss_is_loss_before_no_extra_forward(tmp_path):
 
 def test_a_resumed_run_continues_the_step_count(tmp_path):
     first, _ = train(tmp_path / "first", steps=3, save_strategy="steps", save_steps=3)
-    args = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "first" / "out"), max_steps=7, per_device_train_batch_size=8, learning_rate=1e-3,
-        report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+    args = quiet_args(tmp_path / "first" / "out", max_steps=7)
     trainer = AuditedTrainer(model=tiny_bert(), args=args, train_dataset=Tokens(),
                              audit_options={"run": tmp_path / "resumed", "every": 2})
     trainer.train(resume_from_checkpoint=str(tmp_path / "first" / "out" / "checkpoint-3"))
@@ -263,7 +250,7 @@ def test_a_resumed_run_continues_the_step_count(tmp_path):
 
 def test_each_rank_writes_its_own_folder(tmp_path, monkeypatch):
     """Several processes: run=<folder> becomes <folder>-rank<i> (ranks sharing a folder overwrite each other)."""
-    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True)
+    args = quiet_args(tmp_path / "out")
     trainer = AuditedTrainer(model=tiny_bert(), args=args, train_dataset=Tokens(), audit_options={"run": tmp_path / "run"})
     trainer.create_optimizer()
     monkeypatch.setattr(type(trainer.args), "world_size", property(lambda self: 2))

@@ -43,13 +43,17 @@ def loader(same_batch: bool = False) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
 
 
+def quiet_trainer(**options) -> "pl.Trainer":
+    """A CPU Trainer without logger, checkpoints, progress bar or summary; ``options`` add to it."""
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, **options)
+
+
 def fit(callbacks=(), steps: int = 7, same_batch: bool = False, module_class=None, trainer_options=None,
         **module_kwargs):
     pl.seed_everything(0, verbose=False)
     module = (module_class or Net)(**module_kwargs)
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
-                         **(trainer_options or {}))
+    trainer = quiet_trainer(max_steps=steps, callbacks=list(callbacks), **(trainer_options or {}))
     trainer.fit(module, loader(same_batch))
     return module, trainer
 
@@ -83,8 +87,7 @@ def test_loss_after_is_the_next_steps_loss_before_on_a_repeated_batch(tmp_path):
     pl.seed_everything(0, verbose=False)
     module = Net(optimizer="sgd")
     module.net[3].p = 0.0  # no dropout: the loss is a function of weights and batch alone
-    trainer = pl.Trainer(max_steps=5, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer = quiet_trainer(max_steps=5, callbacks=[callback])
     trainer.fit(module, loader(same_batch=True))
     records = callback.audit.records
     for this, following in zip(records, records[1:]):
@@ -101,9 +104,7 @@ def test_every_n_and_training_step_loss_with_dict_output(tmp_path):
 
 def test_gradient_accumulation_is_refused_with_the_fix(tmp_path):
     pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, accumulate_grad_batches=2,
-                         callbacks=[AuditCallback(run=tmp_path / "run")])
+    trainer = quiet_trainer(max_steps=2, accumulate_grad_batches=2, callbacks=[AuditCallback(run=tmp_path / "run")])
     with pytest.raises(ValueError, match="accumulate=N"):
         trainer.fit(Net(), loader())
 
@@ -143,8 +144,7 @@ def test_manual_optimization_is_audited_and_unchanged(tmp_path):
     def run(callbacks):
         pl.seed_everything(0, verbose=False)
         module = ManualNet()
-        trainer = pl.Trainer(max_steps=5, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+        trainer = quiet_trainer(max_steps=5, callbacks=callbacks)
         trainer.fit(module, loader())
         return module
 
@@ -242,13 +242,11 @@ def test_torchmetrics_state_is_put_back_after_re_evaluations(tmp_path, probes):
 def test_a_resumed_fit_continues_the_step_count(tmp_path):
     pl.seed_everything(0, verbose=False)
     module = Net()
-    options = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                   enable_checkpointing=False)
-    first = pl.Trainer(max_steps=3, **options)
+    first = quiet_trainer(max_steps=3)
     first.fit(module, loader())
     first.save_checkpoint(tmp_path / "three.ckpt")
     callback = AuditCallback(run=tmp_path / "resumed", every=2)
-    pl.Trainer(max_steps=7, callbacks=[callback], **options).fit(Net(), loader(), ckpt_path=tmp_path / "three.ckpt")
+    quiet_trainer(max_steps=7, callbacks=[callback]).fit(Net(), loader(), ckpt_path=tmp_path / "three.ckpt")
     assert [r["step"] for r in callback.audit.records] == [4, 6]
 
 
