@@ -208,12 +208,6 @@ def _ritz(alphas: list[float], betas: list[float]) -> tuple[Tensor, Tensor]:
     return torch.linalg.eigh(t)
 
 
-def _top_ritz_pair(alphas: list[float], betas: list[float]) -> tuple[float, Tensor]:
-    """Largest eigenpair of the float64 symmetric tridiagonal matrix T = tridiag(β, α, β)."""
-    values, vectors = _ritz(alphas, betas)
-    return float(values[-1]), vectors[:, -1]
-
-
 def _orthogonalise(w: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
     """Remove from ``w`` its components along the orthonormal rows of ``basis``; return (w, coefficients)."""
     # The three-term recurrence removes the two large components (α q_k, β q_{k−1}) with two axpys;
