@@ -28,7 +28,7 @@ bench: $(STAMP)
 	$(BENCH_PY) bench/overhead.py
 
 doctor-eval: $(STAMP)
-	$(PY) -m stepaudit.doctor.evaluate tests/doctor_cases
+	$(PY) tools/doctor_eval.py tests/doctor_cases
 
 clean:
 	rm -rf $(VENV) stepaudit-runs build *.egg-info

@@ -23,9 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from stepaudit.doctor import evaluate
-
 SUITE = Path(__file__).resolve().parent / "doctor_cases"
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "doctor_eval.py"
 # The codes as the issue defines them (not imported from the doctor, which is what is being scored).
 CODES = {"healthy", "lr_too_high", "lr_too_low", "vanishing_gradients", "exploding_gradients", "dead_relu",
          "saturated_activations", "unnormalized_inputs", "loss_wiring", "missing_zero_grad", "params_not_updating",
@@ -48,7 +47,16 @@ def _load_verify():
     return module
 
 
+def _load_evaluate():
+    spec = importlib.util.spec_from_file_location("doctor_eval", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["doctor_eval"] = module  # dataclass-free, but keep pickling/reprs sane
+    spec.loader.exec_module(module)
+    return module
+
+
 verify = _load_verify()
+evaluate = _load_evaluate()
 LABELS = json.loads((SUITE / "labels.json").read_text())
 
 
@@ -189,8 +197,10 @@ STUB = textwrap.dedent('''
     if answer == "crash":
         print("Traceback: boom", file=sys.stderr)
         sys.exit(1)
-    print(json.dumps({"diagnoses": [{"code": c, "severity": "warning", "confidence": 0.5, "first_step": 0,
-                                     "evidence": {}, "fix": "..."} for c in answer],
+    print(json.dumps({"diagnoses": [{"code": c, "severity": "info" if c == "healthy" else "warning",
+                                     "confidence": 0.5, "first_step": 0, "evidence": {},
+                                     "fix": "raise the learning rate" if c == "lr_too_low" else "..."}
+                                    for c in answer],
                       "steps": 7, "script": str(script), "stopped": "finished"}))
 ''')
 
@@ -234,8 +244,12 @@ def test_scorer_counts_top_two_hits_false_alarms_and_errors(stub_suite):
     assert by_case["e.py"]["false_alarm"] and not by_case["d.py"]["false_alarm"]
     assert by_case["f.py"]["error"] and "exit 1" in by_case["f.py"]["error"]
     assert by_case["a.py"]["steps"] == 7 and by_case["a.py"]["stopped"] == "finished"
-    assert scored["totals"] == {"faulty_cases": 5, "hits": 2, "accuracy": 2 / 5, "top1_accuracy": 1 / 5,
-                                "healthy_cases": 2, "healthy_passed": 1, "false_alarms": 1, "errors": 1}
+    totals = dict(scored["totals"])
+    assert totals.pop("seconds_per_script") > 0
+    assert totals == {"faulty_cases": 5, "hits": 2, "accuracy": 2 / 5, "top1_accuracy": 1 / 5,
+                      "healthy_cases": 2, "healthy_passed": 1, "false_alarms": 1, "errors": 1,
+                      "clean_runs": 2, "clean_passed": 1, "contradictions": 1, "crashes": 1}
+    assert by_case["e.py"]["contradictions"] == ["healthy beside lr_too_high"]
     assert scored["per_code"]["dead_relu"] == {"cases": 2, "hits": 1, "top1": 0, "errors": 0}
     assert scored["per_code"]["healthy"] == {"cases": 2, "hits": 1, "top1": 1, "errors": 0}
     report = evaluate.format_report(scored)
@@ -244,7 +258,7 @@ def test_scorer_counts_top_two_hits_false_alarms_and_errors(stub_suite):
 
 def test_scorer_command_line_is_a_report_that_exits_zero(stub_suite):
     suite, command = stub_suite
-    cmd = [sys.executable, "-m", "stepaudit.doctor.evaluate", str(suite), "--json",
+    cmd = [sys.executable, str(TOOL), str(suite), "--json",
            "--doctor-cmd", " ".join(command), "--cases", "a", "d"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -259,6 +273,29 @@ def test_scorer_fails_only_when_the_harness_cannot_run(stub_suite, tmp_path_fact
     assert evaluate.main([str(empty)]) == 2
     assert evaluate.main([str(suite), "--doctor-cmd", " ".join(command), "--cases", "f"]) == 2  # nothing scored
     assert evaluate.main([str(suite), "--doctor-cmd", " ".join(command), "--cases", "zzz"]) == 2
+
+
+def test_scorer_runs_fixed_variants_as_clean_runs(stub_suite):
+    suite, command = stub_suite
+    (suite / "fixed").mkdir()
+    (suite / "fixed" / "a.py").write_text("print('never run')\n")
+    answers = json.loads((suite / "answers.json").read_text())
+    (suite / "fixed" / "answers.json").write_text(json.dumps({"a.py": ["healthy", "lr_too_low"]}))
+    scored = evaluate.evaluate(suite, command, workers=1, cases=["a", "d"])
+    assert [r["case"] for r in scored["fixed"]] == ["fixed/a.py"]
+    fixed = scored["fixed"][0]
+    assert not fixed["clean"] and fixed["contradictions"] == ["healthy beside lr_too_low"]
+    assert scored["totals"]["clean_runs"] == 2 and scored["totals"]["clean_passed"] == 1
+    assert answers["a.py"] == ["lr_too_high", "nonfinite"]
+    assert evaluate.evaluate(suite, command, workers=1, cases=["a"], fixed=False)["fixed"] == []
+
+
+def test_contradiction_check_reads_opposite_learning_rate_advice():
+    up = {"code": "lr_too_low", "severity": "warning", "fix": "raise the learning rate (lr = 0.001) by 10×"}
+    down = {"code": "x", "severity": "warning", "fix": "increase the batch size, and/or lower the learning rate"}
+    assert evaluate.contradictions([up, down]) == ["raise lr (lr_too_low) vs lower lr (x)"]
+    assert evaluate.contradictions([up]) == []
+    assert evaluate.contradictions([{"code": "healthy", "severity": "info", "fix": ""}, {**down, "severity": "info"}]) == []
 
 
 def test_parse_doctor_output_finds_the_json_after_other_output():

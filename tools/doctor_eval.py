@@ -1,18 +1,25 @@
-"""Score the doctor on a labelled suite of training scripts: ``python -m stepaudit.doctor.evaluate tests/doctor_cases``.
+"""Score the doctor on a labelled suite of training scripts: ``python tools/doctor_eval.py tests/doctor_cases``.
 
 For every case in ``<suite>/labels.json`` ({file: {expected, fault, fix}}) it runs
-``stepaudit doctor --json --max-steps 300 --time-limit 60 <file>`` in a subprocess and reads the JSON.
-A faulty case is a hit when its expected code is among the top two diagnoses; a healthy case passes
-when the top diagnosis is ``healthy`` and is a false alarm when the top diagnosis is anything else.
-It prints a per-case table, per-code results, the accuracy on faulty cases and the false alarms.
-The exit status is 0 whatever the accuracy (this is a report); 2 when the harness itself cannot run
-(no labels, unknown case, or not one doctor run produced a result).
+``stepaudit doctor --json --max-steps 300 --time-limit 60 <file>`` in a subprocess and reads the JSON,
+and does the same for the case's fixed variant ``<suite>/fixed/<file>`` when there is one.
+- A faulty case is a hit when its expected code is among the top two diagnoses (top-1 counted too).
+- A clean run (a healthy case, or any fixed variant) passes when no diagnosis has severity error or
+  warning; a healthy case whose top diagnosis is not ``healthy`` is also a false alarm.
+- A contradiction is one output giving opposite advice: one fix says to raise the learning rate and
+  another to lower it, or ``healthy`` reported beside an error or a warning. The check reads the
+  doctor's words, not its code, so it is independent of how the doctor resolves conflicts.
+- A crash is a doctor run that produced no JSON result (the script's own failure is not a crash).
+It prints a per-case table, per-code results and the totals. This is test tooling: it lives outside
+the installed package. The exit status is 0 whatever the scores (this is a report); 2 when the
+harness itself cannot run (no labels, unknown case, or not one doctor run produced a result).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -70,15 +77,36 @@ def run_case(script: Path, command: Sequence[str], timeout: float) -> dict:
     return {"report": report, "seconds": seconds, "error": None}
 
 
+RAISE_LR = re.compile(r"\b(raise|increase|larger|higher)\b[^.;]{0,20}\blearning rate|learning rate[^.;]{0,25}\bby 10×")
+LOWER_LR = re.compile(r"\b(lower|decrease|reduce|smaller)\b[^.;]{0,20}\b(learning rate|lr)\b")
+
+
+def contradictions(diagnoses: list[dict]) -> list[str]:
+    """Opposite advice inside one output, read from its words: lr up against lr down, healthy beside a problem."""
+    found = []
+    ups = [d.get("code") for d in diagnoses if RAISE_LR.search(str(d.get("fix", "")).lower())]
+    downs = [d.get("code") for d in diagnoses if LOWER_LR.search(str(d.get("fix", "")).lower())]
+    if ups and downs:
+        found.append(f"raise lr ({ups[0]}) vs lower lr ({downs[0]})")
+    codes = [d.get("code") for d in diagnoses]
+    problems = [d.get("code") for d in diagnoses if d.get("severity") in ("error", "warning")]
+    if HEALTHY in codes and problems:
+        found.append(f"healthy beside {problems[0]}")
+    return found
+
+
 def judge(expected: str, report: dict | None) -> dict:
-    """Hit / pass / false-alarm verdict of one case from the doctor's report (None when the run failed)."""
-    codes = [str(d.get("code")) for d in (report or {}).get("diagnoses", []) if isinstance(d, dict)]
+    """Hit / pass / false-alarm / clean verdict of one run from the doctor's report (None when the run failed)."""
+    diagnoses = [d for d in (report or {}).get("diagnoses", []) if isinstance(d, dict)]
+    codes = [str(d.get("code")) for d in diagnoses]
     top = codes[0] if codes else None
+    clean = report is not None and not any(d.get("severity") in ("error", "warning") for d in diagnoses)
+    verdict = {"codes": codes, "clean": clean, "contradictions": contradictions(diagnoses)}
     if expected == HEALTHY:
         passed = top == HEALTHY
-        return {"codes": codes, "hit": passed, "top1": passed,
-                "false_alarm": report is not None and bool(codes) and not passed}
-    return {"codes": codes, "hit": expected in codes[:TOP_K], "top1": top == expected, "false_alarm": False}
+        return {**verdict, "hit": passed, "top1": passed,
+                "false_alarm": report is not None and bool(codes) and not (passed and clean)}
+    return {**verdict, "hit": expected in codes[:TOP_K], "top1": top == expected, "false_alarm": False}
 
 
 def load_labels(suite: Path) -> dict[str, dict]:
@@ -96,24 +124,32 @@ def load_labels(suite: Path) -> dict[str, dict]:
 
 
 def evaluate(suite: Path, command: Sequence[str] | None = None, workers: int = 2, timeout: float = 300.0,
-             cases: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the doctor on every case (``workers`` at a time) and score it; returns cases, per_code and totals."""
+             cases: Sequence[str] | None = None, fixed: bool = True) -> dict[str, Any]:
+    """Run the doctor on every case and its fixed variant (``workers`` at a time); cases, fixed, per_code, totals."""
     suite = Path(suite).resolve()
     labels = load_labels(suite)
     names = list(labels) if not cases else [_resolve(c, labels) for c in cases]
     command = list(command or doctor_command())
+    jobs = [(name, labels[name]["expected"], suite / name) for name in names]
+    if fixed:
+        jobs += [(f"fixed/{name}", HEALTHY, suite / "fixed" / name) for name in names
+                 if labels[name]["expected"] != HEALTHY and (suite / "fixed" / name).is_file()]
 
-    def one(name: str) -> dict:
-        outcome = run_case(suite / name, command, timeout)
+    def one(job: tuple[str, str, Path]) -> dict:
+        name, expected, path = job
+        outcome = run_case(path, command, timeout)
         report = outcome.get("report")
-        verdict = judge(labels[name]["expected"], report)
-        return {"case": name, "expected": labels[name]["expected"], **verdict,
+        verdict = judge(expected, report)
+        return {"case": name, "expected": expected, **verdict,
                 "steps": (report or {}).get("steps"), "stopped": (report or {}).get("stopped"),
                 "seconds": round(outcome["seconds"], 2), "error": outcome["error"]}
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = list(pool.map(one, names))
-    return {"cases": results, "per_code": per_code(results), "totals": totals(results)}
+        results = list(pool.map(one, jobs))
+    main_runs = [r for r in results if not r["case"].startswith("fixed/")]
+    fixed_runs = [r for r in results if r["case"].startswith("fixed/")]
+    return {"cases": main_runs, "fixed": fixed_runs, "per_code": per_code(main_runs),
+            "totals": totals(main_runs, fixed_runs)}
 
 
 def per_code(results: list[dict]) -> dict[str, dict]:
@@ -128,10 +164,12 @@ def per_code(results: list[dict]) -> dict[str, dict]:
     return dict(sorted(table.items()))
 
 
-def totals(results: list[dict]) -> dict[str, Any]:
-    """Accuracy on faulty cases (top two), top-1 accuracy, healthy passes and false alarms, run errors."""
+def totals(results: list[dict], fixed_runs: Sequence[dict] = ()) -> dict[str, Any]:
+    """Accuracy on faulty cases (top two, top one); clean runs, false alarms, contradictions, crashes, seconds."""
     faulty = [r for r in results if r["expected"] != HEALTHY]
     healthy = [r for r in results if r["expected"] == HEALTHY]
+    clean_runs = [r for r in [*healthy, *fixed_runs] if r["error"] is None]
+    every = [*results, *fixed_runs]
     return {
         "faulty_cases": len(faulty),
         "hits": sum(r["hit"] for r in faulty),
@@ -141,22 +179,31 @@ def totals(results: list[dict]) -> dict[str, Any]:
         "healthy_passed": sum(r["hit"] for r in healthy),
         "false_alarms": sum(r["false_alarm"] for r in healthy),
         "errors": sum(r["error"] is not None for r in results),
+        "clean_runs": len(clean_runs),
+        "clean_passed": sum(r["clean"] and (r["case"].startswith("fixed/") or r["hit"]) for r in clean_runs),
+        "contradictions": sum(bool(r["contradictions"]) for r in every),
+        "crashes": sum(r["error"] is not None for r in every),
+        "seconds_per_script": round(sum(r["seconds"] for r in every) / len(every), 2) if every else None,
     }
 
 
 def format_report(scored: dict[str, Any]) -> str:
     """The plain-text report: per-case table, per-code table, and the totals."""
-    lines = [f"{'case':<28} {'expected':<25} {'top diagnoses':<48} {'steps':>5} {'sec':>5}  verdict"]
-    for r in scored["cases"]:
+    lines = [f"{'case':<34} {'expected':<25} {'top diagnoses':<48} {'steps':>5} {'sec':>5}  verdict"]
+    for r in [*scored["cases"], *scored.get("fixed", [])]:
         top = ", ".join(r["codes"][:3]) or "-"
         if r["error"]:
             verdict = f"ERROR {r['error'][:120]}"
+        elif r["case"].startswith("fixed/"):
+            verdict = "clean" if r["clean"] else "FALSE ALARM"
         elif r["expected"] == HEALTHY:
-            verdict = "pass" if r["hit"] else "FALSE ALARM"
+            verdict = "pass" if r["hit"] and r["clean"] else "FALSE ALARM"
         else:
             verdict = ("hit (top 1)" if r["top1"] else "hit (top 2)") if r["hit"] else "miss"
+        if r.get("contradictions"):
+            verdict += "; CONTRADICTION: " + "; ".join(r["contradictions"])
         steps = "-" if r["steps"] is None else str(r["steps"])
-        lines.append(f"{r['case']:<28} {r['expected']:<25} {top:<48} {steps:>5} {r['seconds']:>5.1f}  {verdict}")
+        lines.append(f"{r['case']:<34} {r['expected']:<25} {top:<48} {steps:>5} {r['seconds']:>5.1f}  {verdict}")
     lines += ["", f"{'expected code':<25} {'cases':>5} {'top-2':>6} {'top-1':>6} {'errors':>6}"]
     for code, row in scored["per_code"].items():
         lines.append(f"{code:<25} {row['cases']:>5} {row['hits']:>6} {row['top1']:>6} {row['errors']:>6}")
@@ -168,8 +215,11 @@ def format_report(scored: dict[str, Any]) -> str:
     if t["healthy_cases"]:
         lines.append(f"healthy cases passed: {t['healthy_passed']}/{t['healthy_cases']}   "
                      f"false alarms: {t['false_alarms']}")
-    if t["errors"]:
-        lines.append(f"doctor runs that failed: {t['errors']}")
+    if t.get("clean_runs"):
+        lines.append(f"clean runs without a warning or error (healthy cases and fixed variants): "
+                     f"{t['clean_passed']}/{t['clean_runs']} = {t['clean_passed'] / t['clean_runs']:.1%}")
+    lines.append(f"contradictions: {t.get('contradictions', 0)}   crashes (no result): {t.get('crashes', t['errors'])}"
+                 f"   seconds per script: {t.get('seconds_per_script')}")
     return "\n".join(lines)
 
 
@@ -182,8 +232,8 @@ def _resolve(name: str, labels: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: ``python -m stepaudit.doctor.evaluate SUITE [--json] [--workers N] [--cases ...]``."""
-    parser = argparse.ArgumentParser(prog="python -m stepaudit.doctor.evaluate",
+    """Command line: ``python tools/doctor_eval.py SUITE [--json] [--workers N] [--cases ...] [--no-fixed]``."""
+    parser = argparse.ArgumentParser(prog="python tools/doctor_eval.py",
                                      description="Score the doctor on a labelled suite of training scripts.")
     parser.add_argument("suite", type=Path, help="folder with the scripts and labels.json (tests/doctor_cases)")
     parser.add_argument("--json", action="store_true", help="print the scores as one JSON object")
@@ -192,12 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-limit", type=float, default=60.0, help="the doctor's own time limit per script")
     parser.add_argument("--timeout", type=float, default=300.0, help="hard limit per doctor process, seconds")
     parser.add_argument("--cases", nargs="*", default=None, help="case names or prefixes (default: all)")
+    parser.add_argument("--no-fixed", action="store_true", help="skip the fixed variants (faster)")
     parser.add_argument("--doctor-cmd", default=None,
                         help="command to run instead of the doctor (the script path is appended), e.g. a stub")
     args = parser.parse_args(argv)
     command = shlex.split(args.doctor_cmd) if args.doctor_cmd else doctor_command(args.max_steps, args.time_limit)
     try:
-        scored = evaluate(args.suite, command, workers=args.workers, timeout=args.timeout, cases=args.cases)
+        scored = evaluate(args.suite, command, workers=args.workers, timeout=args.timeout, cases=args.cases,
+                          fixed=not args.no_fixed)
     except (OSError, ValueError) as error:
         print(f"doctor-eval: {error}", file=sys.stderr)
         return 2
