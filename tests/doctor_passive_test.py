@@ -378,3 +378,45 @@ def test_gradscaler_losses_are_unscaled(tmp_path):
     truth = json.loads((tmp_path / "losses.json").read_text())
     assert [r["loss_before"] for r in watcher.records] == pytest.approx(truth, rel=1e-6)
     assert torch.amp.GradScaler.scale.__name__ == "scale" and not hasattr(torch.amp.GradScaler.scale, "__wrapped__")
+
+
+SCRIPTED = """
+import torch
+import torch.nn.functional as F
+
+
+@torch.jit.script
+def swish(x):
+    return x.mul(torch.sigmoid(x))
+
+
+@torch.jit.script
+def scripted_loss(x, y):
+    return F.mse_loss(x, y) + F.relu(x).sum() + torch.tanh(x).sum()
+
+
+x = torch.linspace(-1, 1, 8)
+print("swish", float(swish(x).sum()))
+print("loss", float(scripted_loss(x, torch.zeros(8))))
+"""
+
+
+def test_torchscript_still_compiles_the_functions_the_doctor_wraps(tmp_path, capsys):
+    # fastai compiles `x.mul(torch.sigmoid(x))` with torch.jit.script at import: under the doctor the
+    # wrapped torch.sigmoid must still be TorchScript's builtin, and F.mse_loss still compile from source.
+    script = tmp_path / "scripted.py"
+    script.write_text(SCRIPTED)
+    x = torch.linspace(-1, 1, 8)
+    expected_swish = float((x * torch.sigmoid(x)).sum())
+    expected_loss = float(F.mse_loss(x, torch.zeros(8)) + F.relu(x).sum() + torch.tanh(x).sum())
+    watcher = PassiveWatcher(max_steps=None)
+    outcome = run_script(script, [], watcher)
+    assert outcome.error is None, outcome.error
+    out = capsys.readouterr().out
+    assert f"swish {expected_swish}" in out and f"loss {expected_loss}" in out
+    # the wrappers are TorchScript builtins only while the session runs
+    from torch.jit import _builtins
+
+    assert _builtins._find_builtin(torch.sigmoid) == "aten::sigmoid"
+    assert torch.sigmoid is torch._C._VariableFunctions.sigmoid
+    assert F.mse_loss.__module__ == "torch.nn.functional" and not hasattr(F.mse_loss, "__wrapped__")

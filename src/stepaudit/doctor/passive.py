@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+import types
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -157,6 +158,7 @@ class PassiveWatcher(ForwardObserver, RunResults):
         for owner, name, original in reversed(self._patches):
             setattr(owner, name, original)
         self._patches = []
+        _forget_script_aliases()
         if _ACTIVE is self:
             _ACTIVE = None
         self._settle_losses()
@@ -383,57 +385,103 @@ class PassiveWatcher(ForwardObserver, RunResults):
             record["batch_size"] = self.batch_size
 
 # -- module-level wrappers (they look up the active session at call time) -----------------------------------
+def _active() -> "PassiveWatcher | None":
+    return _ACTIVE
+
+
+def _as_original(wrapper: Callable, original: Callable, rebuild: bool = True) -> Callable:
+    """``wrapper`` made transparent to TorchScript and introspection.
+
+    TorchScript resolves a called function by identity: a builtin (``torch.sigmoid``) through its builtin
+    table, a Python function (``F.mse_loss``) by compiling its source (``inspect`` follows ``__wrapped__``
+    to the original's) with the names of the wrapper's globals. So a builtin's wrapper is registered as
+    that builtin, and a Python function's wrapper is rebuilt over the original's globals (its body reads
+    only its closure). Scripted code then runs the original, unobserved, exactly as without the doctor.
+    """
+    if rebuild and isinstance(getattr(original, "__globals__", None), dict):
+        wrapper = types.FunctionType(wrapper.__code__, original.__globals__, original.__name__,
+                                     wrapper.__defaults__, wrapper.__closure__)
+    for attr in ("__name__", "__qualname__", "__module__", "__doc__"):
+        try:
+            setattr(wrapper, attr, getattr(original, attr))
+        except (AttributeError, TypeError):
+            pass
+    wrapper.__wrapped__ = original
+    try:
+        from torch.jit import _builtins
+
+        op = _builtins._find_builtin(original)
+        if op is not None:
+            _builtins._register_builtin(wrapper, op)
+            _SCRIPT_ALIASES.append(wrapper)
+    except Exception:  # an internal of TorchScript moved: observation still works, scripting may not
+        pass
+    return wrapper
+
+
+_SCRIPT_ALIASES: list = []  # wrappers registered as TorchScript builtins (removed again by ``close``)
+
+
+def _forget_script_aliases() -> None:
+    try:
+        from torch.jit import _builtins
+
+        table = _builtins._get_builtin_table()
+        for wrapper in _SCRIPT_ALIASES:
+            table.pop(id(wrapper), None)
+    except Exception:
+        pass
+    _SCRIPT_ALIASES.clear()
+
+
 def _scale_wrapper(name: str, original: Callable) -> Callable:
+    active = _active
+
     def scale(scaler, outputs, *args, **kwargs):
         scaled = original(scaler, outputs, *args, **kwargs)
-        watcher = _ACTIVE
+        watcher = active()
         if watcher is not None and isinstance(scaled, torch.Tensor) and scaled.numel() == 1:
             factor = getattr(scaler, "_scale", None)
             if isinstance(factor, torch.Tensor):
                 watcher._scaled = (weakref.ref(scaled), factor.detach().clone().to(scaled.device))
         return scaled
 
-    scale.__wrapped__ = original
-    scale.__doc__ = original.__doc__
-    return scale
-
+    return _as_original(scale, original, rebuild=False)  # its body reads this module's globals
 
 
 def _backward_wrapper(name: str, original: Callable) -> Callable:
+    active = _active
+
     def backward(tensors, *args, **kwargs):
-        watcher = _ACTIVE
+        watcher = active()
         if watcher is not None:
             watcher._on_backward(tensors)
         return original(tensors, *args, **kwargs)
 
-    backward.__wrapped__ = original
-    backward.__doc__ = original.__doc__
-    return backward
+    return _as_original(backward, original)
 
 
 def _activation_wrapper(name: str, original: Callable) -> Callable:
-    kind = _ACTIVATIONS[name]
+    kind, active = _ACTIVATIONS[name], _active
 
     def activation(*args, **kwargs):
         output = original(*args, **kwargs)
-        watcher = _ACTIVE
+        watcher = active()
         if watcher is not None and watcher.window:
             watcher._on_activation(kind, output)
         return output
 
-    activation.__wrapped__ = original
-    activation.__doc__ = original.__doc__
-    return activation
+    return _as_original(activation, original)
 
 
 def _loss_wrapper(name: str, original: Callable) -> Callable:
+    active = _active
+
     def loss(*args, **kwargs):
         output = original(*args, **kwargs)
-        watcher = _ACTIVE
+        watcher = active()
         if watcher is not None:
             watcher._on_loss(name, args, kwargs, output)
         return output
 
-    loss.__wrapped__ = original
-    loss.__doc__ = original.__doc__
-    return loss
+    return _as_original(loss, original)
