@@ -2,7 +2,12 @@
 
 Runs the unchanged script in-process under passive capture, writes the run store, and prints the
 diagnoses: a readable report, or with ``--json`` one JSON object on stdout (the script's own output
-then goes to stderr): ``{"diagnoses": [...], "steps": N, "script": ..., "stopped": ...}``.
+then goes to stderr): ``{"diagnoses": [...], "steps": N, "script": ..., "stopped": ..., "exit_status": N,
+"error": null | {"type", "message", "file", "line"}, "run": ...}``.
+
+The exit status is the script's own (an uncaught exception → 1, ``sys.exit(n)`` → n); a stop the doctor
+asked for (``--max-steps``, ``--time-limit``) is a normal end (0). A script that failed before its first
+optimizer step gets no diagnosis: there was nothing to watch.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from .facts import Facts
 from .passive import PassiveWatcher
 from .report import render
 from .runner import run_script
+from .summary import stop_reason
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -73,16 +79,48 @@ class _Store:
                 store.append(record)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``stepaudit doctor``; returns the exit status (0 once a diagnosis is printed)."""
-    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+_OWN_OPTIONS = ("--json", "--max-steps", "--time-limit", "--run", "--no-store")
+
+
+def _misplaced_option(script_args: list[str]) -> str | None:
+    """The first doctor option written after the script name (it goes to the script, as documented)."""
+    for arg in script_args:
+        if arg == "--":
+            return None
+        name = arg.split("=", 1)[0]
+        if name in _OWN_OPTIONS:
+            return name
+    return None
+
+
+def _refusal(args: argparse.Namespace) -> str | None:
+    """One line naming what is wrong with the command line and how to fix it, or None."""
     script = Path(args.script)
+    if script.is_dir():
+        return (f"{args.script} is a directory, not a script; pass the training script itself "
+                f"(e.g. stepaudit doctor {Path(args.script) / 'train.py'})")
     if not script.is_file():
-        print(f"stepaudit doctor: no such script: {args.script}", file=sys.stderr)
-        return 2
+        return f"no such script: {args.script}"
     if args.max_steps < 0 or (args.time_limit is not None and args.time_limit <= 0):
-        print("stepaudit doctor: --max-steps must be ≥ 0 and --time-limit > 0", file=sys.stderr)
+        return "--max-steps must be ≥ 0 and --time-limit > 0"
+    if args.run and not args.no_store and Path(args.run).exists() and not Path(args.run).is_dir():
+        return (f"--run {args.run} is an existing file; --run takes a folder for the run store "
+                "(new or empty, e.g. --run runs/dbg), or use --no-store")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``stepaudit doctor``; returns the script's own exit status (2 for a bad command line)."""
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    refusal = _refusal(args)
+    if refusal:
+        print(f"stepaudit doctor: {refusal}", file=sys.stderr)
         return 2
+    misplaced = _misplaced_option(list(args.args))
+    if misplaced:
+        print(f"stepaudit doctor: {misplaced} after the script name is passed to the script; "
+              "put doctor options before it", file=sys.stderr)
+    script = Path(args.script)
     run = None
     if not args.no_store:
         from ..store import new_run_dir
@@ -97,29 +135,43 @@ def main(argv: list[str] | None = None) -> int:
     watcher.finish()
     observations = watcher.observations()
     facts = Facts(watcher.records, sink.meta(), observations)
-    diagnoses = diagnose_facts(facts)
-    result = {"diagnoses": diagnoses, "steps": watcher.step_count, "script": args.script, "stopped": outcome.stopped}
-    _save(sink, observations, outcome, diagnoses)
+    failed = outcome.exit_status != 0
+    before_first_step = failed and watcher.step_count == 0
+    # Nothing was watched when the script failed before its first optimizer step: no diagnosis is invented.
+    diagnoses = [] if before_first_step else diagnose_facts(facts)
+    result = {"diagnoses": diagnoses, "steps": watcher.step_count, "script": args.script, "stopped": outcome.stopped,
+              "exit_status": outcome.exit_status, "error": outcome.failure, "run": None}
+    if outcome.failure is not None:
+        result["reason"] = stop_reason(outcome.failure, outcome.error or "the script failed")  # for the readable report only
+    saved = _save(sink, observations, outcome, diagnoses)
+    result["run"] = str(run) if run is not None and saved else None
     if outcome.error:
-        print(f"stepaudit doctor: the script failed:\n{outcome.error}", file=sys.stderr)
+        heading = ("raised after the doctor stopped it (a normal end)" if outcome.after_stop else "failed")
+        print(f"stepaudit doctor: the script {heading}:\n{outcome.error}", file=sys.stderr)
+    if before_first_step and args.json:  # the readable report says it on stdout
+        print(f"stepaudit doctor: stopped before the first optimizer step: {result['reason']}", file=sys.stderr)
     if args.json:
-        print(json.dumps(_jsonable(result)))
+        print(json.dumps(_jsonable({k: v for k, v in result.items() if k != "reason"})))
     else:
-        print(render(result, outcome.error, str(run) if run else None, facts))
+        print(render(result, outcome.error, result["run"], facts))
     sys.stdout.flush()
-    return 0
+    return outcome.exit_status
 
 
-def _save(sink: _Store, observations: dict, outcome, diagnoses: list[dict]) -> None:
+def _save(sink: _Store, observations: dict, outcome, diagnoses: list[dict]) -> bool:
+    """Write the observations, the outcome and the diagnoses into the run's metadata; False if it failed."""
     try:
         store = sink.open()
         if store is None:
-            return
+            return False
         store.update_meta(observations=_jsonable(observations), stopped=outcome.stopped, error=outcome.error,
+                          exit_status=outcome.exit_status, failure=_jsonable(outcome.failure),
                           diagnoses=_jsonable(diagnoses))
         store.close()
+        return True
     except Exception as error:  # the diagnosis is still printed
         print(f"stepaudit doctor: could not write the run store: {error}", file=sys.stderr)
+        return False
 
 
 def _jsonable(value):
