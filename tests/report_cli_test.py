@@ -93,3 +93,131 @@ def test_sparkline_rises_with_the_values():
     assert sparkline(np.arange(8.0), width=8) == "▁▂▃▄▅▆▇█"
     assert sparkline(np.array([np.nan, np.nan])) == ""
     assert sparkline(np.array([1.0, np.nan, 3.0]), width=8) == "▁ █"
+
+
+# -- a doctor (passive) run: the report shows what the doctor said ------------------------------------------------
+
+CLEAN = """
+import torch
+from torch import nn
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+x = torch.randn(256, 8); y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+for step in range(60):
+    idx = torch.randint(0, 256, (64,))
+    opt.zero_grad()
+    loss = nn.CrossEntropyLoss()(model(x[idx]), y[idx])
+    loss.backward()
+    opt.step()
+"""
+
+
+@pytest.fixture(scope="module")
+def doctor_run(tmp_path_factory):
+    """(run folder, the doctor's JSON result) of ``stepaudit doctor --json --run DIR`` on a clean script."""
+    import json
+
+    from stepaudit.doctor import cli as doctor
+
+    root = tmp_path_factory.mktemp("doctor")
+    script = root / "train.py"
+    script.write_text(CLEAN)
+    out = io.StringIO()
+    saved = sys.stdout
+    sys.stdout = out
+    try:
+        assert doctor.main(["--json", "--run", str(root / "run"), str(script)]) == 0
+    finally:
+        sys.stdout = saved
+    return root / "run", json.loads(out.getvalue())
+
+
+def flat(text):
+    return " ".join(text.split())
+
+
+def test_report_of_a_doctor_run_shows_the_doctors_diagnoses(doctor_run, capsys):
+    run, result = doctor_run
+    assert main([str(run), "--terminal"]) == 0
+    out = capsys.readouterr().out
+    assert "nonfinite" not in out  # unsampled passive fields are NaN in the store: never re-diagnosed as non-finite
+    codes = [d["code"] for d in result["diagnoses"]]
+    shown = [line.split("•", 1)[1].split()[0] for line in out.splitlines() if "•" in line]
+    assert shown == codes  # the doctor's diagnoses, in the doctor's order, nothing added
+    assert load_run(run).findings == result["diagnoses"]
+    assert main([str(run)]) == 0
+    capsys.readouterr()
+    page = (run / "report.html").read_text()
+    assert "nonfinite" not in page and page.count('class="finding ') == len(codes)
+
+
+def test_passive_fields_say_not_measured(doctor_run, capsys):
+    run, _ = doctor_run
+    loaded = load_run(run)
+    text = plain_run(loaded)
+    rows = {line.split("  ")[1].strip(): line for line in text.splitlines() if line.startswith("  ") and "  " in line[2:]}
+    for label in ("lowered / raised / flat", "median α", "median Δloss / g·Δw"):
+        assert "not measured in passive mode" in rows[label]
+    assert "0% / 0% / 0%" not in text and " nan " not in f" {text} "
+    assert main([str(run), "--terminal"]) == 0
+    assert flat(capsys.readouterr().out).count("not measured in passive mode") == 3
+    assert main([str(run)]) == 0
+    capsys.readouterr()
+    page = (run / "report.html").read_text()
+    assert page.count("not measured in passive mode") >= 3 and ">nan<" not in page
+
+
+def test_last_loss_is_the_doctors_median_of_the_last_fifth(doctor_run, tmp_path):
+    import stepaudit
+    from stepaudit.doctor.facts import Facts
+    from stepaudit.doctor.summary import stored_record
+    from stepaudit.report.data import summary
+
+    run, _ = doctor_run
+    loaded = load_run(run)
+    records = [stored_record(r, True) for r in loaded.steps]
+    expected = Facts(records, loaded.meta).loss_end
+    assert summary(loaded)["last_loss"] == pytest.approx(expected)
+    assert summary(loaded)["last_loss"] != pytest.approx(loaded.columns["loss_before"][-1])  # not the last batch
+    assert "last = median of the last fifth" in plain_run(loaded)
+    # an active run: the same definition over the audited records, non-finite steps cut as the rules cut them
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    audit = stepaudit.Audit(model, torch.optim.SGD(model.parameters(), lr=0.1),
+                            lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]), run=tmp_path / "active")
+    for _ in range(40):
+        audit.step((x, y))
+    records = list(audit.records)
+    audit.close()
+    assert summary(load_run(tmp_path / "active"))["last_loss"] == pytest.approx(Facts(records).loss_end)
+
+
+def test_compare_shows_the_stored_top_diagnosis(doctor_run, runs, capsys):
+    run, result = doctor_run
+    assert compare_main([str(run), str(runs[0]), "--no-html"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if "doctor's top finding" in line)
+    assert row.split()[3] == result["diagnoses"][0]["code"] and "nonfinite" not in out
+    table = plain_compare([load_run(run), load_run(runs[0])])
+    lowered = next(line for line in table.splitlines() if line.startswith("lowered"))
+    assert "not measured in passive mode" in lowered and "%" in lowered  # the passive run, then the audited one
+    assert "loss first → last (median of the last fifth)" in table
+
+
+def test_report_of_a_doctor_run_that_failed_before_the_first_step(tmp_path, capsys):
+    from stepaudit.doctor import cli as doctor
+
+    script = tmp_path / "train.py"
+    script.write_text("import torch\nraise RuntimeError('no GPU here')\n")
+    assert doctor.main(["--run", str(tmp_path / "run"), str(script)]) == 1
+    capsys.readouterr()
+    loaded = load_run(tmp_path / "run")
+    assert loaded.findings == [] and loaded.findings_error is None
+    assert loaded.outcome == f"stopped before the first optimizer step: RuntimeError: no GPU here ({script}:2)"
+    assert loaded.outcome in plain_run(loaded)
+    assert main([str(tmp_path / "run")]) == 0
+    assert "stopped before the first optimizer step" in (tmp_path / "run" / "report.html").read_text()

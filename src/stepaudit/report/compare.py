@@ -10,7 +10,8 @@ from typing import Sequence
 import numpy as np
 
 from .charts import Guide, Series, time_chart
-from .data import Run, hyperparameters, load_run, summary
+from ..doctor.summary import LAST_LOSS
+from .data import NOT_MEASURED, Run, hyperparameters, load_run, summary
 from .downsample import blocks
 from .html import figure_html, page
 from .scales import fmt
@@ -39,18 +40,20 @@ def summary_rows(runs: Sequence[Run]) -> list[dict]:
             "lr": hyper.get("lr"),
             "steps": s["audited_steps"],
             "loss": f"{fmt(s['first_loss'])} → {fmt(s['last_loss'])}",
-            "lowered": s["share_decrease"],
-            "raised": s["share_increase"],
-            "flat": s["share_flat"],
-            "median_alpha": s["median_alpha"],
-            "kept": s["median_delta_over_first_order"],
+            **({key: NOT_MEASURED for key in ("lowered", "raised", "flat", "median_alpha", "kept")} if run.passive else {
+                "lowered": s["share_decrease"],
+                "raised": s["share_increase"],
+                "flat": s["share_flat"],
+                "median_alpha": s["median_alpha"],
+                "kept": s["median_delta_over_first_order"],
+            }),
             "finding": str(top.get("title") or top.get("code")) if top else "",
         })
     return rows
 
 
 COLUMNS = (("run", "run"), ("optimizer", "optimizer"), ("lr", "lr"), ("steps", "steps"),
-           ("loss", "loss first → last"), ("lowered", "lowered"), ("raised", "raised"), ("flat", "flat"),
+           ("loss", f"loss first → last ({LAST_LOSS})"), ("lowered", "lowered"), ("raised", "raised"), ("flat", "flat"),
            ("median_alpha", "median α"), ("kept", "Δloss/g·Δw"), ("finding", "doctor's top finding"))
 
 
@@ -58,6 +61,8 @@ def cell(key: str, value) -> str:
     """A table cell as text: shares as percentages, numbers shortened."""
     if value is None or value == "":
         return "–" if key != "finding" else ""
+    if value == NOT_MEASURED:
+        return value
     if key in ("lowered", "raised", "flat"):
         return f"{value:.0%}" if isinstance(value, float) and math.isfinite(value) else "–"
     if isinstance(value, bool):
@@ -113,6 +118,8 @@ def _overlay(uid: str, title: str, how: str, runs: Sequence[Run], field: str, *,
 
 
 def _lowered(run: Run) -> tuple[np.ndarray, np.ndarray]:
+    if run.passive:  # no verdicts: the loss after the step is not measured in passive mode
+        return np.array([]), np.array([])
     return run.columns["step"], (run.verdicts == "decrease").astype(float)
 
 

@@ -10,10 +10,15 @@ from typing import Any
 
 import numpy as np
 
+from ..doctor.summary import LAST_LOSS, is_passive, last_loss, stop_reason
 from ..records import summarize
 from ..store import read_run
 
 VERDICTS = ("decrease", "increase", "flat", "nonfinite", "error")
+NOT_MEASURED = "not measured in passive mode"
+# summary fields a passive (doctor) run does not measure: they need the loss after the step on the same batch
+PASSIVE_UNMEASURED = ("share_decrease", "share_increase", "share_flat", "median_alpha", "median_delta_over_first_order")
+LAST_LOSS_NAME = f"last = {LAST_LOSS}"
 
 
 @dataclass
@@ -28,6 +33,17 @@ class Run:
     verdicts: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
     findings: list[dict] = field(default_factory=list)
     findings_error: str | None = None
+
+    @property
+    def passive(self) -> bool:
+        """Recorded by ``stepaudit doctor`` (passive capture): no loss after the step, no Δloss, α or verdict."""
+        return is_passive(self.meta)
+
+    @property
+    def outcome(self) -> str | None:
+        """How a doctor run's script failed, in one line (None when it ended normally or for an Audit run)."""
+        steps = (self.meta.get("observations") or {}).get("steps")
+        return outcome_note(self.meta, steps if isinstance(steps, int) else len(self.steps)) if self.passive else None
 
     @property
     def name(self) -> str:
@@ -78,8 +94,18 @@ def with_layers(steps: list[dict], layers: list[dict]) -> list[dict]:
 
 
 def findings(meta: dict, steps: list[dict], layers: list[dict]) -> tuple[list[dict], str | None]:
-    """Diagnoses stored with the run plus the doctor's (when ``stepaudit.doctor`` exists); and an error note."""
+    """The diagnoses to show, and a note.
+
+    A doctor (passive) run shows the diagnoses the doctor stored when it ran, exactly: the rules saw the
+    live records and the run-level observations, and the stored rows hold NaN for every field a step
+    did not sample, so diagnosing them again would disagree with what the doctor said. An ``Audit`` run
+    gets the diagnoses stored with it plus the doctor's rules on its records.
+    """
     stored = [d for d in meta.get("diagnoses") or [] if isinstance(d, dict)]
+    if is_passive(meta):
+        if "diagnoses" not in meta:
+            return [], "this doctor run stored no diagnoses (the doctor did not finish it); run stepaudit doctor again"
+        return stored, None
     try:
         from ..doctor import diagnose
     except ImportError:
@@ -93,8 +119,30 @@ def findings(meta: dict, steps: list[dict], layers: list[dict]) -> tuple[list[di
 
 
 def summary(run: Run) -> dict:
-    """Verdict shares, medians and loss trend over the recorded steps (``records.summarize``)."""
-    return summarize(run.steps, steps_seen=run.meta.get("steps_seen"))
+    """Verdict shares, medians and loss trend over the recorded steps (``records.summarize``).
+
+    ``last_loss`` is the doctor's: the median of the last fifth of the losses before any non-finite
+    step (``doctor.summary.loss_end``). For a passive run the fields it does not measure are None.
+    """
+    s = summarize(run.steps, steps_seen=run.meta.get("steps_seen"))
+    end = last_loss(run.steps, run.meta)
+    s["last_loss"] = end if end is not None else math.nan
+    s["passive"] = run.passive
+    if run.passive:
+        s.update(dict.fromkeys(PASSIVE_UNMEASURED))
+    return s
+
+
+def outcome_note(meta: dict, steps: int) -> str | None:
+    """One line on a doctor run's failure, from the outcome it stored (None after a normal end)."""
+    status = meta.get("exit_status")
+    failure = meta.get("failure") if isinstance(meta.get("failure"), dict) else None
+    if not status and not (status is None and meta.get("stopped") == "error"):
+        return None
+    reason = stop_reason(failure, "the script failed (its traceback is in the run's metadata)")
+    if not steps:
+        return f"stopped before the first optimizer step: {reason}"
+    return f"the script failed after {steps} optimizer steps: {reason}; the findings cover only those steps"
 
 
 def natural_key(name: str) -> list:

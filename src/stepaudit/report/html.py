@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .. import __version__
-from .data import Run, hyperparameters, load_run, summary
+from .data import LAST_LOSS_NAME, NOT_MEASURED, Run, hyperparameters, load_run, summary
 from .scales import fmt
 from .sections import Figure, run_figures
 
@@ -79,8 +79,9 @@ _SEVERITY = {"critical": "high", "error": "high", "high": "high", "severe": "hig
              "info": "low", "low": "low", "note": "low"}  # the doctor uses error / warning / info
 
 
-def findings_html(findings: list[dict], error: str | None = None) -> str:
-    """The doctor's diagnoses as cards (most likely root cause first, as the doctor orders them)."""
+def findings_html(findings: list[dict], error: str | None = None, outcome: str | None = None) -> str:
+    """The doctor's diagnoses as cards (most likely root cause first, as the doctor orders them), after
+    the script's failure when a doctor run's script failed."""
     cards = []
     for d in findings:
         severity = str(d.get("severity", "")).lower()
@@ -112,6 +113,8 @@ def findings_html(findings: list[dict], error: str | None = None) -> str:
         cards.append(f'<div class="finding sev-{level}"><div class="head">{"".join(head)}</div>'
                      f"{''.join(body)}</div>")
     notice = f'<p class="notice">{escape(error)}</p>' if error else ""
+    if outcome:
+        notice = f'<p class="notice failure"><b>✗</b> {escape(outcome)}</p>' + notice
     if not cards and not notice:
         return ""
     return f'<section id="findings"><h2>The doctor\'s findings</h2>{notice}<div class="findings">{"".join(cards)}</div></section>'
@@ -126,15 +129,24 @@ def kpis_html(run: Run) -> str:
     s = summary(run)
     seen = run.meta.get("steps_seen")
     cards = [
-        ("audited steps", f"{s['audited_steps']:,}", f"of {seen:,} taken" if isinstance(seen, int) and seen != s["audited_steps"] else ""),
-        ("loss, first → last", f"{fmt(s['first_loss'])} → {fmt(s['last_loss'])}", "training batch, before the step"),
-        ("steps that lowered the loss", _pct(s["share_decrease"]), "on their own batch"),
-        ("steps that raised it", _pct(s["share_increase"]), "beyond rounding noise"),
-        ("flat steps", _pct(s["share_flat"]), "change within rounding noise"),
-        ("median α", fmt(s["median_alpha"]), "0 = landed on the valley floor"),
-        ("median Δloss / g·Δw", fmt(s["median_delta_over_first_order"]), "1 = the gradient's promise kept"),
+        ("optimizer steps" if run.passive else "audited steps", f"{s['audited_steps']:,}",
+         f"of {seen:,} taken" if isinstance(seen, int) and seen != s["audited_steps"] else ""),
+        ("loss, first → last", f"{fmt(s['first_loss'])} → {fmt(s['last_loss'])}",
+         f"training batch, before the step; {LAST_LOSS_NAME}"),
     ]
-    bad = s["share_nonfinite"] + s["share_error"]
+    if run.passive:  # these need the loss after the step on the same batch, which only an Audit measures
+        cards += [("steps that lowered / raised the loss, flat steps", NOT_MEASURED, "needs the loss after the step"),
+                  ("median α", NOT_MEASURED, "needs the loss after the step"),
+                  ("median Δloss / g·Δw", NOT_MEASURED, "needs the loss after the step")]
+    else:
+        cards += [
+            ("steps that lowered the loss", _pct(s["share_decrease"]), "on their own batch"),
+            ("steps that raised it", _pct(s["share_increase"]), "beyond rounding noise"),
+            ("flat steps", _pct(s["share_flat"]), "change within rounding noise"),
+            ("median α", fmt(s["median_alpha"]), "0 = landed on the valley floor"),
+            ("median Δloss / g·Δw", fmt(s["median_delta_over_first_order"]), "1 = the gradient's promise kept"),
+        ]
+    bad = (s["share_nonfinite"] or 0.0) + (s["share_error"] or 0.0)
     if isinstance(bad, float) and bad > 0:
         count = int((run.verdicts == "nonfinite").sum()), int((run.verdicts == "error").sum())
         cards.append(("non-finite / failed audits", f"{count[0]} / {count[1]}", "see the red ticks on the loss"))
@@ -173,8 +185,9 @@ def meta_html(meta: dict, audited: int) -> str:
             tables.append(_table(f"Optimizer: parameter group {i}", list(group.items())))
     if isinstance(meta.get("versions"), dict):
         tables.append(_table("Versions", list(meta["versions"].items())))
-    if isinstance(meta.get("summary"), dict):
-        tables.append(_table("Summary stored at close", list(meta["summary"].items())))
+    if isinstance(meta.get("summary"), dict):  # records.summarize's last_loss is the final step's batch loss
+        tables.append(_table("Summary stored at close", [("last_loss (final step's batch)" if k == "last_loss" else k, v)
+                                                         for k, v in meta["summary"].items()]))
     other = [(k, v) for k, v in meta.items() if k not in _SHOWN]
     if other:
         tables.append(_table("Other metadata", other))
@@ -208,7 +221,7 @@ def render_report(run: Run) -> str:
     figures = run_figures(run) if run.steps else []
     charts = "".join(figure_html(f) for f in figures) or '<p class="notice">This run has no audited steps yet.</p>'
     body = (f'<header><p class="brand">stepaudit report</p><h1>{escape(run.name)}</h1><p class="sub">{escape(subtitle)}</p></header>'
-            f"{findings_html(run.findings, run.findings_error)}{problems_html(run)}{kpis_html(run)}"
+            f"{findings_html(run.findings, run.findings_error, run.outcome)}{problems_html(run)}{kpis_html(run)}"
             f'<h2>Step by step</h2><section class="charts">{charts}</section>{meta_html(meta, len(run.steps))}')
     return page(f"stepaudit — {run.name}", body)
 

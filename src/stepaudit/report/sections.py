@@ -63,6 +63,8 @@ def loss_figure(run: Run) -> Figure | None:
         legend.append((f"non-finite step ({len(nonfinite)})", RED, "tick"))
     how = ("Solid: the batch's loss before each step; dashed: the same batch right after it (below solid = the step "
            "helped its own batch)" + ("; green: loss on fixed held-out data." if any(s.color == GREEN for s in series) else "."))
+    if run.passive and not run.has("loss_after"):
+        how = "The batch's loss at each backward pass (the loss after the step is not measured in passive mode)."
     return Figure("loss", "Loss per step", svg, how, legend, notes)
 
 

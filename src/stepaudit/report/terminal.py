@@ -8,7 +8,7 @@ from typing import IO, Sequence
 import numpy as np
 
 from .compare import COLUMNS, cell, summary_rows
-from .data import Run, hyperparameters, summary
+from .data import LAST_LOSS_NAME, NOT_MEASURED, Run, hyperparameters, summary
 from .downsample import envelope
 from .scales import fmt
 
@@ -43,14 +43,21 @@ def run_rows(run: Run) -> list[tuple[str, str, str]]:
     """(quantity, value, how to read it) rows of one run's summary."""
     s = summary(run)
     rows = [
-        ("audited steps", f"{s['audited_steps']:,}", ""),
-        ("loss, first → last", f"{fmt(s['first_loss'])} → {fmt(s['last_loss'])}", "training batch, before the step"),
-        ("lowered / raised / flat", f"{_pct(s['share_decrease'])} / {_pct(s['share_increase'])} / {_pct(s['share_flat'])}",
-         "share of steps, on their own batch"),
-        ("median α", fmt(s["median_alpha"]), "−1 did not move, 0 valley floor, >1 overshot"),
-        ("median Δloss / g·Δw", fmt(s["median_delta_over_first_order"]), "1 = the gradient's promise kept"),
-        ("median ‖Δw‖/‖w‖", fmt(_median(run, "update_ratio")), "rule of thumb ≈ 1e-3"),
+        ("optimizer steps" if run.passive else "audited steps", f"{s['audited_steps']:,}", ""),
+        ("loss, first → last", f"{fmt(s['first_loss'])} → {fmt(s['last_loss'])}",
+         f"training batch, before the step; {LAST_LOSS_NAME}"),
     ]
+    if run.passive:  # these need the loss after the step on the same batch (an Audit measures it)
+        rows += [("lowered / raised / flat", NOT_MEASURED, "needs the loss after the step (stepaudit.Audit)"),
+                 ("median α", NOT_MEASURED, ""), ("median Δloss / g·Δw", NOT_MEASURED, "")]
+    else:
+        rows += [
+            ("lowered / raised / flat", f"{_pct(s['share_decrease'])} / {_pct(s['share_increase'])} / {_pct(s['share_flat'])}",
+             "share of steps, on their own batch"),
+            ("median α", fmt(s["median_alpha"]), "−1 did not move, 0 valley floor, >1 overshot"),
+            ("median Δloss / g·Δw", fmt(s["median_delta_over_first_order"]), "1 = the gradient's promise kept"),
+        ]
+    rows.append(("median ‖Δw‖/‖w‖", fmt(_median(run, "update_ratio")), "rule of thumb ≈ 1e-3"))
     bad = int((run.verdicts == "nonfinite").sum()), int((run.verdicts == "error").sum())
     if any(bad):
         rows.append(("non-finite / failed", f"{bad[0]} / {bad[1]}", "steps"))
@@ -90,8 +97,10 @@ def plain_run(run: Run) -> str:
     spark = sparkline(run.columns.get("loss_before", np.array([])))
     if spark:
         lines += ["", f"  loss  {spark}"]
+    if run.outcome:
+        lines += ["", f"✗ {run.outcome}"]
     if run.findings or run.findings_error:
-        lines += ["", "doctor's findings:"]
+        lines += ["", "doctor's findings" + (" (stored by stepaudit doctor):" if run.passive else ":")]
         for d in run.findings:
             head, fix = _finding_line(d)
             lines += [f"  • {head}"] + ([f"    {fix}"] if fix else [])
@@ -124,7 +133,7 @@ def print_run(run: Run, file: IO[str] | None = None, width: int | None = None) -
     console = Console(file=file, width=width, highlight=False)
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
-    table.add_column(justify="right")
+    table.add_column(justify="right", no_wrap=True)
     table.add_column(style="dim")
     for q, v, h in run_rows(run):
         table.add_row(Text(q), Text(v), Text(h))
@@ -132,8 +141,10 @@ def print_run(run: Run, file: IO[str] | None = None, width: int | None = None) -
     spark = sparkline(run.columns.get("loss_before", np.array([])))
     if spark:
         parts += [Text(""), Text.assemble(("loss  ", "bold"), (spark, "blue"))]
+    if run.outcome:
+        parts += [Text(""), Text(f"✗ {run.outcome}", style="bold red")]
     if run.findings or run.findings_error:
-        parts += [Text(""), Text("doctor's findings", style="bold")]
+        parts += [Text(""), Text("doctor's findings" + (" (stored by stepaudit doctor)" if run.passive else ""), style="bold")]
         for d in run.findings:
             head, fix = _finding_line(d)
             parts.append(Text.assemble(("• ", "yellow"), (head, "")))
