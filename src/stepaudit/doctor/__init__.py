@@ -11,6 +11,7 @@ from typing import Sequence
 
 from .facts import Facts
 from .rules import RULES, SEVERITIES, Diagnosis
+from .story import as_consequence, reconcile, strength
 
 CODES = ("healthy", "lr_too_high", "lr_too_low", "vanishing_gradients", "exploding_gradients", "dead_relu",
          "saturated_activations", "unnormalized_inputs", "loss_wiring", "missing_zero_grad", "params_not_updating",
@@ -40,13 +41,14 @@ CAUSES: dict[str, tuple[str, ...]] = {
 _PRIORITY = ("params_not_updating", "missing_zero_grad", "loss_wiring", "unnormalized_inputs", "lr_too_high",
              "exploding_gradients", "dead_relu", "saturated_activations", "vanishing_gradients", "lr_too_low",
              "labels_unlearnable", "gradient_noise_dominates", "nonfinite")
-_WEIGHT = {"error": 1.0, "warning": 0.75, "info": 0.3}
 SYMPTOM_DISCOUNT = 0.6  # a finding explained by a cause is less likely to be the thing to fix
 
 
 def _produces(cause: Diagnosis, effect: Diagnosis) -> bool:
     if cause.code == "loss_wiring" and cause.kind == "init":
         return False  # a large first loss is itself a symptom (of the initialisation or the input scale)
+    if effect.kind == "schedule":
+        return False  # a schedule that drives the lr to nothing is a fault of its own, whatever else is wrong
     effects = CAUSES.get(cause.code, ())
     return effect.code in effects or f"{effect.code}:{effect.kind}" in effects
 
@@ -70,17 +72,17 @@ def order(found: list[Diagnosis]) -> list[Diagnosis]:
             causes[id(effect)] = min(candidates, key=lambda c: (c.first_step if c.first_step is not None else -1, _rank(c)))
     roots = [d for d in found if id(d) not in causes]
     symptoms = [d for d in found if id(d) in causes]
-    roots.sort(key=lambda d: -d.confidence * _WEIGHT[d.severity])
+    roots.sort(key=lambda d: -strength(d))
     for symptom in symptoms:
         cause, seen = causes[id(symptom)], {id(symptom)}
         while id(cause) in causes and id(causes[id(cause)]) not in seen:  # follow the chain to its root
             seen.add(id(cause))
             cause = causes[id(cause)]
         symptom.confidence *= SYMPTOM_DISCOUNT
-        symptom.evidence = f"(likely a consequence of {cause.code}) {symptom.evidence}"
+        as_consequence(symptom, cause)
         causes[id(symptom)] = cause
     position = {id(d): i for i, d in enumerate(roots)}
-    symptoms.sort(key=lambda d: (position.get(id(causes[id(d)]), len(roots)), -d.confidence * _WEIGHT[d.severity]))
+    symptoms.sort(key=lambda d: (position.get(id(causes[id(d)]), len(roots)), -strength(d)))
     return roots + symptoms
 
 
@@ -117,6 +119,7 @@ def diagnose_facts(f: Facts) -> list[dict]:
             f.obs.setdefault("rule_errors", {})[rule.__name__] = f"{type(error).__name__}: {error}"
         if diagnosis is not None:
             found.append(diagnosis)
+    found = reconcile(found, f)
     if not found:
         return [healthy(f).as_dict()]
     if all(d.severity == "info" for d in found):  # notes, nothing wrong: healthy first, the notes after it

@@ -20,6 +20,7 @@ class Diagnosis:
     fix: str
     kind: str = ""  # sub-kind for causal ordering (e.g. loss_wiring "init")
     whole_run: bool = False  # judged over the whole run: no onset to compare with a cause's
+    lr_direction: int = 0  # which way the fix moves the learning rate: −1 lower, +1 raise, 0 leaves it
 
     def as_dict(self) -> dict:
         """The JSON contract: code, severity, confidence, first_step, evidence, fix."""
@@ -38,5 +39,6 @@ def clip(x: float) -> float:
 
 
 def not_training(f: Facts) -> bool:
-    """The loss lost less than 10% of its starting value over the run [K: 'the loss should go down']."""
-    return f.progress is not None and f.progress < 0.10
+    """The loss lost less than 10% of its starting value over the run [K: 'the loss should go down'], or it
+    ended at the loss of predicting the label prior (whatever it started from)."""
+    return (f.progress is not None and f.progress < 0.10) or f.stuck_at_prior

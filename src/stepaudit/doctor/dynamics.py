@@ -47,11 +47,15 @@ def lr_too_high(f: Facts) -> Diagnosis | None:
     lr = next((r.get("lr") for r in f.records if isinstance(r.get("lr"), (int, float))), None)
     lr_text = f" (lr = {_g(lr)})" if lr else ""
     return Diagnosis("lr_too_high", "error", _clip(0.4 + strength), first, "; ".join(parts) + ".",
-                     f"lower the learning rate{lr_text} by 3–10× (or add warm-up / gradient clipping)")
+                     f"lower the learning rate{lr_text} by 3–10× (or add warm-up / gradient clipping)", lr_direction=-1)
 
 
 def lr_too_low(f: Facts) -> Diagnosis | None:
-    """Steps too small to matter: tiny ‖Δw‖/‖w‖ [CS], a first-order promise that adds up to little, α ≈ −1."""
+    """Steps too small to matter: tiny ‖Δw‖/‖w‖ [CS], a first-order promise that adds up to little, α ≈ −1;
+    or a schedule that drove the learning rate to nothing while the loss was still high."""
+    collapsed = _schedule_collapse(f)
+    if collapsed is not None:
+        return collapsed
     if not f.moved or not _not_training(f):
         return None
     parts, strength = [], 0.0
@@ -80,7 +84,35 @@ def lr_too_low(f: Facts) -> Diagnosis | None:
     return Diagnosis("lr_too_low", "warning" if strength < 0.5 else "error", _clip(0.4 + strength), 0,
                      f"the loss went from {_g(f.loss_start)} to {_g(f.loss_end)} in {f.n_steps} steps; " + "; ".join(parts) + ".",
                      f"raise the learning rate{f' (lr = {_g(lr)})' if lr else ''} by 10× and watch the loss; "
-                     "an lr range test finds the largest one that still descends", whole_run=True)
+                     "an lr range test finds the largest one that still descends", whole_run=True, lr_direction=+1)
+
+
+def _schedule_collapse(f: Facts) -> Diagnosis | None:
+    """The lr fell below 1/1000 of its peak well before the end, and the loss stopped improving after that."""
+    found = f.lr_collapse
+    if found is None or f.first_nonfinite is not None:
+        return None
+    after = [v for s, v in f.losses if s >= found["step"]]
+    before = [v for s, v in f.losses if s < found["step"]]
+    if len(after) < 10 or not before:
+        return None
+    # after the collapse the loss should keep falling if the lr still mattered; ≤ 5% further progress
+    # (median of the first against the last fifth of the remaining steps) means the run has stopped learning.
+    width = max(3, len(after) // 5)
+    head, tail = sorted(after[:width])[width // 2], sorted(after[-width:])[width // 2]
+    if head <= 0 or (head - tail) / abs(head) > 0.05 or f.learning_well:
+        return None
+    schedulers = found["schedulers"]
+    named = ", ".join(f"{name} (step() called {count}× in {f.n_steps} optimizer steps)"
+                      for name, count in schedulers.items()) or "the learning-rate schedule"
+    per_batch = any(count >= 0.5 * f.n_steps for count in schedulers.values())
+    return Diagnosis("lr_too_low", "error", 0.85, found["step"],
+                     f"the learning rate fell from {_g(found['peak'])} to {_g(found['final'])} (below 1/1000 of its peak "
+                     f"by step {found['step']}) under {named}; after that the loss stayed at {_g(tail)}.",
+                     ("call scheduler.step() once per epoch, not once per batch (or size step_size / T_max in "
+                      "batches)" if per_batch else "lengthen the schedule or raise its floor (eta_min / gamma)")
+                     + "; keep the learning rate within ~100× of its peak while the loss is still falling",
+                     kind="schedule", lr_direction=+1)
 
 
 def labels_unlearnable(f: Facts) -> Diagnosis | None:
@@ -90,7 +122,7 @@ def labels_unlearnable(f: Facts) -> Diagnosis | None:
     if end is None or start is None or not f.moved:
         return None
     reference, what = (found if found else (abs(start), "its starting value"))
-    if reference <= 0 or not 0.8 * reference <= end <= 1.5 * reference:  # near the entropy, not far above it
+    if reference <= 0 or not 0.9 * reference <= end <= 1.5 * reference:  # near the entropy, not far above it
         return None
     parts = [f"after {f.n_steps} steps the loss is {_g(end)}, still {end / reference:.0%} of {what} ({_g(reference)}): "
              "the model has learnt little beyond the label frequencies"]
@@ -112,9 +144,12 @@ def labels_unlearnable(f: Facts) -> Diagnosis | None:
         strength += 0.3
     if not found:
         strength *= 0.6  # without the label entropy, "stuck at the start" is weaker evidence of the labels
-    if strength < 0.45:
+    carried = (transfer is not None and transfer[1] >= 0.05 * reference and transfer[0] <= 0.1) or (
+        active is not None and active <= 0.1)
+    if strength < 0.45 or not carried:  # the defining evidence: the steps fit their batch, not the others
         return None
-    return Diagnosis("labels_unlearnable", "error", _clip(0.35 + strength), 0, "; ".join(parts) + ".",
+    return Diagnosis("labels_unlearnable", "error" if found else "warning", _clip(0.35 + strength), 0,
+                     "; ".join(parts) + ".",
                      "check that inputs and labels stay aligned (same shuffle/permutation, same indexing, no "
                      "label column leaking or lost); overfit a single small batch first [Karpathy]", whole_run=True)
 
@@ -145,7 +180,11 @@ def gradient_noise_dominates(f: Facts) -> Diagnosis | None:
         parts.append(f"the measured noise scale B_simple ≈ {_g(med(scales))} is {_g(med(scales) / b, 2)}× the batch size {b}")
         strength += 0.45
     cos, transfer = f.grad_cos_half, f.transfer
-    if cos is not None and transfer is not None and cos > -0.2 and not f.oscillating:
+    start = abs(f.loss_start or 0)
+    material = transfer is not None and start > 0 and transfer[1] >= 0.05 * start  # a promise worth measuring
+    # "Nearly orthogonal" must be true of the cosine itself: above 0.3 the gradients agree, and a small
+    # carried-over share then means steps too small (or curvature), not noise.
+    if cos is not None and material and -0.2 < cos <= 0.3 and not f.oscillating:
         signal = math.sqrt(max(cos, 0.0) * max(transfer[0], 0.0))
         if signal <= 0.1:
             estimate = "≫ 100" if signal <= 0.01 else f"≈ {_g(1 / signal - 1, 2)}"
@@ -162,8 +201,12 @@ def gradient_noise_dominates(f: Facts) -> Diagnosis | None:
     found = f.label_entropy
     if found and f.loss_end is not None and f.loss_end >= 0.8 * found[0]:
         strength -= 0.2  # nothing learnt beyond the prior: unlearnable labels explain it better
-    strength += 0.15 if b is not None and b <= 8 else 0
-    return Diagnosis("gradient_noise_dominates", "warning", _clip(0.35 + strength), 0,
+    tiny = b is not None and b <= 8
+    strength += 0.15 if tiny else 0
+    # Every mini-batch run is noisy; it is a problem where the batch is tiny or the loss barely moves.
+    slow = f.progress is not None and f.progress < 0.3
+    severity = "warning" if tiny or slow or scales else "info"
+    return Diagnosis("gradient_noise_dominates", severity, _clip(0.35 + strength), 0,
                      f"batch size {b or '?'}: " + "; ".join(parts) + f" (loss {_g(f.loss_start)} → {_g(f.loss_end)}).",
-                     "increase the batch size (or accumulate gradients) toward the noise scale, and/or lower "
-                     "the learning rate / decay it", whole_run=True)
+                     "increase the batch size (or accumulate gradients) toward the noise scale; decaying the "
+                     "learning rate late in training also averages the noise out", whole_run=True)

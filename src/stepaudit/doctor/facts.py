@@ -131,6 +131,67 @@ class Facts:
         return (self.loss_start - self.loss_end) / abs(self.loss_start)
 
     @cached_property
+    def stuck_at_prior(self) -> bool:
+        """The loss ended at ≥ 90% of the input-blind predictor's loss (label entropy / target variance).
+
+        Judged against the prior, not against the start: a huge first loss (an N(0, 1) initialisation)
+        that falls to the prior looks like progress but is a model that predicts nothing.
+        """
+        found = self.label_entropy
+        return bool(found and self.loss_end is not None and found[0] > 0 and self.loss_end >= 0.9 * found[0])
+
+    @cached_property
+    def learning_well(self) -> bool:
+        """The loss at least halved, ended below the prior, and nothing went non-finite."""
+        return (self.progress is not None and self.progress >= 0.5 and not self.stuck_at_prior
+                and self.first_nonfinite is None and (self.loss_end or 0) >= 0)
+
+    @cached_property
+    def lr_collapse(self) -> dict | None:
+        """The learning rate falling below 1/1000 of its peak before the last fifth of the run.
+
+        Returns the peak and final lr, the step where it first fell below peak/1000, and the scheduler
+        classes whose ``step()`` ran with their call counts (a per-epoch schedule stepped per batch).
+        """
+        lrs = [(int(r["step"]), float(r["lr"])) for r in self.records
+               if isinstance(r.get("lr"), (int, float)) and math.isfinite(r["lr"]) and r.get("optimizer", 0) in (0, None)]
+        if len(lrs) < 10:
+            return None
+        peak = max(v for _, v in lrs)
+        if peak <= 0:
+            return None
+        end_step = lrs[-1][0]
+        fell = next((s for s, v in lrs if v < 1e-3 * peak and s > lrs[0][0]), None)
+        if fell is None or fell > 0.8 * end_step or lrs[-1][1] >= 1e-3 * peak:
+            return None
+        return {"peak": peak, "final": lrs[-1][1], "step": fell, "schedulers": dict(self.obs.get("schedulers") or {})}
+
+    @cached_property
+    def loss_form(self) -> dict | None:
+        """A loss curve no well-formed objective produces: constant from the start, or unbounded below.
+
+        - constant: the first ≥ 10 losses identical (to 1e-12 relative); a model that is learning, or even
+          one seeing different batches, changes its loss. Stuck at exactly 0 is the common form (the log of
+          a probability that is already 1, a loss multiplied by a mask of zeros).
+        - unbounded below: negative at the end and ≥ 10× its starting magnitude below 0, still falling
+          over the last fifth: a likelihood maximised instead of minimised (a lost minus sign), or a loss
+          whose minimum is −∞ (NLL on raw scores).
+        """
+        values = [v for _, v in self.losses]
+        if len(values) >= 10:
+            head = values[:max(10, len(values) // 2)]
+            scale = max(abs(head[0]), 1e-30)
+            if all(abs(v - head[0]) <= 1e-12 * scale or v == head[0] for v in head):
+                return {"kind": "constant_loss", "value": head[0], "steps": len(head)}
+        if len(values) >= 10 and self.loss_end is not None and self.loss_start is not None:
+            tail = values[-max(5, len(values) // 5):]
+            falling = tail[-1] < tail[0]
+            if self.loss_end < 0 and -self.loss_end >= 10 * max(abs(self.loss_start), 1e-3) and falling:
+                return {"kind": "unbounded_below", "start": self.loss_start, "end": self.loss_end,
+                        "lowest": min(values)}
+        return None
+
+    @cached_property
     def peak(self) -> tuple[float, int] | None:
         """Highest rolling-median loss and the step where the rolling median first exceeded 1.5× the start."""
         values = [v for _, v in self.losses]
@@ -328,6 +389,15 @@ class Facts:
             return None
         rows = self.layer_rows(self.sampled[0])
         return med(row["grad_norm"] / row["weight_norm"] for row in (rows[:-1] if len(rows) > 1 else rows))
+
+    @cached_property
+    def relative_grad_early(self) -> float | None:
+        """Median over the first five sampled steps of the per-step median ‖g‖/‖w‖ (weight layers, last left out)."""
+        values = []
+        for record in self.sampled[:5]:
+            rows = self.layer_rows(record)
+            values.append(med(row["grad_norm"] / row["weight_norm"] for row in (rows[:-1] if len(rows) > 1 else rows)))
+        return med(values)
 
     def share_late(self, key: str) -> tuple[float, int] | None:
         """Median of a per-step share over the last half of its observations, and the first step it was ≥ 0.5."""

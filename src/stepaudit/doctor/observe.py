@@ -16,6 +16,8 @@ MAX_ACTIVATION_ROWS = 64  # per sampled step
 # A unit "never fires on the batch": a healthy unit active on half the examples is silent on all 16 with
 # probability 2⁻¹⁶, so smaller batches cannot tell dead units from unlucky ones.
 MIN_DEAD_BATCH = 16
+MAX_INPUT_ROWS = 256  # first-layer input rows pooled over the early sampled steps
+MAX_INPUT_VALUES = 4_000_000
 
 
 def _tensor_arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
@@ -37,7 +39,11 @@ class ForwardObserver:
         self._open_activations: list[dict] = []
         self._activations: list[dict] = []
         self._inputs: dict | None = None
-        self._input_windows = 0
+        self._input_pool: list[torch.Tensor] = []  # first-layer inputs of early steps (batch 1 needs several)
+        self._input_rows = 0
+        self._input_layer: torch.nn.Module | None = None
+        self._axis_flags: dict[str, dict] = {}  # softmax over the batch axis, per function
+        self._softmax_checked = 0
         self._loss_checked: Counter = Counter()  # sampled calls inspected, per loss function
         self._loss_flags: dict[str, dict] = {}  # kind of miswiring -> first finding, count, last step
         self.loss_calls: Counter = Counter()
@@ -55,11 +61,31 @@ class ForwardObserver:
         self._depth += 1
         if self._first_layer_pending and module._parameters and any(v is not None for v in module._parameters.values()):
             self._first_layer_pending = False
-            if self._inputs is None and self._input_windows < 3 and args and isinstance(args[0], torch.Tensor):
-                self._inputs = _input_stats(module, args[0])
-                self._input_windows += self._inputs is not None
-                if self._inputs is not None and self.batch_size is None and args[0].dim() >= 2:
-                    self.batch_size = int(args[0].shape[0])
+            if self._input_rows < MAX_INPUT_ROWS and args and isinstance(args[0], torch.Tensor):
+                self._pool_input(module, args[0])
+
+    def _pool_input(self, module: torch.nn.Module, x: torch.Tensor) -> None:
+        """Keep the first layer's input rows of early steps; their statistics are recomputed as rows arrive."""
+        if self._input_layer is not None and module is not self._input_layer:
+            return  # one first layer per session (a second model's inputs are not pooled with the first's)
+        if not x.is_floating_point() or x.dim() < 2 or x.numel() == 0 or isinstance(module, torch.nn.Embedding):
+            return
+        if isinstance(module, _NORMALIZING):
+            self._inputs = {"layer": type(module).__name__, "normalized": True}
+            return
+        if self.batch_size is None:
+            self.batch_size = int(x.shape[0])
+        with torch.no_grad():
+            rows = x.detach().flatten(1)
+            if rows.shape[1] * MAX_INPUT_ROWS > MAX_INPUT_VALUES:  # large inputs: fewer rows suffice
+                rows = rows[:max(1, MAX_INPUT_VALUES // MAX_INPUT_ROWS // max(rows.shape[1], 1))]
+            if self._input_pool and rows.shape[1] != self._input_pool[0].shape[1]:
+                return
+            rows = rows[:MAX_INPUT_ROWS - self._input_rows].to("cpu", torch.float64)
+        self._input_layer = module
+        self._input_pool.append(rows)
+        self._input_rows += rows.shape[0]
+        self._inputs = _input_stats(type(module).__name__, torch.cat(self._input_pool))
 
     def _forward_post(self, module, args, output):
         self._depth = max(0, self._depth - 1)
@@ -136,6 +162,26 @@ class ForwardObserver:
             if self.batch_size is None and x.dim() >= 1:
                 self.batch_size = int(x.shape[0])
 
+    def on_softmax(self, name: str, args: tuple, kwargs: dict) -> None:
+        """A softmax taken over the batch axis of a (batch, classes) tensor normalises across examples."""
+        if not self.window or self._softmax_checked >= 64:
+            return
+        x = _tensor_arg(args, kwargs, 0, "input")
+        dim = _tensor_arg(args, kwargs, 1, "dim")
+        if not isinstance(x, torch.Tensor) or x.dim() < 2 or not isinstance(dim, int) or self.batch_size is None:
+            return
+        self._softmax_checked += 1
+        batch = x.shape[0]
+        if dim % x.dim() == 0 and batch == self.batch_size and batch >= 2 and x.shape[-1] >= 2:
+            seen = self._axis_flags.setdefault(name, {"kind": "softmax_over_batch", "function": name,
+                                                      "shape": list(x.shape), "dim": dim, "step": self.step_count,
+                                                      "count": 0})
+            seen["count"] += 1
+
+    def axis_findings(self) -> list[dict]:
+        """Softmaxes over the batch axis seen at least twice."""
+        return [seen for seen in self._axis_flags.values() if seen["count"] >= 2]
+
     def _note_targets(self, name: str, x: torch.Tensor, y: torch.Tensor, kwargs: dict) -> None:
         if name in ("cross_entropy", "nll_loss") and not y.is_floating_point():
             ignore = kwargs.get("ignore_index", -100)
@@ -163,31 +209,40 @@ class ForwardObserver:
             if kind == "probabilities_into_bce_with_logits" and (seen["count"] < 3 or seen["last_step"] < 10):
                 continue  # logits of an untrained model can all fall in (0, 1); trained ones leave it
             found.append({**seen, "checked": checked})
-        return found
+        return found + self.axis_findings()
 
 
 @torch.no_grad()
-def _input_stats(module: torch.nn.Module, x: torch.Tensor) -> dict | None:
-    """Scale of the first parametrised layer's input, per feature (LeCun et al. 1998, "Efficient BackProp" §4.3)."""
-    layer = type(module).__name__
-    if not x.is_floating_point() or x.dim() < 2 or x.shape[0] < 2 or isinstance(module, torch.nn.Embedding):
+def _input_stats(layer: str, flat: torch.Tensor) -> dict | None:
+    """Scale of the first parametrised layer's input, per feature (LeCun et al. 1998, "Efficient BackProp" §4.3).
+
+    ``flat`` holds the pooled rows (examples × features, float64). Besides the overall RMS: the typical
+    offset of a feature relative to its spread (|mean|/std: a sliver of a range far from 0) and how far
+    apart the features' spreads are (largest std / median std), both over the features that vary.
+    """
+    if flat.shape[0] < 1:
         return None
-    if isinstance(module, _NORMALIZING):
-        return {"layer": layer, "normalized": True}
-    flat = x.detach().flatten(1).double()
-    finite = bool(torch.isfinite(flat).all())
-    if not finite:
-        return {"layer": layer, "nonfinite": True}
+    if not bool(torch.isfinite(flat).all()):
+        return {"layer": layer, "nonfinite": True, "rows": int(flat.shape[0])}
     feature_rms = flat.pow(2).mean(0).sqrt()
-    std = flat.std(0)
-    return {
+    stats = {
         "layer": layer,
+        "rows": int(flat.shape[0]),
         "rms": float(flat.pow(2).mean().sqrt()),
         "feature_rms_median": float(feature_rms.median()),
         "feature_rms_max": float(feature_rms.max()),
-        "feature_std_median": float(std.median()),
         "mean_abs": float(flat.mean(0).abs().mean()),
     }
+    if flat.shape[0] >= 8:
+        std = flat.std(0)
+        stats["feature_std_median"] = float(std.median())
+        varying = std > 1e-6 * float(std.max()) if float(std.max()) > 0 else std > 0
+        if int(varying.sum()) >= 1:
+            spread, offset = std[varying], (flat.mean(0)[varying].abs() / std[varying])
+            stats["feature_offset_median"] = float(offset.median())
+            stats["feature_std_max"] = float(spread.max())
+            stats["feature_std_ratio"] = float(spread.max() / spread.median())
+    return stats
 
 
 def _loss_check(name: str, x: torch.Tensor, y: Any) -> dict | None:

@@ -36,6 +36,9 @@ _ACTIVE: "PassiveWatcher | None" = None  # the session the patched functions rep
 _LOSSES = ("cross_entropy", "nll_loss", "binary_cross_entropy_with_logits", "binary_cross_entropy",
            "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss")
 _ACTIVATIONS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
+_SOFTMAXES = ("softmax", "log_softmax")
+GRAPH_WALKS = 3  # backward passes whose autograd graph is walked for leaves no optimizer holds
+MAX_GRAPH_NODES = 200_000
 
 
 class StopRun(BaseException):
@@ -105,6 +108,13 @@ class PassiveWatcher(ForwardObserver, RunResults):
         self._on_backward = self.guarded(self.on_backward)
         self._on_activation = self.guarded(self.on_activation)
         self._on_loss = self.guarded(self.on_loss)
+        self._on_softmax = self.guarded(self.on_softmax)
+        self.graph_leaves: dict[int, dict] = {}  # leaves of walked autograd graphs: id -> tensor, numel, shape
+        self._graph_walks = 0
+        self._schedulers: weakref.WeakSet = weakref.WeakSet()  # the optimizers' lr schedulers, once found
+        self.schedulers: dict[str, int] = {}  # scheduler class -> step() calls, as last counted
+        self._weights_at_start: list | None = None  # fingerprints of the weights at the first backward
+        self.custom_update: bool | None = None  # weights moved without any torch.optim step (set at close)
 
     # -- install / remove ------------------------------------------------------------------------------
     def install(self) -> "PassiveWatcher":
@@ -122,6 +132,9 @@ class PassiveWatcher(ForwardObserver, RunResults):
             self._patch(torch, name, _activation_wrapper)
         for name in _LOSSES:
             self._patch(F, name, _loss_wrapper)
+        for name in _SOFTMAXES:
+            self._patch(F, name, _softmax_wrapper)
+            self._patch(torch, name, _softmax_wrapper)
         if hasattr(torch.amp, "GradScaler"):  # torch ≥ 2.3; torch.cuda.amp.GradScaler subclasses it
             self._patch(torch.amp.GradScaler, "scale", _scale_wrapper)
         return self
@@ -161,7 +174,21 @@ class PassiveWatcher(ForwardObserver, RunResults):
         _forget_script_aliases()
         if _ACTIVE is self:
             _ACTIVE = None
+        self._custom_update_records()
         self._settle_losses()
+
+    def _custom_update_records(self) -> None:
+        """No ``torch.optim`` step ran but the weights moved (a hand-written update, fastai's optimizer…):
+        each backward pass stands for one step, with its loss, so the loss curve can still be judged."""
+        if self.step_count or not self.backward_count or self.records or self.custom_update is not None:
+            return
+        self.custom_update = bool(self.weights_changed())
+        if not self.custom_update:
+            return
+        for i, loss in enumerate(self._since_step):
+            self.records.append({"step": i, "optimizer": None, "local_step": i, "backward_passes": 1,
+                                 "_losses": [loss], "custom_update": True})
+        self._since_step = []
 
     def _open_window(self) -> None:
         """Global module forward hooks, only while a sampled step's forward may run (they cost per call)."""
@@ -203,6 +230,11 @@ class PassiveWatcher(ForwardObserver, RunResults):
                 self._since_step.append(loss.detach() / scaled[1])
             else:
                 self._since_step.append(loss.detach())
+        if self._graph_walks < GRAPH_WALKS and isinstance(loss, torch.Tensor) and loss.grad_fn is not None:
+            self._graph_walks += 1
+            self._walk_graph(loss)
+        if self.backward_count == 0:
+            self._weights_at_start = self._fingerprint()
         self.backward_count += 1
         self._backwards_since_step += 1
         for state in self.optimizers:
@@ -211,6 +243,70 @@ class PassiveWatcher(ForwardObserver, RunResults):
         if self.step_count == 0 and self.max_steps is not None and self.backward_count > self.max_steps:
             self.stopping = "max_steps"  # backward passes but never an optimizer step: enough seen
             raise StopRun(self.stopping)
+
+    def _walk_graph(self, loss: torch.Tensor) -> None:
+        """The leaves the backward will write ``.grad`` to (AccumulateGrad nodes), found before it runs.
+
+        Parameters kept in a plain list or dict, or created inside ``forward``, are leaves of the graph
+        but not parameters of any registered module; comparing the leaves with what the optimizers hold
+        finds them whatever the model's structure.
+        """
+        stack, seen = [loss.grad_fn], set()
+        while stack and len(seen) < MAX_GRAPH_NODES:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            variable = getattr(node, "variable", None)
+            if isinstance(variable, torch.Tensor):
+                self.graph_leaves.setdefault(id(variable), {"tensor": variable, "walk": self._graph_walks})
+                continue
+            stack.extend(child for child, _ in node.next_functions)
+
+    @torch.no_grad()
+    def _fingerprint(self) -> list[tuple[int, float, float]]:
+        """(id, Σw, Σw²) of every parameter of the model's roots and every leaf of the first walked graph
+        (hand-written models have no module): enough to tell whether any weight moved."""
+        out, seen = [], set()
+        leaves = [leaf["tensor"] for leaf in self.graph_leaves.values() if leaf["walk"] == 1]
+        for p in [*(p for root in list(self.roots.values()) for p in root.parameters()), *leaves]:
+            if id(p) not in seen and p.is_floating_point() and p.numel():
+                seen.add(id(p))
+                w = p.detach().double()
+                out.append((id(p), float(w.sum()), float(w.square().sum())))
+        return out
+
+    def weights_changed(self) -> bool | None:
+        """Whether any weight of the model differs from the first backward (None: nothing to compare)."""
+        if not self._weights_at_start:
+            return None
+        now = dict((k, (a, b)) for k, a, b in self._fingerprint())
+        return any(now.get(k) not in (None, (a, b)) for k, a, b in self._weights_at_start)
+
+    def _find_schedulers(self, optimizer: torch.optim.Optimizer) -> None:
+        """The learning-rate schedulers that hold ``optimizer`` (one scan of the referrers, ~30 ms).
+
+        Nothing is patched: wrapping ``LRScheduler.step`` would put a stepaudit frame under torch's own
+        warnings there (they would point at stepaudit instead of the script's line).
+        """
+        import gc
+
+        for holder in gc.get_referrers(optimizer):
+            if isinstance(holder, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)):
+                self._schedulers.add(holder)
+
+    def _count_schedulers(self) -> None:
+        """Scheduler class -> ``step()`` calls so far (``last_epoch``: the constructor's own step excluded),
+        read at every optimizer step while the schedulers are alive (the script's namespace goes at its end)."""
+        if not self._schedulers:
+            return
+        out: dict[str, int] = {}
+        for scheduler in list(self._schedulers):
+            steps = getattr(scheduler, "last_epoch", None)
+            if isinstance(steps, int):
+                name = type(scheduler).__name__
+                out[name] = out.get(name, 0) + max(steps, 0)
+        self.schedulers = out
 
     @torch.no_grad()
     def _zero_check(self, state: _Optimizer) -> None:
@@ -318,6 +414,9 @@ class PassiveWatcher(ForwardObserver, RunResults):
             record["grads_kept"] = self.zero_checks[-1]["kept"]
         if sampled(local, self.every):
             self._note_lrs(state)
+        if local == 1:
+            self._find_schedulers(optimizer)
+        self._count_schedulers()
         if "error" in pending:
             record["capture_error"] = pending["error"]
         elif "before" in pending and "grad" in pending:
@@ -472,6 +571,18 @@ def _activation_wrapper(name: str, original: Callable) -> Callable:
         return output
 
     return _as_original(activation, original)
+
+
+def _softmax_wrapper(name: str, original: Callable) -> Callable:
+    active = _active
+
+    def softmax(*args, **kwargs):
+        watcher = active()
+        if watcher is not None and watcher.window:
+            watcher._on_softmax(name, args, kwargs)
+        return original(*args, **kwargs)
+
+    return _as_original(softmax, original)
 
 
 def _loss_wrapper(name: str, original: Callable) -> Callable:

@@ -84,7 +84,11 @@ class RunResults:
         n, s1, s2 = self.target_moments
         return {
             "mode": "passive",
-            "steps": self.step_count,
+            "steps": len(self.records) if self.custom_update else self.step_count,
+            "optimizer_steps": self.step_count,
+            "custom_update": bool(self.custom_update),
+            "weights_changed": self.weights_changed() if not self.step_count else None,
+            "schedulers": dict(self.schedulers),
             "backward_passes": self.backward_count,
             "optimizers": [self._describe(state) for state in self.optimizers],
             "zero_checks": self.zero_checks,
@@ -120,7 +124,15 @@ class RunResults:
         }
 
     def _orphans(self) -> tuple[int, list[dict]]:
-        """Trainable parameters of the model that had a gradient but belong to no optimizer."""
+        """Trainable tensors that had a gradient but belong to no optimizer (only judged once one stepped).
+
+        Two sources: registered parameters seen with a gradient at a sampled step, and the leaves of the
+        first backward passes' autograd graphs, which also finds parameters kept in a plain list or dict
+        (not registered) and tensors created inside ``forward``. Leaves shaped like the batch (inputs that
+        require a gradient, as in adversarial training) are not parameters and are left out.
+        """
+        if not self.optimizers:
+            return 0, []  # no torch.optim optimizer: nothing to compare with (a custom update is judged apart)
         held = {id(p) for state in self.optimizers for p in state.params}
         names: dict[int, str] = {}
         trainable = 0
@@ -132,6 +144,42 @@ class RunResults:
                 seen.add(id(p))
                 names[id(p)] = prefix + name
                 trainable += p.numel() if p.requires_grad else 0
-        orphans = [{"name": names.get(key, "?"), "numel": p.numel()} for key, p in self.grad_params.items()
-                   if key not in held]
+        orphans = [{"name": names.get(key, "?"), "numel": p.numel(), "registered": True}
+                   for key, p in self.grad_params.items() if key not in held]
+        unregistered = self._unregistered_names()
+        for key, leaf in self.graph_leaves.items():
+            tensor = leaf["tensor"]
+            if key in held or key in seen or key in self.grad_params:
+                continue
+            if not isinstance(tensor, torch.nn.Parameter) and self.batch_size and tensor.dim() >= 1 \
+                    and tensor.shape[0] == self.batch_size:
+                continue  # an input that requires a gradient
+            if leaf["walk"] > 1 and key not in unregistered:
+                continue  # a tensor re-created in every forward appears anew at each walk: count the first
+            name = unregistered.get(key) or (
+                f"a tensor of shape {list(tensor.shape)} created during the forward pass (requires_grad, "
+                "registered nowhere)")
+            orphans.append({"name": name, "numel": tensor.numel(), "registered": False})
+            trainable += tensor.numel()
         return trainable, orphans
+
+    def _unregistered_names(self) -> dict[int, str]:
+        """Parameters of modules kept in a plain list, tuple or dict attribute of a root module (or its
+        submodules): ``layers[2].weight``, named so the fix can point at them."""
+        found: dict[int, str] = {}
+        for root, prefix in self._prefixed_roots() or [(r, "") for r in self.roots.values()]:
+            for path, module in root.named_modules():
+                for attr, value in vars(module).items():
+                    if attr.startswith("_") or not isinstance(value, (list, tuple, dict)):
+                        continue
+                    items = value.items() if isinstance(value, dict) else enumerate(value)
+                    for key, item in items:
+                        if isinstance(item, torch.nn.Module):
+                            where = f"{prefix}{path + '.' if path else ''}{attr}[{key!r}]"
+                            for pname, p in item.named_parameters():
+                                found.setdefault(id(p), f"{where}.{pname} (in a plain {type(value).__name__}, "
+                                                         "not registered)")
+                        elif isinstance(item, torch.Tensor) and item.requires_grad:
+                            found.setdefault(id(item), f"{prefix}{path + '.' if path else ''}{attr}[{key!r}] "
+                                                       f"(a tensor in a plain {type(value).__name__})")
+        return found

@@ -51,7 +51,7 @@ def nonfinite(f: Facts) -> Diagnosis | None:
                        "look for NaN/Inf in the data (torch.isfinite(x).all()) and for log(0), division by zero "
                        "or sqrt(0) in the loss; add an epsilon (e.g. log(p + 1e-8)) or use the fused loss")
     return Diagnosis("nonfinite", "error", 0.95, step, f"the {what} became NaN/Inf at step {step}, {detail}.", fix,
-                     kind="growth" if grew else what)
+                     kind="growth" if grew else what, lr_direction=-1 if grew else 0)
 
 
 def params_not_updating(f: Facts) -> Diagnosis | None:
@@ -59,6 +59,8 @@ def params_not_updating(f: Facts) -> Diagnosis | None:
     obs = f.obs
     steps, backwards = f.n_steps, obs.get("backward_passes")
     if f.passive and steps == 0:
+        if obs.get("weights_changed"):
+            return None  # a hand-written or non-torch.optim update moved the weights: they are updating
         if backwards:
             return Diagnosis("params_not_updating", "error", 0.97, 0,
                              f"{backwards} backward passes ran but optimizer.step() was never called: the weights never change.",
@@ -75,6 +77,8 @@ def params_not_updating(f: Facts) -> Diagnosis | None:
                          "set a positive learning rate (e.g. lr=1e-3 for Adam, 1e-2–1e-1 for SGD)")
     if f.sampled and not f.moved:
         zero_grad = all((r.get("grad_norm") or 0) == 0 for r in f.sampled)
+        if zero_grad and (f.loss_form or {}).get("kind") == "constant_loss":
+            return None  # the loss does not depend on the weights: loss_wiring explains the zero gradient
         if zero_grad:
             return Diagnosis("params_not_updating", "error", 0.95, int(f.sampled[0]["step"]),
                              f"the gradient the optimizer received was exactly 0 at all {len(f.sampled)} sampled steps, "
@@ -113,9 +117,14 @@ def _partly_not_updating(f: Facts, zero_lr: list, groups: list) -> Diagnosis | N
         return None
     severity = "error" if share >= 0.5 or orphans else "warning"
     kind = "no_grad" if not orphans and not zero_lr else "structure"
-    return Diagnosis("params_not_updating", severity, _clip(0.6 + 0.4 * share), 0, "; ".join(parts) + ".",
-                     "build the optimizer after the model is final (after replacing layers / moving to the device) "
-                     "from model.parameters(); don't detach() or wrap the forward in torch.no_grad()", kind=kind)
+    fix = ("build the optimizer after the model is final (after replacing layers / moving to the device) "
+           "from model.parameters(); don't detach() or wrap the forward in torch.no_grad()")
+    if any(o.get("registered") is False for o in orphans):
+        fix = ("register every layer with the model: keep submodules in nn.ModuleList / nn.ModuleDict, not a plain "
+               "list or dict, and create weights once in __init__ as nn.Parameter, not inside forward(); then "
+               "build the optimizer from model.parameters()")
+    return Diagnosis("params_not_updating", severity, _clip(0.6 + 0.4 * share), 0, "; ".join(parts) + ".", fix,
+                     kind=kind)
 
 
 def missing_zero_grad(f: Facts) -> Diagnosis | None:
@@ -152,6 +161,11 @@ _WIRING = {
         "error", 0.9, "BCEWithLogitsLoss received values in [{min:.3g}, {max:.3g}], i.e. probabilities after a "
         "sigmoid, where it expects logits (it applies the sigmoid itself)",
         "remove the sigmoid before BCEWithLogitsLoss (or use BCELoss on the probabilities)"),
+    "softmax_over_batch": (
+        "error", 0.9, "{function} was taken over dim {dim} of a tensor of shape {shape}, whose first axis is the "
+        "batch: each column is normalised across examples instead of each row across classes",
+        "normalise over the class axis: softmax(logits, dim=1) (or dim=-1); better, pass raw logits to "
+        "F.cross_entropy"),
     "broadcast_shapes": (
         "error", 0.9, "the regression loss compared input of shape {input_shape} with target of shape "
         "{target_shape}: they broadcast to a matrix, so every prediction is fitted to every target",
@@ -162,7 +176,9 @@ _WIRING = {
 def loss_wiring(f: Facts) -> Diagnosis | None:
     """A loss wired to the wrong kind of input, or a loss at initialisation far from ln C [K: verify loss @ init]."""
     findings = f.obs.get("loss_findings") or []
-    ranked = sorted(findings, key=lambda x: SEVERITIES.index(_WIRING[x["kind"]][0]) if x.get("kind") in _WIRING else 9)
+    # the most severe first; a softmax over the batch axis before the loss that then sees bad inputs
+    ranked = sorted(findings, key=lambda x: (SEVERITIES.index(_WIRING[x["kind"]][0]) if x.get("kind") in _WIRING else 9,
+                                             x.get("kind") != "softmax_over_batch"))
     for finding in ranked:
         if finding.get("kind") not in _WIRING:
             continue
@@ -173,6 +189,21 @@ def loss_wiring(f: Facts) -> Diagnosis | None:
             text = evidence.split("{")[0]
         return Diagnosis("loss_wiring", severity, confidence, int(finding.get("step") or 0), text + ".", fix,
                          kind=finding["kind"])
+    form = f.loss_form
+    zero_grad = bool(f.sampled) and all((r.get("grad_norm") or 0) == 0 for r in f.sampled)
+    if form is not None and (form["kind"] == "unbounded_below" or f.moved or zero_grad or f.obs.get("custom_update")):
+        if form["kind"] == "constant_loss":
+            evidence = (f"the loss was exactly {_g(form['value'])} at each of the first {form['steps']} steps"
+                        + (" and its gradient was exactly 0" if zero_grad else " while the weights moved")
+                        + ": it does not depend on what the model predicts, so it gives no learning signal")
+            fix = ("check the hand-written loss: log of a raw output (apply softmax/log_softmax first), a mask or "
+                   "weight that zeroes it, or a comparison made on detached values; F.cross_entropy takes logits")
+        else:
+            evidence = (f"the loss fell from {_g(form['start'])} to {_g(form['end'])} (lowest {_g(form['lowest'])}) and is "
+                        "still falling: the objective is unbounded below, so minimising it does not fit the data")
+            fix = ("a log-likelihood must be negated to be minimised (loss = -log_prob.mean()); NLL losses need "
+                   "log-probabilities (log_softmax), and a loss of probabilities must stay ≥ 0")
+        return Diagnosis("loss_wiring", "error", 0.85, 0, evidence + ".", fix, kind=form["kind"], whole_run=True)
     init = f.obs.get("initial_loss") or {}
     classes, value = init.get("classes"), init.get("value")
     if init.get("loss") == "cross_entropy" and classes and classes >= 2 and isinstance(value, (int, float)):
@@ -195,17 +226,29 @@ def unnormalized_inputs(f: Facts) -> Diagnosis | None:
     rows = [r for r in f.records if isinstance(r.get("input_rms"), (int, float))]
     if not rows:
         return None
-    first = rows[0]
+    first = max(rows, key=lambda r: (r.get("input_rows") or 0, -r["step"]))  # the most pooled rows
     rms, feature_max = first["input_rms"], first.get("input_feature_rms_max") or first["input_rms"]
+    offset, ratio = first.get("input_feature_offset_median"), first.get("input_feature_std_ratio")
     # The first layer's curvature scales with E[x²] [LC]: two orders of magnitude either way is a mismatch.
     too_large = rms >= 10 or feature_max >= 100
     too_small = 0 < rms <= 1e-2
-    if not (too_large or too_small):
+    # [LC §4.3] also asks for zero mean and comparable variances per feature: a feature whose mean is 20×
+    # its spread varies over a sliver of its value (the bias must cancel the offset before anything is
+    # learnt); spreads 100× apart give the first layer's curvature a condition number ≥ 1e4.
+    sliver = isinstance(offset, (int, float)) and offset >= 20
+    uneven = isinstance(ratio, (int, float)) and ratio >= 100 and (first.get("input_feature_std_max") or 0) >= 3
+    if not (too_large or too_small or sliver or uneven):
         return None
-    off = math.log10(max(rms, feature_max / 10)) if too_large else -math.log10(rms)
+    off = (math.log10(max(rms, feature_max / 10)) if too_large else -math.log10(rms) if too_small
+           else math.log10(max(offset or 1, ratio or 1)) - 1)
     evidence = (f"the first layer ({first.get('input_layer', '?')}) receives inputs with RMS {_g(rms)} "
                 f"(largest feature RMS {_g(feature_max)}, median feature std {_g(first.get('input_feature_std_median'))}); "
                 "unit scale is ≈ 1")
+    if sliver and not (too_large or too_small):
+        evidence += (f"; the median feature's mean is {_g(offset)}× its standard deviation: the values vary over a "
+                     "sliver of their range")
+    if uneven:
+        evidence += f"; the features' standard deviations differ by {_g(ratio)}× (largest {_g(first.get('input_feature_std_max'))})"
     trouble = _not_training(f) or f.first_nonfinite is not None or any(
         (r.get("saturated_share") or 0) >= 0.5 or (r.get("dead_relu_share") or 0) >= 0.5 for r in f.records)
     severity = "error" if trouble else "warning"
@@ -232,11 +275,13 @@ def dead_relu(f: Facts) -> Diagnosis | None:
     onsets = [s for s in (f.first_at("dead_relu_share", 0.5), f.first_at("dead_relu_max", 0.9)) if s is not None]
     first = 0 if at_init else min(onsets, default=first)
     when = "from initialisation on" if at_init else f"from step {first} on"
+    fix = ("check biases and initialisation (no large negative bias; kaiming init); LeakyReLU or normalisation "
+           "layers keep units alive")
     return Diagnosis("dead_relu", severity, _clip(0.5 + 0.5 * max(share, layer_share - 0.2)), first,
                      f"{share:.0%} of hidden ReLU units never fire on a whole batch (worst layer {layer_share:.0%} dead) "
                      f"{when}, so they pass no gradient and never recover.",
-                     "lower the learning rate; check biases/initialisation (no large negative bias; "
-                     "kaiming init); LeakyReLU or normalisation layers keep units alive")
+                     fix if at_init else "lower the learning rate (large steps push units below zero for good); " + fix,
+                     lr_direction=0 if at_init else -1)
 
 
 def saturated_activations(f: Facts) -> Diagnosis | None:
@@ -288,10 +333,12 @@ def exploding_gradients(f: Facts) -> Diagnosis | None:
     if growth and growth[0] >= 100:
         parts.append(f"‖g‖ grew {growth[0]:.3g}× over the run")
         first = growth[1]
-    rel = f.relative_grad_init
-    if rel is not None and rel >= 10:
-        # ‖g‖/‖w‖ ≥ 10: even lr = 1e-2 would move the weights by 10% per step, 100× cs231n's 1e-3.
-        parts.append(f"at step {f.sampled[0]['step']} the gradient was {rel:.3g}× the weights' norm (median over layers)")
+    rel, early = f.relative_grad_init, f.relative_grad_early
+    if rel is not None and rel >= 10 and early is not None and early >= 10:
+        # ‖g‖/‖w‖ ≥ 10: even lr = 1e-2 would move the weights by 10% per step, 100× cs231n's 1e-3. Required at
+        # initialisation and still over the first sampled steps: one large first gradient is not a trend.
+        parts.append(f"at step {f.sampled[0]['step']} the gradient was {rel:.3g}× the weights' norm (median over "
+                     f"layers), and still {early:.3g}× over the first sampled steps")
         first = int(f.sampled[0]["step"])
     overflow = next((r for r in f.records if r.get("grad_nonfinite")
                      and isinstance(r.get("loss_before"), (int, float)) and math.isfinite(r["loss_before"])), None)
@@ -301,10 +348,10 @@ def exploding_gradients(f: Facts) -> Diagnosis | None:
     if not parts:
         return None
     severity = "error" if f.first_nonfinite or _not_training(f) else "warning"
+    kind = "init" if first == (f.sampled[0]["step"] if f.sampled else None) else "growth"
     return Diagnosis("exploding_gradients", severity, _clip(0.55 + 0.15 * len(parts)), first, "; ".join(parts) + ".",
-                     "clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)), use a smaller "
-                     "initialisation or normalisation layers, and lower the learning rate",
-                     kind="init" if first == (f.sampled[0]["step"] if f.sampled else None) else "growth")
+                     "clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)) and use a smaller "
+                     "initialisation or normalisation layers", kind="overflow" if overflow is not None else kind)
 
 
 RULES: tuple[Callable[[Facts], Diagnosis | None], ...] = (
