@@ -87,9 +87,18 @@ def _visible_text(path: Path) -> list[str]:
 def test_every_script_is_labelled_and_every_label_has_its_script():
     assert sorted(LABELS) == _scripts()
     for name, label in LABELS.items():
-        assert set(label) == {"expected", "fault", "fix"}, name
+        assert set(label) - {"source"} == {"expected", "fault", "fix"}, name
         assert label["expected"] in CODES, (name, label["expected"])
         assert label["fault"].strip() and label["fix"].strip(), name
+
+
+def test_cases_from_c34_on_cite_the_public_report_or_tutorial_they_rebuild():
+    # c01-c33 were written for the suite; every later case rebuilds a public report (faulty) or follows a
+    # public tutorial (healthy), and says which.
+    later = {n: label for n, label in LABELS.items() if int(n[1:3]) >= 34}
+    assert len([n for n, label in later.items() if label["expected"] != "healthy"]) >= 25
+    for name, label in later.items():
+        assert re.match(r"https?://\S+$", label.get("source", "")), name
 
 
 def test_suite_size_and_coverage_of_every_code():

@@ -11,7 +11,8 @@ def lr_too_high(f: Facts) -> Diagnosis | None:
     """Steps that overshoot: the loss climbs above its start [DL], own-batch increases, lr beyond 2/λ_max."""
     parts, first, strength = [], None, 0.0
     peak = f.peak
-    if peak and peak[1] is not None and not f.recovered:  # a spike the run recovers from is a catapult, not a fault
+    # a spike the run recovers from (or ends far below its start after) is a catapult, not a fault
+    if peak and peak[1] is not None and not f.recovered and not f.learning_well:
         parts.append(f"the loss rose to {_g(peak[0])} (rolling median; it started at {_g(f.loss_start)}) "
                      f"and was still at {_g(f.loss_end)} at the end")
         first, strength = peak[1], strength + 0.35
@@ -30,6 +31,15 @@ def lr_too_high(f: Facts) -> Diagnosis | None:
             parts.append(f"{up:.0%} of steps raised the loss on their own batch (median α {_g(alpha)}; α > 1 overshoots the valley)")
             first = first if first is not None else next(int(r["step"]) for r in own if r["delta"] > 0)
             strength += 0.35
+    killed = f.first_at("dead_relu_share", 0.5)
+    if (f.update_ratio_early or 0) >= 5e-2 and killed is not None and 0 < killed <= 10 \
+            and (f.share_init("dead_relu_share") or 0) < 0.5:
+        # ReLUs alive at initialisation, half of them dead within the first steps that moved the weights by
+        # ≥ 5% of their norm (50× cs231n's 1e-3): the steps pushed their pre-activations below 0 for good.
+        parts.append(f"the first steps moved the weights by {_g(f.update_ratio_early)} of their norm and "
+                     f"{f.share_late('dead_relu_share')[0]:.0%} of the hidden ReLUs were dead by step {killed}")
+        first = killed if first is None else min(first, killed)
+        strength += 0.4 - 0.1  # the step-size part below is already said here
     unsafe = [r for r in f.healthy_records if r.get("lr_exceeds_safe") in (True, 1) or r.get("precond_exceeds") in (True, 1)]
     judged = [r for r in f.healthy_records if r.get("lr_exceeds_safe") is not None or r.get("precond_exceeds") is not None]
     if judged and len(unsafe) >= 0.5 * len(judged):
@@ -39,7 +49,7 @@ def lr_too_high(f: Facts) -> Diagnosis | None:
     if not parts:
         return None
     ratio = f.update_ratio_early
-    if ratio is not None and ratio >= 1e-2:
+    if ratio is not None and ratio >= 1e-2 and not any("moved the weights" in part for part in parts):
         parts.append(f"early steps moved the weights by {_g(ratio)} of their norm (cs231n: ≈ 1e-3)")
         strength += 0.1 + (0.1 if ratio >= 1e-1 else 0)
     elif not f.own_batch and not unsafe:

@@ -399,6 +399,34 @@ class Facts:
             values.append(med(row["grad_norm"] / row["weight_norm"] for row in (rows[:-1] if len(rows) > 1 else rows)))
         return med(values)
 
+    @cached_property
+    def loss_cliff(self) -> dict | None:
+        """A run that was learning (loss below its start) and blew up to NaN within ≤ 10 steps [PM: the
+        loss surface of deep and recurrent nets has cliffs; one step onto them explodes the gradient]."""
+        found = self.first_nonfinite
+        if found is None or found["what"] not in ("loss", "gradient") or len(self.losses) < 20 or not self.loss_start:
+            return None
+        stop = found["step"]
+        calm = [(s, v) for s, v in self.losses if stop - 40 <= s < stop - 10]
+        jump = [(s, v) for s, v in self.losses if stop - 10 <= s < stop]
+        if len(calm) < 5 or not jump:
+            return None
+        before = median(v for _, v in calm)
+        top = max(v for _, v in jump)
+        if before >= self.loss_start or top < 10 * before:
+            return None
+        return {"before": before, "top": top, "calm": calm[-1][0], "nonfinite": stop}
+
+    @cached_property
+    def dead_output(self) -> int | None:
+        """First step of a dead output ReLU: ≥ 90% of the output units 0 for the whole batch, at the median
+        sampled step and at the last one (units that revive are not dead)."""
+        rows = [(int(r["step"]), r["dead_output_share"]) for r in self.healthy_records
+                if isinstance(r.get("dead_output_share"), (int, float))]
+        if len(rows) < 3 or median(v for _, v in rows) < 0.9 or rows[-1][1] < 0.9:
+            return None
+        return next(s for s, v in rows if v >= 0.9)
+
     def share_late(self, key: str) -> tuple[float, int] | None:
         """Median of a per-step share over the last half of its observations, and the first step it was ≥ 0.5."""
         rows = [(r["step"], r[key]) for r in self.healthy_records if isinstance(r.get(key), (int, float))]

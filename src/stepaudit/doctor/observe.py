@@ -43,6 +43,8 @@ class ForwardObserver:
         self._input_rows = 0
         self._input_layer: torch.nn.Module | None = None
         self._axis_flags: dict[str, dict] = {}  # softmax over the batch axis, per function
+        self._class_targets: Counter = Counter()  # regression targets that look like class indices
+        self._class_calls = [0, 0, None]  # calls inspected, calls with one output and integer targets, loss
         self._softmax_checked = 0
         self._loss_checked: Counter = Counter()  # sampled calls inspected, per loss function
         self._loss_flags: dict[str, dict] = {}  # kind of miswiring -> first finding, count, last step
@@ -122,6 +124,9 @@ class ForwardObserver:
     def _summarize_activations(self, record: dict) -> None:
         self._close_activations()
         rows, self._activations = self._activations, []
+        output = [r for r in rows if not r["hidden"] and r["kind"] == "relu"]
+        if output:  # a ReLU on the model's output: units at 0 for the whole batch predict 0 and pass no gradient
+            record["dead_output_share"] = max(r["share"] for r in output)
         for kind, key in (("relu", "dead_relu"), ("saturating", "saturated")):
             chosen = [r for r in rows if r["hidden"] and (r["kind"] == "relu") == (kind == "relu")]
             if not chosen:
@@ -178,6 +183,21 @@ class ForwardObserver:
                                                       "count": 0})
             seen["count"] += 1
 
+    def class_target_findings(self) -> list[dict]:
+        """A regression loss whose targets are class indices: the integers 0…K−1 (3 ≤ K ≤ 20), each about
+        equally frequent (within 2× of 1/K: counts and ratings are skewed or start at 1), at every call."""
+        inspected, integer, loss = self._class_calls
+        counts = self._class_targets
+        if not inspected or integer < inspected or not counts:
+            return []
+        k, total = max(counts) + 1, sum(counts.values())
+        if not 3 <= k <= 20 or sorted(counts) != list(range(k)) or total < 8 * k:
+            return []
+        if any(not 0.5 / k <= c / total <= 2 / k for c in counts.values()):
+            return []
+        return [{"kind": "classes_as_regression", "loss": loss, "top": k - 1, "step": 0, "count": integer,
+                 "checked": inspected}]
+
     def axis_findings(self) -> list[dict]:
         """Softmaxes over the batch axis seen at least twice."""
         return [seen for seen in self._axis_flags.values() if seen["count"] >= 2]
@@ -195,6 +215,12 @@ class ForwardObserver:
             self.label_counts.update({1: positives, 0: y.numel() - positives})
         elif name in ("mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss") and y.is_floating_point():
             t = y.detach().double()
+            self._class_calls[0] += 1
+            single = (x.dim() == 1 or (x.dim() == 2 and x.shape[1] == 1)) and x.shape == t.shape
+            if single and t.numel() and bool((t == t.round()).all()) and float(t.min()) >= 0 and float(t.max()) <= 100:
+                self._class_calls[1] += 1
+                self._class_calls[2] = name
+                self._class_targets.update(int(v) for v in t.reshape(-1).tolist())
             self.target_moments[0] += t.numel()
             self.target_moments[1] += float(t.sum())
             self.target_moments[2] += float((t * t).sum())
@@ -209,7 +235,7 @@ class ForwardObserver:
             if kind == "probabilities_into_bce_with_logits" and (seen["count"] < 3 or seen["last_step"] < 10):
                 continue  # logits of an untrained model can all fall in (0, 1); trained ones leave it
             found.append({**seen, "checked": checked})
-        return found + self.axis_findings()
+        return found + self.axis_findings() + self.class_target_findings()
 
 
 @torch.no_grad()

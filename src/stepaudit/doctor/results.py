@@ -99,6 +99,7 @@ class RunResults:
             "target_variance": (s2 / n - (s1 / n) ** 2) if n > 1 else None,
             "batch_size": self.batch_size,
             "trainable_numel": trainable,
+            **self._frozen(),
             "orphan_params": orphans,
             "weight_layers": self.weight_layers(),
             "models": sorted({type(m).__name__ for m in self.roots.values() if any(True for _ in m.parameters())}),
@@ -162,6 +163,21 @@ class RunResults:
             orphans.append({"name": name, "numel": tensor.numel(), "registered": False})
             trainable += tensor.numel()
         return trainable, orphans
+
+    def _frozen(self) -> dict:
+        """Values of the model's parameters with ``requires_grad=False`` (frozen), against all of them."""
+        total, frozen, names, seen = 0, 0, [], set()
+        for root, prefix in self._prefixed_roots():
+            for name, p in root.named_parameters():
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                total += p.numel()
+                if not p.requires_grad:
+                    frozen += p.numel()
+                    if len(names) < 3:
+                        names.append(prefix + name)
+        return {"model_numel": total, "frozen_numel": frozen, "frozen_names": names}
 
     def _unregistered_names(self) -> dict[int, str]:
         """Parameters of modules kept in a plain list, tuple or dict attribute of a root module (or its

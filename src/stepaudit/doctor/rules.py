@@ -77,8 +77,8 @@ def params_not_updating(f: Facts) -> Diagnosis | None:
                          "set a positive learning rate (e.g. lr=1e-3 for Adam, 1e-2–1e-1 for SGD)")
     if f.sampled and not f.moved:
         zero_grad = all((r.get("grad_norm") or 0) == 0 for r in f.sampled)
-        if zero_grad and (f.loss_form or {}).get("kind") == "constant_loss":
-            return None  # the loss does not depend on the weights: loss_wiring explains the zero gradient
+        if zero_grad and ((f.loss_form or {}).get("kind") == "constant_loss" or f.dead_output is not None):
+            return None  # the loss does not depend on the weights (loss_wiring) or the output is a dead ReLU
         if zero_grad:
             return Diagnosis("params_not_updating", "error", 0.95, int(f.sampled[0]["step"]),
                              f"the gradient the optimizer received was exactly 0 at all {len(f.sampled)} sampled steps, "
@@ -88,7 +88,38 @@ def params_not_updating(f: Facts) -> Diagnosis | None:
         return Diagnosis("params_not_updating", "error", 0.9, int(f.sampled[0]["step"]),
                          f"‖Δw‖ = 0 at all {len(f.sampled)} sampled steps although ‖g‖ ≈ {_g(med(r['grad_norm'] for r in f.sampled))}.",
                          "check the learning rate and that the optimizer holds the model's parameters")
-    return _partly_not_updating(f, zero_lr, groups)
+    return _rare_steps(f) or _mostly_frozen(f) or _partly_not_updating(f, zero_lr, groups)
+
+
+def _rare_steps(f: Facts) -> Diagnosis | None:
+    """optimizer.step() once every many backward passes (outside the batch loop), on a run that stalls."""
+    passes = [r.get("backward_passes") for r in f.records if isinstance(r.get("backward_passes"), (int, float))]
+    if not passes or f.n_steps > 50 or f.learning_well:
+        return None
+    every = sorted(passes)[len(passes) // 2]
+    if every < 8:  # deliberate accumulation is usually 2-8 micro-batches, and over a long run
+        return None
+    total = sum(passes)
+    return Diagnosis("params_not_updating", "error" if _not_training(f) else "warning", 0.8, 0,
+                     f"optimizer.step() ran {f.n_steps} times for {total} backward passes (once every {every}): "
+                     f"each update sums the gradients of {every} batches, and the weights change {every}× less often "
+                     "than the script sees batches.",
+                     "call optimizer.zero_grad(), loss.backward() and optimizer.step() once per batch, inside the "
+                     "batch loop (check the indentation of optimizer.step())", kind="rare_steps")
+
+
+def _mostly_frozen(f: Facts) -> Diagnosis | None:
+    """Most of the model has requires_grad=False and the run does not learn."""
+    total, frozen = f.obs.get("model_numel") or 0, f.obs.get("frozen_numel") or 0
+    if not total or frozen < 0.5 * total or not _not_training(f):
+        return None
+    names = ", ".join(f.obs.get("frozen_names") or [])
+    return Diagnosis("params_not_updating", "error" if frozen >= 0.9 * total else "warning",
+                     _clip(0.5 + 0.4 * frozen / total), 0,
+                     f"{frozen / total:.0%} of the model's values ({frozen:,} of {total:,}; e.g. {names}) have "
+                     "requires_grad=False, and the loss barely moved: only the rest can learn.",
+                     "unfreeze the layers that must learn (p.requires_grad_(True)); freeze only pretrained layers",
+                     kind="frozen")
 
 
 def _partly_not_updating(f: Facts, zero_lr: list, groups: list) -> Diagnosis | None:
@@ -166,6 +197,11 @@ _WIRING = {
         "batch: each column is normalised across examples instead of each row across classes",
         "normalise over the class axis: softmax(logits, dim=1) (or dim=-1); better, pass raw logits to "
         "F.cross_entropy"),
+    "classes_as_regression": (
+        "warning", 0.6, "{loss} compared one output per example with targets that are the class indices 0–{top} "
+        "(each about equally frequent): the classes are fitted as a number, so the model is pushed to put "
+        "class 3 between classes 2 and 4 and to predict the mean class when unsure",
+        "predict one logit per class and use F.cross_entropy(logits, labels.long()); read the class with argmax"),
     "broadcast_shapes": (
         "error", 0.9, "the regression loss compared input of shape {input_shape} with target of shape "
         "{target_shape}: they broadcast to a matrix, so every prediction is fitted to every target",
@@ -260,7 +296,15 @@ def unnormalized_inputs(f: Facts) -> Diagnosis | None:
 
 # -- activations and gradients ----------------------------------------------------------------------------------
 def dead_relu(f: Facts) -> Diagnosis | None:
-    """Hidden ReLU units that output 0 for every example of a batch [CS: up to 40% can die]."""
+    """Hidden ReLU units that output 0 for every example of a batch [CS: up to 40% can die], or a ReLU on
+    the model's output that is 0 for every example (all predictions 0, no gradient back)."""
+    output = f.dead_output
+    if output is not None:
+        return Diagnosis("dead_relu", "error", 0.9, output,
+                         f"the model's output goes through a ReLU that is 0 for every example of the batch from step "
+                         f"{output} on (median over sampled steps): every prediction is 0 and no gradient flows back.",
+                         "remove the ReLU after the last layer (predict the raw output; use Softplus or exp if the "
+                         "target must be positive)")
     overall, layer = f.share_late("dead_relu_share"), f.share_late("dead_relu_max")
     if overall is None:
         return None
@@ -340,6 +384,12 @@ def exploding_gradients(f: Facts) -> Diagnosis | None:
         parts.append(f"at step {f.sampled[0]['step']} the gradient was {rel:.3g}× the weights' norm (median over "
                      f"layers), and still {early:.3g}× over the first sampled steps")
         first = int(f.sampled[0]["step"])
+    cliff = f.loss_cliff
+    if cliff is not None:
+        parts.append(f"the loss was {_g(cliff['before'])} (below its start) until step {cliff['calm']}, then jumped to "
+                     f"{_g(cliff['top'])} and went non-finite at step {cliff['nonfinite']}: a sudden gradient blow-up "
+                     "(a cliff), not a slow divergence")
+        first = cliff["calm"] + 1
     overflow = next((r for r in f.records if r.get("grad_nonfinite")
                      and isinstance(r.get("loss_before"), (int, float)) and math.isfinite(r["loss_before"])), None)
     if overflow is not None:
@@ -348,7 +398,7 @@ def exploding_gradients(f: Facts) -> Diagnosis | None:
     if not parts:
         return None
     severity = "error" if f.first_nonfinite or _not_training(f) else "warning"
-    kind = "init" if first == (f.sampled[0]["step"] if f.sampled else None) else "growth"
+    kind = "init" if first == (f.sampled[0]["step"] if f.sampled else None) else "cliff" if cliff else "growth"
     return Diagnosis("exploding_gradients", severity, _clip(0.55 + 0.15 * len(parts)), first, "; ".join(parts) + ".",
                      "clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)) and use a smaller "
                      "initialisation or normalisation layers", kind="overflow" if overflow is not None else kind)
