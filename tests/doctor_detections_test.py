@@ -263,3 +263,9 @@ def test_inputs_wrong_per_feature_not_only_in_rms(tmp_path, inputs, what):
     hit = [d for d in found if d["code"] == "unnormalized_inputs"]
     assert hit and what in hit[0]["evidence"]
     assert "unnormalized_inputs" not in [d["code"] for d in doctor(tmp_path, SLIVER.format(inputs="X"))]
+
+
+def test_a_few_columns_a_thousand_times_smaller_than_the_rest(tmp_path):
+    found = doctor(tmp_path, SLIVER.format(inputs="X * torch.tensor([1, 1, 1, 1, 1, 1e-3, 1e-3, 1e-3])"))
+    hit = [d for d in found if d["code"] == "unnormalized_inputs"]
+    assert hit and "differ by" in hit[0]["evidence"]

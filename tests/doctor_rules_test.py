@@ -151,8 +151,12 @@ def test_loss_at_init_far_from_ln_c():
 
 
 def test_unnormalized_inputs():
-    found = diagnose(run(input_rms=120.0, input_feature_rms_max=250.0, input_layer="Linear"))
+    found = diagnose(run(loss=lambda t: 2.3 - 1e-3 * t, input_rms=120.0, input_feature_rms_max=250.0,
+                         input_layer="Linear"))
     assert codes(found)[0] == "unnormalized_inputs" and "120" in found[0]["evidence"]
+    # the same inputs on a run whose loss fell by 98%: named, as a note after healthy
+    found = diagnose(run(input_rms=120.0, input_feature_rms_max=250.0, input_layer="Linear"))
+    assert codes(found) == ["healthy", "unnormalized_inputs"] and found[1]["severity"] == "info"
     assert codes(diagnose(run(input_rms=0.9, input_feature_rms_max=1.3), meta=passive(label_counts=UNIFORM_10))) == ["healthy"]
 
 

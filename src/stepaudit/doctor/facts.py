@@ -211,6 +211,8 @@ class Facts:
     @cached_property
     def label_entropy(self) -> tuple[float, str] | None:
         """Loss of the best input-blind predictor: label entropy (classification) or target variance (MSE)."""
+        if self.obs.get("summed_losses"):
+            return None  # reduction='sum': the loss grows with the batch, not comparable with a per-example prior
         counts = self.obs.get("label_counts") or {}
         if counts and len(counts) >= 2:
             value = entropy(counts)

@@ -49,6 +49,7 @@ class ForwardObserver:
         self._loss_checked: Counter = Counter()  # sampled calls inspected, per loss function
         self._loss_flags: dict[str, dict] = {}  # kind of miswiring -> first finding, count, last step
         self.loss_calls: Counter = Counter()
+        self.summed_losses: set[str] = set()
         self.label_counts: Counter = Counter()
         self.target_moments = [0.0, 0.0, 0.0]  # n, Σy, Σy² of regression targets
         self.initial_loss: dict | None = None
@@ -140,6 +141,8 @@ class ForwardObserver:
     def on_loss(self, name: str, args: tuple, kwargs: dict, output: Any) -> None:
         """What a loss function received: probabilities where it expects logits, shapes that broadcast…"""
         self.loss_calls[name] += 1
+        if kwargs.get("reduction", "mean") != "mean" or (len(args) > 5 and name == "mse_loss"):
+            self.summed_losses.add(name)  # 'sum' (or 'none'): the loss is not on a per-example scale
         step = self.step_count
         if not self.window or not (step < 5 or step % (5 * self.every) < 2):  # a few windows suffice
             return
@@ -268,6 +271,8 @@ def _input_stats(layer: str, flat: torch.Tensor) -> dict | None:
             stats["feature_offset_median"] = float(offset.median())
             stats["feature_std_max"] = float(spread.max())
             stats["feature_std_ratio"] = float(spread.max() / spread.median())
+            if flat.shape[1] <= 100:  # tabular columns (image pixels at the border are legitimately tiny)
+                stats["feature_std_min_ratio"] = float(spread.median() / spread.min())
     return stats
 
 

@@ -94,6 +94,7 @@ class RunResults:
             "zero_checks": self.zero_checks,
             "loss_findings": self.loss_findings(),
             "loss_calls": dict(self.loss_calls),
+            "summed_losses": sorted(self.summed_losses),
             "initial_loss": self.initial_loss,
             "label_counts": {str(k): v for k, v in sorted(self.label_counts.items())},
             "target_variance": (s2 / n - (s1 / n) ** 2) if n > 1 else None,

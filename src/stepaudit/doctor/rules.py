@@ -272,11 +272,13 @@ def unnormalized_inputs(f: Facts) -> Diagnosis | None:
     # its spread varies over a sliver of its value (the bias must cancel the offset before anything is
     # learnt); spreads 100× apart give the first layer's curvature a condition number ≥ 1e4.
     sliver = isinstance(offset, (int, float)) and offset >= 20
-    uneven = isinstance(ratio, (int, float)) and ratio >= 100 and (first.get("input_feature_std_max") or 0) >= 3
+    low = first.get("input_feature_std_min_ratio")
+    uneven = (isinstance(ratio, (int, float)) and ratio >= 100 and (first.get("input_feature_std_max") or 0) >= 3) or (
+        isinstance(low, (int, float)) and low >= 300)
     if not (too_large or too_small or sliver or uneven):
         return None
     off = (math.log10(max(rms, feature_max / 10)) if too_large else -math.log10(rms) if too_small
-           else math.log10(max(offset or 1, ratio or 1)) - 1)
+           else math.log10(max(offset or 1, ratio or 1, low or 1)) - 1)
     evidence = (f"the first layer ({first.get('input_layer', '?')}) receives inputs with RMS {_g(rms)} "
                 f"(largest feature RMS {_g(feature_max)}, median feature std {_g(first.get('input_feature_std_median'))}); "
                 "unit scale is ≈ 1")
@@ -284,7 +286,8 @@ def unnormalized_inputs(f: Facts) -> Diagnosis | None:
         evidence += (f"; the median feature's mean is {_g(offset)}× its standard deviation: the values vary over a "
                      "sliver of their range")
     if uneven:
-        evidence += f"; the features' standard deviations differ by {_g(ratio)}× (largest {_g(first.get('input_feature_std_max'))})"
+        evidence += (f"; the features' standard deviations differ by {_g(max(ratio or 1, low or 1))}× "
+                     f"(largest {_g(first.get('input_feature_std_max'))}, the median is {_g(low)}× the smallest)")
     trouble = _not_training(f) or f.first_nonfinite is not None or any(
         (r.get("saturated_share") or 0) >= 0.5 or (r.get("dead_relu_share") or 0) >= 0.5 for r in f.records)
     severity = "error" if trouble else "warning"
