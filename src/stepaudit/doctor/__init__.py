@@ -12,6 +12,7 @@ from typing import Sequence
 from .facts import Facts
 from .rules import RULES, SEVERITIES, Diagnosis
 from .story import as_consequence, reconcile, strength
+from .summary import stored_record
 
 CODES = ("healthy", "lr_too_high", "lr_too_low", "vanishing_gradients", "exploding_gradients", "dead_relu",
          "saturated_activations", "unnormalized_inputs", "loss_wiring", "missing_zero_grad", "params_not_updating",
@@ -139,31 +140,13 @@ def diagnose(run_or_records: str | os.PathLike | Sequence[dict], meta: dict | No
             by_step.setdefault(row["step"], []).append({k: v for k, v in row.items() if k != "step"})
         meta = {**stored_meta, **(meta or {})}
         passive = (meta.get("observations") or {}).get("mode") == "passive"
-        records = [_from_store({**s, "layers": by_step.get(s["step"], [])}, passive) for s in steps]
+        records = [stored_record({**s, "layers": by_step.get(s["step"], [])}, passive) for s in steps]
     elif isinstance(run_or_records, Sequence):
         records = [dict(r) for r in run_or_records]
     else:
         raise TypeError("diagnose() takes a run folder or a list of step records (e.g. audit.records), "
                         f"not {type(run_or_records).__name__}")
     return diagnose_facts(Facts(records, meta, observations))
-
-
-_ALWAYS = ("loss_before",)
-_AUDITED = ("loss_after", "delta", "first_order", "remainder", "grad_norm", "update_norm", "weight_norm",
-            "update_ratio", "descent_cos")
-
-
-def _from_store(record: dict, passive: bool) -> dict:
-    """A stored row as the rules expect it: a NULL column the step never wrote is absent, not NaN.
-
-    The store keeps NaN as NULL and reads every NULL of a numeric column back as NaN, so only the
-    fields a step always writes keep their NaN (loss_before; the norms of audited / measured steps).
-    """
-    keep = set(_ALWAYS)
-    if not passive or record.get("measured") == 1:
-        keep.update(_AUDITED)
-    return {k: v for k, v in record.items()
-            if k in keep or not (isinstance(v, float) and v != v)}
 
 
 __all__ = ["diagnose", "diagnose_facts", "order", "CODES", "CAUSES", "Diagnosis", "Facts", "SEVERITIES"]

@@ -136,10 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     observations = watcher.observations()
     facts = Facts(watcher.records, sink.meta(), observations)
     failed = outcome.exit_status != 0
-    before_first_step = failed and watcher.step_count == 0
+    steps = observations.get("steps", watcher.step_count)  # a hand-written update counts its backward passes
+    before_first_step = failed and steps == 0
     # Nothing was watched when the script failed before its first optimizer step: no diagnosis is invented.
     diagnoses = [] if before_first_step else diagnose_facts(facts)
-    result = {"diagnoses": diagnoses, "steps": watcher.step_count, "script": args.script, "stopped": outcome.stopped,
+    result = {"diagnoses": diagnoses, "steps": steps, "script": args.script, "stopped": outcome.stopped,
               "exit_status": outcome.exit_status, "error": outcome.failure, "run": None}
     if outcome.failure is not None:
         result["reason"] = stop_reason(outcome.failure, outcome.error or "the script failed")  # for the readable report only

@@ -12,6 +12,8 @@ from functools import cached_property
 from statistics import mean, median
 from typing import Any, Iterable, Sequence
 
+from . import summary
+
 
 def finite(values: Iterable[Any]) -> list[float]:
     """The finite numbers among ``values`` (bools, None, NaN and ±inf dropped)."""
@@ -97,8 +99,7 @@ class Facts:
     @cached_property
     def smoothing(self) -> int:
         """Window of the rolling median: about 64 examples' worth of batches, 5 to 25 steps."""
-        b = self.batch_size or 16
-        return max(5, min(25, math.ceil(64 / max(b, 1))))
+        return summary.smoothing(self.batch_size)
 
     @cached_property
     def loss_init(self) -> float | None:
@@ -117,11 +118,8 @@ class Facts:
 
     @cached_property
     def loss_end(self) -> float | None:
-        """Median loss of the last fifth of the run (at least ``smoothing`` steps)."""
-        if len(self.losses) < 2:
-            return None
-        width = max(self.smoothing, len(self.losses) // 5)
-        return median(v for _, v in self.losses[-width:])
+        """Median loss of the last fifth of the run (at least ``smoothing`` steps): the one "last loss"."""
+        return summary.loss_end([v for _, v in self.losses], self.batch_size)
 
     @cached_property
     def progress(self) -> float | None:
