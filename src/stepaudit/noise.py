@@ -99,7 +99,7 @@ class NoiseEstimate:
     units: int
 
     def fields(self) -> dict:
-        """Record fields (DESIGN.md vocabulary; the method goes to ``noise_scale_method``)."""
+        """Record fields (field vocabulary of docs/design.md; the method goes to ``noise_scale_method``)."""
         return {
             "noise_scale": self.noise_scale, "grad_sq_norm": self.grad_sq_norm, "trace_sigma": self.trace_sigma,
             "grad_snr": self.grad_snr, "noise_stderr": self.noise_stderr,

@@ -456,7 +456,7 @@ class PassiveWatcher(ForwardObserver, RunResults):
 
     @torch.no_grad()
     def _measure(self, state: _Optimizer, record: dict, pending: dict) -> None:
-        """Norms, ratios, g·Δw and per-layer rows of a sampled step (vocabulary of DESIGN.md)."""
+        """Norms, ratios, g·Δw and per-layer rows of a sampled step (field vocabulary: docs/design.md)."""
         before, grad = pending["before"], pending["grad"]
         delta = torch._foreach_sub([p.detach() for p in state.params], before)
         sums = parameter_sums(before, grad, delta)

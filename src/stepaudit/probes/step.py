@@ -1,6 +1,6 @@
 """The step probe: did the step go downhill on its own batch, and how does that compare to g·Δw?
 
-Pure functions over a few floats; the context supplies the numbers. Field names follow DESIGN.md.
+Pure functions over a few floats; the context supplies the numbers. Field names follow docs/design.md.
 """
 from __future__ import annotations
 
