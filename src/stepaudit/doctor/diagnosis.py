@@ -21,6 +21,7 @@ class Diagnosis:
     kind: str = ""  # sub-kind for causal ordering (e.g. loss_wiring "init")
     whole_run: bool = False  # judged over the whole run: no onset to compare with a cause's
     lr_direction: int = 0  # which way the fix moves the learning rate: −1 lower, +1 raise, 0 leaves it
+    persistent: bool = False  # the mechanism lasted to the end at a level that matters, whatever the loss did
 
     def as_dict(self) -> dict:
         """The JSON contract: code, severity, confidence, first_step, evidence, fix."""

@@ -219,4 +219,4 @@ def gradient_noise_dominates(f: Facts) -> Diagnosis | None:
     return Diagnosis("gradient_noise_dominates", severity, _clip(0.35 + strength), 0,
                      f"batch size {b or '?'}: " + "; ".join(parts) + f" (loss {_g(f.loss_start)} → {_g(f.loss_end)}).",
                      "increase the batch size (or accumulate gradients) toward the noise scale; decaying the "
-                     "learning rate late in training also averages the noise out", whole_run=True)
+                     "learning rate late in training also averages the noise out", whole_run=True, persistent=tiny)

@@ -50,6 +50,7 @@ class ForwardObserver:
         self._loss_flags: dict[str, dict] = {}  # kind of miswiring -> first finding, count, last step
         self.loss_calls: Counter = Counter()
         self.summed_losses: set[str] = set()
+        self.target_nan_or_inf = False
         self.label_counts: Counter = Counter()
         self.target_moments = [0.0, 0.0, 0.0]  # n, Σy, Σy² of regression targets
         self.initial_loss: dict | None = None
@@ -160,6 +161,8 @@ class ForwardObserver:
                 seen["count"] += 1
                 seen["last_step"] = self.step_count
             if isinstance(y, torch.Tensor):
+                if y.is_floating_point() and not bool(torch.isfinite(y).all()):
+                    self.target_nan_or_inf = True
                 self._note_targets(name, x, y, kwargs)
             if (self.initial_loss is None and grad_enabled and x.requires_grad
                     and isinstance(output, torch.Tensor) and output.numel() == 1):

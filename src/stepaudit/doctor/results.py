@@ -95,6 +95,7 @@ class RunResults:
             "loss_findings": self.loss_findings(),
             "loss_calls": dict(self.loss_calls),
             "summed_losses": sorted(self.summed_losses),
+            "target_nan_or_inf": self.target_nan_or_inf,
             "initial_loss": self.initial_loss,
             "label_counts": {str(k): v for k, v in sorted(self.label_counts.items())},
             "target_variance": (s2 / n - (s1 / n) ** 2) if n > 1 else None,

@@ -46,6 +46,10 @@ def nonfinite(f: Facts) -> Diagnosis | None:
     elif grew:
         detail, fix = (f"after the loss had grown to {_g(max(before))} (from {_g(f.loss_init)})",
                        "lower the learning rate or clip gradients (torch.nn.utils.clip_grad_norm_(params, 1.0))")
+    elif not before:
+        detail, fix = ("at the first step, before any update",
+                       "look for NaN/Inf in the data (torch.isfinite(x).all()) and for log(0), division by zero "
+                       "or sqrt(0) in the loss; add an epsilon (e.g. log(p + 1e-8)) or use the fused loss")
     else:
         detail, fix = (f"suddenly, with the loss still near {_g(before[-1] if before else None)} just before",
                        "look for NaN/Inf in the data (torch.isfinite(x).all()) and for log(0), division by zero "
@@ -225,6 +229,18 @@ def loss_wiring(f: Facts) -> Diagnosis | None:
             text = evidence.split("{")[0]
         return Diagnosis("loss_wiring", severity, confidence, int(finding.get("step") or 0), text + ".", fix,
                          kind=finding["kind"])
+    broken = f.first_nonfinite
+    if (broken is not None and broken["what"] == "loss" and f.records and broken["step"] == f.records[0]["step"]
+            and not f.obs.get("target_nan_or_inf")):
+        # NaN before any update, with finite inputs (else "input") and targets: the formula is invalid for
+        # what a freshly initialised model outputs (log of a value ≤ 0, 0/0, sqrt of a negative).
+        return Diagnosis("loss_wiring", "error", 0.8, broken["step"],
+                         "the loss was already NaN/Inf at the first step, before any update, with finite inputs: the "
+                         "loss computation is invalid for the model's initial outputs (log of a value ≤ 0, a "
+                         "division by zero or the square root of a negative number).",
+                         "compute log-probabilities with F.log_softmax / F.logsigmoid (or clamp: log(p.clamp_min("
+                         "1e-8))), or use the fused losses (F.cross_entropy, F.binary_cross_entropy_with_logits)",
+                         kind="nonfinite_at_start")
     form = f.loss_form
     zero_grad = bool(f.sampled) and all((r.get("grad_norm") or 0) == 0 for r in f.sampled)
     if form is not None and (form["kind"] == "unbounded_below" or f.moved or zero_grad or f.obs.get("custom_update")):
@@ -353,7 +369,7 @@ def saturated_activations(f: Facts) -> Diagnosis | None:
                      f"{share:.0%} of hidden sigmoid/tanh outputs (worst layer {worst:.0%}) sit within 1% of their "
                      f"limits {when}, where the derivative is < 2% of its maximum, so little gradient flows through them.",
                      "initialise with the fan-in in mind (xavier / N(0, 1/fan_in)), normalise the inputs, "
-                     "or use ReLU-family activations / normalisation layers")
+                     "or use ReLU-family activations / normalisation layers", persistent=at_init and share >= 0.5)
 
 
 def vanishing_gradients(f: Facts) -> Diagnosis | None:
@@ -404,7 +420,8 @@ def exploding_gradients(f: Facts) -> Diagnosis | None:
     kind = "init" if first == (f.sampled[0]["step"] if f.sampled else None) else "cliff" if cliff else "growth"
     return Diagnosis("exploding_gradients", severity, _clip(0.55 + 0.15 * len(parts)), first, "; ".join(parts) + ".",
                      "clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)) and use a smaller "
-                     "initialisation or normalisation layers", kind="overflow" if overflow is not None else kind)
+                     "initialisation or normalisation layers", kind="overflow" if overflow is not None else kind,
+                     persistent=overflow is not None or cliff is not None)
 
 
 RULES: tuple[Callable[[Facts], Diagnosis | None], ...] = (

@@ -8,7 +8,9 @@ answer consistent. Its policies, applied in this order by ``reconcile``:
    computed on the way to NaN, not a cause: they are dropped.
 2. **Findings that do not stop training are notes.** When the loss at least halved and did not stall at
    the label prior, a mechanism finding (``NOTES_WHEN_LEARNING``) cannot be why the model is not training:
-   its severity becomes ``info``. (Measured: the official polynomial-fitting tutorial feeds raw x³ features
+   its severity becomes ``info``, unless the rule marked it ``persistent`` (it lasted to the end at a
+   level that costs accuracy whatever the loss did: half the tanh units saturated from initialisation,
+   a batch of ≤ 8 far below the noise scale, a gradient that overflowed). (Measured: the official polynomial-fitting tutorial feeds raw x³ features
    (RMS 13), has ‖g‖/‖w‖ ≈ 4e5 at step 0 under reduction='sum', and still trains to R² 0.90 with RMSprop;
    a healthy small Transformer has a first-to-last-layer gradient ratio below 1e-2.)
 3. **No opposite advice.** Each finding's fix moves the learning rate one way or not at all
@@ -39,7 +41,7 @@ def reconcile(found: list[Diagnosis], f: Facts) -> list[Diagnosis]:
         kept = [d for d in kept if d.code not in QUIET_AFTER_DIVERGENCE]
     if f.learning_well:
         for d in kept:
-            if d.code in NOTES_WHEN_LEARNING and d.severity != "info" and d.kind != "overflow":
+            if d.code in NOTES_WHEN_LEARNING and d.severity != "info" and not d.persistent:
                 d.severity = "info"
                 d.evidence += f" The loss still fell from {f.loss_start:.3g} to {f.loss_end:.3g}, so this is not what stops training."
     while len({d.lr_direction for d in kept if d.lr_direction}) > 1:
