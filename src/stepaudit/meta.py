@@ -24,7 +24,7 @@ def _plain(value: Any) -> Any:
 def optimizer_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
     """Hyperparameters of every parameter group (without the parameters themselves)."""
     return [
-        {**{k: _plain(v) for k, v in group.items() if k != "params"}, "n_params": sum(p.numel() for p in group["params"])}
+        {**{k: _plain(v) for k, v in group.items() if k != "params"}, "n_params": sum(_numel(p) for p in group["params"])}
         for group in optimizer.param_groups
     ]
 
@@ -35,8 +35,8 @@ def describe(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **extra: 
     return {
         "model": type(model).__name__,
         "model_summary": repr(model)[:20000],
-        "n_params": sum(p.numel() for p in params),
-        "n_trainable": sum(p.numel() for p in params if p.requires_grad),
+        "n_params": sum(_numel(p) for p in params),
+        "n_trainable": sum(_numel(p) for p in params if p.requires_grad),
         "optimizer": type(optimizer).__name__,
         "param_groups": optimizer_groups(optimizer),
         "versions": {
@@ -49,3 +49,8 @@ def describe(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **extra: 
         "device": str(params[0].device) if params else "cpu",
         **extra,
     }
+
+
+def _numel(p) -> int:
+    """Values of a parameter; 0 for a lazy module's parameter not yet initialised."""
+    return 0 if isinstance(p, torch.nn.parameter.UninitializedTensorMixin) else p.numel()

@@ -12,7 +12,9 @@ def lr_too_high(f: Facts) -> Diagnosis | None:
     parts, first, strength = [], None, 0.0
     peak = f.peak
     # a spike the run recovers from (or ends far below its start after) is a catapult, not a fault
-    if peak and peak[1] is not None and not f.recovered and not f.learning_well:
+    ended_high = f.loss_end is not None and f.loss_start is not None and \
+        f.loss_end >= f.loss_start - 0.1 * abs(f.loss_start)  # "still high at the end" must be true
+    if peak and peak[1] is not None and not f.recovered and not f.learning_well and ended_high:
         parts.append(f"the loss rose to {_g(peak[0])} (rolling median; it started at {_g(f.loss_start)}) "
                      f"and was still at {_g(f.loss_end)} at the end")
         first, strength = peak[1], strength + 0.35

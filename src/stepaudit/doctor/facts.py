@@ -142,7 +142,7 @@ class Facts:
     def learning_well(self) -> bool:
         """The loss at least halved, ended below the prior, and nothing went non-finite."""
         return (self.progress is not None and self.progress >= 0.5 and not self.stuck_at_prior
-                and self.first_nonfinite is None and (self.loss_end or 0) >= 0)
+                and self.first_nonfinite is None and self.loss_form is None)
 
     @cached_property
     def lr_collapse(self) -> dict | None:
@@ -181,9 +181,12 @@ class Facts:
             scale = max(abs(head[0]), 1e-30)
             if all(abs(v - head[0]) <= 1e-12 * scale or v == head[0] for v in head):
                 return {"kind": "constant_loss", "value": head[0], "steps": len(head)}
-        if len(values) >= 10 and self.loss_end is not None and self.loss_start is not None:
-            tail = values[-max(5, len(values) // 5):]
-            falling = tail[-1] < tail[0]
+        if len(values) >= 25 and self.loss_end is not None and self.loss_start is not None:
+            # still falling: the medians of the last three fifths each lower than the one before by ≥ 10%
+            # of its size (a loss with a finite negative minimum, e.g. a Gaussian NLL, levels off instead)
+            fifth = len(values) // 5
+            m = [median(values[i * fifth:(i + 1) * fifth]) for i in range(2, 5)]
+            falling = all(b < a - 0.1 * abs(a) for a, b in zip(m, m[1:]))
             if self.loss_end < 0 and -self.loss_end >= 10 * max(abs(self.loss_start), 1e-3) and falling:
                 return {"kind": "unbounded_below", "start": self.loss_start, "end": self.loss_end,
                         "lowest": min(values)}

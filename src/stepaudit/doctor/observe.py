@@ -17,7 +17,7 @@ MAX_ACTIVATION_ROWS = 64  # per sampled step
 # probability 2⁻¹⁶, so smaller batches cannot tell dead units from unlucky ones.
 MIN_DEAD_BATCH = 16
 MAX_INPUT_ROWS = 256  # first-layer input rows pooled over the early sampled steps
-MAX_INPUT_VALUES = 4_000_000
+MAX_INPUT_VALUES = 4_000_000  # all pooled rows together (32 MB of float64), whatever the input width
 
 
 def _tensor_arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
@@ -85,7 +85,12 @@ class ForwardObserver:
                 rows = rows[:max(1, MAX_INPUT_VALUES // MAX_INPUT_ROWS // max(rows.shape[1], 1))]
             if self._input_pool and rows.shape[1] != self._input_pool[0].shape[1]:
                 return
-            rows = rows[:MAX_INPUT_ROWS - self._input_rows].to("cpu", torch.float64)
+            pooled = sum(t.numel() for t in self._input_pool)
+            room = min(MAX_INPUT_ROWS - self._input_rows, (MAX_INPUT_VALUES - pooled) // max(rows.shape[1], 1))
+            if room <= 0:
+                self._input_rows = MAX_INPUT_ROWS  # full: the values cap binds before the rows cap
+                return
+            rows = rows[:room].to("cpu", torch.float64)
         self._input_layer = module
         self._input_pool.append(rows)
         self._input_rows += rows.shape[0]

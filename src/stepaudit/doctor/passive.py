@@ -146,6 +146,8 @@ class PassiveWatcher(ForwardObserver, RunResults):
         """
 
         def call(*args, **kwargs):
+            if _compiling():  # inside torch.compile's tracing: observe nothing, add no graph break
+                return None
             try:
                 return fn(*args, **kwargs)
             except Exception as error:  # auditing never breaks training
@@ -232,11 +234,17 @@ class PassiveWatcher(ForwardObserver, RunResults):
                 self._since_step.append(loss.detach())
         if self._graph_walks < GRAPH_WALKS and isinstance(loss, torch.Tensor) and loss.grad_fn is not None:
             self._graph_walks += 1
-            self._walk_graph(loss)
-        if self.backward_count == 0:
-            self._weights_at_start = self._fingerprint()
+            try:
+                self._walk_graph(loss)
+            except Exception:  # an odd graph: fewer leaves known, nothing else lost
+                pass
         self.backward_count += 1
         self._backwards_since_step += 1
+        if self.backward_count == 1:
+            try:
+                self._weights_at_start = self._fingerprint()
+            except Exception:  # odd parameters: "did the weights move" stays unknown, the rest goes on
+                self._weights_at_start = None
         for state in self.optimizers:
             if state.zero_watch is not None and any(state.zero_watch["kept"]):
                 self._zero_check(state)
@@ -265,22 +273,28 @@ class PassiveWatcher(ForwardObserver, RunResults):
 
     @torch.no_grad()
     def _fingerprint(self) -> list[tuple[int, float, float]]:
-        """(id, Σw, Σw²) of every parameter of the model's roots and every leaf of the first walked graph
+        """(id, Σw, ‖w‖) of every parameter of the model's roots and every leaf of the first walked graph
         (hand-written models have no module): enough to tell whether any weight moved."""
         out, seen = [], set()
         leaves = [leaf["tensor"] for leaf in self.graph_leaves.values() if leaf["walk"] == 1]
         for p in [*(p for root in list(self.roots.values()) for p in root.parameters()), *leaves]:
+            if isinstance(p, torch.nn.parameter.UninitializedTensorMixin):
+                continue
             if id(p) not in seen and p.is_floating_point() and p.numel():
                 seen.add(id(p))
-                w = p.detach().double()
-                out.append((id(p), float(w.sum()), float(w.square().sum())))
+                w = p.detach()
+                out.append((id(p), float(w.sum(dtype=torch.float64)),
+                            float(torch.linalg.vector_norm(w, dtype=torch.float64))))
         return out
 
     def weights_changed(self) -> bool | None:
         """Whether any weight of the model differs from the first backward (None: nothing to compare)."""
         if not self._weights_at_start:
             return None
-        now = dict((k, (a, b)) for k, a, b in self._fingerprint())
+        try:
+            now = dict((k, (a, b)) for k, a, b in self._fingerprint())
+        except Exception:
+            return None
         return any(now.get(k) not in (None, (a, b)) for k, a, b in self._weights_at_start)
 
     def _find_schedulers(self, optimizer: torch.optim.Optimizer) -> None:
@@ -291,9 +305,14 @@ class PassiveWatcher(ForwardObserver, RunResults):
         """
         import gc
 
+        kinds = (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
         for holder in gc.get_referrers(optimizer):
-            if isinstance(holder, (torch.optim.lr_scheduler.LRScheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)):
+            if isinstance(holder, kinds):
                 self._schedulers.add(holder)
+            elif isinstance(holder, dict):  # a materialised instance __dict__ (Python 3.10, after vars() …)
+                for owner in gc.get_referrers(holder):
+                    if isinstance(owner, kinds) and getattr(owner, "__dict__", None) is holder:
+                        self._schedulers.add(owner)
 
     def _count_schedulers(self) -> None:
         """Scheduler class -> ``step()`` calls so far (``last_epoch``: the constructor's own step excluded),
@@ -485,7 +504,13 @@ class PassiveWatcher(ForwardObserver, RunResults):
 
 # -- module-level wrappers (they look up the active session at call time) -----------------------------------
 def _active() -> "PassiveWatcher | None":
-    return _ACTIVE
+    """The session the wrappers report to; None while torch.compile traces (nothing of ours is traced)."""
+    return None if _compiling() else _ACTIVE
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
 
 
 def _as_original(wrapper: Callable, original: Callable, rebuild: bool = True) -> Callable:

@@ -16,6 +16,11 @@ if TYPE_CHECKING:
     from .passive import _Optimizer
 
 
+def _numel(p: torch.Tensor) -> int:
+    """Values of a parameter; 0 for a lazy module's parameter not yet initialised."""
+    return 0 if isinstance(p, torch.nn.parameter.UninitializedTensorMixin) else p.numel()
+
+
 class RunResults:
     """Naming, loss settlement, store flushes and observations of a ``PassiveWatcher``."""
 
@@ -24,7 +29,7 @@ class RunResults:
 
     def _prefixed_roots(self) -> list[tuple[torch.nn.Module, str]]:
         """Root modules with parameters, largest first, each with the prefix its names get."""
-        roots = sorted(self.roots.values(), key=lambda m: -sum(p.numel() for p in m.parameters()))
+        roots = sorted(self.roots.values(), key=lambda m: -sum(_numel(p) for p in m.parameters()))
         with_params = [r for r in roots if any(True for _ in r.parameters())]
         return [(r, f"{type(r).__name__}." if len(with_params) > 1 else "") for r in with_params]
 
@@ -33,8 +38,8 @@ class RunResults:
         names: list[str] = []
         for root, prefix in self._prefixed_roots():
             for name, module in root.named_modules():
-                weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
-                if weight is not None and weight.dim() >= 2 and not isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+                weight = dict(module.named_parameters(recurse=False)).get("weight")  # ScriptModules too
+                if weight is not None and _numel(weight) and weight.dim() >= 2 and not isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
                     full = prefix + name if name else prefix.rstrip(".") or "(root)"
                     if full not in names:
                         names.append(full)
@@ -117,13 +122,13 @@ class RunResults:
         return {
             "index": state.index, "optimizer": type(state.optimizer).__name__,
             "param_groups": optimizer_groups(state.optimizer), "steps": state.local_step, "max_lr": state.max_lr,
-            "numel": sum(p.numel() for p in state.params),
+            "numel": sum(_numel(p) for p in state.params),
             "sampled_steps": sum(sampled(s, self.every) for s in range(state.local_step)),
-            "frozen": [{"name": names[i], "numel": state.params[i].numel()} for i, p in enumerate(state.params)
+            "frozen": [{"name": names[i], "numel": _numel(state.params[i])} for i, p in enumerate(state.params)
                        if not p.requires_grad][:50],
-            "no_grad": [{"name": names[i], "numel": state.params[i].numel()} for i in no_grad
+            "no_grad": [{"name": names[i], "numel": _numel(state.params[i])} for i in no_grad
                         if state.params[i].requires_grad][:50],
-            "no_grad_numel": sum(state.params[i].numel() for i in no_grad if state.params[i].requires_grad),
+            "no_grad_numel": sum(_numel(state.params[i]) for i in no_grad if state.params[i].requires_grad),
         }
 
     def _orphans(self) -> tuple[int, list[dict]]:
@@ -146,8 +151,8 @@ class RunResults:
                     continue
                 seen.add(id(p))
                 names[id(p)] = prefix + name
-                trainable += p.numel() if p.requires_grad else 0
-        orphans = [{"name": names.get(key, "?"), "numel": p.numel(), "registered": True}
+                trainable += _numel(p) if p.requires_grad else 0
+        orphans = [{"name": names.get(key, "?"), "numel": _numel(p), "registered": True}
                    for key, p in self.grad_params.items() if key not in held]
         unregistered = self._unregistered_names()
         for key, leaf in self.graph_leaves.items():
@@ -162,8 +167,8 @@ class RunResults:
             name = unregistered.get(key) or (
                 f"a tensor of shape {list(tensor.shape)} created during the forward pass (requires_grad, "
                 "registered nowhere)")
-            orphans.append({"name": name, "numel": tensor.numel(), "registered": False})
-            trainable += tensor.numel()
+            orphans.append({"name": name, "numel": _numel(tensor), "registered": False})
+            trainable += _numel(tensor)
         return trainable, orphans
 
     def _frozen(self) -> dict:
@@ -174,9 +179,9 @@ class RunResults:
                 if id(p) in seen:
                     continue
                 seen.add(id(p))
-                total += p.numel()
+                total += _numel(p)
                 if not p.requires_grad:
-                    frozen += p.numel()
+                    frozen += _numel(p)
                     if len(names) < 3:
                         names.append(prefix + name)
         return {"model_numel": total, "frozen_numel": frozen, "frozen_names": names}
