@@ -269,3 +269,28 @@ def test_a_few_columns_a_thousand_times_smaller_than_the_rest(tmp_path):
     found = doctor(tmp_path, SLIVER.format(inputs="X * torch.tensor([1, 1, 1, 1, 1, 1e-3, 1e-3, 1e-3])"))
     hit = [d for d in found if d["code"] == "unnormalized_inputs"]
     assert hit and "differ by" in hit[0]["evidence"]
+
+
+def test_a_gaussian_nll_with_a_finite_negative_minimum_is_not_unbounded(tmp_path):
+    body = """
+    t = X[:, :1] + 0.02 * torch.randn(512, 1, generator=g)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for epoch in range(6):
+        for i in range(0, 512, 32):
+            opt.zero_grad()
+            mean, log_var = model(X[i:i + 32]).chunk(2, dim=1)
+            loss = (0.5 * log_var.clamp_min(-9) + 0.5 * (t[i:i + 32] - mean) ** 2 / log_var.clamp_min(-9).exp()).mean()
+            loss.backward()
+            opt.step()
+    """
+    assert problems(doctor(tmp_path, body)) == []
+
+
+def test_a_torchscript_model_is_diagnosed(tmp_path):
+    body = """
+    model = torch.jit.script(nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 3)))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    """
+    found = doctor(tmp_path, textwrap.dedent(body) + LOOP)
+    assert found[0]["code"] == "healthy"
