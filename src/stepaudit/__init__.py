@@ -4,7 +4,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .audit import Audit, AuditError  # noqa: E402
-from .store import load  # noqa: E402
+from .store import RunStoreError, load  # noqa: E402
 from .explain import explain  # noqa: E402  (rebinds the name from the subpackage to the function)
 
 
@@ -15,4 +15,4 @@ def diagnose(run_or_records, **kwargs):
     return _diagnose(run_or_records, **kwargs)
 
 
-__all__ = ["Audit", "AuditError", "load", "explain", "diagnose", "__version__"]
+__all__ = ["Audit", "AuditError", "RunStoreError", "load", "explain", "diagnose", "__version__"]

@@ -11,6 +11,7 @@ No pickle anywhere: reading a run never executes code.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import sqlite3
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 STORE_FILE = "stepaudit.sqlite"
 LAYER_FIELDS = ("grad_norm", "update_norm", "weight_norm", "update_ratio")
@@ -40,9 +41,39 @@ def new_run_dir(root: str | os.PathLike = "stepaudit-runs", name: str | None = N
             candidate = base.with_name(f"{base.name}-{n}")
 
 
+class RunStoreError(ValueError):
+    """A run's ``stepaudit.sqlite`` exists but cannot be read as a run store (corrupt, truncated, not ours)."""
+
+
 def _store_path(run: str | os.PathLike) -> Path:
     path = Path(run)
     return path if path.suffix == ".sqlite" else path / STORE_FILE
+
+
+def run_folder(run: str | os.PathLike) -> Path:
+    """The run folder of ``run``, given as the folder itself or as its ``.sqlite`` file."""
+    return _store_path(run).parent
+
+
+def output_file(path: str | os.PathLike, default_name: str) -> Path:
+    """Where to write an output file: ``path`` itself, or ``path/default_name`` when ``path`` is a folder.
+
+    A folder is an existing directory or a path written with a trailing slash (created if missing).
+    """
+    text = os.fspath(path)
+    folder = Path(text)
+    if folder.is_dir() or text.endswith(("/", os.sep)):
+        return folder / default_name
+    return folder
+
+
+def _unreadable(path: Path, error: Exception) -> None:
+    """Raise a corrupt or foreign store as one clear error; a busy/locked database stays what it is."""
+    message = str(error) if isinstance(error, sqlite3.DatabaseError) else f"{type(error).__name__}: {error}"
+    if isinstance(error, sqlite3.OperationalError) and ("locked" in message or "busy" in message):
+        raise error
+    raise RunStoreError(f"{path} is not a stepaudit run store (corrupt or truncated?): {message}; "
+                        "record the run again, or pass another run folder") from error
 
 
 class RunStore:
@@ -50,20 +81,32 @@ class RunStore:
 
     def __init__(self, run: str | os.PathLike, meta: dict | None = None, name: str | None = None) -> None:
         self.path = _store_path(run)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            blocker = next((p for p in (self.path.parent, *self.path.parent.parents) if p.exists()), self.path.parent)
+            raise ValueError(f"run={os.fspath(run)!r}: {blocker} is a file, not a folder; pass a folder for "
+                             "the run (created if missing), e.g. run='runs/exp1', or run=None for a new one "
+                             "under stepaudit-runs/") from None
+        if self.path.is_dir():
+            raise ValueError(f"{self.path} is a folder; pass the run folder that holds it: run={str(self.path.parent)!r}")
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(
-            """
-            CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, name TEXT, created REAL, meta TEXT);
-            CREATE TABLE IF NOT EXISTS steps (step INTEGER PRIMARY KEY);
-            CREATE TABLE IF NOT EXISTS layers (step INTEGER, kind TEXT, name TEXT, grad_norm REAL,
-                update_norm REAL, weight_norm REAL, update_ratio REAL, PRIMARY KEY (step, kind, name));
-            CREATE TABLE IF NOT EXISTS extras (step INTEGER, field TEXT, value TEXT, PRIMARY KEY (step, field));
-            """
-        )
-        self._columns = {row[1] for row in self.db.execute("PRAGMA table_info(steps)")}
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(
+                """
+                CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY, name TEXT, created REAL, meta TEXT);
+                CREATE TABLE IF NOT EXISTS steps (step INTEGER PRIMARY KEY);
+                CREATE TABLE IF NOT EXISTS layers (step INTEGER, kind TEXT, name TEXT, grad_norm REAL,
+                    update_norm REAL, weight_norm REAL, update_ratio REAL, PRIMARY KEY (step, kind, name));
+                CREATE TABLE IF NOT EXISTS extras (step INTEGER, field TEXT, value TEXT, PRIMARY KEY (step, field));
+                """
+            )
+            self._columns = {row[1] for row in self.db.execute("PRAGMA table_info(steps)")}
+        except sqlite3.DatabaseError as error:
+            self.db.close()
+            _unreadable(self.path, error)
         self._inserts: dict[tuple[str, ...], str] = {}  # INSERT statement per set of scalar fields
         if meta is not None:
             earlier = self.db.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
@@ -170,19 +213,29 @@ def _meta(db: sqlite3.Connection) -> dict:
     return meta
 
 
-def read_meta(run: str | os.PathLike) -> dict:
-    """A run's metadata alone (no step or layer rows are read)."""
+@contextlib.contextmanager
+def _reading(run: str | os.PathLike) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to the run's store; a corrupt or foreign file raises ``RunStoreError``."""
     db = _connect_read_only(run)
     try:
-        return _meta(db)
+        yield db
+    except sqlite3.DatabaseError as error:
+        _unreadable(_store_path(run), error)
+    except json.JSONDecodeError as error:  # tables of the right names holding something else
+        _unreadable(_store_path(run), error)
     finally:
         db.close()
 
 
+def read_meta(run: str | os.PathLike) -> dict:
+    """A run's metadata alone (no step or layer rows are read)."""
+    with _reading(run) as db:
+        return _meta(db)
+
+
 def read_run(run: str | os.PathLike) -> tuple[dict, list[dict], list[dict]]:
     """(meta, step records with extras merged in, layer rows) of a run, read-only."""
-    db = _connect_read_only(run)
-    try:
+    with _reading(run) as db:
         meta = _meta(db)
         real_columns = {r[1] for r in db.execute("PRAGMA table_info(steps)") if r[2] == "REAL"}
         steps = _rows(db, "SELECT * FROM steps ORDER BY step")
@@ -191,8 +244,6 @@ def read_run(run: str | os.PathLike) -> tuple[dict, list[dict], list[dict]]:
             if row["step"] in by_step:
                 by_step[row["step"]][row["field"]] = json.loads(row["value"])
         layers = _rows(db, "SELECT * FROM layers ORDER BY step, kind, name")
-    finally:
-        db.close()
     for record in steps:  # a NULL in a numeric column was a NaN
         for key in real_columns:
             if record.get(key) is None:
