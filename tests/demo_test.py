@@ -28,8 +28,10 @@ def test_demo_rejects_unknown_optimizer(capsys):
 
 
 def test_cli_help_and_unknown_command(capsys):
-    assert cli.main([]) == 0
+    assert cli.main(["--help"]) == 0
     assert "doctor" in capsys.readouterr().out
+    assert cli.main([]) == 2  # no command is a usage error: the list goes to stderr
+    assert "doctor" in capsys.readouterr().err
     assert cli.main(["frobnicate"]) == 2
 
 

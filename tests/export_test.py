@@ -35,6 +35,33 @@ def test_csv_round_trips_every_step_exactly(real, tmp_path):
             assert same(float(row[field]), record[field]), field
 
 
+def test_csv_and_parquet_into_a_folder_write_the_table_name_inside(real, tmp_path, capsys):
+    run, records = real
+    assert main([str(run), "--csv", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "steps.csv")
+    assert len((tmp_path / "steps.csv").read_text().splitlines()) == len(records) + 1
+    assert main([str(run / "stepaudit.sqlite"), "--csv", f"{tmp_path}/new/", "--table", "layers"]) == 0
+    assert (tmp_path / "new" / "layers.csv").exists()
+    assert export_csv(run, tmp_path) == tmp_path / "steps.csv"
+    pytest.importorskip("pyarrow")
+    assert export_parquet(run, tmp_path, table="layers") == tmp_path / "layers.parquet"
+
+
+def test_export_of_a_corrupt_store_or_to_an_unwritable_place_is_one_line(real, tmp_path, capsys):
+    run, _ = real
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "stepaudit.sqlite").write_bytes(b"\0" * 4096)
+    assert main([str(bad), "--csv", str(tmp_path / "x.csv")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("stepaudit export: ") and "not a stepaudit run store (corrupt or truncated?)" in err
+    assert err.count("\n") == 1
+    (tmp_path / "a_file").write_text("x")
+    assert main([str(run), "--csv", str(tmp_path / "a_file" / "x.csv")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("stepaudit export: cannot write") and err.count("\n") == 1
+
+
 def test_csv_layers_table(real, tmp_path):
     run, records = real
     with export_csv(run, tmp_path / "layers.csv", table="layers").open() as handle:

@@ -37,6 +37,43 @@ def test_report_of_a_missing_run_says_what_to_pass(tmp_path, capsys):
     assert "no stepaudit run" in capsys.readouterr().err
 
 
+def test_report_accepts_the_sqlite_file_and_writes_beside_it(tmp_path, capsys):
+    run = write_synthetic_run(tmp_path / "run", steps=20)
+    assert stepaudit(["report", str(run / "stepaudit.sqlite")]) == 0
+    assert capsys.readouterr().out.strip() == str(run / "report.html") and (run / "report.html").exists()
+
+
+def test_report_and_compare_into_an_existing_folder_write_the_default_name_inside(runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main([str(runs[0]), "-o", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out / "report.html") and (out / "report.html").exists()
+    assert main([str(runs[0]), "-o", f"{tmp_path}/fresh/"]) == 0  # a trailing slash means a folder
+    assert (tmp_path / "fresh" / "report.html").exists()
+    assert compare_main([str(r) for r in runs] + ["-o", str(out)]) == 0
+    assert (out / "compare.html").exists() and capsys.readouterr().out.strip().endswith(str(out / "compare.html"))
+
+
+def test_report_and_compare_of_a_corrupt_store_print_one_line_and_exit_1(runs, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "stepaudit.sqlite").write_bytes(b"not sqlite at all" * 100)
+    for argv in (["report", str(bad)], ["report", str(bad), "--terminal"], ["compare", str(runs[0]), str(bad)]):
+        assert stepaudit(argv) == 1
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and "not a stepaudit run store (corrupt or truncated?)" in lines[0], captured.err
+        assert lines[0].startswith(f"stepaudit {argv[0]}: ") and str(bad / "stepaudit.sqlite") in lines[0]
+        assert "Traceback" not in captured.err
+
+
+def test_report_into_an_unwritable_place_is_one_line(runs, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    assert main([str(runs[0]), "-o", str(tmp_path / "a_file" / "r.html")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("stepaudit report: cannot write") and "\n" not in err and "pass -o" in err
+
+
 def test_terminal_summary_reads_the_run(runs, capsys):
     assert main([str(runs[0]), "--terminal"]) == 0
     out = capsys.readouterr().out

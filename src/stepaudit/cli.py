@@ -1,7 +1,13 @@
-"""``stepaudit`` command line: each subcommand lives in its own module with a ``main(argv) -> int``."""
+"""``stepaudit`` command line: each subcommand lives in its own module with a ``main(argv) -> int``.
+
+Errors are one line on stderr naming the problem and the fix; the exit status is 2 for usage errors
+(wrong arguments, no run where one was named) and 1 for failures. ``STEPAUDIT_DEBUG=1`` shows the
+traceback instead. Piping into ``head`` ends quietly with exit status 0 (as ``stepaudit explain`` does).
+"""
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -23,10 +29,78 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def debug() -> bool:
+    """Whether ``STEPAUDIT_DEBUG=1`` asks for tracebacks instead of one-line errors."""
+    return os.environ.get("STEPAUDIT_DEBUG", "") not in ("", "0")
+
+
+def fail(prog: str, error: BaseException, status: int = 1) -> int:
+    """Print ``prog: error`` as one line on stderr and return ``status``; re-raise under ``STEPAUDIT_DEBUG=1``.
+
+    Call it inside the ``except`` block that caught ``error``.
+    """
+    if debug():
+        raise error
+    message = " ".join(str(error).split()) or type(error).__name__
+    print(f"{prog}: {message}", file=sys.stderr)
+    return status
+
+
+def rich_console(**kwargs):
+    """A ``rich.console.Console`` that lets a closed pipe raise ``BrokenPipeError`` (rich itself exits 1).
+
+    ``main`` then ends quietly with 0, as for plain ``print``. Needs rich installed.
+    """
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True
+            raise BrokenPipeError("stdout was closed by its reader")
+
+    return _Console(**kwargs)
+
+
+def _quiet_broken_pipe() -> int:
+    """The reader of stdout went away (``| head``): drop what is left unwritten and exit quietly."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush then goes nowhere
+    except (OSError, ValueError):
+        pass
+    return 0  # what was wanted was read; `stepaudit explain` ends the same way
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch to the subcommand's own ``main``; unknown commands print the list and exit 2."""
+    """Run one subcommand; errors become one line on stderr (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    prog = f"stepaudit {argv[0]}" if argv and argv[0] in COMMANDS else "stepaudit"
+    try:
+        status = dispatch(argv)
+        sys.stdout.flush()  # a broken pipe surfaces here, not in the interpreter's shutdown
+        return status
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    except KeyboardInterrupt:
+        if debug():
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the last line of defence: one line, not a traceback
+        if debug():
+            raise
+        detail = " ".join(str(error).split())
+        print(f"{prog}: {type(error).__name__}{': ' + detail if detail else ''} "
+              "(set STEPAUDIT_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
+
+
+def dispatch(argv: list[str]) -> int:
+    """Dispatch to the subcommand's own ``main``; no command or an unknown one prints the list and exits 2."""
+    if not argv:
+        print(usage(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
     if argv[0] in ("-V", "--version"):

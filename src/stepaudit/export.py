@@ -13,11 +13,10 @@ import csv
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-from .store import read_run
+from .store import RunStoreError, output_file, read_run
 
 LAYER_SCALARS = ("update_ratio", "grad_norm", "update_norm")
 
@@ -109,9 +108,12 @@ def _cell(value: Any) -> Any:
 
 
 def export_csv(run: str | os.PathLike, path: str | os.PathLike, table: str = "steps") -> Path:
-    """Write the run's steps (or layers) as CSV: one row per step, a column per field, NaN as ``nan``."""
+    """Write the run's steps (or layers) as CSV: one row per step, a column per field, NaN as ``nan``.
+
+    A folder ``path`` (existing, or written with a trailing slash) gets ``steps.csv`` / ``layers.csv`` inside it.
+    """
     fields, rows = _table(run, table)
-    path = Path(path)
+    path = output_file(path, f"{table}.csv")
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
@@ -122,7 +124,10 @@ def export_csv(run: str | os.PathLike, path: str | os.PathLike, table: str = "st
 
 
 def export_parquet(run: str | os.PathLike, path: str | os.PathLike, table: str = "steps") -> Path:
-    """Write the run's steps (or layers) as Parquet: numbers as float64/int64, text as strings, lists as JSON."""
+    """Write the run's steps (or layers) as Parquet: numbers as float64/int64, text as strings, lists as JSON.
+
+    A folder ``path`` (existing, or written with a trailing slash) gets ``steps.parquet`` / ``layers.parquet`` inside it.
+    """
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -140,7 +145,7 @@ def export_parquet(run: str | os.PathLike, path: str | os.PathLike, table: str =
         else:
             arrays[field] = pa.array([None if v is None else (json.dumps(v) if isinstance(v, (list, dict)) else str(v))
                                       for v in values], type=pa.string())
-    path = Path(path)
+    path = output_file(path, f"{table}.parquet")
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(arrays), path)
     return path
@@ -148,12 +153,16 @@ def export_parquet(run: str | os.PathLike, path: str | os.PathLike, table: str =
 
 def main(argv: list[str] | None = None) -> int:
     """Export a run to TensorBoard, CSV or Parquet."""
+    from .cli import fail
+
     parser = argparse.ArgumentParser(prog="stepaudit export", description="Export a recorded run.")
-    parser.add_argument("run", help="run folder (the one holding stepaudit.sqlite)")
+    parser.add_argument("run", help="run folder (the one holding stepaudit.sqlite), or that .sqlite file")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--tensorboard", metavar="DIR", help="TensorBoard log folder to write")
-    target.add_argument("--csv", metavar="FILE", help="CSV file to write")
-    target.add_argument("--parquet", metavar="FILE", help="Parquet file to write")
+    target.add_argument("--csv", metavar="FILE", help="CSV file to write; a folder (existing, or ending in /) "
+                                                      "gets steps.csv or layers.csv inside it")
+    target.add_argument("--parquet", metavar="FILE", help="Parquet file to write; a folder (existing, or ending "
+                                                          "in /) gets steps.parquet or layers.parquet inside it")
     parser.add_argument("--table", choices=("steps", "layers"), default="steps",
                         help="for CSV/Parquet: one row per step (default) or per (step, layer)")
     args = parser.parse_args(argv)
@@ -164,8 +173,16 @@ def main(argv: list[str] | None = None) -> int:
             out = export_csv(args.run, args.csv, args.table)
         else:
             out = export_parquet(args.run, args.parquet, args.table)
-    except (ImportError, FileNotFoundError) as error:
-        print(f"stepaudit export: {error}", file=sys.stderr)
-        return 2
+    except ImportError as error:
+        return fail("stepaudit export", error, 2)
+    except RunStoreError as error:
+        return fail("stepaudit export", error, 1)
+    except OSError as error:
+        if isinstance(error, FileNotFoundError) and error.filename is None:  # no run there (store.py's message)
+            return fail("stepaudit export", error, 2)
+        # the output cannot be written there (permissions, a file where a folder must be)
+        target = args.tensorboard or args.csv or args.parquet
+        return fail("stepaudit export", OSError(f"cannot write {target}: {error.strerror or error}; "
+                                                "pass a writable file or folder"), 1)
     print(out)
     return 0

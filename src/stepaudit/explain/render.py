@@ -8,6 +8,7 @@ from typing import IO
 from .circuit import RULES
 from .drawing import GATE, GRAD, VALUE, VAR, Line, draw
 from .layout import symbol
+from ..cli import rich_console
 from .result import negligible, fmt
 
 TITLE, HEAD, DIM, WARN, NOTE = "bold", "bold magenta", "grey50", "bold yellow", "italic"
@@ -229,13 +230,13 @@ def print_lines(lines: list[Line], file: IO[str] | None = None, color: bool | No
     if plain_ascii:
         lines = [[(t.translate(_ASCII), s) for t, s in ln] for ln in lines]
     try:
-        from rich.console import Console
+        from rich.console import Console  # noqa: F401 - ImportError selects the plain text
         from rich.text import Text
     except ImportError:
         for ln in lines:
             file.write("".join(t for t, _ in ln).rstrip() + "\n")
         return
-    console = Console(file=file, highlight=False, soft_wrap=True, force_terminal=color,
+    console = rich_console(file=file, highlight=False, soft_wrap=True, force_terminal=color,
                       no_color=color is False, emoji=False, markup=False)
     for ln in lines:
         text = Text.assemble(*[(t, s or "") for t, s in ln])

@@ -11,6 +11,7 @@ import numpy as np
 
 from .charts import Guide, Series, time_chart
 from ..doctor.summary import LAST_LOSS
+from ..store import output_file
 from .data import NOT_MEASURED, Run, hyperparameters, load_run, summary
 from .downsample import blocks
 from .html import figure_html, page
@@ -174,7 +175,7 @@ def write_compare(runs: Sequence[str | os.PathLike], out: str | os.PathLike = "c
     if not runs:
         raise ValueError("compare needs at least one run folder")
     loaded = [load_run(r) for r in runs]
-    path = Path(out)
+    path = output_file(out, "compare.html")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_compare(loaded), encoding="utf-8")
     return path

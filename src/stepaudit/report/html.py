@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .. import __version__
+from ..store import output_file, run_folder
 from .data import LAST_LOSS_NAME, NOT_MEASURED, Run, hyperparameters, load_run, summary
 from .scales import fmt
 from .sections import Figure, run_figures
@@ -237,7 +238,7 @@ def _short(value: Any) -> str:
 def write_report(run: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     """Write the HTML report of ``run`` to ``out`` (default: ``<run>/report.html``) and return its path."""
     data = load_run(run)
-    path = Path(out) if out is not None else Path(run) / "report.html"
+    path = output_file(out, "report.html") if out is not None else run_folder(run) / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_report(data), encoding="utf-8")
     return path

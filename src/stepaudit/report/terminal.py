@@ -10,6 +10,7 @@ import numpy as np
 from .compare import COLUMNS, cell, summary_rows
 from .data import LAST_LOSS_NAME, NOT_MEASURED, Run, hyperparameters, summary
 from .downsample import envelope
+from ..cli import rich_console
 from .scales import fmt
 
 BLOCKS = "▁▂▃▄▅▆▇█"
@@ -123,14 +124,14 @@ def print_run(run: Run, file: IO[str] | None = None, width: int | None = None) -
     """Print the run summary (with rich when installed)."""
     file = file or sys.stdout
     try:
-        from rich.console import Console, Group
+        from rich.console import Console, Group  # noqa: F401 - ImportError selects the plain text
         from rich.panel import Panel
         from rich.table import Table
         from rich.text import Text
     except ImportError:
         print(plain_run(run), file=file)
         return
-    console = Console(file=file, width=width, highlight=False)
+    console = rich_console(file=file, width=width, highlight=False)
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column(justify="right", no_wrap=True)
@@ -161,13 +162,13 @@ def print_compare(runs: Sequence[Run], file: IO[str] | None = None, width: int |
     file = file or sys.stdout
     try:
         from rich import box
-        from rich.console import Console
+        from rich.console import Console  # noqa: F401 - ImportError selects the plain text
         from rich.table import Table
         from rich.text import Text
     except ImportError:
         print(plain_compare(runs), file=file)
         return
-    console = Console(file=file, width=width, highlight=False)
+    console = rich_console(file=file, width=width, highlight=False)
     rows = summary_rows(runs)
     keys = [(k, label) for k, label in COLUMNS[1:] if k != "finding" or any(r["finding"] for r in rows)]
     table = Table(title="stepaudit comparison", title_justify="left", box=box.SIMPLE_HEAD)
