@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from stepaudit.arguments import batch_size, check_replayable, index_parameters, validate
+from stepaudit.arguments import batch_size, check_loss_signature, check_replayable, index_parameters, validate
 
 
 def model() -> nn.Module:
@@ -68,3 +68,24 @@ def test_complex_and_torchscript_models_are_refused_with_the_fix():
     scripted = torch.jit.script(nn.Linear(3, 2))
     with pytest.raises(TypeError, match="eager model"):
         validate(scripted, torch.optim.SGD(scripted.parameters(), lr=0.1), lambda m, b: m(b).sum(), 1, None, "eval")
+
+
+def one_argument_loss(batch):
+    return batch
+
+
+@pytest.mark.parametrize("loss_fn, shown", [(one_argument_loss, r"one_argument_loss\(batch\)"),
+                                            (lambda model, batch, extra: 0, r"<lambda>\(model, batch, extra\)"),
+                                            (lambda *, model, batch: 0, r"<lambda>\(\*, model, batch\)")])
+def test_a_loss_fn_that_cannot_take_model_and_batch_is_refused_with_the_signature(loss_fn, shown):
+    with pytest.raises(TypeError, match=r"loss_fn is called as loss_fn\(model, batch\).*" + shown + ".*lambda model, batch"):
+        check_loss_signature(loss_fn)
+    net = model()
+    with pytest.raises(TypeError, match=shown):
+        validate(net, torch.optim.SGD(net.parameters(), lr=0.1), loss_fn, 1, None, "eval")
+
+
+@pytest.mark.parametrize("loss_fn", [lambda model, batch: 0, lambda *args: 0, lambda model, batch, scale=1.0: 0,
+                                     nn.MSELoss(), max])  # a Module's forward(input, target); a builtin: no check
+def test_a_loss_fn_that_takes_two_arguments_passes(loss_fn):
+    check_loss_signature(loss_fn)

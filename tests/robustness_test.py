@@ -100,11 +100,25 @@ def test_parameters_without_grad_are_zero_gradient(tmp_path):
                         reference=(b for b in [])), "one-shot"),
         (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=classification_loss,
                         probe_options={"curvature": {"max_hvps": 0}}), "max_hvps"),
+        (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=classification_loss,
+                        probes=["sharpness"]), r"probes must be a dict \{name: every\}.*probes=\{'sharpness': 1\}"),
+        (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=classification_loss,
+                        probes="sharpness"), r"probes=\{'sharpness': 1\}; got str"),
+        (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+                        loss_fn=lambda batch: batch), r"loss_fn\(model, batch\).*<lambda>\(batch\)"),
     ],
 )
 def test_bad_arguments_are_refused_with_the_fix(build, match, tmp_path):
     with pytest.raises((TypeError, ValueError), match=match):
         stepaudit.Audit(run=tmp_path / "r", **build(make_mlp()))
+
+
+def test_probes_as_name_every_pairs_still_work(tmp_path):
+    model = make_mlp()
+    audit = stepaudit.Audit(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
+                            run=tmp_path / "r", probes=[("quadratic", 2)])
+    assert audit.probes == {"quadratic": 2}
+    audit.close()
 
 
 def test_model_without_trainable_parameters_is_refused(tmp_path):

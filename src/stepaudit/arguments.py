@@ -4,6 +4,7 @@ Every refusal names the fix. Nothing here touches training state.
 """
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -23,6 +24,7 @@ def validate(model: Any, optimizer: Any, loss_fn: Any, every: Any, precision: An
     if not callable(loss_fn):
         raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> scalar tensor, e.g. "
                         "lambda m, b: F.cross_entropy(m(b[0]), b[1])")
+    check_loss_signature(loss_fn)
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be a positive int (1 audits every step), got {every!r}")
     if isinstance(first_step, bool) or not isinstance(first_step, int) or first_step < 0:
@@ -43,6 +45,24 @@ def validate(model: Any, optimizer: Any, loss_fn: Any, every: Any, precision: An
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters (requires_grad=True); unfreeze some, "
                          "e.g. for p in model.parameters(): p.requires_grad_(True)")
+
+
+def check_loss_signature(loss_fn: Any) -> None:
+    """Refuse a ``loss_fn`` that cannot be called as ``loss_fn(model, batch)`` (e.g. ``lambda batch: ...``).
+
+    Callables without a readable signature (some builtins and C extensions) are let through.
+    """
+    try:
+        signature = inspect.signature(loss_fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+        raise TypeError(f"loss_fn is called as loss_fn(model, batch) -> scalar tensor, but {name}{signature} "
+                        "does not take those two arguments; write it as e.g. "
+                        "lambda model, batch: F.cross_entropy(model(batch[0]), batch[1])") from None
 
 
 @dataclass

@@ -108,6 +108,8 @@ class Audit:
         self.every, self.strict, self.precision = every, strict, precision
         self.options = {"reference": reference, "reference_every": reference_every, "reference_mode": reference_mode,
                         "precision": precision}
+        if isinstance(probes, (str, list, tuple, set, frozenset)) and any(isinstance(n, str) for n in probes):
+            probe_registry.validate(probes)  # names without their schedule: refused with the dict to write
         probes = dict(probes or {})
         if reference is not None:
             probes.setdefault("reference", reference_every)

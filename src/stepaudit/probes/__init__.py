@@ -85,7 +85,13 @@ def validate(probes: Mapping[str, int] | None) -> dict[str, int]:
     if probes is None or (isinstance(probes, Mapping) and not probes):
         return {}
     if not isinstance(probes, Mapping):
-        raise TypeError(f"probes must be a dict {{name: every}}, e.g. {{'quadratic': 1}}; got {type(probes).__name__}")
+        names = [probes] if isinstance(probes, str) else probes
+        if isinstance(names, (list, tuple, set, frozenset)) and names and all(isinstance(n, str) for n in names):
+            example = "{" + ", ".join(f"{n!r}: 1" for n in names) + "}"  # the user's own names, every step
+        else:
+            example = "{'quadratic': 1}"
+        raise TypeError(f"probes must be a dict {{name: every}} (run the probe every N-th step), e.g. "
+                        f"probes={example}; got {type(probes).__name__} {probes!r}")
     names = known()
     checked = {}
     for name, every in probes.items():
