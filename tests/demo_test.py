@@ -1,12 +1,15 @@
 """The demo and the CLI entry points run end to end on built-in data."""
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 
+import pytest
+
 import stepaudit
-from stepaudit import cli
+from stepaudit import cli, demo
 
 
 def test_demo_json_trains_each_optimizer_and_writes_runs(tmp_path, capsys):
@@ -45,3 +48,34 @@ def test_public_api_names():
 
     assert callable(stepaudit.explain) and callable(stepaudit.Audit) and callable(stepaudit.load)
     assert stepaudit.explain("x * y", at={"x": 2.0, "y": 3.0})["grads"] == {"x": 3.0, "y": 2.0}
+
+
+def test_demo_eos_takes_quiet_and_runs(tmp_path, capsys):
+    small = ["--lrs", "0.5", "--steps", "20", "--every", "10", "--n", "50", "--width", "8"]
+    assert cli.main(["demo", "--eos", "--quiet", *small, "--runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2/lr" in out and "lr=0.5:" not in out  # the table, without the per-rate progress lines
+    assert str(tmp_path) in out and len(list(tmp_path.glob("eos-*/eos.json"))) == 1
+    assert cli.main(["demo", "--eos", *small, "--out", str(tmp_path / "loud")]) == 0
+    assert "lr=0.5:" in capsys.readouterr().out
+
+
+def test_demo_help_says_which_options_apply_to_eos(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--steps, --seed, --runs and --quiet apply to it" in help_text
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(monkeypatch):
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    progress, advance = demo._progress("sgd", 10, quiet=False)
+    assert progress is None
+    advance()
+    assert sys.stderr.getvalue() == ""
+
+
+def test_demo_writes_nothing_to_a_piped_stderr(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "stepaudit", "demo", "--steps", "2", "--optimizers", "sgd",
+                             "--no-report", "--runs", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stderr == "" and "sgd" in result.stdout

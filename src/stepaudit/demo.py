@@ -39,7 +39,7 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def _progress(label: str, total: int, quiet: bool):
     """A rich progress bar when available and wanted, else a no-op callable."""
-    if quiet:
+    if quiet or not sys.stderr.isatty():  # a bar redrawn into a file or pipe is only blank lines
         return None, lambda: None
     try:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -137,7 +137,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML reports")
-    parser.add_argument("--eos", action="store_true", help="the edge-of-stability experiment instead (see stepaudit.eos)")
+    parser.add_argument("--eos", action="store_true",
+                        help="the edge-of-stability experiment instead; --steps, --seed, --runs and --quiet apply to it "
+                             "too, its other options: stepaudit demo --eos --help")
     return parser.parse_args(argv)
 
 

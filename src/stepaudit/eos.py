@@ -168,14 +168,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=64, help="hidden width of the tanh MLP (64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: these matrices are small)")
-    parser.add_argument("--out", default=None, help="folder for the run folders and eos.json (default: new under stepaudit-runs/)")
+    parser.add_argument("--out", default=None, help="folder for the run folders and eos.json (default: new under --runs)")
+    parser.add_argument("--runs", default="stepaudit-runs",
+                        help="where the new folder goes when --out is not given (default ./stepaudit-runs)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines, only the table")
     args = parser.parse_args(argv)
     if min(args.lrs) <= 0 or args.steps < 1 or args.every < 1 or not 10 <= args.n <= 1347 or args.width < 1:
         parser.error("need lrs > 0, steps ≥ 1, every ≥ 1, 10 ≤ n ≤ 1347 (digits in the training split), width ≥ 1")
     print(f"Full-batch GD on {args.n} digits, tanh MLP 64-{args.width}-{args.width}-10, square loss; "
           f"λ_max every {args.every} steps (warm-started Lanczos)")
+    out = args.out if args.out is not None else new_run_dir(args.runs, "eos-" + time.strftime("%Y%m%d-%H%M%S"))
     results, out = experiment(args.lrs, steps=args.steps, every=args.every, n=args.n, width=args.width,
-                              seed=args.seed, out=args.out, threads=args.threads)
+                              seed=args.seed, out=out, threads=args.threads, verbose=not args.quiet)
     print()
     print(table(results))
     print()
