@@ -172,7 +172,7 @@ class Facts:
           one seeing different batches, changes its loss. Stuck at exactly 0 is the common form (the log of
           a probability that is already 1, a loss multiplied by a mask of zeros).
         - unbounded below: negative at the end and ≥ 10× its starting magnitude below 0, still falling
-          over the last fifth: a likelihood maximised instead of minimised (a lost minus sign), or a loss
+          over the last three fifths: a likelihood maximised instead of minimised (a lost minus sign), or a loss
           whose minimum is −∞ (NLL on raw scores).
         """
         values = [v for _, v in self.losses]
@@ -245,6 +245,11 @@ class Facts:
         first = med(r.get("update_ratio") for r in self.sampled if r["step"] < 5)
         third = med(r.get("update_ratio") for r in self.early(self.sampled))
         return max((v for v in (first, third) if v is not None), default=None)
+
+    @cached_property
+    def gradient_always_zero(self) -> bool:
+        """Every sampled step's gradient was exactly 0 (and at least one step was sampled)."""
+        return bool(self.sampled) and all((r.get("grad_norm") or 0) == 0 for r in self.sampled)
 
     @cached_property
     def moved(self) -> bool:

@@ -80,7 +80,7 @@ def params_not_updating(f: Facts) -> Diagnosis | None:
         return Diagnosis("params_not_updating", "error", 0.95, 0, "the learning rate is 0 in every parameter group.",
                          "set a positive learning rate (e.g. lr=1e-3 for Adam, 1e-2–1e-1 for SGD)")
     if f.sampled and not f.moved:
-        zero_grad = all((r.get("grad_norm") or 0) == 0 for r in f.sampled)
+        zero_grad = f.gradient_always_zero
         if zero_grad and ((f.loss_form or {}).get("kind") == "constant_loss" or f.dead_output is not None):
             return None  # the loss does not depend on the weights (loss_wiring) or the output is a dead ReLU
         if zero_grad:
@@ -245,7 +245,7 @@ def loss_wiring(f: Facts) -> Diagnosis | None:
                          "1e-8))), or use the fused losses (F.cross_entropy, F.binary_cross_entropy_with_logits)",
                          kind="nonfinite_at_start")
     form = f.loss_form
-    zero_grad = bool(f.sampled) and all((r.get("grad_norm") or 0) == 0 for r in f.sampled)
+    zero_grad = f.gradient_always_zero
     if form is not None and (form["kind"] == "unbounded_below" or f.moved or zero_grad or f.obs.get("custom_update")):
         if form["kind"] == "constant_loss":
             evidence = (f"the loss was exactly {_g(form['value'])} at each of the first {form['steps']} steps"
