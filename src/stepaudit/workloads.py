@@ -1,6 +1,6 @@
 """Built-in workloads on data that ships with a package: the demo, the benchmarks and the tests use them.
 
-- digits: scikit-learn's 8×8 handwritten digits (1,797 images, 10 classes), standardised;
+- digits: the UCI 8×8 handwritten digits (1,797 images, 10 classes; shipped in ``stepaudit/data``), standardised;
 - an MLP 64-256-256-10, a small CNN with BatchNorm, and a tiny transformer language model on
   the text of Python's own standard-library sources (nothing is downloaded).
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -27,14 +28,12 @@ class Workload:
 
 
 def load_digits(test_fraction: float = 0.25, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x_train, y_train, x_test, y_test): digits standardised with the training statistics."""
-    try:
-        from sklearn.datasets import load_digits as sk_digits
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError("the digits data ships with scikit-learn: pip install 'stepaudit[demo]'") from error
-    data = sk_digits()
-    x = torch.tensor(data.data, dtype=torch.float32)
-    y = torch.tensor(data.target, dtype=torch.long)
+    """(x_train, y_train, x_test, y_test): digits (shipped in ``stepaudit/data``) standardised with the training statistics."""
+    import numpy as np
+
+    with np.load(Path(__file__).parent / "data" / "digits.npz") as data:
+        x = torch.tensor(data["images"], dtype=torch.float32)
+        y = torch.tensor(data["labels"], dtype=torch.long)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     x, y = x[order], y[order]
     n_test = int(len(x) * test_fraction)
