@@ -81,7 +81,8 @@ def test_run_report_in_chromium(browser, real, tmp_path):
     run, _ = real[0]
     page = check_page(browser, write_report(run), tmp_path, "report")
     ids = [f["id"] for f in page.value["figures"]]
-    assert ids == ["fig-loss", "fig-promise", "fig-alpha", "fig-alpha-hist", "fig-ratio-heatmap", "fig-update", "fig-norms"]
+    assert ids == ["fig-loss", "fig-promise", "fig-alpha", "fig-alpha-hist", "fig-ratio-heatmap", "fig-update", "fig-lr",
+                   "fig-norms"]
     assert page.value["h1"] == "sgd" and not page.value["overflow"]
     assert (tmp_path / "report.png").stat().st_size > 20_000
 
@@ -90,6 +91,32 @@ def test_narrow_screen_has_no_horizontal_scroll(browser, real, tmp_path):
     run, _ = real[0]
     page = check_page(browser, write_report(run), tmp_path, "narrow", width=420)
     assert not page.value["overflow"]
+
+
+# Every word of every table cell and card: split over two lines means it wrapped mid-word ("stepaudi / t").
+SPLIT_WORDS = """(() => {
+  const split = [];
+  for (const cell of document.querySelectorAll('th, td, .kpi .k, .kpi .v')) {
+    const walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      for (const m of node.textContent.matchAll(/[^\\s\\-/_.,]+/g)) {
+        const range = document.createRange();
+        range.setStart(node, m.index); range.setEnd(node, m.index + m[0].length);
+        const tops = new Set([...range.getClientRects()].filter(r => r.width > 0).map(r => Math.round(r.top)));
+        if (tops.size > 1) split.push(m[0]);
+      }
+    }
+  }
+  return split;
+})()"""
+
+
+@pytest.mark.parametrize("width", [1280, 420])
+def test_no_word_wraps_mid_word(browser, real, tmp_path, width):
+    run, _ = real[0]
+    page = browser.open(write_report(run).resolve().as_uri(), expression=SPLIT_WORDS, width=width)
+    (tmp_path / f"words-{width}.png").write_bytes(page.screenshot)
+    assert page.errors == [] and page.value == [], f"words broken across lines at {width}px: {page.value}"
 
 
 def test_hover_shows_the_values_under_the_cursor(browser, real, tmp_path):

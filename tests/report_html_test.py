@@ -15,7 +15,7 @@ from stepaudit.report import render_report, write_compare, write_report
 from stepaudit.report.data import load_run
 from stepaudit.report.samples import trained_run, write_synthetic_run
 
-ALWAYS = ("loss", "promise", "alpha", "alpha-hist", "ratio-heatmap", "update", "norms")
+ALWAYS = ("loss", "promise", "alpha", "alpha-hist", "ratio-heatmap", "update", "lr", "norms")
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,10 @@ def test_heatmap_has_a_row_per_module_and_the_guide(real):
     run, records = real
     svg = figure_svg(render_report(load_run(run)), "ratio-heatmap")
     modules = sorted({row["name"] for r in records for row in r["layers"] if row["kind"] == "module"})
-    assert sorted(set(re.findall(r"<title>([^<,]+), steps", svg))) == modules
+    # the digits MLP 64-256-256-10: Linear layers at 0, 2, 4, each row named by path, type and weight shape
+    assert modules == ["0", "2", "4"]
+    named = ["0 · Linear 256×64", "2 · Linear 256×256", "4 · Linear 10×256"]
+    assert sorted(set(re.findall(r"<title>([^<,]+), steps", svg))) == named
     assert len(re.findall(r"<title>[^<]+, steps", svg)) == len(modules) * len(records)
     assert "10⁻³ guide" in svg
 
@@ -213,3 +216,39 @@ def test_failed_audits_and_probes_are_named_and_an_empty_run_renders(tmp_path):
     assert "<boom>" not in text and "<bad>" not in text
     RunStore(tmp_path / "empty", {"model": "M"}).close()
     assert "This run has no audited steps yet." in render_report(load_run(tmp_path / "empty"))
+
+
+def test_lr_chart_draws_the_scheduled_learning_rate(tmp_path):
+    """The lr chart's points are StepLR's closed form lr₀·γ^⌊t/k⌋, step by step (not what the audit wrote, recomputed)."""
+    import torch
+    import stepaudit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.1)
+    loss_fn = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    audit = stepaudit.Audit(model, opt, loss_fn, run=tmp_path / "lr")
+    for _ in range(9):
+        batch = (torch.randn(16, 4), torch.randint(0, 2, (16,)))
+        with audit.watch(batch):
+            opt.zero_grad()
+            loss_fn(model, batch).backward()
+            opt.step()
+        scheduler.step()
+    audit.close()
+    drawn = tips(render_report(load_run(tmp_path / "lr")), "lr")[0]
+    assert drawn["x"] == list(range(9))
+    assert drawn["y"] == [g4(0.2 * 0.1 ** (t // 3)) for t in range(9)]
+
+
+def test_metadata_tables_use_human_names_and_skip_missing_values(tmp_path):
+    meta = {"summary": {"audited_steps": 3, "share_decrease": 2 / 3, "median_alpha": math.nan, "last_loss": 0.5,
+                        "first_loss": None}, "test_accuracy": 0.97, "modules": {"0": "Linear 4×3"}}
+    text = render_report(load_run(write_synthetic_run(tmp_path / "meta", steps=30, meta=meta)))
+    section = text[text.index('id="metadata"'):]
+    assert "<th>share of steps that lowered their batch&#x27;s loss</th><td>67%</td>" in section
+    assert "<th>last loss (final step&#x27;s batch)</th><td>0.5</td>" in section
+    assert "<th>test accuracy</th><td>0.97</td>" in section and "Results the run stored" in section
+    assert "median α" not in section and "first loss" not in section and ">nan<" not in section.lower()
+    assert "share_decrease" not in section and "Other metadata" not in section

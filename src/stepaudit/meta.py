@@ -35,6 +35,7 @@ def describe(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **extra: 
     return {
         "model": type(model).__name__,
         "model_summary": repr(model)[:20000],
+        "modules": module_descriptions(model),
         "n_params": sum(_numel(p) for p in params),
         "n_trainable": sum(_numel(p) for p in params if p.requires_grad),
         "optimizer": type(optimizer).__name__,
@@ -49,6 +50,26 @@ def describe(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **extra: 
         "device": str(params[0].device) if params else "cpu",
         **extra,
     }
+
+
+def module_descriptions(model: torch.nn.Module, limit: int = 2000) -> dict[str, str]:
+    """Type and parameter shapes of every module holding parameters, keyed by module path ("(root)" for the model's own).
+
+    The report names its per-layer rows with these, e.g. ``"0": "Linear 256×64"`` (the weight's shape).
+    """
+    found: dict[str, str] = {}
+    for path, module in model.named_modules():
+        own = list(module.named_parameters(recurse=False))
+        if not own:
+            continue
+        shapes = dict(own)
+        shown = [shapes["weight"]] if "weight" in shapes else [p for _, p in own]
+        text = ", ".join("uninitialised" if isinstance(p, torch.nn.parameter.UninitializedTensorMixin)
+                         else "×".join(map(str, p.shape)) or "scalar" for p in shown[:3])
+        found[path or "(root)"] = f"{type(module).__name__} {text}"
+        if len(found) >= limit:
+            break
+    return found
 
 
 def _numel(p) -> int:

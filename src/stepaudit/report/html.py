@@ -169,7 +169,20 @@ def _created(meta: dict) -> str:
 
 
 _SHOWN = {"name", "created", "model", "n_params", "n_trainable", "optimizer", "device", "seed", "every", "probes",
-          "precision", "steps_seen", "param_groups", "versions", "model_summary", "summary", "diagnoses"}
+          "precision", "steps_seen", "param_groups", "versions", "model_summary", "summary", "diagnoses", "modules"}
+_RESULTS = {"train_accuracy", "test_accuracy", "val_accuracy", "accuracy", "val_loss", "test_loss"}
+SUMMARY_NAMES = {
+    "audited_steps": "audited steps", "share_decrease": "share of steps that lowered their batch's loss",
+    "share_increase": "share of steps that raised it", "share_flat": "share of flat steps (within rounding noise)",
+    "share_nonfinite": "share of non-finite steps", "share_error": "share of failed audits",
+    "median_alpha": "median α (0 = the valley floor)", "median_delta_over_first_order": "median Δloss / g·Δw",
+    "first_loss": "first loss (first step's batch)", "last_loss": "last loss (final step's batch)",
+}
+
+
+def _present(value: Any) -> bool:
+    """A value worth a table row: not None, not NaN."""
+    return value is not None and not (isinstance(value, float) and not math.isfinite(value))
 
 
 def meta_html(meta: dict, audited: int) -> str:
@@ -186,10 +199,15 @@ def meta_html(meta: dict, audited: int) -> str:
             tables.append(_table(f"Optimizer: parameter group {i}", list(group.items())))
     if isinstance(meta.get("versions"), dict):
         tables.append(_table("Versions", list(meta["versions"].items())))
+    results = [(k.replace("_", " "), v) for k, v in meta.items() if k in _RESULTS and _present(v)]
+    if results:
+        tables.append(_table("Results the run stored", results))
     if isinstance(meta.get("summary"), dict):  # records.summarize's last_loss is the final step's batch loss
-        tables.append(_table("Summary stored at close", [("last_loss (final step's batch)" if k == "last_loss" else k, v)
-                                                         for k, v in meta["summary"].items()]))
-    other = [(k, v) for k, v in meta.items() if k not in _SHOWN]
+        rows = [(SUMMARY_NAMES.get(k, k.replace("_", " ")), _pct(v) if k.startswith("share_") else v)
+                for k, v in meta["summary"].items() if _present(v)]
+        if rows:
+            tables.append(_table("Summary stored at close", rows))
+    other = [(k, v) for k, v in meta.items() if k not in _SHOWN and k not in _RESULTS]
     if other:
         tables.append(_table("Other metadata", other))
     model = meta.get("model_summary")

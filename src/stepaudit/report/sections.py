@@ -31,7 +31,7 @@ class Figure:
 def run_figures(run: Run) -> list[Figure]:
     """Every chart the run's recorded fields allow, in reading order."""
     makers = (loss_figure, promise_figure, alpha_figure, alpha_histogram, heatmap_figure, update_figure,
-              norms_figure, sharpness_figure, precond_figure, noise_figure)
+              lr_figure, norms_figure, sharpness_figure, precond_figure, noise_figure)
     return [f for f in (make(run) for make in makers) if f is not None]
 
 
@@ -138,13 +138,15 @@ def heatmap_figure(run: Run) -> Figure | None:
     names, edges, matrix = layer_matrix(run.layers, "module", "update_ratio")
     if not names:
         return None
-    svg = heatmap("ratio-heatmap", "Update ratio per layer", names, edges, matrix, center=math.log10(RATIO_GUIDE),
+    described = run.meta.get("modules") if isinstance(run.meta.get("modules"), dict) else {}
+    labels = [f"{name} · {described[name]}" if name in described else name for name in names]
+    svg = heatmap("ratio-heatmap", "Update ratio per layer", labels, edges, matrix, center=math.log10(RATIO_GUIDE),
                   half_range=3.0, x_label="step", value_label=lambda v: f"‖Δw‖/‖w‖ ≈ {fmt(10.0 ** v)}",
                   colorbar_label="‖Δw‖/‖w‖", guide_label="10⁻³ guide")
     notes = [f"{int(edges[-1] - edges[0]):,} steps in {len(edges) - 1} columns; each cell is the geometric mean over its steps"] \
         if len(edges) - 1 < len(np.unique([r["step"] for r in run.layers])) else []
     return Figure("ratio-heatmap", "Update ratio per layer", svg,
-                  "One row per module, one column per span of steps; colour is ‖Δw‖/‖w‖ on a log scale, white at the "
+                  "One row per module (its path, type and weight shape), one column per span of steps; colour is ‖Δw‖/‖w‖ on a log scale, white at the "
                   "10⁻³ rule of thumb: blue rows barely move, red rows are rewritten fast.", [], notes, wide=True)
 
 
@@ -167,6 +169,27 @@ def update_figure(run: Run) -> Figure | None:
     return Figure("update", "Update size relative to the weights", svg,
                   "How much each step changes the weights, relative to their size. Far below 10⁻³ the model barely "
                   "moves; far above it, each step rewrites it.", legend, notes)
+
+
+def lr_figure(run: Run) -> Figure | None:
+    """The learning rate each step used: param group 0 (the record's ``lr``), and every group when recorded."""
+    if not run.has("lr"):
+        return None
+    series = [Series("lr, param group 0", *run.xy("lr"), BLUE)]
+    legend = [("param group 0", BLUE, "line")]
+    palette = (ORANGE, GREEN, PURPLE, TEAL, RED)
+    for i in range(1, 6):
+        name = f"lr_group_{i}"
+        if run.has(name):
+            series.append(Series(f"lr, param group {i}", *run.xy(name), palette[i - 1], "dash"))
+            legend.append((f"param group {i}", palette[i - 1], "dash"))
+    lr = run.columns["lr"]
+    positive = bool(np.all(lr[np.isfinite(lr)] > 0))
+    svg, notes = time_chart("lr", "Learning rate", series, y_label="learning rate", y_kind="log" if positive else "auto",
+                            x_domain=_x_domain(run))
+    return Figure("lr", "Learning rate per step", svg,
+                  "The learning rate each audited step used, after any scheduler. A schedule that falls by orders of "
+                  "magnitude early stops training as surely as a bug.", legend, notes)
 
 
 def norms_figure(run: Run) -> Figure | None:
