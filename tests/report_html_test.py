@@ -252,3 +252,16 @@ def test_metadata_tables_use_human_names_and_skip_missing_values(tmp_path):
     assert "<th>test accuracy</th><td>0.97</td>" in section and "Results the run stored" in section
     assert "median α" not in section and "first loss" not in section and ">nan<" not in section.lower()
     assert "share_decrease" not in section and "Other metadata" not in section
+
+
+def test_compare_names_each_optimizer_with_its_hyperparameters_and_stored_result(tmp_path):
+    nesterov = write_synthetic_run(tmp_path / "a", steps=30, name="a", meta={
+        "optimizer": "SGD", "test_accuracy": 0.9712,
+        "param_groups": [{"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0, "dampening": 0}]})
+    adamw = write_synthetic_run(tmp_path / "b", steps=30, name="b", meta={
+        "optimizer": "AdamW", "param_groups": [{"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.01, "eps": 1e-8}]})
+    text = write_compare([nesterov, adamw], tmp_path / "compare.html").read_text()
+    assert "<td>SGD (momentum 0.9, nesterov)</td>" in text and "<td>AdamW (betas 0.9/0.999, wd 0.01)</td>" in text
+    assert "<th>stored result</th>" in text and "<td>test accuracy 0.971</td>" in text
+    plain = write_compare([adamw], tmp_path / "one.html").read_text()
+    assert "stored result" not in plain  # an optional column appears only when a run fills it

@@ -12,7 +12,7 @@ import numpy as np
 from .charts import Guide, Series, time_chart
 from ..doctor.summary import LAST_LOSS
 from ..store import output_file
-from .data import NOT_MEASURED, Run, hyperparameters, load_run, summary
+from .data import NOT_MEASURED, Run, hyperparameters, load_run, optimizer_label, stored_result, summary
 from .downsample import blocks
 from .html import figure_html, page
 from .scales import fmt
@@ -37,7 +37,7 @@ def summary_rows(runs: Sequence[Run]) -> list[dict]:
         top = run.findings[0] if run.findings else None
         rows.append({
             "run": run_label(run, runs),
-            "optimizer": str(run.meta.get("optimizer") or "?"),
+            "optimizer": optimizer_label(run.meta),
             "lr": hyper.get("lr"),
             "steps": s["audited_steps"],
             "loss": f"{fmt(s['first_loss'])} → {fmt(s['last_loss'])}",
@@ -48,6 +48,7 @@ def summary_rows(runs: Sequence[Run]) -> list[dict]:
                 "median_alpha": s["median_alpha"],
                 "kept": s["median_delta_over_first_order"],
             }),
+            "result": stored_result(run.meta),
             "finding": str(top.get("title") or top.get("code")) if top else "",
         })
     return rows
@@ -55,13 +56,21 @@ def summary_rows(runs: Sequence[Run]) -> list[dict]:
 
 COLUMNS = (("run", "run"), ("optimizer", "optimizer"), ("lr", "lr"), ("steps", "steps"),
            ("loss", f"loss first → last ({LAST_LOSS})"), ("lowered", "lowered"), ("raised", "raised"), ("flat", "flat"),
-           ("median_alpha", "median α"), ("kept", "Δloss/g·Δw"), ("finding", "doctor's top finding"))
+           ("median_alpha", "median α"), ("kept", "Δloss/g·Δw"), ("result", "stored result"), ("finding", "doctor's top finding"))
+
+
+OPTIONAL = ("result", "finding")  # columns shown only when some run has a value
+
+
+def shown_columns(rows: list[dict], columns: Sequence[tuple[str, str]] = COLUMNS) -> list[tuple[str, str]]:
+    """The columns to print: optional ones only when a run fills them."""
+    return [(k, label) for k, label in columns if k not in OPTIONAL or any(r[k] for r in rows)]
 
 
 def cell(key: str, value) -> str:
     """A table cell as text: shares as percentages, numbers shortened."""
     if value is None or value == "":
-        return "–" if key != "finding" else ""
+        return "–" if key not in OPTIONAL else ""
     if value == NOT_MEASURED:
         return value
     if key in ("lowered", "raised", "flat"):
@@ -76,11 +85,13 @@ def cell(key: str, value) -> str:
 
 
 def _table_html(runs: Sequence[Run]) -> str:
-    head = "".join(f"<th>{escape(label)}</th>" for _, label in COLUMNS)
+    rows = summary_rows(runs)
+    columns = shown_columns(rows)
+    head = "".join(f"<th>{escape(label)}</th>" for _, label in columns)
     body = []
-    for i, row in enumerate(summary_rows(runs)):
+    for i, row in enumerate(rows):
         cells = []
-        for key, _ in COLUMNS:
+        for key, _ in columns:
             text = escape(cell(key, row[key]))
             if key == "run":
                 text = f'<span class="swatch" style="background:{PALETTE[i % len(PALETTE)]}"></span>{text}'

@@ -12,6 +12,7 @@ import numpy as np
 
 from ..doctor.summary import LAST_LOSS, is_passive, last_loss, stop_reason
 from ..records import summarize
+from .scales import fmt
 from ..store import read_run
 
 VERDICTS = ("decrease", "increase", "flat", "nonfinite", "error")
@@ -182,6 +183,34 @@ def layer_matrix(layers: list[dict], kind: str, field_name: str, max_columns: in
         with np.errstate(invalid="ignore", divide="ignore"):
             matrix[r] = np.where(counts > 0, totals / np.maximum(counts, 1), np.nan)
     return names, edges, matrix
+
+
+RESULT_KEYS = ("test_accuracy", "val_accuracy", "accuracy", "train_accuracy", "val_loss", "test_loss")  # stored by the run
+
+
+def stored_result(meta: dict) -> str:
+    """The first result the run stored in its metadata, e.g. "test accuracy 0.967"; "" when none."""
+    for key in RESULT_KEYS:
+        value = meta.get(key)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return f"{key.replace('_', ' ')} {fmt(value)}"
+    return ""
+
+
+def optimizer_label(meta: dict) -> str:
+    """The optimizer and its main hyperparameters besides lr, e.g. "SGD (momentum 0.9, nesterov)", "AdamW (betas 0.9/0.999, wd 0.01)"."""
+    hyper = hyperparameters(meta)
+    parts = []
+    if hyper.get("momentum"):
+        parts.append(f"momentum {fmt(hyper['momentum'])}" + (", nesterov" if hyper.get("nesterov") else ""))
+    if isinstance(hyper.get("betas"), (list, tuple)) and len(hyper["betas"]) == 2:
+        parts.append("betas " + "/".join(fmt(b) for b in hyper["betas"]))
+    if "alpha" in hyper and not hyper.get("betas"):  # RMSprop's smoothing constant
+        parts.append(f"alpha {fmt(hyper['alpha'])}")
+    if hyper.get("weight_decay"):
+        parts.append(f"wd {fmt(hyper['weight_decay'])}")
+    name = str(meta.get("optimizer") or "?")
+    return f"{name} ({', '.join(parts)})" if parts else name
 
 
 def hyperparameters(meta: dict) -> dict[str, Any]:

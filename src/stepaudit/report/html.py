@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from .. import __version__
 from ..store import output_file, run_folder
-from .data import LAST_LOSS_NAME, NOT_MEASURED, Run, hyperparameters, load_run, summary
+from .data import LAST_LOSS_NAME, NOT_MEASURED, RESULT_KEYS, Run, hyperparameters, load_run, summary
 from .scales import fmt
 from .sections import Figure, run_figures
 
@@ -170,7 +170,7 @@ def _created(meta: dict) -> str:
 
 _SHOWN = {"name", "created", "model", "n_params", "n_trainable", "optimizer", "device", "seed", "every", "probes",
           "precision", "steps_seen", "param_groups", "versions", "model_summary", "summary", "diagnoses", "modules"}
-_RESULTS = {"train_accuracy", "test_accuracy", "val_accuracy", "accuracy", "val_loss", "test_loss"}
+_RESULTS = set(RESULT_KEYS)
 SUMMARY_NAMES = {
     "audited_steps": "audited steps", "share_decrease": "share of steps that lowered their batch's loss",
     "share_increase": "share of steps that raised it", "share_flat": "share of flat steps (within rounding noise)",

@@ -7,7 +7,7 @@ from typing import IO, Sequence
 
 import numpy as np
 
-from .compare import COLUMNS, cell, summary_rows
+from .compare import COLUMNS, cell, shown_columns, summary_rows
 from .data import LAST_LOSS_NAME, NOT_MEASURED, Run, hyperparameters, summary
 from .downsample import envelope
 from ..cli import rich_console
@@ -113,7 +113,7 @@ def plain_run(run: Run) -> str:
 def plain_compare(runs: Sequence[Run]) -> str:
     """The comparison as plain text: one row per quantity, one column per run."""
     rows = summary_rows(runs)
-    keys = [(k, label) for k, label in COLUMNS if k != "finding" or any(r["finding"] for r in rows)]
+    keys = shown_columns(rows)
     table = [[label] + [cell(k, row[k]) for row in rows] for k, label in keys]
     widths = [max(len(r[i]) for r in table) for i in range(len(rows) + 1)]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
@@ -170,7 +170,7 @@ def print_compare(runs: Sequence[Run], file: IO[str] | None = None, width: int |
         return
     console = rich_console(file=file, width=width, highlight=False)
     rows = summary_rows(runs)
-    keys = [(k, label) for k, label in COLUMNS[1:] if k != "finding" or any(r["finding"] for r in rows)]
+    keys = shown_columns(rows, COLUMNS[1:])
     table = Table(title="stepaudit comparison", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("")  # one row per quantity, one column per run: fits a terminal for a few runs
     for row in rows:
