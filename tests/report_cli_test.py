@@ -9,7 +9,8 @@ from stepaudit.cli import main as stepaudit
 from stepaudit.report.cli import compare_main, main
 from stepaudit.report.data import load_run
 from stepaudit.report.samples import write_synthetic_run
-from stepaudit.report.terminal import plain_compare, plain_run, print_compare, print_run, sparkline
+from stepaudit.report.compare import cell, summary_rows
+from stepaudit.report.terminal import plain_compare, plain_run, print_compare, print_run, run_rows, sparkline
 
 RICH = ("rich", "rich.box", "rich.console", "rich.panel", "rich.table", "rich.text")
 
@@ -258,3 +259,20 @@ def test_report_of_a_doctor_run_that_failed_before_the_first_step(tmp_path, caps
     assert loaded.outcome in plain_run(loaded)
     assert main([str(tmp_path / "run")]) == 0
     assert "stopped before the first optimizer step" in (tmp_path / "run" / "report.html").read_text()
+
+
+def test_terminal_tables_never_split_a_word_at_80_columns(tmp_path):
+    """Every word of every cell and run name appears whole in the 80-column output (rich folds only between words)."""
+    meta = {"optimizer": "AdamW", "test_accuracy": 0.97,
+            "param_groups": [{"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.01}]}
+    runs = [load_run(write_synthetic_run(tmp_path / n, steps=30, name=n, meta=meta))
+            for n in ("adamw-with-a-long-name", "sgd", "momentum")]
+    for show, args in ((print_compare, runs), (print_run, runs[0])):
+        buffer = io.StringIO()
+        show(args, file=buffer, width=80)
+        out = buffer.getvalue()
+        assert max(len(line) for line in out.splitlines()) <= 80
+        words = {w for r in summary_rows(runs) for k, v in r.items() for w in cell(k, v).split()} if show is print_compare \
+            else {w for q, v, h in run_rows(runs[0]) for w in f"{q} {v}".split()}
+        broken = [w for w in words if w not in out and w != "–" and not any(f"{w[:k]}…" in out for k in range(4, len(w)))]
+        assert not broken, f"{show.__name__} split these words: {broken}"

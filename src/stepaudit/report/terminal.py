@@ -173,8 +173,11 @@ def print_compare(runs: Sequence[Run], file: IO[str] | None = None, width: int |
     keys = shown_columns(rows, COLUMNS[1:])
     table = Table(title="stepaudit comparison", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("")  # one row per quantity, one column per run: fits a terminal for a few runs
-    for row in rows:
-        table.add_column(Text(row["run"], style="bold"), justify="right", overflow="fold")
+    budget = max(8, (console.width - 24) // max(len(rows), 1) - 3)  # a run column's share of the terminal
+    for row in rows:  # a name never folds mid-word: one longer than its share is cut visibly with "…"
+        name = row["run"] if all(len(w) <= budget for w in row["run"].split()) else row["run"][:budget - 1] + "…"
+        table.add_column(Text(name, style="bold"), justify="right", overflow="fold",
+                         min_width=max((len(w) for w in name.split()), default=1))
     for key, label in keys:
         table.add_row(Text(label, style="bold"), *(Text(cell(key, row[key])) for row in rows))
     console.print(table)
