@@ -9,39 +9,12 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from .codes import CAUSES, CODES, PRIORITY, RULES
+from .diagnosis import SEVERITIES, Diagnosis
 from .facts import Facts
-from .rules import RULES, SEVERITIES, Diagnosis
 from .story import as_consequence, reconcile, strength
 from .summary import stored_record
 
-CODES = ("healthy", "lr_too_high", "lr_too_low", "vanishing_gradients", "exploding_gradients", "dead_relu",
-         "saturated_activations", "unnormalized_inputs", "loss_wiring", "missing_zero_grad", "params_not_updating",
-         "labels_unlearnable", "gradient_noise_dominates", "nonfinite")
-
-# cause -> findings it produces. A finding is reported as a symptom when a cause that fired did not start later.
-CAUSES: dict[str, tuple[str, ...]] = {
-    "params_not_updating": ("lr_too_low", "labels_unlearnable", "gradient_noise_dominates", "vanishing_gradients"),
-    "missing_zero_grad": ("exploding_gradients", "lr_too_high", "nonfinite", "dead_relu", "gradient_noise_dominates",
-                          "labels_unlearnable", "saturated_activations"),
-    "loss_wiring": ("vanishing_gradients", "lr_too_low", "labels_unlearnable", "gradient_noise_dominates",
-                    "saturated_activations", "nonfinite", "exploding_gradients", "lr_too_high"),
-    "unnormalized_inputs": ("saturated_activations", "dead_relu", "exploding_gradients", "lr_too_high", "nonfinite",
-                            "loss_wiring:init", "vanishing_gradients", "gradient_noise_dominates", "labels_unlearnable"),
-    "exploding_gradients": ("nonfinite", "lr_too_high", "loss_wiring:init", "dead_relu", "saturated_activations",
-                            "labels_unlearnable"),
-    "lr_too_high": ("nonfinite", "exploding_gradients", "dead_relu", "saturated_activations", "gradient_noise_dominates",
-                    "labels_unlearnable", "vanishing_gradients"),
-    "dead_relu": ("vanishing_gradients", "lr_too_low", "labels_unlearnable", "gradient_noise_dominates",
-                  "params_not_updating:no_grad"),
-    "saturated_activations": ("vanishing_gradients", "lr_too_low", "labels_unlearnable", "gradient_noise_dominates",
-                              "params_not_updating:no_grad"),
-    "vanishing_gradients": ("lr_too_low", "labels_unlearnable", "gradient_noise_dominates", "params_not_updating:no_grad"),
-    "lr_too_low": ("labels_unlearnable",),
-    "labels_unlearnable": ("gradient_noise_dominates",),
-}
-_PRIORITY = ("params_not_updating", "missing_zero_grad", "loss_wiring", "unnormalized_inputs", "lr_too_high",
-             "exploding_gradients", "dead_relu", "saturated_activations", "vanishing_gradients", "lr_too_low",
-             "labels_unlearnable", "gradient_noise_dominates", "nonfinite")
 SYMPTOM_DISCOUNT = 0.6  # a finding explained by a cause is less likely to be the thing to fix
 
 
@@ -66,7 +39,7 @@ def order(found: list[Diagnosis]) -> list[Diagnosis]:
     for effect in found:
         candidates = [c for c in found if c is not effect and c.severity != "info"
                       and _produces(c, effect) and _starts_no_later(c, effect)]
-        # Mutual candidates (a → b and b → a, same start): the one earlier in _PRIORITY is the cause.
+        # Mutual candidates (a → b and b → a, same start): the one earlier in PRIORITY is the cause.
         candidates = [c for c in candidates if not (_produces(effect, c) and _starts_no_later(effect, c)
                                                     and _rank(effect) < _rank(c))]
         if candidates:
@@ -88,7 +61,7 @@ def order(found: list[Diagnosis]) -> list[Diagnosis]:
 
 
 def _rank(d: Diagnosis) -> int:
-    return _PRIORITY.index(d.code) if d.code in _PRIORITY else len(_PRIORITY)
+    return PRIORITY.index(d.code) if d.code in PRIORITY else len(PRIORITY)
 
 
 def healthy(f: Facts, notes: bool = False) -> Diagnosis:

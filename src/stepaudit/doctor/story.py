@@ -15,17 +15,15 @@ answer consistent. Its policies, applied in this order by ``reconcile``:
    a healthy small Transformer has a first-to-last-layer gradient ratio below 1e-2.)
 3. **No opposite advice.** Each finding's fix moves the learning rate one way or not at all
    (``Diagnosis.lr_direction``). When findings disagree, the weaker (confidence × severity) is dropped. A finding that another
-   explains (a consequence, see ``CAUSES`` in ``__init__``) gets "fix <cause> first" instead of its own fix
+   explains (a consequence, see ``CAUSES`` in ``codes``) gets "fix <cause> first" instead of its own fix
    (``as_consequence``), so a consequence never advises against its cause.
 """
 from __future__ import annotations
 
+from .codes import NOTES_WHEN_LEARNING, QUIET_AFTER_DIVERGENCE
 from .diagnosis import Diagnosis
 from .facts import Facts
 
-QUIET_AFTER_DIVERGENCE = ("lr_too_low", "labels_unlearnable", "gradient_noise_dominates", "vanishing_gradients")
-NOTES_WHEN_LEARNING = ("exploding_gradients", "vanishing_gradients", "gradient_noise_dominates", "dead_relu",
-                       "saturated_activations", "unnormalized_inputs")
 _WEIGHT = {"error": 1.0, "warning": 0.75, "info": 0.3}
 
 
