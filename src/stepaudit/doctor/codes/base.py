@@ -41,7 +41,8 @@ def validate(codes: Sequence[Code]) -> None:
             problems.append(f"code {code.name!r} has no rule")
     priorities = [c.priority for c in codes]
     for priority in sorted({p for p in priorities if priorities.count(p) > 1}):
-        problems.append(f"priority {priority} is shared by " + ", ".join(c.name for c in codes if c.priority == priority))
+        sharing = ", ".join(c.name for c in codes if c.priority == priority)
+        problems.append(f"priority {priority} is shared by {sharing}")
     for code in codes:
         for target in code.causes:
             effect = target.split(":", 1)[0]

@@ -1,4 +1,4 @@
-"""A loss wired to the wrong kind of input, invalid for the initial outputs, unbounded, constant, or far from ln C at init [K]."""
+"""A loss fed the wrong kind of input, invalid at init, unbounded, constant, or far from ln C at init [K]."""
 from __future__ import annotations
 
 import math
