@@ -15,4 +15,11 @@ def diagnose(run_or_records, **kwargs):
     return _diagnose(run_or_records, **kwargs)
 
 
-__all__ = ["Audit", "AuditError", "RunStoreError", "load", "explain", "diagnose", "__version__"]
+def lr_find(model, optimizer, loss_fn, batches, *args, **kwargs):
+    """Audited learning-rate range test that leaves training untouched (see ``stepaudit.lrfind.lr_find``)."""
+    from .lrfind import lr_find as _lr_find
+
+    return _lr_find(model, optimizer, loss_fn, batches, *args, **kwargs)
+
+
+__all__ = ["Audit", "AuditError", "RunStoreError", "load", "explain", "diagnose", "lr_find", "__version__"]

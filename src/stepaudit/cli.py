@@ -17,6 +17,7 @@ COMMANDS = {
     "report": ("stepaudit.report.cli", "main", "write a self-contained HTML report of a run (or --terminal)"),
     "compare": ("stepaudit.report.cli", "compare_main", "overlay several runs in one HTML page and a table"),
     "export": ("stepaudit.export", "main", "export a run to TensorBoard, CSV or Parquet"),
+    "lr-find": ("stepaudit.lrfind_cli", "main", "learning-rate range test that also measures overshoot and 2/λ_max (--demo)"),
 }
 
 
