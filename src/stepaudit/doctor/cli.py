@@ -1,4 +1,4 @@
-"""``stepaudit doctor [--json] [--max-steps N] [--time-limit S] [--run DIR] script.py [args…]``.
+"""``stepaudit doctor [--json] [--max-steps N] [--time-limit S] [--run DIR] [--verify [--verify-steps N]] script.py [args…]``.
 
 Runs the unchanged script in-process under passive capture, writes the run store, and prints the
 diagnoses: a readable report, or with ``--json`` one JSON object on stdout (the script's own output
@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--run", default=None, metavar="DIR",
                         help="run folder for the store (default ./stepaudit-runs/doctor-<timestamp>)")
     parser.add_argument("--no-store", action="store_true", help="do not write a run folder")
+    parser.add_argument("--verify", action="store_true",
+                        help="re-run the script with each top diagnosis's fix applied by hooks and say if it helped")
+    parser.add_argument("--verify-steps", type=int, default=None, metavar="N",
+                        help="optimizer steps of each verification run (default: the original run's)")
     parser.add_argument("script", help="the training script, run as __main__")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     return parser
@@ -79,7 +83,7 @@ class _Store:
                 store.append(record)
 
 
-_OWN_OPTIONS = ("--json", "--max-steps", "--time-limit", "--run", "--no-store")
+_OWN_OPTIONS = ("--json", "--max-steps", "--time-limit", "--run", "--no-store", "--verify", "--verify-steps")
 
 
 def _misplaced_option(script_args: list[str]) -> str | None:
@@ -103,6 +107,8 @@ def _refusal(args: argparse.Namespace) -> str | None:
         return f"no such script: {args.script}"
     if args.max_steps < 0 or (args.time_limit is not None and args.time_limit <= 0):
         return "--max-steps must be ≥ 0 and --time-limit > 0"
+    if args.verify_steps is not None and args.verify_steps <= 0:
+        return "--verify-steps must be > 0"
     if args.run and not args.no_store and Path(args.run).exists() and not Path(args.run).is_dir():
         return (f"--run {args.run} is an existing file; --run takes a folder for the run store "
                 "(new or empty, e.g. --run runs/dbg), or use --no-store")
@@ -140,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     before_first_step = failed and steps == 0
     # Nothing was watched when the script failed before its first optimizer step: no diagnosis is invented.
     diagnoses = [] if before_first_step else diagnose_facts(facts)
+    if args.verify and diagnoses:
+        from .verify import from_facts, verify
+
+        original = from_facts(facts, steps, None if not failed else (outcome.error or "the script failed"))
+        # The same steps: a script that ended on its own ends there again; one the doctor stopped stops there.
+        limit = args.verify_steps or ((args.max_steps or None) if outcome.stopped == "finished" else steps)
+        diagnoses = verify(diagnoses, script, list(args.args), limit, args.time_limit, original)
     result = {"diagnoses": diagnoses, "steps": steps, "script": args.script, "stopped": outcome.stopped,
               "exit_status": outcome.exit_status, "error": outcome.failure, "run": None}
     if outcome.failure is not None:

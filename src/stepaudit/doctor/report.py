@@ -46,6 +46,12 @@ def _failure_lines(result: dict, error: str | None) -> tuple[str, str | None, st
     return "", None, None
 
 
+def _verified(d: dict) -> str | None:
+    """The ``--verify`` line of a diagnosis (``confirmed: with lr ×0.1 the loss fell …``), or None."""
+    verification = d.get("verification")
+    return verification.get("detail") or verification.get("verdict") if isinstance(verification, dict) else None
+
+
 def _title(top: dict, failed: bool) -> str:
     if top["code"] == "healthy":
         return "Healthy until the failure" if failed else "Healthy"
@@ -68,12 +74,14 @@ def render_plain(result: dict, error: str | None = None, run: str | None = None,
         lines += ["", f"{_title(top, _failed(result))}: {top['code']}  ({top['severity']}, confidence {top['confidence']:.2f}"
                   + (f", from step {top['first_step']})" if top["first_step"] is not None else ")")]
         lines += [wrap(top["evidence"], "  evidence: "), wrap(top["fix"], "  fix:      ")]
+        lines += [wrap(_verified(top), "  verified: ")] if _verified(top) else []
     if len(diagnoses) > 1:
         lines += ["", "Also found:"]
         for d in diagnoses[1:]:
             start = f", step {d['first_step']}" if d["first_step"] is not None else ""
             lines.append(f"  {_MARK[d['severity']]} {d['code']} ({d['severity']}, {d['confidence']:.2f}{start})")
             lines += [wrap(d["evidence"], "      "), wrap("fix: " + d["fix"], "      ")]
+            lines += [wrap("verified: " + _verified(d), "      ")] if _verified(d) else []
     if closing:
         lines += ["", closing]
     if run:
@@ -113,6 +121,7 @@ def render(result: dict, error: str | None = None, run: str | None = None, facts
             title += f": [b]{top['code']}[/b]"
         start = f", from step {top['first_step']}" if top["first_step"] is not None else ""
         body = f"[b]evidence[/b]  {escape(top['evidence'])}\n[b]fix[/b]       {escape(top['fix'])}"
+        body += f"\n[b]verified[/b]  {escape(_verified(top))}" if _verified(top) else ""
         console.print(Panel(body, title=f"{title} ({top['severity']}, confidence {top['confidence']:.2f}{start})",
                             title_align="left", border_style=_STYLE[top["severity"]]))
     if len(diagnoses) > 1:
@@ -123,6 +132,8 @@ def render(result: dict, error: str | None = None, run: str | None = None, facts
                           f"({d['severity']}, {d['confidence']:.2f}{start})")
             console.print(textwrap.indent(textwrap.fill(d["evidence"], 94), "      "), markup=False)
             console.print(textwrap.indent(textwrap.fill("fix: " + d["fix"], 94), "      "), style="dim", markup=False)
+            if _verified(d):
+                console.print(textwrap.indent(textwrap.fill("verified: " + _verified(d), 94), "      "), markup=False)
     if closing:
         console.print(closing, style="bold red", markup=False)
     if run:

@@ -1,0 +1,283 @@
+"""``stepaudit doctor --verify``: re-run the script with a diagnosis's fix applied by hooks, and judge it.
+
+For each of the top diagnoses (at most three) with an automatic counterfactual (``counterfactual.py``),
+the unchanged script runs again from the start in a fresh process (``python -m stepaudit.doctor.verify``,
+the child entry below) for the same number of optimizer steps, with the fix installed by global hooks.
+The original is re-run once the same way, unchanged, to measure its run-to-run noise.
+
+The outcome of a run is its loss over the run relative to its start: the doctor's own "last loss" (median
+of the last fifth) divided by its starting loss, infinite when a non-finite value appeared. With
+``gain`` = original's relative last loss − the fixed run's, and ``noise`` = the difference between the
+original and its re-run:
+
+- **confirmed**: ``gain ≥ max(MARKED, NOISE_TIMES × noise)`` (markedly better, beyond the noise);
+- **inconclusive**: the run failed, or ``gain > 0`` but the noise is too large to tell (``NOISE_TIMES ×
+  noise ≥ MARKED``);
+- **refuted**: otherwise (no better); a refuted diagnosis is demoted below the confirmed ones.
+
+A learning-rate fix tries its second factor when the first is not confirmed and keeps the better run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .counterfactual import COUNTERFACTUALS
+
+MARKED = 0.10  # share of the starting loss the fix must remove beyond the original's, at least
+NOISE_TIMES = 3.0  # the margin in units of the original's run-to-run noise
+TOP = 3  # diagnoses verified, at most
+_METRIC = re.compile(r"\b(?:val(?:idation)?|test|eval)?[_ ]?acc(?:uracy)?\b\s*[:=]?\s*(\d*\.?\d+)\s*(%?)", re.I)
+
+
+@dataclass
+class RunLoss:
+    """What one run's loss did: start and last loss, a non-finite value, steps, failure, printed metric."""
+
+    start: float | None
+    end: float | None
+    nonfinite: bool = False
+    steps: int = 0
+    error: str | None = None
+    seconds: float = 0.0
+    metric: float | None = None
+
+    @property
+    def relative(self) -> float | None:
+        """Last loss over |start| (infinite after a non-finite value); None without two finite losses."""
+        if self.nonfinite and self.start is not None:
+            return math.inf
+        if self.start is None or self.end is None or self.start == 0:
+            return None
+        return self.end / abs(self.start)
+
+    def shown(self) -> str:
+        """``2.30 → 0.12`` (``→ non-finite`` after a divergence)."""
+        start = "n/a" if self.start is None else f"{self.start:.3g}"
+        return f"{start} → {'non-finite' if self.nonfinite else 'n/a' if self.end is None else f'{self.end:.3g}'}"
+
+
+def from_facts(facts, steps: int, error: str | None = None, seconds: float = 0.0,
+               metric: float | None = None) -> RunLoss:
+    """The ``RunLoss`` of a watched run, measured as the doctor measures it (``Facts``)."""
+    return RunLoss(facts.loss_start, facts.loss_end, facts.first_nonfinite is not None, steps, error, seconds, metric)
+
+
+def printed_metric(text: str) -> float | None:
+    """The last accuracy the script printed (``acc 0.93``, ``val_accuracy: 93%``), as a fraction; else None."""
+    found = _METRIC.findall(text or "")
+    if not found:
+        return None
+    value, percent = found[-1]
+    number = float(value)
+    return number / 100 if percent or number > 1 else number
+
+
+def _last_line(text: str | None) -> str:
+    lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def run_child(script: str | os.PathLike, args: list[str], steps: int | None, time_limit: float | None = None,
+              fix: str | None = None, factor: float | None = None, timeout: float = 600.0) -> RunLoss:
+    """Run the script in a fresh process for ``steps`` optimizer steps (None: to its end), with ``fix``."""
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="stepaudit-verify-") as scratch:
+        out = Path(scratch) / "result.json"
+        command = [sys.executable, "-m", "stepaudit.doctor.verify", "--out", str(out), "--max-steps", str(steps or 0)]
+        command += ["--fix", fix] if fix else []
+        command += ["--factor", repr(factor)] if factor is not None else []
+        command += ["--time-limit", repr(time_limit)] if time_limit is not None else []
+        process = subprocess.Popen([*command, "--", str(script), *args], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, env=env, errors="replace")
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            return RunLoss(None, None, error=f"timed out after {timeout:.0f} s", seconds=time.monotonic() - started)
+        except BaseException:  # Ctrl-C: no child is left behind
+            process.kill()
+            process.communicate()
+            raise
+        seconds = time.monotonic() - started
+        if not out.is_file():
+            return RunLoss(None, None, error=f"exit status {process.returncode}: {_last_line(stderr)}", seconds=seconds)
+        found = json.loads(out.read_text())
+    return RunLoss(found["start"], found["end"], found["nonfinite"], found["steps"], found["error"], seconds,
+                   printed_metric(stdout))
+
+
+def judge(original: RunLoss, rerun: RunLoss, fixed: RunLoss) -> tuple[str, float | None]:
+    """(verdict, noise) of a fixed run against the original and its unchanged re-run."""
+    failed = fixed.error is not None and original.error is None
+    if failed or fixed.relative is None or original.relative is None:
+        return "inconclusive", None
+    o, f = original.relative, fixed.relative
+    r = rerun.relative if rerun.error is None or original.error is not None else None
+    noise = None if r is None else (0.0 if o == r else abs(o - r))
+    gain = (0.0 if o == f else o - f)
+    if noise is None or math.isnan(noise) or math.isnan(gain):
+        return "inconclusive", noise
+    if gain >= max(MARKED, NOISE_TIMES * noise):
+        return "confirmed", noise
+    if gain > 0 and NOISE_TIMES * noise >= MARKED:
+        return "inconclusive", noise
+    return "refuted", noise
+
+
+def _detail(verdict: str, fix: str, original: RunLoss, rerun: RunLoss, fixed: RunLoss, noise: float | None) -> str:
+    """The verification line, e.g. ``confirmed: with lr ×0.1 the loss fell 2.30 → 0.12 (original 2.30 → 2.29)``."""
+    if fixed.error is not None and original.error is None:
+        return f"inconclusive: the verification run failed: {fixed.error}"
+    if rerun.error is not None and original.error is None:
+        return f"inconclusive: the re-run of the original (for its noise) failed: {rerun.error}"
+    if fixed.relative is None or original.relative is None:
+        return f"inconclusive: no loss to compare (with {fix}: {fixed.shown()}; original {original.shown()})"
+    went = "fell" if not fixed.nonfinite and fixed.end is not None and fixed.start is not None \
+        and fixed.end < fixed.start else "went"
+    text = f"{verdict}: with {fix} the loss {went} {fixed.shown()} (original {original.shown()})"
+    if verdict == "inconclusive":
+        return text + (f", but the original's run-to-run noise ({noise:.2g} of its starting loss) is too large to tell"
+                       if noise is not None and math.isfinite(noise) else ", and the original's re-run differs too much to tell")
+    if verdict == "refuted":
+        return text + ": no better than the original"
+    return text
+
+
+def _unchecked(code: str) -> dict:
+    return {"fix": None, "verdict": "no automatic check", "loss_original": None, "loss_fixed": None,
+            "metric_original": None, "metric_fixed": None, "steps": 0, "seconds": 0.0,
+            "detail": f"no automatic check: stepaudit has no hook that applies the fix for {code}"}
+
+
+def _verification(code: str, fix: str, verdict: str, detail: str, original: RunLoss, fixed: RunLoss,
+                  rerun: RunLoss, noise: float | None, seconds: float) -> dict:
+    return {"fix": fix, "verdict": verdict,
+            "loss_original": {"start": original.start, "end": original.end, "nonfinite": original.nonfinite},
+            "loss_fixed": {"start": fixed.start, "end": fixed.end, "nonfinite": fixed.nonfinite},
+            "metric_original": rerun.metric, "metric_fixed": fixed.metric, "steps": fixed.steps,
+            "seconds": round(seconds, 2), "noise": noise, "detail": detail}
+
+
+def verify_one(code: str, script, args: list[str], steps: int | None, original: RunLoss, rerun: RunLoss,
+               time_limit: float | None, timeout: float) -> dict:
+    """Run ``code``'s counterfactual (each factor in turn until one is confirmed) and judge the best run."""
+    counterfactual = COUNTERFACTUALS[code]
+    best = None
+    seconds = 0.0
+    for factor in counterfactual.factors:
+        fixed = run_child(script, args, steps, time_limit, code, factor, timeout)
+        seconds += fixed.seconds
+        verdict, noise = judge(original, rerun, fixed)
+        candidate = (verdict, noise, fixed, counterfactual.label(factor))
+        better = best is None or best[2].relative is None or (
+            fixed.relative is not None and fixed.error is None and fixed.relative < best[2].relative)
+        best = candidate if better else best
+        if verdict == "confirmed" or fixed.error is not None:
+            break
+    verdict, noise, fixed, fix = best
+    detail = _detail(verdict, fix, original, rerun, fixed, noise)
+    return _verification(code, fix, verdict, detail, original, fixed, rerun, noise, seconds)
+
+
+def verify(diagnoses: list[dict], script, args: list[str], steps: int | None, time_limit: float | None = None,
+           original: RunLoss | None = None, timeout: float | None = None) -> list[dict]:
+    """Add ``verification`` to each of the top ``TOP`` diagnoses and put the confirmed ones first.
+
+    Each run stops after ``steps`` optimizer steps (None: at the script's own end) or ``time_limit``
+    seconds; ``original`` is the diagnosing run's ``RunLoss`` (None: run it here, in a child, too).
+    """
+    chosen = [d for d in diagnoses[:TOP] if d["code"] != "healthy"]
+    for d in chosen:
+        if d["code"] not in COUNTERFACTUALS:
+            d["verification"] = _unchecked(d["code"])
+    todo = [d for d in chosen if d["code"] in COUNTERFACTUALS]
+    if not todo:
+        return diagnoses
+    if timeout is None:
+        timeout = 60.0 + (time_limit if time_limit is not None else 600.0)
+    try:
+        rerun = run_child(script, args, steps, time_limit, timeout=timeout)
+        if original is None:  # called without the diagnosing run: run the original too
+            original = run_child(script, args, steps, time_limit, timeout=timeout)
+        for d in todo:
+            d["verification"] = verify_one(d["code"], script, args, steps, original, rerun, time_limit, timeout)
+    except KeyboardInterrupt:
+        for d in todo:
+            d.setdefault("verification", {**_unchecked(d["code"]), "verdict": "inconclusive",
+                                          "detail": "inconclusive: cancelled (Ctrl-C) before this verification ran"})
+    return _reorder(diagnoses)
+
+
+def _reorder(diagnoses: list[dict]) -> list[dict]:
+    """Confirmed diagnoses first (in their order); a refuted one below them says it was demoted."""
+    confirmed = [d for d in diagnoses if (d.get("verification") or {}).get("verdict") == "confirmed"]
+    if not confirmed:
+        return diagnoses
+    rest = [d for d in diagnoses if d not in confirmed]
+    first = diagnoses.index(confirmed[0])
+    for d in rest:
+        v = d.get("verification") or {}
+        if v.get("verdict") == "refuted" and diagnoses.index(d) < first:
+            v["detail"] += f"; demoted below the confirmed {confirmed[0]['code']}"
+    return confirmed + rest
+
+
+# -- the child process ---------------------------------------------------------------------------------------
+def _child_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stepaudit.doctor.verify",
+                                     description="One verification run of stepaudit doctor --verify.")
+    parser.add_argument("--fix", default=None, choices=sorted(COUNTERFACTUALS), help="the counterfactual to install")
+    parser.add_argument("--factor", type=float, default=None, help="its factor (learning-rate fixes)")
+    parser.add_argument("--max-steps", type=int, required=True, metavar="N", help="0: to the script's end")
+    parser.add_argument("--time-limit", type=float, default=None, metavar="S")
+    parser.add_argument("--out", required=True, help="where to write the run's loss summary (JSON)")
+    parser.add_argument("script")
+    parser.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def watched_run(script, args: list[str], steps: int | None, time_limit: float | None = None,
+                fix: str | None = None, factor: float | None = None) -> RunLoss:
+    """Run the script in this process under the watcher, with ``fix`` installed (or none); its ``RunLoss``."""
+    from . import counterfactual
+    from .facts import Facts
+    from .passive import PassiveWatcher
+    from .runner import run_script
+
+    handles = counterfactual.install(fix, factor) if fix else []
+    watcher = PassiveWatcher(max_steps=steps or None, time_limit=time_limit)
+    started = time.monotonic()
+    try:
+        outcome = run_script(script, args, watcher)
+    finally:
+        counterfactual.remove(handles)
+    observations = watcher.observations()
+    facts = Facts(watcher.records, {}, observations)
+    error = None if outcome.exit_status == 0 else _last_line(outcome.error)
+    return from_facts(facts, observations.get("steps", watcher.step_count), error, time.monotonic() - started)
+
+
+def child_main(argv: list[str] | None = None) -> int:
+    """The child entry: one ``watched_run``, its ``RunLoss`` written as JSON to ``--out``."""
+    options = _child_parser().parse_args(argv)
+    args = options.args[1:] if options.args[:1] == ["--"] else options.args
+    found = watched_run(options.script, args, options.max_steps, options.time_limit, options.fix, options.factor)
+    Path(options.out).write_text(json.dumps(asdict(found)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(child_main())
