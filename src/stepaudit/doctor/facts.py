@@ -1,7 +1,7 @@
 """Derived quantities the doctor's rules share, computed once from step records and run-level observations.
 
 Everything here is a plain measurement with a meaning (a loss level, a ratio of norms, a cosine); the
-thresholds that turn measurements into diagnoses live in ``rules.py`` next to their sources.
+thresholds that turn measurements into diagnoses live in ``codes/`` (one file per diagnosis) next to their sources.
 Records come from the active audit (own-batch ``delta``, ``alpha``, probes) or from passive capture
 (``grad_cos_prev``, activation shares, input scale); a missing field makes a quantity ``None``.
 """
