@@ -13,7 +13,9 @@ Hook order for one audited step (nothing wraps or subclasses the optimizer):
                                      closure that captures the first evaluation), the loss before;
   3. optimizer step post-hook      — Δw, re-evaluation at the new weights, probes, record, store;
   4. the block closes              — detach (1), stop any capture still running.
-Unaudited steps (``every``) pay only the two optimizer hook calls.
+Unaudited steps (``every``) pay only the two optimizer hook calls. The same four points are public
+(``stepapi.py``): ``begin_step``/``end_step`` are 0 and 4, ``before_update``/``after_update`` are 2 and 3 for
+optimizers that are not ``torch.optim.Optimizer`` (fastai's; read through ``optimizers.py``, never hooked).
 """
 from __future__ import annotations
 
@@ -34,10 +36,12 @@ from .context import Part, StepContext, check_scalar_loss
 from .flat import FlatBuffers
 from .losses import LossEvaluator
 from .meta import describe
+from .optimizers import reader_for
 from .probes.step import step_fields
 from .records import layer_rows, summarize
 from .replay import MAX_EVENTS_PER_BATCH, Replay
 from .state import AutocastState, RngState, _cuda_devices
+from .stepapi import StepAPI
 from .store import RunStore, new_run_dir
 
 
@@ -68,22 +72,23 @@ class _Pending:
     ctx: StepContext | None = None
     loss_before: float | None = None
     stepped: bool = False
+    updated: bool = False  # after_update() was called (public step API)
     error: BaseException | None = None
     captures: dict = field(default_factory=dict)  # probe name → capture watching the training pass
 
 
-class Audit:
+class Audit(StepAPI):
     """Audit every (or every N-th) optimizer step of a training loop and record what it did.
 
     ``loss_fn(model, batch) -> scalar tensor`` is the training loss; the audit re-evaluates it on
     the same batch at the new weights. Use ``audit.step(batch)`` for the whole step, or
-    ``with audit.watch(batch): ...`` around your own step code.
+    ``with audit.watch(batch): ...`` around your own step code, or the public step API (``stepapi.py``).
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: Any,
         loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
         run: str | os.PathLike | None = None,
         every: int = 1,
@@ -99,7 +104,8 @@ class Audit:
         tensorboard: str | os.PathLike | None = None,
         first_step: int = 0,
     ) -> None:
-        validate(model, optimizer, loss_fn, every, precision, reference_mode, first_step)
+        self._reader = reader_for(optimizer)  # what the audit reads: the optimizer, or its mirror under torch's names
+        validate(model, self._reader.reads, loss_fn, every, precision, reference_mode, first_step)
         if reference is not None:
             from .probes.data import check_reference
 
@@ -118,7 +124,10 @@ class Audit:
         self.memory: dict = {}  # probe state carried across steps (reset when the parameters are re-indexed)
         self._index_parameters(stacklevel=3)
         self.run = Path(run) if run is not None else new_run_dir(name=name)
-        self.store = RunStore(self.run, describe(model, optimizer, every=every, probes=self.probes, precision=precision), name=name)
+        meta = describe(model, self._reader.reads, every=every, probes=self.probes, precision=precision)
+        if not self._reader.hooked:
+            meta.update(optimizer=self._reader.name, optimizer_mapping=self._reader.mapping)
+        self.store = RunStore(self.run, meta, name=name)
         self.records: list[dict] = []
         self.skipped_steps = 0
         self._step_count = self._first_step = first_step  # index of the next optimizer step (resumed runs start later)
@@ -150,10 +159,10 @@ class Audit:
 
     def _index_parameters(self, stacklevel: int) -> None:
         """Index the optimizer's parameters (again after ``add_param_group``); reset what depends on them."""
-        index = index_parameters(self.model, self.optimizer, stacklevel=stacklevel)
+        index = index_parameters(self.model, self._reader.reads, stacklevel=stacklevel)
         self.memory.clear()  # probe state laid out by the old parameter list (warm starts, layer maps)
         self.names, self.params, self.modules, self.groups = index.names, index.params, index.modules, index.groups
-        self._indexed = (len(self.optimizer.param_groups), len(self.params))
+        self._indexed = (len(self._reader.reads.param_groups), len(self.params))
         self._devices = _cuda_devices(self.model)
         self._device = self.params[0].device  # where the model was when _devices was read
         # float64 sums for float64 models and precision="float64"; the working dtype's BLAS otherwise
@@ -185,7 +194,7 @@ class Audit:
         self._handles = [
             self.optimizer.register_step_pre_hook(step_pre),
             self.optimizer.register_step_post_hook(step_post),
-        ]
+        ] if self._reader.hooked else []  # other optimizers call before_update()/after_update() (stepapi.py)
         # an audit that is dropped without close() leaves no hooks on the optimizer
         self._finalizer = weakref.finalize(self, _cleanup, list(self._handles), self.replay)
 
@@ -211,10 +220,15 @@ class Audit:
         try:
             if self._takes_closure():
                 self.optimizer.step(closure)
-            else:
+            elif self._reader.hooked:
                 closure()
                 pending.watch.loss = losses[0]
                 self.optimizer.step()
+            else:  # not a torch optimizer: no step hooks, so the public step API marks the update
+                closure()
+                self.before_update(losses[0])
+                self.optimizer.step()
+                self.after_update()
         except BaseException:
             self._end(stacklevel=3, failed=True)
             raise
@@ -229,20 +243,9 @@ class Audit:
         audited objective is then the mean of ``loss_fn`` over them (divide each micro-batch loss
         by ``accumulate`` before ``backward()``, as usual), each replayed with its own dropout masks.
         """
-        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
-            raise ValueError(f"accumulate must be a positive int, got {accumulate!r}")
-        if accumulate > 1:
-            if not isinstance(batch, (list, tuple)) or len(batch) != accumulate:
-                raise ValueError(f"with accumulate={accumulate}, pass a list of {accumulate} micro-batches "
-                                 "in the order you forward them")
-            batches = list(batch)
-        else:
-            batches = [batch]
-        for b in batches:
-            check_replayable(b)
-        pending = self._begin(batches)
+        handle = self.begin_step(batch, accumulate=accumulate)
         try:
-            yield pending.watch
+            yield handle
         except BaseException:
             self._end(stacklevel=4, failed=True)
             raise
@@ -269,7 +272,7 @@ class Audit:
 
     def _refresh_index(self, pending: _Pending) -> None:
         """Re-index after ``optimizer.add_param_group`` (progressive unfreezing) or a move to another device."""
-        groups = self.optimizer.param_groups
+        groups = self._reader.reads.param_groups
         if (len(groups), sum(len(g["params"]) for g in groups)) != self._indexed:
             try:
                 self._index_parameters(stacklevel=5)
@@ -421,7 +424,7 @@ class Audit:
         self._stop_captures(pending)  # the training backward is done: nothing later is theirs to see
         rngs = self.replay.states(pending.entry, pending.events, len(pending.batches))
         ctx = StepContext(
-            step=self._step_count, model=self.model, optimizer=self.optimizer, loss_fn=self.loss_fn,
+            step=self._step_count, model=self.model, optimizer=self._reader.reads, loss_fn=self.loss_fn,
             parts=[Part(b, r) for b, r in zip(pending.batches, rngs)],
             autocast=pending.autocast or AutocastState.capture(),
             names=self.names, params=self.params,

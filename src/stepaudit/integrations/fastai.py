@@ -1,0 +1,118 @@
+"""fastai: ``AuditCallback`` audits the optimizer steps of a ``Learner``'s training batches.
+
+fastai's optimizers are not ``torch.optim.Optimizer`` and fire none of torch's step hooks, so the callback
+drives the audit through its public step API (``stepapi.py``); the audit reads ``learn.opt`` through
+``optimizers.py`` (fastai's ``SGD``/``RMSProp``/``Adam`` under torch's names; ``OptimWrapper``'s torch
+optimizer as it is). Events, per fit:
+  ``before_fit``    — build the ``Audit`` on ``learn.model`` and ``learn.opt`` (steps counted on from an
+                      earlier fit of this callback); nothing is audited under ``learn.lr_find()``;
+  ``before_batch``  — (training batches only; after the callbacks that change the batch, such as MixUp)
+                      ``audit.begin_step((xb, yb))``: the random state here is what the re-evaluation replays;
+  ``before_step``   — ``audit.before_update()``: the gradient the optimizer gets (after clipping, unscaling);
+  ``after_step``    — ``audit.after_update()``: Δw, loss after, probes, record;
+  ``after_batch``   — ``audit.end_step()`` (a batch fastai cancelled before its step is not counted; a cancelled
+                      step, e.g. fp16 overflow, is counted as a skipped step);
+  ``after_fit``     — close the audit.
+The audited loss is ``learn.loss_func(learn.model(*xb), *yb)``, read at each call (callbacks that swap it, such
+as MixUp, are followed), or ``loss_fn(model, (xb, yb))`` if given: pass one when a callback changes the
+prediction or the loss after the forward (``after_pred``/``after_loss``). Each fit is its own run;
+with ``run=...`` the second fit of the same callback (``fine_tune``'s unfrozen phase) writes ``<run>-fit2``.
+Refused with the fix: fastai's ``GradientAccumulation`` (one step spans several batches).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from fastai.callback.core import Callback
+
+from ..audit import Audit
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class AuditCallback(Callback):
+    """Audit every (or every ``every``-th) optimizer step of ``Learner.fit``; ``.audit`` holds the records."""
+
+    order = 100  # after the callbacks that change the batch, schedule hyperparameters or clip gradients
+    run_valid = False
+
+    def __init__(self, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
+                 **audit_options: Any) -> None:
+        super().__init__()
+        self.loss_fn, self.audit_options = loss_fn, audit_options
+        self.audit: Audit | None = None  # this fit's (after the fit: the last fit's, closed)
+        self.audits: list[Audit] = []  # one per fit
+        self._auditing = False  # an audit is open for the fit in progress
+        self._phase: str | None = None  # the open step: "open", "updating", "updated", "cancelled"
+
+    @property
+    def name(self) -> str:
+        """``learn.stepaudit`` (``learn.audit`` would shadow fastai's own attribute names)."""
+        return "stepaudit"
+
+    def _audited_loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """``learn.loss_func`` on the model's prediction for ``batch = (xb, yb)`` (as ``Learner`` computes it)."""
+        xb, yb = batch
+        pred = model(*xb)
+        if isinstance(pred, torch.Tensor) and pred.dtype in _LOW_PRECISION:
+            pred = pred.float()  # as MixedPrecision's after_pred does
+        return self.learn.loss_func(pred, *yb)
+
+    def before_fit(self) -> None:
+        """Build the audit for this fit (none under ``lr_find``); refuse gradient accumulation."""
+        self._close(failed=True)  # an earlier fit that raised left its step and audit open
+        names = {type(cb).__name__ for cb in self.learn.cbs}
+        if "LRFinder" in names:
+            return
+        if "GradientAccumulation" in names:
+            raise ValueError("AuditCallback cannot audit fastai's GradientAccumulation: one optimizer step spans "
+                             "several batches; remove GradientAccumulation, or audit the loop in plain PyTorch "
+                             "with audit.watch(micro_batches, accumulate=N)")
+        options = dict(self.audit_options)
+        if self.audits:
+            options.setdefault("first_step", self.audits[-1]._step_count)
+            if options.get("run") is not None:
+                options["run"] = Path(f"{options['run']}-fit{len(self.audits) + 1}")
+        self.audit = Audit(self.learn.model, self.learn.opt, self.loss_fn or self._audited_loss, **options)
+        self.audits.append(self.audit)
+        self._auditing = True
+
+    def before_batch(self) -> None:
+        if not self._auditing or not self.training:
+            return
+        self.audit.begin_step((tuple(self.learn.xb), tuple(self.learn.yb)))
+        self._phase = "open"
+
+    def before_step(self) -> None:
+        if self._phase == "open":
+            self._phase = "updating"
+            self.audit.before_update()
+
+    def after_step(self) -> None:
+        if self._phase == "updating":
+            self._phase = "updated"
+            self.audit.after_update()
+
+    def after_cancel_step(self) -> None:
+        if self._phase is not None:
+            self._phase = "cancelled"
+
+    def after_batch(self) -> None:
+        phase, self._phase = self._phase, None
+        if phase is not None:
+            self.audit.end_step(skipped=phase == "open")  # "open": fastai cancelled the batch before its step
+
+    def after_fit(self) -> None:
+        self._close()
+
+    def _close(self, failed: bool = False) -> None:
+        """Close the open step (as failed, when training raised in it) and the audit."""
+        if not self._auditing:
+            return
+        self._auditing = False
+        if self._phase is not None:
+            self._phase = None
+            self.audit.end_step(failed=failed)
+        self.audit.close()

@@ -1,0 +1,81 @@
+"""The public step API: four calls any training framework can make to have one optimizer step audited.
+
+In this order, once per optimizer step (``Audit.watch`` is the first and the last around a block):
+
+  1. ``audit.begin_step(batch)``  — before the step's first forward: decides whether the step is audited and
+                                    keeps the random state the re-evaluations replay (dropout masks match);
+  2. ``audit.before_update()``    — the gradient is final (after backward, clipping, unscaling) and the optimizer
+                                    is about to change the weights: weights, gradient and loss before;
+  3. ``audit.after_update()``     — the optimizer changed the weights: Δw, loss after, probes, record (returned);
+  4. ``audit.end_step()``         — the step is over (``failed=True`` if training raised in it).
+
+A ``torch.optim.Optimizer`` calls 2 and 3 itself through its step hooks: call only 1 and 4. Any other
+optimizer (fastai's, or an object with ``param_groups``) is read through ``optimizers.py`` and never hooked:
+call all four. A step whose 2 and 3 never come (the framework skipped it) is closed by 4 with ``skipped=True``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .arguments import check_replayable
+
+
+class StepAPI:
+    """``begin_step``/``before_update``/``after_update``/``end_step``, mixed into ``Audit``."""
+
+    def begin_step(self, batch: Any, *, accumulate: int = 1) -> Any:
+        """Open the optimizer step on ``batch`` before its first forward; returns the step's ``StepWatch``.
+
+        With gradient accumulation pass the micro-batches as a list and ``accumulate=len(list)``.
+        """
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise ValueError(f"accumulate must be a positive int, got {accumulate!r}")
+        if accumulate > 1:
+            if not isinstance(batch, (list, tuple)) or len(batch) != accumulate:
+                raise ValueError(f"with accumulate={accumulate}, pass a list of {accumulate} micro-batches "
+                                 "in the order you forward them")
+            batches = list(batch)
+        else:
+            batches = [batch]
+        for b in batches:
+            check_replayable(b)
+        return self._begin(batches).watch
+
+    def before_update(self, loss: Any = None) -> None:
+        """The gradient is final and the optimizer is about to update (``loss``: the step's training loss, to
+        save a forward; it must be ``loss_fn`` on the step's batch)."""
+        pending = self._manual_pending("before_update")
+        if loss is not None:
+            pending.watch.loss = loss
+        if pending.due:
+            self._reader.sync()  # this step's hyperparameters (a scheduler may have set them since the last)
+        self._on_step_pre((self.optimizer,), {})
+
+    def after_update(self) -> dict | None:
+        """The optimizer updated the weights: audit the step; returns its record (None when not audited)."""
+        pending = self._manual_pending("after_update")
+        if pending.updated:
+            raise RuntimeError("audit.after_update() was already called for this step; call it once per "
+                               "optimizer step, then audit.end_step()")
+        pending.updated = True
+        if pending.due:
+            self._reader.sync()  # the state after the step (the second moment that produced this Δw)
+        self._on_step_post()
+        return pending.watch.record
+
+    def end_step(self, *, failed: bool = False, skipped: bool = False) -> None:
+        """Close the step. ``failed``: training raised in it; ``skipped``: the framework took no optimizer step
+        (neither counted nor warned about). A due step closed without an update is counted as skipped."""
+        if self._pending is None:
+            raise RuntimeError("audit.end_step() without audit.begin_step(batch): open the step first")
+        self._end(stacklevel=3, failed=failed or skipped)
+
+    def _manual_pending(self, call: str) -> Any:
+        """The open step, for a call only optimizers without torch's step hooks make."""
+        if self._reader.hooked:
+            raise RuntimeError(f"audit.{call}() is for optimizers that are not torch.optim.Optimizer; "
+                               f"{type(self.optimizer).__name__}'s own step hooks do it: call only "
+                               "audit.begin_step(batch) and audit.end_step()")
+        if self._pending is None:
+            raise RuntimeError(f"audit.{call}() outside a step: call audit.begin_step(batch) before the forward")
+        return self._pending
