@@ -1,0 +1,249 @@
+"""stepaudit.lr_find: it leaves training bit-identical, and every number it reports matches an independent oracle.
+
+Oracles: a quadratic 0.5·wᵀAw with A diagonal (λ_max = max A; SGD along the top eigenvector raises the loss
+exactly when lr > 2/λ_max, α = λ·lr − 1 and g·Δw = −lr‖Aw‖² in closed form; for Adam λ_max(P⁻¹A) = max A_i/P_i
+from the optimizer's own state), hand-worked fastai suggestions on hand-made curves, a loop recomputing the
+smoothed curve and the divergence stop, and a twin model that never saw lr_find.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import random
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from stepaudit import cli, lr_find
+from stepaudit.lrfind import lr_grid
+from stepaudit.lrfind_suggest import minimum, slide, stepaudit_rule, steep, valley
+
+A = torch.tensor([0.5, 3.0, 5.0, 1.0, 2.0, 0.1], dtype=torch.float64)  # λ_max = 5 (index 2)
+
+
+class Quadratic(nn.Module):
+    """0.5·wᵀ diag(A) w with w a float64 parameter (the batch is ignored)."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = nn.Parameter(w.clone())
+
+
+def quadratic_loss(model: Quadratic, batch) -> torch.Tensor:
+    return 0.5 * (model.w * A * model.w).sum()
+
+
+def top_eigenvector() -> torch.Tensor:
+    e = torch.zeros(6, dtype=torch.float64)
+    e[2] = 1.0
+    return e
+
+
+class Net(nn.Module):
+    """Linear, BatchNorm, Dropout: weights, running statistics and the dropout RNG all in play."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def net_loss(model: nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def net_batches(n: int = 60) -> list:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)) for _ in range(n)]
+
+
+def trained(optimizer_cls, **kwargs):
+    torch.manual_seed(0)
+    model = Net()
+    optimizer = optimizer_cls(model.parameters(), **kwargs)
+    for batch in net_batches(3):
+        optimizer.zero_grad()
+        net_loss(model, batch).backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    net_loss(model, net_batches(1)[0]).backward()  # leave a gradient in .grad: it must survive too
+    return model, optimizer
+
+
+def tensors_of(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    out = [t.detach().clone() for t in model.parameters()] + [b.clone() for b in model.buffers()]
+    out += [p.grad.clone() for p in model.parameters()]
+    out += [v.clone() for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return out
+
+
+@pytest.mark.parametrize("optimizer_cls,kwargs", [(torch.optim.Adam, {"lr": 1e-3}),
+                                                  (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9})])
+def test_everything_is_bit_identical_afterwards(optimizer_cls, kwargs):
+    model, optimizer = trained(optimizer_cls, **kwargs)
+    twin_model = copy.deepcopy(model)
+    twin_optimizer = optimizer_cls(twin_model.parameters(), **kwargs)
+    twin_optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # load_state_dict shares tensors
+    before = tensors_of(model, optimizer)
+    state_objects = [id(v) for s in optimizer.state.values() for v in s.values()]
+    groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups])
+    random.seed(3)
+    np.random.seed(3)
+    torch.manual_seed(3)
+    rng = (torch.get_rng_state(), random.getstate(), np.random.get_state())
+
+    result = lr_find(model, optimizer, net_loss, net_batches(), num=40)
+
+    assert len(result.lrs) > 10 and np.nanmax(np.abs(result.deltas)) > 1e-3  # the sweep really moved the weights
+    after = tensors_of(model, optimizer)
+    assert len(after) == len(before) and all(torch.equal(a, b) for a, b in zip(before, after))
+    assert [id(v) for s in optimizer.state.values() for v in s.values()] == state_objects
+    assert [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] == groups
+    assert torch.equal(torch.get_rng_state(), rng[0]) and random.getstate() == rng[1]
+    assert all(np.array_equal(a, b) for a, b in zip(np.random.get_state(), rng[2]))
+    assert model.training
+    # Oracle: training goes on exactly as in a twin that never saw lr_find (same dropout masks, same moments).
+    torch.set_rng_state(rng[0])
+    for m, o in ((model, optimizer), (twin_model, twin_optimizer)):
+        torch.set_rng_state(rng[0])
+        for batch in net_batches(4):
+            o.zero_grad()
+            net_loss(m, batch).backward()
+            o.step()
+    assert all(torch.equal(a, b) for a, b in zip(tensors_of(model, optimizer), tensors_of(twin_model, twin_optimizer)))
+
+
+def test_quadratic_sgd_lambda_max_first_rise_alpha_and_first_order_match_closed_forms():
+    model = Quadratic(top_eigenvector())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = lr_find(model, optimizer, quadratic_loss, [torch.zeros(1)], start_lr=1e-4, end_lr=10, num=100)
+    assert abs(result.curvature.safe_lr - 2 / 5.0) <= 1e-4 * (2 / 5.0)
+    assert result.curvature.sharpness == pytest.approx(5.0, rel=1e-6)
+    # Along the top eigenvector w ← (1 − 5·lr) w: the loss rises iff |1 − 5·lr| > 1, i.e. lr > 2/5.
+    grid = lr_grid(1e-4, 10, 100)
+    expected = grid[grid > 0.4][0]
+    assert result.lr_rise == expected and result.lr_overshoot == expected
+    assert result.lrs[result.lrs < expected].max() < 0.4 <= expected
+    w = top_eigenvector()
+    for lr, first_order, alpha, verdict in zip(result.lrs, result.first_order, result.alphas, result.verdicts):
+        assert first_order == pytest.approx(-lr * float(((A * w) ** 2).sum()), rel=1e-9)
+        assert alpha == pytest.approx(5.0 * lr - 1.0, rel=1e-9, abs=1e-12)
+        assert (verdict == "increase") == (lr > 0.4)
+        w = w - lr * A * w
+    # stepaudit's suggestion: half the first rise, capped at 2/λ_max.
+    assert result.suggestion == pytest.approx(min(expected / 2, 0.4))
+
+
+def test_adam_preconditioned_sharpness_equals_max_a_over_p_from_the_optimizer_state():
+    model = Quadratic(torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0, 2.0], dtype=torch.float64))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.9, 0.999), eps=1e-8)
+    for _ in range(3):
+        optimizer.zero_grad()
+        quadratic_loss(model, None).backward()
+        optimizer.step()
+    state = optimizer.state[model.w]
+    t = float(state["step"])
+    p = (1 - 0.9**t) * ((state["exp_avg_sq"] / (1 - 0.999**t)).sqrt() + 1e-8)
+    oracle = float((A / p).max())
+    result = lr_find(model, optimizer, quadratic_loss, [torch.zeros(1)], num=20)
+    value, lr_at_bound, _ = result.curvature.precond
+    assert value == pytest.approx(oracle, rel=1e-6)
+    assert lr_at_bound == pytest.approx((2 + 2 * 0.9) / (1 - 0.9) / oracle, rel=1e-6)
+    assert math.isnan(result.curvature.safe_lr)
+
+
+def test_grid_is_exactly_geometric_and_the_sweep_follows_it():
+    grid = lr_grid(1e-7, 10.0, 100)
+    assert grid[0] == 1e-7 and grid[-1] == 10.0 and len(grid) == 100
+    ratios = grid[1:] / grid[:-1]
+    assert np.allclose(ratios, 1e8 ** (1 / 99), rtol=1e-12, atol=0)
+    model = Quadratic(top_eigenvector())
+    result = lr_find(model, torch.optim.SGD(model.parameters(), lr=0.1), quadratic_loss, [0], num=100,
+                     curvature=False)
+    assert np.array_equal(result.lrs, grid[: len(result.lrs)])
+    with pytest.raises(ValueError):
+        lr_grid(1.0, 0.5, 10)
+
+
+def smoothed_by_hand(losses, beta=0.98):
+    out, avg = [], 0.0
+    for i, loss in enumerate(losses):
+        avg = beta * avg + (1 - beta) * loss
+        out.append(avg / (1 - beta ** (i + 1)))
+    return np.array(out)
+
+
+def test_divergence_stop_at_four_times_the_minimum_of_the_smoothed_loss():
+    model = Quadratic(top_eigenvector())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    result = lr_find(model, optimizer, quadratic_loss, [0], start_lr=1e-3, end_lr=100, num=100, curvature=False)
+    smooth = smoothed_by_hand(result.losses)
+    assert np.allclose(result.smooth_losses, smooth, rtol=1e-12)
+    running_min = np.minimum.accumulate(smooth)
+    stop = int(np.flatnonzero(smooth > 4 * running_min)[0])
+    assert len(result.lrs) == stop + 1 < 100 and "4×" in result.stopped
+    everything = lr_find(model, optimizer, quadratic_loss, [0], start_lr=1e-3, end_lr=100, num=100,
+                         curvature=False, stop_div=False)
+    assert len(everything.lrs) > len(result.lrs)
+
+
+# Hand-worked suggestions on the curve below.
+# valley: the longest strictly decreasing subsequence ending at each index has length 1, 2, 2, 3, 4, 5, 5, 6, 3, 1
+#   (e.g. 3.0 > 2.8 > 1.5 > 1.0 > 0.5 > 0.2); the longest ends at index 7 with ℓ = 6, so it starts at 7 − 6 = 1 and
+#   the suggestion is index 1 + ⌊6/3⌋ + ⌊6/6⌋ = 4.
+# steep on a geometric grid: differences −0.2, 0.1, −1.4, −0.5, −0.5, 0.3, −0.6, 1.8, 7.0 → most negative at 2;
+#   with lrs[4] moved next to lrs[3], the −0.5 over a tiny log step wins: index 3.
+CURVE = np.array([3.0, 2.8, 2.9, 1.5, 1.0, 0.5, 0.8, 0.2, 2.0, 9.0])
+
+
+def test_fastai_rules_on_a_hand_made_curve():
+    lrs = np.geomspace(1e-5, 1.0, len(CURVE))
+    assert valley(lrs, CURVE) == 4
+    assert steep(lrs, CURVE) == 2
+    assert minimum(lrs, CURVE) == 7
+    squeezed = lrs.copy()
+    squeezed[4] = lrs[3] * 1.001
+    assert steep(squeezed, CURVE) == 3
+
+
+def test_slide_rule_on_a_hand_made_curve():
+    # flat until index 25, then 0.1, 0.3, 0.6, 1.0: np.gradient is 0 up to 24 and 0.05, 0.15, 0.25, 0.35, 0.4 at
+    # 25..29. The 15-wide window (right, left) = (29−k, 14−k) differs by > 0.005 for k = 0..4 and not at k = 5
+    # (both ends flat): the answer is the left end at k = 4, index 10.
+    losses = np.array([0.0] * 26 + [0.1, 0.3, 0.6, 1.0])
+    assert slide(np.geomspace(1e-5, 1, 30), losses) == 10
+
+
+def test_stepaudit_rule_half_the_first_rise_capped_by_the_bound_else_valley():
+    lrs = np.geomspace(1e-3, 1, 10)
+    rises = [False] * 6 + [True, False, True, True]
+    lr, reason = stepaudit_rule(lrs, rises, math.nan, "", 0.01)
+    assert lr == 0.5 * lrs[6] and "raised" in reason
+    lr, reason = stepaudit_rule(lrs, rises, 0.01, "2/λ_max", 0.02)
+    assert lr == 0.01 and "2/λ_max" in reason
+    lr, reason = stepaudit_rule(lrs, [False] * 10, 0.5, "2/λ_max", 0.02)
+    assert lr == 0.02 and "valley" in reason
+
+
+def test_outputs_summary_svg_html_and_the_cli(tmp_path, capsys):
+    model, optimizer = trained(torch.optim.SGD, lr=0.1)
+    result = lr_find(model, optimizer, net_loss, net_batches(), num=40)
+    text = str(result)
+    assert f"suggestion: {result.suggestion:.3g}" in text and "fastai valley" in text and "λ_max" in text
+    root = ET.fromstring(result.plot_svg())
+    assert root.tag.endswith("svg") and "stepaudit" in result.plot_svg()
+    html = result._repr_html_()
+    assert html.count("<svg") == 1 and "<table" in html and "fastai steep" in html
+    out = tmp_path / "lr_find.svg"
+    assert cli.main(["lr-find", "--demo", "--num", "40", "-o", str(out)]) == 0
+    assert "suggestion:" in capsys.readouterr().out
+    ET.parse(out)
+    assert cli.main(["lr-find", "train.py"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("stepaudit lr-find:")
