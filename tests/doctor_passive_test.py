@@ -420,3 +420,44 @@ def test_torchscript_still_compiles_the_functions_the_doctor_wraps(tmp_path, cap
     assert _builtins._find_builtin(torch.sigmoid) == "aten::sigmoid"
     assert torch.sigmoid is torch._C._VariableFunctions.sigmoid
     assert F.mse_loss.__module__ == "torch.nn.functional" and not hasattr(F.mse_loss, "__wrapped__")
+
+
+def test_leaves_created_in_forward_are_not_kept_alive(tmp_path):
+    # The graph walk finds tensors created inside forward (they get a gradient no optimizer applies); it
+    # must describe them without holding them: each is freed with its step's graph, as without the doctor.
+    path = write(tmp_path, """
+        import json, sys, weakref, torch
+        from torch import nn
+        torch.manual_seed(0)
+        refs = []
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inp = nn.Linear(8, 24)
+
+            def forward(self, x):
+                scale = torch.ones(24, requires_grad=True)  # a leaf created in forward, trained by nobody
+                refs.append(weakref.ref(scale))
+                return self.inp(x) * scale
+
+        model = Net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randn(32, 8)
+        alive = []
+        for step in range(6):
+            opt.zero_grad()
+            loss = model(x).pow(2).mean()
+            loss.backward()
+            opt.step()
+            del loss
+            alive.append(refs[-1]() is not None)
+        json.dump(alive, open(sys.argv[1], "w"))
+    """)
+    out = tmp_path / "alive.json"
+    watcher, outcome = watch(path, [str(out)])
+    assert outcome.stopped == "finished" and watcher.step_count == 6
+    assert json.loads(out.read_text()) == [False] * 6  # dead after every step, the walked ones included
+    orphans = watcher.observations()["orphan_params"]
+    assert [o["numel"] for o in orphans] == [24]  # still found, described and counted once
+    assert "created during the forward pass" in orphans[0]["name"] and "[24]" in orphans[0]["name"]

@@ -58,6 +58,12 @@ class ForwardObserver:
 
     # -- forward statistics ------------------------------------------------------------------------------
     def _forward_pre(self, module, args):
+        if isinstance(module, torch.fx.GraphModule):
+            return  # a graph torch.compile made (eager/aot_eager backends run one per call): not the user's
+        compiled = getattr(module, "_orig_mod", None)
+        if compiled is not None and type(module).__name__ == "OptimizedModule":
+            self._compiled_module(compiled)  # torch.compile(model): the model is the root
+            return
         if self._depth == 0:
             self._close_activations()
             self.roots.setdefault(id(module), module)
@@ -67,6 +73,21 @@ class ForwardObserver:
             self._first_layer_pending = False
             if self._input_rows < MAX_INPUT_ROWS and args and isinstance(args[0], torch.Tensor):
                 self._pool_input(module, args[0])
+
+    def _compiled_module(self, model: torch.nn.Module) -> None:
+        """The first call of a ``torch.compile``d module: note the model and keep the forward hooks as they are.
+
+        TorchDynamo guards the graphs it compiles on the global module hooks: adding or removing them
+        later would recompile (each recompilation traces the model again, graph breaks included), and
+        while they are registered every call of the compiled module warns that they fire an extra time.
+        So they go now, before its first compilation, unless a frame was already compiled with them.
+        """
+        self.roots.setdefault(id(model), model)
+        self._depth = 0
+        self._freeze_module_hooks(remove=True)
+
+    def _freeze_module_hooks(self, remove: bool) -> None:  # PassiveWatcher's
+        raise NotImplementedError
 
     def _pool_input(self, module: torch.nn.Module, x: torch.Tensor) -> None:
         """Keep the first layer's input rows of early steps; their statistics are recomputed as rows arrive."""
@@ -97,6 +118,8 @@ class ForwardObserver:
         self._inputs = _input_stats(type(module).__name__, torch.cat(self._input_pool))
 
     def _forward_post(self, module, args, output):
+        if isinstance(module, torch.fx.GraphModule) or type(module).__name__ == "OptimizedModule":
+            return
         self._depth = max(0, self._depth - 1)
         if module._parameters and any(v is not None for v in module._parameters.values()):
             self._param_calls += 1

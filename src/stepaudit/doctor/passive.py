@@ -15,7 +15,9 @@ live in ``observe.py``, names and run-level observations in ``results.py``.
 """
 from __future__ import annotations
 
+import importlib.abc
 import math
+import sys as _sys
 import time
 import types
 import weakref
@@ -76,6 +78,24 @@ class _Optimizer:
     pending: dict = field(default_factory=dict)
 
 
+def _leaf(tensor: torch.Tensor, walk: int) -> dict:
+    """What is kept of a leaf of a walked autograd graph, without keeping the tensor alive.
+
+    ``tensor`` is a storage-free stand-in (a meta tensor of the same shape and dtype, a Parameter if the
+    leaf is one): what the orphan check reads. ``ref`` reaches the leaf while the script holds it. A leaf
+    seen again in a later graph is a weight the script keeps from step to step; only then is it held
+    (``held``), so the check for hand-written updates can still read it after the script's namespace is
+    gone. A tensor created inside ``forward`` is in one graph only and is freed with it.
+    """
+    try:
+        stand_in = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+        if isinstance(tensor, torch.nn.Parameter):
+            stand_in = torch.nn.Parameter(stand_in, requires_grad=tensor.requires_grad)
+    except Exception:  # an odd tensor subclass: describe it by an empty tensor of its shape
+        stand_in = torch.empty(tuple(tensor.shape), device="meta")
+    return {"tensor": stand_in, "walk": walk, "ref": weakref.ref(tensor)}
+
+
 class PassiveWatcher(ForwardObserver, RunResults):
     """One passive session: ``install()``, run the script, ``close()``; then ``records`` and ``observations``."""
 
@@ -99,6 +119,10 @@ class PassiveWatcher(ForwardObserver, RunResults):
         self.grad_params: dict[int, torch.Tensor] = {}  # parameters of the roots that had a gradient
         self._handles: list = []
         self._window_handles: list = []
+        self._hooks_frozen = False  # torch.compile in use: the module hooks stay as they are (no recompiles)
+        self._compile_callback: tuple | None = None  # (TorchDynamo's callback handler, our start callback)
+        self._import_watch: _DynamoImportWatch | None = None
+        self._compiled_before = 0  # frames TorchDynamo had compiled when the session began
         self._patches: list[tuple[Any, str, Any]] = []
         self._started = time.monotonic()
         self.error: str | None = None
@@ -109,7 +133,7 @@ class PassiveWatcher(ForwardObserver, RunResults):
         self._on_activation = self.guarded(self.on_activation)
         self._on_loss = self.guarded(self.on_loss)
         self._on_softmax = self.guarded(self.on_softmax)
-        self.graph_leaves: dict[int, dict] = {}  # leaves of walked autograd graphs: id -> tensor, numel, shape
+        self.graph_leaves: dict = {}  # leaves of walked autograd graphs: id (or a freed key) -> ``_leaf``
         self._graph_walks = 0
         self._schedulers: weakref.WeakSet = weakref.WeakSet()  # the optimizers' lr schedulers, once found
         self.schedulers: dict[str, int] = {}  # scheduler class -> step() calls, as last counted
@@ -137,6 +161,12 @@ class PassiveWatcher(ForwardObserver, RunResults):
             self._patch(torch, name, _softmax_wrapper)
         if hasattr(torch.amp, "GradScaler"):  # torch ≥ 2.3; torch.cuda.amp.GradScaler subclasses it
             self._patch(torch.amp.GradScaler, "scale", _scale_wrapper)
+        self._compiled_before = _dynamo_compiled()
+        if not self._watch_compilation():  # torch._dynamo not imported yet: register when it is
+            self._import_watch = _DynamoImportWatch(self._watch_compilation)
+            _sys.meta_path.insert(0, self._import_watch)
+        _dynamo_skips((self._on_backward, _active, _compiling, _dynamo_compiled), recursive=True)
+        _dynamo_skips(tuple(getattr(owner, name) for owner, name, _ in self._patches), recursive=False)
         return self
 
     def guarded(self, fn: Callable) -> Callable:
@@ -166,17 +196,19 @@ class PassiveWatcher(ForwardObserver, RunResults):
     def close(self) -> None:
         """Remove every hook, restore every patch, settle the records (idempotent)."""
         global _ACTIVE
-        self._close_window()
+        self._close_window(force=True)
         for handle in self._handles:
             handle.remove()
         self._handles = []
         for owner, name, original in reversed(self._patches):
             setattr(owner, name, original)
         self._patches = []
+        self._unwatch_compilation()
         _forget_script_aliases()
         if _ACTIVE is self:
             _ACTIVE = None
         self._custom_update_records()
+        self._settle_leaves()
         self._settle_losses()
 
     def _custom_update_records(self) -> None:
@@ -194,17 +226,67 @@ class PassiveWatcher(ForwardObserver, RunResults):
 
     def _open_window(self) -> None:
         """Global module forward hooks, only while a sampled step's forward may run (they cost per call)."""
-        if not self._window_handles:
+        if not self._window_handles and not self._hooks_frozen:
             self._window_handles = [_module.register_module_forward_pre_hook(self.guarded(self._forward_pre)),
                                     _module.register_module_forward_hook(self.guarded(self._forward_post))]
         self.window = True
 
-    def _close_window(self) -> None:
-        for handle in self._window_handles:
-            handle.remove()
-        self._window_handles = []
+    def _close_window(self, force: bool = False) -> None:
+        if force or not self._hooks_frozen:
+            for handle in self._window_handles:
+                handle.remove()
+            self._window_handles = []
         self.window = False
         self._depth = 0
+
+    def _freeze_module_hooks(self, remove: bool) -> None:
+        """From now on the global module hooks stay as they are; with ``remove``, they go first.
+
+        TorchDynamo traces global module hooks into what it compiles and guards on them: with them a
+        graph break inside a model's ``forward`` is handled differently (the forward can run uncompiled),
+        and adding or removing them later recompiles (tracing again, graph breaks included). So they go
+        before torch.compile's first compilation in the session, and the forward statistics of sampled
+        steps are given up for a compiled script (its compiled code is never observed anyway).
+        """
+        if self._hooks_frozen:
+            return
+        if remove:
+            for handle in self._window_handles:
+                handle.remove()
+            self._window_handles = []
+            self._depth = 0
+        self._hooks_frozen = True
+
+    def _on_compile_start(self, args: Any = None) -> None:
+        """TorchDynamo starts compiling a frame (a start callback, run before it traces anything)."""
+        self._freeze_module_hooks(remove=True)
+
+    def _watch_compilation(self) -> bool:
+        """Register ``_on_compile_start`` with TorchDynamo once it is imported (True when registered)."""
+        if self._compile_callback is not None:
+            return True
+        handler = getattr(_sys.modules.get("torch._dynamo.callback"), "callback_handler", None)
+        if handler is None or not hasattr(handler, "register_start_callback"):
+            return False
+        callback = self.guarded(self._on_compile_start)
+        handler.register_start_callback(callback)
+        self._compile_callback = (handler, callback)
+        return True
+
+    def _unwatch_compilation(self) -> None:
+        if self._import_watch is not None:
+            try:
+                _sys.meta_path.remove(self._import_watch)
+            except ValueError:
+                pass
+            self._import_watch = None
+        if self._compile_callback is not None:
+            handler, callback = self._compile_callback
+            self._compile_callback = None
+            try:
+                handler.remove_start_callback(callback)
+            except Exception:
+                pass
 
     # -- stopping --------------------------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -259,6 +341,7 @@ class PassiveWatcher(ForwardObserver, RunResults):
         but not parameters of any registered module; comparing the leaves with what the optimizers hold
         finds them whatever the model's structure.
         """
+        self._settle_leaves()
         stack, seen = [loss.grad_fn], set()
         while stack and len(seen) < MAX_GRAPH_NODES:
             node = stack.pop()
@@ -267,16 +350,29 @@ class PassiveWatcher(ForwardObserver, RunResults):
             seen.add(id(node))
             variable = getattr(node, "variable", None)
             if isinstance(variable, torch.Tensor):
-                self.graph_leaves.setdefault(id(variable), {"tensor": variable, "walk": self._graph_walks})
+                leaf = self.graph_leaves.get(id(variable))
+                if leaf is None:
+                    self.graph_leaves[id(variable)] = _leaf(variable, self._graph_walks)
+                elif leaf["walk"] != self._graph_walks and leaf["ref"]() is variable:
+                    leaf["held"] = variable  # in two graphs: a weight the script keeps (see ``_leaf``)
                 continue
             stack.extend(child for child, _ in node.next_functions)
+
+    def _settle_leaves(self) -> None:
+        """Leaves freed since they were seen keep their description under a key no live tensor can have
+        (an ``id`` is reused once its tensor is gone)."""
+        for key, leaf in list(self.graph_leaves.items()):
+            if isinstance(key, int) and leaf["ref"]() is None:
+                del self.graph_leaves[key]
+                self.graph_leaves[("freed", key, leaf["walk"])] = leaf
 
     @torch.no_grad()
     def _fingerprint(self) -> list[tuple[int, float, float]]:
         """(id, Σw, ‖w‖) of every parameter of the model's roots and every leaf of the first walked graph
         (hand-written models have no module): enough to tell whether any weight moved."""
         out, seen = [], set()
-        leaves = [leaf["tensor"] for leaf in self.graph_leaves.values() if leaf["walk"] == 1]
+        leaves = [leaf["ref"]() for leaf in list(self.graph_leaves.values()) if leaf["walk"] == 1]
+        leaves = [t for t in leaves if t is not None]  # a tensor created in forward and freed: not a weight
         for p in [*(p for root in list(self.roots.values()) for p in root.parameters()), *leaves]:
             if isinstance(p, torch.nn.parameter.UninitializedTensorMixin):
                 continue
@@ -404,6 +500,7 @@ class PassiveWatcher(ForwardObserver, RunResults):
                     state.pending["grad"] = grad_copies(state.params)
             return loss
 
+        _dynamo_skips((first_call_recorded,), recursive=False)
         if len(args) > 1:
             return (args[0], first_call_recorded, *args[2:]), kwargs
         return args, {**kwargs, "closure": first_call_recorded}
@@ -452,6 +549,8 @@ class PassiveWatcher(ForwardObserver, RunResults):
         self.records.append(record)
         if self.flush is not None and len(self.records) - self._flushed >= 25:
             self._flush()
+        if not self._hooks_frozen and self._compile_callback is None and _dynamo_compiled() > self._compiled_before:
+            self._freeze_module_hooks(remove=False)  # compiled without our callback: at least stop toggling
         if any(sampled(s.local_step, self.every) for s in self.optimizers):
             self._open_window()
         else:
@@ -511,6 +610,60 @@ def _active() -> "PassiveWatcher | None":
 def _compiling() -> bool:
     is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     return bool(is_compiling()) if is_compiling is not None else False
+
+
+def _dynamo_skips(functions: tuple, recursive: bool) -> None:
+    """torch.compile never compiles a frame of these functions: it runs them as plain Python.
+
+    Once a compiled function breaks its graph, TorchDynamo compiles every Python frame the rest of it
+    calls: our wrapper of ``torch.autograd.backward`` (reached from ``Tensor.backward``), the optimizer
+    hooks, the loss wrappers. Compiled, they would see ``is_compiling()`` and observe nothing, and calling
+    the original from a compiled frame is a graph break of their own ("user code at passive.py"). Skipped,
+    they run and observe as in eager mode; ``recursive`` skips everything they call too (the watcher's own
+    code), otherwise the original they call is treated exactly as without the doctor. When TorchDynamo
+    traces through them instead (inlined in a compiled model), nothing changes: ``_compiling()`` holds.
+    The strategy is set through torch's C extension, so ``torch._dynamo`` (2 s to import) is not imported.
+    """
+    try:
+        from torch._C._dynamo import eval_frame
+
+        action = eval_frame._FrameAction
+        strategy = eval_frame._FrameExecStrategy(action.SKIP, action.SKIP if recursive else action.DEFAULT)
+        for fn in functions:
+            eval_frame.set_code_exec_strategy(fn.__code__, strategy)
+    except Exception:  # an internal of torch moved: compiled scripts may be observed less, nothing breaks
+        pass
+
+
+def _dynamo_compiled() -> int:
+    """Frames TorchDynamo has been asked to compile in this process so far (without importing it)."""
+    counters = getattr(_sys.modules.get("torch._dynamo.utils"), "counters", None)
+    try:
+        return int(counters.get("frames", {}).get("total", 0)) if counters is not None else 0
+    except Exception:
+        return 0
+
+
+class _DynamoImportWatch(importlib.abc.MetaPathFinder):
+    """Finds nothing: notices the import of ``torch._dynamo`` (torch.compile imports it) and registers the
+    session's compile-start callback as soon as TorchDynamo's callback module exists, before anything is
+    compiled. Removed from ``sys.meta_path`` once registered, or by ``close``."""
+
+    def __init__(self, register: Callable[[], bool]) -> None:
+        self.register = register
+
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith("torch._dynamo") and "torch._dynamo.callback" in _sys.modules:
+            try:
+                done = self.register()
+            except Exception:
+                done = True
+            if done:
+                try:
+                    _sys.meta_path.remove(self)
+                except ValueError:
+                    pass
+        return None
 
 
 def _as_original(wrapper: Callable, original: Callable, rebuild: bool = True) -> Callable:
