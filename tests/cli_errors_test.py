@@ -120,3 +120,32 @@ def test_fail_prints_one_line_or_reraises_under_debug(monkeypatch, capsys):
             raise ValueError("shown")
         except ValueError as error:
             cli.fail("stepaudit x", error)
+
+
+def test_a_reused_doctor_run_folder_warns_in_one_line_in_the_command_lines_language(tmp_path):
+    """The 'earlier run replaced' warning: one line naming the CLI flag (not run=None, not file:line)."""
+    script = tmp_path / "tiny.py"
+    script.write_text("import torch\nm = torch.nn.Linear(2, 1)\no = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+                      "for _ in range(3):\n    o.zero_grad(); m(torch.randn(4, 2)).pow(2).mean().backward(); o.step()\n")
+    folder = str(tmp_path / "R")
+    first = subprocess.run([sys.executable, "-m", "stepaudit", "doctor", "--run", folder, str(script)],
+                           capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0 and "warning" not in first.stderr
+    second = subprocess.run([sys.executable, "-m", "stepaudit", "doctor", "--run", folder, str(script)],
+                            capture_output=True, text=True, timeout=120)
+    lines = [line for line in second.stderr.splitlines() if "earlier run" in line]
+    assert lines == [f"stepaudit doctor: warning: {folder} held 3 steps of an earlier run; they are replaced "
+                     "(give --run a new folder, or leave --run out, to keep them)"]
+    assert "UserWarning" not in second.stderr and "run=None" not in second.stderr
+
+
+def test_api_warnings_keep_the_api_wording(tmp_path):
+    import warnings
+
+    from stepaudit.store import RunStore
+
+    RunStore(tmp_path / "r", {"model": "m"}).append({"step": 0, "loss_before": 1.0})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        RunStore(tmp_path / "r", {"model": "m"})
+    assert len(caught) == 1 and "pass run=None" in str(caught[0].message)

@@ -6,9 +6,13 @@ traceback instead. Piping into ``head`` ends quietly with exit status 0 (as ``st
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
+import warnings
+from pathlib import Path
+from typing import Iterator
 
 COMMANDS = {
     "demo": ("stepaudit.demo", "main", "train SGD / momentum / Adam on digits, audit every step, compare"),
@@ -72,12 +76,34 @@ def _quiet_broken_pipe() -> int:
     return 0  # what was wanted was read; `stepaudit explain` ends the same way
 
 
+@contextlib.contextmanager
+def warnings_as_lines(prog: str) -> Iterator[None]:
+    """stepaudit's own warnings as one line each ("stepaudit doctor: warning: …"), not file:line and source;
+    warnings raised elsewhere (the user's script under the doctor, torch) keep Python's format."""
+    package = str(Path(__file__).resolve().parent)
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if str(filename).startswith(package):
+            print(f"{prog}: warning: {message}", file=file or sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        if warnings.showwarning is show:
+            warnings.showwarning = original
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; errors become one line on stderr (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = f"stepaudit {argv[0]}" if argv and argv[0] in COMMANDS else "stepaudit"
     try:
-        status = dispatch(argv)
+        with warnings_as_lines(prog):
+            status = dispatch(argv)
         sys.stdout.flush()  # a broken pipe surfaces here, not in the interpreter's shutdown
         return status
     except BrokenPipeError:

@@ -79,7 +79,10 @@ def _unreadable(path: Path, error: Exception) -> None:
 class RunStore:
     """Append-only writer for one run's SQLite file; safe to read from another process meanwhile."""
 
-    def __init__(self, run: str | os.PathLike, meta: dict | None = None, name: str | None = None) -> None:
+    def __init__(self, run: str | os.PathLike, meta: dict | None = None, name: str | None = None,
+                 keep_hint: str = "pass run=None, or a new folder, to keep them") -> None:
+        """Open (or create) the run's store; with ``meta``, start a new run there (``keep_hint`` ends the warning
+        that an earlier run's steps are replaced, in the caller's language: an argument or a command-line flag)."""
         self.path = _store_path(run)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +115,7 @@ class RunStore:
             earlier = self.db.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
             if earlier:  # a new run in an old folder: never mix the two runs' steps
                 warnings.warn(f"{self.path.parent} held {earlier} steps of an earlier run; they are replaced "
-                              "(pass run=None, or a new folder, to keep them)", stacklevel=3)
+                              f"({keep_hint})", stacklevel=3)
                 self.db.executescript("DELETE FROM steps; DELETE FROM layers; DELETE FROM extras;")
             self.db.execute("DELETE FROM runs")
             self.db.execute(

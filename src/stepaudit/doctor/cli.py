@@ -73,7 +73,8 @@ class _Store:
         if self.store is None and self.run is not None:
             from ..store import RunStore
 
-            self.store = RunStore(self.run, self.meta(), name=self.run.name)
+            self.store = RunStore(self.run, self.meta(), name=self.run.name,
+                                  keep_hint="give --run a new folder, or leave --run out, to keep them")
         return self.store
 
     def __call__(self, records: list[dict]) -> None:
