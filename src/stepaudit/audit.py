@@ -33,6 +33,7 @@ import torch
 from . import probes as probe_registry
 from .arguments import batch_size, check_replayable, index_parameters, validate
 from .context import Part, StepContext, check_scalar_loss
+from .distributed import collective_device, global_objective, rank_folder, unwrap, world, wrapper_state_kept
 from .flat import FlatBuffers
 from .losses import LossEvaluator
 from .meta import describe
@@ -105,6 +106,10 @@ class Audit(StepAPI):
         first_step: int = 0,
     ) -> None:
         self._reader = reader_for(optimizer)  # what the audit reads: the optimizer, or its mirror under torch's names
+        model, self._wrapper = unwrap(model)  # DDP: hooks and re-evaluations on the module it wraps
+        self._rank, self._world_size = world()
+        if run is not None:
+            run = rank_folder(run, self._rank, self._world_size)  # ranks never share a store
         validate(model, self._reader.reads, loss_fn, every, precision, reference_mode, first_step)
         if reference is not None:
             from .probes.data import check_reference
@@ -412,7 +417,8 @@ class Audit(StepAPI):
         if not pending.due or pending.stepped:
             return None
         try:
-            return self._prepare(pending, args, kwargs)
+            with wrapper_state_kept(self._wrapper):
+                return self._prepare(pending, args, kwargs)
         except Exception as error:  # never break training
             if self.strict:
                 raise AuditError(f"auditing step {self._step_count} failed before the step: {error}") from error
@@ -503,11 +509,14 @@ class Audit(StepAPI):
         try:
             if pending.error is not None:
                 raise pending.error
-            record = self._audit(pending, index)
+            with wrapper_state_kept(self._wrapper):
+                record = self._audit(pending, index)
         except Exception as error:
             if self.strict:
                 raise AuditError(f"auditing step {index} failed: {error}") from error
             record = {"step": index, "verdict": "error", "error": f"{type(error).__name__}: {error}"}
+        if self._world_size > 1:  # every rank, every audited step, whatever happened above: lockstep
+            self._globalize(record)
         pending.watch.record = record
         self._commit(record)
 
@@ -533,6 +542,26 @@ class Audit(StepAPI):
         ctx.record = record
         self._run_probes(ctx, record, index)
         return record
+
+    def _globalize(self, record: dict) -> None:
+        """Make the own-batch fields describe the global objective (mean of the ranks' losses); keep ours as local_*."""
+        flat = self._flat
+        if flat is not None and flat.sharded and not flat.reduced:
+            flat.stand_in()  # this rank failed before its shards' sums were all-reduced: join that collective
+        failed = record.get("verdict") == "error"
+        device = collective_device()
+        before, after, noise, failures = global_objective(record.get("loss_before"), record.get("loss_after"),
+                                                          record.get("rounding_noise"), failed, device)
+        record.update({f"local_{k}": record.get(k) for k in ("loss_before", "loss_after", "delta", "verdict")})
+        record.update(world_size=self._world_size, rank=self._rank)
+        if failures:
+            if not failed:
+                record.update(verdict="error", error=f"the audit failed on {failures} of {self._world_size} ranks")
+            return
+        moved = record.get("update_norm", 0) > 0
+        record.update(step_fields(before, after, record["first_order"], noise, moved=moved))
+        if not math.isfinite(record["first_order"]) and record["verdict"] != "nonfinite":
+            record["verdict"] = "nonfinite"
 
     def _run_probes(self, ctx: StepContext, record: dict, index: int) -> None:
         for name, every in self.probes.items():

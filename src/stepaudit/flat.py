@@ -10,6 +10,11 @@ one dot product and one host sync after it.
 
 The buffers belong to the step being audited: a probe that keeps one of them beyond its step must
 copy it.
+
+Sharded parameters (FSDP2's DTensors): the buffers hold this rank's shards (``to_local()``), and
+the sums are completed across ranks with one all-reduce of [g·Δw, ‖·‖² per parameter] — a shard's
+sums of squares and dot products add up to the whole parameter's. Every rank calls ``finish`` on
+the same audited steps, so the collective is in lockstep.
 """
 from __future__ import annotations
 
@@ -25,6 +30,23 @@ def _dense(t: torch.Tensor) -> torch.Tensor:
     return t.to_dense() if t.is_sparse else t
 
 
+def is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor (FSDP2 / tensor parallel): each rank holds part of it."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (a view of its storage), or the tensor itself."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def _all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in float64 (values: dot products and squared norms of shards)."""
+    total = values.double()
+    torch.distributed.all_reduce(total)
+    return total
+
+
 class FlatBuffers:
     """Flat ``before``, ``grad`` and ``delta_w`` vectors of one parameter list, with per-parameter views.
 
@@ -36,8 +58,11 @@ class FlatBuffers:
     """
 
     def __init__(self, params: Sequence[torch.Tensor], exact: bool = False) -> None:
-        self.params = list(params)
+        self.sharded = any(is_sharded(p) for p in params)
+        self._live = list(params)  # the parameters themselves (DTensors when sharded)
+        self.params = [local(p) for p in params]  # what the buffers hold: this rank's shards
         self.exact = exact
+        self.reduced = False  # sharded: whether this step's sums were all-reduced yet (see stand_in)
         self.sizes = [p.numel() for p in self.params]
         self._sources: list[torch.Tensor] = []
         self._pointers: list[int] = []
@@ -74,6 +99,8 @@ class FlatBuffers:
 
     def _param_flats(self) -> list[torch.Tensor]:
         """Flat views of the live parameters (rebuilt if a parameter's storage was replaced)."""
+        if self.sharded:
+            self.params = [local(p) for p in self._live]  # FSDP may swap a shard's storage between steps
         pointers = [p.data_ptr() for p in self.params]
         if pointers != self._pointers:
             self._sources = [p.detach().reshape(-1) for p in self.params]
@@ -90,19 +117,21 @@ class FlatBuffers:
         sources = self._param_flats()
         if self.before is None:
             self._allocate()
+        self.reduced = False
         torch.cat(sources, out=self.before)
 
     @torch.no_grad()
     def take_grad(self) -> None:
         """Before the step: copy the gradient the optimizer sees into ``grad`` (zeros where ``.grad`` is None)."""
         grads = []
-        for i, p in enumerate(self.params):
-            if p.grad is None:
+        for i, (p, live) in enumerate(zip(self.params, self._live)):
+            grad = live.grad
+            if grad is None:
                 if i not in self._zeros:
                     self._zeros[i] = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
                 grads.append(self._zeros[i])
             else:
-                grads.append(_dense(p.grad).detach().reshape(-1))
+                grads.append(_dense(local(grad)).detach().reshape(-1))
         torch.cat(grads, out=self.grad)
 
     @torch.no_grad()
@@ -118,6 +147,9 @@ class FlatBuffers:
         if self.exact:
             self._delta_into_buffer()
             rows = per_parameter_sums(self.before, self.grad, self.delta_w, self.sizes, exact=True)
+            if self.sharded:
+                rows = _all_reduce_sum(torch.tensor(rows, dtype=torch.float64, device=self.grad.device)).tolist()
+                self.reduced = True
             return sum(row[0] for row in rows), rows
         before, grads = list(self._segments[0]), list(self._segments[1])
         if keep_before:
@@ -132,10 +164,22 @@ class FlatBuffers:
         grad = self.grad
         if grad.dtype in _LOW_PRECISION:
             grad, delta = grad.float(), delta.float()
-        values = torch.stack([torch.dot(grad, delta).to(norms[0].dtype), *norms]).tolist()
+        values = torch.stack([torch.dot(grad, delta).to(norms[0].dtype), *norms])
+        if self.sharded:  # shards' squared norms and dot products add up; the norms of the whole follow
+            values = _all_reduce_sum(torch.cat([values[:1], values[1:] * values[1:]]))
+            values = torch.cat([values[:1], values[1:].sqrt()])
+            self.reduced = True
+        values = values.tolist()
         n = len(self.params)
         rows = [[math.nan, values[1 + n + i] ** 2, values[1 + 2 * n + i] ** 2, values[1 + i] ** 2] for i in range(n)]
         return sign * values[0], rows
+
+    def stand_in(self) -> None:
+        """Join this step's all-reduce with NaN (this rank failed before ``finish``), so no peer waits forever."""
+        n = len(self.params)
+        shape = (n, 4) if self.exact else (1 + 3 * n,)
+        _all_reduce_sum(torch.full(shape, math.nan, dtype=torch.float64, device=self.params[0].device))
+        self.reduced = True
 
     def _delta_into_buffer(self) -> None:
         if self.delta_w is None:
