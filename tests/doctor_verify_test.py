@@ -191,6 +191,7 @@ def test_printed_metric():
     assert printed_metric("epoch 1 acc 0.5\nepoch 2 acc 0.75\n") == 0.75
     assert printed_metric("val_accuracy: 93.5%") == 0.935
     assert printed_metric("loss 0.3") is None
+    assert printed_metric("acc 0.5\nfinal_metric r2 -0.25\n") == -0.25
 
 
 def test_no_automatic_check_runs_nothing(tmp_path):

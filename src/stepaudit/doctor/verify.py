@@ -36,6 +36,7 @@ from .counterfactual import COUNTERFACTUALS
 MARKED = 0.10  # share of the starting loss the fix must remove beyond the original's, at least
 NOISE_TIMES = 3.0  # the margin in units of the original's run-to-run noise
 TOP = 3  # diagnoses verified, at most
+_FINAL = re.compile(r"\bfinal_metric\s+\w+\s+(-?\d*\.?\d+(?:e[-+]?\d+)?)", re.I)  # the doctor suite's own line
 _METRIC = re.compile(r"\b(?:val(?:idation)?|test|eval)?[_ ]?acc(?:uracy)?\b\s*[:=]?\s*(\d*\.?\d+)\s*(%?)", re.I)
 
 
@@ -73,7 +74,11 @@ def from_facts(facts, steps: int, error: str | None = None, seconds: float = 0.0
 
 
 def printed_metric(text: str) -> float | None:
-    """The last accuracy the script printed (``acc 0.93``, ``val_accuracy: 93%``), as a fraction; else None."""
+    """The script's last ``final_metric NAME VALUE`` line, else the last accuracy it printed (``acc 0.93``,
+    ``val_accuracy: 93%``, as a fraction); else None."""
+    final = _FINAL.findall(text or "")
+    if final:
+        return float(final[-1])
     found = _METRIC.findall(text or "")
     if not found:
         return None
@@ -148,6 +153,8 @@ def _detail(verdict: str, fix: str, original: RunLoss, rerun: RunLoss, fixed: Ru
     went = "fell" if not fixed.nonfinite and fixed.end is not None and fixed.start is not None \
         and fixed.end < fixed.start else "went"
     text = f"{verdict}: with {fix} the loss {went} {fixed.shown()} (original {original.shown()})"
+    if rerun.metric is not None and fixed.metric is not None:
+        text += f"; the script's printed metric {fixed.metric:.3g} (original {rerun.metric:.3g})"
     if verdict == "inconclusive":
         return text + (f", but the original's run-to-run noise ({noise:.2g} of its starting loss) is too large to tell"
                        if noise is not None and math.isfinite(noise) else ", and the original's re-run differs too much to tell")
