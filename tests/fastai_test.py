@@ -280,3 +280,53 @@ def test_gradient_accumulation_is_refused_with_the_fix(tmp_path):
     learn = make_learner("adam", [AuditCallback(run=tmp_path / "run"), GradientAccumulation(128)])
     with pytest.raises(ValueError, match="remove GradientAccumulation"):
         fit(learn, epochs=1)
+
+
+def test_an_optimizer_that_cannot_be_read_is_a_recorded_error_not_a_crash(tmp_path):
+    model = nn.Linear(3, 1)
+    opt = Adam(list(model.parameters()), lr=1e-2)
+    audit = stepaudit.Audit(model, opt, mse, run=tmp_path / "run")
+    before = [p.detach().clone() for p in model.parameters()]
+    del opt.hypers[0]["sqr_mom"]  # what the mirror reads is gone; fastai's own step does not get that far
+    audit.begin_step((torch.randn(8, 3), torch.randn(8, 1)))
+    mse(model, (torch.randn(8, 3), torch.randn(8, 1))).backward()
+    audit.before_update()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.sub_(0.1 * p.grad)
+    record = audit.after_update()
+    audit.end_step()
+    assert record["verdict"] == "error" and "sqr_mom" in record["error"]
+    assert not any(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+class CpuBf16(Callback):
+    """fastai's MixedPrecision recipe on the CPU (fastai's own turns autocast on only under CUDA)."""
+
+    order = 10
+
+    def before_batch(self):
+        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+        self.autocast.__enter__()
+
+    def after_pred(self):
+        self.learn.pred = self.pred.float()
+
+    def after_loss(self):
+        self.autocast.__exit__(None, None, None)
+
+
+def test_bf16_autocast_training_is_unchanged_and_re_evaluated_under_it(tmp_path):
+    runs = []
+    for audited in (False, True):
+        oracle = LossOracle()
+        cbs = [CpuBf16(), oracle] + ([AuditCallback(run=tmp_path / "run")] if audited else [])
+        learn = make_learner("adam", cbs, ps=0.2)
+        fit(learn)
+        runs.append((learn, oracle))
+    (plain, _), (audited, oracle) = runs
+    for a, b in zip(plain.model.state_dict().values(), audited.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert plain.recorder.values == audited.recorder.values
+    records = audited.stepaudit.audit.records
+    assert [r["loss_before"] for r in records] == pytest.approx(oracle.before, rel=1e-6)

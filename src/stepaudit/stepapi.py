@@ -48,7 +48,7 @@ class StepAPI:
         if loss is not None:
             pending.watch.loss = loss
         if pending.due:
-            self._reader.sync()  # this step's hyperparameters (a scheduler may have set them since the last)
+            self._sync(pending)  # this step's hyperparameters (a scheduler may have set them since the last)
         self._on_step_pre((self.optimizer,), {})
 
     def after_update(self) -> dict | None:
@@ -59,7 +59,7 @@ class StepAPI:
                                "optimizer step, then audit.end_step()")
         pending.updated = True
         if pending.due:
-            self._reader.sync()  # the state after the step (the second moment that produced this Δw)
+            self._sync(pending)  # the state after the step (the second moment that produced this Δw)
         self._on_step_post()
         return pending.watch.record
 
@@ -69,6 +69,17 @@ class StepAPI:
         if self._pending is None:
             raise RuntimeError("audit.end_step() without audit.begin_step(batch): open the step first")
         self._end(stacklevel=3, failed=failed or skipped)
+
+    def _sync(self, pending: Any) -> None:
+        """Refresh what the audit reads of the optimizer; a failure is the step's recorded error (never training's)."""
+        try:
+            self._reader.sync()
+        except Exception as error:
+            if self.strict:
+                from .audit import AuditError
+
+                raise AuditError(f"auditing step {self._step_count}: reading the optimizer failed: {error}") from error
+            pending.error = pending.error or error
 
     def _manual_pending(self, call: str) -> Any:
         """The open step, for a call only optimizers without torch's step hooks make."""
