@@ -181,6 +181,13 @@ def test_judge_verdicts_and_lines():
     assert judge(original, rerun, RunLoss(2.3, None, nonfinite=True))[0] == "refuted"
     noisy = RunLoss(2.3, 1.2)  # the original's re-run ends 0.48 of the start away: too noisy to tell
     assert judge(original, noisy, RunLoss(2.3, 1.5))[0] == "inconclusive"
+    # a fix that lowers the first loss (standardised inputs): judged in units of the lower start
+    assert judge(RunLoss(282.0, 9.68), RunLoss(282.0, 9.68), RunLoss(0.697, 0.282))[0] == "confirmed"
+    assert judge(RunLoss(282.0, 0.3), RunLoss(282.0, 0.3), RunLoss(0.697, 0.282))[0] == "refuted"
+    partial = RunLoss(2.29, 2.88)  # far below the original's 19.8, yet the loss rose: not a fix
+    assert judge(RunLoss(2.29, 19.8), RunLoss(2.29, 19.8), partial)[0] == "inconclusive"
+    assert _detail("inconclusive", "lr ×0.1", RunLoss(2.29, 19.8), RunLoss(2.29, 19.8), partial, 0.0).endswith(
+        "better than the original, but that run did not train either")
     failed = RunLoss(None, None, error="RuntimeError: boom")
     assert judge(original, rerun, failed)[0] == "inconclusive"
     assert _detail("inconclusive", "lr ×0.1", original, rerun, failed, 0.0) == \

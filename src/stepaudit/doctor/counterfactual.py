@@ -8,7 +8,7 @@ purpose (that is the experiment) through torch's global hook points only, never 
 - ``missing_zero_grad``: the gradients of an optimizer set to None at the first module forward after each
   of its steps, so several backward passes between two steps (accumulation) still add up.
 - ``exploding_gradients``: the gradient norm clipped before each step at the median of the first five
-  finite norms (the median of the norms seen so far during those five steps).
+  finite norms (the lower median of the norms seen so far during those five steps).
 - ``unnormalized_inputs``: the input of the first Linear/Conv layer called standardised per feature
   (channel for a convolution) with the pooled statistics of its first five batches.
 - ``params_not_updating``: the trainable parameters of the modules that ran, held by no optimizer, added
@@ -121,7 +121,7 @@ def clip_gradients(_: float = 1.0) -> list:
             if norm == norm and norm != float("inf"):
                 seen.append(norm)
         if seen:
-            torch.nn.utils.clip_grad_norm_(params, statistics.median(seen))
+            torch.nn.utils.clip_grad_norm_(params, statistics.median_low(seen))  # the lower middle while even
         return None
 
     return [_optim.register_optimizer_step_pre_hook(pre)]

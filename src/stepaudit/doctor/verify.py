@@ -5,14 +5,16 @@ the unchanged script runs again from the start in a fresh process (``python -m s
 the child entry below) for the same number of optimizer steps, with the fix installed by global hooks.
 The original is re-run once the same way, unchanged, to measure its run-to-run noise.
 
-The outcome of a run is its loss over the run relative to its start: the doctor's own "last loss" (median
-of the last fifth) divided by its starting loss, infinite when a non-finite value appeared. With
-``gain`` = original's relative last loss − the fixed run's, and ``noise`` = the difference between the
-original and its re-run:
+The outcome of a run is its last loss (the doctor's own: median of the last fifth of the per-step
+losses; infinite once a non-finite value appeared), in units of the starting loss: the smaller of the
+original's and the fixed run's starting losses (they are equal unless the fix changes the first forward,
+as standardising the inputs does, and then the lower start is the fair unit). With ``gain`` = the
+original's last loss − the fixed run's and ``noise`` = |the original's − its re-run's|, in that unit:
 
-- **confirmed**: ``gain ≥ max(MARKED, NOISE_TIMES × noise)`` (markedly better, beyond the noise);
-- **inconclusive**: the run failed, or ``gain > 0`` but the noise is too large to tell (``NOISE_TIMES ×
-  noise ≥ MARKED``);
+- **confirmed**: ``gain ≥ max(MARKED, NOISE_TIMES × noise)`` (markedly better, beyond the noise) and the
+  fixed run trains: its last loss is at least ``MARKED`` of its start below its start;
+- **inconclusive**: the run failed; or ``gain > 0`` but the noise is too large to tell (``NOISE_TIMES ×
+  noise ≥ MARKED``); or markedly better than the original but the fixed run did not train either;
 - **refuted**: otherwise (no better); a refuted diagnosis is demoted below the confirmed ones.
 
 A learning-rate fix tries its second factor when the first is not confirmed and keeps the better run.
@@ -52,14 +54,11 @@ class RunLoss:
     seconds: float = 0.0
     metric: float | None = None
 
-    @property
-    def relative(self) -> float | None:
-        """Last loss over |start| (infinite after a non-finite value); None without two finite losses."""
+    def level(self, unit: float) -> float | None:
+        """Last loss in units of ``unit`` (infinite after a non-finite value); None without a loss."""
         if self.nonfinite and self.start is not None:
             return math.inf
-        if self.start is None or self.end is None or self.start == 0:
-            return None
-        return self.end / abs(self.start)
+        return None if self.end is None else self.end / unit
 
     def shown(self) -> str:
         """``2.30 → 0.12`` (``→ non-finite`` after a divergence)."""
@@ -124,19 +123,33 @@ def run_child(script: str | os.PathLike, args: list[str], steps: int | None, tim
                    printed_metric(stdout))
 
 
+def _gain(original: RunLoss, fixed: RunLoss) -> float | None:
+    """How much lower the fixed run's last loss is, in units of the smaller starting loss; None if unknown."""
+    starts = [abs(run.start) for run in (original, fixed) if run.start]
+    if not starts:
+        return None
+    o, f = original.level(min(starts)), fixed.level(min(starts))
+    return None if o is None or f is None else (0.0 if o == f else o - f)
+
+
+def _trains(run: RunLoss) -> bool:
+    """The run's last loss is at least ``MARKED`` of its start below its start (and finite)."""
+    return (not run.nonfinite and run.start is not None and run.end is not None and run.start != 0
+            and (run.start - run.end) / abs(run.start) >= MARKED)
+
+
 def judge(original: RunLoss, rerun: RunLoss, fixed: RunLoss) -> tuple[str, float | None]:
     """(verdict, noise) of a fixed run against the original and its unchanged re-run."""
     failed = fixed.error is not None and original.error is None
-    if failed or fixed.relative is None or original.relative is None:
+    gain = None if failed else _gain(original, fixed)
+    if gain is None:
         return "inconclusive", None
-    o, f = original.relative, fixed.relative
-    r = rerun.relative if rerun.error is None or original.error is not None else None
-    noise = None if r is None else (0.0 if o == r else abs(o - r))
-    gain = (0.0 if o == f else o - f)
+    drift = _gain(original, rerun) if rerun.error is None or original.error is not None else None
+    noise = None if drift is None else abs(drift)
     if noise is None or math.isnan(noise) or math.isnan(gain):
         return "inconclusive", noise
     if gain >= max(MARKED, NOISE_TIMES * noise):
-        return "confirmed", noise
+        return ("confirmed" if _trains(fixed) else "inconclusive"), noise
     if gain > 0 and NOISE_TIMES * noise >= MARKED:
         return "inconclusive", noise
     return "refuted", noise
@@ -148,13 +161,15 @@ def _detail(verdict: str, fix: str, original: RunLoss, rerun: RunLoss, fixed: Ru
         return f"inconclusive: the verification run failed: {fixed.error}"
     if rerun.error is not None and original.error is None:
         return f"inconclusive: the re-run of the original (for its noise) failed: {rerun.error}"
-    if fixed.relative is None or original.relative is None:
+    if _gain(original, fixed) is None:
         return f"inconclusive: no loss to compare (with {fix}: {fixed.shown()}; original {original.shown()})"
     went = "fell" if not fixed.nonfinite and fixed.end is not None and fixed.start is not None \
         and fixed.end < fixed.start else "went"
     text = f"{verdict}: with {fix} the loss {went} {fixed.shown()} (original {original.shown()})"
     if rerun.metric is not None and fixed.metric is not None:
         text += f"; the script's printed metric {fixed.metric:.3g} (original {rerun.metric:.3g})"
+    if verdict == "inconclusive" and not _trains(fixed):
+        return text + ": better than the original, but that run did not train either"
     if verdict == "inconclusive":
         return text + (f", but the original's run-to-run noise ({noise:.2g} of its starting loss) is too large to tell"
                        if noise is not None and math.isfinite(noise) else ", and the original's re-run differs too much to tell")
@@ -189,8 +204,9 @@ def verify_one(code: str, script, args: list[str], steps: int | None, original: 
         seconds += fixed.seconds
         verdict, noise = judge(original, rerun, fixed)
         candidate = (verdict, noise, fixed, counterfactual.label(factor))
-        better = best is None or best[2].relative is None or (
-            fixed.relative is not None and fixed.error is None and fixed.relative < best[2].relative)
+        gains = [_gain(original, run) for run in (fixed, best[2])] if best is not None else [None, None]
+        better = best is None or gains[1] is None or (fixed.error is None and gains[0] is not None
+                                                        and gains[0] > gains[1])
         best = candidate if better else best
         if verdict == "confirmed" or fixed.error is not None:
             break
