@@ -38,9 +38,29 @@ def loss_fn(model: nn.Module, batch: tuple) -> torch.Tensor:
     return nn.functional.cross_entropy(model(batch[0]), batch[1])
 
 
-def _train(rank: int, folder: str, audited: bool, batchnorm: bool, optimizer: str, probes: dict | None) -> dict:
-    """One rank's run: DDP over gloo, SGD-momentum or Adam, dropout; what it ends with."""
-    ddp = nn.parallel.DistributedDataParallel(_model(batchnorm))
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor shard (a collective: every rank calls it), else the tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _wrap(model: nn.Module, wrap: str) -> tuple[nn.Module, nn.Module]:
+    """(what the loop calls, the module holding the parameters): DDP, or FSDP2's fully_shard per layer."""
+    if wrap == "ddp":
+        ddp = nn.parallel.DistributedDataParallel(model)
+        return ddp, ddp.module
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer)
+    fully_shard(model)
+    return model, model
+
+
+def _train(rank: int, folder: str, audited: bool, batchnorm: bool, optimizer: str, probes: dict | None,
+           wrap: str = "ddp") -> dict:
+    """One rank's run: DDP (or FSDP2) over gloo, SGD-momentum or Adam, dropout; what it ends with."""
+    ddp, inner = _wrap(_model(batchnorm), wrap)
     opt = (torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9) if optimizer == "sgd"
            else torch.optim.Adam(ddp.parameters(), lr=1e-2))
     audit = stepaudit.Audit(ddp, opt, loss_fn, run=os.path.join(folder, "run"), probes=probes) if audited else None
@@ -48,20 +68,20 @@ def _train(rank: int, folder: str, audited: bool, batchnorm: bool, optimizer: st
     weights = []
     for step in range(STEPS):
         batch = _data(rank, step)
-        weights.append([p.detach().clone() for p in ddp.module.parameters()])
+        weights.append([_full(p.detach()).clone() for p in inner.parameters()])
         block = audit.watch(batch) if audited else _Nothing()
         with block:
             opt.zero_grad()
             loss_fn(ddp, batch).backward()
             opt.step()
-    weights.append([p.detach().clone() for p in ddp.module.parameters()])
+    weights.append([_full(p.detach()).clone() for p in inner.parameters()])
     records = []
     if audit is not None:
         records = [{k: v for k, v in r.items() if k != "layers"} for r in audit.records]
         audit.close()
-    return {"params": [p.detach().clone() for p in ddp.parameters()],
-            "buffers": [b.clone() for b in ddp.buffers()],
-            "state": [{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+    return {"params": [_full(p.detach()).clone() for p in ddp.parameters()],
+            "buffers": [_full(b).clone() for b in ddp.buffers()],
+            "state": [{k: _full(v).clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
                       for s in opt.state.values()],
             "rng": torch.get_rng_state(), "weights": weights, "records": records}
 
@@ -110,10 +130,14 @@ def run_ranks(tmp_path, **kwargs) -> list[dict]:
     return [torch.load(tmp_path / f"result{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_ddp_with_batchnorm_and_dropout_trains_bit_identically_under_the_audit(tmp_path, optimizer):
-    plain = run_ranks(tmp_path / "plain", audited=False, batchnorm=True, optimizer=optimizer, probes=None)
-    audited = run_ranks(tmp_path / "audited", audited=True, batchnorm=True, optimizer=optimizer, probes=None)
+@pytest.mark.parametrize("optimizer, wrap, probes", [
+    ("sgd", "ddp", {"sharpness": 2, "noise": 3}), ("adam", "ddp", None), ("adam", "fsdp2", {"sharpness": 2})])
+def test_batchnorm_and_dropout_train_bit_identically_under_the_audit(tmp_path, optimizer, wrap, probes):
+    """Weights, buffers, optimizer state and RNG after the audited run equal the plain run's on every rank;
+    probes run on each rank's batch under DDP (labelled), and are recorded as not measured under FSDP2."""
+    plain = run_ranks(tmp_path / "plain", audited=False, batchnorm=True, optimizer=optimizer, probes=None, wrap=wrap)
+    audited = run_ranks(tmp_path / "audited", audited=True, batchnorm=True, optimizer=optimizer, probes=probes,
+                        wrap=wrap)
     for rank in range(WORLD):
         a, b = plain[rank], audited[rank]
         assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"])), f"rank {rank}: weights differ"
@@ -123,6 +147,14 @@ def test_ddp_with_batchnorm_and_dropout_trains_bit_identically_under_the_audit(t
                 torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k] for k in sa)
         assert torch.equal(a["rng"], b["rng"]), f"rank {rank}: the RNG stream moved"
     assert len(audited[0]["records"]) == STEPS
+    for rank in range(WORLD):
+        records = audited[rank]["records"]
+        assert not [r for r in records if r["verdict"] == "error"], records[0].get("error")
+        if probes and wrap == "ddp":
+            assert all(math.isfinite(r["sharpness"]) and r["probe_scope"] == "rank" for r in records[::2])
+            assert not any(r.get("probe_errors") for r in records)
+        elif probes:
+            assert all("FSDP2" in r["probe_errors"]["sharpness"] for r in records[::2])
 
 
 def _oracle(weights: list[torch.Tensor], rank: int, step: int) -> tuple[float, list[torch.Tensor]]:
@@ -136,10 +168,12 @@ def _oracle(weights: list[torch.Tensor], rank: int, step: int) -> tuple[float, l
     return float(loss.detach()), list(torch.autograd.grad(loss, list(model.parameters())))
 
 
-def test_ddp_records_describe_the_global_objective_on_every_rank(tmp_path):
+@pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
+def test_records_describe_the_global_objective_on_every_rank(tmp_path, wrap):
     """loss before/after = the mean of the ranks' batch losses and first_order = ḡ·Δw, all recomputed in
-    float64 from the saved weights; identical on both ranks; each rank keeps its own values as local_*."""
-    ranks = run_ranks(tmp_path, audited=True, batchnorm=False, optimizer="sgd", probes=None)
+    float64 from the saved weights; identical on both ranks; each rank keeps its own values as local_*.
+    Under FSDP2 each rank holds half of each layer: the sums over shards are completed across ranks."""
+    ranks = run_ranks(tmp_path, audited=True, batchnorm=False, optimizer="sgd", probes=None, wrap=wrap)
     r0, r1 = (r["records"] for r in ranks)
     weights = ranks[0]["weights"]
     assert len(r0) == len(r1) == STEPS
@@ -157,5 +191,8 @@ def test_ddp_records_describe_the_global_objective_on_every_rank(tmp_path):
                       for g, w0, w1 in zip(mean_grad, weights[step], weights[step + 1]))
         assert a["first_order"] == pytest.approx(promise, rel=1e-4)
         assert a["delta"] == pytest.approx(a["loss_after"] - a["loss_before"], rel=1e-9, abs=1e-12)
+        norm = math.sqrt(sum(float(((w1.double() - w0.double()) ** 2).sum())
+                             for w0, w1 in zip(weights[step], weights[step + 1])))
+        assert a["update_norm"] == pytest.approx(norm, rel=1e-4) and a["update_norm"] == b["update_norm"]
     for w0, w1 in zip(ranks[0]["weights"][-1], ranks[1]["weights"][-1]):
         assert torch.equal(w0, w1)  # DDP kept the replicas equal

@@ -564,9 +564,16 @@ class Audit(StepAPI):
             record["verdict"] = "nonfinite"
 
     def _run_probes(self, ctx: StepContext, record: dict, index: int) -> None:
+        sharded = self._flat is not None and self._flat.sharded
         for name, every in self.probes.items():
             if index % every:
                 continue
+            if sharded:  # the same on every rank: no probe issues a collective that a peer would not
+                record.setdefault("probe_errors", {})[name] = ("not measured: probes need whole parameters and "
+                                                               "FSDP2 shards them")
+                continue
+            if self._world_size > 1:
+                record["probe_scope"] = "rank"  # this rank's batch, on the module DDP wraps: no collective
             try:
                 fields = probe_registry.get(name)(ctx)
             except Exception as error:
