@@ -461,3 +461,18 @@ def test_leaves_created_in_forward_are_not_kept_alive(tmp_path):
     orphans = watcher.observations()["orphan_params"]
     assert [o["numel"] for o in orphans] == [24]  # still found, described and counted once
     assert "created during the forward pass" in orphans[0]["name"] and "[24]" in orphans[0]["name"]
+
+
+@pytest.mark.parametrize("holder", ["sched = {make}", "class Trainer: pass\ntrainer = Trainer()\ntrainer.sched = {make}",
+                                    "keep = [{make}]\nsched = None", "def make():\n    s = {make}\n    return lambda: s.step()\nstep_sched = make()"])
+def test_schedulers_are_found_wherever_the_script_keeps_them(tmp_path, holder):
+    # In the frames (a global, an object's attribute), else among the optimizer's referrers (a list, a closure).
+    make = "torch.optim.lr_scheduler.StepLR(opt, 2)"
+    step = "step_sched()" if "step_sched" in holder else ("trainer.sched.step()" if "trainer" in holder else
+                                                          ("keep[0].step()" if "keep" in holder else "sched.step()"))
+    source = "import torch\nmodel = torch.nn.Linear(3, 1)\nopt = torch.optim.SGD(model.parameters(), lr=0.1)\n" \
+             + holder.format(make=make) + "\nfor i in range(6):\n" \
+             + f"    opt.zero_grad(); model(torch.ones(4, 3)).pow(2).mean().backward(); opt.step(); {step}\n"
+    watcher, outcome = watch(write(tmp_path, source))
+    assert outcome.stopped == "finished"
+    assert watcher.schedulers == {"StepLR": 5}  # read at each optimizer step: the last sched.step() comes after
