@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import copy
 import random
+import subprocess
+import sys
 from functools import partial
 
 import numpy as np
@@ -330,3 +332,12 @@ def test_bf16_autocast_training_is_unchanged_and_re_evaluated_under_it(tmp_path)
     assert plain.recorder.values == audited.recorder.values
     records = audited.stepaudit.audit.records
     assert [r["loss_before"] for r in records] == pytest.approx(oracle.before, rel=1e-6)
+
+
+def test_fastai_and_the_callback_import_without_torchvision():
+    """requirements-fastai.txt leaves torchvision out (the registry's is a CUDA build): nothing here needs it."""
+    code = ("import sys; sys.modules['torchvision'] = None; import fastai.basics, fastai.tabular.all; "
+            "import stepaudit.integrations.fastai; import torch; print(torch.__version__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().split("+")[0] == "2.13.0"
