@@ -6,9 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo test bench doctor-eval clean
 
-$(STAMP): requirements-dev.txt pyproject.toml
+$(STAMP): requirements-dev.txt requirements-fastai.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps -r requirements-fastai.txt  # fastai without torchvision (a CUDA build)
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

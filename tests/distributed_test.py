@@ -196,3 +196,31 @@ def test_records_describe_the_global_objective_on_every_rank(tmp_path, wrap):
         assert a["update_norm"] == pytest.approx(norm, rel=1e-4) and a["update_norm"] == b["update_norm"]
     for w0, w1 in zip(ranks[0]["weights"][-1], ranks[1]["weights"][-1]):
         assert torch.equal(w0, w1)  # DDP kept the replicas equal
+
+
+def test_an_accelerate_prepared_optimizer_is_audited_and_training_unchanged(tmp_path):
+    """Accelerate's AcceleratedOptimizer (one process): audited through the torch optimizer it wraps."""
+    accelerate = pytest.importorskip("accelerate")
+
+    def fit(audited: bool):
+        accelerator = accelerate.Accelerator(cpu=True)
+        model = _model(batchnorm=True)
+        model, opt = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+        assert type(opt).__name__ == "AcceleratedOptimizer"
+        audit = stepaudit.Audit(model, opt, loss_fn, run=tmp_path / f"run{audited}") if audited else None
+        torch.manual_seed(5)
+        for step in range(4):
+            batch = _data(0, step)
+            with audit.watch(batch) if audited else _Nothing():
+                opt.zero_grad()
+                accelerator.backward(loss_fn(model, batch))
+                opt.step()
+        records = list(audit.records) if audited else []
+        if audited:
+            audit.close()
+        return [p.detach().clone() for p in model.parameters()], [b.clone() for b in model.buffers()], records
+
+    plain_w, plain_b, _ = fit(False)
+    audited_w, audited_b, records = fit(True)
+    assert type(records) is list and len(records) == 4 and all(r["verdict"] != "error" for r in records)
+    assert all(torch.equal(a, b) for a, b in zip(plain_w + plain_b, audited_w + audited_b))

@@ -33,7 +33,8 @@ import torch
 from . import probes as probe_registry
 from .arguments import batch_size, check_replayable, index_parameters, validate
 from .context import Part, StepContext, check_scalar_loss
-from .distributed import collective_device, global_objective, rank_folder, unwrap, world, wrapper_state_kept
+from .distributed import (collective_device, global_objective, rank_folder, unwrap, unwrap_optimizer, world,
+                          wrapper_state_kept)
 from .flat import FlatBuffers
 from .losses import LossEvaluator
 from .meta import describe
@@ -105,6 +106,7 @@ class Audit(StepAPI):
         tensorboard: str | os.PathLike | None = None,
         first_step: int = 0,
     ) -> None:
+        optimizer = unwrap_optimizer(optimizer)  # Accelerate's wrapper: its step() calls this one's
         self._reader = reader_for(optimizer)  # what the audit reads: the optimizer, or its mirror under torch's names
         model, self._wrapper = unwrap(model)  # DDP: hooks and re-evaluations on the module it wraps
         self._rank, self._world_size = world()

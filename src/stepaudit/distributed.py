@@ -40,6 +40,18 @@ def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | N
     return model, None
 
 
+def unwrap_optimizer(optimizer: object) -> object:
+    """The torch optimizer inside a launcher's wrapper (Accelerate's ``AcceleratedOptimizer``), else ``optimizer``.
+
+    Such a wrapper's ``step()`` calls the wrapped optimizer's, so the audit's step hooks go there.
+    """
+    inner = getattr(optimizer, "optimizer", None)
+    # AcceleratedOptimizer subclasses Optimizer without running its __init__: it has no hook dicts of its own
+    if isinstance(inner, torch.optim.Optimizer) and not hasattr(optimizer, "_optimizer_step_pre_hooks"):
+        return inner
+    return optimizer
+
+
 @contextlib.contextmanager
 def wrapper_state_kept(wrapper: torch.nn.Module | None) -> Iterator[None]:
     """DDP's forward-sync flags as they were, whatever forwards the audit runs (through the wrapper or not)."""
