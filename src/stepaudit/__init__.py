@@ -15,6 +15,13 @@ def diagnose(run_or_records, **kwargs):
     return _diagnose(run_or_records, **kwargs)
 
 
+def open_run(run):
+    """A run folder read back for display: renders inline in a notebook, ``stepaudit report`` in a browser."""
+    from .report.data import load_run
+
+    return load_run(run)
+
+
 def lr_find(model, optimizer, loss_fn, batches, *args, **kwargs):
     """Audited learning-rate range test that leaves training untouched (see ``stepaudit.lrfind.lr_find``)."""
     from .lrfind import lr_find as _lr_find
@@ -22,4 +29,4 @@ def lr_find(model, optimizer, loss_fn, batches, *args, **kwargs):
     return _lr_find(model, optimizer, loss_fn, batches, *args, **kwargs)
 
 
-__all__ = ["Audit", "AuditError", "RunStoreError", "load", "explain", "diagnose", "lr_find", "__version__"]
+__all__ = ["Audit", "AuditError", "RunStoreError", "load", "explain", "diagnose", "open_run", "lr_find", "__version__"]

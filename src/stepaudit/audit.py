@@ -38,6 +38,7 @@ from .distributed import (collective_device, global_objective, rank_folder, unwr
 from .flat import FlatBuffers
 from .losses import LossEvaluator
 from .meta import describe
+from .notebook import Diagnoses, NotebookMixin
 from .optimizers import reader_for
 from .probes.step import step_fields
 from .records import layer_rows, summarize
@@ -79,7 +80,7 @@ class _Pending:
     captures: dict = field(default_factory=dict)  # probe name → capture watching the training pass
 
 
-class Audit(StepAPI):
+class Audit(StepAPI, NotebookMixin):
     """Audit every (or every N-th) optimizer step of a training loop and record what it did.
 
     ``loss_fn(model, batch) -> scalar tensor`` is the training loss; the audit re-evaluates it on
@@ -358,7 +359,7 @@ class Audit(StepAPI):
         """The doctor's diagnoses for this run's records so far (most likely root cause first)."""
         from .doctor import diagnose
 
-        return diagnose(self.records, meta=self.store_meta())
+        return Diagnoses(diagnose(self.records, meta=self.store_meta()))
 
     def store_meta(self) -> dict:
         """The run metadata as written to the store."""

@@ -119,7 +119,9 @@ def diagnose(run_or_records: str | os.PathLike | Sequence[dict], meta: dict | No
     else:
         raise TypeError("diagnose() takes a run folder or a list of step records (e.g. audit.records), "
                         f"not {type(run_or_records).__name__}")
-    return diagnose_facts(Facts(records, meta, observations))
+    from ..notebook import Diagnoses
+
+    return Diagnoses(diagnose_facts(Facts(records, meta, observations)))
 
 
 __all__ = ["diagnose", "diagnose_facts", "order", "CODES", "CAUSES", "Diagnosis", "Facts", "SEVERITIES"]

@@ -35,6 +35,12 @@ class Run:
     findings: list[dict] = field(default_factory=list)
     findings_error: str | None = None
 
+    def _repr_html_(self) -> str:
+        """Inline in a notebook: the report's summary cards and main charts."""
+        from ..notebook import run_html
+
+        return run_html(self)
+
     @property
     def passive(self) -> bool:
         """Recorded by ``stepaudit doctor`` (passive capture): no loss after the step, no Δloss, α or verdict."""
