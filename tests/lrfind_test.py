@@ -19,7 +19,7 @@ from torch import nn
 
 from stepaudit import cli, lr_find
 from stepaudit.lrfind import lr_grid
-from stepaudit.lrfind_suggest import minimum, slide, stepaudit_rule, steep, valley
+from stepaudit.lrfind_suggest import minimum, slide, steep, stepaudit_rule, valley
 
 A = torch.tensor([0.5, 3.0, 5.0, 1.0, 2.0, 0.1], dtype=torch.float64)  # λ_max = 5 (index 2)
 

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import linalg
 from .context import Part, StepContext, check_scalar_loss
-from .lrfind_result import LRFindResult, Curvature
+from .lrfind_result import Curvature, LRFindResult
 from .lrfind_suggest import smooth_step
 from .precision import working_roundoff
 from .probes.curvature import safe_lr
@@ -250,7 +251,7 @@ def _sweep(model, optimizer, loss_fn, batches, lrs, names, params, ratios, stop_
         delta_w = _flat(params) - weights
         first_order = float(torch.dot(grad.double(), delta_w.double()))
 
-        def evaluate() -> float:
+        def evaluate(rng: RngState = rng, batch: Any = batch) -> float:
             with preserved(model, rng, autocast):
                 return float(check_scalar_loss(loss_fn(model, batch)))
 
@@ -274,7 +275,7 @@ def _sweep(model, optimizer, loss_fn, batches, lrs, names, params, ratios, stop_
             stopped = f"the smoothed loss exceeded {div_factor:g}× its minimum"
             break
     if curvature and info.precond is None:
-        info.precond_where = (f"not measured: {preconditioner(optimizer, params).rule}" if not _adaptive(optimizer)
+        info.precond_where = (f"not applicable: {preconditioner(optimizer, params).rule}" if not _adaptive(optimizer)
                               else "not measured: the optimizer held no second-moment state")
     return LRFindResult.build(rows, lrs, stopped, info, optimizer_name=type(optimizer).__name__)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report.charts import PLOT_HEIGHT, TOP, BOTTOM, WIDTH, Frame, _n, polyline
+from .report.charts import BOTTOM, PLOT_HEIGHT, TOP, WIDTH, Frame, _n, polyline
 from .report.scales import Scale, padded
 
 COLORS = {"stepaudit": "#2563eb", "valley": "#059669", "steep": "#d97706", "minimum": "#7c3aed",
@@ -33,7 +33,7 @@ def _vertical(frame: Frame, x: float, label: str, color: str, row: int) -> None:
     anchor = "end" if x > (x0 + x1) / 2 else "start"
     dx = -4 if anchor == "end" else 4
     frame.overlay.append(f'<text class="guide-label" x="{_n(x + dx)}" y="{_n(y0 + 12 + 13 * row)}" '
-                         f'text-anchor="{anchor}" fill="{color}">{escape(label)}</text>')
+                         f'text-anchor="{anchor}" style="fill:{color}">{escape(label)}</text>')
 
 
 def lr_find_svg(result) -> str:
@@ -43,8 +43,9 @@ def lr_find_svg(result) -> str:
     lrs, raw, smooth = result.lrs, result.losses, result.smooth_losses
     finite = np.concatenate([raw[np.isfinite(raw)], smooth[np.isfinite(smooth)]])
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    if finite.size and math.isfinite(float(np.nanmin(smooth))):
-        hi = min(hi, 4.5 * float(np.nanmin(smooth)) if np.nanmin(smooth) > 0 else hi)  # a diverged tail stays off-scale
+    start = max((v for v in (raw[0], smooth[0]) if math.isfinite(v)), default=math.nan) if len(raw) else math.nan
+    if math.isfinite(start) and start > lo:
+        hi = min(hi, start + 0.3 * (start - lo))  # a diverged tail leaves the top of the plot
     height = PLOT_HEIGHT + TOP + BOTTOM
     left = 64
     xs = Scale("log", float(result.grid[0]), float(result.grid[-1]), left, WIDTH - 18)
@@ -57,6 +58,12 @@ def lr_find_svg(result) -> str:
         marks = "".join(f"M{_n(x)},{_n(TOP)}v7" for x in xs(lrs[rises]))
         frame.body.append(f'<path d="{marks}" stroke="{COLORS["bound"]}" stroke-width="1.5">'
                           "<title>this step raised its own batch's loss</title></path>")
+    x0, _, _, y1 = frame.plot
+    legend = [("#111827", "smoothed loss"), ("#94a3b8", "loss of each batch"),
+              (COLORS["bound"], "ticks: the step raised its own batch's loss")]
+    for i, (color, text) in enumerate(legend):
+        frame.overlay.append(f'<text class="guide-label" x="{_n(x0 + 6)}" y="{_n(y1 - 8 - 13 * (len(legend) - 1 - i))}" '
+                             f'style="fill:{color}">{escape(text)}</text>')
     row = 0
     bound, name = result.curvature.bound
     if math.isfinite(bound):

@@ -60,9 +60,9 @@ class LRFindResult:
 
     @classmethod
     def build(cls, rows: list[dict], grid: np.ndarray, stopped: str, curvature: Curvature,
-              optimizer_name: str = "") -> "LRFindResult":
+              optimizer_name: str = "") -> LRFindResult:
         """Assemble the result from the sweep's rows and compute every suggestion."""
-        column = lambda key: np.array([r[key] for r in rows], dtype=float)  # noqa: E731
+        column = lambda key: np.array([r[key] for r in rows], dtype=float)
         verdicts = [r["verdict"] for r in rows]
         lrs = column("lr")
         result = cls(lrs, column("loss"), column("smooth_loss"), column("loss_after"), column("delta"),
@@ -101,8 +101,8 @@ class LRFindResult:
         return lines
 
     def __str__(self) -> str:
-        rows = [f"lr range test ({self.optimizer_name}): {len(self.lrs)} of {len(self.grid)} steps, "
-                f"lr {self.grid[0]:.3g} to {self.lrs[-1]:.3g}; stopped: {self.stopped}",
+        rows = [(f"lr range test ({self.optimizer_name}): {len(self.lrs)} of {len(self.grid)} steps, "
+                 f"lr {self.grid[0]:.3g} to {self.lrs[-1]:.3g}; stopped: {self.stopped}"),
                 f"suggestion: {self.suggestion:.3g}  ({self.reason})", ""]
         rows += [f"  {LABELS[k]:<18} {self.suggestions.get(k, math.nan):.3g}" for k in ORDER]
         rows += ["", f"  first lr where the own-batch loss rose: {_fmt(self.lr_rise)}",
