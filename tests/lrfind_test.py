@@ -247,3 +247,22 @@ def test_outputs_summary_svg_html_and_the_cli(tmp_path, capsys):
     assert cli.main(["lr-find", "train.py"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("stepaudit lr-find:")
+
+
+def test_a_failing_loss_mid_sweep_still_restores_everything_and_a_one_pass_iterator_ends_the_sweep():
+    model, optimizer = trained(torch.optim.Adam, lr=1e-3)
+    before = tensors_of(model, optimizer)
+    calls = [0]
+
+    def failing(m, batch):
+        calls[0] += 1
+        if calls[0] == 8:
+            raise RuntimeError("boom")
+        return net_loss(m, batch)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        lr_find(model, optimizer, failing, net_batches(), num=40, curvature=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, tensors_of(model, optimizer)))
+    result = lr_find(model, optimizer, net_loss, iter(net_batches(12)), num=40, curvature=False)
+    assert len(result.lrs) == 12 and result.stopped == "the batches ran out"
+    assert all(torch.equal(a, b) for a, b in zip(before, tensors_of(model, optimizer)))

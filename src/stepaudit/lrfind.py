@@ -197,6 +197,10 @@ def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: C
     follows the grid, keeping its ratio to the first group's lr. The sweep stops early when the smoothed loss
     exceeds ``div_factor`` × its minimum (``stop_div``), when a loss is not finite, or when a one-pass
     iterator of batches runs out. ``curvature=False`` skips λ_max and the preconditioned sharpness.
+    ``result.suggestion`` is stepaudit's: half the first lr at which a step raised its own batch's loss (where
+    such a step lands near its batch's valley floor, α ≈ 0, instead of past it), capped by the stability bound
+    at the start weights (2/λ_max for plain SGD, the preconditioned bound for Adam); fastai's valley when no
+    step raised it. fastai's minimum/10, steep, valley and slide are in ``result.suggestions``.
     """
     lrs = lr_grid(float(start_lr), float(end_lr), num)
     names, params = _named(model, optimizer)
