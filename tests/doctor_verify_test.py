@@ -188,6 +188,9 @@ def test_judge_verdicts_and_lines():
     assert judge(RunLoss(2.29, 19.8), RunLoss(2.29, 19.8), partial)[0] == "inconclusive"
     assert _detail("inconclusive", "lr ×0.1", RunLoss(2.29, 19.8), RunLoss(2.29, 19.8), partial, 0.0).endswith(
         "better than the original, but that run did not train either")
+    at_chance = RunLoss(404.0, 2.3, at_prior=True)  # from a huge first loss down to the label prior: not trained
+    assert judge(RunLoss(404.0, None, nonfinite=True), RunLoss(404.0, None, nonfinite=True), at_chance)[0] == \
+        "inconclusive"
     failed = RunLoss(None, None, error="RuntimeError: boom")
     assert judge(original, rerun, failed)[0] == "inconclusive"
     assert _detail("inconclusive", "lr ×0.1", original, rerun, failed, 0.0) == \

@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.verify and diagnoses:
         from .verify import from_facts, verify
 
-        original = from_facts(facts, steps, None if not failed else (outcome.error or "the script failed"))
+        original = from_facts(facts, steps, None if not failed else (outcome.error or "the script failed"),
+                              observations.get("elapsed_s") or 0.0)
         # The same steps: a script that ended on its own ends there again; one the doctor stopped stops there.
         limit = args.verify_steps or ((args.max_steps or None) if outcome.stopped == "finished" else steps)
         diagnoses = verify(diagnoses, script, list(args.args), limit, args.time_limit, original)

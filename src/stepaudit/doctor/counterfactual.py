@@ -212,9 +212,11 @@ COUNTERFACTUALS: dict[str, Counterfactual] = {
     "lr_too_high": Counterfactual(scale_lr, (0.1, 0.01), _lr_label),
     "lr_too_low": Counterfactual(scale_lr, (10.0, 100.0), _lr_label),
     "missing_zero_grad": Counterfactual(zero_after_step, label=lambda _: "zero_grad after each step"),
-    "exploding_gradients": Counterfactual(clip_gradients, label=lambda _: "gradient norm clipped at the early median"),
+    "exploding_gradients": Counterfactual(clip_gradients,
+                                          label=lambda _: "gradient norm clipped at the early median"),
     "unnormalized_inputs": Counterfactual(standardize_inputs, label=lambda _: "first layer's input standardised"),
-    "params_not_updating": Counterfactual(add_missing_params, label=lambda _: "missing parameters added to the optimizer"),
+    "params_not_updating": Counterfactual(add_missing_params,
+                                          label=lambda _: "missing parameters added to the optimizer"),
 }
 
 

@@ -12,7 +12,8 @@ as standardising the inputs does, and then the lower start is the fair unit). Wi
 original's last loss − the fixed run's and ``noise`` = |the original's − its re-run's|, in that unit:
 
 - **confirmed**: ``gain ≥ max(MARKED, NOISE_TIMES × noise)`` (markedly better, beyond the noise) and the
-  fixed run trains: its last loss is at least ``MARKED`` of its start below its start;
+  fixed run trains: its last loss is at least ``MARKED`` of its start below its start, and not at the loss
+  of predicting the label frequencies (the doctor's "stuck at the prior");
 - **inconclusive**: the run failed; or ``gain > 0`` but the noise is too large to tell (``NOISE_TIMES ×
   noise ≥ MARKED``); or markedly better than the original but the fixed run did not train either;
 - **refuted**: otherwise (no better); a refuted diagnosis is demoted below the confirmed ones.
@@ -53,6 +54,7 @@ class RunLoss:
     error: str | None = None
     seconds: float = 0.0
     metric: float | None = None
+    at_prior: bool = False  # the last loss sits at the loss of predicting the label frequencies
 
     def level(self, unit: float) -> float | None:
         """Last loss in units of ``unit`` (infinite after a non-finite value); None without a loss."""
@@ -69,7 +71,8 @@ class RunLoss:
 def from_facts(facts, steps: int, error: str | None = None, seconds: float = 0.0,
                metric: float | None = None) -> RunLoss:
     """The ``RunLoss`` of a watched run, measured as the doctor measures it (``Facts``)."""
-    return RunLoss(facts.loss_start, facts.loss_end, facts.first_nonfinite is not None, steps, error, seconds, metric)
+    return RunLoss(facts.loss_start, facts.loss_end, facts.first_nonfinite is not None, steps, error, seconds, metric,
+                   bool(facts.stuck_at_prior))
 
 
 def printed_metric(text: str) -> float | None:
@@ -120,7 +123,7 @@ def run_child(script: str | os.PathLike, args: list[str], steps: int | None, tim
             return RunLoss(None, None, error=f"exit status {process.returncode}: {_last_line(stderr)}", seconds=seconds)
         found = json.loads(out.read_text())
     return RunLoss(found["start"], found["end"], found["nonfinite"], found["steps"], found["error"], seconds,
-                   printed_metric(stdout))
+                   printed_metric(stdout), found["at_prior"])
 
 
 def _gain(original: RunLoss, fixed: RunLoss) -> float | None:
@@ -133,8 +136,8 @@ def _gain(original: RunLoss, fixed: RunLoss) -> float | None:
 
 
 def _trains(run: RunLoss) -> bool:
-    """The run's last loss is at least ``MARKED`` of its start below its start (and finite)."""
-    return (not run.nonfinite and run.start is not None and run.end is not None and run.start != 0
+    """The run's last loss is at least ``MARKED`` of its start below its start, finite, not at the label prior."""
+    return (not run.nonfinite and not run.at_prior and run.start is not None and run.end is not None and run.start != 0
             and (run.start - run.end) / abs(run.start) >= MARKED)
 
 
@@ -171,8 +174,9 @@ def _detail(verdict: str, fix: str, original: RunLoss, rerun: RunLoss, fixed: Ru
     if verdict == "inconclusive" and not _trains(fixed):
         return text + ": better than the original, but that run did not train either"
     if verdict == "inconclusive":
-        return text + (f", but the original's run-to-run noise ({noise:.2g} of its starting loss) is too large to tell"
-                       if noise is not None and math.isfinite(noise) else ", and the original's re-run differs too much to tell")
+        if noise is not None and math.isfinite(noise):
+            return text + f", but the original's run-to-run noise ({noise:.2g} of its starting loss) is too large to tell"
+        return text + ", and the original's re-run differs too much to tell"
     if verdict == "refuted":
         return text + ": no better than the original"
     return text
@@ -229,8 +233,9 @@ def verify(diagnoses: list[dict], script, args: list[str], steps: int | None, ti
     todo = [d for d in chosen if d["code"] in COUNTERFACTUALS]
     if not todo:
         return diagnoses
-    if timeout is None:
-        timeout = 60.0 + (time_limit if time_limit is not None else 600.0)
+    if timeout is None:  # a hung run is killed: the time limit, else ten times the original's, and start-up
+        own = original.seconds if original is not None else 60.0
+        timeout = 60.0 + (time_limit if time_limit is not None else 10 * max(own, 6.0))
     try:
         rerun = run_child(script, args, steps, time_limit, timeout=timeout)
         if original is None:  # called without the diagnosing run: run the original too
@@ -249,11 +254,14 @@ def _reorder(diagnoses: list[dict]) -> list[dict]:
     confirmed = [d for d in diagnoses if (d.get("verification") or {}).get("verdict") == "confirmed"]
     if not confirmed:
         return diagnoses
-    rest = [d for d in diagnoses if d not in confirmed]
-    first = diagnoses.index(confirmed[0])
-    for d in rest:
+    first = next(i for i, d in enumerate(diagnoses) if d is confirmed[0])
+    rest = []
+    for i, d in enumerate(diagnoses):
+        if any(d is c for c in confirmed):
+            continue
+        rest.append(d)
         v = d.get("verification") or {}
-        if v.get("verdict") == "refuted" and diagnoses.index(d) < first:
+        if v.get("verdict") == "refuted" and i < first:
             v["detail"] += f"; demoted below the confirmed {confirmed[0]['code']}"
     return confirmed + rest
 
