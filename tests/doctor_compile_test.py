@@ -78,7 +78,10 @@ def train_step(xb, yb):
 for step in range({steps}):
     idx = torch.randint(0, 64, (32,))
     train_step(x[idx], y[idx])
+    if step == 0:  # step 1 is sampled: the doctor's module hooks would be registered now, were they not frozen
+        hooks = len(torch.nn.modules.module._global_forward_pre_hooks)
 torch.save(model.state_dict(), sys.argv[1])
+open(sys.argv[1] + ".hooks", "w").write(str(hooks))
 """
 
 
@@ -129,6 +132,8 @@ def test_compiled_training_is_unchanged_under_the_doctor(tmp_path, source):
     watcher = watched["watcher"]
     assert watcher.capture_errors == 0, watcher.first_capture_error
     assert watcher.backward_count == STEPS  # the backward wrapper runs (uncompiled) at every step
+    if source is COMPILED_STEP:  # the module hooks went before the first compilation and stayed away
+        assert (tmp_path / "watched.pt.hooks").read_text() == "0"
     if source is COMPILED_MODULE:
         assert watcher.step_count == STEPS and [type(r).__name__ for r in watcher.roots.values()] == ["Net"]
         assert all(r["loss_before"] == r["loss_before"] for r in watcher.records)

@@ -268,7 +268,12 @@ class PassiveWatcher(ForwardObserver, RunResults):
         handler = getattr(_sys.modules.get("torch._dynamo.callback"), "callback_handler", None)
         if handler is None or not hasattr(handler, "register_start_callback"):
             return False
-        callback = self.guarded(self._on_compile_start)
+        def callback(args: Any = None) -> None:  # not ``guarded``: is_compiling() already holds here
+            try:
+                self._on_compile_start(args)
+            except Exception:
+                self.capture_errors += 1
+
         handler.register_start_callback(callback)
         self._compile_callback = (handler, callback)
         return True
@@ -654,9 +659,11 @@ def _active() -> "PassiveWatcher | None":
     return None if _compiling() else _ACTIVE
 
 
+_IS_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # looked up once: ~1 µs a call
+
+
 def _compiling() -> bool:
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling()) if is_compiling is not None else False
+    return _IS_COMPILING is not None and bool(_IS_COMPILING())
 
 
 def _dynamo_skips(functions: tuple, recursive: bool) -> None:
