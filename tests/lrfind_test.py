@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from stepaudit import cli, lr_find
 from stepaudit.lrfind import lr_grid
@@ -266,3 +267,21 @@ def test_a_failing_loss_mid_sweep_still_restores_everything_and_a_one_pass_itera
     result = lr_find(model, optimizer, net_loss, iter(net_batches(12)), num=40, curvature=False)
     assert len(result.lrs) == 12 and result.stopped == "the batches ran out"
     assert all(torch.equal(a, b) for a, b in zip(before, tensors_of(model, optimizer)))
+
+
+def test_optimizer_step_hooks_do_not_see_the_sweep_and_are_back_afterwards():
+    model, optimizer = trained(torch.optim.SGD, lr=0.1)
+    seen = {"own": 0, "global": 0}
+    own = optimizer.register_step_post_hook(lambda *a: seen.__setitem__("own", seen["own"] + 1))
+    glob = register_optimizer_step_post_hook(
+        lambda *a: seen.__setitem__("global", seen["global"] + 1))
+    try:
+        result = lr_find(model, optimizer, net_loss, net_batches(), num=20, curvature=False)
+        assert len(result.lrs) == 20 and seen == {"own": 0, "global": 0}
+        optimizer.step()
+        assert seen == {"own": 1, "global": 1}
+    finally:
+        own.remove()
+        glob.remove()
+    optimizer.step()
+    assert seen == {"own": 1, "global": 1}  # the handles still remove what they registered

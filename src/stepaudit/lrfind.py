@@ -16,6 +16,7 @@ copied back). The batches consumed from ``batches`` are not given back: pass a f
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.optim.optimizer as _optim
 
 from . import linalg
 from .context import Part, StepContext, check_scalar_loss
@@ -79,6 +81,26 @@ class Snapshot:
         for module, mode in self.modules:
             module.training = mode
         self.rng.apply()
+
+
+@contextlib.contextmanager
+def step_hooks_held_back(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Hold back the optimizer step hooks (this optimizer's and the global ones) while the block runs.
+
+    The sweep's steps are not training steps: an open ``Audit`` or the doctor's passive capture must not count
+    them. The same hook dicts are emptied and refilled in place, so the hooks' handles keep working.
+    """
+    tables = [getattr(optimizer, "_optimizer_step_pre_hooks", {}), getattr(optimizer, "_optimizer_step_post_hooks", {}),
+              _optim._global_optimizer_pre_hooks, _optim._global_optimizer_post_hooks]
+    saved = [dict(table) for table in tables]
+    for table in tables:
+        table.clear()
+    try:
+        yield
+    finally:
+        for table, hooks in zip(tables, saved):
+            table.clear()
+            table.update(hooks)
 
 
 def _saved(value: Any) -> tuple[str, Any]:
@@ -196,7 +218,8 @@ def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: C
     ``loss_fn(model, batch)`` returns the scalar training loss (as for ``Audit``). Every parameter group's lr
     follows the grid, keeping its ratio to the first group's lr. The sweep stops early when the smoothed loss
     exceeds ``div_factor`` × its minimum (``stop_div``), when a loss is not finite, or when a one-pass
-    iterator of batches runs out. ``curvature=False`` skips λ_max and the preconditioned sharpness.
+    iterator of batches runs out. ``curvature=False`` skips λ_max and the preconditioned sharpness. Optimizer
+    step hooks (an open ``Audit``'s, the doctor's) are held back during the sweep: its steps are not training.
     ``result.suggestion`` is stepaudit's: half the first lr at which a step raised its own batch's loss (where
     such a step lands near its batch's valley floor, α ≈ 0, instead of past it), capped by the stability bound
     at the start weights (2/λ_max for plain SGD, the preconditioned bound for Adam); fastai's valley when no
@@ -208,8 +231,9 @@ def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: C
     ratios = [float(g["lr"]) / base if base > 0 else 1.0 for g in optimizer.param_groups]
     snapshot = Snapshot(model, optimizer)
     try:
-        return _sweep(model, optimizer, loss_fn, batches, lrs, names, params, ratios, stop_div, div_factor, beta,
-                      curvature, tol, max_hvps, seed)
+        with step_hooks_held_back(optimizer):
+            return _sweep(model, optimizer, loss_fn, batches, lrs, names, params, ratios, stop_div, div_factor, beta,
+                          curvature, tol, max_hvps, seed)
     finally:
         snapshot.restore()
 
