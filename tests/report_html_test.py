@@ -265,3 +265,62 @@ def test_compare_names_each_optimizer_with_its_hyperparameters_and_stored_result
     assert "<th>stored result</th>" in text and "<td>test accuracy 0.971</td>" in text
     plain = write_compare([adamw], tmp_path / "one.html").read_text()
     assert "stored result" not in plain  # an optional column appears only when a run fills it
+
+
+def test_logged_metrics_are_stored_charted_and_compared(tmp_path):
+    """audit.log(name, value): the values come back as logged, the report charts them, compare overlays and lists them."""
+    import torch
+    import stepaudit
+    from stepaudit.store import read_metrics
+
+    def run(name: str, scale: float):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss_fn = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+        audit = stepaudit.Audit(model, opt, loss_fn, run=tmp_path / name)
+        for step in range(6):
+            batch = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+            with audit.watch(batch):
+                opt.zero_grad()
+                loss_fn(model, batch).backward()
+                opt.step()
+            if step % 2 == 1:
+                audit.log("val_acc", torch.tensor(scale * step))
+        audit.log("val_acc", 0.5, step=2)  # an explicit step overrides that step's value
+        with pytest.raises(TypeError, match="must be a number"):
+            audit.log("val_acc", "high")
+        audit.close()
+        return tmp_path / name
+
+    a, b = run("a", 0.1), run("b", 0.2)
+    assert read_metrics(a) == {"val_acc": ([1, 2, 3, 5], [pytest.approx(0.1), 0.5, pytest.approx(0.3), pytest.approx(0.5)])}
+    text = render_report(load_run(a))
+    drawn = tips(text, "metrics")[0]
+    assert drawn["n"] == "val_acc" and drawn["x"] == [1, 2, 3, 5] and drawn["y"] == [0.1, 0.5, 0.3, 0.5]
+    compare = write_compare([a, b], tmp_path / "compare.html").read_text()
+    assert tips(compare, "c-metric-val_acc")[1]["y"] == [0.2, 0.5, 0.6, 1.0]
+    assert "<td>val_acc 0.5 at step 5</td>" in compare and "<td>val_acc 1 at step 5</td>" in compare
+
+
+def test_every_param_groups_learning_rate_is_recorded_and_charted(tmp_path):
+    import torch
+    import stepaudit
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[1].parameters(), "lr": 0.01}], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
+    loss_fn = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    audit = stepaudit.Audit(model, opt, loss_fn, run=tmp_path / "groups")
+    for _ in range(3):
+        batch = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+        with audit.watch(batch):
+            opt.zero_grad()
+            loss_fn(model, batch).backward()
+            opt.step()
+        scheduler.step()
+    audit.close()
+    assert [r["lr_group_1"] for r in audit.records] == [0.01, 0.005, 0.0025]
+    drawn = tips(render_report(load_run(tmp_path / "groups")), "lr")
+    assert [s["n"] for s in drawn] == ["lr, param group 0", "lr, param group 1"]
+    assert drawn[0]["y"] == [0.1, 0.05, 0.025] and drawn[1]["y"] == [0.01, 0.005, 0.0025]

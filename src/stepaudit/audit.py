@@ -38,6 +38,7 @@ from .distributed import (collective_device, global_objective, rank_folder, unwr
 from .flat import FlatBuffers
 from .losses import LossEvaluator
 from .meta import describe
+from .noise_ranks import CAPTURE, LocalGradNorms, noise_fields, rank_values
 from .notebook import Diagnoses, NotebookMixin
 from .optimizers import reader_for
 from .probes.step import step_fields
@@ -271,6 +272,8 @@ class Audit(StepAPI, NotebookMixin):
                 self._refresh_index(pending)
                 pending.entry = self.replay.open(self._devices)
                 self._forward_handle = self.model.register_forward_hook(self._forward_end)
+                if self._world_size > 1 and self._wrapper is not None:  # DDP: g_r before its all-reduce
+                    pending.captures[CAPTURE] = LocalGradNorms(self.params)
                 if self.probes:
                     self._start_captures(pending, step)
             except BaseException:  # strict mode: leave no hook and no open step behind
@@ -519,7 +522,7 @@ class Audit(StepAPI, NotebookMixin):
                 raise AuditError(f"auditing step {index} failed: {error}") from error
             record = {"step": index, "verdict": "error", "error": f"{type(error).__name__}: {error}"}
         if self._world_size > 1:  # every rank, every audited step, whatever happened above: lockstep
-            self._globalize(record)
+            self._globalize(record, pending.captures)
         pending.watch.record = record
         self._commit(record)
 
@@ -534,6 +537,8 @@ class Audit(StepAPI, NotebookMixin):
         else:  # the buffers were reused for Δw; nothing after this point reads them
             ctx.flat_before = ctx.before = None
         record = {"step": index, "lr": ctx.lr(), "batch_size": batch_size(pending.batches)}
+        for i, group in enumerate(ctx.optimizer.param_groups[1:6], start=1):  # the report charts up to six groups
+            record[f"lr_group_{i}"] = float(group.get("lr", math.nan))
         layers, totals = layer_rows(self.names, self.modules, self.groups, sums, first_order=first_order)
         record.update(totals)
         loss_after, noise, record["noise_method"] = self.losses.after(ctx, pending.loss_before)
@@ -546,23 +551,26 @@ class Audit(StepAPI, NotebookMixin):
         self._run_probes(ctx, record, index)
         return record
 
-    def _globalize(self, record: dict) -> None:
+    def _globalize(self, record: dict, captures: dict) -> None:
         """Make the own-batch fields describe the global objective (mean of the ranks' losses); keep ours as local_*."""
         flat = self._flat
         if flat is not None and flat.sharded and not flat.reduced:
             flat.stand_in()  # this rank failed before its shards' sums were all-reduced: join that collective
         failed = record.get("verdict") == "error"
-        device = collective_device()
-        before, after, noise, failures = global_objective(record.get("loss_before"), record.get("loss_after"),
-                                                          record.get("rounding_noise"), failed, device)
+        local_sq, global_sq = rank_values(captures, record)
+        step = global_objective(record.get("loss_before"), record.get("loss_after"), record.get("rounding_noise"),
+                                failed, collective_device(), record.get("batch_size"), local_sq, global_sq)
         record.update({f"local_{k}": record.get(k) for k in ("loss_before", "loss_after", "delta", "verdict")})
-        record.update(world_size=self._world_size, rank=self._rank)
-        if failures:
+        record.update(world_size=self._world_size, rank=self._rank, global_batch=step.global_batch)
+        if CAPTURE in captures:
+            record.update(local_grad_norm=math.sqrt(local_sq) if local_sq >= 0 else math.nan,
+                          **noise_fields(step, self._world_size))
+        if step.failures:
             if not failed:
-                record.update(verdict="error", error=f"the audit failed on {failures} of {self._world_size} ranks")
+                record.update(verdict="error", error=f"the audit failed on {step.failures} of {self._world_size} ranks")
             return
         moved = record.get("update_norm", 0) > 0
-        record.update(step_fields(before, after, record["first_order"], noise, moved=moved))
+        record.update(step_fields(step.loss_before, step.loss_after, record["first_order"], step.noise, moved=moved))
         if not math.isfinite(record["first_order"]) and record["verdict"] != "nonfinite":
             record["verdict"] = "nonfinite"
 

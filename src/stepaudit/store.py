@@ -104,6 +104,7 @@ class RunStore:
                 CREATE TABLE IF NOT EXISTS layers (step INTEGER, kind TEXT, name TEXT, grad_norm REAL,
                     update_norm REAL, weight_norm REAL, update_ratio REAL, PRIMARY KEY (step, kind, name));
                 CREATE TABLE IF NOT EXISTS extras (step INTEGER, field TEXT, value TEXT, PRIMARY KEY (step, field));
+                CREATE TABLE IF NOT EXISTS metrics (step INTEGER, name TEXT, value REAL, PRIMARY KEY (step, name));
                 """
             )
             self._columns = {row[1] for row in self.db.execute("PRAGMA table_info(steps)")}
@@ -116,7 +117,7 @@ class RunStore:
             if earlier:  # a new run in an old folder: never mix the two runs' steps
                 warnings.warn(f"{self.path.parent} held {earlier} steps of an earlier run; they are replaced "
                               f"({keep_hint})", stacklevel=3)
-                self.db.executescript("DELETE FROM steps; DELETE FROM layers; DELETE FROM extras;")
+                self.db.executescript("DELETE FROM steps; DELETE FROM layers; DELETE FROM extras; DELETE FROM metrics;")
             self.db.execute("DELETE FROM runs")
             self.db.execute(
                 "INSERT INTO runs (id, name, created, meta) VALUES (1, ?, ?, ?)",
@@ -179,6 +180,11 @@ class RunStore:
             self._columns = {row[1] for row in self.db.execute("PRAGMA table_info(steps)")}
             self._inserts.pop(shape, None)
             raise
+
+    def log_metric(self, step: int, name: str, value: float) -> None:
+        """A metric the user logged at a step (accuracy, validation loss …); the last value per step and name wins."""
+        self.db.execute("INSERT OR REPLACE INTO metrics (step, name, value) VALUES (?, ?, ?)",
+                        (int(step), str(name), float(value)))
 
     def close(self) -> None:
         """Checkpoint the WAL into the main file and close."""
@@ -252,6 +258,19 @@ def read_run(run: str | os.PathLike) -> tuple[dict, list[dict], list[dict]]:
             if record.get(key) is None:
                 record[key] = math.nan
     return meta, steps, layers
+
+
+def read_metrics(run: str | os.PathLike) -> dict[str, tuple[list[int], list[float]]]:
+    """The metrics logged with ``Audit.log``: name → (steps, values), in step order ({} for older runs)."""
+    with _reading(run) as db:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='metrics'").fetchone():
+            return {}
+        found: dict[str, tuple[list[int], list[float]]] = {}
+        for step, name, value in db.execute("SELECT step, name, value FROM metrics ORDER BY name, step"):
+            steps, values = found.setdefault(name, ([], []))
+            steps.append(step)
+            values.append(math.nan if value is None else value)
+        return found
 
 
 def load(run: str | os.PathLike, table: str = "steps") -> Any:

@@ -48,7 +48,7 @@ def summary_rows(runs: Sequence[Run]) -> list[dict]:
                 "median_alpha": s["median_alpha"],
                 "kept": s["median_delta_over_first_order"],
             }),
-            "result": stored_result(run.meta),
+            "result": stored_result(run.meta, run.metrics),
             "finding": str(top.get("title") or top.get("code")) if top else "",
         })
     return rows
@@ -169,7 +169,19 @@ def compare_figures(runs: Sequence[Run]) -> list[Figure]:
         _overlay("c-noise", "Gradient noise scale", "B_simple = tr(Σ)/‖G‖², where recorded.", runs, "noise_scale",
                  y_label="examples", y_kind="log"),
     ]
+    names = sorted({name for run in runs for name in run.metrics})
+    for name in names[:4]:  # each metric logged with Audit.log, where runs logged it
+        figures.append(_overlay(f"c-metric-{name}", f"Logged: {name}", f"{name} as each run logged it (audit.log).",
+                                runs, name, y_label=name, transform=_metric(name)))
     return [f for f in figures if f is not None]
+
+
+def _metric(name: str):
+    """A transform reading a logged metric of a run (empty where the run did not log it)."""
+    def read(run: Run) -> tuple[np.ndarray, np.ndarray]:
+        steps, values = run.metrics.get(name, ([], []))
+        return np.asarray(steps, float), np.asarray(values, float)
+    return read
 
 
 def render_compare(runs: Sequence[Run]) -> str:

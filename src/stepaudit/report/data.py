@@ -13,7 +13,7 @@ import numpy as np
 from ..doctor.summary import LAST_LOSS, is_passive, last_loss, stop_reason
 from ..records import summarize
 from .scales import fmt
-from ..store import read_run
+from ..store import read_metrics, read_run
 
 VERDICTS = ("decrease", "increase", "flat", "nonfinite", "error")
 NOT_MEASURED = "not measured in passive mode"
@@ -34,6 +34,7 @@ class Run:
     verdicts: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
     findings: list[dict] = field(default_factory=list)
     findings_error: str | None = None
+    metrics: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)  # Audit.log: name → (steps, values)
 
     def _repr_html_(self) -> str:
         """Inline in a notebook: the report's summary cards and main charts."""
@@ -71,7 +72,8 @@ class Run:
 def load_run(run: str | os.PathLike, diagnose: bool = True) -> Run:
     """Read a run folder and prepare its columns (and the doctor's findings unless ``diagnose=False``)."""
     meta, steps, layers = read_run(run)
-    result = Run(str(run), meta, steps, layers, columns(steps), np.array([s.get("verdict") for s in steps], dtype=object))
+    result = Run(str(run), meta, steps, layers, columns(steps), np.array([s.get("verdict") for s in steps], dtype=object),
+                 metrics=read_metrics(run))
     if diagnose:
         result.findings, result.findings_error = findings(meta, steps, layers)
     return result
@@ -194,13 +196,16 @@ def layer_matrix(layers: list[dict], kind: str, field_name: str, max_columns: in
 RESULT_KEYS = ("test_accuracy", "val_accuracy", "accuracy", "train_accuracy", "val_loss", "test_loss")  # stored by the run
 
 
-def stored_result(meta: dict) -> str:
-    """The first result the run stored in its metadata, e.g. "test accuracy 0.967"; "" when none."""
+def stored_result(meta: dict, metrics: dict | None = None) -> str:
+    """The run's result: the first one stored in its metadata, e.g. "test accuracy 0.967", else the last value
+    of each metric logged with ``Audit.log`` ("val_acc 0.95 at step 900"); "" when none."""
+    logged = [f"{name} {fmt(values[-1])} at step {steps[-1]:,}" for name, (steps, values) in (metrics or {}).items()
+              if values]
     for key in RESULT_KEYS:
         value = meta.get(key)
         if isinstance(value, (int, float)) and math.isfinite(value):
             return f"{key.replace('_', ' ')} {fmt(value)}"
-    return ""
+    return "; ".join(logged[:3])
 
 
 def optimizer_label(meta: dict) -> str:

@@ -31,7 +31,7 @@ class Figure:
 def run_figures(run: Run) -> list[Figure]:
     """Every chart the run's recorded fields allow, in reading order."""
     makers = (loss_figure, promise_figure, alpha_figure, alpha_histogram, heatmap_figure, update_figure,
-              lr_figure, norms_figure, sharpness_figure, precond_figure, noise_figure)
+              lr_figure, metrics_figure, norms_figure, sharpness_figure, precond_figure, noise_figure)
     return [f for f in (make(run) for make in makers) if f is not None]
 
 
@@ -190,6 +190,24 @@ def lr_figure(run: Run) -> Figure | None:
     return Figure("lr", "Learning rate per step", svg,
                   "The learning rate each audited step used, after any scheduler. A schedule that falls by orders of "
                   "magnitude early stops training as surely as a bug.", legend, notes)
+
+
+def metrics_figure(run: Run) -> Figure | None:
+    """What the run logged with ``Audit.log`` (accuracy, validation loss …), one line per metric."""
+    if not run.metrics:
+        return None
+    palette = (GREEN, PURPLE, ORANGE, TEAL, RED, BLUE)
+    series, legend = [], []
+    for i, (name, (steps, values)) in enumerate(sorted(run.metrics.items())[:6]):
+        color = palette[i % len(palette)]
+        series.append(Series(name, np.asarray(steps, float), np.asarray(values, float), color, "line"))
+        legend.append((name, color, "line"))
+    svg, notes = time_chart("metrics", "Logged metrics", series, y_label="value", x_domain=_x_domain(run))
+    if len(run.metrics) > 6:
+        notes.append(f"{len(run.metrics) - 6} more metrics logged; the first six by name are drawn")
+    return Figure("metrics", "Metrics logged by the run", svg,
+                  "What the training script logged with audit.log(name, value): held-out accuracy or loss against "
+                  "the step, beside the per-step audit above.", legend, notes)
 
 
 def norms_figure(run: Run) -> Figure | None:
