@@ -20,6 +20,11 @@ MAX_INPUT_ROWS = 256  # first-layer input rows pooled over the early sampled ste
 MAX_INPUT_VALUES = 4_000_000  # all pooled rows together (32 MB of float64), whatever the input width
 
 
+def _compiled_graph(module: torch.nn.Module) -> bool:
+    """A graph TorchDynamo or AOTAutograd made (weights lifted to inputs), not a user's traced model."""
+    return isinstance(module, torch.fx.GraphModule) and next(module.parameters(), None) is None
+
+
 def _tensor_arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
     return args[index] if len(args) > index else kwargs.get(name)
 
@@ -58,7 +63,7 @@ class ForwardObserver:
 
     # -- forward statistics ------------------------------------------------------------------------------
     def _forward_pre(self, module, args):
-        if isinstance(module, torch.fx.GraphModule):
+        if _compiled_graph(module):
             return  # a graph torch.compile made (eager/aot_eager backends run one per call): not the user's
         compiled = getattr(module, "_orig_mod", None)
         if compiled is not None and type(module).__name__ == "OptimizedModule":
@@ -75,12 +80,12 @@ class ForwardObserver:
                 self._pool_input(module, args[0])
 
     def _compiled_module(self, model: torch.nn.Module) -> None:
-        """The first call of a ``torch.compile``d module: note the model and keep the forward hooks as they are.
+        """The first call of a ``torch.compile``d module: note the model and remove the forward hooks.
 
         TorchDynamo guards the graphs it compiles on the global module hooks: adding or removing them
         later would recompile (each recompilation traces the model again, graph breaks included), and
         while they are registered every call of the compiled module warns that they fire an extra time.
-        So they go now, before its first compilation, unless a frame was already compiled with them.
+        So they go now, before its first compilation (see ``PassiveWatcher._freeze_module_hooks``).
         """
         self.roots.setdefault(id(model), model)
         self._depth = 0
@@ -118,7 +123,7 @@ class ForwardObserver:
         self._inputs = _input_stats(type(module).__name__, torch.cat(self._input_pool))
 
     def _forward_post(self, module, args, output):
-        if isinstance(module, torch.fx.GraphModule) or type(module).__name__ == "OptimizedModule":
+        if _compiled_graph(module) or type(module).__name__ == "OptimizedModule":
             return
         self._depth = max(0, self._depth - 1)
         if module._parameters and any(v is not None for v in module._parameters.values()):
