@@ -12,7 +12,7 @@ from torch import nn
 
 from stepaudit.doctor import cli, counterfactual
 from stepaudit.doctor.report import render_plain
-from stepaudit.doctor.verify import RunLoss, _detail, judge, printed_metric, verify, watched_run
+from stepaudit.doctor.verify import RunLoss, _detail, judge, printed_metric, run_child, verify, watched_run
 
 HEAD = """
 import torch
@@ -249,3 +249,36 @@ def test_a_forced_diagnosis_on_a_healthy_script_is_refuted(tmp_path):
     assert check["noise"] == 0.0 and check["loss_fixed"] == check["loss_original"]  # seeded: identical runs
     assert check["metric_original"] == check["metric_fixed"] == 0.935  # printed after the last step: it ran to its end
     assert check["detail"].endswith("no better than the original")
+
+
+WRITER = """
+import pathlib, torch
+model = torch.nn.Linear(2, 1); opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for _ in range(3):
+    opt.zero_grad(); model(torch.randn(4, 2)).pow(2).mean().backward(); opt.step()
+with open("history.txt", "a") as f:
+    f.write("new\\n")
+assert open("history.txt").read() == "old\\nnew\\n"  # appended to the run's own copy
+torch.save(model.state_dict(), "ckpt.pt")
+pathlib.Path("logs/run.txt").write_text("changed")
+pathlib.Path("fresh.txt").write_text("x")
+try:
+    open(ORIGINAL + "/history.txt", "w")
+    print("final_metric refused 0")
+except PermissionError:
+    print("final_metric refused 1")
+"""
+
+
+def test_verification_runs_never_change_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "history.txt").write_text("old\n")
+    (tmp_path / "ckpt.pt").write_bytes(b"original")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "run.txt").write_text("old")
+    write(tmp_path, f"ORIGINAL = {str(tmp_path)!r}\n" + WRITER)
+    found = run_child("train.py", [], None)
+    assert found.error is None and found.steps == 3
+    assert found.metric == 1  # a write reaching the real folder by its absolute path is refused
+    assert (tmp_path / "history.txt").read_text() == "old\n" and (tmp_path / "ckpt.pt").read_bytes() == b"original"
+    assert (tmp_path / "logs" / "run.txt").read_text() == "old" and not (tmp_path / "fresh.txt").exists()

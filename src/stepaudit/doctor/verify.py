@@ -19,6 +19,13 @@ original's last loss − the fixed run's and ``noise`` = |the original's − its
 - **refuted**: otherwise (no better); a refuted diagnosis is demoted below the confirmed ones.
 
 A learning-rate fix tries its second factor when the first is not confirmed and keeps the better run.
+
+Each child runs in a scratch folder that mirrors the working folder (a symbolic link per entry); a file
+the script opens for writing there is made the run's own first (an appended or updated file is copied,
+a linked folder on the way becomes a real folder of links), so checkpoints and logs are written into the
+scratch copy (``torch.save``, which writes from C++, gets the same; other C-level writers, such as sqlite3
+or h5py, are not seen). A write that would reach the user's working folder or the script's folder by
+another path is refused (``PermissionError``) and the run is reported as failed.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -101,13 +109,15 @@ def run_child(script: str | os.PathLike, args: list[str], steps: int | None, tim
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="stepaudit-verify-") as scratch:
-        out = Path(scratch) / "result.json"
-        command = [sys.executable, "-m", "stepaudit.doctor.verify", "--out", str(out), "--max-steps", str(steps or 0)]
+        out, work = Path(scratch) / "result.json", Path(scratch) / "work"
+        _mirror(Path.cwd(), work)
+        command = [sys.executable, "-m", "stepaudit.doctor.verify", "--out", str(out), "--max-steps", str(steps or 0),
+                   "--protect", str(Path.cwd())]
         command += ["--fix", fix] if fix else []
         command += ["--factor", repr(factor)] if factor is not None else []
         command += ["--time-limit", repr(time_limit)] if time_limit is not None else []
         process = subprocess.Popen([*command, "--", str(script), *args], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, env=env, errors="replace")
+                                   stderr=subprocess.PIPE, text=True, env=env, errors="replace", cwd=work)
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -275,6 +285,7 @@ def _child_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, required=True, metavar="N", help="0: to the script's end")
     parser.add_argument("--time-limit", type=float, default=None, metavar="S")
     parser.add_argument("--out", required=True, help="where to write the run's loss summary (JSON)")
+    parser.add_argument("--protect", default=None, help="the folder this one mirrors: writes into it are refused")
     parser.add_argument("script")
     parser.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -301,10 +312,80 @@ def watched_run(script, args: list[str], steps: int | None, time_limit: float | 
     return from_facts(facts, observations.get("steps", watcher.step_count), error, time.monotonic() - started)
 
 
+def _mirror(source: Path, target: Path) -> None:
+    """``target`` as a folder holding a symbolic link to each entry of ``source``."""
+    target.mkdir()
+    for entry in source.iterdir():
+        (target / entry.name).symlink_to(entry.resolve() if entry.is_symlink() else entry.absolute())
+
+
+def _writes(mode, flags) -> tuple[bool, bool]:
+    """(opens for writing, truncates or creates afresh) from an ``open`` audit event's mode or flags."""
+    if isinstance(mode, str):
+        return any(c in mode for c in "wax+"), "w" in mode or "x" in mode
+    flags = flags if isinstance(flags, int) else 0
+    return bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT)), bool(flags & os.O_TRUNC)
+
+
+def own_copy(path: str | os.PathLike, mode, flags, scratch: Path, protected: list[Path]) -> None:
+    """Before ``path`` is opened for writing: make it the scratch copy's own, or refuse a protected one."""
+    writing, fresh = _writes(mode, flags)
+    if not writing or not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        return
+    where = Path(os.path.abspath(path))
+    if where.is_relative_to(scratch):
+        current = scratch
+        parts = where.relative_to(scratch).parts
+        for i, part in enumerate(parts):
+            current = current / part
+            if not current.is_symlink():
+                continue
+            target = Path(os.readlink(current))
+            if i < len(parts) - 1 and target.is_dir():  # a linked folder on the way: a real folder of links
+                current.unlink()
+                _mirror(target, current)
+            elif i == len(parts) - 1 and not target.is_dir():  # the file itself: the run's own copy
+                current.unlink()
+                if not fresh and target.exists():
+                    shutil.copy2(target, current)
+    real = Path(os.path.realpath(where))
+    for root in protected:
+        if real.is_relative_to(root) and not real.is_relative_to(scratch.parent):  # the run's own temp folder
+            raise PermissionError(f"stepaudit doctor --verify: the script writes to {real}, outside the scratch copy "
+                                  f"of {root}; verification runs never change your files (run the script from "
+                                  "the folder it writes into)")
+
+
+def _guard_torch_save(scratch: Path, protected: list[Path]) -> None:
+    """``torch.save`` writes through C++ (no ``open`` event): give it the same scratch copy first."""
+    import functools
+
+    import torch
+
+    original = torch.save
+
+    @functools.wraps(original)
+    def save(obj, f, *args, **kwargs):
+        own_copy(f, "wb", 0, scratch, protected)
+        return original(obj, f, *args, **kwargs)
+
+    torch.save = save
+
+
 def child_main(argv: list[str] | None = None) -> int:
     """The child entry: one ``watched_run``, its ``RunLoss`` written as JSON to ``--out``."""
     options = _child_parser().parse_args(argv)
     args = options.args[1:] if options.args[:1] == ["--"] else options.args
+    if options.protect:  # this process's folder is the scratch copy of --protect
+        scratch = Path(os.getcwd())
+        protected = [Path(options.protect).resolve(), Path(options.script).resolve().parent]
+
+        def guard(event: str, event_args: tuple) -> None:
+            if event == "open" and len(event_args) == 3:
+                own_copy(*event_args, scratch, protected)
+
+        sys.addaudithook(guard)
+        _guard_torch_save(scratch, protected)
     found = watched_run(options.script, args, options.max_steps, options.time_limit, options.fix, options.factor)
     Path(options.out).write_text(json.dumps(asdict(found)))
     return 0
