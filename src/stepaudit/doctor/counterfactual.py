@@ -102,7 +102,8 @@ def zero_after_step(_: float = 1.0) -> list:
     return [_optim.register_optimizer_step_post_hook(post), _module.register_module_forward_pre_hook(forward_pre)]
 
 
-def _grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+def _with_grads(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters of ``optimizer`` that hold a gradient."""
     return [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
 
 
@@ -111,7 +112,7 @@ def clip_gradients(_: float = 1.0) -> list:
     norms: dict[int, list[float]] = {}
 
     def pre(optimizer, args, kwargs):
-        params = _grads(optimizer)
+        params = _with_grads(optimizer)
         if not params:
             return None
         seen = norms.setdefault(id(optimizer), [])
