@@ -282,3 +282,15 @@ def test_verification_runs_never_change_the_working_folder(tmp_path, monkeypatch
     assert found.metric == 1  # a write reaching the real folder by its absolute path is refused
     assert (tmp_path / "history.txt").read_text() == "old\n" and (tmp_path / "ckpt.pt").read_bytes() == b"original"
     assert (tmp_path / "logs" / "run.txt").read_text() == "old" and not (tmp_path / "fresh.txt").exists()
+
+
+def test_ctrl_c_marks_the_unfinished_verifications(monkeypatch):
+    from stepaudit.doctor import verify as module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "run_child", interrupted)
+    found = verify([diagnosis("lr_too_high"), diagnosis("dead_relu")], "train.py", [], 10, original=RunLoss(2.3, 2.2))
+    assert found[0]["verification"]["detail"] == "inconclusive: cancelled (Ctrl-C) before this verification ran"
+    assert found[1]["verification"]["verdict"] == "no automatic check"
