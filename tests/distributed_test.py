@@ -1,6 +1,7 @@
 """Two processes (gloo, CPU, fork): the audited objective is the global one and training stays bit-identical."""
 from __future__ import annotations
 
+import datetime
 import math
 import multiprocessing
 import os
@@ -23,7 +24,8 @@ TIMEOUT_S = 60
 def _data(rank: int, step: int, rows: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank r's batch at step t, the same in every process (its own generator)."""
     g = torch.Generator().manual_seed(1000 * step + rank)
-    return torch.randn(rows, 5, generator=g), torch.randint(0, 3, (rows,), generator=g)
+    x = torch.randn(rows, 5, generator=g)
+    return x, x[:, :3].argmax(1)  # a label the inputs carry: the ranks' gradients share a direction
 
 
 def _model(batchnorm: bool) -> nn.Module:
@@ -58,12 +60,19 @@ def _wrap(model: nn.Module, wrap: str) -> tuple[nn.Module, nn.Module]:
 
 
 def _train(rank: int, folder: str, audited: bool, batchnorm: bool, optimizer: str, probes: dict | None,
-           wrap: str = "ddp") -> dict:
-    """One rank's run: DDP (or FSDP2) over gloo, SGD-momentum or Adam, dropout; what it ends with."""
+           wrap: str = "ddp", probe_options: dict | list | None = None, forward_hvps: bool = False) -> dict:
+    """One rank's run: DDP (or FSDP2) over gloo, SGD-momentum or Adam, dropout; what it ends with.
+
+    ``probe_options``: one dict for all ranks or a list (rank r's at index r); ``forward_hvps``: the
+    HVP method forced to forward-over-reverse (the audit's measured choice preset)."""
     ddp, inner = _wrap(_model(batchnorm), wrap)
     opt = (torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9) if optimizer == "sgd"
            else torch.optim.Adam(ddp.parameters(), lr=1e-2))
-    audit = stepaudit.Audit(ddp, opt, loss_fn, run=os.path.join(folder, "run"), probes=probes) if audited else None
+    options = probe_options[rank] if isinstance(probe_options, list) else probe_options
+    audit = stepaudit.Audit(ddp, opt, loss_fn, run=os.path.join(folder, "run"), probes=probes,
+                            probe_options=options) if audited else None
+    if forward_hvps:
+        audit.memory["_hvp_method"] = {"method": "forward"}
     torch.manual_seed(100 + rank)
     weights = []
     for step in range(STEPS):
@@ -96,8 +105,9 @@ class _Nothing:
 
 def _worker(rank: int, folder: str, queue, kwargs: dict) -> None:
     try:
+        timeout = datetime.timedelta(seconds=kwargs.pop("timeout_s", TIMEOUT_S))
         torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank,
-                                             world_size=WORLD, timeout=__import__("datetime").timedelta(seconds=TIMEOUT_S))
+                                             world_size=WORLD, timeout=timeout)
         torch.set_num_threads(1)
         result = _train(rank, folder, **kwargs)
         torch.distributed.destroy_process_group()
@@ -168,12 +178,30 @@ def _oracle(weights: list[torch.Tensor], rank: int, step: int) -> tuple[float, l
     return float(loss.detach()), list(torch.autograd.grad(loss, list(model.parameters())))
 
 
+def _dense_sharpness(weights: list[torch.Tensor], step: int, ranks: list[int]) -> float:
+    """λ_max of the float64 Hessian of the mean loss over the given ranks' batches (eigvalsh of the dense matrix)."""
+    model = _model(batchnorm=False).double()
+    names = [n for n, _ in model.named_parameters()]
+    flat = torch.cat([w.double().reshape(-1) for w in weights])
+
+    def mean_loss(vector: torch.Tensor) -> torch.Tensor:
+        pieces = torch.split(vector, [w.numel() for w in weights])
+        params = {n: p.reshape(w.shape) for n, p, w in zip(names, pieces, weights)}
+        call = lambda x: torch.func.functional_call(model, params, (x,))  # noqa: E731
+        return sum(loss_fn(call, (_data(r, step)[0].double(), _data(r, step)[1])) for r in ranks) / len(ranks)
+
+    return float(torch.linalg.eigvalsh(torch.autograd.functional.hessian(mean_loss, flat))[-1])
+
+
 @pytest.mark.parametrize("wrap", ["ddp", "fsdp2"])
 def test_records_describe_the_global_objective_on_every_rank(tmp_path, wrap):
     """loss before/after = the mean of the ranks' batch losses and first_order = ḡ·Δw, all recomputed in
     float64 from the saved weights; identical on both ranks; each rank keeps its own values as local_*.
-    Under FSDP2 each rank holds half of each layer: the sums over shards are completed across ranks."""
-    ranks = run_ranks(tmp_path, audited=True, batchnorm=False, optimizer="sgd", probes=None, wrap=wrap)
+    Under FSDP2 each rank holds half of each layer: the sums over shards are completed across ranks.
+    Under DDP, global sharpness = λ_max of the dense float64 Hessian of the mean loss over both batches."""
+    probes, options = ({"sharpness": 2}, {"sharpness": {"scope": "global", "tol": 1e-6}}) if wrap == "ddp" else (None, None)
+    ranks = run_ranks(tmp_path, audited=True, batchnorm=False, optimizer="sgd", probes=probes, wrap=wrap,
+                      probe_options=options)
     r0, r1 = (r["records"] for r in ranks)
     weights = ranks[0]["weights"]
     assert len(r0) == len(r1) == STEPS
@@ -194,8 +222,60 @@ def test_records_describe_the_global_objective_on_every_rank(tmp_path, wrap):
         norm = math.sqrt(sum(float(((w1.double() - w0.double()) ** 2).sum())
                              for w0, w1 in zip(weights[step], weights[step + 1])))
         assert a["update_norm"] == pytest.approx(norm, rel=1e-4) and a["update_norm"] == b["update_norm"]
+        assert a["global_batch"] == b["global_batch"] == 2 * 12
+        if wrap == "ddp":  # the post-accumulate-grad hook saw this rank's own gradient, not DDP's average
+            for record, (_, grads) in zip((a, b), before):
+                local = math.sqrt(sum(float((g * g).sum()) for g in grads))
+                assert record["local_grad_norm"] == pytest.approx(local, rel=1e-5)
+            assert a["local_grad_norm"] != pytest.approx(b["local_grad_norm"], rel=1e-3)
+            _check_noise_scale_ranks(a, b)
+            if step % 2 == 0:
+                _check_global_sharpness(a, b, weights[step], step)
+        else:  # FSDP2 shards the gradient: no local gradient is read, no field is written
+            assert "noise_scale_ranks" not in a and "local_grad_norm" not in a
     for w0, w1 in zip(ranks[0]["weights"][-1], ranks[1]["weights"][-1]):
         assert torch.equal(w0, w1)  # DDP kept the replicas equal
+
+
+def _check_global_sharpness(a: dict, b: dict, weights: list[torch.Tensor], step: int) -> None:
+    """The same λ_max on both ranks, of the global-batch Hessian and not of either rank's own."""
+    assert a["sharpness_scope"] == b["sharpness_scope"] == "global" and not a.get("probe_errors")
+    assert a["sharpness"] == b["sharpness"] and a["sharpness_hvps"] == b["sharpness_hvps"]
+    expected = _dense_sharpness(weights, step, [0, 1])
+    assert a["sharpness"] == pytest.approx(expected, rel=1e-4)
+    for rank in range(WORLD):  # the test can tell the global Hessian from a rank's own
+        assert _dense_sharpness(weights, step, [rank]) != pytest.approx(expected, rel=1e-3)
+
+
+def test_global_sharpness_with_batchnorm_forward_hvps_and_disagreeing_ranks_never_deadlocks(tmp_path):
+    """Forward-over-reverse HVPs through BatchNorm, and ranks whose own stopping tests disagree (tol 1e-1 on
+    rank 0, 1e-9 on rank 1): the agreed stop keeps them in lockstep under a 10 s process-group timeout,
+    and training stays bit-identical to the unaudited run."""
+    options = [{"sharpness": {"scope": "global", "tol": tol}} for tol in (1e-1, 1e-9)]
+    plain = run_ranks(tmp_path / "plain", audited=False, batchnorm=True, optimizer="sgd", probes=None, timeout_s=10)
+    audited = run_ranks(tmp_path / "audited", audited=True, batchnorm=True, optimizer="sgd", probes={"sharpness": 1},
+                        probe_options=options, forward_hvps=True, timeout_s=10)
+    for a, b in zip(plain, audited):
+        assert all(torch.equal(x, y) for x, y in zip(a["params"] + a["buffers"], b["params"] + b["buffers"]))
+        assert torch.equal(a["rng"], b["rng"])
+    r0, r1 = (r["records"] for r in audited)
+    for a, b in zip(r0, r1):
+        assert a["hvp_method"] == b["hvp_method"] == "forward-over-reverse", a.get("probe_errors")
+        assert a["sharpness"] == b["sharpness"] and math.isfinite(a["sharpness"])
+        assert a["sharpness_hvps"] == b["sharpness_hvps"] < 40  # rank 0's test stopped both
+
+
+def _check_noise_scale_ranks(a: dict, b: dict) -> None:
+    """B_simple of the two-batch estimator written out here: small batch 12 (each rank), big batch 24 (ḡ)."""
+    assert a["noise_scale_ranks"] == b["noise_scale_ranks"] and math.isfinite(a["noise_scale_ranks"])
+    assert a["noise_scale_ranks_stderr"] == b["noise_scale_ranks_stderr"]
+    small = (a["local_grad_norm"] ** 2 + b["local_grad_norm"] ** 2) / 2
+    big = a["grad_norm"] ** 2
+    signal = (24 * big - 12 * small) / (24 - 12)
+    trace = (small - big) / (1 / 12 - 1 / 24)
+    assert a["noise_signal_ranks"] == pytest.approx(signal, rel=1e-6)
+    assert a["noise_trace_ranks"] == pytest.approx(trace, rel=1e-6)
+    assert a["noise_scale_ranks"] == pytest.approx(trace / signal, rel=1e-6)
 
 
 def test_an_accelerate_prepared_optimizer_is_audited_and_training_unchanged(tmp_path):
@@ -224,3 +304,22 @@ def test_an_accelerate_prepared_optimizer_is_audited_and_training_unchanged(tmp_
     audited_w, audited_b, records = fit(True)
     assert type(records) is list and len(records) == 4 and all(r["verdict"] != "error" for r in records)
     assert all(torch.equal(a, b) for a, b in zip(plain_w + plain_b, audited_w + audited_b))
+
+
+def test_fsdp1_is_refused_up_front_naming_what_works(tmp_path):
+    """FullyShardedDataParallel (FSDP1), outermost or nested: a ValueError naming fully_shard and DDP."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    dist = torch.distributed
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        cpu = torch.device("cpu")  # FSDP1 wants an accelerator unless told the device
+        for model in (FullyShardedDataParallel(_model(False), device_id=cpu),
+                      nn.Sequential(FullyShardedDataParallel(nn.Linear(5, 3), device_id=cpu))):
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            with pytest.raises(ValueError, match="FSDP1") as error:
+                stepaudit.Audit(model, opt, loss_fn, run=tmp_path / "run")
+            message = str(error.value)
+            assert "\n" not in message and "fully_shard" in message and "DistributedDataParallel" in message
+    finally:
+        dist.destroy_process_group()

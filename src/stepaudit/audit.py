@@ -161,10 +161,12 @@ class Audit(StepAPI, NotebookMixin):
         if self.probes.get("next_delta", 1) != 1:
             raise ValueError("next_delta needs every step (probes={'next_delta': 1}): it compares consecutive steps")
         self.options["probe_options"] = probe_options
-        if "curvature" in probe_options:
-            from .probes.curvature import configure
+        self._collective_probes: set[str] = set()
+        if "curvature" in probe_options or "sharpness" in probe_options:  # sharpness's options are curvature's
+            from .probes.curvature import collective, configure
 
-            configure(self, **probe_options["curvature"])
+            configure(self, **{**probe_options.get("curvature", {}), **probe_options.get("sharpness", {})})
+            self._collective_probes = collective(self.options)  # e.g. {"sharpness"} with scope="global"
 
     def _index_parameters(self, stacklevel: int) -> None:
         """Index the optimizer's parameters (again after ``add_param_group``); reset what depends on them."""
@@ -523,6 +525,8 @@ class Audit(StepAPI, NotebookMixin):
             record = {"step": index, "verdict": "error", "error": f"{type(error).__name__}: {error}"}
         if self._world_size > 1:  # every rank, every audited step, whatever happened above: lockstep
             self._globalize(record, pending.captures)
+            if self._collective_probes and record.get("verdict") != "error":  # the same on every rank now
+                self._run_probes(pending.ctx, record, index, collective=True)
         pending.watch.record = record
         self._commit(record)
 
@@ -574,16 +578,17 @@ class Audit(StepAPI, NotebookMixin):
         if not math.isfinite(record["first_order"]) and record["verdict"] != "nonfinite":
             record["verdict"] = "nonfinite"
 
-    def _run_probes(self, ctx: StepContext, record: dict, index: int) -> None:
+    def _run_probes(self, ctx: StepContext, record: dict, index: int, collective: bool = False) -> None:
+        """The due probes; ``collective``: only those with collectives of their own (after ``_globalize``)."""
         sharded = self._flat is not None and self._flat.sharded
         for name, every in self.probes.items():
-            if index % every:
+            if index % every or (name in self._collective_probes) != collective:
                 continue
             if sharded:  # the same on every rank: no probe issues a collective that a peer would not
                 record.setdefault("probe_errors", {})[name] = ("not measured: probes need whole parameters and "
                                                                "FSDP2 shards them")
                 continue
-            if self._world_size > 1:
+            if self._world_size > 1 and not collective:
                 record["probe_scope"] = "rank"  # this rank's batch, on the module DDP wraps: no collective
             try:
                 fields = probe_registry.get(name)(ctx)

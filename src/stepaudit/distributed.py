@@ -18,8 +18,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -33,11 +34,29 @@ def world() -> tuple[int, int]:
 
 
 def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-    """(the module the user's code trains, its DDP/DataParallel wrapper or None)."""
+    """(the module the user's code trains, its DDP/DataParallel wrapper or None); FSDP1 is refused."""
+    refuse_fsdp1(model)
     wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)
     if isinstance(model, wrappers):
         return model.module, model
     return model, None
+
+
+FSDP1_REFUSED = ("stepaudit does not audit FSDP1 (FullyShardedDataParallel: its flat parameters hide the real ones and "
+                 "its re-evaluations would issue unmatched collectives); use fully_shard (FSDP2) or "
+                 "DistributedDataParallel")
+
+
+def refuse_fsdp1(model: torch.nn.Module) -> None:
+    """Raise ValueError if ``model`` is, or contains, an FSDP1 ``FullyShardedDataParallel`` module."""
+    if not torch.distributed.is_available():
+        return
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch built without FSDP
+        return
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise ValueError(FSDP1_REFUSED)
 
 
 def unwrap_optimizer(optimizer: object) -> object:
@@ -69,21 +88,50 @@ def rank_folder(run: str | os.PathLike, rank: int, world_size: int) -> Path:
     return Path(run) if world_size <= 1 else Path(f"{run}-rank{rank}")
 
 
-def global_objective(loss_before: float, loss_after: float, noise: float, failed: bool,
-                     device: torch.device | str = "cpu") -> tuple[float, float, float, int]:
-    """(mean loss before, mean loss after, mean rounding noise, ranks that failed) over all ranks: one all-reduce.
+@dataclass(frozen=True)
+class GlobalStep:
+    """What the packed all-reduce of one audited step gives every rank alike."""
 
-    The rounding noise of the mean difference is taken as the mean of the ranks' noises, an upper bound
-    on the noise of (1/W) Σ (a_r − b_r) whatever the correlation between ranks.
+    loss_before: float  # mean over ranks of the batch loss before the step
+    loss_after: float
+    noise: float  # mean of the ranks' rounding noises (an upper bound on the noise of the mean difference)
+    failures: int  # ranks whose audit failed
+    global_batch: int | None  # Σ_r b_r (None if a rank did not know its batch size)
+    local_sq: float  # mean over ranks of |g_r|², the local gradients before DDP's all-reduce (NaN if not read)
+    local_sq_var: float  # sample variance of the ranks' |g_r|² (W − 1 degrees of freedom)
+    global_sq: float  # |ḡ|² of the all-reduced gradient (averaged over ranks, so bitwise the same everywhere)
+    small: float  # harmonic mean of the ranks' batch sizes: the effective B_small of mean |g_r|²
+    big: float  # W · small: the effective B_big of |ḡ|²
+
+
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def global_objective(loss_before: float, loss_after: float, noise: float, failed: bool,
+                     device: torch.device | str = "cpu", batch: int | None = None,
+                     local_sq: float | None = None, global_sq: float | None = None) -> GlobalStep:
+    """The step's global objective and gradient statistics over all ranks: ONE float64 all-reduce.
+
+    Packed: losses before and after, rounding noise, failure flag, b_r, 1/b_r, |g_r|², |g_r|⁴ and
+    |ḡ|² (nine float64s). A failed rank contributes NaN losses and a failure count; NaN or Inf on any
+    rank stays in the sums, so the global step is non-finite too.
     """
     dist = torch.distributed
-    local = [math.nan] * 3 if failed else [float(v) if isinstance(v, (int, float)) else math.nan
-                                           for v in (loss_before, loss_after, noise)]
-    tensor = torch.tensor(local + [float(failed)], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)  # NaN or Inf on any rank stays in the sums: the global step is non-finite too
+    losses = [math.nan] * 3 if failed else [_number(v) for v in (loss_before, loss_after, noise)]
+    b, sq = _number(batch), _number(local_sq)
+    b = b if b > 0 else math.nan
+    local = losses + [float(failed), b, 1.0 / b, sq, sq * sq, _number(global_sq)]
+    tensor = torch.tensor(local, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
     size = dist.get_world_size()
-    before, after, noise_sum, failures = tensor.tolist()
-    return before / size, after / size, noise_sum / size, int(round(failures))
+    before, after, noise_sum, failures, batches, inverse, sq_sum, sq_sq_sum, global_sum = tensor.tolist()
+    mean_sq = sq_sum / size
+    variance = (sq_sq_sum - size * mean_sq**2) / (size - 1) if size > 1 else math.nan
+    small = size / inverse
+    return GlobalStep(before / size, after / size, noise_sum / size, int(round(failures)),
+                      int(round(batches)) if math.isfinite(batches) else None, mean_sq, max(variance, 0.0)
+                      if math.isfinite(variance) else math.nan, global_sum / size, small, size * small)
 
 
 def collective_device() -> torch.device:
@@ -92,3 +140,30 @@ def collective_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def any_rank(*flags: bool) -> list[bool]:
+    """Each flag OR-ed over all ranks (one all-reduce MAX of a few bytes): a decision every rank takes alike."""
+    dist = torch.distributed
+    tensor = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [v > 0 for v in tensor.tolist()]
+
+
+def mean_over_ranks(product: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``v -> (1/W) Σ_r product_r(v)``: one all-reduce per call, on every rank alike.
+
+    A rank whose own product fails contributes NaN instead of leaving its peers waiting, so every rank
+    sees the same non-finite result (and Lanczos raises FloatingPointError everywhere).
+    """
+    dist = torch.distributed
+
+    def mean(v: torch.Tensor) -> torch.Tensor:
+        try:
+            out = product(v).detach().reshape(-1).to(v.dtype).clone()
+        except Exception:  # noqa: BLE001 - the peers are already in the all-reduce: join it with NaN
+            out = torch.full_like(v, math.nan)
+        dist.all_reduce(out)
+        return out / dist.get_world_size()
+
+    return mean

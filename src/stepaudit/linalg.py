@@ -278,6 +278,7 @@ def lanczos(
     device=None,
     stop: str = "residual",
     verify: bool = True,
+    agree: Callable[[bool], bool] | None = None,
 ) -> LanczosResult:
     """Largest algebraic eigenpair of a symmetric operator by Lanczos with full reorthogonalisation.
 
@@ -304,6 +305,9 @@ def lanczos(
     ``verify=False`` skips the extra call: the eigenvalue is the Ritz value and the residual the
     Lanczos estimate β_k|s_k|, which with full reorthogonalisation equals ‖Hv − λv‖ up to rounding
     (the relation H Q = Q T + β q e_kᵀ holds to working precision; Paige 1976).
+
+    ``agree``: each step's decision to stop passes through it (several processes: an all-reduce MAX, so
+    that all stop as soon as one would), and every process makes the same number of operator calls.
     """
     if dim < 1 or iterations < 1:
         raise ValueError("dim and iterations must be positive")
@@ -345,11 +349,14 @@ def lanczos(
             estimate = min(estimate, estimate**2 / gap) if gap > 0 else estimate
             estimate = max(estimate, abs(theta - previous))
         previous = theta
-        if estimate <= tol * abs(theta) and (stop == "residual" or k > 0):
-            break
+        converged = estimate <= tol * abs(theta) and (stop == "residual" or k > 0)
         # Invariant subspace: the Ritz values are eigenvalues up to β. No √dim factor: rounding leaves β at
         # a few eps·scale whatever the dimension, and a small β already bounds the residual β|s_k| ≤ β.
-        if beta <= 16 * torch.finfo(q.dtype).eps * scale or scale == 0.0:
+        invariant = beta <= 16 * torch.finfo(q.dtype).eps * scale or scale == 0.0
+        finished = converged or invariant
+        if agree is not None and k + 1 < steps:  # the last step ends the loop everywhere: nothing to agree on
+            finished = agree(finished)
+        if finished:
             break
         q = w / beta
     assert basis is not None

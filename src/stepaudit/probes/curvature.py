@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from .. import linalg
+from .. import distributed, linalg
 from ..context import Part, StepContext
 from ..precision import Float64Twin, cast_batch
 from ..state import AutocastState, RngState, _cuda_devices
@@ -41,6 +41,7 @@ class CurvatureSettings:
     trace_samples: int = 20  # Rademacher vectors per Hutchinson trace estimate
     top_pairs: int = 5  # layer pairs named in interplay_top
     seed: int = 0  # private generator for random vectors (the global RNG is never touched)
+    scope: str = "local"  # several processes: "local" (this rank's batch) or "global" (mean over ranks; sharpness)
     reference_batch: Any = field(default=None, repr=False)  # an explicit fixed batch for sharpness
 
 
@@ -67,6 +68,8 @@ def configure(audit: Any, **settings: Any) -> CurvatureSettings:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if settings.get("stop", "residual") not in ("eigenvalue", "residual"):
         raise ValueError(f"stop must be 'eigenvalue' or 'residual', got {settings['stop']!r}")
+    if settings.get("scope", "local") not in ("local", "global"):
+        raise ValueError(f"scope must be 'local' or 'global', got {settings['scope']!r}")
     if not 0 < float(settings.get("tol", 1e-3)) < 1:
         raise ValueError(f"tol must lie in (0, 1), got {settings.get('tol')!r}")
     chosen = CurvatureSettings(**settings)
@@ -279,12 +282,14 @@ def interplay_matrix_probe(ctx: StepContext) -> dict:
 
 # -- sharpness ---------------------------------------------------------------------------------------
 def _top_eigen(ctx: StepContext, operator: Callable, dim: int, memory_key: str,
-               hint: torch.Tensor | None = None) -> linalg.LanczosResult:
+               hint: torch.Tensor | None = None, agree: Callable[[bool], bool] | None = None) -> linalg.LanczosResult:
     """Lanczos for λ_max, warm-started from the previous step's top eigenvector (plus a little noise).
 
     A cold start mixes a random vector with ``hint`` (the gradient): gradients lie largely in the
     top Hessian eigenspace (Gur-Ari et al. 2018), which cuts iterations and the chance of settling
-    on the second eigenvalue when the first is barely present in a random start.
+    on the second eigenvalue when the first is barely present in a random start. Under DDP the start
+    is the same on every rank: the generator is seeded alike, the gradient is the all-reduced one, and
+    the previous vector came out of the same global products.
     """
     settings, generator, dtype = _settings(ctx), _generator(ctx), _working_dtype(ctx)
     previous = ctx.memory.get(memory_key)
@@ -300,7 +305,7 @@ def _top_eigen(ctx: StepContext, operator: Callable, dim: int, memory_key: str,
             if math.isfinite(norm) and norm > 0:
                 start = start + hint.to(start) / norm
     result = linalg.lanczos(operator, dim, iterations=settings.max_hvps, start=start, tol=settings.tol,
-                            stop=settings.stop, verify=settings.verify)
+                            stop=settings.stop, verify=settings.verify, agree=agree)
     ctx.memory[memory_key] = result.eigenvector
     return result
 
@@ -333,22 +338,59 @@ def _nan_fields(prefix: str, note: str) -> dict:
     return {prefix: math.nan, f"{prefix}_note": note}
 
 
+def collective(options: dict) -> set[str]:
+    """Probes that issue collectives of their own (global-scope sharpness under several processes)."""
+    chosen = options.get("curvature")
+    return {"sharpness"} if distributed.world()[1] > 1 and chosen and chosen.scope == "global" else set()
+
+
+def _global_hessian(ctx: StepContext, on: str) -> linalg.Hvp:
+    """H = (1/W) Σ_r H_r, the Hessian of the mean of the ranks' losses: this rank's HVPs, each all-reduced.
+
+    Lockstep: the HVP method is agreed first (reverse-mode everywhere if any rank chose or fell back to
+    it; a rank whose operator could not be built makes every rank refuse), and each product goes
+    through ``distributed.mean_over_ranks`` (a failing rank sends NaN). The caller runs it on every
+    rank or on none (after the step's packed all-reduce).
+    """
+    try:
+        local, failure = hessian(ctx, on), None
+    except Exception as error:  # noqa: BLE001 - the peers must hear of it before any product
+        local, failure = None, error
+    failed, reverse = distributed.any_rank(failure is not None, local is not None and local.method == linalg.REVERSE)
+    if failed:
+        raise RuntimeError(f"the Hessian operator could not be built on every rank ({failure or 'another rank'})")
+    if reverse and local.method != linalg.REVERSE:  # timings differ between ranks; the method must not
+        ctx.memory.setdefault("_hvp_method64" if _wants_float64(ctx) else "_hvp_method", {})["method"] = "reverse"
+        for key in ("hvp", f"_hessian:{on}"):
+            ctx.cache.pop(key, None)
+        local = hessian(ctx, on)
+    return linalg.Hvp(distributed.mean_over_ranks(local), local.method, local.dim, local.fallback_reason)
+
+
 @register("sharpness")
 def sharpness_probe(ctx: StepContext) -> dict:
-    """λ_max of the Hessian (Lanczos, warm-started), its residual, HVPs used, and the safe learning rate."""
+    """λ_max of the Hessian (Lanczos, warm-started), its residual, HVPs used, and the safe learning rate.
+
+    With several processes, ``scope`` says whose Hessian: "local" (this rank's batch, no collective) or
+    "global" (the mean loss over all ranks' batches: one all-reduce per HVP, the stopping test agreed
+    across ranks); recorded as ``sharpness_scope``.
+    """
     on = _settings(ctx).sharpness_on
-    operator = hessian(ctx, on)
+    scope = "global" if "sharpness" in collective(ctx.options) else "local"
+    operator = _global_hessian(ctx, on) if scope == "global" else hessian(ctx, on)
+    agree = (lambda stop: distributed.any_rank(stop)[0]) if scope == "global" else None
+    labels = {"sharpness_on": on, **({"sharpness_scope": scope} if distributed.world()[1] > 1 else {})}
     calls = operator.calls
     try:
-        result = _top_eigen(ctx, operator, operator.dim, f"_sharpness_vector:{on}", hint=ctx.flat_grad)
+        result = _top_eigen(ctx, operator, operator.dim, f"_sharpness_vector:{on}", hint=ctx.flat_grad, agree=agree)
     except FloatingPointError as error:
         return {**_nan_fields("sharpness", f"non-finite Hessian-vector product ({error}); diverged weights?"),
-                "sharpness_on": on, **_method_fields(ctx, operator)}
+                **labels, **_method_fields(ctx, operator)}
     safe, rule = safe_lr(ctx.optimizer, result.eigenvalue)
     lr = ctx.lr()
     return {
         "sharpness": result.eigenvalue, "sharpness_residual": result.residual,
-        "sharpness_hvps": operator.calls - calls, "sharpness_on": on,
+        "sharpness_hvps": operator.calls - calls, **labels,
         "safe_lr": safe, "safe_lr_rule": rule,
         "lr_exceeds_safe": (lr > safe) if math.isfinite(safe) else (None if math.isnan(safe) else False),
         **_method_fields(ctx, operator),
