@@ -20,7 +20,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from stepaudit import cli, lr_find
 from stepaudit.lrfind import lr_grid
-from stepaudit.lrfind_suggest import minimum, slide, steep, stepaudit_rule, valley
+from stepaudit.lrfind_suggest import first_rise, minimum, slide, steep, stepaudit_rule, valley
 
 A = torch.tensor([0.5, 3.0, 5.0, 1.0, 2.0, 0.1], dtype=torch.float64)  # λ_max = 5 (index 2)
 
@@ -137,8 +137,46 @@ def test_quadratic_sgd_lambda_max_first_rise_alpha_and_first_order_match_closed_
         assert alpha == pytest.approx(5.0 * lr - 1.0, rel=1e-9, abs=1e-12)
         assert (verdict == "increase") == (lr > 0.4)
         w = w - lr * A * w
-    # stepaudit's suggestion: half the first rise, capped at 2/λ_max.
+    # stepaudit's suggestion: half the first rise, capped at 2/λ_max; a plain step has gain exactly 1.
     assert result.suggestion == pytest.approx(min(expected / 2, 0.4))
+    assert np.allclose(result.gains, 1.0, rtol=1e-9) and result.gain_train == 1.0
+
+
+def test_heavy_ball_correction_against_a_simulated_sweep_and_the_heavy_ball_limits():
+    """Oracle: the heavy-ball recursion b ← βb + λw, w ← w − lr·b along the top eigenvector, run in NumPy.
+
+    The own-batch rise and the gain −g·Δw/(lr·g²) = b/(λw) come from it (the rule takes the rising steps with gain > 0); the suggestion is
+    ½·lr_up·G_sweep/G_train with G_train = 1/(1−β) = 10. Physically: lr_up·G_sweep is the plain step that
+    overshoots, near 2/λ; the suggestion lands the steady-state step lr·G_train near the floor (lr·λ·G_train ≈ 1),
+    inside heavy ball's fastest band (1−√β)²/λ..(1+√β)²/λ and below its stability limit (2+2β)/λ.
+    """
+    lam, beta = 5.0, 0.9
+    model = Quadratic(top_eigenvector())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=beta)
+    result = lr_find(model, optimizer, quadratic_loss, [torch.zeros(1)], start_lr=1e-4, end_lr=10, num=100)
+    assert result.curvature.safe_lr == pytest.approx((2 + 2 * beta) / lam, rel=1e-4)
+    w, b, rises, gains = 1.0, 0.0, [], []
+    for lr in result.lrs:
+        g = lam * w
+        b = beta * b + g
+        w_new = w - lr * b
+        rises.append(0.5 * lam * w_new**2 > 0.5 * lam * w**2 * (1 + 1e-12))
+        gains.append(-g * (w_new - w) / (lr * g * g))
+        w = w_new
+    assert [v == "increase" for v in result.verdicts] == rises
+    assert np.allclose(result.gains, gains, rtol=1e-9)
+    up = next(i for i in range(len(rises)) if rises[i] and sum(rises[i:i + 5]) >= min(3, len(rises[i:i + 5]) // 2 + 1))
+    g_sweep = float(np.median([g for g, r in zip(gains[up:up + 5], rises[up:up + 5]) if r and g > 0]))
+    assert result.lr_rise == result.lrs[up] and result.gain_train == pytest.approx(10.0)
+    assert result.suggestion == pytest.approx(0.5 * result.lrs[up] * g_sweep / 10.0, rel=1e-9)
+    assert 0.5 < result.lrs[up] * g_sweep / (2 / lam) < 2  # the plain step that overshoots: ≈ 2/λ
+    assert 0.5 < result.suggestion * lam * 10.0 < 2  # the steady-state step lands near the floor
+    assert (1 - beta**0.5) ** 2 / lam < result.suggestion < min((1 + beta**0.5) ** 2, 2 + 2 * beta) / lam
+    w, b = 1.0, 0.0  # training at the suggestion contracts at √β per step, heavy ball's fastest
+    for _ in range(200):
+        b = beta * b + lam * w
+        w -= result.suggestion * b
+    assert abs(w) < 50 * beta ** (200 / 2)
 
 
 def test_adam_preconditioned_sharpness_equals_max_a_over_p_from_the_optimizer_state():
@@ -221,9 +259,17 @@ def test_slide_rule_on_a_hand_made_curve():
     assert slide(np.geomspace(1e-5, 1, 30), losses) == 10
 
 
+def test_first_rise_needs_3_of_5_steps():
+    assert first_rise([False, True, False, False, False, True, True, False, True]) == 5  # 1: one rise of five
+    assert first_rise([False, False, True, True]) == 2  # cut short by the end: a majority of what is left
+    assert first_rise([False, True, False]) is None and first_rise([]) is None
+
+
 def test_stepaudit_rule_half_the_first_rise_capped_by_the_bound_else_valley():
     lrs = np.geomspace(1e-3, 1, 10)
     rises = [False] * 6 + [True, False, True, True]
+    lr, _ = stepaudit_rule(lrs, rises, math.nan, "", 0.01, np.full(10, 2.5), 10.0)
+    assert lr == pytest.approx(0.5 * lrs[6] * 2.5 / 10.0)  # momentum: × G_sweep / G_train
     lr, reason = stepaudit_rule(lrs, rises, math.nan, "", 0.01)
     assert lr == 0.5 * lrs[6] and "raised" in reason
     lr, reason = stepaudit_rule(lrs, rises, 0.01, "2/λ_max", 0.02)

@@ -29,7 +29,7 @@ import torch.optim.optimizer as _optim
 from . import linalg
 from .context import Part, StepContext, check_scalar_loss
 from .lrfind_result import Curvature, LRFindResult
-from .lrfind_suggest import smooth_step
+from .lrfind_suggest import smooth_step, steady_gain
 from .precision import working_roundoff
 from .probes.curvature import safe_lr
 from .probes.preconditioner import preconditioner
@@ -220,10 +220,12 @@ def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: C
     exceeds ``div_factor`` × its minimum (``stop_div``), when a loss is not finite, or when a one-pass
     iterator of batches runs out. ``curvature=False`` skips λ_max and the preconditioned sharpness. Optimizer
     step hooks (an open ``Audit``'s, the doctor's) are held back during the sweep: its steps are not training.
-    ``result.suggestion`` is stepaudit's: half the first lr at which a step raised its own batch's loss (where
-    such a step lands near its batch's valley floor, α ≈ 0, instead of past it), capped by the stability bound
-    at the start weights (2/λ_max for plain SGD, the preconditioned bound for Adam); fastai's valley when no
-    step raised it. fastai's minimum/10, steep, valley and slide are in ``result.suggestions``.
+    ``result.suggestion`` is stepaudit's: half the first lr from which steps raised their own batch's loss (on
+    3 of 5 steps; where a plain step lands near its batch's valley floor, α ≈ 0, instead of past it), times
+    G_sweep/G_train for heavy-ball momentum (the gain over a plain step the sweep's steps had, over the
+    steady-state (1−d)/(1−β) of training; ``lrfind_suggest`` derives it), capped by the stability bound at the
+    start weights (2/λ_max for plain SGD, the preconditioned bound for Adam); fastai's valley when no step
+    raised it. fastai's minimum/10, steep, valley and slide are in ``result.suggestions``.
     """
     lrs = lr_grid(float(start_lr), float(end_lr), num)
     names, params = _named(model, optimizer)
@@ -285,7 +287,7 @@ def _sweep(model, optimizer, loss_fn, batches, lrs, names, params, ratios, stop_
 
         loss_after = without_grad(evaluate, flags)
         noise = rounding_noise(loss_before, loss_after, roundoff)
-        row = {"lr": float(lr), "loss": loss_before,
+        row = {"lr": float(lr), "loss": loss_before, "grad_sq": float(torch.dot(grad.double(), grad.double())),
                **step_fields(loss_before, loss_after, first_order, noise, bool(delta_w.any()))}
         average, row["smooth_loss"] = smooth_step(average, loss_before, beta, i)
         rows.append(row)
@@ -305,7 +307,8 @@ def _sweep(model, optimizer, loss_fn, batches, lrs, names, params, ratios, stop_
     if curvature and info.precond is None:
         info.precond_where = (f"not applicable: {preconditioner(optimizer, params).rule}" if not _adaptive(optimizer)
                               else "not measured: the optimizer held no second-moment state")
-    return LRFindResult.build(rows, lrs, stopped, info, optimizer_name=type(optimizer).__name__)
+    return LRFindResult.build(rows, lrs, stopped, info, optimizer_name=type(optimizer).__name__,
+                              momentum=steady_gain(optimizer))
 
 
 def _adaptive(optimizer: torch.optim.Optimizer) -> bool:

@@ -7,7 +7,7 @@ from html import escape
 
 import numpy as np
 
-from .lrfind_suggest import fastai_suggestions, first_index, stepaudit_rule
+from .lrfind_suggest import fastai_suggestions, first_rise, stepaudit_rule
 
 ORDER = ("stepaudit", "valley", "steep", "minimum", "slide")
 LABELS = {"stepaudit": "stepaudit", "valley": "fastai valley", "steep": "fastai steep",
@@ -54,13 +54,16 @@ class LRFindResult:
     suggestions: dict[str, float] = field(default_factory=dict)
     suggestion: float = math.nan
     reason: str = ""
-    lr_rise: float = math.nan  # first lr whose step raised its own batch's loss (beyond rounding noise)
-    lr_overshoot: float = math.nan  # first lr with α > 1
+    lr_rise: float = math.nan  # first lr from which steps raised their own batch's loss (3 of 5 steps)
+    lr_overshoot: float = math.nan  # first lr from which α > 1 (3 of 5 steps)
     optimizer_name: str = ""
+    gains: np.ndarray = field(default_factory=lambda: np.zeros(0))  # −g·Δw/(lr‖g‖²): the step's gain over a plain one
+    momentum: float = 0.0  # heavy-ball β of the optimizer (0: none, or an averaging first moment as in Adam)
+    gain_train: float = 1.0  # the steady-state gain of a training step at constant lr, (1−d)/(1−β)
 
     @classmethod
     def build(cls, rows: list[dict], grid: np.ndarray, stopped: str, curvature: Curvature,
-              optimizer_name: str = "") -> LRFindResult:
+              optimizer_name: str = "", momentum: tuple[float, float] = (0.0, 1.0)) -> LRFindResult:
         """Assemble the result from the sweep's rows and compute every suggestion."""
         column = lambda key: np.array([r[key] for r in rows], dtype=float)
         verdicts = [r["verdict"] for r in rows]
@@ -68,14 +71,18 @@ class LRFindResult:
         result = cls(lrs, column("loss"), column("smooth_loss"), column("loss_after"), column("delta"),
                      column("first_order"), column("alpha"), verdicts, np.asarray(grid), stopped, curvature,
                      optimizer_name=optimizer_name)
+        result.momentum, result.gain_train = momentum
+        with np.errstate(divide="ignore", invalid="ignore"):
+            result.gains = -result.first_order / (lrs * column("grad_sq"))
         rises = [v == "increase" for v in verdicts]
-        rise = first_index(rises)
+        rise = first_rise(rises)
         result.lr_rise = float(lrs[rise]) if rise is not None else math.nan
-        over = first_index([bool(a > 1) for a in result.alphas])
+        over = first_rise([bool(a > 1) for a in result.alphas])
         result.lr_overshoot = float(lrs[over]) if over is not None else math.nan
         result.suggestions = fastai_suggestions(lrs, result.smooth_losses, len(grid))
         bound, name = curvature.bound
-        lr, reason = stepaudit_rule(lrs, rises, bound, name, result.suggestions["valley"])
+        lr, reason = stepaudit_rule(lrs, rises, bound, name, result.suggestions["valley"], result.gains,
+                                    result.gain_train)
         result.suggestions = {"stepaudit": lr, **result.suggestions}
         result.suggestion, result.reason = lr, reason
         return result
@@ -105,8 +112,10 @@ class LRFindResult:
                  f"lr {self.grid[0]:.3g} to {self.lrs[-1]:.3g}; stopped: {self.stopped}"),
                 f"suggestion: {self.suggestion:.3g}  ({self.reason})", ""]
         rows += [f"  {LABELS[k]:<18} {self.suggestions.get(k, math.nan):.3g}" for k in ORDER]
-        rows += ["", f"  first lr where the own-batch loss rose: {_fmt(self.lr_rise)}",
+        rows += ["", f"  first lr where the own-batch loss rose: {_fmt(self.lr_rise)}  (on 3 of 5 steps)",
                  f"  first lr with α > 1 (overshoot):         {_fmt(self.lr_overshoot)}"]
+        if self.gain_train != 1.0:
+            rows.append(f"  momentum β {self.momentum:g}: steady-state gain {self.gain_train:.3g}")
         rows += [f"  {line}" for line in self.curvature_lines()]
         return "\n".join(rows)
 

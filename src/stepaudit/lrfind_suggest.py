@@ -13,21 +13,45 @@ definitions) read the smoothed loss curve after dropping its first tenth and las
   leftward from the right end of the curve until the gradients at its two ends differ by at most 0.005;
   the lr at the window's left end then (the last one it moved past while they still differed).
 
-stepaudit's rule (``stepaudit_rule``): take ``lr_up``, the first lr of the sweep at which the step raised the
-loss of its own batch (beyond rounding noise, the same ``lr_rise`` the result reports; on a quadratic, plain SGD raises it
-exactly when lr > 2/λ along the gradient, so ``lr_up`` is where steps start to overshoot their batch's
-valley), and suggest half of it, where such a step lands near the valley floor (α ≈ 0) instead of beyond the
-opposite wall. Capped by the stability bound measured at the start weights: the optimizer's safe lr
-(2/λ_max for plain SGD, ``probes.curvature.safe_lr``) or, for Adam-like optimizers, the lr at which the
+stepaudit's rule (``stepaudit_rule``), in three parts:
+
+1. ``lr_up``: the first lr of the sweep from which steps raised the loss of their own batch (beyond rounding
+   noise) on at least ``RISE_NEEDED`` = 3 of ``RISE_WINDOW`` = 5 consecutive steps, starting with a rise (a
+   majority of what is left when the sweep ends sooner). On a quadratic, a plain SGD step raises its batch's
+   loss exactly when lr > 2/λ along its gradient, and every step above that rises, so the rule finds the first
+   such lr; on real batches a single rise can be one batch's accident (the transformer LM with Adam: the first
+   single rise moved from 0.0013 to 0.079 across seeds), a majority of the next five steps (a factor 2.1 in lr
+   on the default grid) is the typical step overshooting.
+2. Half of it: a plain step at lr_up/2 lands near its batch's valley floor (α ≈ 0, lr·λ = 1) instead of past it.
+3. Momentum: scale by the gain the sweep did not see. A heavy-ball step is Δw = −lr·b with b ← β·b + (1−d)·g
+   (torch's SGD; fastai's ``mom``), so along a persistent gradient it reaches the steady-state gain
+   G_train = (1−d)/(1−β) (Nesterov: 1 + β(1−d)/(1−β)) times a plain step at the same lr: 10 for β = 0.9.
+   The sweep measures the gain each of its steps actually had along its own gradient,
+   G = −g·Δw / (lr·‖g‖²) (1 for plain SGD), which differs from G_train because the buffer was built over a few
+   steps at smaller lrs and other batches. A step with G > 0 raises its batch's loss when it overshoots,
+   lr·G·λ > 2 along g (the parabola through the two losses); a step with G ≤ 0 went uphill: the buffer carried
+   it, which says nothing about curvature. So G_sweep is the median G of the rising steps with G > 0 among the
+   five that define lr_up (1 if none), lr_up·G_sweep ≈ 2/λ is the plain step that overshoots, and a
+   training step at lr has lr·G_train along g, at the valley floor when lr·G_train·λ = 1: the suggestion is
+   ½·lr_up·G_sweep/G_train. For plain SGD the factor is 1. On the quadratic it is ≈ (1−β)/λ (tested), inside the
+   band (1−√β)²/λ ≤ lr ≤ (1+√β)²/λ where heavy ball contracts at its fastest, √β per step. Adam's,
+   AdamW's and RMSprop's first moment is an average, steady-state gain 1: no factor (RMSprop with momentum,
+   whose buffer sums, gets the heavy-ball one).
+
+Capped by the stability bound measured at the start weights: the optimizer's safe lr (2/λ_max for plain SGD,
+(2+2β)/λ_max with momentum, ``probes.curvature.safe_lr``) or, for Adam-like optimizers, the lr at which the
 preconditioned sharpness meets its bound. Without an own-batch rise in the sweep it falls back to valley.
 """
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
+import torch
 
 SAFE_FRACTION = 0.5  # stepaudit's suggestion: this fraction of the lr where the own-batch loss first rises
+RISE_WINDOW, RISE_NEEDED = 5, 3  # the rise: on at least 3 of 5 consecutive steps, the first of them rising
 SLIDE_WINDOW, SLIDE_THRESHOLD = 15, 0.005
 
 
@@ -109,15 +133,49 @@ def first_index(flags: list[bool], run: int = 1) -> int | None:
     return None
 
 
-def stepaudit_rule(lrs: np.ndarray, rises: list[bool], bound: float, bound_name: str,
-                   fallback: float) -> tuple[float, str]:
+def first_rise(flags: list[bool], window: int = RISE_WINDOW, needed: int = RISE_NEEDED) -> int | None:
+    """Index of the first True from which at least ``needed`` of ``window`` consecutive values are True.
+
+    A window cut short by the end of the list needs a majority of what it holds (at most ``needed``).
+    """
+    for i, flag in enumerate(flags):
+        held = flags[i:i + window]
+        if flag and sum(map(bool, held)) >= min(needed, len(held) // 2 + 1):
+            return i
+    return None
+
+
+def steady_gain(optimizer: Any) -> tuple[float, float]:
+    """(β, G_train): the optimizer's momentum and the steady-state gain of its step over a plain step (1: none).
+
+    Read under torch's names (a torch optimizer, or the mirror ``optimizers.reader_for`` gives a fastai one).
+    """
+    group = optimizer.param_groups[0]
+    beta = float(group.get("momentum", 0.0) or 0.0)
+    if beta <= 0 or not isinstance(optimizer, (torch.optim.SGD, torch.optim.RMSprop)):
+        return 0.0, 1.0
+    damped = 1.0 - float(group.get("dampening", 0.0) or 0.0)
+    if group.get("nesterov", False):
+        return beta, 1.0 + beta * damped / (1.0 - beta)
+    return beta, damped / (1.0 - beta)
+
+
+def stepaudit_rule(lrs: np.ndarray, rises: list[bool], bound: float, bound_name: str, fallback: float,
+                   gains: np.ndarray | None = None, gain_train: float = 1.0) -> tuple[float, str]:
     """stepaudit's suggestion and its one-line reason (the rule is in the module docstring)."""
-    up = first_index(rises)
+    up = first_rise(rises)
     if up is None:
         return fallback, "no step of the sweep raised its own batch's loss: fastai's valley"
     lr_up = float(lrs[up])
     suggestion = SAFE_FRACTION * lr_up
-    reason = (f"half of {lr_up:.3g}, the lr from which steps raised their own batch's loss (overshoot)")
+    reason = f"half of {lr_up:.3g}, the lr from which steps raised their own batch's loss (3 of 5 steps)"
+    if gain_train != 1.0:
+        seen = np.asarray(gains if gains is not None else np.full(len(rises), np.nan), float)
+        seen = np.array([g for g, r in zip(seen[up:up + RISE_WINDOW], rises[up:up + RISE_WINDOW]) if r and g > 0])
+        g_sweep = float(np.median(seen)) if seen.size else 1.0
+        suggestion *= g_sweep / gain_train
+        reason = (f"half of {lr_up:.3g}, the lr from which steps raised their own batch's loss, × the momentum "
+                  f"gain the sweep saw ({g_sweep:.3g}) / the steady-state gain ({gain_train:.3g})")
     if math.isfinite(bound) and bound > 0 and bound < suggestion:
-        return bound, f"{bound_name} {bound:.3g} at the start weights, below half of the overshoot lr {lr_up:.3g}"
+        return bound, f"{bound_name} {bound:.3g} at the start weights, below the rise-based {suggestion:.3g}"
     return suggestion, reason
