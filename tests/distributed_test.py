@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import sys
 import traceback
+from typing import Callable
 
 import pytest
 import torch
@@ -140,12 +141,27 @@ def run_ranks(tmp_path, **kwargs) -> list[dict]:
     return [torch.load(tmp_path / f"result{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory) -> Callable[[str, str], list[dict]]:
+    """The unaudited BatchNorm + dropout run of (optimizer, wrap), made once per module and shared by the tests."""
+    runs: dict = {}
+
+    def run(optimizer: str, wrap: str) -> list[dict]:
+        if (optimizer, wrap) not in runs:
+            folder = tmp_path_factory.mktemp(f"plain-{optimizer}-{wrap}")
+            runs[optimizer, wrap] = run_ranks(folder, audited=False, batchnorm=True, optimizer=optimizer, probes=None,
+                                              wrap=wrap)
+        return runs[optimizer, wrap]
+
+    return run
+
+
 @pytest.mark.parametrize("optimizer, wrap, probes", [
     ("sgd", "ddp", {"sharpness": 2, "noise": 3}), ("adam", "ddp", None), ("adam", "fsdp2", {"sharpness": 2})])
-def test_batchnorm_and_dropout_train_bit_identically_under_the_audit(tmp_path, optimizer, wrap, probes):
+def test_batchnorm_and_dropout_train_bit_identically_under_the_audit(tmp_path, plain_run, optimizer, wrap, probes):
     """Weights, buffers, optimizer state and RNG after the audited run equal the plain run's on every rank;
     probes run on each rank's batch under DDP (labelled), and are recorded as not measured under FSDP2."""
-    plain = run_ranks(tmp_path / "plain", audited=False, batchnorm=True, optimizer=optimizer, probes=None, wrap=wrap)
+    plain = plain_run(optimizer, wrap)
     audited = run_ranks(tmp_path / "audited", audited=True, batchnorm=True, optimizer=optimizer, probes=probes,
                         wrap=wrap)
     for rank in range(WORLD):
@@ -247,13 +263,13 @@ def _check_global_sharpness(a: dict, b: dict, weights: list[torch.Tensor], step:
         assert _dense_sharpness(weights, step, [rank]) != pytest.approx(expected, rel=1e-3)
 
 
-def test_global_sharpness_with_batchnorm_forward_hvps_and_disagreeing_ranks_never_deadlocks(tmp_path):
+def test_global_sharpness_with_batchnorm_forward_hvps_and_disagreeing_ranks_never_deadlocks(tmp_path, plain_run):
     """Forward-over-reverse HVPs through BatchNorm, and ranks whose own stopping tests disagree (tol 1e-1 on
     rank 0, 1e-9 on rank 1): the agreed stop keeps them in lockstep under a 10 s process-group timeout,
     and training stays bit-identical to the unaudited run."""
     options = [{"sharpness": {"scope": "global", "tol": tol}} for tol in (1e-1, 1e-9)]
-    plain = run_ranks(tmp_path / "plain", audited=False, batchnorm=True, optimizer="sgd", probes=None, timeout_s=10)
-    audited = run_ranks(tmp_path / "audited", audited=True, batchnorm=True, optimizer="sgd", probes={"sharpness": 1},
+    plain = plain_run("sgd", "ddp")
+    audited = run_ranks(tmp_path, audited=True, batchnorm=True, optimizer="sgd", probes={"sharpness": 1},
                         probe_options=options, forward_hvps=True, timeout_s=10)
     for a, b in zip(plain, audited):
         assert all(torch.equal(x, y) for x, y in zip(a["params"] + a["buffers"], b["params"] + b["buffers"]))
