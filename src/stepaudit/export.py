@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .schema import ordered, ordered_layers
 from .store import RunStoreError, output_file, read_run
 
 LAYER_SCALARS = ("update_ratio", "grad_norm", "update_norm")
@@ -95,7 +96,7 @@ def _table(run: str | os.PathLike, table: str) -> tuple[list[str], list[dict]]:
     fields: dict[str, None] = {}
     for row in rows:
         fields.update(dict.fromkeys(row))
-    return list(fields), rows
+    return (ordered(fields) if table == "steps" else ordered_layers(fields)), rows  # schema order, unknown after
 
 
 def _cell(value: Any) -> Any:

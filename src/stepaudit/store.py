@@ -132,11 +132,14 @@ class RunStore:
         self.db.execute("UPDATE runs SET meta = ? WHERE id = 1", (json.dumps(meta, default=str),))
 
     def _ensure_column(self, field: str, value: Any) -> None:
+        """Add the ``steps`` column for ``field``, typed by the record schema (an unknown field: by ``value``)."""
         if field in self._columns:
             return
         if not _COLUMN.match(field):
             raise ValueError(f"field name {field!r} is not a valid identifier")
-        kind = "TEXT" if isinstance(value, str) else "REAL"
+        from .schema import sql_type  # here, not at the top: `python -m stepaudit.schema` runs it as a fresh module
+
+        kind = sql_type(field, value)
         self.db.execute(f'ALTER TABLE steps ADD COLUMN "{field}" {kind}')
         self._columns.add(field)
 
