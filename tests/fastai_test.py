@@ -269,6 +269,50 @@ def test_lr_find_is_not_audited_and_the_fit_after_it_is(tmp_path):
     assert stepaudit.load(tmp_path / "run") is not None
 
 
+@pytest.mark.parametrize("opt", ["adam", "sgd"])
+def test_lr_find_measured_by_the_callback_leaves_learn_as_fastai_does(tmp_path, opt):
+    """Oracles: a twin Learner running the same lr_find without the callback (torch.equal on weights, optimizer
+    state, RNGs, fastai's recorded curve and suggestions), and fastai's own suggestion functions on its curve."""
+    from fastai.callback.schedule import steep, valley
+
+    runs = []
+    for measured in (False, True):
+        cbs = [AuditCallback(run=tmp_path / "run", lr_find=True)] if measured else []
+        learn = make_learner(opt, cbs, n=640)
+        learn.path = tmp_path
+        funcs = (valley, steep, learn.stepaudit.suggest) if measured else (valley, steep)
+        with learn.no_bar(), learn.no_logging():
+            suggested = learn.lr_find(num_it=40, show_plot=False, suggest_funcs=funcs)
+        runs.append((learn, suggested, torch.get_rng_state(), np.random.get_state()[1], random.getstate()))
+    (plain, plain_lrs, *plain_rng), (learn, lrs, *rng) = runs
+    for a, b in zip(plain.model.state_dict().values(), learn.model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert same(optimizer_state(plain.opt), optimizer_state(learn.opt))
+    assert torch.equal(plain_rng[0], rng[0]) and (plain_rng[1] == rng[1]).all() and plain_rng[2] == rng[2]
+    assert plain.recorder.lrs == learn.recorder.lrs and plain.recorder.losses == learn.recorder.losses
+    assert (lrs.valley, lrs.steep) == (plain_lrs.valley, plain_lrs.steep)
+    result = learn.stepaudit.lr_find_result
+    assert lrs.stepaudit == result.suggestion and np.isfinite(result.suggestion)
+    assert result.lrs.tolist() == pytest.approx(learn.recorder.lrs, rel=1e-12)  # fastai's own lrs, every step
+    assert result.smooth_losses.tolist() == pytest.approx([float(v) for v in learn.recorder.losses], rel=1e-5)
+    assert result.suggestions["valley"] == pytest.approx(lrs.valley, rel=1e-5)  # our rule = fastai's, on its curve
+    assert result.suggestions["steep"] == pytest.approx(lrs.steep, rel=1e-5)
+    assert np.isfinite(result.curvature.sharpness) and set(result.verdicts) <= {"decrease", "increase", "flat"}
+    assert (result.curvature.precond is not None) == (opt == "adam")
+    assert (result.gain_train, result.momentum) == pytest.approx((10.0, 0.9) if opt == "sgd" else (1.0, 0.0))
+    assert learn.stepaudit.audit is None and not (tmp_path / "run").exists()  # no run is written for a sweep
+    fit(learn, epochs=1)
+    assert [r["step"] for r in learn.stepaudit.audit.records] == list(range(9))  # 576 rows, batches of 64
+
+
+def test_the_suggestion_function_needs_lr_find_true(tmp_path):
+    learn = make_learner("adam", [AuditCallback(run=tmp_path / "run")])
+    learn.path = tmp_path
+    with learn.no_bar(), learn.no_logging(), pytest.raises(RuntimeError, match="lr_find=True"):
+        learn.lr_find(num_it=6, show_plot=False, suggest_funcs=(learn.stepaudit.suggest,))
+    assert learn.stepaudit.lr_find_result is None
+
+
 def test_a_second_fit_writes_its_own_run_and_continues_the_count(tmp_path):
     learn = make_learner("adam", [AuditCallback(run=tmp_path / "run")])
     fit(learn, epochs=1)

@@ -5,7 +5,10 @@ drives the audit through its public step API (``stepapi.py``); the audit reads `
 ``optimizers.py`` (fastai's ``SGD``/``RMSProp``/``Adam`` under torch's names; ``OptimWrapper``'s torch
 optimizer as it is). Events, per fit:
   ``before_fit``    — build the ``Audit`` on ``learn.model`` and ``learn.opt`` (steps counted on from an
-                      earlier fit of this callback); nothing is audited under ``learn.lr_find()``;
+                      earlier fit of this callback); under ``learn.lr_find()`` nothing is audited, unless
+                      ``lr_find=True``: then fastai's sweep is measured by an in-memory audit of its own
+                      (``lrfind_fastai.py``: own-batch rise, α, λ_max, the preconditioned bound) and, after it,
+                      ``.lr_find_result`` is an ``LRFindResult`` with stepaudit's suggestion beside fastai's;
   ``before_batch``  — (training batches only; after the callbacks that change the batch, such as MixUp)
                       ``audit.begin_step((xb, yb))``: the random state here is what the re-evaluation replays;
   ``before_step``   — ``audit.before_update()``: the gradient the optimizer gets (after clipping, unscaling);
@@ -22,12 +25,14 @@ Refused with the fix: fastai's ``GradientAccumulation`` (one step spans several 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from fastai.callback.core import Callback
 
 from ..audit import Audit
+from ..lrfind_fastai import SweepAudit
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -38,14 +43,28 @@ class AuditCallback(Callback):
     order = 100  # after the callbacks that change the batch, schedule hyperparameters or clip gradients
     run_valid = False
 
-    def __init__(self, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
-                 **audit_options: Any) -> None:
+    def __init__(self, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None, *,
+                 lr_find: bool = False, **audit_options: Any) -> None:
         super().__init__()
-        self.loss_fn, self.audit_options = loss_fn, audit_options
+        self.loss_fn, self.audit_options, self.measure_lr_find = loss_fn, audit_options, lr_find
         self.audit: Audit | None = None  # this fit's (after the fit: the last fit's, closed)
         self.audits: list[Audit] = []  # one per fit
-        self._auditing = False  # an audit is open for the fit in progress
+        self.sweep: SweepAudit | None = None  # the last measured learn.lr_find() (with lr_find=True)
+        self._open: Audit | None = None  # the audit the step calls go to while a fit is in progress
         self._phase: str | None = None  # the open step: "open", "updating", "updated", "cancelled"
+
+        def stepaudit(lrs: Any, losses: Any, num_it: int) -> tuple[float, tuple[float, float]]:
+            """fastai suggestion function: stepaudit's lr from the sweep just measured, and its point on the curve."""
+            if self.sweep is None or self.sweep.result is None:
+                raise RuntimeError("stepaudit's suggestion needs AuditCallback(lr_find=True) in the Learner's cbs")
+            return self.sweep.result.suggestion, self.sweep.point()
+
+        self.suggest = stepaudit  # learn.lr_find(suggest_funcs=(valley, steep, learn.stepaudit.suggest))
+
+    @property
+    def lr_find_result(self) -> Any:
+        """The ``LRFindResult`` of the last measured ``learn.lr_find()`` (None before one)."""
+        return None if self.sweep is None else self.sweep.result
 
     @property
     def name(self) -> str:
@@ -61,10 +80,15 @@ class AuditCallback(Callback):
         return self.learn.loss_func(pred, *yb)
 
     def before_fit(self) -> None:
-        """Build the audit for this fit (none under ``lr_find``); refuse gradient accumulation."""
+        """Build the audit for this fit (under ``lr_find``: the sweep's, if asked); refuse gradient accumulation."""
         self._close(failed=True)  # an earlier fit that raised left its step and audit open
         names = {type(cb).__name__ for cb in self.learn.cbs}
         if "LRFinder" in names:
+            if self.measure_lr_find:
+                finder = next(cb for cb in self.learn.cbs if type(cb).__name__ == "LRFinder")
+                self.sweep = SweepAudit(self.learn.model, self.learn.opt, self.loss_fn or self._audited_loss,
+                                        finder.num_it, self.audit_options.get("precision"))
+                self._open = self.sweep.audit
             return
         if "GradientAccumulation" in names:
             raise ValueError("AuditCallback cannot audit fastai's GradientAccumulation: one optimizer step spans "
@@ -77,23 +101,23 @@ class AuditCallback(Callback):
                 options["run"] = Path(f"{options['run']}-fit{len(self.audits) + 1}")
         self.audit = Audit(self.learn.model, self.learn.opt, self.loss_fn or self._audited_loss, **options)
         self.audits.append(self.audit)
-        self._auditing = True
+        self._open = self.audit
 
     def before_batch(self) -> None:
-        if not self._auditing or not self.training:
+        if self._open is None or not self.training:
             return
-        self.audit.begin_step((tuple(self.learn.xb), tuple(self.learn.yb)))
+        self._open.begin_step((tuple(self.learn.xb), tuple(self.learn.yb)))
         self._phase = "open"
 
     def before_step(self) -> None:
         if self._phase == "open":
             self._phase = "updating"
-            self.audit.before_update()
+            self._open.before_update()
 
     def after_step(self) -> None:
         if self._phase == "updating":
             self._phase = "updated"
-            self.audit.after_update()
+            self._open.after_update()
 
     def after_cancel_step(self) -> None:
         if self._phase is not None:
@@ -102,17 +126,20 @@ class AuditCallback(Callback):
     def after_batch(self) -> None:
         phase, self._phase = self._phase, None
         if phase is not None:
-            self.audit.end_step(skipped=phase == "open")  # "open": fastai cancelled the batch before its step
+            self._open.end_step(skipped=phase == "open")  # "open": fastai cancelled the batch before its step
 
     def after_fit(self) -> None:
+        sweeping = self.sweep is not None and self._open is self.sweep.audit
         self._close()
+        if sweeping:
+            self.sweep.finish()
 
     def _close(self, failed: bool = False) -> None:
         """Close the open step (as failed, when training raised in it) and the audit."""
-        if not self._auditing:
+        audit, self._open = self._open, None
+        if audit is None:
             return
-        self._auditing = False
         if self._phase is not None:
             self._phase = None
-            self.audit.end_step(failed=failed)
-        self.audit.close()
+            audit.end_step(failed=failed)
+        audit.close()

@@ -1,0 +1,84 @@
+"""fastai's ``learn.lr_find()`` measured by stepaudit: an in-memory audit of the sweep's steps, read as an ``LRFindResult``.
+
+``AuditCallback(lr_find=True)`` opens a ``SweepAudit`` when fastai's ``LRFinder`` starts a fit. Each step of fastai's
+own sweep (its lrs, its batches, its optimizer) is audited through the public step API: the same batch is evaluated
+again after the step (same dropout masks, buffers put back), giving the own-batch change, g·Δw and α; at the first
+step λ_max of the Hessian with the optimizer's safe lr, and the preconditioned sharpness where the optimizer has a
+second moment (fastai's ``Adam`` and ``RMSProp`` read under torch's names). Nothing is written to disk, and the audit
+leaves training as fastai leaves it (fastai's ``LRFinder`` then reloads the weights it saved before the sweep).
+Afterwards ``result`` is built by ``LRFindResult.build``: the same rows, suggestions and summary as ``stepaudit.lr_find``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from .audit import Audit
+from .lrfind_result import Curvature, LRFindResult
+from .lrfind_suggest import smooth_step, steady_gain
+from .optimizers import reader_for
+
+ONCE = 10**9  # a probe period no sweep reaches: the probe runs at step 0 only
+
+
+class SweepAudit:
+    """The audit of one fastai lr_find sweep and, after ``finish()``, its ``LRFindResult`` (``result``)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: Any, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+                 num_it: int, precision: str | None = None) -> None:
+        self.num_it = int(num_it)
+        reader = reader_for(optimizer)
+        reader.sync()
+        self.momentum = steady_gain(reader.reads)
+        self.optimizer_name = reader.name
+        self.audit = Audit(model, optimizer, loss_fn, run=None, precision=precision,
+                           probes={"sharpness": ONCE, "precond_sharpness": ONCE})
+        self.result: LRFindResult | None = None
+
+    def finish(self) -> LRFindResult | None:
+        """Build ``result`` from the audited steps (None when fastai's sweep took no step)."""
+        records = [r for r in self.audit.records if r.get("verdict") not in (None, "error")]
+        if not records:
+            return None
+        rows, average = [], 0.0
+        for i, r in enumerate(records):
+            average, smooth = smooth_step(average, float(r["loss_before"]), 0.98, i)
+            rows.append({"lr": float(r["lr"]), "loss": float(r["loss_before"]), "smooth_loss": smooth,
+                         "grad_sq": float(r["grad_norm"]) ** 2, "loss_after": float(r["loss_after"]),
+                         "delta": float(r["delta"]), "first_order": float(r["first_order"]),
+                         "alpha": float(r.get("alpha", math.nan)), "verdict": r["verdict"]})
+        lrs = np.array([row["lr"] for row in rows])
+        ratio = lrs[1] / lrs[0] if len(lrs) > 1 else 1.0
+        grid = lrs[0] * ratio ** np.arange(max(self.num_it, len(lrs)))  # fastai's: start·(end/start)^(i/num_it)
+        grid[: len(lrs)] = lrs
+        stopped = ("end of the grid" if len(rows) >= self.num_it else
+                   "the loss was not finite" if not math.isfinite(rows[-1]["loss"]) else
+                   "fastai's stop: the smoothed loss exceeded 4× its minimum")
+        self.result = LRFindResult.build(rows, grid, stopped, self._curvature(records[0]),
+                                         optimizer_name=self.optimizer_name, momentum=self.momentum)
+        return self.result
+
+    def _curvature(self, first: dict) -> Curvature:
+        """λ_max, the safe lr and the preconditioned bound as the audit measured them at the sweep's first step."""
+        info = Curvature(sharpness=float(first.get("sharpness", math.nan)),
+                         residual=float(first.get("sharpness_residual", math.nan)),
+                         safe_lr=float(first.get("safe_lr", math.nan)),
+                         safe_rule=str(first.get("safe_lr_rule", "not measured")))
+        value, bound = float(first.get("precond_sharpness", math.nan)), float(first.get("precond_bound", math.nan))
+        if math.isfinite(value) and value > 0 and math.isfinite(bound):
+            info.precond = (value, bound * float(first["lr"]) / value, str(first.get("precond_rule", "")))
+            info.precond_where = "the sweep's first step (lr ≤ its start), the optimizer's state after it"
+        else:
+            info.precond_where = str(first.get("precond_sharpness_note", "not measured"))
+        return info
+
+    def point(self) -> tuple[float, float]:
+        """(stepaudit's lr, the smoothed loss there): where fastai's plot marks the suggestion."""
+        result = self.result
+        lr = result.suggestion
+        y = float(np.interp(math.log(lr), np.log(result.lrs), result.smooth_losses)) if math.isfinite(lr) else math.nan
+        return lr, y
