@@ -98,3 +98,21 @@ def test_estimates_are_unbiased_on_simulated_rank_gradients():
         traces.append(fields["noise_trace_ranks"])
     assert sum(signals) / draws == pytest.approx(float(true_g @ true_g), rel=0.03)
     assert sum(traces) / draws == pytest.approx(float((sigma * sigma).sum()), rel=0.03)
+
+
+def test_local_grad_norms_read_the_accumulated_gradient_and_skip_frozen_parameters():
+    """Without a process group the hook sees .grad as backward leaves it: Σ‖p.grad‖² over trainable parameters;
+    a frozen parameter in the list is skipped (registering a hook on it would raise); after stop() nothing is read."""
+    from stepaudit.noise_ranks import LocalGradNorms
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    model[0].bias.requires_grad_(False)
+    capture = LocalGradNorms(list(model.parameters()))
+    x = torch.randn(5, 4)
+    model(x).square().sum().backward()
+    capture.stop()
+    expected = sum(float(p.grad.double().square().sum()) for p in model.parameters() if p.grad is not None)
+    assert capture.value() == pytest.approx(expected, rel=1e-12)
+    model(x).sum().backward()  # hooks removed: the value stays that of the audited backward
+    assert capture.value() == pytest.approx(expected, rel=1e-12)

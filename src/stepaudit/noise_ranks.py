@@ -43,7 +43,15 @@ class LocalGradNorms:
 
     def __init__(self, params: Sequence[torch.Tensor]) -> None:
         self._squares: dict[int, torch.Tensor] = {}
-        self._handles = [p.register_post_accumulate_grad_hook(self._hook(i)) for i, p in enumerate(params)]
+        self._handles = []
+        self.complete = True  # False if a hook could not be registered: the value is then NaN, never a part
+        for i, p in enumerate(params):
+            if not p.requires_grad:  # frozen (no gradient, no hook allowed): it adds nothing to |g_r|²
+                continue
+            try:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._hook(i)))
+            except Exception:  # noqa: BLE001 - opening an audited step must never break training
+                self.complete = False
 
     def _hook(self, index: int):
         squares = self._squares
@@ -64,8 +72,8 @@ class LocalGradNorms:
         self._handles = []
 
     def value(self) -> float:
-        """Σ over parameters of |g_r|² (NaN if no gradient was seen)."""
-        if not self._squares:
+        """Σ over parameters of |g_r|² (NaN if no gradient was seen or a hook is missing)."""
+        if not self._squares or not self.complete:
             return math.nan
         return float(torch.stack(list(self._squares.values())).sum())
 
