@@ -138,10 +138,11 @@ def test_clip_gradients_at_the_median_of_the_first_norms():
 
 
 @pytest.mark.parametrize("layer, shape, dims", [(nn.Linear(6, 2), (256, 6), (0,)),
-                                                (nn.Conv2d(3, 2, 3), (16, 3, 8, 8), (0, 2, 3))])
+                                                (nn.Conv2d(3, 2, 3), (16, 3, 8, 8), (0, 2, 3)),
+                                                (nn.GRU(4, 3, batch_first=True), (16, 5, 4), (0, 1))])
 def test_standardize_inputs_on_the_stats_batch(layer, shape, dims):
     torch.manual_seed(0)
-    model = nn.Sequential(layer, nn.ReLU()).double()
+    model = layer.double()
     seen = []
     layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))  # runs after the global hook
     x = torch.randn(shape, dtype=torch.float64) * 50 + 200

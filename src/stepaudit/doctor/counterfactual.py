@@ -9,7 +9,7 @@ purpose (that is the experiment) through torch's global hook points only, never 
   of its steps, so several backward passes between two steps (accumulation) still add up.
 - ``exploding_gradients``: the gradient norm clipped before each step at the median of the first five
   finite norms (the lower median of the norms seen so far during those five steps).
-- ``unnormalized_inputs``: the input of the first Linear/Conv layer called standardised per feature
+- ``unnormalized_inputs``: the input of the first Linear/Conv/RNN layer called standardised per feature
   (channel for a convolution) with the pooled statistics of its first five batches.
 - ``params_not_updating``: the trainable parameters of the modules that ran, held by no optimizer, added
   to the first optimizer that steps (``add_param_group``) before its first step.
@@ -128,6 +128,9 @@ def clip_gradients(_: float = 1.0) -> list:
     return [_optim.register_optimizer_step_pre_hook(pre)]
 
 
+_FIRST_LAYERS = (torch.nn.Linear, torch.nn.modules.conv._ConvNd, torch.nn.RNNBase)  # an RNN's features: last dim
+
+
 class _Standardiser:
     """Per-feature moments of the first layer's input over its first batches, and the standardisation."""
 
@@ -146,7 +149,7 @@ class _Standardiser:
 
     def __call__(self, module: torch.nn.Module, args):
         if self.layer is None:
-            if not isinstance(module, (torch.nn.Linear, torch.nn.modules.conv._ConvNd)):
+            if not isinstance(module, _FIRST_LAYERS):
                 return None
             self.layer = weakref.ref(module)
         if self.layer() is not module or not args or not isinstance(args[0], torch.Tensor) \
@@ -172,7 +175,7 @@ class _Standardiser:
 
 
 def standardize_inputs(_: float = 1.0) -> list:
-    """Standardise the input of the first Linear/Conv layer called with its first batches' statistics."""
+    """Standardise the input of the first Linear/Conv/RNN layer called with its first batches' statistics."""
     return [_module.register_module_forward_pre_hook(_Standardiser())]
 
 
