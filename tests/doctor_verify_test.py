@@ -12,7 +12,15 @@ from torch import nn
 
 from stepaudit.doctor import cli, counterfactual
 from stepaudit.doctor.report import render_plain
-from stepaudit.doctor.verify import RunLoss, _detail, judge, printed_metric, run_child, verify, watched_run
+from stepaudit.doctor.verify import (
+    RunLoss,
+    _detail,
+    judge,
+    printed_metric,
+    run_child,
+    verify,
+    watched_run,
+)
 
 HEAD = """
 import torch

@@ -20,10 +20,11 @@ the hook handles (each with ``remove()``).
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch.nn.modules import module as _module
@@ -69,7 +70,7 @@ def scale_lr(factor: float) -> list:
 
     def pre(optimizer, args, kwargs):
         if optimizer in done:
-            return None
+            return
         done.add(optimizer)
         for group in optimizer.param_groups:
             for key in _LR_KEYS:
@@ -80,7 +81,7 @@ def scale_lr(factor: float) -> list:
                 rates = getattr(scheduler, name, None)
                 if isinstance(rates, list):
                     setattr(scheduler, name, [_scaled(r, factor) if isinstance(r, (int, float)) else r for r in rates])
-        return None
+        return
 
     return [_optim.register_optimizer_step_pre_hook(pre)]
 
@@ -97,7 +98,6 @@ def zero_after_step(_: float = 1.0) -> list:
             optimizer = due.popitem()[1]()
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
-        return None
 
     return [_optim.register_optimizer_step_post_hook(post), _module.register_module_forward_pre_hook(forward_pre)]
 
@@ -114,16 +114,16 @@ def clip_gradients(_: float = 1.0) -> list:
     def pre(optimizer, args, kwargs):
         params = _with_grads(optimizer)
         if not params:
-            return None
+            return
         seen = norms.setdefault(id(optimizer), [])
         if len(seen) < CLIP_STEPS:
             norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().double())
                                                                for p in params])))
-            if norm == norm and norm != float("inf"):
+            if math.isfinite(norm):
                 seen.append(norm)
         if seen:
             torch.nn.utils.clip_grad_norm_(params, statistics.median_low(seen))  # the lower middle while even
-        return None
+        return
 
     return [_optim.register_optimizer_step_pre_hook(pre)]
 
@@ -187,11 +187,10 @@ def add_missing_params(_: float = 1.0) -> list:
     def forward_pre(module, args):
         if not state["done"]:
             ran.add(module)
-        return None
 
     def pre(optimizer, args, kwargs):
         if state["done"]:
-            return None
+            return
         state["done"] = True
         held = {id(p) for o in gc.get_objects() if issubclass(type(o), torch.optim.Optimizer)  # no __class__ proxies
                 for group in o.param_groups for p in group["params"]}
@@ -203,7 +202,7 @@ def add_missing_params(_: float = 1.0) -> list:
                     missing.append(p)
         if missing:
             optimizer.add_param_group({"params": missing})
-        return None
+        return
 
     return [_module.register_module_forward_pre_hook(forward_pre), _optim.register_optimizer_step_pre_hook(pre)]
 

@@ -47,8 +47,8 @@ from .counterfactual import COUNTERFACTUALS
 MARKED = 0.10  # share of the starting loss the fix must remove beyond the original's, at least
 NOISE_TIMES = 3.0  # the margin in units of the original's run-to-run noise
 TOP = 3  # diagnoses verified, at most
-_FINAL = re.compile(r"\bfinal_metric\s+\w+\s+(-?\d*\.?\d+(?:e[-+]?\d+)?)", re.I)  # the doctor suite's own line
-_METRIC = re.compile(r"\b(?:val(?:idation)?|test|eval)?[_ ]?acc(?:uracy)?\b\s*[:=]?\s*(\d*\.?\d+)\s*(%?)", re.I)
+_FINAL = re.compile(r"\bfinal_metric\s+\w+\s+(-?\d*\.?\d+(?:e[-+]?\d+)?)", re.IGNORECASE)  # the doctor suite's own line
+_METRIC = re.compile(r"\b(?:val(?:idation)?|test|eval)?[_ ]?acc(?:uracy)?\b\s*[:=]?\s*(\d*\.?\d+)\s*(%?)", re.IGNORECASE)
 
 
 @dataclass
