@@ -149,3 +149,21 @@ def test_api_warnings_keep_the_api_wording(tmp_path):
         warnings.simplefilter("always")
         RunStore(tmp_path / "r", {"model": "m"})
     assert len(caught) == 1 and "pass run=None" in str(caught[0].message)
+
+
+def test_torchs_warnings_under_the_doctor_point_at_the_scripts_line_once(tmp_path):
+    """A loss's broadcasting warning: the script's file:line, shown once as in a plain run, never stepaudit's."""
+    script = tmp_path / "bc.py"
+    script.write_text("import torch\nm = torch.nn.Linear(3, 1)\nopt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+                      "x, y = torch.randn(16, 3), torch.randn(16)\nfor step in range(30):\n    opt.zero_grad()\n"
+                      "    loss = torch.nn.functional.mse_loss(m(x), y)\n    loss.backward()\n    opt.step()\n")
+    plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    doctor = subprocess.run([sys.executable, "-m", "stepaudit", "doctor", "--no-store", str(script)],
+                            capture_output=True, text=True, timeout=120)
+    def shown(stderr: str) -> list[str]:
+        return [line for line in stderr.splitlines() if "UserWarning: Using a target size" in line]
+    assert shown(plain.stderr) == [f"{script}:7: UserWarning: Using a target size (torch.Size([16])) that is different "
+                                   "to the input size (torch.Size([16, 1])). This will likely lead to incorrect results "
+                                   "due to broadcasting. Please ensure they have the same size."]
+    assert shown(doctor.stderr) == shown(plain.stderr)
+    assert "stepaudit" not in "".join(shown(doctor.stderr)) and "passive.py" not in doctor.stderr

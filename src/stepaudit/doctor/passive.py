@@ -20,6 +20,7 @@ import math
 import sys as _sys
 import time
 import types
+import warnings as _warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -805,26 +806,72 @@ def _activation_wrapper(name: str, original: Callable) -> Callable:
     return _as_original(activation, original)
 
 
+def _call_as_script(original: Callable, args: tuple, kwargs: dict, caller: types.FrameType) -> Any:
+    """``original(*args, **kwargs)``, the warnings it raises re-issued at ``caller`` (the script's line).
+
+    torch points its own warnings (a loss's broadcasting warning, softmax's implicit dim) one frame up,
+    which inside a wrapper is this module; re-issued at the script's frame, through its module's warning
+    registry, they read and are deduplicated exactly as in a plain run.
+    """
+    caught: list = []
+    try:
+        with _warnings.catch_warnings(record=True) as caught:
+            _warnings.simplefilter("always")
+            return original(*args, **kwargs)
+    finally:
+        for w in caught:
+            _reissue(w.message, w.category, caller)
+
+
+_REISSUED: set = set()  # what "default", "module" and "once" already showed (see _reissue)
+
+
+def _reissue(message: Warning | str, category: type, caller: types.FrameType) -> None:
+    """Issue a warning at ``caller`` under the script's filters, shown as often as a plain run would show it.
+
+    Python's per-module registry cannot deduplicate here (every ``catch_warnings`` resets it), so the
+    filter's action is looked up as ``warnings`` does and the "default"/"module"/"once" dedup kept here.
+    """
+    filename, lineno, scope = caller.f_code.co_filename, caller.f_lineno, caller.f_globals
+    module, text = scope.get("__name__", "__main__"), str(message)
+    action = _warnings.defaultaction
+    for act, msg, cat, mod, ln in _warnings.filters:
+        if ((msg is None or msg.match(text)) and issubclass(category, cat)
+                and (mod is None or mod.match(module)) and (ln == 0 or ln == lineno)):
+            action = act
+            break
+    key = {"default": (text, category, filename, lineno), "module": (text, category, filename),
+           "once": (text, category)}.get(action)
+    if key is not None:
+        if key in _REISSUED:
+            return
+        _REISSUED.add(key)
+    _warnings.warn_explicit(message, category, filename, lineno, module=module, registry=None, module_globals=scope)
+
+
 def _softmax_wrapper(name: str, original: Callable) -> Callable:
-    active = _active
+    active, call, frame = _active, _call_as_script, _sys._getframe
 
     def softmax(*args, **kwargs):
         watcher = active()
-        if watcher is not None and watcher.window:
+        if watcher is None:  # no session, or torch.compile tracing: the original alone
+            return original(*args, **kwargs)
+        if watcher.window:
             watcher._on_softmax(name, args, kwargs)
-        return original(*args, **kwargs)
+        return call(original, args, kwargs, frame(1))
 
     return _as_original(softmax, original)
 
 
 def _loss_wrapper(name: str, original: Callable) -> Callable:
-    active = _active
+    active, call, frame = _active, _call_as_script, _sys._getframe
 
     def loss(*args, **kwargs):
-        output = original(*args, **kwargs)
         watcher = active()
-        if watcher is not None:
-            watcher._on_loss(name, args, kwargs, output)
+        if watcher is None:  # no session, or torch.compile tracing: the original alone
+            return original(*args, **kwargs)
+        output = call(original, args, kwargs, frame(1))
+        watcher._on_loss(name, args, kwargs, output)
         return output
 
     return _as_original(loss, original)
