@@ -4,7 +4,9 @@
 own sweep (its lrs, its batches, its optimizer) is audited through the public step API: the same batch is evaluated
 again after the step (same dropout masks, buffers put back), giving the own-batch change, g·Δw and α; at the first
 step λ_max of the Hessian with the optimizer's safe lr, and the preconditioned sharpness where the optimizer has a
-second moment (fastai's ``Adam`` and ``RMSProp`` read under torch's names). Nothing is written to disk, and the audit
+second moment (fastai's ``Adam`` and ``RMSProp`` read under torch's names), taken after the sweep's first tenth of
+steps as ``stepaudit.lr_find`` does for a fresh optimizer (after one step the second moment is one gradient squared,
+and a parameter that got no gradient has P = ε: its bound would be meaningless). Nothing is written to disk, and the audit
 leaves training as fastai leaves it (fastai's ``LRFinder`` then reloads the weights it saved before the sweep).
 Afterwards ``result`` is built by ``LRFindResult.build``: the same rows, suggestions and summary as ``stepaudit.lr_find``.
 """
@@ -35,9 +37,15 @@ class SweepAudit:
         reader.sync()
         self.momentum = steady_gain(reader.reads)
         self.optimizer_name = reader.name
+        self.precond_step = max(1, self.num_it // 10)
         self.audit = Audit(model, optimizer, loss_fn, run=None, precision=precision,
-                           probes={"sharpness": ONCE, "precond_sharpness": ONCE})
+                           probes={"sharpness": ONCE, "precond_sharpness": self.precond_step})
         self.result: LRFindResult | None = None
+
+    def seen(self, record: dict | None) -> None:
+        """After each audited step: once the preconditioned sharpness has been taken after the first tenth, stop it."""
+        if record is not None and record.get("step", 0) >= self.precond_step:
+            self.audit.probes["precond_sharpness"] = ONCE
 
     def finish(self) -> LRFindResult | None:
         """Build ``result`` from the audited steps (None when fastai's sweep took no step)."""
@@ -58,22 +66,25 @@ class SweepAudit:
         stopped = ("end of the grid" if len(rows) >= self.num_it else
                    "the loss was not finite" if not math.isfinite(rows[-1]["loss"]) else
                    "fastai's stop: the smoothed loss exceeded 4× its minimum")
-        self.result = LRFindResult.build(rows, grid, stopped, self._curvature(records[0]),
+        later = [r for r in records if r.get("step", 0) >= self.precond_step]
+        self.result = LRFindResult.build(rows, grid, stopped, self._curvature(records[0], later[0] if later else None),
                                          optimizer_name=self.optimizer_name, momentum=self.momentum)
         return self.result
 
-    def _curvature(self, first: dict) -> Curvature:
-        """λ_max, the safe lr and the preconditioned bound as the audit measured them at the sweep's first step."""
+    def _curvature(self, first: dict, later: dict | None) -> Curvature:
+        """λ_max and the safe lr as measured at the sweep's first step, the preconditioned bound after its first tenth."""
         info = Curvature(sharpness=float(first.get("sharpness", math.nan)),
                          residual=float(first.get("sharpness_residual", math.nan)),
                          safe_lr=float(first.get("safe_lr", math.nan)),
                          safe_rule=str(first.get("safe_lr_rule", "not measured")))
-        value, bound = float(first.get("precond_sharpness", math.nan)), float(first.get("precond_bound", math.nan))
+        at = later or {}
+        value, bound = float(at.get("precond_sharpness", math.nan)), float(at.get("precond_bound", math.nan))
         if math.isfinite(value) and value > 0 and math.isfinite(bound):
-            info.precond = (value, bound * float(first["lr"]) / value, str(first.get("precond_rule", "")))
-            info.precond_where = "the sweep's first step (lr ≤ its start), the optimizer's state after it"
+            info.precond = (value, bound * float(at["lr"]) / value, str(at.get("precond_rule", "")))
+            info.precond_where = f"after fastai's first {self.precond_step} steps (lr ≤ {float(at['lr']):.3g}), its batch"
         else:
-            info.precond_where = str(first.get("precond_sharpness_note", "not measured"))
+            info.precond_where = str(at.get("precond_sharpness_note", first.get("precond_sharpness_note",
+                                                                             "not measured")))
         return info
 
     def point(self) -> tuple[float, float]:

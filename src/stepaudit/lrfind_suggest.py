@@ -177,5 +177,5 @@ def stepaudit_rule(lrs: np.ndarray, rises: list[bool], bound: float, bound_name:
         reason = (f"half of {lr_up:.3g}, the lr from which steps raised their own batch's loss, × the momentum "
                   f"gain the sweep saw ({g_sweep:.3g}) / the steady-state gain ({gain_train:.3g})")
     if math.isfinite(bound) and bound > 0 and bound < suggestion:
-        return bound, f"{bound_name} {bound:.3g} at the start weights, below the rise-based {suggestion:.3g}"
+        return bound, f"{bound_name} {bound:.3g} (measured early in the sweep), below the rise-based {suggestion:.3g}"
     return suggestion, reason

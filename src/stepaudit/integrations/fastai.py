@@ -117,7 +117,9 @@ class AuditCallback(Callback):
     def after_step(self) -> None:
         if self._phase == "updating":
             self._phase = "updated"
-            self._open.after_update()
+            record = self._open.after_update()
+            if self.sweep is not None and self._open is self.sweep.audit:
+                self.sweep.seen(record)
 
     def after_cancel_step(self) -> None:
         if self._phase is not None:
