@@ -294,3 +294,32 @@ def test_probe_state_is_reset_when_a_param_group_is_added(tiny_batch, tmp_path):
         audit.step(tiny_batch)
         audit.step(tiny_batch)
     assert all("probe_errors" not in r for r in audit.records)
+
+
+def test_a_param_group_without_a_numeric_lr_is_recorded_as_nan_not_an_error(tmp_path):
+    """transformers' Adafactor with relative steps keeps lr=None in its groups."""
+    transformers = pytest.importorskip("transformers")
+    import math
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    opt = transformers.optimization.Adafactor([{"params": model[0].parameters()}, {"params": model[1].parameters()}],
+                                              lr=None, relative_step=True, scale_parameter=True, warmup_init=True)
+    loss_fn = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    audit = stepaudit.Audit(model, opt, loss_fn, run=tmp_path / "adafactor")
+    for _ in range(3):
+        audit.step((torch.randn(8, 4), torch.randint(0, 2, (8,))))
+    audit.close()
+    assert [r["verdict"] for r in audit.records] != ["error"] * 3
+    assert all(r.get("error") is None for r in audit.records), audit.records[0].get("error")
+    assert all(math.isnan(r["lr"]) and math.isnan(r["lr_group_1"]) for r in audit.records)
+
+
+def test_a_new_run_in_an_old_folder_does_not_inherit_its_logged_metrics(tmp_path):
+    from stepaudit.store import RunStore, read_metrics
+
+    first = RunStore(tmp_path / "r", {"model": "m"})
+    first.log_metric(0, "val_loss", 9.9)  # logged, no step recorded
+    first.close()
+    RunStore(tmp_path / "r", {"model": "m"}).close()
+    assert read_metrics(tmp_path / "r") == {}

@@ -61,7 +61,8 @@ def _wrap(model: nn.Module, wrap: str) -> tuple[nn.Module, nn.Module]:
 
 
 def _train(rank: int, folder: str, audited: bool, batchnorm: bool, optimizer: str, probes: dict | None,
-           wrap: str = "ddp", probe_options: dict | list | None = None, forward_hvps: bool = False) -> dict:
+           wrap: str = "ddp", probe_options: dict | list | None = None, forward_hvps: bool = False,
+           use_step: bool = False, clip: float | None = None) -> dict:
     """One rank's run: DDP (or FSDP2) over gloo, SGD-momentum or Adam, dropout; what it ends with.
 
     ``probe_options``: one dict for all ranks or a list (rank r's at index r); ``forward_hvps``: the
@@ -79,10 +80,14 @@ def _train(rank: int, folder: str, audited: bool, batchnorm: bool, optimizer: st
     for step in range(STEPS):
         batch = _data(rank, step)
         weights.append([_full(p.detach()).clone() for p in inner.parameters()])
-        block = audit.watch(batch) if audited else _Nothing()
-        with block:
+        if audited and use_step:  # audit.step trains through the DDP wrapper as the user's own loop does
+            audit.step(batch)
+            continue
+        with audit.watch(batch) if audited else _Nothing():
             opt.zero_grad()
             loss_fn(ddp, batch).backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(ddp.parameters(), clip)
             opt.step()
     weights.append([_full(p.detach()).clone() for p in inner.parameters()])
     records = []
@@ -156,14 +161,15 @@ def plain_run(tmp_path_factory) -> Callable[[str, str], list[dict]]:
     return run
 
 
-@pytest.mark.parametrize("optimizer, wrap, probes", [
-    ("sgd", "ddp", {"sharpness": 2, "noise": 3}), ("adam", "ddp", None), ("adam", "fsdp2", {"sharpness": 2})])
-def test_batchnorm_and_dropout_train_bit_identically_under_the_audit(tmp_path, plain_run, optimizer, wrap, probes):
+@pytest.mark.parametrize("optimizer, wrap, probes, use_step", [
+    ("sgd", "ddp", {"sharpness": 2, "noise": 3}, False), ("adam", "ddp", None, True), ("adam", "fsdp2", {"sharpness": 2}, False)])
+def test_batchnorm_and_dropout_train_bit_identically_under_the_audit(tmp_path, plain_run, optimizer, wrap, probes,
+                                                                      use_step):
     """Weights, buffers, optimizer state and RNG after the audited run equal the plain run's on every rank;
     probes run on each rank's batch under DDP (labelled), and are recorded as not measured under FSDP2."""
     plain = plain_run(optimizer, wrap)
     audited = run_ranks(tmp_path / "audited", audited=True, batchnorm=True, optimizer=optimizer, probes=probes,
-                        wrap=wrap)
+                        wrap=wrap, use_step=use_step)
     for rank in range(WORLD):
         a, b = plain[rank], audited[rank]
         assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"])), f"rank {rank}: weights differ"
@@ -339,3 +345,18 @@ def test_fsdp1_is_refused_up_front_naming_what_works(tmp_path):
             assert "\n" not in message and "fully_shard" in message and "DistributedDataParallel" in message
     finally:
         dist.destroy_process_group()
+
+
+def test_noise_scale_ranks_reads_the_gradient_before_clipping_changes_it(tmp_path):
+    """With clip_grad_norm_ between backward and step, B_simple still comes from the gradients the backward made:
+    at step 0 it equals the two-batch formula on each rank's float64 gradient recomputed from the start weights."""
+    ranks = run_ranks(tmp_path, audited=True, batchnorm=False, optimizer="sgd", probes=None, clip=0.01)
+    record = ranks[0]["records"][0]
+    assert record["grad_norm"] == pytest.approx(0.01, rel=1e-4)  # the optimizer did get the clipped gradient
+    grads = [_oracle(ranks[0]["weights"][0], r, 0)[1] for r in range(WORLD)]
+    small = sum(sum(float((g * g).sum()) for g in rank) for rank in grads) / WORLD
+    big = sum(float((((a + b) / 2) ** 2).sum()) for a, b in zip(*grads))
+    signal = (24 * big - 12 * small) / (24 - 12)
+    trace = (small - big) / (1 / 12 - 1 / 24)
+    assert record["noise_scale_ranks"] == pytest.approx(trace / signal, rel=1e-4)
+    assert ranks[1]["records"][0]["noise_scale_ranks"] == record["noise_scale_ranks"]

@@ -288,8 +288,10 @@ def test_logged_metrics_are_stored_charted_and_compared(tmp_path):
             if step % 2 == 1:
                 audit.log("val_acc", torch.tensor(scale * step))
         audit.log("val_acc", 0.5, step=2)  # an explicit step overrides that step's value
-        with pytest.raises(TypeError, match="must be a number"):
-            audit.log("val_acc", "high")
+        with pytest.warns(UserWarning, match="must be a number"):
+            audit.log("val_acc", "high")  # never breaks training: a warning, nothing logged
+        with pytest.warns(UserWarning, match="got NoneType"):
+            audit.log("val_acc", None)
         audit.close()
         return tmp_path / name
 
@@ -299,7 +301,7 @@ def test_logged_metrics_are_stored_charted_and_compared(tmp_path):
     drawn = tips(text, "metrics")[0]
     assert drawn["n"] == "val_acc" and drawn["x"] == [1, 2, 3, 5] and drawn["y"] == [0.1, 0.5, 0.3, 0.5]
     compare = write_compare([a, b], tmp_path / "compare.html").read_text()
-    assert tips(compare, "c-metric-val_acc")[1]["y"] == [0.2, 0.5, 0.6, 1.0]
+    assert tips(compare, "c-metric-0")[1]["y"] == [0.2, 0.5, 0.6, 1.0]
     assert "<td>val_acc 0.5 at step 5</td>" in compare and "<td>val_acc 1 at step 5</td>" in compare
 
 
@@ -324,3 +326,15 @@ def test_every_param_groups_learning_rate_is_recorded_and_charted(tmp_path):
     drawn = tips(render_report(load_run(tmp_path / "groups")), "lr")
     assert [s["n"] for s in drawn] == ["lr, param group 0", "lr, param group 1"]
     assert drawn[0]["y"] == [0.1, 0.05, 0.025] and drawn[1]["y"] == [0.01, 0.005, 0.0025]
+
+
+def test_a_metric_name_with_markup_is_text_in_the_report_and_compare(tmp_path):
+    from stepaudit.store import RunStore
+
+    evil = 'x"/><script>alert(1)</script><g id="'
+    run = write_synthetic_run(tmp_path / "evil", steps=30)
+    store = RunStore(run)
+    store.log_metric(3, evil, 0.5)
+    store.close()
+    for text in (render_report(load_run(run)), write_compare([run, run], tmp_path / "c.html").read_text()):
+        assert "<script>alert(1)</script>" not in text and "alert(1)" in html.unescape(text)

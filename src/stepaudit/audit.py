@@ -35,7 +35,7 @@ from .arguments import batch_size, check_replayable, index_parameters, validate
 from .context import Part, StepContext, check_scalar_loss
 from .distributed import (collective_device, global_objective, rank_folder, unwrap, unwrap_optimizer, world,
                           wrapper_state_kept)
-from .flat import FlatBuffers
+from .flat import FlatBuffers, is_sharded
 from .losses import LossEvaluator
 from .meta import describe
 from .noise_ranks import CAPTURE, LocalGradNorms, noise_fields, rank_values
@@ -108,10 +108,14 @@ class Audit(StepAPI, NotebookMixin):
         tensorboard: str | os.PathLike | None = None,
         first_step: int = 0,
     ) -> None:
+        # audit.step() trains through what the user passed (DDP's forward syncs gradients; Accelerate's step()
+        # skips accumulation steps); hooks, reading and re-evaluations use what is inside
+        self._trained_model, self._stepped_optimizer = model, optimizer
         optimizer = unwrap_optimizer(optimizer)  # Accelerate's wrapper: its step() calls this one's
         self._reader = reader_for(optimizer)  # what the audit reads: the optimizer, or its mirror under torch's names
         model, self._wrapper = unwrap(model)  # DDP: hooks and re-evaluations on the module it wraps
         self._rank, self._world_size = world()
+        self._sharded = any(is_sharded(p) for p in model.parameters())  # FSDP2: the shard sums are all-reduced
         if run is not None:
             run = rank_folder(run, self._rank, self._world_size)  # ranks never share a store
         validate(model, self._reader.reads, loss_fn, every, precision, reference_mode, first_step)
@@ -220,9 +224,11 @@ class Audit(StepAPI, NotebookMixin):
         check_replayable(batch)
         losses: list[torch.Tensor] = []
 
+        trained, stepped = self._trained_model, self._stepped_optimizer
+
         def closure():
-            self.optimizer.zero_grad()
-            loss = check_scalar_loss(self.loss_fn(self.model, batch))
+            stepped.zero_grad()
+            loss = check_scalar_loss(self.loss_fn(trained, batch))
             loss.backward()
             losses.append(loss.detach())
             return loss
@@ -230,15 +236,15 @@ class Audit(StepAPI, NotebookMixin):
         pending = self._begin([batch])
         try:
             if self._takes_closure():
-                self.optimizer.step(closure)
+                stepped.step(closure)
             elif self._reader.hooked:
                 closure()
                 pending.watch.loss = losses[0]
-                self.optimizer.step()
+                stepped.step()
             else:  # not a torch optimizer: no step hooks, so the public step API marks the update
                 closure()
                 self.before_update(losses[0])
-                self.optimizer.step()
+                stepped.step()
                 self.after_update()
         except BaseException:
             self._end(stacklevel=3, failed=True)
@@ -270,6 +276,8 @@ class Audit(StepAPI, NotebookMixin):
         due = not self._closed and self.due(step)
         self._pending = pending = _Pending(batches, StepWatch(), due)
         if due:
+            if self._flat is not None:
+                self._flat.reduced = False  # this step's shard sums are not all-reduced yet (see _globalize)
             try:
                 self._refresh_index(pending)
                 pending.entry = self.replay.open(self._devices)
@@ -542,7 +550,8 @@ class Audit(StepAPI, NotebookMixin):
             ctx.flat_before = ctx.before = None
         record = {"step": index, "lr": ctx.lr(), "batch_size": batch_size(pending.batches)}
         for i, group in enumerate(ctx.optimizer.param_groups[1:6], start=1):  # the report charts up to six groups
-            record[f"lr_group_{i}"] = float(group.get("lr", math.nan))
+            lr = group.get("lr")
+            record[f"lr_group_{i}"] = float(lr) if isinstance(lr, (int, float)) else math.nan
         layers, totals = layer_rows(self.names, self.modules, self.groups, sums, first_order=first_order)
         record.update(totals)
         loss_after, noise, record["noise_method"] = self.losses.after(ctx, pending.loss_before)
@@ -557,8 +566,8 @@ class Audit(StepAPI, NotebookMixin):
 
     def _globalize(self, record: dict, captures: dict) -> None:
         """Make the own-batch fields describe the global objective (mean of the ranks' losses); keep ours as local_*."""
-        flat = self._flat
-        if flat is not None and flat.sharded and not flat.reduced:
+        flat = self._flat_buffers() if self._sharded else None
+        if flat is not None and not flat.reduced:
             flat.stand_in()  # this rank failed before its shards' sums were all-reduced: join that collective
         failed = record.get("verdict") == "error"
         local_sq, global_sq = rank_values(captures, record)
@@ -580,7 +589,7 @@ class Audit(StepAPI, NotebookMixin):
 
     def _run_probes(self, ctx: StepContext, record: dict, index: int, collective: bool = False) -> None:
         """The due probes; ``collective``: only those with collectives of their own (after ``_globalize``)."""
-        sharded = self._flat is not None and self._flat.sharded
+        sharded = self._sharded
         for name, every in self.probes.items():
             if index % every or (name in self._collective_probes) != collective:
                 continue

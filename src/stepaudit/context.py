@@ -127,4 +127,7 @@ class StepContext:
     # -- small helpers probes share ------------------------------------------------------------
     def lr(self) -> float:
         """Learning rate of the first parameter group (what most users mean by "the" lr)."""
-        return float(self.optimizer.param_groups[0].get("lr", float("nan")))
+        lr = self.optimizer.param_groups[0].get("lr")  # None for Adafactor's relative step: not a number
+        if isinstance(lr, torch.Tensor) and lr.numel() == 1:
+            return float(lr)
+        return float(lr) if isinstance(lr, (int, float)) else float("nan")

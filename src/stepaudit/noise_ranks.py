@@ -43,6 +43,9 @@ class LocalGradNorms:
 
     def __init__(self, params: Sequence[torch.Tensor]) -> None:
         self._squares: dict[int, torch.Tensor] = {}
+        self._params = list(params)
+        self._global: torch.Tensor | None = None  # |ḡ|² read when the backward (and DDP's reducer) finished
+        self._queued = False
         self._handles = []
         self.complete = True  # False if a hook could not be registered: the value is then NaN, never a part
         for i, p in enumerate(params):
@@ -60,10 +63,30 @@ class LocalGradNorms:
             grad = param.grad
             if grad is not None:
                 grad = grad.detach()
-                squares[index] = torch.linalg.vector_norm(grad.to_dense() if grad.is_sparse else grad,
-                                                          dtype=torch.float64) ** 2
+                squares[index] = _square(grad)
+            if not self._queued:
+                self._queued = True
+                _after_backward(self._read_global)
 
         return seen
+
+    def _read_global(self) -> None:
+        """|ḡ|² as the backward left it: DDP's average, before the user's unscaling or clipping changes .grad.
+
+        Both ends of the estimator are then the same gradient (scaled alike under GradScaler, which cancels
+        in B_simple = S/|G|²; unclipped); the optimizer pre-hook's ``grad_norm`` may already be clipped.
+        """
+        self._queued = False
+        total = None
+        for p in self._params:
+            if p.requires_grad and p.grad is not None:
+                value = _square(p.grad.detach())
+                total = value if total is None else total + value
+        self._global = total
+
+    def global_value(self) -> float:
+        """Σ |ḡ|² read at the end of the last backward (NaN if none was read)."""
+        return math.nan if self._global is None else float(self._global)
 
     def stop(self) -> None:
         """Remove the hooks (idempotent); what they saw stays readable."""
@@ -78,17 +101,33 @@ class LocalGradNorms:
         return float(torch.stack(list(self._squares.values())).sum())
 
 
+def _square(grad: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(grad.to_dense() if grad.is_sparse else grad, dtype=torch.float64) ** 2
+
+
+def _after_backward(callback) -> None:
+    """Run ``callback`` when this backward is over, after the callbacks already queued and those queued as
+    the backward ends (DDP queues its reducer's finalisation, which writes ḡ into .grad, at the last bucket):
+    a first callback queues the second, which the engine runs after every earlier one."""
+    engine = torch.autograd.Variable._execution_engine
+    engine.queue_callback(lambda: engine.queue_callback(callback))
+
+
 def rank_values(captures: dict, record: dict) -> tuple[float, float]:
-    """(|g_r|² read by this step's ``LocalGradNorms``, |ḡ|² from the record) for the packed all-reduce; NaN if unknown.
+    """(|g_r|², |ḡ|²) of this step's ``LocalGradNorms`` (|ḡ|² from the record's grad_norm if it was not read) for the
+    packed all-reduce; NaN if unknown.
 
     Never raises: it runs on the way to a collective that every rank must join.
     """
     capture = captures.get(CAPTURE)
     try:
         local = capture.value() if capture is not None else math.nan
+        averaged = capture.global_value() if capture is not None else math.nan
     except Exception:  # noqa: BLE001 - a missing value is NaN on every rank after the all-reduce
-        local = math.nan
-    norm = record.get("grad_norm")
+        local = averaged = math.nan
+    if math.isfinite(averaged):
+        return local, averaged
+    norm = record.get("grad_norm")  # no end-of-backward reading: the gradient the optimizer received
     return local, (float(norm) ** 2 if isinstance(norm, (int, float)) else math.nan)
 
 

@@ -94,7 +94,7 @@ FIELDS: tuple[Field, ...] = (
     _f("rank", "int", "", "this process's rank", "distributed"),
     _f("global_batch", "int", "examples", "Σ of the ranks' batch sizes (empty if a rank did not know its own)",
        "distributed"),
-    _f("local_grad_norm", "float", GRAD, "‖g_r‖ of this rank's gradient before DDP averages it", "distributed"),
+    _f("local_grad_norm", "float", GRAD, "‖g_r‖ of this rank's gradient before DDP averages it, as the backward left it (×GradScaler's scale if one is used)", "distributed"),
     _f("noise_scale_ranks", "float", "examples", "B_simple of this step from the ranks' and the all-reduced "
        "gradient (two-batch estimator, B_small = the ranks' harmonic-mean batch, B_big = W·B_small)", "distributed"),
     _f("noise_scale_ranks_stderr", "float", "examples", "delta-method standard error of `noise_scale_ranks` from "

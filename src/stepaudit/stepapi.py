@@ -26,21 +26,22 @@ class StepAPI:
     def log(self, name: str, value: float, step: int | None = None) -> None:
         """Put a metric into the run (accuracy, validation loss …): charted in the report and shown by ``compare``.
 
-        ``step`` defaults to the last optimizer step taken. Never breaks training: a value that is not a
-        number is refused with a one-line ``TypeError``; a failed write is a warning (strict mode: raised).
+        ``step`` defaults to the last optimizer step taken. Never breaks training: a value that is not one
+        number (None, a string, a tensor of several values) or a failed write is a one-line warning and
+        nothing is logged (``strict=True``: a ``TypeError`` / the error instead).
         """
-        if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
-                hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1):
-            raise TypeError(f"audit.log({name!r}, value): value must be a number, got {type(value).__name__}")
-        at = max(self._step_count - 1, self._first_step) if step is None else int(step)
         try:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
+                    hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1):
+                raise TypeError(f"audit.log({name!r}, value): value must be a number, got {type(value).__name__}")
+            at = max(self._step_count - 1, self._first_step) if step is None else int(step)
             self.store.log_metric(at, name, float(value.item() if hasattr(value, "item") else value))
         except Exception as error:
             if self.strict:
                 raise
             import warnings
 
-            warnings.warn(f"stepaudit could not log {name!r}: {error}", stacklevel=2)
+            warnings.warn(f"stepaudit did not log {name!r}: {error}", stacklevel=2)
 
     def begin_step(self, batch: Any, *, accumulate: int = 1) -> Any:
         """Open the optimizer step on ``batch`` before its first forward; returns the step's ``StepWatch``.

@@ -114,6 +114,7 @@ class RunStore:
         self._inserts: dict[tuple[str, ...], str] = {}  # INSERT statement per set of scalar fields
         if meta is not None:
             earlier = self.db.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
+            self.db.execute("DELETE FROM metrics")  # a new run: an earlier run's logged metrics are not its own
             if earlier:  # a new run in an old folder: never mix the two runs' steps
                 warnings.warn(f"{self.path.parent} held {earlier} steps of an earlier run; they are replaced "
                               f"({keep_hint})", stacklevel=3)

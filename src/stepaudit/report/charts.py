@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from html import escape
 
@@ -110,6 +111,7 @@ class Frame:
 
     def __init__(self, uid: str, xs: Scale, ys: Scale, height: float, left: float, x_label: str, y_label: str,
                  plot_bottom: float | None = None, width: float = WIDTH) -> None:
+        uid = re.sub(r"[^A-Za-z0-9_-]", "_", uid)  # it becomes an id and a url(#…): never markup
         self.uid, self.xs, self.ys, self.height, self.left, self.width = uid, xs, ys, height, left, width
         self.x_label, self.y_label = x_label, y_label
         self.plot_bottom = height - BOTTOM if plot_bottom is None else plot_bottom

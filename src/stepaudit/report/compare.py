@@ -170,8 +170,8 @@ def compare_figures(runs: Sequence[Run]) -> list[Figure]:
                  y_label="examples", y_kind="log"),
     ]
     names = sorted({name for run in runs for name in run.metrics})
-    for name in names[:4]:  # each metric logged with Audit.log, where runs logged it
-        figures.append(_overlay(f"c-metric-{name}", f"Logged: {name}", f"{name} as each run logged it (audit.log).",
+    for i, name in enumerate(names[:4]):  # each metric logged with Audit.log; ids by index: names are user text
+        figures.append(_overlay(f"c-metric-{i}", f"Logged: {name}", f"{name} as each run logged it (audit.log).",
                                 runs, name, y_label=name, transform=_metric(name)))
     return [f for f in figures if f is not None]
 

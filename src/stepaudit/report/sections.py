@@ -183,8 +183,8 @@ def lr_figure(run: Run) -> Figure | None:
         if run.has(name):
             series.append(Series(f"lr, param group {i}", *run.xy(name), palette[i - 1], "dash"))
             legend.append((f"param group {i}", palette[i - 1], "dash"))
-    lr = run.columns["lr"]
-    positive = bool(np.all(lr[np.isfinite(lr)] > 0))
+    values = np.concatenate([s.y for s in series])  # every group decides: a frozen group (lr 0) forces linear
+    positive = bool(np.all(values[np.isfinite(values)] > 0))
     svg, notes = time_chart("lr", "Learning rate", series, y_label="learning rate", y_kind="log" if positive else "auto",
                             x_domain=_x_domain(run))
     return Figure("lr", "Learning rate per step", svg,
@@ -202,7 +202,10 @@ def metrics_figure(run: Run) -> Figure | None:
         color = palette[i % len(palette)]
         series.append(Series(name, np.asarray(steps, float), np.asarray(values, float), color, "line"))
         legend.append((name, color, "line"))
-    svg, notes = time_chart("metrics", "Logged metrics", series, y_label="value", x_domain=_x_domain(run))
+    lo, hi = _x_domain(run)  # widened to every logged step: a metric logged after the last audited step still shows
+    logged = [s for steps, _ in run.metrics.values() for s in steps]
+    domain = (min([lo, *logged]), max([hi, *logged])) if logged else (lo, hi)
+    svg, notes = time_chart("metrics", "Logged metrics", series, y_label="value", x_domain=domain)
     if len(run.metrics) > 6:
         notes.append(f"{len(run.metrics) - 6} more metrics logged; the first six by name are drawn")
     return Figure("metrics", "Metrics logged by the run", svg,
