@@ -48,3 +48,21 @@ def test_demo_runs_from_the_built_wheel_without_scikit_learn(tmp_path):
                             capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and "sgd" in result.stdout.lower()
+
+    # The README's quickstart and its doctor example, as written, from the same install.
+    readme = (ROOT / "README.md").read_text()
+    quickstart = _block_after(readme, "## In your own loop")
+    (tmp_path / "quickstart.py").write_text(quickstart)
+    result = subprocess.run([sys.executable, "quickstart.py"], capture_output=True, text=True, env=env, timeout=240,
+                            cwd=tmp_path)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (tmp_path / "train.py").write_text(_block_after(readme, "<!-- test: doctor-script train.py -->"))
+    result = subprocess.run([sys.executable, "-m", "stepaudit", "doctor", "--no-store", "--max-steps", "60", "train.py"],
+                            capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    assert result.returncode == 0 and "missing_zero_grad" in result.stdout, result.stderr[-2000:]
+
+
+def _block_after(text: str, marker: str) -> str:
+    """The first ```python block after ``marker`` in a Markdown text."""
+    start = text.index("```python", text.index(marker)) + len("```python\n")
+    return text[start:text.index("```", start)]
