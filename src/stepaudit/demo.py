@@ -72,8 +72,10 @@ def train_one(name: str, lr: float, steps: int, batch_size: int, seed: int, runs
     started = time.perf_counter()
     try:
         with Audit(model, optimizer, classification_loss, run=run, name=f"demo-{name}") as audit:
-            for _ in range(steps):
+            for step in range(steps):
                 audit.step(next(batches))
+                if (step + 1) % 25 == 0 or step + 1 == steps:  # charted in the report beside the audit
+                    audit.log("test_accuracy", accuracy(model, x_test, y_test))
                 advance()
             summary = audit.summary()
             audit.store.update_meta(train_accuracy=accuracy(model, x_train, y_train),
