@@ -5,7 +5,9 @@ optimizer untouched; for the fastai Learner, fastai's own ``learn.lr_find()`` me
 ``AuditCallback(lr_find=True)``), then train copies of that same initialisation for a fixed number of steps,
 same batch order, at each candidate lr: stepaudit's suggestion, fastai's valley (its default) and steep, and
 torch-lr-finder's (the lr of steepest descent of its smoothed loss, written here from its documented rule and
-computed on the same sweep). The score is the loss on held-out data after the budget. A run whose loss becomes
+computed on the same sweep: the lr at the most negative per-point ``np.gradient`` of its loss history, an exponential
+average s ← 0.05·loss + 0.95·s without bias correction, cut after the first point above 5× its best, without
+the first 10 and last 5 points). The score is the loss on held-out data after the budget. A run whose loss becomes
 non-finite is marked diverged. Prints a markdown table (mean ± standard deviation over seeds, each candidate's lrs).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/lr_find.py [--seeds 3] [--workloads mlp-sgd ...] [--json out.json]
@@ -45,9 +47,7 @@ CANDIDATES = ("stepaudit", "valley", "steep", "torch-lr-finder")
 
 def torch_lr_finder(lrs: np.ndarray, losses: np.ndarray, smooth_f: float = 0.05, diverge_th: float = 5.0,
                     skip_start: int = 10, skip_end: int = 5) -> float:
-    """torch-lr-finder's suggestion, from its documented rule (our code): the lr at the most negative
-    ``np.gradient`` (per point) of its loss history, an exponential average ``s ← f·loss + (1−f)·s`` (f = 0.05,
-    not bias-corrected) cut after the first point above 5× the best, without the first 10 and last 5 points."""
+    """torch-lr-finder's rule (see the module docstring): the lr at the most negative np.gradient of its EMA loss."""
     smooth, best = [], math.inf
     for loss in losses:
         value = loss if not smooth else smooth_f * loss + (1 - smooth_f) * smooth[-1]
@@ -122,8 +122,7 @@ class GRUClassifier(torch.nn.Module):
 
 
 def sequences():
-    """Generated sequences (length 24, 6 channels); the class is which of 4 fixed directions the time-discounted
-    sum of the inputs points to most. 3000 train, 1000 held out."""
+    """Generated sequences (24 × 6), class = argmax over 4 directions of their discounted sum; 1000 held out."""
     g = torch.Generator().manual_seed(11)
     x = torch.randn(4000, 24, 6, generator=g)
     directions = torch.randn(6, 4, generator=g)
@@ -188,9 +187,7 @@ def run(name: str, seeds: int) -> dict:
 
 
 def fastai_run(seeds: int, steps: int) -> dict:
-    """fastai's tabular_learner (fastai's Adam) on the generated table as a DataFrame: ``learn.lr_find()`` measured
-    by ``AuditCallback(lr_find=True)``, then ``fit_one_cycle`` from the same initialisation at each candidate lr;
-    the score is fastai's validation loss on the same 1000 held-out rows. 46 batches of 64 an epoch, 6 epochs."""
+    """fastai's tabular_learner: lr_find with AuditCallback(lr_find=True), then fit_one_cycle at each candidate lr."""
     import pandas as pd
     from fastai.callback.schedule import steep, valley
     from fastai.tabular.all import Categorify, CategoryBlock, Normalize, TabularDataLoaders, set_seed, tabular_learner
@@ -253,10 +250,7 @@ def _mean_sd(losses: list[float]) -> tuple[float, float]:
 
 
 def verdict(rows: dict) -> tuple[bool, bool, str]:
-    """(within the spread of the best other candidate, better than valley, the cell): the issue's two tests.
-
-    Within the spread: mean(stepaudit) − mean(best other) ≤ the larger of the two seed standard deviations.
-    """
+    """(within: mean gap to the best other ≤ the larger seed sd, better than valley by mean, the cell's text)."""
     ours, our_sd = _mean_sd(rows["stepaudit"]["loss"])
     best = min(CANDIDATES[1:], key=lambda c: _mean_sd(rows[c]["loss"])[0])
     theirs, their_sd = _mean_sd(rows[best]["loss"])

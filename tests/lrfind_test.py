@@ -145,10 +145,11 @@ def test_quadratic_sgd_lambda_max_first_rise_alpha_and_first_order_match_closed_
 def test_heavy_ball_correction_against_a_simulated_sweep_and_the_heavy_ball_limits():
     """Oracle: the heavy-ball recursion b ← βb + λw, w ← w − lr·b along the top eigenvector, run in NumPy.
 
-    The own-batch rise and the gain −g·Δw/(lr·g²) = b/(λw) come from it (the rule takes the rising steps with gain > 0); the suggestion is
-    ½·lr_up·G_sweep/G_train with G_train = 1/(1−β) = 10. Physically: lr_up·G_sweep is the plain step that
-    overshoots, near 2/λ; the suggestion lands the steady-state step lr·G_train near the floor (lr·λ·G_train ≈ 1),
-    inside heavy ball's fastest band (1−√β)²/λ..(1+√β)²/λ and below its stability limit (2+2β)/λ.
+    The own-batch rise and the gain −g·Δw/(lr·g²) = b/(λw) come from it (the rule takes the rising steps with
+    gain > 0); the suggestion is ½·lr_up·G_sweep/G_train with G_train = 1/(1−β) = 10. Physically: lr_up·G_sweep
+    is the plain step that overshoots, near 2/λ; the suggestion lands the steady-state step lr·G_train near the
+    floor (lr·λ·G_train ≈ 1), inside heavy ball's fastest band (1−√β)²/λ..(1+√β)²/λ and below its stability
+    limit (2+2β)/λ.
     """
     lam, beta = 5.0, 0.9
     model = Quadratic(top_eigenvector())

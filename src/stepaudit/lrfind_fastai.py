@@ -1,4 +1,4 @@
-"""fastai's ``learn.lr_find()`` measured by stepaudit: an in-memory audit of the sweep's steps, read as an ``LRFindResult``.
+"""fastai's ``learn.lr_find()`` measured by stepaudit: an in-memory audit of its steps, read as an ``LRFindResult``.
 
 ``AuditCallback(lr_find=True)`` opens a ``SweepAudit`` when fastai's ``LRFinder`` starts a fit. Each step of fastai's
 own sweep (its lrs, its batches, its optimizer) is audited through the public step API: the same batch is evaluated
@@ -6,9 +6,9 @@ again after the step (same dropout masks, buffers put back), giving the own-batc
 step λ_max of the Hessian with the optimizer's safe lr, and the preconditioned sharpness where the optimizer has a
 second moment (fastai's ``Adam`` and ``RMSProp`` read under torch's names), taken after the sweep's first tenth of
 steps as ``stepaudit.lr_find`` does for a fresh optimizer (after one step the second moment is one gradient squared,
-and a parameter that got no gradient has P = ε: its bound would be meaningless). Nothing is written to disk, and the audit
+and a parameter that got no gradient has P = ε: its bound would be meaningless). Nothing is written to disk; the audit
 leaves training as fastai leaves it (fastai's ``LRFinder`` then reloads the weights it saved before the sweep).
-Afterwards ``result`` is built by ``LRFindResult.build``: the same rows, suggestions and summary as ``stepaudit.lr_find``.
+Afterwards ``result`` is built by ``LRFindResult.build``: the rows, suggestions and summary of ``stepaudit.lr_find``.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ class SweepAudit:
         return self.result
 
     def _curvature(self, first: dict, later: dict | None) -> Curvature:
-        """λ_max and the safe lr as measured at the sweep's first step, the preconditioned bound after its first tenth."""
+        """λ_max and the safe lr at the sweep's first step, the preconditioned bound after its first tenth."""
         info = Curvature(sharpness=float(first.get("sharpness", math.nan)),
                          residual=float(first.get("sharpness_residual", math.nan)),
                          safe_lr=float(first.get("safe_lr", math.nan)),
@@ -81,7 +81,8 @@ class SweepAudit:
         value, bound = float(at.get("precond_sharpness", math.nan)), float(at.get("precond_bound", math.nan))
         if math.isfinite(value) and value > 0 and math.isfinite(bound):
             info.precond = (value, bound * float(at["lr"]) / value, str(at.get("precond_rule", "")))
-            info.precond_where = f"after fastai's first {self.precond_step} steps (lr ≤ {float(at['lr']):.3g}), its batch"
+            lr = float(at["lr"])
+            info.precond_where = f"after fastai's first {self.precond_step} steps (lr ≤ {lr:.3g}), its batch"
         else:
             info.precond_where = str(at.get("precond_sharpness_note", first.get("precond_sharpness_note",
                                                                              "not measured")))

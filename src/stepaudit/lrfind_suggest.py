@@ -33,10 +33,10 @@ stepaudit's rule (``stepaudit_rule``), in three parts:
    it, which says nothing about curvature. So G_sweep is the median G of the rising steps with G > 0 among the
    five that define lr_up (1 if none), lr_up·G_sweep ≈ 2/λ is the plain step that overshoots, and a
    training step at lr has lr·G_train along g, at the valley floor when lr·G_train·λ = 1: the suggestion is
-   ½·lr_up·G_sweep/G_train. For plain SGD the factor is 1. On the quadratic it is ≈ (1−β)/λ (tested), inside the
-   band (1−√β)²/λ ≤ lr ≤ (1+√β)²/λ where heavy ball contracts at its fastest, √β per step. Adam's,
-   AdamW's and RMSprop's first moment is an average, steady-state gain 1: no factor (RMSprop with momentum,
-   whose buffer sums, gets the heavy-ball one).
+   ½·lr_up·G_sweep/G_train. For plain SGD the factor is 1. On the quadratic it is ≈ (1−β)/λ (tested),
+   inside the band (1−√β)²/λ ≤ lr ≤ (1+√β)²/λ where heavy ball contracts at its fastest, √β per step.
+   Adam's, AdamW's and RMSprop's first moment is an average, steady-state gain 1: no factor (RMSprop with
+   momentum, whose buffer sums, gets the heavy-ball one).
 
 Capped by the stability bound measured at the start weights: the optimizer's safe lr (2/λ_max for plain SGD,
 (2+2β)/λ_max with momentum, ``probes.curvature.safe_lr``) or, for Adam-like optimizers, the lr at which the
@@ -134,10 +134,7 @@ def first_index(flags: list[bool], run: int = 1) -> int | None:
 
 
 def first_rise(flags: list[bool], window: int = RISE_WINDOW, needed: int = RISE_NEEDED) -> int | None:
-    """Index of the first True from which at least ``needed`` of ``window`` consecutive values are True.
-
-    A window cut short by the end of the list needs a majority of what it holds (at most ``needed``).
-    """
+    """Index of the first True with ≥ ``needed`` of ``window`` True from it (a window cut short: its majority)."""
     for i, flag in enumerate(flags):
         held = flags[i:i + window]
         if flag and sum(map(bool, held)) >= min(needed, len(held) // 2 + 1):
@@ -146,10 +143,7 @@ def first_rise(flags: list[bool], window: int = RISE_WINDOW, needed: int = RISE_
 
 
 def steady_gain(optimizer: Any) -> tuple[float, float]:
-    """(β, G_train): the optimizer's momentum and the steady-state gain of its step over a plain step (1: none).
-
-    Read under torch's names (a torch optimizer, or the mirror ``optimizers.reader_for`` gives a fastai one).
-    """
+    """(β, G_train): heavy-ball momentum and its steady-state gain over a plain step (1: none), torch's names."""
     group = optimizer.param_groups[0]
     beta = float(group.get("momentum", 0.0) or 0.0)
     if beta <= 0 or not isinstance(optimizer, (torch.optim.SGD, torch.optim.RMSprop)):
