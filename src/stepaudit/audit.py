@@ -16,6 +16,9 @@ Hook order for one audited step (nothing wraps or subclasses the optimizer):
 Unaudited steps (``every``) pay only the two optimizer hook calls. The same four points are public
 (``stepapi.py``): ``begin_step``/``end_step`` are 0 and 4, ``before_update``/``after_update`` are 2 and 3 for
 optimizers that are not ``torch.optim.Optimizer`` (fastai's; read through ``optimizers.py``, never hooked).
+
+Size (over 400 lines): the step state machine, its hooks and the record assembly share the pending step's
+private state; the split by job (capture, assembly, fault policy, writing) is issue 18 point 3, not yet done.
 """
 from __future__ import annotations
 

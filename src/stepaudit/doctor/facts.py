@@ -4,6 +4,9 @@ Everything here is a plain measurement with a meaning (a loss level, a ratio of 
 thresholds that turn measurements into diagnoses live in ``codes/`` (one file per diagnosis) next to their sources.
 Records come from the active audit (own-batch ``delta``, ``alpha``, probes) or from passive capture
 (``grad_cos_prev``, activation shares, input scale); a missing field makes a quantity ``None``.
+
+Size (over 400 lines): one class of lazily computed measurements that every diagnosis file reads;
+splitting it would scatter the caching, the one thing it exists for.
 """
 from __future__ import annotations
 

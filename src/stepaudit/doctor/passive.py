@@ -12,6 +12,9 @@ Heavy statistics run on sampled steps only (``sampled``) to keep the cost within
 The hooks read tensors under ``no_grad`` and never touch RNG, weights, gradients or buffers; a failure
 inside them is counted (``capture_errors``), never raised into the script. Forward and loss observations
 live in ``observe.py``, names and run-level observations in ``results.py``.
+
+Size (over 400 lines): one watcher whose hooks and wrappers share a session's state, plus the torch.compile
+and TorchScript transparency they all need; the shared capture with ``Audit`` is issue 18 point 4.
 """
 from __future__ import annotations
 

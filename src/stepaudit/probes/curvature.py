@@ -9,6 +9,9 @@ step's own batch with the training forward's semantics (same dropout masks, Batc
 statistics, buffers restored), via ``StepContext.hvp``.
 
 Settings (tolerance, HVP budget, batch vs reference) go through ``configure(audit, ...)``.
+
+Size (over 400 lines): the five curvature probes share one HVP and Lanczos set-up per step and the
+global/local scope logic; splitting them into one file each is issue 18's Probe type, not yet done.
 """
 from __future__ import annotations
 

@@ -5,6 +5,9 @@ data (and how its gradient agrees with the reference gradient), ``next_delta`` w
 next batch, ``noise`` how noisy the batch gradient is (B_simple of McCandlish et al., 2018).
 All evaluations are functional (``torch.func.functional_call``) at explicit weights, replayed
 and wrapped in ``state.preserved``: nothing the training loop can observe is changed.
+
+Size (over 400 lines): reference, next_delta and noise share the batch replay and the rounding-noise
+rule; one file per probe waits for issue 18's Probe type.
 """
 from __future__ import annotations
 
