@@ -300,6 +300,246 @@ def test_ctrl_c_marks_the_unfinished_verifications(monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(module, "run_child", interrupted)
-    found = verify([diagnosis("lr_too_high"), diagnosis("dead_relu")], "train.py", [], 10, original=RunLoss(2.3, 2.2))
+    found = verify([diagnosis("lr_too_high"), diagnosis("labels_unlearnable")], "train.py", [], 10,
+                   original=RunLoss(2.3, 2.2))
     assert found[0]["verification"]["detail"] == "inconclusive: cancelled (Ctrl-C) before this verification ran"
     assert found[1]["verification"]["verdict"] == "no automatic check"
+
+
+# -- loss wiring, schedule collapse, re-initialisation: each hook against an oracle ----------------------------
+def _original_functions() -> dict:
+    import torch.nn.functional as F
+
+    return {name: getattr(F, name) for name in ("softmax", "log_softmax", "cross_entropy", "nll_loss", "mse_loss",
+                                                "binary_cross_entropy_with_logits")} | {
+        "torch.sigmoid": torch.sigmoid, "Tensor.softmax": torch.Tensor.softmax}
+
+
+def test_rewired_loss_calls_give_the_logits_loss_exactly():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    before = _original_functions()
+    z = torch.randn(32, 5, requires_grad=True)
+    y = torch.randint(0, 5, (32,))
+    expected = F.cross_entropy(z, y)
+    expected_grad, = torch.autograd.grad(expected, z)
+    b = torch.rand(32)
+    handles = counterfactual.install("loss_wiring")
+    try:
+        rewired = nn.CrossEntropyLoss()(nn.Softmax(dim=1)(z), y)  # softmax into CrossEntropyLoss: dropped
+        grad, = torch.autograd.grad(rewired, z)
+        on_batch_axis = F.nll_loss(torch.log_softmax(z, dim=0), y)  # log_softmax over the batch into NLL
+        raw_scores = F.nll_loss(z, y)  # raw scores into NLL: given their log_softmax
+        method = F.cross_entropy(z.softmax(-1), y)  # the tensor method's output too
+        bce = F.binary_cross_entropy_with_logits(torch.sigmoid(z[:, 0]), b)
+        pred = z[:, :1]  # (N, 1) against a target of shape (N,): the target is reshaped
+        mse = F.mse_loss(pred, b)
+        counts = counterfactual.applied()
+    finally:
+        counterfactual.remove(handles)
+    assert torch.equal(rewired, expected) and torch.equal(grad, expected_grad)
+    assert torch.equal(on_batch_axis, expected) and torch.equal(raw_scores, expected) and torch.equal(method, expected)
+    assert torch.equal(bce, F.binary_cross_entropy_with_logits(z[:, 0], b))
+    assert torch.equal(mse, F.mse_loss(z[:, 0], b))
+    assert counts == {"softmax dropped before cross_entropy": 2, "log_softmax over the classes into nll_loss": 2,
+                      "sigmoid dropped before binary_cross_entropy_with_logits": 1,
+                      "target reshaped to the input's shape": 1}
+    assert _original_functions() == before  # every wrapper removed
+
+
+def test_correct_loss_calls_are_left_alone():
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    z, y = torch.randn(16, 4), torch.randint(0, 4, (16,))
+    handles = counterfactual.install("loss_wiring")
+    try:
+        values = [F.cross_entropy(z, y), F.nll_loss(F.log_softmax(z, 1), y), F.mse_loss(z, z + 1)]
+        counts = counterfactual.applied()
+    finally:
+        counterfactual.remove(handles)
+    assert [float(v) for v in values] == [float(F.cross_entropy(z, y))] * 2 + [1.0]
+    assert counts == {}
+
+
+@pytest.mark.parametrize("floor", [1e-2, 1e-1])
+def test_a_held_schedule_never_takes_the_lr_below_its_floor(floor):
+    param = nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=1.0)
+    handles = counterfactual.install("lr_schedule_collapse", floor)
+    try:
+        scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        lrs = []
+        for _ in range(20):
+            opt.step()
+            scheduler.step()
+            lrs.append(opt.param_groups[0]["lr"])
+    finally:
+        counterfactual.remove(handles)
+    last = max(k for k in range(20) if 0.5 ** k >= floor)  # the last halving that stays above the floor
+    assert lrs == [0.5 ** min(t + 1, last) for t in range(20)]  # as written until then, held afterwards
+    assert min(lrs) >= floor and scheduler.get_last_lr() == [lrs[-1]]
+    scheduler.step()  # without the hook the schedule runs on
+    assert opt.param_groups[0]["lr"] == lrs[-1] * 0.5
+
+
+def test_reinitialisation_draws_the_schemes_std_from_a_private_generator():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 256), nn.Tanh(), nn.Linear(256, 10))
+    nn.init.constant_(model[0].bias, -2.0)
+    last = model[4].weight.detach().clone()
+    handles = counterfactual.install("dead_relu")
+    try:
+        model(torch.randn(4, 512))
+        model(torch.randn(4, 512))  # once only, at the first forward
+        counts = counterfactual.applied()
+    finally:
+        counterfactual.remove(handles)
+    he, xavier = math.sqrt(2 / 512), math.sqrt(2 / (256 + 256))
+    assert abs(float(model[0].weight.detach().std()) / he - 1) < 0.03  # 131 072 draws: sampling error ≈ 0.2 %
+    assert abs(float(model[2].weight.detach().std()) / xavier - 1) < 0.03
+    assert not model[0].bias.any() and not model[2].bias.any()
+    assert torch.equal(model[4].weight, last)  # the output layer feeds no activation: left alone
+    generator = torch.Generator().manual_seed(counterfactual.counterfactual_init.SEED)
+    drawn = torch.randn((256, 512), generator=generator, dtype=torch.float64) * he
+    assert torch.equal(model[0].weight, drawn.float())  # exactly the documented draw
+    assert counts == {"He": 1, "Xavier": 1}
+
+
+def test_reinitialisation_leaves_the_global_random_stream_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    state = torch.get_rng_state()
+    handles = counterfactual.install("saturated_activations")
+    try:
+        model(torch.zeros(1, 8))
+    finally:
+        counterfactual.remove(handles)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+# -- end to end: one faulty script per new counterfactual, confirmed ------------------------------------------
+LOOP = """
+for step in range({steps}):
+    idx = torch.randint(0, 512, (64,))
+    opt.zero_grad()
+    loss = {loss}
+    loss.backward()
+    opt.step(){after}
+"""
+SOFTMAX_INTO_CE = """
+import torch
+from torch import nn
+torch.manual_seed(0)
+x = torch.randn(512, 20); y = x[:, :10].argmax(1)
+model = nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 10), nn.Softmax(dim=1))
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+loss_fn = nn.CrossEntropyLoss()
+""" + LOOP.format(steps=150, loss="loss_fn(model(x[idx]), y[idx])", after="")
+BROADCAST = """
+import torch
+from torch import nn
+torch.manual_seed(0)
+x = torch.randn(512, 10); y = x[:, 0] - 2 * x[:, 1] + 0.5 * x[:, 2]
+model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1))
+opt = torch.optim.Adam(model.parameters(), lr=0.01)
+""" + LOOP.format(steps=150, loss="nn.functional.mse_loss(model(x[idx]), y[idx])", after="")
+DEAD_RELU = """
+import torch
+from torch import nn
+torch.manual_seed(0)
+x = torch.randn(512, 10); y = (x[:, 0] + x[:, 1] > 0).long()
+model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+for layer in (model[0], model[2]):
+    nn.init.constant_(layer.bias, -3.0)
+opt = torch.optim.Adam(model.parameters(), lr=0.01)
+""" + LOOP.format(steps=150, loss="nn.functional.cross_entropy(model(x[idx]), y[idx])", after="")
+SCHEDULE_PER_BATCH = """
+import torch
+from torch import nn
+torch.manual_seed(0)
+x = torch.randn(512, 10); y = x[:, :4].argmax(1)
+model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 4))
+opt = torch.optim.Adam(model.parameters(), lr=0.01)
+scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.1)
+""" + LOOP.format(steps=200, loss="nn.functional.cross_entropy(model(x[idx]), y[idx])", after="\n    scheduler.step()")
+TINY_TANH_INIT = """
+import torch
+from torch import nn
+torch.manual_seed(0)
+x = torch.randn(512, 10); y = (x[:, 0] + x[:, 1] > 0).long()
+layers = []
+for i in range(6):
+    layers += [nn.Linear(10 if i == 0 else 64, 64), nn.Tanh()]
+model = nn.Sequential(*layers, nn.Linear(64, 2))
+for m in model:
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, std=0.01)
+opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+""" + LOOP.format(steps=150, loss="nn.functional.cross_entropy(model(x[idx]), y[idx])", after="")
+
+
+@pytest.mark.parametrize("source, code, fix", [
+    (SOFTMAX_INTO_CE, "loss_wiring", "the loss call rewired (softmax dropped before cross_entropy ×150)"),
+    (BROADCAST, "loss_wiring", "the loss call rewired (target reshaped to the input's shape ×150)"),
+    (SCHEDULE_PER_BATCH, "lr_too_low", "scheduler steps ignored once the lr fell below 0.1 × its peak"),
+    (DEAD_RELU, "dead_relu", "layers re-initialised (He ×2)"),
+    (TINY_TANH_INIT, "vanishing_gradients", "layers re-initialised (Xavier ×6)"),
+], ids=["softmax_into_cross_entropy", "broadcast_shapes", "schedule_collapse", "dead_relu", "vanishing_gradients"])
+def test_each_new_counterfactual_is_confirmed_on_its_fault(tmp_path, capfd, source, code, fix):
+    found = _doctor_verify(tmp_path, source, capfd)
+    check = next(d for d in found if d["code"] == code)["verification"]
+    assert check["verdict"] == "confirmed", check["detail"]
+    assert check["fix"].startswith(fix)
+    assert check["loss_fixed"]["end"] < check["loss_original"]["end"]
+    if code == "loss_wiring":  # judged against the original measured with the rewired loss
+        assert check["original_measured_with"] == "the rewired loss" and "measured with the rewired loss" in check["detail"]
+    assert "losses_fixed" not in check and "losses_original" not in check  # the curves go to the run store only
+
+
+@pytest.mark.parametrize("code", ["loss_wiring", "dead_relu"])
+def test_a_new_counterfactual_forced_on_a_healthy_script_is_not_confirmed(tmp_path, code):
+    script = write(tmp_path, HEALTHY)
+    original = watched_run(script, [], None)
+    check = verify([diagnosis(code)], script, [], None, original=original)[0]["verification"]
+    assert check["verdict"] in ("refuted", "inconclusive"), check["detail"]
+    if code == "loss_wiring":  # nothing miswired: the hooks change nothing, and say so
+        assert check["verdict"] == "inconclusive"
+        assert "the hooks found nothing to change in this run" in check["detail"]
+
+
+def test_the_verified_run_stores_both_loss_curves(tmp_path, capfd):
+    from stepaudit.report.data import load_run
+    from stepaudit.report.sections import verification_figure
+
+    script = write(tmp_path, DEAD_RELU)
+    assert cli.main(["--json", "--run", str(tmp_path / "run"), "--verify", str(script)]) == 0
+    out = json.loads(capfd.readouterr().out)
+    run = load_run(out["run"], diagnose=False)
+    stored = run.meta["verification_losses"]
+    assert [s for s, _ in stored["original"]] == list(range(150))
+    fix = next(f for f in stored["fixes"] if f["code"] == "dead_relu")
+    assert fix["verdict"] == "confirmed" and len(fix["losses"]) == 150
+    assert fix["losses"][-1][1] < stored["original"][-1][1]
+    assert verification_figure(run) is not None
+
+
+def test_observe_only_wiring_returns_the_scripts_loss_and_measures_the_rewired_one():
+    import torch.nn.functional as F
+
+    from stepaudit.doctor import counterfactual_wiring
+
+    torch.manual_seed(0)
+    z = torch.randn(32, 5, requires_grad=True)
+    y = torch.randint(0, 5, (32,))
+    handles = counterfactual.install("loss_wiring", 0.0)
+    try:
+        own = F.nll_loss(z, y)  # raw scores into NLL: kept as written, measured as cross_entropy
+        with torch.no_grad():
+            F.nll_loss(z, y)  # an evaluation call: not measured
+        measured = list(counterfactual_wiring.SHADOW)
+    finally:
+        counterfactual.remove(handles)
+    assert torch.allclose(own, -z.gather(1, y[:, None]).mean())
+    assert measured == [float(F.cross_entropy(z.detach(), y).double())]

@@ -338,3 +338,24 @@ def test_a_metric_name_with_markup_is_text_in_the_report_and_compare(tmp_path):
     store.close()
     for text in (render_report(load_run(run)), write_compare([run, run], tmp_path / "c.html").read_text()):
         assert "<script>alert(1)</script>" not in text and "alert(1)" in html.unescape(text)
+
+
+def test_a_verified_run_draws_the_original_and_each_fixed_loss_curve(tmp_path):
+    """doctor --verify's stored per-step losses (original, each fix) are the chart's points, and only then is it drawn."""
+    from stepaudit.store import RunStore
+
+    original = [[s, 2.3 - 0.001 * s] for s in range(50)]
+    fixed = [[s, 2.3 * 0.97 ** s] for s in range(50)]
+    store = RunStore(tmp_path / "verified", {"model": "M", "optimizer": "SGD"})
+    for step, loss in original:
+        store.append({"step": step, "verdict": "decrease", "loss_before": loss})
+    store.update_meta(verification_losses={"original": original, "fixes": [
+        {"code": "lr_too_high", "fix": "lr ×0.1", "verdict": "confirmed", "losses": fixed}]})
+    store.close()
+    text = render_report(load_run(tmp_path / "verified"))
+    drawn = tips(text, "verify")
+    assert [d["x"] for d in drawn] == [list(range(50))] * 2
+    assert drawn[0]["y"] == [g4(v) for _, v in original] and drawn[1]["y"] == [g4(v) for _, v in fixed]
+    assert "lr_too_high: lr ×0.1 (confirmed)" in text
+    RunStore(tmp_path / "plain", {"model": "M"}).close()
+    assert "fig-verify" not in render_report(load_run(tmp_path / "plain"))

@@ -147,19 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     before_first_step = failed and steps == 0
     # Nothing was watched when the script failed before its first optimizer step: no diagnosis is invented.
     diagnoses = [] if before_first_step else diagnose_facts(facts)
+    curves = None
     if args.verify and diagnoses:
-        from .verify import from_facts, verify
+        from .verify import from_facts, split_curves, verify
 
         original = from_facts(facts, steps, None if not failed else (outcome.error or "the script failed"),
                               observations.get("elapsed_s") or 0.0)
         # The same steps: a script that ended on its own ends there again; one the doctor stopped stops there.
         limit = args.verify_steps or ((args.max_steps or None) if outcome.stopped == "finished" else steps)
-        diagnoses = verify(diagnoses, script, list(args.args), limit, args.time_limit, original)
+        diagnoses = verify(diagnoses, script, list(args.args), limit, args.time_limit, original, facts=facts)
+        curves = split_curves(diagnoses)  # per-step losses of the original and each fixed run: the run store only
     result = {"diagnoses": diagnoses, "steps": steps, "script": args.script, "stopped": outcome.stopped,
               "exit_status": outcome.exit_status, "error": outcome.failure, "run": None}
     if outcome.failure is not None:
         result["reason"] = stop_reason(outcome.failure, outcome.error or "the script failed")  # for the readable report only
-    saved = _save(sink, observations, outcome, diagnoses)
+    saved = _save(sink, observations, outcome, diagnoses, curves)
     result["run"] = str(run) if run is not None and saved else None
     if outcome.error:
         heading = ("raised after the doctor stopped it (a normal end)" if outcome.after_stop else "failed")
@@ -174,15 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     return outcome.exit_status
 
 
-def _save(sink: _Store, observations: dict, outcome, diagnoses: list[dict]) -> bool:
-    """Write the observations, the outcome and the diagnoses into the run's metadata; False if it failed."""
+def _save(sink: _Store, observations: dict, outcome, diagnoses: list[dict], curves: dict | None = None) -> bool:
+    """Write the observations, outcome, diagnoses and verification loss curves into the metadata; False if it failed."""
     try:
         store = sink.open()
         if store is None:
             return False
         store.update_meta(observations=_jsonable(observations), stopped=outcome.stopped, error=outcome.error,
                           exit_status=outcome.exit_status, failure=_jsonable(outcome.failure),
-                          diagnoses=_jsonable(diagnoses))
+                          diagnoses=_jsonable(diagnoses),
+                          **({"verification_losses": _jsonable(curves)} if curves else {}))
         store.close()
         return True
     except Exception as error:  # the diagnosis is still printed

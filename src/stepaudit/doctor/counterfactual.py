@@ -13,6 +13,12 @@ purpose (that is the experiment) through torch's global hook points only, never 
   (channel for a convolution) with the pooled statistics of its first five batches.
 - ``params_not_updating``: the trainable parameters of the modules that ran, held by no optimizer, added
   to the first optimizer that steps (``add_param_group``) before its first step.
+- ``loss_wiring``: a miswired loss call rewired (``counterfactual_wiring.py``): the softmax or sigmoid
+  before a logits loss dropped, raw scores into NLL given their log_softmax, a target reshaped to the input.
+- ``lr_schedule_collapse`` (``lr_too_low`` of kind "schedule"): a scheduler's steps ignored from the first
+  one that would take an lr below 1/100 (then 1/10) of its group's highest (``counterfactual_init.py``).
+- ``dead_relu`` / ``saturated_activations`` / ``vanishing_gradients``: the layers re-initialised at their
+  first forward, He before a ReLU, Xavier before tanh/sigmoid (``counterfactual_init.py``).
 
 ``COUNTERFACTUALS`` maps a diagnosis code to its ``Counterfactual``; ``install(code, factor)`` returns
 the hook handles (each with ``remove()``).
@@ -29,6 +35,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn.modules import module as _module
 from torch.optim import optimizer as _optim
+
+from . import counterfactual_init, counterfactual_wiring
 
 STAT_BATCHES = 5  # batches whose input statistics standardise the first layer
 CLIP_STEPS = 5  # steps whose gradient norms give the clipping threshold
@@ -220,7 +228,23 @@ COUNTERFACTUALS: dict[str, Counterfactual] = {
     "unnormalized_inputs": Counterfactual(standardize_inputs, label=lambda _: "first layer's input standardised"),
     "params_not_updating": Counterfactual(add_missing_params,
                                           label=lambda _: "missing parameters added to the optimizer"),
+    "loss_wiring": Counterfactual(counterfactual_wiring.rewire_losses, label=lambda _: "the loss call rewired"),
+    "lr_schedule_collapse": Counterfactual(counterfactual_init.hold_schedule, counterfactual_init.FLOORS,
+                                           lambda floor: f"scheduler steps ignored once the lr fell below "
+                                                         f"{floor:g} × its peak"),
+    "dead_relu": Counterfactual(counterfactual_init.reinitialise("relu"), label=lambda _: "layers re-initialised"),
+    "saturated_activations": Counterfactual(counterfactual_init.reinitialise("squash"),
+                                            label=lambda _: "layers re-initialised"),
+    "vanishing_gradients": Counterfactual(counterfactual_init.reinitialise("squash"),
+                                          label=lambda _: "layers re-initialised"),
 }
+REPORTING = ("loss_wiring", "lr_schedule_collapse", "dead_relu", "saturated_activations", "vanishing_gradients")
+"""Counterfactuals that count what they changed (``applied``): a run where they changed nothing says so."""
+
+
+def applied() -> dict[str, int]:
+    """What the reporting counterfactuals changed in this process, by name (e.g. rewired loss calls)."""
+    return {**counterfactual_wiring.APPLIED, **counterfactual_init.APPLIED}
 
 
 def install(code: str, factor: float | None = None) -> list:
@@ -228,6 +252,8 @@ def install(code: str, factor: float | None = None) -> list:
     if code not in COUNTERFACTUALS:
         raise KeyError(f"no automatic counterfactual for {code!r}; known: {', '.join(sorted(COUNTERFACTUALS))}")
     fix = COUNTERFACTUALS[code]
+    counterfactual_wiring.APPLIED.clear()
+    counterfactual_init.APPLIED.clear()
     return fix.install(fix.factors[0] if factor is None else factor)
 
 

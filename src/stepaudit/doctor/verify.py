@@ -20,6 +20,14 @@ original's last loss − the fixed run's and ``noise`` = |the original's − its
 
 A learning-rate fix tries its second factor when the first is not confirmed and keeps the better run.
 
+A rewired loss (``loss_wiring``) is another objective than the script's (NLL of raw scores is unbounded
+below, cross-entropy is not), so the re-run of the original is made observe-only: it trains unchanged
+while the hooks measure the rewired loss of each training call, and the fixed run is judged against the
+original measured that way (with the noise of the original's own loss). A counterfactual that counts its
+changes (loss rewiring, the schedule hold, re-initialisation) and changed nothing makes the verification
+inconclusive, never refuted. The diagnosing run's facts pick the fix of a diagnosis's kind (the schedule
+hold for ``lr_too_low`` of kind "schedule"; no check for a ``loss_wiring`` kind no rewiring fixes).
+
 Each child runs in a scratch folder that mirrors the working folder (a symbolic link per entry); a file
 the script opens for writing there is made the run's own first (an appended or updated file is copied,
 a linked folder on the way becomes a real folder of links), so checkpoints and logs are written into the
@@ -35,6 +43,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,7 +51,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .counterfactual import COUNTERFACTUALS
+from .counterfactual import COUNTERFACTUALS, REPORTING
 
 MARKED = 0.10  # share of the starting loss the fix must remove beyond the original's, at least
 NOISE_TIMES = 3.0  # the margin in units of the original's run-to-run noise
@@ -63,6 +72,9 @@ class RunLoss:
     seconds: float = 0.0
     metric: float | None = None
     at_prior: bool = False  # the last loss sits at the loss of predicting the label frequencies
+    losses: list | None = None  # [step, loss] of every finite loss before the first non-finite step
+    applied: dict | None = None  # what a reporting counterfactual changed, by name (None: not counted)
+    shadow: dict | None = None  # observe-only loss_wiring run: the original measured with the rewired loss
 
     def level(self, unit: float) -> float | None:
         """Last loss in units of ``unit`` (infinite after a non-finite value); None without a loss."""
@@ -80,7 +92,7 @@ def from_facts(facts, steps: int, error: str | None = None, seconds: float = 0.0
                metric: float | None = None) -> RunLoss:
     """The ``RunLoss`` of a watched run, measured as the doctor measures it (``Facts``)."""
     return RunLoss(facts.loss_start, facts.loss_end, facts.first_nonfinite is not None, steps, error, seconds, metric,
-                   bool(facts.stuck_at_prior))
+                   bool(facts.stuck_at_prior), [[int(s), float(v)] for s, v in facts.losses])
 
 
 def printed_metric(text: str) -> float | None:
@@ -133,7 +145,8 @@ def run_child(script: str | os.PathLike, args: list[str], steps: int | None, tim
             return RunLoss(None, None, error=f"exit status {process.returncode}: {_last_line(stderr)}", seconds=seconds)
         found = json.loads(out.read_text())
     return RunLoss(found["start"], found["end"], found["nonfinite"], found["steps"], found["error"], seconds,
-                   printed_metric(stdout), found["at_prior"])
+                   printed_metric(stdout), found["at_prior"], found.get("losses"), found.get("applied"),
+                   found.get("shadow"))
 
 
 def _gain(original: RunLoss, fixed: RunLoss) -> float | None:
@@ -151,14 +164,28 @@ def _trains(run: RunLoss) -> bool:
             and (run.start - run.end) / abs(run.start) >= MARKED)
 
 
+def _noise(original: RunLoss, rerun: RunLoss) -> float | None:
+    """|the original's last loss − its re-run's| in units of the smaller start (0 when identical); None if unknown."""
+    if rerun.error is not None and original.error is None:
+        return None
+    if original.start is not None and (original.start, original.end, original.nonfinite) == \
+            (rerun.start, rerun.end, rerun.nonfinite):
+        return 0.0
+    drift = _gain(original, rerun)
+    return None if drift is None else abs(drift)
+
+
 def judge(original: RunLoss, rerun: RunLoss, fixed: RunLoss) -> tuple[str, float | None]:
     """(verdict, noise) of a fixed run against the original and its unchanged re-run."""
+    return judge_noise(original, fixed, _noise(original, rerun))
+
+
+def judge_noise(original: RunLoss, fixed: RunLoss, noise: float | None) -> tuple[str, float | None]:
+    """(verdict, noise) of a fixed run against the original, given the original's run-to-run noise."""
     failed = fixed.error is not None and original.error is None
     gain = None if failed else _gain(original, fixed)
     if gain is None:
         return "inconclusive", None
-    drift = _gain(original, rerun) if rerun.error is None or original.error is not None else None
-    noise = None if drift is None else abs(drift)
     if noise is None or math.isnan(noise) or math.isnan(gain):
         return "inconclusive", noise
     if gain >= max(MARKED, NOISE_TIMES * noise):
@@ -192,10 +219,48 @@ def _detail(verdict: str, fix: str, original: RunLoss, rerun: RunLoss, fixed: Ru
     return text
 
 
-def _unchecked(code: str) -> dict:
+def _unchecked(code: str, why: str = "") -> dict:
     return {"fix": None, "verdict": "no automatic check", "loss_original": None, "loss_fixed": None,
             "metric_original": None, "metric_fixed": None, "steps": 0, "seconds": 0.0,
-            "detail": f"no automatic check: stepaudit has no hook that applies the fix for {code}"}
+            "detail": f"no automatic check: stepaudit has no hook that applies the fix for {code}{why}"}
+
+
+REWIRABLE = ("probabilities_into_cross_entropy", "scores_into_nll_loss", "probabilities_into_bce_with_logits",
+             "softmax_over_batch", "broadcast_shapes")  # loss_wiring kinds the rewiring counterfactual fixes
+
+
+def counterfactual_for(diagnosis: dict, facts=None) -> tuple[str | None, str]:
+    """(the counterfactual's key, or None; why none) for a diagnosis, its kind read again from ``facts``."""
+    code = diagnosis["code"]
+    if facts is not None and code == "lr_too_low":
+        from .codes.lr_too_low import _schedule_collapse
+
+        if _schedule_collapse(facts) is not None:
+            return "lr_schedule_collapse", ""
+    if facts is not None and code == "loss_wiring":
+        from .codes.loss_wiring import loss_wiring
+
+        found = loss_wiring(facts)
+        if found is not None and found.kind not in REWIRABLE:
+            return None, f" ({found.kind.replace('_', ' ')})"
+    return (code, "") if code in COUNTERFACTUALS else (None, "")
+
+
+def split_curves(diagnoses: list[dict]) -> dict | None:
+    """Take the per-step loss curves out of the verifications: {"original": [[step, loss]…], "fixes": […]}.
+
+    A fix judged against the original measured with the rewired loss carries that curve as its "original".
+    """
+    found: dict = {"original": None, "fixes": []}
+    for d in diagnoses:
+        v = d.get("verification") or {}
+        original, fixed = v.pop("losses_original", None), v.pop("losses_fixed", None)
+        measured = v.get("original_measured_with") is not None
+        found["original"] = found["original"] or (None if measured else original)
+        if fixed is not None:
+            found["fixes"].append({"code": d["code"], "fix": v.get("fix"), "verdict": v.get("verdict"),
+                                   "losses": fixed, **({"original": original} if measured else {})})
+    return found if found["fixes"] else None
 
 
 def _verification(code: str, fix: str, verdict: str, detail: str, original: RunLoss, fixed: RunLoss,
@@ -204,7 +269,9 @@ def _verification(code: str, fix: str, verdict: str, detail: str, original: RunL
             "loss_original": {"start": original.start, "end": original.end, "nonfinite": original.nonfinite},
             "loss_fixed": {"start": fixed.start, "end": fixed.end, "nonfinite": fixed.nonfinite},
             "metric_original": rerun.metric, "metric_fixed": fixed.metric, "steps": fixed.steps,
-            "seconds": round(seconds, 2), "noise": noise, "detail": detail}
+            "seconds": round(seconds, 2), "noise": noise, "detail": detail,
+            "losses_original": original.losses, "losses_fixed": fixed.losses,
+            **({"original_measured_with": "the rewired loss"} if isinstance(original, _Measured) else {})}
 
 
 def verify_one(code: str, script, args: list[str], steps: int | None, original: RunLoss, rerun: RunLoss,
@@ -213,10 +280,14 @@ def verify_one(code: str, script, args: list[str], steps: int | None, original: 
     counterfactual = COUNTERFACTUALS[code]
     best = None
     seconds = 0.0
+    measured = _measured(original, rerun) if code == "loss_wiring" else None
+    if measured is not None:  # the rewired loss is another objective: the original is measured with it too
+        original = measured
     for factor in counterfactual.factors:
         fixed = run_child(script, args, steps, time_limit, code, factor, timeout)
         seconds += fixed.seconds
-        verdict, noise = judge(original, rerun, fixed)
+        verdict, noise = judge(original, rerun, fixed) if measured is None else \
+            judge_noise(original, fixed, measured.noise)
         candidate = (verdict, noise, fixed, counterfactual.label(factor))
         gains = [_gain(original, run) for run in (fixed, best[2])] if best is not None else [None, None]
         better = best is None or gains[1] is None or (fixed.error is None and gains[0] is not None
@@ -225,33 +296,77 @@ def verify_one(code: str, script, args: list[str], steps: int | None, original: 
         if verdict == "confirmed" or fixed.error is not None:
             break
     verdict, noise, fixed, fix = best
+    if fixed.applied:
+        fix += " (" + "; ".join(f"{name} ×{count}" for name, count in sorted(fixed.applied.items())) + ")"
     detail = _detail(verdict, fix, original, rerun, fixed, noise)
+    if fixed.applied == {} and fixed.error is None:  # counted, and nothing was changed: the same run again
+        verdict = "inconclusive"
+        detail = f"inconclusive: {fix}: the hooks found nothing to change in this run (original {original.shown()})"
+    elif measured is not None:
+        detail = detail.replace("(original ", "(original, measured with the rewired loss, ", 1)
     return _verification(code, fix, verdict, detail, original, fixed, rerun, noise, seconds)
 
 
+@dataclass
+class _Measured(RunLoss):
+    """The original run measured with the rewired loss (an observe-only re-run), and the original's noise."""
+
+    noise: float | None = None
+
+
+def _measured(original: RunLoss, rerun: RunLoss) -> _Measured | None:
+    """The original as the observe-only re-run measured it with the rewired loss; None without such values."""
+    shadow = rerun.shadow or {}
+    if rerun.error is not None or shadow.get("start") is None:
+        return None
+    return _Measured(shadow["start"], shadow.get("end"), bool(shadow.get("nonfinite")), rerun.steps, None,
+                     rerun.seconds, rerun.metric, False, shadow.get("losses"), None, None, _noise(original, rerun))
+
+
+def _shadow_summary(values: list[float], batch_size: int | None) -> dict | None:
+    """Start, last loss (the doctor's rules) and curve of the rewired loss measured at each training call."""
+    from . import summary
+
+    finite = []
+    for v in values:
+        if not math.isfinite(v):
+            break
+        finite.append(v)
+    if not finite:
+        return None
+    start = finite[0] if (batch_size or 0) >= 16 else statistics.median(finite[:summary.smoothing(batch_size)])
+    return {"start": start, "end": summary.loss_end(finite, batch_size), "nonfinite": len(finite) < len(values),
+            "losses": [[i, v] for i, v in enumerate(finite)]}
+
+
 def verify(diagnoses: list[dict], script, args: list[str], steps: int | None, time_limit: float | None = None,
-           original: RunLoss | None = None, timeout: float | None = None) -> list[dict]:
+           original: RunLoss | None = None, timeout: float | None = None, facts=None) -> list[dict]:
     """Add ``verification`` to each of the top ``TOP`` diagnoses and put the confirmed ones first.
 
     Each run stops after ``steps`` optimizer steps (None: at the script's own end) or ``time_limit``
-    seconds; ``original`` is the diagnosing run's ``RunLoss`` (None: run it here, in a child, too).
+    seconds; ``original`` is the diagnosing run's ``RunLoss`` (None: run it here, in a child, too);
+    ``facts`` (the diagnosing run's) picks the counterfactual of a diagnosis's kind.
     """
     chosen = [d for d in diagnoses[:TOP] if d["code"] != "healthy"]
+    keys = {}
     for d in chosen:
-        if d["code"] not in COUNTERFACTUALS:
-            d["verification"] = _unchecked(d["code"])
-    todo = [d for d in chosen if d["code"] in COUNTERFACTUALS]
+        keys[id(d)], why = counterfactual_for(d, facts)
+        if keys[id(d)] is None:
+            d["verification"] = _unchecked(d["code"], why)
+    todo = [d for d in chosen if keys[id(d)] is not None]
     if not todo:
         return diagnoses
     if timeout is None:  # a hung run is killed: the time limit, else ten times the original's, and start-up
         own = original.seconds if original is not None else 60.0
         timeout = 60.0 + (time_limit if time_limit is not None else 10 * max(own, 6.0))
-    try:
-        rerun = run_child(script, args, steps, time_limit, timeout=timeout)
+    try:  # a loss_wiring diagnosis: the re-run (unchanged) also measures the rewired loss, observe-only
+        wiring = any(keys[id(d)] == "loss_wiring" for d in todo)
+        rerun = run_child(script, args, steps, time_limit, "loss_wiring" if wiring else None, 0.0 if wiring else None,
+                          timeout=timeout)
         if original is None:  # called without the diagnosing run: run the original too
             original = run_child(script, args, steps, time_limit, timeout=timeout)
         for d in todo:
-            d["verification"] = verify_one(d["code"], script, args, steps, original, rerun, time_limit, timeout)
+            d["verification"] = verify_one(keys[id(d)], script, args, steps, original, rerun, time_limit, timeout)
     except KeyboardInterrupt:
         for d in todo:
             d.setdefault("verification", {**_unchecked(d["code"]), "verdict": "inconclusive",
@@ -299,7 +414,7 @@ def watched_run(script, args: list[str], steps: int | None, time_limit: float | 
     from .passive import PassiveWatcher
     from .runner import run_script
 
-    handles = counterfactual.install(fix, factor) if fix else []
+    handles = counterfactual.install(fix, factor) if fix else []  # (it clears the counts of ``applied``)
     watcher = PassiveWatcher(max_steps=steps or None, time_limit=time_limit)
     started = time.monotonic()
     try:
@@ -309,7 +424,13 @@ def watched_run(script, args: list[str], steps: int | None, time_limit: float | 
     observations = watcher.observations()
     facts = Facts(watcher.records, {}, observations)
     error = None if outcome.exit_status == 0 else _last_line(outcome.error)
-    return from_facts(facts, observations.get("steps", watcher.step_count), error, time.monotonic() - started)
+    found = from_facts(facts, observations.get("steps", watcher.step_count), error, time.monotonic() - started)
+    found.applied = counterfactual.applied() if fix in REPORTING else None
+    if fix == "loss_wiring" and factor == 0.0:
+        from .counterfactual_wiring import SHADOW
+
+        found.shadow = _shadow_summary(SHADOW, facts.batch_size)
+    return found
 
 
 def _mirror(source: Path, target: Path) -> None:

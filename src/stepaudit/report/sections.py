@@ -31,7 +31,8 @@ class Figure:
 def run_figures(run: Run) -> list[Figure]:
     """Every chart the run's recorded fields allow, in reading order."""
     makers = (loss_figure, promise_figure, alpha_figure, alpha_histogram, heatmap_figure, update_figure,
-              lr_figure, metrics_figure, norms_figure, sharpness_figure, precond_figure, noise_figure)
+              lr_figure, metrics_figure, norms_figure, sharpness_figure, precond_figure, noise_figure,
+              verification_figure)
     return [f for f in (make(run) for make in makers) if f is not None]
 
 
@@ -287,3 +288,36 @@ def noise_figure(run: Run) -> Figure | None:
     return Figure("noise", "Gradient noise scale against the batch size", svg,
                   "B_simple = tr(Σ)/‖G‖² (McCandlish et al., 2018): batches much smaller than it are dominated by "
                   "gradient noise; much larger ones waste compute.", legend, notes)
+
+
+def verification_figure(run: Run) -> Figure | None:
+    """``doctor --verify``: the original run's loss and each fixed run's, per step, on one chart."""
+    stored = run.meta.get("verification_losses")
+    if not isinstance(stored, dict) or not stored.get("fixes"):
+        return None
+
+    def curve(points: list) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.asarray([p for p in points if isinstance(p, (list, tuple)) and len(p) == 2 and p[1] is not None],
+                          float).reshape(-1, 2)
+        return rows[:, 0], rows[:, 1]
+
+    series, legend = [], []
+    if stored.get("original"):
+        series.append(Series("original", *curve(stored["original"]), GREY, "line", 2.2))
+        legend.append(("original run", GREY, "line"))
+    for fix, color in zip(stored["fixes"], (GREEN, BLUE, PURPLE)):
+        label = f"{fix.get('code')}: {fix.get('fix')} ({fix.get('verdict')})"
+        series.append(Series(label, *curve(fix.get("losses") or []), color, "line"))
+        legend.append((label, color, "line"))
+        if fix.get("original"):  # a rewired loss: the original measured with it, to compare like with like
+            name = f"original, measured with {fix.get('code')}'s rewired loss"
+            series.append(Series(name, *curve(fix["original"]), color, "dash"))
+            legend.append((name, color, "dash"))
+    steps = np.concatenate([s.x for s in series])
+    domain = (float(steps.min()), float(steps.max())) if len(steps) and steps.max() > steps.min() else _x_domain(run)
+    svg, notes = time_chart("verify", "Loss with each fix", series, y_label="loss", x_domain=domain)
+    return Figure("verify", "Verification: the loss with each fix applied", svg,
+                  "stepaudit doctor --verify re-ran the unchanged script with each diagnosis's fix applied by hooks: "
+                  "grey is the original run's loss per step, each colour a fixed run's (same seeds and steps); a "
+                  "dashed line is the original measured with a rewired loss.",
+                  legend, notes)
