@@ -1,4 +1,5 @@
 """Two processes (gloo, CPU, fork): the audited objective is the global one and training stays bit-identical."""
+
 from __future__ import annotations
 
 import datetime
@@ -7,7 +8,7 @@ import multiprocessing
 import os
 import sys
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -15,8 +16,10 @@ from torch import nn
 
 import stepaudit
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux" or not torch.distributed.is_available(),
-                                reason="fork-started gloo process groups need Linux and torch.distributed")
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux" or not torch.distributed.is_available(),
+    reason="fork-started gloo process groups need Linux and torch.distributed",
+)
 WORLD = 2
 STEPS = 6
 TIMEOUT_S = 60
@@ -60,19 +63,35 @@ def _wrap(model: nn.Module, wrap: str) -> tuple[nn.Module, nn.Module]:
     return model, model
 
 
-def _train(rank: int, folder: str, audited: bool, batchnorm: bool, optimizer: str, probes: dict | None,
-           wrap: str = "ddp", probe_options: dict | list | None = None, forward_hvps: bool = False,
-           use_step: bool = False, clip: float | None = None) -> dict:
+def _train(
+    rank: int,
+    folder: str,
+    audited: bool,
+    batchnorm: bool,
+    optimizer: str,
+    probes: dict | None,
+    wrap: str = "ddp",
+    probe_options: dict | list | None = None,
+    forward_hvps: bool = False,
+    use_step: bool = False,
+    clip: float | None = None,
+) -> dict:
     """One rank's run: DDP (or FSDP2) over gloo, SGD-momentum or Adam, dropout; what it ends with.
 
     ``probe_options``: one dict for all ranks or a list (rank r's at index r); ``forward_hvps``: the
     HVP method forced to forward-over-reverse (the audit's measured choice preset)."""
     ddp, inner = _wrap(_model(batchnorm), wrap)
-    opt = (torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9) if optimizer == "sgd"
-           else torch.optim.Adam(ddp.parameters(), lr=1e-2))
+    opt = (
+        torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+        if optimizer == "sgd"
+        else torch.optim.Adam(ddp.parameters(), lr=1e-2)
+    )
     options = probe_options[rank] if isinstance(probe_options, list) else probe_options
-    audit = stepaudit.Audit(ddp, opt, loss_fn, run=os.path.join(folder, "run"), probes=probes,
-                            probe_options=options) if audited else None
+    audit = (
+        stepaudit.Audit(ddp, opt, loss_fn, run=os.path.join(folder, "run"), probes=probes, probe_options=options)
+        if audited
+        else None
+    )
     if forward_hvps:
         audit.memory["_hvp_method"] = {"method": "forward"}
     torch.manual_seed(100 + rank)
@@ -94,11 +113,17 @@ def _train(rank: int, folder: str, audited: bool, batchnorm: bool, optimizer: st
     if audit is not None:
         records = [{k: v for k, v in r.items() if k != "layers"} for r in audit.records]
         audit.close()
-    return {"params": [_full(p.detach()).clone() for p in ddp.parameters()],
-            "buffers": [_full(b).clone() for b in ddp.buffers()],
-            "state": [{k: _full(v).clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
-                      for s in opt.state.values()],
-            "rng": torch.get_rng_state(), "weights": weights, "records": records}
+    return {
+        "params": [_full(p.detach()).clone() for p in ddp.parameters()],
+        "buffers": [_full(b).clone() for b in ddp.buffers()],
+        "state": [
+            {k: _full(v).clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+            for s in opt.state.values()
+        ],
+        "rng": torch.get_rng_state(),
+        "weights": weights,
+        "records": records,
+    }
 
 
 class _Nothing:
@@ -112,8 +137,9 @@ class _Nothing:
 def _worker(rank: int, folder: str, queue, kwargs: dict) -> None:
     try:
         timeout = datetime.timedelta(seconds=kwargs.pop("timeout_s", TIMEOUT_S))
-        torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank,
-                                             world_size=WORLD, timeout=timeout)
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"file://{folder}/store", rank=rank, world_size=WORLD, timeout=timeout
+        )
         torch.set_num_threads(1)
         result = _train(rank, folder, **kwargs)
         torch.distributed.destroy_process_group()
@@ -154,29 +180,45 @@ def plain_run(tmp_path_factory) -> Callable[[str, str], list[dict]]:
     def run(optimizer: str, wrap: str) -> list[dict]:
         if (optimizer, wrap) not in runs:
             folder = tmp_path_factory.mktemp(f"plain-{optimizer}-{wrap}")
-            runs[optimizer, wrap] = run_ranks(folder, audited=False, batchnorm=True, optimizer=optimizer, probes=None,
-                                              wrap=wrap)
+            runs[optimizer, wrap] = run_ranks(
+                folder, audited=False, batchnorm=True, optimizer=optimizer, probes=None, wrap=wrap
+            )
         return runs[optimizer, wrap]
 
     return run
 
 
-@pytest.mark.parametrize("optimizer, wrap, probes, use_step", [
-    ("sgd", "ddp", {"sharpness": 2, "noise": 3}, False), ("adam", "ddp", None, True), ("adam", "fsdp2", {"sharpness": 2}, False)])
-def test_batchnorm_and_dropout_train_bit_identically_under_the_audit(tmp_path, plain_run, optimizer, wrap, probes,
-                                                                      use_step):
+@pytest.mark.parametrize(
+    "optimizer, wrap, probes, use_step",
+    [
+        ("sgd", "ddp", {"sharpness": 2, "noise": 3}, False),
+        ("adam", "ddp", None, True),
+        ("adam", "fsdp2", {"sharpness": 2}, False),
+    ],
+)
+def test_batchnorm_and_dropout_train_bit_identically_under_the_audit(
+    tmp_path, plain_run, optimizer, wrap, probes, use_step
+):
     """Weights, buffers, optimizer state and RNG after the audited run equal the plain run's on every rank;
     probes run on each rank's batch under DDP (labelled), and are recorded as not measured under FSDP2."""
     plain = plain_run(optimizer, wrap)
-    audited = run_ranks(tmp_path / "audited", audited=True, batchnorm=True, optimizer=optimizer, probes=probes,
-                        wrap=wrap, use_step=use_step)
+    audited = run_ranks(
+        tmp_path / "audited",
+        audited=True,
+        batchnorm=True,
+        optimizer=optimizer,
+        probes=probes,
+        wrap=wrap,
+        use_step=use_step,
+    )
     for rank in range(WORLD):
         a, b = plain[rank], audited[rank]
         assert all(torch.equal(x, y) for x, y in zip(a["params"], b["params"])), f"rank {rank}: weights differ"
         assert all(torch.equal(x, y) for x, y in zip(a["buffers"], b["buffers"])), f"rank {rank}: buffers differ"
         for sa, sb in zip(a["state"], b["state"]):
             assert sa.keys() == sb.keys() and all(
-                torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k] for k in sa)
+                torch.equal(sa[k], sb[k]) if isinstance(sa[k], torch.Tensor) else sa[k] == sb[k] for k in sa
+            )
         assert torch.equal(a["rng"], b["rng"]), f"rank {rank}: the RNG stream moved"
     assert len(audited[0]["records"]) == STEPS
     for rank in range(WORLD):
@@ -221,9 +263,12 @@ def test_records_describe_the_global_objective_on_every_rank(tmp_path, wrap):
     float64 from the saved weights; identical on both ranks; each rank keeps its own values as local_*.
     Under FSDP2 each rank holds half of each layer: the sums over shards are completed across ranks.
     Under DDP, global sharpness = λ_max of the dense float64 Hessian of the mean loss over both batches."""
-    probes, options = ({"sharpness": 2}, {"sharpness": {"scope": "global", "tol": 1e-6}}) if wrap == "ddp" else (None, None)
-    ranks = run_ranks(tmp_path, audited=True, batchnorm=False, optimizer="sgd", probes=probes, wrap=wrap,
-                      probe_options=options)
+    probes, options = (
+        ({"sharpness": 2}, {"sharpness": {"scope": "global", "tol": 1e-6}}) if wrap == "ddp" else (None, None)
+    )
+    ranks = run_ranks(
+        tmp_path, audited=True, batchnorm=False, optimizer="sgd", probes=probes, wrap=wrap, probe_options=options
+    )
     r0, r1 = (r["records"] for r in ranks)
     weights = ranks[0]["weights"]
     assert len(r0) == len(r1) == STEPS
@@ -237,12 +282,15 @@ def test_records_describe_the_global_objective_on_every_rank(tmp_path, wrap):
         assert a["loss_after"] == pytest.approx(sum(after) / WORLD, rel=1e-5)
         assert (a["local_loss_before"], b["local_loss_before"]) == pytest.approx([v for v, _ in before], rel=1e-5)
         mean_grad = [(g0 + g1) / WORLD for g0, g1 in zip(before[0][1], before[1][1])]
-        promise = sum(float((g * (w1.double() - w0.double())).sum())
-                      for g, w0, w1 in zip(mean_grad, weights[step], weights[step + 1]))
+        promise = sum(
+            float((g * (w1.double() - w0.double())).sum())
+            for g, w0, w1 in zip(mean_grad, weights[step], weights[step + 1])
+        )
         assert a["first_order"] == pytest.approx(promise, rel=1e-4)
         assert a["delta"] == pytest.approx(a["loss_after"] - a["loss_before"], rel=1e-9, abs=1e-12)
-        norm = math.sqrt(sum(float(((w1.double() - w0.double()) ** 2).sum())
-                             for w0, w1 in zip(weights[step], weights[step + 1])))
+        norm = math.sqrt(
+            sum(float(((w1.double() - w0.double()) ** 2).sum()) for w0, w1 in zip(weights[step], weights[step + 1]))
+        )
         assert a["update_norm"] == pytest.approx(norm, rel=1e-4) and a["update_norm"] == b["update_norm"]
         assert a["global_batch"] == b["global_batch"] == 2 * 12
         if wrap == "ddp":  # the post-accumulate-grad hook saw this rank's own gradient, not DDP's average
@@ -275,8 +323,16 @@ def test_global_sharpness_with_batchnorm_forward_hvps_and_disagreeing_ranks_neve
     and training stays bit-identical to the unaudited run."""
     options = [{"sharpness": {"scope": "global", "tol": tol}} for tol in (1e-1, 1e-9)]
     plain = plain_run("sgd", "ddp")
-    audited = run_ranks(tmp_path, audited=True, batchnorm=True, optimizer="sgd", probes={"sharpness": 1},
-                        probe_options=options, forward_hvps=True, timeout_s=10)
+    audited = run_ranks(
+        tmp_path,
+        audited=True,
+        batchnorm=True,
+        optimizer="sgd",
+        probes={"sharpness": 1},
+        probe_options=options,
+        forward_hvps=True,
+        timeout_s=10,
+    )
     for a, b in zip(plain, audited):
         assert all(torch.equal(x, y) for x, y in zip(a["params"] + a["buffers"], b["params"] + b["buffers"]))
         assert torch.equal(a["rng"], b["rng"])
@@ -328,23 +384,47 @@ def test_an_accelerate_prepared_optimizer_is_audited_and_training_unchanged(tmp_
     assert all(torch.equal(a, b) for a, b in zip(plain_w + plain_b, audited_w + audited_b))
 
 
-def test_fsdp1_is_refused_up_front_naming_what_works(tmp_path):
-    """FullyShardedDataParallel (FSDP1), outermost or nested: a ValueError naming fully_shard and DDP."""
+def _fsdp1_messages(folder: str, queue) -> None:
+    """In a child process (a process group in the test process would be inherited by later forks): the
+    messages Audit gives for FSDP1, outermost and nested."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     dist = torch.distributed
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    messages = []
     try:
+        dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=0, world_size=1)
         cpu = torch.device("cpu")  # FSDP1 wants an accelerator unless told the device
-        for model in (FullyShardedDataParallel(_model(False), device_id=cpu),
-                      nn.Sequential(FullyShardedDataParallel(nn.Linear(5, 3), device_id=cpu))):
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
-            with pytest.raises(ValueError, match="FSDP1") as error:
-                stepaudit.Audit(model, opt, loss_fn, run=tmp_path / "run")
-            message = str(error.value)
-            assert "\n" not in message and "fully_shard" in message and "DistributedDataParallel" in message
-    finally:
+        for model in (
+            FullyShardedDataParallel(_model(False), device_id=cpu),
+            nn.Sequential(FullyShardedDataParallel(nn.Linear(5, 3), device_id=cpu)),
+        ):
+            try:
+                stepaudit.Audit(model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, run=f"{folder}/run")
+                messages.append(None)
+            except ValueError as error:
+                messages.append(str(error))
         dist.destroy_process_group()
+        queue.put(messages)
+    except BaseException:
+        queue.put([traceback.format_exc()])
+
+
+def test_fsdp1_is_refused_up_front_naming_what_works(tmp_path):
+    """FullyShardedDataParallel (FSDP1), outermost or nested: a one-line ValueError naming fully_shard and DDP."""
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_fsdp1_messages, args=(str(tmp_path), queue))
+    child.start()
+    try:
+        messages = queue.get(timeout=TIMEOUT_S)
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+    assert len(messages) == 2, messages
+    for message in messages:
+        assert message is not None and "FSDP1" in message, message
+        assert "\n" not in message and "fully_shard" in message and "DistributedDataParallel" in message
 
 
 def test_noise_scale_ranks_reads_the_gradient_before_clipping_changes_it(tmp_path):

@@ -28,6 +28,7 @@ the line directly before the fence:
 Also checked: README.md is at most 12 KB, and every relative link in README.md and docs/*.md points to
 a file that exists.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+import stepaudit
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -82,7 +85,7 @@ def blocks_of(page: Path) -> list[Block]:
         kind, arg = (marker.group(1), marker.group(2)) if marker else (None, "")
         if previous.startswith("<!-- explain-output:"):
             kind, arg = "explain-output", previous
-        found.append(Block(page, i + 1, match.group(1), kind, arg, "\n".join(lines[i + 1:end]) + "\n"))
+        found.append(Block(page, i + 1, match.group(1), kind, arg, "\n".join(lines[i + 1 : end]) + "\n"))
         i = end + 1
     return found
 
@@ -95,6 +98,7 @@ def _ids(blocks: list[Block]) -> list[str]:
 
 
 # -- the setups python blocks run in ----------------------------------------------------------------------
+
 
 def digits_namespace(tmp_path: Path, source: str) -> dict:
     import torch
@@ -109,9 +113,20 @@ def digits_namespace(tmp_path: Path, source: str) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     batches = minibatches(x, y, batch_size=32)
     namespace = {
-        "torch": torch, "F": F, "stepaudit": stepaudit, "model": model, "optimizer": optimizer, "opt": optimizer,
-        "loss_fn": classification_loss, "x": x, "y": y, "x_test": x_test[:64], "y_test": y_test[:64],
-        "batches": batches, "batch": next(batches), "loader": [next(batches) for _ in range(3)],
+        "torch": torch,
+        "F": F,
+        "stepaudit": stepaudit,
+        "model": model,
+        "optimizer": optimizer,
+        "opt": optimizer,
+        "loss_fn": classification_loss,
+        "x": x,
+        "y": y,
+        "x_test": x_test[:64],
+        "y_test": y_test[:64],
+        "batches": batches,
+        "batch": next(batches),
+        "loader": [next(batches) for _ in range(3)],
         "scheduler": torch.optim.lr_scheduler.StepLR(optimizer, step_size=10),
     }
     if not re.search(r"^\s*audit\s*=", source, flags=re.M):
@@ -155,10 +170,11 @@ def test_readme_quickstart_writes_the_run(tmp_path, monkeypatch, capsys):
     """The README's Audit example trains 100 audited steps, stores them and prints the verdicts."""
     example = next(b for b in blocks_of(README) if b.lang == "python" and "stepaudit.Audit(" in b.source)
     monkeypatch.chdir(tmp_path)
-    namespace = run_python(example, {"__name__": "__docs__"})
-    assert len(namespace["frame"]) == 100
-    assert (tmp_path / "runs" / "momentum" / "stepaudit.sqlite").exists()
-    assert capsys.readouterr().out.strip()
+    run_python(example, {"__name__": "__docs__"})
+    assert len(stepaudit.load(tmp_path / "runs" / "momentum")) == 100
+    printed = capsys.readouterr().out.strip()
+    shown = next(b for b in blocks_of(README) if b.lang == "text" and b.source.startswith(printed.splitlines()[0]))
+    assert shown.source.strip() == printed  # the output printed under the example is what it prints
 
 
 # -- the doctor's documented output ----------------------------------------------------------------------
@@ -171,8 +187,13 @@ def doctor_json(script: str, tmp_path: Path) -> dict:
     if script not in _DOCTOR_RESULTS:
         path = tmp_path / "train.py"
         path.write_text(script, encoding="utf-8")
-        done = subprocess.run([sys.executable, "-m", "stepaudit", "doctor", "--json", "--no-store", path.name],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=240)
+        done = subprocess.run(
+            [sys.executable, "-m", "stepaudit", "doctor", "--json", "--no-store", path.name],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         _DOCTOR_RESULTS[script] = json.loads(done.stdout)
     return _DOCTOR_RESULTS[script]
@@ -257,8 +278,9 @@ def check_stepaudit(words: list[str], where: str) -> None:
     for word in options:
         if word.startswith("-") and word not in ("-", "--"):
             name = word.split("=", 1)[0]
-            assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text), \
+            assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text), (
                 f"{where}: `stepaudit {sub}` has no option {name}"
+            )
 
 
 def check_command(line: str, where: str) -> None:
@@ -315,6 +337,7 @@ def test_shell_block(block: Block):
 
 # -- everything else ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("block", [b for b in ALL if b.lang == "json"], ids=_ids([b for b in ALL if b.lang == "json"]))
 def test_json_block_parses(block: Block):
     json.loads(block.source)
@@ -324,8 +347,9 @@ def test_every_block_has_a_known_kind():
     known = {"python", "json", "text"} | SHELL
     for block in ALL:
         if block.lang == "":
-            assert block.page.name in UNMARKED_ALLOWED and block.page.parent.name == "docs", \
+            assert block.page.name in UNMARKED_ALLOWED and block.page.parent.name == "docs", (
                 f"{block.where}: a code block needs a language (python, bash, console, json or text)"
+            )
             continue
         assert block.lang in known, f"{block.where}: unknown block language {block.lang!r}"
         if block.marker == "output":
@@ -355,6 +379,7 @@ def test_relative_links_point_to_existing_files():
 
 def test_relative_link_anchors_exist():
     """``page.md#anchor`` names a heading of that page (GitHub's slugs)."""
+
     def slugs(page: Path) -> set[str]:
         text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
         out = set()

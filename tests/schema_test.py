@@ -1,5 +1,6 @@
 """The record schema: every field real runs write is in it with its type, the docs table is generated from it,
 and the store's column types and the export's column order follow it."""
+
 from __future__ import annotations
 
 import csv
@@ -55,17 +56,24 @@ def _audit(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, 
 def active_records(tmp_path_factory) -> list[dict]:
     """Records of real audits with every probe on: SGD (two groups, dropout), Adam with BatchNorm, two-batch noise."""
     tmp = tmp_path_factory.mktemp("schema")
-    every = {name: 1 for name in probes.known()}
+    every = {name: 1 for name in probes.builtin()}
     model = make_mlp(dropout=0.1)
-    sgd = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[3].parameters(), "lr": 0.05}],
-                          lr=0.1, momentum=0.9)
+    sgd = torch.optim.SGD(
+        [{"params": model[0].parameters()}, {"params": model[3].parameters(), "lr": 0.05}], lr=0.1, momentum=0.9
+    )
     records = _audit(tmp / "sgd", model, sgd, probes=every, reference=_batch(9, 16))
     model = make_mlp(batchnorm=True)
-    records += _audit(tmp / "adam", model, torch.optim.Adam(model.parameters(), lr=0.01), probes=every,
-                      reference=_batch(9, 16))
+    records += _audit(
+        tmp / "adam", model, torch.optim.Adam(model.parameters(), lr=0.01), probes=every, reference=_batch(9, 16)
+    )
     model = make_mlp()
-    records += _audit(tmp / "two", model, torch.optim.SGD(model.parameters(), lr=0.1), probes={"noise": 1},
-                      probe_options={"noise": {"method": "two_batch"}})
+    records += _audit(
+        tmp / "two",
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        probes={"noise": 1},
+        probe_options={"noise": {"method": "two_batch"}},
+    )
     return records
 
 
@@ -73,7 +81,8 @@ def active_records(tmp_path_factory) -> list[dict]:
 def passive_records(tmp_path_factory) -> list[dict]:
     """Records of the doctor's passive capture on a tiny script (ReLU and tanh layers, three steps)."""
     script = tmp_path_factory.mktemp("passive") / "train.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import torch
         from torch import nn
         torch.manual_seed(0)
@@ -84,7 +93,8 @@ def passive_records(tmp_path_factory) -> list[dict]:
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
-    """))
+    """)
+    )
     watcher = PassiveWatcher(max_steps=3)
     run_script(script, [], watcher)
     assert len(watcher.records) == 3
@@ -107,8 +117,17 @@ def _check(records: list[dict]) -> None:
 def test_every_field_of_an_audit_with_every_probe_is_in_the_schema_with_its_type(active_records):
     _check(active_records)
     seen = {key for record in active_records for key in record}
-    for expected in ("lr_group_1", "next_delta", "precond_sharpness_residual", "precond_sharpness_note",
-                     "noise_fallback", "noise_scale_steps", "interplay_matrix", "ref_delta", "layers"):
+    for expected in (
+        "lr_group_1",
+        "next_delta",
+        "precond_sharpness_residual",
+        "precond_sharpness_note",
+        "noise_fallback",
+        "noise_scale_steps",
+        "interplay_matrix",
+        "ref_delta",
+        "layers",
+    ):
         assert expected in seen  # the runs above do reach the rarer paths
 
 
@@ -139,15 +158,16 @@ def test_schema_writers_name_known_probes_and_numbered_families_match_only_their
 def test_the_field_reference_in_docs_audit_md_is_the_generated_table():
     text = AUDIT_DOC.read_text(encoding="utf-8")
     assert BEGIN in text and END in text, "docs/audit.md lost its schema markers"
-    table = text[text.index(BEGIN) + len(BEGIN):text.index(END)]
+    table = text[text.index(BEGIN) + len(BEGIN) : text.index(END)]
     for spec in (*FIELDS, *LAYER_FIELDS):
         assert f"| `{spec.name}` |" in table, f"docs/audit.md does not list {spec.name}"
     assert table == markdown(), "regenerate it: python -m stepaudit.schema --markdown"
 
 
 def test_python_m_stepaudit_schema_markdown_prints_the_table():
-    done = subprocess.run([sys.executable, "-m", "stepaudit.schema", "--markdown"], capture_output=True, text=True,
-                          check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "stepaudit.schema", "--markdown"], capture_output=True, text=True, check=True
+    )
     assert done.stdout == markdown()
     assert "RuntimeWarning" not in done.stderr
 
@@ -161,10 +181,32 @@ def test_store_columns_take_their_sql_type_from_the_schema_not_the_first_value(t
     store = RunStore(tmp_path, meta={})
     # first values that used to give the wrong type: None for a text field (REAL, read back as NaN), an int for an
     # int field (REAL, read back as 32.0), a bool (REAL); and None for a float field (still REAL)
-    store.append({"step": 0, "loss_before": None, "error": None, "batch_size": 32, "lr_exceeds_safe": True,
-                  "lr": 1, "lr_group_2": None, "my_text": "x", "my_number": 3})
-    store.append({"step": 1, "loss_before": 0.5, "error": "boom", "batch_size": None, "lr_exceeds_safe": None,
-                  "lr": 0.1, "lr_group_2": 0.01, "my_text": None, "my_number": 4})
+    store.append(
+        {
+            "step": 0,
+            "loss_before": None,
+            "error": None,
+            "batch_size": 32,
+            "lr_exceeds_safe": True,
+            "lr": 1,
+            "lr_group_2": None,
+            "my_text": "x",
+            "my_number": 3,
+        }
+    )
+    store.append(
+        {
+            "step": 1,
+            "loss_before": 0.5,
+            "error": "boom",
+            "batch_size": None,
+            "lr_exceeds_safe": None,
+            "lr": 0.1,
+            "lr_group_2": 0.01,
+            "my_text": None,
+            "my_number": 4,
+        }
+    )
     store.close()
     types = _column_types(tmp_path)
     assert types["loss_before"] == types["lr"] == types["lr_group_2"] == "REAL"
@@ -181,10 +223,28 @@ def test_store_columns_take_their_sql_type_from_the_schema_not_the_first_value(t
 
 def test_csv_columns_follow_the_schema_order_with_unknown_fields_last(tmp_path):
     store = RunStore(tmp_path, meta={})
-    store.append({"step": 0, "zz_custom": 1.0, "lr_group_2": 0.2, "verdict": "flat", "lr_group_1": 0.1,
-                  "delta": 0.0, "loss_before": 1.0, "aa_custom": "x",
-                  "layers": [{"kind": "module", "name": "0", "grad_norm": 1.0, "update_norm": 0.1,
-                              "weight_norm": 2.0, "update_ratio": 0.05}]})
+    store.append(
+        {
+            "step": 0,
+            "zz_custom": 1.0,
+            "lr_group_2": 0.2,
+            "verdict": "flat",
+            "lr_group_1": 0.1,
+            "delta": 0.0,
+            "loss_before": 1.0,
+            "aa_custom": "x",
+            "layers": [
+                {
+                    "kind": "module",
+                    "name": "0",
+                    "grad_norm": 1.0,
+                    "update_norm": 0.1,
+                    "weight_norm": 2.0,
+                    "update_ratio": 0.05,
+                }
+            ],
+        }
+    )
     store.close()
     with export_csv(tmp_path, tmp_path / "steps.csv").open() as handle:
         header = next(csv.reader(handle))

@@ -4,11 +4,12 @@
 ``step % every == 0``. A probe reads the shared, lazily computed ``StepContext`` and returns record
 fields; it never touches the training loop. New quantities are new probes, registered here.
 """
+
 from __future__ import annotations
 
 import importlib
 import warnings
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 Probe = Callable[["StepContext"], dict]  # noqa: F821 - StepContext lives in stepaudit.context
 
@@ -74,6 +75,12 @@ def known() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def builtin() -> list[str]:
+    """Names of the probes stepaudit ships (not those a user or a test registered), sorted."""
+    _load_builtin()
+    return sorted(n for n, fn in _REGISTRY.items() if getattr(fn, "__module__", "").startswith("stepaudit.probes"))
+
+
 def get(name: str) -> Probe:
     """The probe registered under ``name``."""
     _load_builtin()
@@ -90,8 +97,10 @@ def validate(probes: Mapping[str, int] | None) -> dict[str, int]:
             example = "{" + ", ".join(f"{n!r}: 1" for n in names) + "}"  # the user's own names, every step
         else:
             example = "{'quadratic': 1}"
-        raise TypeError(f"probes must be a dict {{name: every}} (run the probe every N-th step), e.g. "
-                        f"probes={example}; got {type(probes).__name__} {probes!r}")
+        raise TypeError(
+            f"probes must be a dict {{name: every}} (run the probe every N-th step), e.g. "
+            f"probes={example}; got {type(probes).__name__} {probes!r}"
+        )
     names = known()
     checked = {}
     for name, every in probes.items():
