@@ -10,6 +10,7 @@ audit's own overhead without any process group, for the target "every=1 at most 
 
     OMP_NUM_THREADS=1 python bench/distributed.py [--steps 32] [--repeats 7] [--batch 64]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,9 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,6 +59,7 @@ def _stepper(wrap: str, arm: str, folder: str) -> tuple[Callable[[Any], None], C
         fully_shard(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     if arm == "plain":
+
         def plain(batch: Any) -> None:
             optimizer.zero_grad()
             classification_loss(model, batch).backward()
@@ -79,7 +82,7 @@ def _time_arms(wraps: tuple[str, ...], rank: int, folder: str, steps: int, repea
     times: dict = {key: [] for key in arms}
     distributed = torch.distributed.is_initialized()
     for rep in range(repeats):
-        for key in arms[rep % len(arms):] + arms[: rep % len(arms)]:
+        for key in arms[rep % len(arms) :] + arms[: rep % len(arms)]:
             step = steppers[key][0]
             if distributed:
                 torch.distributed.barrier()
@@ -104,8 +107,13 @@ def _all_reduce_seconds(calls: int = 200) -> float:
 
 def _rank(rank: int, folder: str, args: argparse.Namespace, queue: Any) -> None:
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=WORLD,
-                                         timeout=datetime.timedelta(seconds=120))
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=f"file://{folder}/store",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=120),
+    )
     try:
         times = _time_arms(("ddp", "fsdp2"), rank, folder, args.steps, args.repeats, args.batch)
         times["all_reduce"] = _all_reduce_seconds()
@@ -142,8 +150,10 @@ def main() -> None:
             p.join()
     reduce_ms = 1e3 * results[0].pop("all_reduce")
     ranks = _summary(results[0])
-    print(f"two processes, gloo, CPU, {torch.get_num_threads()} thread each; digits MLP, batch {args.batch} per rank; "
-          f"{args.repeats} repetitions of {args.steps} steps; torch {torch.__version__}\n")
+    print(
+        f"two processes, gloo, CPU, {torch.get_num_threads()} thread each; digits MLP, batch {args.batch} per rank; "
+        f"{args.repeats} repetitions of {args.steps} steps; torch {torch.__version__}\n"
+    )
     print("| wrapper | plain ms/step | every=1 ms/step | every=1 ratio | every=16 ms/step | every=16 ratio |")
     print("|---|---:|---:|---:|---:|---:|")
     for wrap, summary in (("one process", single), ("DDP", ranks), ("FSDP2", ranks)):
@@ -157,11 +167,16 @@ def main() -> None:
     added = base[0] - single[("single", "plain")][0]
     for wrap in ("ddp", "fsdp2"):
         extra = ranks[(wrap, "every=1")][0] - ranks[(wrap, "plain")][0]
-        print(f"\n{wrap}: every=1 ratio {ranks[(wrap, 'every=1')][1] - base[1]:+.2f} against the one-process audit's "
-              f"(target ≤ +0.15); it adds {extra:.2f} ms per step (one process: {added:.2f} ms); "
-              f"every=16 {ranks[(wrap, 'every=16')][1]:.2f}× (target ≤ 1.08×)", end="")
-    print(f"\none all-reduce of nine float64s (the audit's packed one), alone: {reduce_ms:.3f} ms; load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        print(
+            f"\n{wrap}: every=1 ratio {ranks[(wrap, 'every=1')][1] - base[1]:+.2f} against the one-process audit's "
+            f"(target ≤ +0.15); it adds {extra:.2f} ms per step (one process: {added:.2f} ms); "
+            f"every=16 {ranks[(wrap, 'every=16')][1]:.2f}× (target ≤ 1.08×)",
+            end="",
+        )
+    print(
+        f"\none all-reduce of nine float64s (the audit's packed one), alone: {reduce_ms:.3f} ms; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
 
 
 if __name__ == "__main__":

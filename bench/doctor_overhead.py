@@ -8,6 +8,7 @@ minute of a shared machine cancels). The issue's budget: at most +15%.
 
     python bench/doctor_overhead.py [--steps 300] [--repeats 5] [--clock wall|cpu] [--workloads mlp cnn lm]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -80,14 +81,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 = steadier timings)")
     parser.add_argument("--workloads", nargs="*", default=list(LOOPS))
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall time, or this process's CPU time (steadier on a shared machine; 1 thread)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or this process's CPU time (steadier on a shared machine; 1 thread)",
+    )
     args = parser.parse_args()
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
-    print(f"passive watching overhead: {args.steps} steps, median of {args.repeats} alternating runs, "
-          f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} logical cores, {args.clock} time")
+    print(
+        f"passive watching overhead: {args.steps} steps, median of {args.repeats} alternating runs, "
+        f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} logical cores, {args.clock} time"
+    )
     start_load = _load()
     print(f"{'workload':10s} {'plain s':>9s} {'watched s':>10s} {'overhead':>9s} {'paired':>8s}")
     with tempfile.TemporaryDirectory() as folder:
@@ -102,8 +109,10 @@ def main() -> None:
             p, w = statistics.median(plain), statistics.median(watched)
             paired = statistics.median(b / a for a, b in zip(plain, watched))  # per repetition: a slow minute cancels
             print(f"{name:10s} {p:9.3f} {w:10.3f} {100 * (w / p - 1):+8.1f}% {100 * (paired - 1):+7.1f}%")
-    print(f"1-minute load average: {start_load} at start, {_load()} at end (a shared machine: read the numbers "
-          "with it in mind)")
+    print(
+        f"1-minute load average: {start_load} at start, {_load()} at end (a shared machine: read the numbers "
+        "with it in mind)"
+    )
 
 
 def _load() -> str:

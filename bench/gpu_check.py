@@ -22,6 +22,7 @@ results as one JSON object.
 Without a GPU (or with ``--cpu``) everything runs on the CPU with tiny sizes; the sync count and NCCL
 are skipped ("skipped: no GPU") and the distributed section runs on gloo as a stand-in.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,12 +83,13 @@ class ResNetLike(nn.Module):
 
     def __init__(self, width: int = 64, classes: int = 1000) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-                                  nn.MaxPool2d(3, 2, 1))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, width, 7, 2, 3, bias=False), nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(3, 2, 1)
+        )
         blocks: list[nn.Module] = []
         cin = width
         for i, stride in enumerate((1, 2, 2, 2)):
-            cout = width * 2 ** i
+            cout = width * 2**i
             blocks += [BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)]
             cin = cout
         self.blocks = nn.Sequential(*blocks)
@@ -105,8 +107,9 @@ class GPTLike(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
         self.position = nn.Parameter(torch.randn(context, d) * 0.02)
-        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout, activation="gelu", batch_first=True,
-                                           norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            d, heads, 4 * d, dropout, activation="gelu", batch_first=True, norm_first=True
+        )
         self.layers = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
@@ -124,15 +127,33 @@ class GPTLike(nn.Module):
 
 def mlp(width: int, dropout: float) -> nn.Module:
     """32 → width → width → 10 with GELU and optional Dropout."""
-    return nn.Sequential(nn.Linear(32, width), nn.GELU(), nn.Dropout(dropout), nn.Linear(width, width), nn.GELU(),
-                         nn.Dropout(dropout), nn.Linear(width, 10))
+    return nn.Sequential(
+        nn.Linear(32, width),
+        nn.GELU(),
+        nn.Dropout(dropout),
+        nn.Linear(width, width),
+        nn.GELU(),
+        nn.Dropout(dropout),
+        nn.Linear(width, 10),
+    )
 
 
 def bn_dropout_cnn() -> nn.Module:
     """Two conv + BatchNorm2d blocks, Dropout2d and Dropout, on 3×16×16 images."""
-    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Dropout2d(0.1),
-                         nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3), nn.Linear(32, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Dropout2d(0.1),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.3),
+        nn.Linear(32, 10),
+    )
 
 
 def classify(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -160,24 +181,34 @@ def with_autocast(loss_fn: Callable, device: torch.device, dtype: torch.dtype | 
     return autocast_loss
 
 
-def image_batches(count: int, size: int, side: int, classes: int, device: torch.device,
-                  seed: int = 7) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def image_batches(
+    count: int, size: int, side: int, classes: int, device: torch.device, seed: int = 7
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``count`` random (images, labels) batches drawn from their own generator."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 3, side, side, generator=g).to(device),
-             torch.randint(0, classes, (size,), generator=g).to(device)) for _ in range(count)]
+    return [
+        (
+            torch.randn(size, 3, side, side, generator=g).to(device),
+            torch.randint(0, classes, (size,), generator=g).to(device),
+        )
+        for _ in range(count)
+    ]
 
 
-def vector_batches(count: int, size: int, device: torch.device,
-                   seed: int = 7) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def vector_batches(
+    count: int, size: int, device: torch.device, seed: int = 7
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``count`` random (32-feature inputs, labels) batches."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 32, generator=g).to(device), torch.randint(0, 10, (size,), generator=g).to(device))
-            for _ in range(count)]
+    return [
+        (torch.randn(size, 32, generator=g).to(device), torch.randint(0, 10, (size,), generator=g).to(device))
+        for _ in range(count)
+    ]
 
 
-def token_batches(count: int, size: int, context: int, vocab: int, device: torch.device,
-                  seed: int = 7) -> list[torch.Tensor]:
+def token_batches(
+    count: int, size: int, context: int, vocab: int, device: torch.device, seed: int = 7
+) -> list[torch.Tensor]:
     """``count`` random token batches of shape (size, context + 1)."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (size, context + 1), generator=g).to(device) for _ in range(count)]
@@ -233,16 +264,58 @@ class Sizes:
 def choose_sizes(cpu: bool, quick: bool) -> Sizes:
     """GPU: ResNet-18 at 224², GPT-2 small at context 512; CPU: tiny stand-ins; ``quick``: smaller still."""
     if cpu:
-        return Sizes(identity_steps=4, sync_steps=4, cnn_width=4, cnn_side=32, cnn_batch=4, cnn_classes=10,
-                     lm_vocab=128, lm_d=32, lm_layers=2, lm_heads=2, lm_context=16, lm_batch=4,
-                     overhead_steps=16, overhead_repeats=3 if quick else 5, distributed_steps=3)
+        return Sizes(
+            identity_steps=4,
+            sync_steps=4,
+            cnn_width=4,
+            cnn_side=32,
+            cnn_batch=4,
+            cnn_classes=10,
+            lm_vocab=128,
+            lm_d=32,
+            lm_layers=2,
+            lm_heads=2,
+            lm_context=16,
+            lm_batch=4,
+            overhead_steps=16,
+            overhead_repeats=3 if quick else 5,
+            distributed_steps=3,
+        )
     if quick:
-        return Sizes(identity_steps=4, sync_steps=8, cnn_width=64, cnn_side=128, cnn_batch=32, cnn_classes=1000,
-                     lm_vocab=50257, lm_d=768, lm_layers=12, lm_heads=12, lm_context=256, lm_batch=4,
-                     overhead_steps=16, overhead_repeats=3, distributed_steps=4)
-    return Sizes(identity_steps=6, sync_steps=16, cnn_width=64, cnn_side=224, cnn_batch=64, cnn_classes=1000,
-                 lm_vocab=50257, lm_d=768, lm_layers=12, lm_heads=12, lm_context=512, lm_batch=8,
-                 overhead_steps=32, overhead_repeats=5, distributed_steps=6)
+        return Sizes(
+            identity_steps=4,
+            sync_steps=8,
+            cnn_width=64,
+            cnn_side=128,
+            cnn_batch=32,
+            cnn_classes=1000,
+            lm_vocab=50257,
+            lm_d=768,
+            lm_layers=12,
+            lm_heads=12,
+            lm_context=256,
+            lm_batch=4,
+            overhead_steps=16,
+            overhead_repeats=3,
+            distributed_steps=4,
+        )
+    return Sizes(
+        identity_steps=6,
+        sync_steps=16,
+        cnn_width=64,
+        cnn_side=224,
+        cnn_batch=64,
+        cnn_classes=1000,
+        lm_vocab=50257,
+        lm_d=768,
+        lm_layers=12,
+        lm_heads=12,
+        lm_context=512,
+        lm_batch=8,
+        overhead_steps=32,
+        overhead_repeats=5,
+        distributed_steps=6,
+    )
 
 
 # -- 1. bit-identity ------------------------------------------------------------------------------------
@@ -263,11 +336,22 @@ class IdentityCase:
 IDENTITY_CASES = [
     IdentityCase("fp32 · MLP · AdamW", "mlp", "adamw"),
     IdentityCase("bf16 autocast · MLP + Dropout · AdamW", "mlp_dropout", "adamw", autocast=torch.bfloat16),
-    IdentityCase("fp16 autocast + GradScaler · MLP + Dropout · SGD momentum · clipping", "mlp_dropout",
-                 "sgd_momentum", autocast=torch.float16, scaler=True, clip=True),
+    IdentityCase(
+        "fp16 autocast + GradScaler · MLP + Dropout · SGD momentum · clipping",
+        "mlp_dropout",
+        "sgd_momentum",
+        autocast=torch.float16,
+        scaler=True,
+        clip=True,
+    ),
     IdentityCase("fused AdamW · fp32 · MLP", "mlp", "adamw_fused"),
-    IdentityCase("fused AdamW + fp16 GradScaler · MLP + Dropout", "mlp_dropout", "adamw_fused",
-                 autocast=torch.float16, scaler=True),
+    IdentityCase(
+        "fused AdamW + fp16 GradScaler · MLP + Dropout",
+        "mlp_dropout",
+        "adamw_fused",
+        autocast=torch.float16,
+        scaler=True,
+    ),
     IdentityCase("BatchNorm + Dropout CNN · SGD Nesterov · every=2", "bn_cnn", "sgd_nesterov", every=2),
     IdentityCase("BatchNorm + Dropout CNN · AdamW · audit.step", "bn_cnn", "adamw", api="step"),
     IdentityCase("transformer LM + Dropout · bf16 autocast · AdamW", "lm", "adamw", autocast=torch.bfloat16),
@@ -297,12 +381,13 @@ def make_optimizer(name: str, params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, nesterov=True)
 
 
-def train_case(case: IdentityCase, device: torch.device, steps: int, audited: bool,
-               folder: Path) -> tuple[dict[str, torch.Tensor], Audit | None]:
+def train_case(
+    case: IdentityCase, device: torch.device, steps: int, audited: bool, folder: Path
+) -> tuple[dict[str, torch.Tensor], Audit | None]:
     """Train one case for ``steps`` steps, audited or not; return everything training leaves behind, and the audit."""
     model, loss_fn, batches = identity_setup(case, device, steps)
     optimizer = make_optimizer(case.optimizer, model.parameters())
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 12) if case.scaler else None
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**12) if case.scaler else None
     loss_fn = with_autocast(loss_fn, device, case.autocast)
     audit = Audit(model, optimizer, loss_fn, run=folder, every=case.every) if audited else None
     seed_all(SEED + 1)  # the stream dropout draws from during training
@@ -342,8 +427,9 @@ def train_case(case: IdentityCase, device: torch.device, steps: int, audited: bo
     return snapshot(model, optimizer, scaler, losses, device), audit
 
 
-def snapshot(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, losses: list[torch.Tensor],
-             device: torch.device) -> dict[str, torch.Tensor]:
+def snapshot(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Any, losses: list[torch.Tensor], device: torch.device
+) -> dict[str, torch.Tensor]:
     """Weights, buffers, optimizer and scaler state, losses and RNG states as named tensors."""
     out = {f"model.{k}": v.detach().clone() for k, v in model.state_dict().items()}
     for index, state in optimizer.state_dict()["state"].items():
@@ -369,8 +455,12 @@ def differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[
 @contextlib.contextmanager
 def deterministic(device: torch.device) -> Iterator[None]:
     """Deterministic kernels (cuDNN, cuBLAS, scatter) inside, the previous settings restored afterwards."""
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
@@ -393,18 +483,28 @@ def section_identity(device: torch.device, sizes: Sizes, folder: Path) -> dict:
                 assert audit is not None
                 errors = [r.get("error", "") for r in audit.records if r.get("verdict") == "error"]
                 control_diff, audit_diff = differences(plain, control), differences(plain, audited)
-                row.update(compared=len(plain), records=len(audit.records), skipped=audit.skipped_steps,
-                           errors=len(errors),
-                           control="equal" if not control_diff else f"differs: {', '.join(control_diff[:3])}",
-                           audited="equal" if not audit_diff else f"differs: {', '.join(audit_diff[:3])}")
+                row.update(
+                    compared=len(plain),
+                    records=len(audit.records),
+                    skipped=audit.skipped_steps,
+                    errors=len(errors),
+                    control="equal" if not control_diff else f"differs: {', '.join(control_diff[:3])}",
+                    audited="equal" if not audit_diff else f"differs: {', '.join(audit_diff[:3])}",
+                )
                 if control_diff:
                     row["status"] = "INCONCLUSIVE (the plain run is not deterministic)"
-                    inconclusive.append(f"identity · {case.name}: two plain runs differ in "
-                                        f"{', '.join(control_diff[:3])}")
+                    inconclusive.append(
+                        f"identity · {case.name}: two plain runs differ in {', '.join(control_diff[:3])}"
+                    )
                 elif audit_diff or errors or not audit.records:
                     row["status"] = "FAIL"
-                    reason = (f"differs in {', '.join(audit_diff[:3])}" if audit_diff
-                              else f"error record: {errors[0]}" if errors else "no record")
+                    reason = (
+                        f"differs in {', '.join(audit_diff[:3])}"
+                        if audit_diff
+                        else f"error record: {errors[0]}"
+                        if errors
+                        else "no record"
+                    )
                     failures.append(f"identity · {case.name}: {reason}"[:240])
                 else:
                     row["status"] = "PASS"
@@ -413,10 +513,13 @@ def section_identity(device: torch.device, sizes: Sizes, folder: Path) -> dict:
                 failures.append(f"identity · {case.name}: {first_line(error)}")
             rows.append(row)
     columns = ["case", "compared", "records", "skipped", "errors", "control", "audited", "status"]
-    note = (f"{sizes.identity_steps} steps per run, seeds equal; `compared`: tensors checked with torch.equal "
-            "(weights, buffers, optimizer and GradScaler state, per-step losses, CPU" +
-            (" and CUDA" if device.type == "cuda" else "") + " RNG state); `control`: a second plain run against "
-            "the first; `skipped`: steps GradScaler skipped (inf/NaN gradients).")
+    note = (
+        f"{sizes.identity_steps} steps per run, seeds equal; `compared`: tensors checked with torch.equal "
+        "(weights, buffers, optimizer and GradScaler state, per-step losses, CPU"
+        + (" and CUDA" if device.type == "cuda" else "")
+        + " RNG state); `control`: a second plain run against "
+        "the first; `skipped`: steps GradScaler skipped (inf/NaN gradients)."
+    )
     return {"columns": columns, "rows": rows, "failures": failures, "inconclusive": inconclusive, "note": note}
 
 
@@ -429,12 +532,13 @@ def count_syncs(action: Callable[[], Any]) -> int:
     return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
-def sync_loop(case: IdentityCase, device: torch.device, audit_every: int | None, steps: int,
-              folder: Path) -> list[tuple[bool, int]]:
+def sync_loop(
+    case: IdentityCase, device: torch.device, audit_every: int | None, steps: int, folder: Path
+) -> list[tuple[bool, int]]:
     """(audited?, syncs) per step of a case's loop; ``audit_every`` None: the plain loop."""
     model, loss_fn, batches = identity_setup(case, device, 4)
     optimizer = make_optimizer(case.optimizer, model.parameters())
-    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 12) if case.scaler else None
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**12) if case.scaler else None
     loss_fn = with_autocast(loss_fn, device, case.autocast)
     audit = Audit(model, optimizer, loss_fn, run=folder, every=audit_every) if audit_every else None
 
@@ -472,16 +576,23 @@ def sync_loop(case: IdentityCase, device: torch.device, audit_every: int | None,
 SYNC_CASES = [
     IdentityCase("MLP · AdamW · watch", "mlp", "adamw"),
     IdentityCase("BatchNorm + Dropout CNN · SGD Nesterov · audit.step", "bn_cnn", "sgd_nesterov", api="step"),
-    IdentityCase("fused AdamW + fp16 GradScaler · watch", "mlp_dropout", "adamw_fused", autocast=torch.float16,
-                 scaler=True),
+    IdentityCase(
+        "fused AdamW + fp16 GradScaler · watch", "mlp_dropout", "adamw_fused", autocast=torch.float16, scaler=True
+    ),
     IdentityCase("transformer LM · bf16 autocast · AdamW · watch", "lm", "adamw", autocast=torch.bfloat16),
 ]
 
 
 def section_syncs(device: torch.device, sizes: Sizes, folder: Path) -> dict:
     """Synchronising calls per plain, audited and unaudited step; unaudited must be 0."""
-    columns = ["loop", "plain step", "audited step (first)", "audited step (later, median)",
-               "unaudited step (max)", "status"]
+    columns = [
+        "loop",
+        "plain step",
+        "audited step (first)",
+        "audited step (later, median)",
+        "unaudited step (max)",
+        "status",
+    ]
     if device.type != "cuda":
         return {"columns": columns, "rows": [], "failures": [], "skipped": "skipped: no GPU"}
     rows, failures, inconclusive = [], [], []
@@ -499,9 +610,14 @@ def section_syncs(device: torch.device, sizes: Sizes, folder: Path) -> dict:
                 steps = sync_loop(case, device, every, every * sizes.sync_steps, folder / f"s{number}a")
                 audited = [n for due, n in steps if due]
                 unaudited = [n for due, n in steps if not due]
-                row.update({"plain step": f"{max(plain)} (max)", "audited step (first)": audited[0],
-                            "audited step (later, median)": statistics.median(audited[1:]) if len(audited) > 1 else "",
-                            "unaudited step (max)": max(unaudited)})
+                row.update(
+                    {
+                        "plain step": f"{max(plain)} (max)",
+                        "audited step (first)": audited[0],
+                        "audited step (later, median)": statistics.median(audited[1:]) if len(audited) > 1 else "",
+                        "unaudited step (max)": max(unaudited),
+                    }
+                )
                 if max(unaudited) == 0:
                     row["status"] = "PASS"
                 elif max(unaudited) <= max(plain):
@@ -509,17 +625,20 @@ def section_syncs(device: torch.device, sizes: Sizes, folder: Path) -> dict:
                     inconclusive.append(f"syncs · {case.name}: the plain loop itself syncs {max(plain)}× per step")
                 else:
                     row["status"] = "FAIL"
-                    failures.append(f"syncs · {case.name}: {max(unaudited)} syncs on an unaudited step "
-                                    f"(plain loop: {max(plain)})")
+                    failures.append(
+                        f"syncs · {case.name}: {max(unaudited)} syncs on an unaudited step (plain loop: {max(plain)})"
+                    )
             except Exception as error:  # noqa: BLE001 — a failed check is reported, the script goes on
                 row["status"] = f"FAIL: {first_line(error)}"
                 failures.append(f"syncs · {case.name}: {first_line(error)}")
             rows.append(row)
     finally:
         torch.cuda.set_sync_debug_mode(previous)
-    note = (f"every={every}, {sizes.sync_steps} audited and {3 * sizes.sync_steps} unaudited steps per loop, "
-            f"{sizes.sync_steps} plain steps; counted with torch.cuda.set_sync_debug_mode(\"warn\"). The first "
-            "audited step also measures the rounding noise once (a float64 copy of the model).")
+    note = (
+        f"every={every}, {sizes.sync_steps} audited and {3 * sizes.sync_steps} unaudited steps per loop, "
+        f'{sizes.sync_steps} plain steps; counted with torch.cuda.set_sync_debug_mode("warn"). The first '
+        "audited step also measures the rounding noise once (a float64 copy of the model)."
+    )
     return {"columns": columns, "rows": rows, "failures": failures, "inconclusive": inconclusive, "note": note}
 
 
@@ -544,10 +663,14 @@ def overhead_workloads(device: torch.device, sizes: Sizes) -> list[Callable[[], 
         seed_all(SEED)
         model = ResNetLike(sizes.cnn_width, sizes.cnn_classes).to(device)
         params = sum(p.numel() for p in model.parameters())
-        return Workload(f"ResNet-18-like CNN ({millions(params)} params), batch {sizes.cnn_batch} × 3×"
-                        f"{sizes.cnn_side}², fp32, SGD momentum", model, classify,
-                        lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
-                        image_batches(4, sizes.cnn_batch, sizes.cnn_side, sizes.cnn_classes, device))
+        return Workload(
+            f"ResNet-18-like CNN ({millions(params)} params), batch {sizes.cnn_batch} × 3×"
+            f"{sizes.cnn_side}², fp32, SGD momentum",
+            model,
+            classify,
+            lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
+            image_batches(4, sizes.cnn_batch, sizes.cnn_side, sizes.cnn_classes, device),
+        )
 
     def lm() -> Workload:
         """GPT-2-small-like LM, AdamW, bf16 autocast on a GPU."""
@@ -555,11 +678,14 @@ def overhead_workloads(device: torch.device, sizes: Sizes) -> list[Callable[[], 
         model = GPTLike(sizes.lm_vocab, sizes.lm_d, sizes.lm_layers, sizes.lm_heads, sizes.lm_context).to(device)
         params = sum(p.numel() for p in model.parameters())
         precision = "bf16 autocast" if autocast else "fp32"
-        return Workload(f"GPT-2-small-like LM ({sizes.lm_layers}×d{sizes.lm_d}, {millions(params)} params), "
-                        f"batch {sizes.lm_batch} × {sizes.lm_context} tokens, {precision}, AdamW", model,
-                        with_autocast(next_token, device, autocast),
-                        lambda p: torch.optim.AdamW(p, lr=3e-4, weight_decay=0.1),
-                        token_batches(4, sizes.lm_batch, sizes.lm_context, sizes.lm_vocab, device))
+        return Workload(
+            f"GPT-2-small-like LM ({sizes.lm_layers}×d{sizes.lm_d}, {millions(params)} params), "
+            f"batch {sizes.lm_batch} × {sizes.lm_context} tokens, {precision}, AdamW",
+            model,
+            with_autocast(next_token, device, autocast),
+            lambda p: torch.optim.AdamW(p, lr=3e-4, weight_decay=0.1),
+            token_batches(4, sizes.lm_batch, sizes.lm_context, sizes.lm_vocab, device),
+        )
 
     return [cnn, lm]
 
@@ -640,11 +766,17 @@ def section_overhead(device: torch.device, sizes: Sizes, folder: Path) -> dict:
                 torch.cuda.empty_cache()
         rows.append(row)
     torch.backends.cudnn.benchmark = saved
-    note = (f"{sizes.overhead_repeats} interleaved repetitions (rotating order) of {sizes.overhead_steps} steps "
-            "per arm after 16 warm-up steps; cells: median ms per step · median of the per-repetition ratio to "
-            "the plain loop; each arm trains its own copy of the model on the same 4 cycled batches.")
-    return {"columns": ["workload", "plain", "every=1", "every=16", "status"], "rows": rows, "failures": failures,
-            "note": note}
+    note = (
+        f"{sizes.overhead_repeats} interleaved repetitions (rotating order) of {sizes.overhead_steps} steps "
+        "per arm after 16 warm-up steps; cells: median ms per step · median of the per-repetition ratio to "
+        "the plain loop; each arm trains its own copy of the model on the same 4 cycled batches."
+    )
+    return {
+        "columns": ["workload", "plain", "every=1", "every=16", "status"],
+        "rows": rows,
+        "failures": failures,
+        "note": note,
+    }
 
 
 # -- 4. single-GPU DDP / FSDP2 -------------------------------------------------------------------------
@@ -719,32 +851,42 @@ def distributed_child(backend: str, steps: int, folder: str) -> dict:
     device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    torch.distributed.init_process_group(backend, init_method=f"file://{folder}/store", rank=0, world_size=1,
-                                         timeout=datetime.timedelta(seconds=120))
+    torch.distributed.init_process_group(
+        backend, init_method=f"file://{folder}/store", rank=0, world_size=1, timeout=datetime.timedelta(seconds=120)
+    )
     rows = []
     try:
         with deterministic(device):
             alone = distributed_run("none", True, device, steps, Path(folder) / "alone")
             for how in ("ddp", "fsdp2"):
-                row: dict[str, Any] = {"wrapper": "DDP" if how == "ddp" else "FSDP2 (fully_shard)",
-                                       "backend": backend}
+                row: dict[str, Any] = {"wrapper": "DDP" if how == "ddp" else "FSDP2 (fully_shard)", "backend": backend}
                 try:
                     plain = distributed_run(how, False, device, steps, Path(folder) / f"{how}-plain")
                     audited = distributed_run(how, True, device, steps, Path(folder) / f"{how}-audited")
                     records = audited["records"]
                     errors = [r.get("error", "") for r in records if r.get("verdict") == "error"]
                     same = len(plain["tensors"]) == len(audited["tensors"]) and all(
-                        torch.equal(a, b) for a, b in zip(plain["tensors"], audited["tensors"]))
+                        torch.equal(a, b) for a, b in zip(plain["tensors"], audited["tensors"])
+                    )
                     worst, notes = compare_records(records, alone["records"])
-                    row.update({"records": len(records), "errors": len(errors),
-                                "bit-identical to plain": "yes" if same else "NO",
-                                "vs unwrapped run (max rel. diff)": f"{worst:.1e}",
-                                "local_* fields": "equal to global" if any("local_loss_before" in r for r in records)
-                                else "absent (world_size 1)"})
-                    problems = ([f"error record: {errors[0]}"] if errors else []) + \
-                        ([] if same else ["training changed under the audit"]) + \
-                        ([] if len(records) == steps else [f"{len(records)} records for {steps} steps"]) + \
-                        ([] if worst <= 1e-5 else [f"records differ from the unwrapped run by {worst:.1e}"]) + notes
+                    row.update(
+                        {
+                            "records": len(records),
+                            "errors": len(errors),
+                            "bit-identical to plain": "yes" if same else "NO",
+                            "vs unwrapped run (max rel. diff)": f"{worst:.1e}",
+                            "local_* fields": "equal to global"
+                            if any("local_loss_before" in r for r in records)
+                            else "absent (world_size 1)",
+                        }
+                    )
+                    problems = (
+                        ([f"error record: {errors[0]}"] if errors else [])
+                        + ([] if same else ["training changed under the audit"])
+                        + ([] if len(records) == steps else [f"{len(records)} records for {steps} steps"])
+                        + ([] if worst <= 1e-5 else [f"records differ from the unwrapped run by {worst:.1e}"])
+                        + notes
+                    )
                     row["status"] = "PASS" if not problems else "FAIL: " + "; ".join(problems)[:200]
                 except Exception as error:  # noqa: BLE001 — a failed check is reported, the script goes on
                     row["status"] = f"FAIL: {first_line(error)}"
@@ -756,16 +898,30 @@ def distributed_child(backend: str, steps: int, folder: str) -> dict:
 
 def section_distributed(device: torch.device, sizes: Sizes, folder: Path) -> dict:
     """DDP and FSDP2 at world_size 1, on NCCL with a GPU (gloo stands in on the CPU), in a child process."""
-    columns = ["wrapper", "backend", "records", "errors", "bit-identical to plain", "vs unwrapped run (max rel. diff)",
-               "local_* fields", "status"]
+    columns = [
+        "wrapper",
+        "backend",
+        "records",
+        "errors",
+        "bit-identical to plain",
+        "vs unwrapped run (max rel. diff)",
+        "local_* fields",
+        "status",
+    ]
     rows: list[dict] = []
     if device.type != "cuda":
         rows += [{"wrapper": w, "backend": "nccl", "status": "skipped: no GPU"} for w in ("DDP", "FSDP2 (fully_shard)")]
     backend = "nccl" if device.type == "cuda" else "gloo"
     child_folder = folder / "distributed"
     child_folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(Path(__file__).resolve()), "--distributed-child", backend,
-               str(sizes.distributed_steps), str(child_folder)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--distributed-child",
+        backend,
+        str(sizes.distributed_steps),
+        str(child_folder),
+    ]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     timeout = 300 if device.type == "cuda" else 45
     done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, env=env)
@@ -773,28 +929,37 @@ def section_distributed(device: torch.device, sizes: Sizes, folder: Path) -> dic
     if done.returncode != 0 or not lines:
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"the {backend} child process exited with {done.returncode}: {tail}"[:240])
-    child_rows = json.loads(lines[-1][len(CHILD_MARKER):])["rows"]
-    failures = [f"distributed · {r['wrapper']} on {r['backend']}: {r['status']}" for r in child_rows
-                if r["status"] != "PASS"]
+    child_rows = json.loads(lines[-1][len(CHILD_MARKER) :])["rows"]
+    failures = [
+        f"distributed · {r['wrapper']} on {r['backend']}: {r['status']}" for r in child_rows if r["status"] != "PASS"
+    ]
     if device.type != "cuda":
         for row in child_rows:
             row["backend"] += " (CPU stand-in)"
-    note = (f"world_size 1, init_method file://, {sizes.distributed_steps} steps of a BatchNorm + Dropout MLP "
-            "with AdamW through audit.watch; `bit-identical`: weights, buffers, optimizer state and RNG state "
-            "against the same run without the audit; `vs unwrapped run`: loss_before, loss_after, first_order, "
-            "update_norm and grad_norm against an audited run of the model without a wrapper.")
+    note = (
+        f"world_size 1, init_method file://, {sizes.distributed_steps} steps of a BatchNorm + Dropout MLP "
+        "with AdamW through audit.watch; `bit-identical`: weights, buffers, optimizer state and RNG state "
+        "against the same run without the audit; `vs unwrapped run`: loss_before, loss_after, first_order, "
+        "update_norm and grad_norm against an audited run of the model without a wrapper."
+    )
     return {"columns": columns, "rows": rows + child_rows, "failures": failures, "note": note}
 
 
 # -- driver ---------------------------------------------------------------------------------------------
 def machine(device: torch.device) -> dict:
     """What the check ran on."""
-    info = {"device": device.type, "torch": torch.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "cuda": torch.version.cuda}
+    info = {
+        "device": device.type,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda": torch.version.cuda,
+    }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2 ** 30, 1),
-                    cudnn=torch.backends.cudnn.version())
+        info.update(
+            gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cudnn=torch.backends.cudnn.version()
+        )
     return info
 
 
@@ -811,12 +976,18 @@ def json_safe(value: Any) -> Any:
     return str(value)
 
 
-TITLES = {"identity": "1. Bit-identity: audited vs plain training",
-          "syncs": "2. Host–device synchronisations per step",
-          "overhead": "3. Overhead: audited loop vs plain loop",
-          "distributed": "4. Single-device DDP and FSDP2"}
-RUNNERS = {"identity": section_identity, "syncs": section_syncs, "overhead": section_overhead,
-           "distributed": section_distributed}
+TITLES = {
+    "identity": "1. Bit-identity: audited vs plain training",
+    "syncs": "2. Host–device synchronisations per step",
+    "overhead": "3. Overhead: audited loop vs plain loop",
+    "distributed": "4. Single-device DDP and FSDP2",
+}
+RUNNERS = {
+    "identity": section_identity,
+    "syncs": section_syncs,
+    "overhead": section_overhead,
+    "distributed": section_distributed,
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -824,11 +995,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu", action="store_true", help="run on the CPU with tiny sizes (automatic without CUDA)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer repetitions")
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
-                        help="which sections to run (default: all)")
+    parser.add_argument(
+        "--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS), help="which sections to run (default: all)"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the results JSON to FILE")
-    parser.add_argument("--distributed-child", nargs=3, metavar=("BACKEND", "STEPS", "FOLDER"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument("--distributed-child", nargs=3, metavar=("BACKEND", "STEPS", "FOLDER"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -845,8 +1016,11 @@ def main(argv: list[str] | None = None) -> int:
     info = machine(device)
     started = time.perf_counter()
     label = info.get("gpu") or "CPU (" + ("--cpu" if args.cpu else "no GPU found") + ")"
-    print(f"# stepaudit GPU check · {label} · torch {info['torch']} · CUDA {info['cuda'] or 'none'}"
-          f"{' · --quick' if args.quick else ''}\n", flush=True)
+    print(
+        f"# stepaudit GPU check · {label} · torch {info['torch']} · CUDA {info['cuda'] or 'none'}"
+        f"{' · --quick' if args.quick else ''}\n",
+        flush=True,
+    )
     results: dict[str, Any] = {"machine": info, "quick": args.quick, "sections": {}}
     failures: list[str] = []
     inconclusive: list[str] = []
@@ -875,8 +1049,12 @@ def main(argv: list[str] | None = None) -> int:
             failures += result["failures"]
             inconclusive += result.get("inconclusive", [])
             results["sections"][name] = result
-    results.update(failures=failures, inconclusive=inconclusive, passed=not failures,
-                   seconds=round(time.perf_counter() - started, 1))
+    results.update(
+        failures=failures,
+        inconclusive=inconclusive,
+        passed=not failures,
+        seconds=round(time.perf_counter() - started, 1),
+    )
     if failures:
         print(f"Overall: FAIL ({len(failures)} check(s) failed)")
         for failure in failures:

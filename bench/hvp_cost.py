@@ -14,7 +14,7 @@ import argparse
 import copy
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -34,9 +34,15 @@ def mlp() -> tuple[nn.Module, Batch, Callable]:
 def cnn() -> tuple[nn.Module, Batch, Callable]:
     """Small CNN with BatchNorm on 1×8×8 inputs, batch 128."""
     model = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 4 * 4, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
     )
     return model, (torch.randn(128, 1, 8, 8), torch.randint(0, 10, (128,))), nn.functional.cross_entropy
 
@@ -120,23 +126,29 @@ def measure(name: str, reps: int) -> dict:
     for _ in range(reps):  # interleaved so drift affects all columns alike
         times["step"].append(seconds(lambda: train_step(trainee, batch, criterion, opt)))
         for method, hvp in hvps.items():
-            times[method].append(seconds(lambda: hvp(v)))
+            times[method].append(seconds(lambda hvp=hvp: hvp(v)))
         setup.append(seconds(lambda: make_hvp(loss, params, "reverse")))
     med = {k: statistics.median(x) for k, x in times.items()}
     auto = make_hvp(loss, params, "auto")
     return {
-        "name": name, "dim": hvps["reverse"].dim, "step_ms": 1e3 * med["step"],
-        "forward": med.get("forward", float("nan")) / med["step"], "reverse": med["reverse"] / med["step"],
-        "setup": statistics.median(setup) / med["step"], "auto": auto.method.split("-")[0],
-        "notes": notes or (auto.fallback_reason or ""), **lanczos_cost(model, batch, criterion, params),
+        "name": name,
+        "dim": hvps["reverse"].dim,
+        "step_ms": 1e3 * med["step"],
+        "forward": med.get("forward", float("nan")) / med["step"],
+        "reverse": med["reverse"] / med["step"],
+        "setup": statistics.median(setup) / med["step"],
+        "auto": auto.method.split("-")[0],
+        "notes": notes or (auto.fallback_reason or ""),
+        **lanczos_cost(model, batch, criterion, params),
     }
 
 
 def calls_to_accuracy(hvp, start, reference: float, seed: int, accuracy: float = 1e-3) -> int:
     """Fewest operator calls (Lanczos steps + the final residual call) reaching ``accuracy`` relative error."""
     for steps in range(1, 61):
-        result = lanczos(hvp, hvp.dim, iterations=steps, tol=0.0, start=start,
-                         generator=torch.Generator().manual_seed(seed))
+        result = lanczos(
+            hvp, hvp.dim, iterations=steps, tol=0.0, start=start, generator=torch.Generator().manual_seed(seed)
+        )
         if abs(result.eigenvalue - reference) <= accuracy * abs(reference):
             return result.iterations
     return -1
@@ -145,8 +157,13 @@ def calls_to_accuracy(hvp, start, reference: float, seed: int, accuracy: float =
 def lanczos_cost(model: nn.Module, batch: Batch, criterion: Callable, params, lr: float = 0.05) -> dict:
     """Calls for 1e-3 relative λ_max: random start vs top eigenvector of the previous step."""
     loss = pure_loss(model, batch, criterion)
-    previous = lanczos(make_hvp(loss, params, "auto"), flatten(params).numel(), iterations=60, tol=1e-6,
-                       generator=torch.Generator().manual_seed(1))
+    previous = lanczos(
+        make_hvp(loss, params, "auto"),
+        flatten(params).numel(),
+        iterations=60,
+        tol=1e-6,
+        generator=torch.Generator().manual_seed(1),
+    )
     stepped = tuple(p - lr * g for p, g in zip(params, torch.func.grad(loss)(params)))  # one SGD step
     hvp = make_hvp(loss, stepped, "auto")
     reference = lanczos(hvp, hvp.dim, iterations=100, tol=1e-8, generator=torch.Generator().manual_seed(2))
@@ -164,19 +181,25 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.reps} reps, float32 CPU")
-    header = (f"{'workload':<8}{'params':>9}{'step ms':>9}{'fwd HVP':>9}{'rev HVP':>9}{'rev setup':>10}"
-              f"{'auto':>9}{'λ_max':>9}{'cold':>6}{'warm':>6}  notes")
+    header = (
+        f"{'workload':<8}{'params':>9}{'step ms':>9}{'fwd HVP':>9}{'rev HVP':>9}{'rev setup':>10}"
+        f"{'auto':>9}{'λ_max':>9}{'cold':>6}{'warm':>6}  notes"
+    )
     print(header)
     print("-" * len(header))
     for name in args.only:
         r = measure(name, args.reps)
-        print(f"{r['name']:<8}{r['dim']:>9}{r['step_ms']:>9.2f}{r['forward']:>8.2f}x{r['reverse']:>8.2f}x"
-              f"{r['setup']:>9.2f}x{r['auto']:>9}{r['lambda']:>9.3f}"
-              f"{r['cold_calls']:>6}{r['warm_calls']:>6}  {r['notes']}")
-    print("HVP columns: one call / one training step (zero_grad+forward+backward+SGD). rev setup: building"
-          " the retained double-backward graph (paid once per step). cold/warm: Lanczos operator calls (incl. the"
-          " residual call) until λ_max is within 1e-3 of a 100-step reference, from a random start (median of 3)"
-          " or from the previous step's top eigenvector (one SGD step, lr 0.05, earlier).")
+        print(
+            f"{r['name']:<8}{r['dim']:>9}{r['step_ms']:>9.2f}{r['forward']:>8.2f}x{r['reverse']:>8.2f}x"
+            f"{r['setup']:>9.2f}x{r['auto']:>9}{r['lambda']:>9.3f}"
+            f"{r['cold_calls']:>6}{r['warm_calls']:>6}  {r['notes']}"
+        )
+    print(
+        "HVP columns: one call / one training step (zero_grad+forward+backward+SGD). rev setup: building"
+        " the retained double-backward graph (paid once per step). cold/warm: Lanczos operator calls (incl. the"
+        " residual call) until λ_max is within 1e-3 of a 100-step reference, from a random start (median of 3)"
+        " or from the previous step's top eigenvector (one SGD step, lr 0.05, earlier)."
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ the audit's first step (which measures the rounding noise once on a float64 twin
 
     python bench/integrations.py [--steps 200] [--repeats 5] [--threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,9 +65,19 @@ def lightning_arm(audit_every: int | None, steps: int, tmp: Path) -> float:
     loader = DataLoader(TensorDataset(x, y), batch_size=128, shuffle=True, drop_last=True)
     pl.seed_everything(0, verbose=False)
     clock = Clock()
-    callbacks = [clock] if audit_every is None else [clock, AuditCallback(run=tmp / f"lit{audit_every}", every=audit_every)]
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks)
+    callbacks = (
+        [clock] if audit_every is None else [clock, AuditCallback(run=tmp / f"lit{audit_every}", every=audit_every)]
+    )
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
     trainer.fit(Module(), loader)
     return (clock.stop - clock.start) / (steps - WARMUP)
 
@@ -80,7 +91,10 @@ def huggingface_arm(audit_every: int | None, steps: int, tmp: Path) -> float:
     class Tokens(torch.utils.data.Dataset):
         def __init__(self):
             g = torch.Generator().manual_seed(0)
-            self.ids, self.labels = torch.randint(1, 100, (512, 32), generator=g), torch.randint(0, 2, (512,), generator=g)
+            self.ids, self.labels = (
+                torch.randint(1, 100, (512, 32), generator=g),
+                torch.randint(0, 2, (512,), generator=g),
+            )
 
         def __len__(self):
             return len(self.ids)
@@ -99,19 +113,40 @@ def huggingface_arm(audit_every: int | None, steps: int, tmp: Path) -> float:
         def on_train_end(self, args, state, control, **kwargs):
             self.stop = time.perf_counter()
 
-    config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=256, max_position_embeddings=32, num_labels=2)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        max_position_embeddings=32,
+        num_labels=2,
+    )
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(config)
-    args = transformers.TrainingArguments(output_dir=str(tmp / "hf-out"), max_steps=steps, per_device_train_batch_size=16,
-                                          report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True,
-                                          seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp / "hf-out"),
+        max_steps=steps,
+        per_device_train_batch_size=16,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
     clock = Clock()
     if audit_every is None:
         trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[clock])
     else:
-        trainer = Audited(model=model, args=args, train_dataset=Tokens(), callbacks=[clock],
-                          audit_options={"run": tmp / f"hf{audit_every}", "every": audit_every})
+        trainer = Audited(
+            model=model,
+            args=args,
+            train_dataset=Tokens(),
+            callbacks=[clock],
+            audit_options={"run": tmp / f"hf{audit_every}", "every": audit_every},
+        )
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # no log lines in the table's output
     trainer.train()
     return (clock.stop - clock.start) / (steps - WARMUP)
@@ -135,18 +170,22 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             runners[framework](None, WARMUP + 5, Path(tmp))  # warm-up (imports, first-call costs)
             for rep in range(args.repeats):
-                order = list(arms)[rep % 3:] + list(arms)[:rep % 3]
+                order = list(arms)[rep % 3 :] + list(arms)[: rep % 3]
                 for arm in order:
                     times[arm].append(runners[framework](arms[arm], args.steps, Path(tmp)))
         med = {arm: statistics.median(t) for arm, t in times.items()}
         rows.append((framework, med))
         print(framework, {arm: f"{s * 1e3:.2f} ms" for arm, s in med.items()}, flush=True)
-    print(f"\ntorch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
-          f"{args.steps} steps, median of {args.repeats}")
+    print(
+        f"\ntorch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
+        f"{args.steps} steps, median of {args.repeats}"
+    )
     print("| framework | plain, per step | AuditCallback / AuditMixin every=1 | every=16 |\n|---|---:|---:|---:|")
     for framework, med in rows:
         plain = med["plain"]
-        print(f"| {framework} | {plain * 1e3:.2f} ms | ×{med['every=1'] / plain:.2f} | ×{med['every=16'] / plain:.2f} |")
+        print(
+            f"| {framework} | {plain * 1e3:.2f} ms | ×{med['every=1'] / plain:.2f} | ×{med['every=16'] / plain:.2f} |"
+        )
     return 0
 
 

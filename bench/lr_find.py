@@ -12,6 +12,7 @@ non-finite is marked diverged. Prints a markdown table (mean ± standard deviati
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/lr_find.py [--seeds 3] [--workloads mlp-sgd ...] [--json out.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,14 @@ from stepaudit.workloads import (
 CANDIDATES = ("stepaudit", "valley", "steep", "torch-lr-finder")
 
 
-def torch_lr_finder(lrs: np.ndarray, losses: np.ndarray, smooth_f: float = 0.05, diverge_th: float = 5.0,
-                    skip_start: int = 10, skip_end: int = 5) -> float:
+def torch_lr_finder(
+    lrs: np.ndarray,
+    losses: np.ndarray,
+    smooth_f: float = 0.05,
+    diverge_th: float = 5.0,
+    skip_start: int = 10,
+    skip_end: int = 5,
+) -> float:
     """torch-lr-finder's rule (see the module docstring): the lr at the most negative np.gradient of its EMA loss."""
     smooth, best = [], math.inf
     for loss in losses:
@@ -55,7 +62,7 @@ def torch_lr_finder(lrs: np.ndarray, losses: np.ndarray, smooth_f: float = 0.05,
         best = min(best, value)
         if not math.isfinite(value) or value > diverge_th * best:
             break
-    kept = np.asarray(smooth[skip_start:len(smooth) - skip_end], float)
+    kept = np.asarray(smooth[skip_start : len(smooth) - skip_end], float)
     if len(kept) < 2 or not np.isfinite(kept).all():
         return math.nan
     return float(lrs[skip_start + int(np.argmin(np.gradient(kept)))])
@@ -73,8 +80,12 @@ def held_out_loss(model: torch.nn.Module, loss_fn, batch) -> float:
 def digits(model_fn: Callable[[], torch.nn.Module]):
     """(build() -> model, batches(seed), held-out loss(model), loss_fn) on digits (the test split: 449 images)."""
     x, y, x_test, y_test = load_digits()
-    return (model_fn, lambda seed: minibatches(x, y, 128, seed),
-            lambda m: held_out_loss(m, classification_loss, (x_test, y_test)), classification_loss)
+    return (
+        model_fn,
+        lambda seed: minibatches(x, y, 128, seed),
+        lambda m: held_out_loss(m, classification_loss, (x_test, y_test)),
+        classification_loss,
+    )
 
 
 def language():
@@ -82,9 +93,13 @@ def language():
     tokens = stdlib_text()
     cut = int(0.9 * len(tokens))
     train, test = tokens[:cut], tokens[cut:]
-    windows = torch.stack([test[s:s + 65] for s in range(0, len(test) - 65, 64)])
-    return (lambda: TinyLM(context=64), lambda seed: text_batches(train, 16, 64, seed),
-            lambda m: held_out_loss(m, lm_loss, windows), lm_loss)
+    windows = torch.stack([test[s : s + 65] for s in range(0, len(test) - 65, 64)])
+    return (
+        lambda: TinyLM(context=64),
+        lambda seed: text_batches(train, 16, 64, seed),
+        lambda m: held_out_loss(m, lm_loss, windows),
+        lm_loss,
+    )
 
 
 def tabular_data(n: int = 4000, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,9 +107,14 @@ def tabular_data(n: int = 4000, seed: int = 7) -> tuple[torch.Tensor, torch.Tens
     g = torch.Generator().manual_seed(seed)
     cont = torch.randn(n, 10, generator=g)
     cat = torch.randint(0, 5, (n,), generator=g)
-    score = torch.stack([cont[:, 0] * cont[:, 1] + torch.sin(2 * cont[:, 2]),
-                         cont[:, 3] ** 2 - 1 + 0.5 * (cat == 1).float() - 0.5 * (cat == 3).float(),
-                         cont[:, 4] - cont[:, 5] * (cat % 2).float()], 1)
+    score = torch.stack(
+        [
+            cont[:, 0] * cont[:, 1] + torch.sin(2 * cont[:, 2]),
+            cont[:, 3] ** 2 - 1 + 0.5 * (cat == 1).float() - 0.5 * (cat == 3).float(),
+            cont[:, 4] - cont[:, 5] * (cat % 2).float(),
+        ],
+        1,
+    )
     y = (score + 0.5 * torch.randn(n, 3, generator=g)).argmax(1)
     return torch.cat([cont, torch.nn.functional.one_hot(cat, 5).float()], 1), y
 
@@ -102,11 +122,21 @@ def tabular_data(n: int = 4000, seed: int = 7) -> tuple[torch.Tensor, torch.Tens
 def tabular():
     """An MLP with BatchNorm on the generated table; the last 1000 rows held out."""
     x, y = tabular_data()
-    build = lambda: torch.nn.Sequential(torch.nn.Linear(15, 128), torch.nn.BatchNorm1d(128), torch.nn.ReLU(),
-                                        torch.nn.Linear(128, 64), torch.nn.BatchNorm1d(64), torch.nn.ReLU(),
-                                        torch.nn.Linear(64, 3))
-    return (build, lambda seed: minibatches(x[:3000], y[:3000], 64, seed),
-            lambda m: held_out_loss(m, classification_loss, (x[3000:], y[3000:])), classification_loss)
+    build = lambda: torch.nn.Sequential(
+        torch.nn.Linear(15, 128),
+        torch.nn.BatchNorm1d(128),
+        torch.nn.ReLU(),
+        torch.nn.Linear(128, 64),
+        torch.nn.BatchNorm1d(64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 3),
+    )
+    return (
+        build,
+        lambda seed: minibatches(x[:3000], y[:3000], 64, seed),
+        lambda m: held_out_loss(m, classification_loss, (x[3000:], y[3000:])),
+        classification_loss,
+    )
 
 
 class GRUClassifier(torch.nn.Module):
@@ -128,8 +158,12 @@ def sequences():
     directions = torch.randn(6, 4, generator=g)
     weights = 0.9 ** torch.arange(23, -1, -1, dtype=torch.float32)
     y = ((x * weights[None, :, None]).sum(1) @ directions).argmax(1)
-    return (GRUClassifier, lambda seed: minibatches(x[:3000], y[:3000], 64, seed),
-            lambda m: held_out_loss(m, classification_loss, (x[3000:], y[3000:])), classification_loss)
+    return (
+        GRUClassifier,
+        lambda seed: minibatches(x[:3000], y[:3000], 64, seed),
+        lambda m: held_out_loss(m, classification_loss, (x[3000:], y[3000:])),
+        classification_loss,
+    )
 
 
 WORKLOADS = {
@@ -159,8 +193,12 @@ def train(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn, bat
 
 def candidates(result) -> dict[str, float]:
     """The four candidate lrs of one sweep."""
-    return {"stepaudit": result.suggestion, "valley": result.suggestions["valley"],
-            "steep": result.suggestions["steep"], "torch-lr-finder": torch_lr_finder(result.lrs, result.losses)}
+    return {
+        "stepaudit": result.suggestion,
+        "valley": result.suggestions["valley"],
+        "steep": result.suggestions["steep"],
+        "torch-lr-finder": torch_lr_finder(result.lrs, result.losses),
+    }
 
 
 def run(name: str, seeds: int) -> dict:
@@ -178,8 +216,11 @@ def run(name: str, seeds: int) -> dict:
         for candidate, lr in candidates(result).items():
             model = copy.deepcopy(init)
             torch.manual_seed(seed)
-            loss = train(model, make_optimizer(model.parameters(), lr), loss_fn, batches(seed), steps, held_out) \
-                if math.isfinite(lr) and lr > 0 else math.nan
+            loss = (
+                train(model, make_optimizer(model.parameters(), lr), loss_fn, batches(seed), steps, held_out)
+                if math.isfinite(lr) and lr > 0
+                else math.nan
+            )
             rows[candidate]["lr"].append(lr)
             rows[candidate]["loss"].append(loss)
         rows.setdefault("_reasons", []).append(result.reason)
@@ -201,10 +242,17 @@ def fastai_run(seeds: int, steps: int) -> dict:
 
     def learner(seed: int, cbs: list) -> object:
         set_seed(seed, reproducible=True)
-        dls = TabularDataLoaders.from_df(frame, y_names="label", cat_names=["cat"],
-                                         cont_names=[f"x{i}" for i in range(10)], procs=[Categorify, Normalize],
-                                         y_block=CategoryBlock(), bs=64, valid_idx=list(range(3000, 4000)),
-                                         num_workers=0)
+        dls = TabularDataLoaders.from_df(
+            frame,
+            y_names="label",
+            cat_names=["cat"],
+            cont_names=[f"x{i}" for i in range(10)],
+            procs=[Categorify, Normalize],
+            y_block=CategoryBlock(),
+            bs=64,
+            valid_idx=list(range(3000, 4000)),
+            num_workers=0,
+        )
         return tabular_learner(dls, layers=[128, 64], cbs=cbs)
 
     rows = {c: {"lr": [], "loss": []} for c in CANDIDATES}
@@ -213,8 +261,12 @@ def fastai_run(seeds: int, steps: int) -> dict:
         with learn.no_bar(), learn.no_logging():
             found = learn.lr_find(show_plot=False, suggest_funcs=(valley, steep, learn.stepaudit.suggest))
         result = learn.stepaudit.lr_find_result
-        lrs = {"stepaudit": found.stepaudit, "valley": found.valley, "steep": found.steep,
-               "torch-lr-finder": torch_lr_finder(result.lrs, result.losses)}
+        lrs = {
+            "stepaudit": found.stepaudit,
+            "valley": found.valley,
+            "steep": found.steep,
+            "torch-lr-finder": torch_lr_finder(result.lrs, result.losses),
+        }
         for candidate, lr in lrs.items():
             learn = learner(seed, [])
             set_seed(seed, reproducible=True)
@@ -257,15 +309,19 @@ def verdict(rows: dict) -> tuple[bool, bool, str]:
     gap = ours - theirs
     within = gap <= max(our_sd, their_sd) if math.isfinite(ours) else False
     better = ours < _mean_sd(rows["valley"]["loss"])[0]
-    text = (f"best other: {best}; gap {gap:+.3f} vs spread {max(our_sd, their_sd):.3f}: "
-            f"{'within' if within else 'NOT within'}; {'beats' if better else 'does not beat'} valley")
+    text = (
+        f"best other: {best}; gap {gap:+.3f} vs spread {max(our_sd, their_sd):.3f}: "
+        f"{'within' if within else 'NOT within'}; {'beats' if better else 'does not beat'} valley"
+    )
     return within, better, text
 
 
 def table(results: dict) -> str:
     """The markdown table: one row per workload, one column per candidate (held-out loss, and its lrs)."""
-    head = ("| workload | steps | " + " | ".join(CANDIDATES) + " | stepaudit better than valley / steep / "
-            "torch-lr-finder (seeds) | issue 17's tests |")
+    head = (
+        "| workload | steps | " + " | ".join(CANDIDATES) + " | stepaudit better than valley / steep / "
+        "torch-lr-finder (seeds) | issue 17's tests |"
+    )
     lines = [head, "|" + "---|" * (len(CANDIDATES) + 4)]
     for name, rows in results.items():
         cells = []
@@ -275,18 +331,25 @@ def table(results: dict) -> str:
         versus = " / ".join(paired(rows, other) for other in CANDIDATES[1:])
         lines.append(f"| {name} | {WORKLOADS[name][2]} | " + " | ".join(cells) + f" | {versus} | {verdict(rows)[2]} |")
     tests = [verdict(rows)[:2] for rows in results.values()]
-    lines.append(f"\nWithin the seed spread of the best other candidate on {sum(t[0] for t in tests)} of {len(tests)} "
-                 f"workloads; better than valley on {sum(t[1] for t in tests)} of {len(tests)}. Target (issue 17): "
-                 f"all within, and better than valley on at least half: "
-                 f"{'MET' if all(t[0] for t in tests) and 2 * sum(t[1] for t in tests) >= len(tests) else 'NOT met'}.")
+    lines.append(
+        f"\nWithin the seed spread of the best other candidate on {sum(t[0] for t in tests)} of {len(tests)} "
+        f"workloads; better than valley on {sum(t[1] for t in tests)} of {len(tests)}. Target (issue 17): "
+        f"all within, and better than valley on at least half: "
+        f"{'MET' if all(t[0] for t in tests) and 2 * sum(t[1] for t in tests) >= len(tests) else 'NOT met'}."
+    )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--workloads", nargs="+", default=[w for w in WORKLOADS if w != "mlp-adam"],
-                        choices=list(WORKLOADS), help="default: issue 17's six (mlp-adam is an extra)")
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        default=[w for w in WORKLOADS if w != "mlp-adam"],
+        choices=list(WORKLOADS),
+        help="default: issue 17's six (mlp-adam is an extra)",
+    )
     parser.add_argument("--json", default=None, help="also write the raw numbers here")
     parser.add_argument("--from-json", default=None, help="print the table of a run saved with --json, run nothing")
     args = parser.parse_args()
@@ -300,8 +363,10 @@ def main() -> None:
         results[name] = run(name, args.seeds)
         print(f"{name}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
     print(table(results))
-    print(f"\n{args.seeds} seeds, held-out loss after the fixed budget (mean ± sd); "
-          f"{time.perf_counter() - started:.0f} s in all, torch {torch.__version__}, 1 thread")
+    print(
+        f"\n{args.seeds} seeds, held-out loss after the fixed budget (mean ± sd); "
+        f"{time.perf_counter() - started:.0f} s in all, torch {torch.__version__}, 1 thread"
+    )
     for name, rows in results.items():
         print(f"- {name}: stepaudit's reasons: " + " / ".join(rows["_reasons"]))
     if args.json:

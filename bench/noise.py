@@ -26,6 +26,7 @@ allocations); it includes the model copy and graph the method builds. Run it wit
 
     bash bench/anchors.sh && bench/.venv-anchors/bin/python bench/noise.py [--reps 15] [--threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ import subprocess
 import sys
 import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch.func import functional_call
@@ -52,15 +53,29 @@ WORKLOADS = {
     "cnn-train": ("digits CNN, BatchNorm in train mode, B=128", lambda: digits_cnn(128), "train"),
     "mlp-1024": ("digits MLP 64-256-256-10, B=1024", lambda: digits_mlp(1024), "train"),
 }
-METHODS = ["plain step", "stepaudit per-sample (training pass)", "stepaudit per-sample (training pass, no stderr)", "stepaudit per-sample (hooks)", "stepaudit per-sample (vmap)", "stepaudit micro-batch",
-           "Audit()", "Audit(noise)",
-           "BackPACK BatchGrad", "BackPACK BatchL2Grad", "BackPACK Variance", "Cockpit NormTest"]
+METHODS = [
+    "plain step",
+    "stepaudit per-sample (training pass)",
+    "stepaudit per-sample (training pass, no stderr)",
+    "stepaudit per-sample (hooks)",
+    "stepaudit per-sample (vmap)",
+    "stepaudit micro-batch",
+    "Audit()",
+    "Audit(noise)",
+    "BackPACK BatchGrad",
+    "BackPACK BatchL2Grad",
+    "BackPACK Variance",
+    "Cockpit NormTest",
+]
 
 
 def applicable(workload: str, method: str) -> bool:
     """BatchL2Grad/Variance refuse BatchNorm in train mode; per-example gradients are undefined there."""
     if workload == "cnn-train":
-        return not method.startswith("stepaudit per-sample") and method not in ("BackPACK BatchL2Grad", "BackPACK Variance")
+        return not method.startswith("stepaudit per-sample") and method not in (
+            "BackPACK BatchL2Grad",
+            "BackPACK Variance",
+        )
     return method != "stepaudit micro-batch"
 
 
@@ -107,9 +122,15 @@ def make_method(name: str, workload, mode: str, tmp: str) -> Callable[[tuple], t
             finally:
                 for handle in handles:
                     handle.remove()
-            moments = captured_moments(owners, captured, {k: p.detach() for k, p in named.items()},
-                                       [p.grad for p in named.values()], batch_len(batch), vectors=False,
-                                       groups=1 if name.endswith("no stderr)") else 8)
+            moments = captured_moments(
+                owners,
+                captured,
+                {k: p.detach() for k, p in named.items()},
+                [p.grad for p in named.values()],
+                batch_len(batch),
+                vectors=False,
+                groups=1 if name.endswith("no stderr)") else 8,
+            )
             est = estimate(moments, name)
             optimizer.step()
             return est.trace_sigma, est.grad_sq_norm
@@ -137,7 +158,9 @@ def make_method(name: str, workload, mode: str, tmp: str) -> Callable[[tuple], t
         import stepaudit
 
         probes = {"noise": 1} if name == "Audit(noise)" else None
-        audit = stepaudit.Audit(model, optimizer, loss_fn, run=f"{tmp}/{name}-{time.time_ns()}", probes=probes, strict=True)
+        audit = stepaudit.Audit(
+            model, optimizer, loss_fn, run=f"{tmp}/{name}-{time.time_ns()}", probes=probes, strict=True
+        )
 
         def run(batch):
             audit.step(batch)
@@ -154,8 +177,11 @@ def make_method(name: str, workload, mode: str, tmp: str) -> Callable[[tuple], t
     if name.startswith("BackPACK"):
         from backpack.extensions import BatchGrad, BatchL2Grad, Variance
 
-        extension = {"BackPACK BatchGrad": BatchGrad, "BackPACK BatchL2Grad": BatchL2Grad,
-                     "BackPACK Variance": Variance}[name]()
+        extension = {
+            "BackPACK BatchGrad": BatchGrad,
+            "BackPACK BatchL2Grad": BatchL2Grad,
+            "BackPACK Variance": Variance,
+        }[name]()
 
         def run(batch):
             b = size(batch)
@@ -196,8 +222,9 @@ def make_method(name: str, workload, mode: str, tmp: str) -> Callable[[tuple], t
         outputs = model(batch[0])
         loss = reduction(outputs, batch[1])
         individual = reduction(outputs, batch[1], reduction="none")
-        with cockpit(global_step, info={"batch_size": b, "individual_losses": individual, "loss": loss,
-                                        "optimizer": optimizer}):
+        with cockpit(
+            global_step, info={"batch_size": b, "individual_losses": individual, "loss": loss, "optimizer": optimizer}
+        ):
             loss.backward(create_graph=cockpit.create_graph(global_step))
         mean_sq = grad_sq()
         optimizer.step()
@@ -259,15 +286,27 @@ def measure(workload_name: str, reps: int, tmp: str, memory: bool) -> list[dict]
     reference = values.get("stepaudit per-sample (hooks)") or values.get("stepaudit micro-batch")
     rows = []
     for m in methods:
-        row = {"workload": workload_name, "title": title, "method": m, "ms": 1e3 * statistics.median(times[m]),
-               "ms_min": 1e3 * min(times[m]), "x_plain": statistics.median(times[m]) / unit,
-               "x_plain_min": min(times[m]) / min(times["plain step"]), "trace_sigma": None, "grad_sq_norm": None}
+        row = {
+            "workload": workload_name,
+            "title": title,
+            "method": m,
+            "ms": 1e3 * statistics.median(times[m]),
+            "ms_min": 1e3 * min(times[m]),
+            "x_plain": statistics.median(times[m]) / unit,
+            "x_plain_min": min(times[m]) / min(times["plain step"]),
+            "trace_sigma": None,
+            "grad_sq_norm": None,
+        }
         if values[m] is not None:
             row["trace_sigma"], row["grad_sq_norm"] = values[m]
             row["agrees"] = max(abs(a - b) / abs(b) for a, b in zip(values[m], reference))
         if memory:
-            out = subprocess.run([sys.executable, __file__, "--child", workload_name, m, "--tmp", tmp],
-                                 capture_output=True, text=True, check=False)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", workload_name, m, "--tmp", tmp],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             try:
                 row["peak_rss_growth_mib"] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_growth_mib"]
             except (IndexError, ValueError, KeyError):
@@ -278,16 +317,23 @@ def measure(workload_name: str, reps: int, tmp: str, memory: bool) -> list[dict]
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| workload | method | ms / step median (min) | × plain step median (min) | peak RSS growth (MiB) "
-             "| tr Σ̂ | ‖G‖²̂ | rel. diff |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| workload | method | ms / step median (min) | × plain step median (min) | peak RSS growth (MiB) "
+        "| tr Σ̂ | ‖G‖²̂ | rel. diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         mem = r.get("peak_rss_growth_mib")
-        stats = ("—", "—", "—") if r["trace_sigma"] is None else (
-            f"{r['trace_sigma']:.4g}", f"{r['grad_sq_norm']:.4g}", f"{r['agrees']:.1e}")
-        lines.append(f"| {r['workload']} | {r['method']} | {r['ms']:.1f} ({r['ms_min']:.1f}) | "
-                     f"{r['x_plain']:.1f} ({r['x_plain_min']:.1f}) | "
-                     f"{'—' if mem is None else f'{mem:.0f}'} | {stats[0]} | {stats[1]} | {stats[2]} |")
+        stats = (
+            ("—", "—", "—")
+            if r["trace_sigma"] is None
+            else (f"{r['trace_sigma']:.4g}", f"{r['grad_sq_norm']:.4g}", f"{r['agrees']:.1e}")
+        )
+        lines.append(
+            f"| {r['workload']} | {r['method']} | {r['ms']:.1f} ({r['ms_min']:.1f}) | "
+            f"{r['x_plain']:.1f} ({r['x_plain_min']:.1f}) | "
+            f"{'—' if mem is None else f'{mem:.0f}'} | {stats[0]} | {stats[1]} | {stats[2]} |"
+        )
     return "\n".join(lines)
 
 
@@ -309,8 +355,10 @@ def main() -> None:
     rows = []
     for name in args.only:
         rows += measure(name, args.reps, args.tmp, memory=not args.no_memory)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.reps} interleaved reps; "
-          "rel. diff = max relative difference of (tr Σ̂, ‖G‖²̂) from stepaudit's on the same batch and weights")
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s), {args.reps} interleaved reps; "
+        "rel. diff = max relative difference of (tr Σ̂, ‖G‖²̂) from stepaudit's on the same batch and weights"
+    )
     print(table(rows))
     if args.json:
         with open(args.json, "w") as handle:

@@ -16,6 +16,7 @@ Cockpit (``cockpit-for-pytorch``, with BackPACK) runs when importable: build ``b
 with ``bash bench/anchors.sh`` and run this script with ``bench/.venv-anchors/bin/python``. Elsewhere
 its column reads "not installed"; on models BackPACK cannot extend it reads "unsupported: <reason>".
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,12 +30,12 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
@@ -102,13 +103,16 @@ def audited_arm(workload: Workload, steps: int, every: int, folder: Path) -> Arm
 def _outputs_and_targets(workload: Workload) -> Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]:
     """Split a workload's loss into (logits, integer targets) for a cross-entropy criterion module."""
     if workload.name == "lm":
+
         def split(model, batch):
             logits = model(batch[:, :-1])
             return logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
     else:
+
         def split(model, batch):
             inputs, labels = batch
             return model(inputs), labels
+
     return split
 
 
@@ -123,11 +127,17 @@ def cockpit_arm(workload: Workload, steps: int) -> Arm:
         return Arm("cockpit", None, steps, status=f"not installed ({type(error).__name__})")
     # Economy's per-sample quantities need BackPACK's BatchGrad on every module that owns parameters.
     supported = set(getattr(BatchGrad(), "_BackpropExtension__module_extensions", {}) or ())
-    missing = sorted({type(m).__name__ for m in workload.model.modules()
-                      if any(True for _ in m.parameters(recurse=False)) and type(m) not in supported})
+    missing = sorted(
+        {
+            type(m).__name__
+            for m in workload.model.modules()
+            if any(True for _ in m.parameters(recurse=False)) and type(m) not in supported
+        }
+    )
     if supported and missing:
-        return Arm("cockpit", None, steps, status="unsupported: BackPACK has no per-sample gradients for "
-                                                   + ", ".join(missing))
+        return Arm(
+            "cockpit", None, steps, status="unsupported: BackPACK has no per-sample gradients for " + ", ".join(missing)
+        )
     model = extend(copy.deepcopy(workload.model))
     criterion = extend(nn.CrossEntropyLoss())
     individual = nn.CrossEntropyLoss(reduction="none")
@@ -162,8 +172,9 @@ def check_runs(arm: Arm, batches: list) -> None:
                 arm.step(batch)
         arm.position = 2
         if arm.name == "cockpit":  # keep what BackPACK/Cockpit warn about the validity of their numbers
-            notes = {str(w.message).split(". ")[0] for w in caught
-                     if "backpack" in w.filename or "cockpit" in w.filename}
+            notes = {
+                str(w.message).split(". ")[0] for w in caught if "backpack" in w.filename or "cockpit" in w.filename
+            }
             arm.note = "; ".join(sorted(notes))
     except Exception as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else ""
@@ -184,10 +195,12 @@ def measure(workload: Workload, args: argparse.Namespace, folder: Path) -> dict:
     """Interleaved repetitions of all arms of one workload; medians and ratio spreads."""
     stream = workload.batches()
     batches = [next(stream) for _ in range(DISTINCT_BATCHES)]
-    arms = [plain_arm(workload, args.steps),
-            plain_arm(workload, args.steps, floor=True),
-            audited_arm(workload, args.steps, 1, folder),
-            audited_arm(workload, args.steps, AUDIT_SPARSE_EVERY, folder)]
+    arms = [
+        plain_arm(workload, args.steps),
+        plain_arm(workload, args.steps, floor=True),
+        audited_arm(workload, args.steps, 1, folder),
+        audited_arm(workload, args.steps, AUDIT_SPARSE_EVERY, folder),
+    ]
     if not args.no_cockpit:
         arms.append(cockpit_arm(workload, args.cockpit_steps))
     for arm in arms:
@@ -217,8 +230,14 @@ def measure(workload: Workload, args: argparse.Namespace, folder: Path) -> dict:
             paired = min(len(arm.times), len(plain))
             ratios = [a / p for a, p in zip(arm.times[:paired], plain[:paired])]
             q25, q50, q75 = quartiles(ratios)
-            entry.update(ms_per_step=1e3 * statistics.median(arm.times), times_s=arm.times,
-                         ratio=q50, ratio_q25=q25, ratio_q75=q75, ratios=ratios)
+            entry.update(
+                ms_per_step=1e3 * statistics.median(arm.times),
+                times_s=arm.times,
+                ratio=q50,
+                ratio_q25=q25,
+                ratio_q75=q75,
+                ratios=ratios,
+            )
         result["arms"][arm.name] = entry
     return result
 
@@ -239,9 +258,15 @@ def cpu_model() -> str:
 def machine() -> dict:
     """What the numbers were measured on."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu_model(), "logical_cores": os.cpu_count(), "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "platform": platform.platform(), "load_average_1min_at_start": load[0] if load else None}
+    return {
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_average_1min_at_start": load[0] if load else None,
+    }
 
 
 def cell(entry: dict, plain: bool = False) -> str:
@@ -249,45 +274,64 @@ def cell(entry: dict, plain: bool = False) -> str:
         return entry["status"]
     if plain:
         return f"{entry['ms_per_step']:.2f} ms"
-    return (f"{entry['ms_per_step']:.2f} ms · ×{entry['ratio']:.2f} "
-            f"({entry['ratio_q25']:.2f}–{entry['ratio_q75']:.2f})" + (" †" if entry.get("note") else ""))
+    return (
+        f"{entry['ms_per_step']:.2f} ms · ×{entry['ratio']:.2f} "
+        f"({entry['ratio_q25']:.2f}–{entry['ratio_q75']:.2f})" + (" †" if entry.get("note") else "")
+    )
 
 
 def markdown(results: list[dict], info: dict, args: argparse.Namespace) -> str:
     """The results as a markdown table, with the machine and settings underneath."""
-    lines = ["| workload | plain | plain + one forward (the floor) | audited, every=1 | audited, every=16 "
-             "| Cockpit economy |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| workload | plain | plain + one forward (the floor) | audited, every=1 | audited, every=16 "
+        "| Cockpit economy |",
+        "|---|---|---|---|---|---|",
+    ]
     for result in results:
         arms = result["arms"]
         cockpit = arms.get("cockpit", {"status": "not run (--no-cockpit)"})
-        lines.append(f"| {result['description']} | {cell(arms['plain'], plain=True)} | {cell(arms['floor'])} "
-                     f"| {cell(arms['every=1'])} "
-                     f"| {cell(arms['every=16'])} | {cell(cockpit)} |")
+        lines.append(
+            f"| {result['description']} | {cell(arms['plain'], plain=True)} | {cell(arms['floor'])} "
+            f"| {cell(arms['every=1'])} "
+            f"| {cell(arms['every=16'])} | {cell(cockpit)} |"
+        )
     notes = sorted({r["arms"][a]["note"] for r in results for a in r["arms"] if r["arms"][a].get("note")})
     if notes:
         lines += [""] + [f"† the tool warned: {note}." for note in notes]
-    lines += ["", "Cells: median time per step · median ratio to the plain loop (interquartile range of the "
-              f"per-repetition ratio). {args.repeats} interleaved repetitions of {args.steps} steps "
-              f"(Cockpit: {args.cockpit_steps} steps), SGD lr {LEARNING_RATE}.",
-              "",
-              f"Machine: {info['cpu']}, {info['logical_cores']} logical cores, torch {info['torch']} "
-              f"with {info['torch_threads']} thread(s), Python {info['python']}, {info['platform']}; "
-              f"1-min load average {info['load_average_1min_at_start']:.2f} at start, "
-              f"{info.get('load_average_1min_at_end', float('nan')):.2f} at end."]
+    lines += [
+        "",
+        "Cells: median time per step · median ratio to the plain loop (interquartile range of the "
+        f"per-repetition ratio). {args.repeats} interleaved repetitions of {args.steps} steps "
+        f"(Cockpit: {args.cockpit_steps} steps), SGD lr {LEARNING_RATE}.",
+        "",
+        f"Machine: {info['cpu']}, {info['logical_cores']} logical cores, torch {info['torch']} "
+        f"with {info['torch_threads']} thread(s), Python {info['python']}, {info['platform']}; "
+        f"1-min load average {info['load_average_1min_at_start']:.2f} at start, "
+        f"{info.get('load_average_1min_at_end', float('nan')):.2f} at end.",
+    ]
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=64,
-                        help="optimizer steps per arm and repetition (a multiple of 16, default 64)")
+    parser.add_argument(
+        "--steps", type=int, default=64, help="optimizer steps per arm and repetition (a multiple of 16, default 64)"
+    )
     parser.add_argument("--repeats", type=int, default=11, help="interleaved repetitions (default 11)")
-    parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS),
-                        help="which workloads (default: all)")
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        default=list(WORKLOADS),
+        choices=list(WORKLOADS),
+        help="which workloads (default: all)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--cockpit-steps", type=int, default=None,
-                        help="Cockpit steps per repetition (default: min(steps, 8); it is ~100× slower)")
+    parser.add_argument(
+        "--cockpit-steps",
+        type=int,
+        default=None,
+        help="Cockpit steps per repetition (default: min(steps, 8); it is ~100× slower)",
+    )
     parser.add_argument("--no-cockpit", action="store_true", help="skip Cockpit even where it is installed")
     parser.add_argument("--json", metavar="FILE", help="also write all timings and the machine to FILE")
     parser.add_argument("--markdown", action="store_true", help="print only the markdown table")
@@ -295,8 +339,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be positive")
     if args.steps % AUDIT_SPARSE_EVERY:
-        parser.error(f"--steps must be a multiple of {AUDIT_SPARSE_EVERY}, so each repetition of every=16 "
-                     "audits the same number of steps")
+        parser.error(
+            f"--steps must be a multiple of {AUDIT_SPARSE_EVERY}, so each repetition of every=16 "
+            "audits the same number of steps"
+        )
     if args.cockpit_steps is None:
         args.cockpit_steps = min(args.steps, 8)
     return args
@@ -308,8 +354,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     info = machine()
     if not args.markdown:
-        print(f"# {info['cpu']} · {info['logical_cores']} cores · torch {info['torch']} · "
-              f"{info['torch_threads']} thread(s)", flush=True)
+        print(
+            f"# {info['cpu']} · {info['logical_cores']} cores · torch {info['torch']} · "
+            f"{info['torch_threads']} thread(s)",
+            flush=True,
+        )
     results = []
     with tempfile.TemporaryDirectory(prefix="stepaudit-bench-") as folder:
         for name in args.workloads:
@@ -324,8 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(results, info, args)
     print(("" if args.markdown else "\n") + table)
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, "settings": vars(args), "results": results},
-                                              indent=1))
+        Path(args.json).write_text(json.dumps({"machine": info, "settings": vars(args), "results": results}, indent=1))
     return 0
 
 

@@ -18,6 +18,7 @@ at the weights reached after a few SGD steps, on one training batch:
     bench/.venv-anchors/bin/python bench/sharpness.py [--workloads mlp cnn lm] [--reps 5] [--threads 1]
                                                       [--json FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,7 +60,11 @@ def _bench_probe(ctx):
 def split(name: str, batch):
     """(inputs, targets, criterion) in PyHessian's calling convention, for the workload's loss."""
     if name == "lm":
-        return batch[:, :-1], batch[:, 1:], lambda out, t: F.cross_entropy(out.reshape(-1, out.shape[-1]), t.reshape(-1))
+        return (
+            batch[:, :-1],
+            batch[:, 1:],
+            lambda out, t: F.cross_entropy(out.reshape(-1, out.shape[-1]), t.reshape(-1)),
+        )
     return batch[0], batch[1], F.cross_entropy
 
 
@@ -68,7 +73,9 @@ def reference(model, loss_fn, batch, train: bool) -> tuple[float, float]:
     twin = copy.deepcopy(model).double().train(train)
     names = [n for n, _ in twin.named_parameters()]
     buffers = dict(twin.named_buffers())
-    data = tuple(t.double() if t.is_floating_point() else t for t in batch) if isinstance(batch, (tuple, list)) else batch
+    data = (
+        tuple(t.double() if t.is_floating_point() else t for t in batch) if isinstance(batch, (tuple, list)) else batch
+    )
 
     def loss(params):
         return loss_fn(_Wrap(twin, {**dict(zip(names, params)), **{k: b.clone() for k, b in buffers.items()}}), data)
@@ -104,6 +111,7 @@ def pyhessian_run(model, name, batch, seed: int, tol: float = 1e-3, max_iter: in
     """PyHessian's top eigenvalue on a copy of the model (it leaves create_graph grads behind);
     defaults as shipped: ``eigenvalues(maxIter=100, tol=1e-3, top_n=1)``."""
     import pyhessian
+
     hessian_module = sys.modules["pyhessian.hessian"]
     calls = {"n": 0}
     original = hessian_module.hessian_vector_product
@@ -119,7 +127,8 @@ def pyhessian_run(model, name, batch, seed: int, tol: float = 1e-3, max_iter: in
         torch.manual_seed(seed)
         start = time.perf_counter()
         values, _ = pyhessian.hessian(victim, criterion, data=(inputs, targets), cuda=False).eigenvalues(
-            maxIter=max_iter, tol=tol, top_n=1)
+            maxIter=max_iter, tol=tol, top_n=1
+        )
         seconds = time.perf_counter() - start
     finally:
         hessian_module.hessian_vector_product = original
@@ -146,8 +155,15 @@ def side_by_side(model, loss_fn, name, batch, reps: int, has_modes: bool) -> tup
             for module in victim.modules():  # the audited (train-mode) steps must not move the running
                 if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):  # statistics the eval-mode
                     module.momentum = 0.0  # Hessian uses: the reference was computed with these
-            audit = stack.enter_context(Audit(victim, torch.optim.SGD(victim.parameters(), lr=0.0), loss_fn,
-                                              run=Path(tmp) / arm, probes={"_bench_sharpness": 1}))
+            audit = stack.enter_context(
+                Audit(
+                    victim,
+                    torch.optim.SGD(victim.parameters(), lr=0.0),
+                    loss_fn,
+                    run=Path(tmp) / arm,
+                    probes={"_bench_sharpness": 1},
+                )
+            )
             curvature.configure(audit, stop=stop, sharpness_on=on)
             LAST.clear()
             audit.step(batch)  # the first audited step also measures which HVP method is faster
@@ -158,8 +174,14 @@ def side_by_side(model, loss_fn, name, batch, reps: int, has_modes: bool) -> tup
             for arm, audit in audits.items():
                 LAST.clear()
                 audit.step(batch)
-                arms[arm].append({"value": LAST["sharpness"], "seconds": LAST["seconds"],
-                                  "hvps": LAST["sharpness_hvps"], "residual": LAST["sharpness_residual"]})
+                arms[arm].append(
+                    {
+                        "value": LAST["sharpness"],
+                        "seconds": LAST["seconds"],
+                        "hvps": LAST["sharpness_hvps"],
+                        "residual": LAST["sharpness_residual"],
+                    }
+                )
             with kernels():
                 arms["pyhessian"].append(pyhessian_run(model, name, batch, seed=rep))
                 arms["pyhessian_tol1e-4"].append(pyhessian_run(model, name, batch, seed=rep, tol=1e-4))
@@ -197,12 +219,16 @@ def tracking_cost(model, loss_fn, batches, steps: int, repeats: int) -> dict:
     times = {arm: [] for arm in arms}
     hvps: list[int] = []
     for rep in range(repeats):
-        order = list(arms)[rep % 3:] + list(arms)[:rep % 3]
+        order = list(arms)[rep % 3 :] + list(arms)[: rep % 3]
         for arm in order:
             m = copy.deepcopy(model)
             opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
             with tempfile.TemporaryDirectory() as tmp:
-                audit = None if arms[arm] is None else Audit(m, opt, loss_fn, run=Path(tmp) / "r", every=10, probes=arms[arm])
+                audit = (
+                    None
+                    if arms[arm] is None
+                    else Audit(m, opt, loss_fn, run=Path(tmp) / "r", every=10, probes=arms[arm])
+                )
                 start = time.perf_counter()
                 for batch in batches[:steps]:
                     if audit is None:
@@ -218,11 +244,15 @@ def tracking_cost(model, loss_fn, batches, steps: int, repeats: int) -> dict:
                         hvps += [r["sharpness_hvps"] for r in audit.records[1:] if "sharpness_hvps" in r]
     med = {arm: statistics.median(t) for arm, t in times.items()}
     tracked = len(range(0, steps, 10))
-    return {"steps": steps, "seconds": med, "audit_overhead": med["audit"] / med["plain"] - 1,
-            "sharpness_increment": (med["sharpness"] - med["audit"]) / med["plain"],
-            "total_overhead": med["sharpness"] / med["plain"] - 1,
-            "per_tracked_step_in_train_steps": (med["sharpness"] - med["audit"]) / tracked / (med["plain"] / steps),
-            "warm_hvps_median": statistics.median(hvps) if hvps else None}
+    return {
+        "steps": steps,
+        "seconds": med,
+        "audit_overhead": med["audit"] / med["plain"] - 1,
+        "sharpness_increment": (med["sharpness"] - med["audit"]) / med["plain"],
+        "total_overhead": med["sharpness"] / med["plain"] - 1,
+        "per_tracked_step_in_train_steps": (med["sharpness"] - med["audit"]) / tracked / (med["plain"] / steps),
+        "warm_hvps_median": statistics.median(hvps) if hvps else None,
+    }
 
 
 def bench(name: str, reps: int, warmup: int, track_steps: int, track_repeats: int) -> dict:
@@ -247,17 +277,24 @@ def bench(name: str, reps: int, warmup: int, track_steps: int, track_repeats: in
     batches = [next(stream) for _ in range(track_steps)]
 
     def summary(runs, ref):
-        return {"seconds": statistics.median(r["seconds"] for r in runs),
-                "hvps": statistics.median(r["hvps"] for r in runs),
-                "rel_error_max": max(rel(r["value"], ref) for r in runs),
-                "rel_error_vs_train_hessian_max": max(rel(r["value"], ref_train) for r in runs)}
+        return {
+            "seconds": statistics.median(r["seconds"] for r in runs),
+            "hvps": statistics.median(r["hvps"] for r in runs),
+            "rel_error_max": max(rel(r["value"], ref) for r in runs),
+            "rel_error_vs_train_hessian_max": max(rel(r["value"], ref_train) for r in runs),
+        }
 
     return {
-        "workload": workload.description, "n_params": sum(p.numel() for p in model.parameters()),
-        "reference_train": ref_train, "reference_eval": ref_eval,
+        "workload": workload.description,
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "reference_train": ref_train,
+        "reference_eval": ref_eval,
         "reference_rel_residual": max(ref_train_res, ref_eval_res),
-        "stepaudit": {"method": arms["first"]["hvp_method"], "first_seconds": arms["first"]["seconds"],
-                      **summary(arms["stepaudit"], ref_train)},
+        "stepaudit": {
+            "method": arms["first"]["hvp_method"],
+            "first_seconds": arms["first"]["seconds"],
+            **summary(arms["stepaudit"], ref_train),
+        },
         "stepaudit_eigenvalue_stop": summary(arms["stepaudit_eigenvalue_stop"], ref_train),
         "stepaudit_eval_hessian": summary(arms["stepaudit_eval_hessian"], ref_eval) if has_modes else None,
         # PyHessian switches the model to eval mode: its own target is the eval-mode Hessian.
@@ -271,7 +308,7 @@ def bench(name: str, reps: int, warmup: int, track_steps: int, track_repeats: in
 def markdown(results: dict) -> str:
     cell = lambda a: f"{a['seconds'] * 1e3:.0f} ms, {a['hvps']:.0f}, {a['rel_error_max']:.1e}"  # noqa: E731
     lines = [
-        "| workload | params | λ_max (train-mode H) | stepaudit (default) | stepaudit, stop=\"eigenvalue\" | "
+        '| workload | params | λ_max (train-mode H) | stepaudit (default) | stepaudit, stop="eigenvalue" | '
         "stepaudit (default), eval-mode H | PyHessian default | PyHessian tol=1e-4 |",
         "|---|---:|---:|---|---|---|---|---|",
     ]
@@ -283,22 +320,32 @@ def markdown(results: dict) -> str:
             f"{cell(r['stepaudit_eigenvalue_stop'])} | "
             f"{cell(r['stepaudit_eval_hessian']) if r.get('stepaudit_eval_hessian') else '— (same H)'} | "
             f"{cell(p)} (train H: {p['rel_error_vs_train_hessian_max']:.1e}){note} | "
-            f"{cell(r['pyhessian_tol1e-4'])} |")
-    lines.append("\nEach cell: median wall time (operator construction included), median HVPs, largest relative "
-                 "error over the repetitions. stepaudit's error is against the train-mode Hessian of the step "
-                 "(the eval-mode column: against the eval-mode one); PyHessian's against the eval-mode Hessian it "
-                 "computes (it calls model.eval()), and in brackets against the train-mode one.")
+            f"{cell(r['pyhessian_tol1e-4'])} |"
+        )
+    lines.append(
+        "\nEach cell: median wall time (operator construction included), median HVPs, largest relative "
+        "error over the repetitions. stepaudit's error is against the train-mode Hessian of the step "
+        "(the eval-mode column: against the eval-mode one); PyHessian's against the eval-mode Hessian it "
+        "computes (it calls model.eval()), and in brackets against the train-mode one."
+    )
     if any(r["pyhessian"]["out_of_the_box"] != "ok" for r in results.values()):
-        failure = next(r["pyhessian"]["out_of_the_box"] for r in results.values() if r["pyhessian"]["out_of_the_box"] != "ok")
+        failure = next(
+            r["pyhessian"]["out_of_the_box"] for r in results.values() if r["pyhessian"]["out_of_the_box"] != "ok"
+        )
         lines.append(f"\n¹ PyHessian as shipped fails ({failure}); timed with the math SDPA backend forced.")
-    lines += ["", "| workload | HVP method | one HVP (training steps) | warm HVPs per tracked step | one tracked step "
-                  "(training steps) | sharpness every 10 steps: added to plain training | (Audit every 10 alone) |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "| workload | HVP method | one HVP (training steps) | warm HVPs per tracked step | one tracked step "
+        "(training steps) | sharpness every 10 steps: added to plain training | (Audit every 10 alone) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for name, r in results.items():
         t = r["tracking"]
-        lines.append(f"| {name} | {r['stepaudit']['method']} | {r['hvp_in_train_steps']:.2f} | {t['warm_hvps_median']} | "
-                     f"{t['per_tracked_step_in_train_steps']:.1f} | +{t['sharpness_increment']:.0%} | "
-                     f"+{t['audit_overhead']:.0%} |")
+        lines.append(
+            f"| {name} | {r['stepaudit']['method']} | {r['hvp_in_train_steps']:.2f} | {t['warm_hvps_median']} | "
+            f"{t['per_tracked_step_in_train_steps']:.1f} | +{t['sharpness_increment']:.0%} | "
+            f"+{t['audit_overhead']:.0%} |"
+        )
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ edge-of-stability run of ``stepaudit demo --eos`` (full-batch GD, lr 0.4), and o
 
     .venv/bin/python bench/stopping.py [--workloads mlp cnn eos] [--steps 200] [--every 10] [--tol 1e-3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sharpness import reference  # noqa: E402 - the float64 reference λ_max of bench/sharpness.py
+
 from stepaudit import Audit, eos  # noqa: E402
 from stepaudit.probes import curvature  # noqa: E402
 from stepaudit.workloads import WORKLOADS  # noqa: E402
@@ -54,8 +56,9 @@ def setup(name: str):
     return workload.model, workload.loss_fn, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), batch
 
 
-def tracked_run(model, loss_fn, make_opt, batch, steps: int, every: int, stop: str, tol: float,
-                keep: list | None) -> list[dict]:
+def tracked_run(
+    model, loss_fn, make_opt, batch, steps: int, every: int, stop: str, tol: float, keep: list | None
+) -> list[dict]:
     """Train ``steps`` steps with sharpness every ``every``; return the tracked records.
     ``keep`` (if given) collects (model copy, batch) before each tracked step."""
     model = copy.deepcopy(model)
@@ -74,8 +77,10 @@ def tracked_run(model, loss_fn, make_opt, batch, steps: int, every: int, stop: s
 def bench(name: str, steps: int, every: int, tol: float) -> dict:
     model, loss_fn, make_opt, batch = setup(name)
     kept: list = []
-    runs = {stop: tracked_run(model, loss_fn, make_opt, batch, steps, every, stop, tol,
-                              kept if stop == STOPS[0] else None) for stop in STOPS}
+    runs = {
+        stop: tracked_run(model, loss_fn, make_opt, batch, steps, every, stop, tol, kept if stop == STOPS[0] else None)
+        for stop in STOPS
+    }
     # Same trajectory in both runs (auditing never changes training): same losses before every tracked step.
     assert [r["loss_before"] for r in runs[STOPS[0]]] == [r["loss_before"] for r in runs[STOPS[1]]]
     references = [reference(m, loss_fn, b, train=True)[0] for m, b in kept]
@@ -83,20 +88,30 @@ def bench(name: str, steps: int, every: int, tol: float) -> dict:
     for stop, records in runs.items():
         errors = [abs(r["sharpness"] - ref) / abs(ref) for r, ref in zip(records, references)]
         hvps = [r["sharpness_hvps"] for r in records]
-        out[stop] = {"cold_hvps": hvps[0], "warm_hvps_median": statistics.median(hvps[1:]) if len(hvps) > 1 else None,
-                     "hvps_total": sum(hvps), "error_max": max(errors), "error_median": statistics.median(errors),
-                     "over_tol": sum(e > tol for e in errors)}
+        out[stop] = {
+            "cold_hvps": hvps[0],
+            "warm_hvps_median": statistics.median(hvps[1:]) if len(hvps) > 1 else None,
+            "hvps_total": sum(hvps),
+            "error_max": max(errors),
+            "error_median": statistics.median(errors),
+            "over_tol": sum(e > tol for e in errors),
+        }
     return out
 
 
 def markdown(results: dict, tol: float) -> str:
-    lines = ["| workload | tracked steps | stop | HVPs cold / warm (median) / total | relative error: median, max | "
-             f"steps with error > {tol:g} |", "|---|---:|---|---|---|---:|"]
+    lines = [
+        "| workload | tracked steps | stop | HVPs cold / warm (median) / total | relative error: median, max | "
+        f"steps with error > {tol:g} |",
+        "|---|---:|---|---|---|---:|",
+    ]
     for name, r in results.items():
         for stop in STOPS:
             s = r[stop]
-            lines.append(f"| {name} | {r['tracked']} | {stop} | {s['cold_hvps']} / {s['warm_hvps_median']} / "
-                         f"{s['hvps_total']} | {s['error_median']:.1e}, {s['error_max']:.1e} | {s['over_tol']} |")
+            lines.append(
+                f"| {name} | {r['tracked']} | {stop} | {s['cold_hvps']} / {s['warm_hvps_median']} / "
+                f"{s['hvps_total']} | {s['error_median']:.1e}, {s['error_max']:.1e} | {s['over_tol']} |"
+            )
     return "\n".join(lines)
 
 
@@ -114,8 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         scale = 5 if name == "eos" else 1  # full-batch GD moves slowly: a longer run, tracked less often
         results[name] = bench(name, args.steps * scale, args.every * scale, args.tol)
         print(name, results[name], flush=True)
-    print(f"\ntorch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
-          f"tol={args.tol:g}")
+    print(
+        f"\ntorch {torch.__version__}, {args.threads} thread(s), {platform.processor() or platform.machine()}, "
+        f"tol={args.tol:g}"
+    )
     print(markdown(results, args.tol))
     return 0
 

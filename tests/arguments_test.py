@@ -1,4 +1,5 @@
 """The parameter index and batch helpers Audit builds on, checked against hand-written expectations."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,13 +18,17 @@ def model() -> nn.Module:
 
 def test_index_follows_optimizer_order_with_modules_and_groups():
     net = model()
-    optimizer = torch.optim.SGD([{"params": [net[2].weight, net.scale]},
-                                 {"params": [net[0].weight, net[0].bias, net[2].bias], "lr": 0.1}], lr=0.01)
+    optimizer = torch.optim.SGD(
+        [{"params": [net[2].weight, net.scale]}, {"params": [net[0].weight, net[0].bias, net[2].bias], "lr": 0.1}],
+        lr=0.01,
+    )
     index = index_parameters(net, optimizer)
     assert index.names == ["2.weight", "scale", "0.weight", "0.bias", "2.bias"]
     assert index.modules == ["2", "(root)", "0", "0", "2"]
     assert index.groups == [0, 0, 1, 1, 1]
-    assert all(p is q for p, q in zip(index.params, [net[2].weight, net.scale, net[0].weight, net[0].bias, net[2].bias]))
+    assert all(
+        p is q for p, q in zip(index.params, [net[2].weight, net.scale, net[0].weight, net[0].bias, net[2].bias])
+    )
 
 
 def test_orphans_warn_by_name_and_strangers_are_refused():
@@ -52,8 +57,9 @@ def test_one_shot_iterators_are_refused_and_containers_pass():
         check_replayable(x for x in [torch.zeros(2)])
 
 
-@pytest.mark.parametrize("every, message", [(0, "every must be a positive int"), (True, "every must be"),
-                                            (2.0, "every must be")])
+@pytest.mark.parametrize(
+    "every, message", [(0, "every must be a positive int"), (True, "every must be"), (2.0, "every must be")]
+)
 def test_validate_names_the_fix(every, message):
     net = model()
     with pytest.raises(ValueError, match=message):
@@ -74,18 +80,26 @@ def one_argument_loss(batch):
     return batch
 
 
-@pytest.mark.parametrize("loss_fn, shown", [(one_argument_loss, r"one_argument_loss\(batch\)"),
-                                            (lambda model, batch, extra: 0, r"<lambda>\(model, batch, extra\)"),
-                                            (lambda *, model, batch: 0, r"<lambda>\(\*, model, batch\)")])
+@pytest.mark.parametrize(
+    "loss_fn, shown",
+    [
+        (one_argument_loss, r"one_argument_loss\(batch\)"),
+        (lambda model, batch, extra: 0, r"<lambda>\(model, batch, extra\)"),
+        (lambda *, model, batch: 0, r"<lambda>\(\*, model, batch\)"),
+    ],
+)
 def test_a_loss_fn_that_cannot_take_model_and_batch_is_refused_with_the_signature(loss_fn, shown):
-    with pytest.raises(TypeError, match=r"loss_fn is called as loss_fn\(model, batch\).*" + shown + ".*lambda model, batch"):
+    with pytest.raises(
+        TypeError, match=r"loss_fn is called as loss_fn\(model, batch\).*" + shown + ".*lambda model, batch"
+    ):
         check_loss_signature(loss_fn)
     net = model()
     with pytest.raises(TypeError, match=shown):
         validate(net, torch.optim.SGD(net.parameters(), lr=0.1), loss_fn, 1, None, "eval")
 
 
-@pytest.mark.parametrize("loss_fn", [lambda model, batch: 0, lambda *args: 0, lambda model, batch, scale=1.0: 0,
-                                     nn.MSELoss(), max])  # a Module's forward(input, target); a builtin: no check
+@pytest.mark.parametrize(
+    "loss_fn", [lambda model, batch: 0, lambda *args: 0, lambda model, batch, scale=1.0: 0, nn.MSELoss(), max]
+)  # a Module's forward(input, target); a builtin: no check
 def test_a_loss_fn_that_takes_two_arguments_passes(loss_fn):
     check_loss_signature(loss_fn)

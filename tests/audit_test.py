@@ -1,4 +1,5 @@
 """The core audit against independent oracles: recomputed losses, autograd dot products, closed forms."""
+
 from __future__ import annotations
 
 import copy
@@ -7,10 +8,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import classification_loss, make_mlp
 from torch import nn
 
 import stepaudit
-from conftest import classification_loss, make_mlp
 
 
 def audited_sgd_step(model, batch, lr, tmp_path, **kwargs):
@@ -59,10 +60,14 @@ def test_layer_rows_match_per_module_norms(tiny_batch, tmp_path):
     record = audited_sgd_step(model, tiny_batch, 0.3, tmp_path)
     rows = {(r["kind"], r["name"]): r for r in record["layers"]}
     for index in ("0", "2"):
-        d = torch.cat([(a - b).reshape(-1) for a, b in zip(model[int(index)].parameters(), old[int(index)].parameters())])
+        d = torch.cat(
+            [(a - b).reshape(-1) for a, b in zip(model[int(index)].parameters(), old[int(index)].parameters())]
+        )
         w = torch.cat([b.reshape(-1) for b in old[int(index)].parameters()])
         assert rows[("module", index)]["update_norm"] == pytest.approx(float(d.double().norm()), rel=1e-6)
-        assert rows[("module", index)]["update_ratio"] == pytest.approx(float(d.double().norm() / w.double().norm()), rel=1e-6)
+        assert rows[("module", index)]["update_ratio"] == pytest.approx(
+            float(d.double().norm() / w.double().norm()), rel=1e-6
+        )
     assert rows[("group", "0")]["update_norm"] == pytest.approx(record["update_norm"], rel=1e-9)
 
 
@@ -160,8 +165,9 @@ def test_first_step_continues_a_resumed_count(tiny_batch, tmp_path):
 
 def test_param_groups_lbfgs_and_adamw(tiny_batch, tmp_path):
     model = make_mlp()
-    opt = torch.optim.AdamW([{"params": model[0].parameters(), "lr": 1e-2},
-                             {"params": model[2].parameters(), "lr": 1e-3}], weight_decay=0.1)
+    opt = torch.optim.AdamW(
+        [{"params": model[0].parameters(), "lr": 1e-2}, {"params": model[2].parameters(), "lr": 1e-3}], weight_decay=0.1
+    )
     old = copy.deepcopy(model)
     with stepaudit.Audit(model, opt, classification_loss, run=tmp_path / "adamw") as audit:
         audit.step(tiny_batch)
@@ -182,7 +188,9 @@ def test_param_groups_lbfgs_and_adamw(tiny_batch, tmp_path):
     with torch.no_grad():
         assert r["loss_after"] == pytest.approx(float(classification_loss(model, batch)), rel=1e-12)
     grads = torch.autograd.grad(classification_loss(old, batch), list(old.parameters()))
-    fo = sum(float((g * (n.detach() - o.detach())).sum()) for g, n, o in zip(grads, model.parameters(), old.parameters()))
+    fo = sum(
+        float((g * (n.detach() - o.detach())).sum()) for g, n, o in zip(grads, model.parameters(), old.parameters())
+    )
     assert r["first_order"] == pytest.approx(fo, rel=1e-9)
     assert r["verdict"] == "decrease"
 
@@ -216,8 +224,9 @@ def test_strict_capture_failure_leaves_no_open_step(tmp_path, monkeypatch):
     monkeypatch.setitem(registry._CAPTURES, "_failing_capture", failing_capture)
     model = nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    audit = stepaudit.Audit(model, opt, lambda m, b: m(b).pow(2).mean(), run=tmp_path / "run",
-                            probes={"_failing_capture": 2}, strict=True)
+    audit = stepaudit.Audit(
+        model, opt, lambda m, b: m(b).pow(2).mean(), run=tmp_path / "run", probes={"_failing_capture": 2}, strict=True
+    )
     with pytest.raises(stepaudit.AuditError, match="could not watch"):
         audit.step(torch.randn(4, 3))
     assert audit._pending is None and not model._forward_pre_hooks
@@ -271,8 +280,11 @@ def test_a_param_group_added_after_the_audit_is_audited_too(tiny_batch, tmp_path
     audit.close()
     grads = torch.autograd.grad(classification_loss(before, tiny_batch), list(before.parameters()))
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    first_order = sum(float((g * (p.detach() - q.detach())).sum())
-                      for (n, p), q, g in zip(model.named_parameters(), before.parameters(), grads) if n in trained)
+    first_order = sum(
+        float((g * (p.detach() - q.detach())).sum())
+        for (n, p), q, g in zip(model.named_parameters(), before.parameters(), grads)
+        if n in trained
+    )
     record = audit.last
     assert record["first_order"] == pytest.approx(first_order, rel=1e-5)
     assert {row["name"] for row in record["layers"] if row["kind"] == "group"} == {"0", "1"}
@@ -285,8 +297,13 @@ def test_probe_state_is_reset_when_a_param_group_is_added(tiny_batch, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         optimizer = torch.optim.SGD(model[0].parameters(), lr=0.1)
-        audit = stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / "r",
-                                probes={"interplay": 1, "next_delta": 1, "sharpness": 1})
+        audit = stepaudit.Audit(
+            model,
+            optimizer,
+            classification_loss,
+            run=tmp_path / "r",
+            probes={"interplay": 1, "next_delta": 1, "sharpness": 1},
+        )
     with audit:
         audit.step(tiny_batch)
         audit.step(tiny_batch)
@@ -303,8 +320,13 @@ def test_a_param_group_without_a_numeric_lr_is_recorded_as_nan_not_an_error(tmp_
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
-    opt = transformers.optimization.Adafactor([{"params": model[0].parameters()}, {"params": model[1].parameters()}],
-                                              lr=None, relative_step=True, scale_parameter=True, warmup_init=True)
+    opt = transformers.optimization.Adafactor(
+        [{"params": model[0].parameters()}, {"params": model[1].parameters()}],
+        lr=None,
+        relative_step=True,
+        scale_parameter=True,
+        warmup_init=True,
+    )
     loss_fn = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
     audit = stepaudit.Audit(model, opt, loss_fn, run=tmp_path / "adafactor")
     for _ in range(3):

@@ -3,6 +3,7 @@
 Skipped only when Chromium is absent outside CI; under CI (CI=true) a missing Chromium fails
 (.ci/install-browser.sh installs Debian's). Screenshots are written under each test's tmp_path.
 """
+
 import os
 import re
 import time
@@ -81,8 +82,16 @@ def test_run_report_in_chromium(browser, real, tmp_path):
     run, _ = real[0]
     page = check_page(browser, write_report(run), tmp_path, "report")
     ids = [f["id"] for f in page.value["figures"]]
-    assert ids == ["fig-loss", "fig-promise", "fig-alpha", "fig-alpha-hist", "fig-ratio-heatmap", "fig-update", "fig-lr",
-                   "fig-norms"]
+    assert ids == [
+        "fig-loss",
+        "fig-promise",
+        "fig-alpha",
+        "fig-alpha-hist",
+        "fig-ratio-heatmap",
+        "fig-update",
+        "fig-lr",
+        "fig-norms",
+    ]
     assert page.value["h1"] == "sgd" and not page.value["overflow"]
     assert (tmp_path / "report.png").stat().st_size > 20_000
 
@@ -137,8 +146,13 @@ def test_comparison_page_in_chromium(browser, real, tmp_path):
 
 def test_injected_script_in_a_run_name_renders_as_text(browser, tmp_path):
     evil = "<script>alert(1)</script>"
-    run = write_synthetic_run(tmp_path / "evil", steps=30, name=evil, modules=("<img src=x onerror=alert(2)>",),
-                              meta={"param_groups": [{"lr": 0.05, "note": "<svg onload=alert(3)>"}]})
+    run = write_synthetic_run(
+        tmp_path / "evil",
+        steps=30,
+        name=evil,
+        modules=("<img src=x onerror=alert(2)>",),
+        meta={"param_groups": [{"lr": 0.05, "note": "<svg onload=alert(3)>"}]},
+    )
     page = check_page(browser, write_report(run), tmp_path, "evil")
     assert page.dialogs == []
     assert page.value["h1"] == evil

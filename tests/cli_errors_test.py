@@ -1,5 +1,6 @@
 """Errors of the ``stepaudit`` command: one line on stderr naming the problem and the fix, exit status 2
 for usage errors and 1 for failures, no traceback unless STEPAUDIT_DEBUG=1; a closed pipe ends quietly."""
+
 from __future__ import annotations
 
 import os
@@ -27,19 +28,24 @@ def stepaudit_cli(*args: str, debug: bool = False) -> subprocess.CompletedProces
     env = {k: v for k, v in os.environ.items() if k != "STEPAUDIT_DEBUG"}
     if debug:
         env["STEPAUDIT_DEBUG"] = "1"
-    return subprocess.run([sys.executable, "-m", "stepaudit", *args], capture_output=True, text=True, timeout=300,
-                          env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "stepaudit", *args], capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def test_a_corrupt_store_is_one_line_and_exit_1_in_every_command(runs, tmp_path):
     good, bad = runs
-    for args in (["report", str(bad)], ["compare", str(good), str(bad), "--no-html"],
-                 ["export", str(bad), "--csv", str(tmp_path / "x.csv")]):
+    for args in (
+        ["report", str(bad)],
+        ["compare", str(good), str(bad), "--no-html"],
+        ["export", str(bad), "--csv", str(tmp_path / "x.csv")],
+    ):
         result = stepaudit_cli(*args)
         assert result.returncode == 1, result.stderr
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-        assert result.stderr.startswith(f"stepaudit {args[0]}: {bad / 'stepaudit.sqlite'} is not a stepaudit run "
-                                        "store (corrupt or truncated?)")
+        assert result.stderr.startswith(
+            f"stepaudit {args[0]}: {bad / 'stepaudit.sqlite'} is not a stepaudit run store (corrupt or truncated?)"
+        )
 
 
 def test_stepaudit_debug_shows_the_traceback(runs):
@@ -55,16 +61,24 @@ def test_no_command_prints_the_usage_and_exits_2():
     assert result.stderr.startswith("usage: stepaudit <command>")
 
 
-@pytest.mark.parametrize("args", [["report", "{good}", "--terminal"], ["compare", "{good}", "{good}", "--no-html"],
-                                  ["export", "{good}", "--csv", "{tmp}/x.csv"], ["--help"],
-                                  ["explain", "x * y"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["report", "{good}", "--terminal"],
+        ["compare", "{good}", "{good}", "--no-html"],
+        ["export", "{good}", "--csv", "{tmp}/x.csv"],
+        ["--help"],
+        ["explain", "x * y"],
+    ],
+)
 def test_a_closed_pipe_ends_quietly(runs, tmp_path, args):
     """``stepaudit … | head -1``: the reader is gone before the command writes; no traceback, status 0."""
     good, _ = runs
     argv = [a.format(good=good, tmp=tmp_path) for a in args]
     env = {k: v for k, v in os.environ.items() if k != "STEPAUDIT_DEBUG"}
-    child = subprocess.Popen([sys.executable, "-m", "stepaudit", *argv], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, env=env)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "stepaudit", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
+    )
     child.stdout.close()  # as `head` exits after its line: every write to stdout now fails with EPIPE
     err = child.stderr.read().decode()
     child.stderr.close()
@@ -125,17 +139,29 @@ def test_fail_prints_one_line_or_reraises_under_debug(monkeypatch, capsys):
 def test_a_reused_doctor_run_folder_warns_in_one_line_in_the_command_lines_language(tmp_path):
     """The 'earlier run replaced' warning: one line naming the CLI flag (not run=None, not file:line)."""
     script = tmp_path / "tiny.py"
-    script.write_text("import torch\nm = torch.nn.Linear(2, 1)\no = torch.optim.SGD(m.parameters(), lr=0.1)\n"
-                      "for _ in range(3):\n    o.zero_grad(); m(torch.randn(4, 2)).pow(2).mean().backward(); o.step()\n")
+    script.write_text(
+        "import torch\nm = torch.nn.Linear(2, 1)\no = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "for _ in range(3):\n    o.zero_grad(); m(torch.randn(4, 2)).pow(2).mean().backward(); o.step()\n"
+    )
     folder = str(tmp_path / "R")
-    first = subprocess.run([sys.executable, "-m", "stepaudit", "doctor", "--run", folder, str(script)],
-                           capture_output=True, text=True, timeout=120)
+    first = subprocess.run(
+        [sys.executable, "-m", "stepaudit", "doctor", "--run", folder, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert first.returncode == 0 and "warning" not in first.stderr
-    second = subprocess.run([sys.executable, "-m", "stepaudit", "doctor", "--run", folder, str(script)],
-                            capture_output=True, text=True, timeout=120)
+    second = subprocess.run(
+        [sys.executable, "-m", "stepaudit", "doctor", "--run", folder, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = [line for line in second.stderr.splitlines() if "earlier run" in line]
-    assert lines == [f"stepaudit doctor: warning: {folder} held 3 steps of an earlier run; they are replaced "
-                     "(give --run a new folder, or leave --run out, to keep them)"]
+    assert lines == [
+        f"stepaudit doctor: warning: {folder} held 3 steps of an earlier run; they are replaced "
+        "(give --run a new folder, or leave --run out, to keep them)"
+    ]
     assert "UserWarning" not in second.stderr and "run=None" not in second.stderr
 
 
@@ -154,16 +180,26 @@ def test_api_warnings_keep_the_api_wording(tmp_path):
 def test_torchs_warnings_under_the_doctor_point_at_the_scripts_line_once(tmp_path):
     """A loss's broadcasting warning: the script's file:line, shown once as in a plain run, never stepaudit's."""
     script = tmp_path / "bc.py"
-    script.write_text("import torch\nm = torch.nn.Linear(3, 1)\nopt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
-                      "x, y = torch.randn(16, 3), torch.randn(16)\nfor step in range(30):\n    opt.zero_grad()\n"
-                      "    loss = torch.nn.functional.mse_loss(m(x), y)\n    loss.backward()\n    opt.step()\n")
+    script.write_text(
+        "import torch\nm = torch.nn.Linear(3, 1)\nopt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "x, y = torch.randn(16, 3), torch.randn(16)\nfor step in range(30):\n    opt.zero_grad()\n"
+        "    loss = torch.nn.functional.mse_loss(m(x), y)\n    loss.backward()\n    opt.step()\n"
+    )
     plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    doctor = subprocess.run([sys.executable, "-m", "stepaudit", "doctor", "--no-store", str(script)],
-                            capture_output=True, text=True, timeout=120)
+    doctor = subprocess.run(
+        [sys.executable, "-m", "stepaudit", "doctor", "--no-store", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
     def shown(stderr: str) -> list[str]:
         return [line for line in stderr.splitlines() if "UserWarning: Using a target size" in line]
-    assert shown(plain.stderr) == [f"{script}:7: UserWarning: Using a target size (torch.Size([16])) that is different "
-                                   "to the input size (torch.Size([16, 1])). This will likely lead to incorrect results "
-                                   "due to broadcasting. Please ensure they have the same size."]
+
+    assert shown(plain.stderr) == [
+        f"{script}:7: UserWarning: Using a target size (torch.Size([16])) that is different "
+        "to the input size (torch.Size([16, 1])). This will likely lead to incorrect results "
+        "due to broadcasting. Please ensure they have the same size."
+    ]
     assert shown(doctor.stderr) == shown(plain.stderr)
     assert "stepaudit" not in "".join(shown(doctor.stderr)) and "passive.py" not in doctor.stderr

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny models and batches for oracle tests."""
+
 from __future__ import annotations
 
 import pytest

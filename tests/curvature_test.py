@@ -1,5 +1,6 @@
 """Curvature probes against independent oracles: dense float64 Hessians, eigvalsh, finite differences,
 the optimizer's own observed update, and the divergence of gradient descent itself."""
+
 from __future__ import annotations
 
 import copy
@@ -75,7 +76,7 @@ def dense_hessian(model, loss_fn, data, flat, train=True):
         params, i = {}, 0
         for name, shape in zip(names, shapes):
             k = math.prod(shape)
-            params[name] = w[i:i + k].reshape(shape)
+            params[name] = w[i : i + k].reshape(shape)
             i += k
         out = functional_call(model, {**params, **{n: b.clone() for n, b in buffers.items()}}, (x,))
         return F.mse_loss(out, y) if loss_fn is mse_loss else F.cross_entropy(out, y)
@@ -189,8 +190,9 @@ def test_cubic_remainder_vanishes_on_a_purely_quadratic_loss(tmp_path):
 def test_interplay_matrix_is_the_dense_block_form_and_sums_to_quadratic(tmp_path):
     model, data = net(), batch()
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    record, before, after, _ = audit_one_step(model, opt, ce_loss, data, tmp_path,
-                                              {"quadratic": 1, "interplay_matrix": 1}, warmup=3)
+    record, before, after, _ = audit_one_step(
+        model, opt, ce_loss, data, tmp_path, {"quadratic": 1, "interplay_matrix": 1}, warmup=3
+    )
     h, dw = dense_hessian(model, ce_loss, data, before), after - before
     # Oracle: layer (module) masks built from named_parameters, blocks of the dense Hessian.
     layer_of = []
@@ -214,8 +216,9 @@ def test_interplay_matrix_is_the_dense_block_form_and_sums_to_quadratic(tmp_path
 def test_sharpness_matches_eigvalsh_and_residual_bounds_the_error(tmp_path):
     model, data = net(), batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    record, before, _, _ = audit_one_step(model, opt, ce_loss, data, tmp_path, {"sharpness": 1},
-                                          configure={"tol": 1e-10, "max_hvps": 200})
+    record, before, _, _ = audit_one_step(
+        model, opt, ce_loss, data, tmp_path, {"sharpness": 1}, configure={"tol": 1e-10, "max_hvps": 200}
+    )
     top = float(torch.linalg.eigvalsh(dense_hessian(model, ce_loss, data, before))[-1])
     assert rel(record["sharpness"], top) < 1e-6
     assert record["safe_lr"] == pytest.approx(2 / top, rel=1e-6) and record["lr_exceeds_safe"] is False
@@ -223,8 +226,15 @@ def test_sharpness_matches_eigvalsh_and_residual_bounds_the_error(tmp_path):
     # with stop="residual" the residual itself is ≤ 1e-3·λ.
     for stop in ("eigenvalue", "residual"):
         model2 = net()
-        record2, *_ = audit_one_step(model2, torch.optim.SGD(model2.parameters(), lr=0.1), ce_loss, data,
-                                     tmp_path / stop, {"sharpness": 1}, configure={"stop": stop})
+        record2, *_ = audit_one_step(
+            model2,
+            torch.optim.SGD(model2.parameters(), lr=0.1),
+            ce_loss,
+            data,
+            tmp_path / stop,
+            {"sharpness": 1},
+            configure={"stop": stop},
+        )
         assert abs(record2["sharpness"] - top) <= min(record2["sharpness_residual"], 1e-3 * top)
         assert record2["sharpness_hvps"] >= 2
     assert record2["sharpness_residual"] <= 1e-3 * top
@@ -234,20 +244,30 @@ def test_sharpness_matches_eigvalsh_and_residual_bounds_the_error(tmp_path):
 def test_sharpness_residual_is_the_true_residual_of_the_returned_vector(tmp_path, verify):
     model, data = net(), batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    record, before, _, audit = audit_one_step(model, opt, ce_loss, data, tmp_path, {"sharpness": 1},
-                                              configure={"verify": verify, "tol": 1e-2})
+    record, before, _, audit = audit_one_step(
+        model, opt, ce_loss, data, tmp_path, {"sharpness": 1}, configure={"verify": verify, "tol": 1e-2}
+    )
     v = audit.memory["_sharpness_vector:batch"].to(F64)
     hv = dense_hessian(model, ce_loss, data, before) @ v
     assert float(v @ v) == pytest.approx(1.0, rel=1e-12)
     assert record["sharpness"] == pytest.approx(float(v @ hv), rel=1e-8)
-    assert record["sharpness_residual"] == pytest.approx(float(torch.linalg.vector_norm(hv - record["sharpness"] * v)), rel=1e-6)
+    assert record["sharpness_residual"] == pytest.approx(
+        float(torch.linalg.vector_norm(hv - record["sharpness"] * v)), rel=1e-6
+    )
 
 
 def test_sharpness_on_a_fixed_reference_batch_in_eval_mode(tmp_path):
     model, data, ref = net(dropout=0.3), batch(), batch(n=40, seed=9)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    record, before, _, _ = audit_one_step(model, opt, ce_loss, data, tmp_path, {"sharpness": 1},
-                                          configure={"sharpness_on": ref, "tol": 1e-10, "max_hvps": 200})
+    record, before, _, _ = audit_one_step(
+        model,
+        opt,
+        ce_loss,
+        data,
+        tmp_path,
+        {"sharpness": 1},
+        configure={"sharpness_on": ref, "tol": 1e-10, "max_hvps": 200},
+    )
     top = float(torch.linalg.eigvalsh(dense_hessian(model, ce_loss, ref, before, train=False))[-1])
     assert record["sharpness_on"] == "reference" and rel(record["sharpness"], top) < 1e-6
 
@@ -304,11 +324,21 @@ def test_precond_sharpness_matches_dense_p_inverse_h(tmp_path, kind):
     """Oracle P from the update the optimizer actually made: Δw = −η P⁻¹ m (Adam) or −η P⁻¹ g (RMSprop)."""
     model, data = net(), batch()
     lr = 0.01
-    opt = {"adam": lambda p: torch.optim.Adam(p, lr=lr),
-           "adamw": lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.1),
-           "rmsprop": lambda p: torch.optim.RMSprop(p, lr=lr)}[kind](model.parameters())
-    record, before, after, _ = audit_one_step(model, opt, ce_loss, data, tmp_path, {"precond_sharpness": 1},
-                                              configure={"tol": 1e-10, "max_hvps": 200}, warmup=3)
+    opt = {
+        "adam": lambda p: torch.optim.Adam(p, lr=lr),
+        "adamw": lambda p: torch.optim.AdamW(p, lr=lr, weight_decay=0.1),
+        "rmsprop": lambda p: torch.optim.RMSprop(p, lr=lr),
+    }[kind](model.parameters())
+    record, before, after, _ = audit_one_step(
+        model,
+        opt,
+        ce_loss,
+        data,
+        tmp_path,
+        {"precond_sharpness": 1},
+        configure={"tol": 1e-10, "max_hvps": 200},
+        warmup=3,
+    )
     dw = after - before
     if kind == "adamw":
         dw = dw + lr * 0.1 * before  # undo the decoupled decay w ← w(1−ηλ)
@@ -334,8 +364,9 @@ def _at(model, flat):
 
 def test_precond_sharpness_explains_itself_for_sgd(tmp_path):
     model, data = net(), batch()
-    record, *_ = audit_one_step(model, torch.optim.SGD(model.parameters(), lr=0.1), ce_loss, data, tmp_path,
-                                {"precond_sharpness": 1})
+    record, *_ = audit_one_step(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), ce_loss, data, tmp_path, {"precond_sharpness": 1}
+    )
     assert math.isnan(record["precond_sharpness"]) and "SGD" in record["precond_sharpness_note"]
 
 
@@ -343,8 +374,9 @@ def test_precond_sharpness_explains_itself_for_sgd(tmp_path):
 def test_hessian_trace_is_unbiased_with_the_rademacher_standard_error(tmp_path):
     model, data = net(), batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    record, before, _, _ = audit_one_step(model, opt, ce_loss, data, tmp_path, {"hessian_trace": 1},
-                                          configure={"trace_samples": 400})
+    record, before, _, _ = audit_one_step(
+        model, opt, ce_loss, data, tmp_path, {"hessian_trace": 1}, configure={"trace_samples": 400}
+    )
     h = dense_hessian(model, ce_loss, data, before)
     # Var(zᵀHz) = 2 Σ_{i≠j} H_ij² for Rademacher z (Hutchinson 1989).
     sigma = math.sqrt(2 * float((h**2).sum() - (h.diagonal() ** 2).sum()) / 400)
@@ -355,9 +387,10 @@ def test_hessian_trace_is_unbiased_with_the_rademacher_standard_error(tmp_path):
 def test_float64_option_evaluates_curvature_on_a_float64_twin(tmp_path):
     model, data = net(dtype=torch.float32), batch(dtype=torch.float32)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
-    record, before, after, _ = audit_one_step(model, opt, ce_loss, data, tmp_path, {"quadratic": 1},
-                                              precision="float64", warmup=1)
-    dw = (after.double() - before.double())
+    record, before, after, _ = audit_one_step(
+        model, opt, ce_loss, data, tmp_path, {"quadratic": 1}, precision="float64", warmup=1
+    )
+    dw = after.double() - before.double()
     expected = 0.5 * float(dw @ dense_hessian(model, ce_loss, data, before.double()) @ dw)
     assert rel(record["quadratic"], expected) < 1e-10
 
@@ -366,8 +399,9 @@ def test_diverged_weights_give_nan_sharpness_with_a_reason(tmp_path):
     model, data = net(), batch()
     with torch.no_grad():
         model.head.weight.fill_(float("nan"))
-    record, *_ = audit_one_step(model, torch.optim.SGD(model.parameters(), lr=0.1), ce_loss, data, tmp_path,
-                                {"sharpness": 1, "quadratic": 1})
+    record, *_ = audit_one_step(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), ce_loss, data, tmp_path, {"sharpness": 1, "quadratic": 1}
+    )
     assert math.isnan(record["sharpness"]) and "non-finite" in record["sharpness_note"]
 
 
@@ -391,13 +425,21 @@ ALL = {"quadratic": 1, "interplay_matrix": 1, "sharpness": 1, "precond_sharpness
 def test_training_is_bit_identical_with_every_curvature_probe_on(tmp_path, kind):
     def run(audited):
         model = net(dropout=0.3, batchnorm=True, dtype=torch.float32)
-        make = {"sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
-                "adam": lambda p: torch.optim.Adam(p, lr=1e-2)}[kind]
+        make = {
+            "sgd": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+            "adam": lambda p: torch.optim.Adam(p, lr=1e-2),
+        }[kind]
         opt = make(model.parameters())
         audit = None
         if audited:
-            audit = stepaudit.Audit(model, opt, ce_loss, run=tmp_path / f"run-{kind}", probes=ALL,
-                                    precision="float64" if kind == "adam" else None)
+            audit = stepaudit.Audit(
+                model,
+                opt,
+                ce_loss,
+                run=tmp_path / f"run-{kind}",
+                probes=ALL,
+                precision="float64" if kind == "adam" else None,
+            )
             reference = batch(n=16, seed=4, dtype=torch.float32)
             curvature.configure(audit, sharpness_on=reference if kind == "sgd" else "batch")
         torch.manual_seed(99)
@@ -416,7 +458,9 @@ def test_training_is_bit_identical_with_every_curvature_probe_on(tmp_path, kind)
             audit.close()
             assert all("probe_errors" not in r for r in audit.records), audit.records[0].get("probe_errors")
             first = audit.records[0]
-            wanted = ["quadratic", "interplay", "sharpness", "hessian_trace"] + (["precond_sharpness"] if kind == "adam" else [])
+            wanted = ["quadratic", "interplay", "sharpness", "hessian_trace"] + (
+                ["precond_sharpness"] if kind == "adam" else []
+            )
             assert all(math.isfinite(first[k]) for k in wanted), first
         return model, opt, torch.get_rng_state(), losses
 
@@ -436,8 +480,13 @@ def test_hvp_through_attention_matches_finite_difference_of_gradient(tmp_path):
     x = torch.randn(4, 5, 8, dtype=F64)
     data = (x, torch.randn(4, 5, 8, dtype=F64))
     start = copy.deepcopy(model)
-    audit = stepaudit.Audit(model, torch.optim.SGD(model.parameters(), lr=0.1), mse_loss, run=tmp_path / "run",
-                            probes={"_test_capture_hvp": 1, "sharpness": 1})
+    audit = stepaudit.Audit(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        mse_loss,
+        run=tmp_path / "run",
+        probes={"_test_capture_hvp": 1, "sharpness": 1},
+    )
     audit.step(data)
     audit.close()
     assert "probe_errors" not in audit.records[0] and math.isfinite(audit.records[0]["sharpness"])
@@ -462,8 +511,12 @@ def test_lanczos_eigenvalue_stop_meets_its_target_with_fewer_calls():
     spectrum = torch.cat([torch.tensor([10.0, 8.0], dtype=F64), 5 * torch.rand(298, generator=g, dtype=F64) ** 4])
     a = (q * spectrum) @ q.T
     for tol in (1e-3, 1e-6):
-        by_value = lanczos(lambda v: a @ v, 300, iterations=100, tol=tol, stop="eigenvalue", generator=gen_(1), dtype=F64)
-        by_residual = lanczos(lambda v: a @ v, 300, iterations=100, tol=tol, stop="residual", generator=gen_(1), dtype=F64)
+        by_value = lanczos(
+            lambda v: a @ v, 300, iterations=100, tol=tol, stop="eigenvalue", generator=gen_(1), dtype=F64
+        )
+        by_residual = lanczos(
+            lambda v: a @ v, 300, iterations=100, tol=tol, stop="residual", generator=gen_(1), dtype=F64
+        )
         assert abs(by_value.eigenvalue - 10.0) <= tol * 10.0
         assert abs(by_value.eigenvalue - 10.0) <= by_value.residual  # the reported residual stays honest
         assert by_value.iterations < by_residual.iterations
@@ -524,12 +577,20 @@ def _folded_p_inverse_sqrt(opt, params):
 def test_precond_sharpness_of_a_bf16_model_matches_the_dense_oracle(tmp_path, precision):
     model, data = wide_linear_problem(torch.bfloat16)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    record, *_ = audit_one_step(model, opt, promoted_mse, data, tmp_path, {"precond_sharpness": 1},
-                                configure={"tol": 1e-10, "max_hvps": 60} if precision else None,
-                                warmup=3, precision=precision)
+    record, *_ = audit_one_step(
+        model,
+        opt,
+        promoted_mse,
+        data,
+        tmp_path,
+        {"precond_sharpness": 1},
+        configure={"tol": 1e-10, "max_hvps": 60} if precision else None,
+        warmup=3,
+        precision=precision,
+    )
     d = _folded_p_inverse_sqrt(opt, list(model.parameters()))
     # D H D is block diagonal, one (weight row, bias) block per output: D_j A D_j.
-    rows = torch.cat([d[: 127 * 130].reshape(130, 127), d[127 * 130:, None]], dim=1)
+    rows = torch.cat([d[: 127 * 130].reshape(130, 127), d[127 * 130 :, None]], dim=1)
     a = linear_mse_block(data[0], 130)
     top = float(torch.linalg.eigvalsh(rows[:, :, None] * a * rows[:, None, :])[:, -1].max())
     assert rel(record["precond_sharpness"], top) < (1e-8 if precision else 2e-2)
@@ -553,8 +614,9 @@ def test_reference_batch_rng_comes_from_private_generators(tmp_path, monkeypatch
     expected_state = torch.get_rng_state()
     torch.set_rng_state(state)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    record, *_, audit = audit_one_step(model, opt, ce_loss, data, tmp_path, {"sharpness": 1},
-                                       configure={"sharpness_on": ref})
+    record, *_, audit = audit_one_step(
+        model, opt, ce_loss, data, tmp_path, {"sharpness": 1}, configure={"sharpness_on": ref}
+    )
     assert math.isfinite(record["sharpness"]) and record["sharpness_on"] == "reference"
     assert torch.equal(torch.get_rng_state(), expected_state)  # the training stream, exactly as unaudited
     reference = audit.memory["_curvature_reference_rng"]
@@ -567,8 +629,16 @@ def test_precond_sharpness_at_zero_learning_rate_has_no_bound(tmp_path, kind):
     model, data = net(), batch()
     make = {"adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop}[kind]
     opt = make(model.parameters(), lr=0.0)
-    record, before, after, _ = audit_one_step(model, opt, ce_loss, data, tmp_path, {"precond_sharpness": 1},
-                                              configure={"tol": 1e-10, "max_hvps": 200}, warmup=2)
+    record, before, after, _ = audit_one_step(
+        model,
+        opt,
+        ce_loss,
+        data,
+        tmp_path,
+        {"precond_sharpness": 1},
+        configure={"tol": 1e-10, "max_hvps": 200},
+        warmup=2,
+    )
     assert torch.equal(before, after)
     assert record["precond_bound"] == math.inf and record["precond_exceeds"] is False
     if kind == "adamw":
@@ -631,16 +701,27 @@ def test_precond_sharpness_includes_l2_weight_decay(tmp_path, kind):
         pytest.skip("this torch's Adam has no decoupled_weight_decay")
     model = Quadratic()
     lrs, wds = (0.01, 0.003), (0.5, 0.2)
-    groups = [{"params": [model.first], "lr": lrs[0], "weight_decay": wds[0]},
-              {"params": [model.second], "lr": lrs[1], "weight_decay": wds[1]}]
-    make = {"adam": lambda: torch.optim.Adam(groups),
-            "adam_decoupled": lambda: torch.optim.Adam(groups, decoupled_weight_decay=True),
-            "adamw": lambda: torch.optim.AdamW(groups),
-            "rmsprop": lambda: torch.optim.RMSprop(groups)}
+    groups = [
+        {"params": [model.first], "lr": lrs[0], "weight_decay": wds[0]},
+        {"params": [model.second], "lr": lrs[1], "weight_decay": wds[1]},
+    ]
+    make = {
+        "adam": lambda: torch.optim.Adam(groups),
+        "adam_decoupled": lambda: torch.optim.Adam(groups, decoupled_weight_decay=True),
+        "adamw": lambda: torch.optim.AdamW(groups),
+        "rmsprop": lambda: torch.optim.RMSprop(groups),
+    }
     opt = make[kind]()
-    record, before, after, _ = audit_one_step(model, opt, quadratic_loss, torch.zeros(1), tmp_path,
-                                              {"precond_sharpness": 1}, configure={"tol": 1e-12, "max_hvps": 50},
-                                              warmup=5)
+    record, before, after, _ = audit_one_step(
+        model,
+        opt,
+        quadratic_loss,
+        torch.zeros(1),
+        tmp_path,
+        {"precond_sharpness": 1},
+        configure={"tol": 1e-12, "max_hvps": 50},
+        warmup=5,
+    )
     a = quadratic_matrix()
     lr_of = torch.tensor([lrs[0]] * 4 + [lrs[1]] * 3, dtype=F64)
     wd_of = torch.tensor([wds[0]] * 4 + [wds[1]] * 3, dtype=F64)

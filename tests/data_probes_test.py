@@ -1,8 +1,8 @@
 """The reference / next_delta / noise probes against independent recomputation on twin models,
 and bit-identical training with them switched on."""
+
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -40,7 +40,7 @@ def data(n: int, seed: int):
 
 def batches(n_batches: int, size: int = 32, seed: int = 1):
     x, y = data(n_batches * size, seed)
-    return [(x[i * size:(i + 1) * size], y[i * size:(i + 1) * size]) for i in range(n_batches)]
+    return [(x[i * size : (i + 1) * size], y[i * size : (i + 1) * size]) for i in range(n_batches)]
 
 
 def snapshot(model: nn.Module) -> dict:
@@ -87,9 +87,11 @@ def test_ref_delta_and_grad_cos_match_recomputation_eval_mode(tmp_path, shape):
     factory = lambda: Net(bn=True)  # noqa: E731 - BatchNorm: eval mode must use running statistics
     model = factory()
     xr, yr = data(70, seed=9)
-    reference = {"tuple": (xr, yr),
-                 "list": [(xr[:30], yr[:30]), (xr[30:33], yr[30:33]), (xr[33:], yr[33:])],  # unequal sizes
-                 "loader": torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xr, yr), batch_size=32)}[shape]
+    reference = {
+        "tuple": (xr, yr),
+        "list": [(xr[:30], yr[:30]), (xr[30:33], yr[30:33]), (xr[33:], yr[33:])],  # unequal sizes
+        "loader": torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xr, yr), batch_size=32),
+    }[shape]
     audit = audited(model, tmp_path, reference=reference, strict=True)
     for batch in batches(3):
         before = snapshot(model)
@@ -97,7 +99,9 @@ def test_ref_delta_and_grad_cos_match_recomputation_eval_mode(tmp_path, shape):
         after = snapshot(model)
         record = audit.last
         # Both evaluations use the buffers as they are after the step; only the weights differ.
-        loss_old, grad_ref = reference_oracle(factory, {**after, **{k: before[k] for k in dict(model.named_parameters())}}, xr, yr)
+        loss_old, grad_ref = reference_oracle(
+            factory, {**after, **{k: before[k] for k in dict(model.named_parameters())}}, xr, yr
+        )
         loss_new, _ = reference_oracle(factory, after, xr, yr)
         assert record["ref_mode"] == "eval"
         assert record["ref_loss_before"] == pytest.approx(loss_old, rel=1e-6)
@@ -122,8 +126,12 @@ def test_reference_train_mode_uses_one_fixed_set_of_dropout_masks(tmp_path):
         states.append(snapshot(model))
     for t, record in enumerate(audit.records):
         assert record["ref_mode"] == "train"
-        assert record["ref_loss_before"] == pytest.approx(reference_oracle(factory, states[t], xr, yr, "train", rng)[0], rel=1e-6)
-        assert record["ref_loss_after"] == pytest.approx(reference_oracle(factory, states[t + 1], xr, yr, "train", rng)[0], rel=1e-6)
+        assert record["ref_loss_before"] == pytest.approx(
+            reference_oracle(factory, states[t], xr, yr, "train", rng)[0], rel=1e-6
+        )
+        assert record["ref_loss_after"] == pytest.approx(
+            reference_oracle(factory, states[t + 1], xr, yr, "train", rng)[0], rel=1e-6
+        )
     for previous, record in zip(audit.records, audit.records[1:]):
         assert record["ref_loss_before"] == previous["ref_loss_after"]  # same weights, same masks
     eval_loss = reference_oracle(factory, states[-1], xr, yr, "eval")[0]
@@ -234,10 +242,16 @@ def covariance_trace(rows: torch.Tensor) -> float:
     return float(torch.trace(torch.cov(rows.T)))
 
 
-@pytest.mark.parametrize("bn, options, expected, engine", [
-    (False, {}, "per_sample", "hooks"), (False, {"groups": 1}, "per_sample", "hooks"),
-    (False, {"engine": "vmap"}, "per_sample", "vmap"),
-    (True, {}, "micro_batch", None), (False, {"method": "micro_batch"}, "micro_batch", None)])
+@pytest.mark.parametrize(
+    "bn, options, expected, engine",
+    [
+        (False, {}, "per_sample", "hooks"),
+        (False, {"groups": 1}, "per_sample", "hooks"),
+        (False, {"engine": "vmap"}, "per_sample", "vmap"),
+        (True, {}, "micro_batch", None),
+        (False, {"method": "micro_batch"}, "micro_batch", None),
+    ],
+)
 def test_noise_probe_matches_brute_force_gradients(tmp_path, bn, options, expected, engine):
     torch.manual_seed(0)
     factory = lambda: Net(bn=bn)  # noqa: E731
@@ -364,9 +378,17 @@ def test_training_is_bit_identical_with_data_probes_on(tmp_path, config):
         optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
         audit = None
         if audit_on:
-            reference, mode = ((loader, "train") if config.startswith("bn") else ((xr, yr), "eval"))
-            audit = stepaudit.Audit(model, optimizer, loss_fn, run=tmp_path / config, strict=True,
-                                    probes={"noise": 1, "next_delta": 1}, reference=reference, reference_mode=mode)
+            reference, mode = (loader, "train") if config.startswith("bn") else ((xr, yr), "eval")
+            audit = stepaudit.Audit(
+                model,
+                optimizer,
+                loss_fn,
+                run=tmp_path / config,
+                strict=True,
+                probes={"noise": 1, "next_delta": 1},
+                reference=reference,
+                reference_mode=mode,
+            )
             if config == "two-batch":
                 audit.options["probe_options"] = {"noise": {"method": "two_batch"}}
         train(model, optimizer, batches(4), audit)
@@ -389,12 +411,33 @@ def test_training_is_bit_identical_with_data_probes_on(tmp_path, config):
 # -- per-run shares ---------------------------------------------------------------------------------------------------
 def test_run_shares_counts_by_hand():
     records = [
-        {"verdict": "decrease", "next_delta": 0.2, "next_rounding_noise": 0.01, "ref_delta": -0.1, "grad_cos_ref": 0.5,
-         "trace_sigma": 10.0, "grad_sq_norm": 1.0},
-        {"verdict": "decrease", "next_delta": 0.005, "next_rounding_noise": 0.01, "ref_delta": 0.3, "grad_cos_ref": -0.1,
-         "trace_sigma": 30.0, "grad_sq_norm": 3.0},  # next within rounding: not "hurt"
-        {"verdict": "increase", "next_delta": 0.4, "ref_delta": 0.2, "ref_rounding_noise": 0.0, "grad_cos_ref": 0.2,
-         "trace_sigma": 20.0, "grad_sq_norm": -0.5},
+        {
+            "verdict": "decrease",
+            "next_delta": 0.2,
+            "next_rounding_noise": 0.01,
+            "ref_delta": -0.1,
+            "grad_cos_ref": 0.5,
+            "trace_sigma": 10.0,
+            "grad_sq_norm": 1.0,
+        },
+        {
+            "verdict": "decrease",
+            "next_delta": 0.005,
+            "next_rounding_noise": 0.01,
+            "ref_delta": 0.3,
+            "grad_cos_ref": -0.1,
+            "trace_sigma": 30.0,
+            "grad_sq_norm": 3.0,
+        },  # next within rounding: not "hurt"
+        {
+            "verdict": "increase",
+            "next_delta": 0.4,
+            "ref_delta": 0.2,
+            "ref_rounding_noise": 0.0,
+            "grad_cos_ref": 0.2,
+            "trace_sigma": 20.0,
+            "grad_sq_norm": -0.5,
+        },
         {"verdict": "decrease", "ref_delta": math.nan},  # nothing measured
     ]
     shares = run_shares(records)
@@ -452,8 +495,11 @@ def test_noise_capture_on_the_training_pass_leaves_training_bit_identical(tmp_pa
         torch.manual_seed(0)
         model = factory()
         optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-        audit = (stepaudit.Audit(model, optimizer, loss_fn, run=tmp_path / "run", probes={"noise": 1}, strict=True)
-                 if audit_on else None)
+        audit = (
+            stepaudit.Audit(model, optimizer, loss_fn, run=tmp_path / "run", probes={"noise": 1}, strict=True)
+            if audit_on
+            else None
+        )
         train(model, optimizer, batches(4), audit)
         if audit is not None:
             assert all(r["noise_pass"] == "training" for r in audit.records)

@@ -1,4 +1,5 @@
 """The demo and the CLI entry points run end to end on built-in data."""
+
 from __future__ import annotations
 
 import io
@@ -39,7 +40,9 @@ def test_cli_help_and_unknown_command(capsys):
 
 
 def test_console_script_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "stepaudit", "--version"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "stepaudit", "--version"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and result.stdout.startswith("stepaudit ")
 
 
@@ -76,6 +79,22 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(monkeypatch):
 
 
 def test_demo_writes_nothing_to_a_piped_stderr(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "stepaudit", "demo", "--steps", "2", "--optimizers", "sgd",
-                             "--no-report", "--runs", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stepaudit",
+            "demo",
+            "--steps",
+            "2",
+            "--optimizers",
+            "sgd",
+            "--no-report",
+            "--runs",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0 and result.stderr == "" and "sgd" in result.stdout

@@ -1,4 +1,5 @@
 """The free gradient-noise scale of DDP ranks (noise_ranks.py) against closed forms, without processes."""
+
 from __future__ import annotations
 
 import math
@@ -44,16 +45,28 @@ def test_unequal_batches_use_the_harmonic_mean():
     """Batches 4 and 12: E mean|g_r|² = |G|² + S·(1/4 + 1/12)/2 and E|ḡ|² = |G|² + S·(1/4 + 1/12)/4."""
     signal, trace = 2.0, 30.0
     mean_inverse = (1 / 4 + 1 / 12) / 2
-    step = distributed.GlobalStep(0.0, 0.0, 0.0, 0, 16, signal + trace * mean_inverse, 0.0,
-                                  signal + trace * mean_inverse / 2, 1 / mean_inverse, 2 / mean_inverse)
+    step = distributed.GlobalStep(
+        0.0,
+        0.0,
+        0.0,
+        0,
+        16,
+        signal + trace * mean_inverse,
+        0.0,
+        signal + trace * mean_inverse / 2,
+        1 / mean_inverse,
+        2 / mean_inverse,
+    )
     fields = noise_fields(step, 2)
     assert fields["noise_scale_ranks"] == pytest.approx(trace / signal)
 
 
 def test_packed_all_reduce_gives_harmonic_batch_variance_and_global_batch(monkeypatch):
     """Two ranks with batches 4 and 12 and |g_r|² 9 and 11: Σb = 16, B_small = 6, sample variance 2."""
-    step = _pack_over_ranks(monkeypatch, [{"batch": 4, "local_sq": 9.0, "global_sq": 5.0},
-                                          {"batch": 12, "local_sq": 11.0, "global_sq": 5.0}])
+    step = _pack_over_ranks(
+        monkeypatch,
+        [{"batch": 4, "local_sq": 9.0, "global_sq": 5.0}, {"batch": 12, "local_sq": 11.0, "global_sq": 5.0}],
+    )
     assert step.global_batch == 16 and step.small == pytest.approx(6.0) and step.big == pytest.approx(12.0)
     assert step.local_sq == pytest.approx(10.0) and step.local_sq_var == pytest.approx(2.0)
     assert step.global_sq == 5.0 and step.loss_before == 1.0 and step.failures == 0

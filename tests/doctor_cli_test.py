@@ -1,4 +1,5 @@
 """``stepaudit doctor`` end to end: the JSON contract, the report, the run store, and ``Audit.diagnose()``."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,26 @@ def test_json_contract_run_store_and_stdout(tmp_path):
     script = write(tmp_path, SCRIPT)
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    done = subprocess.run([sys.executable, "-m", "stepaudit", "doctor", "--json", "--max-steps", "15", "--run", str(run),
-                           str(script), "--flag", "value"], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stepaudit",
+            "doctor",
+            "--json",
+            "--max-steps",
+            "15",
+            "--run",
+            str(run),
+            str(script),
+            "--flag",
+            "value",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)  # stdout holds exactly one JSON object
     assert set(result) == {"diagnoses", "steps", "script", "stopped", "exit_status", "error", "run"}
@@ -62,7 +81,9 @@ def test_json_contract_run_store_and_stdout(tmp_path):
 
 
 def test_terminal_report_and_script_error(tmp_path, capfd):
-    script = write(tmp_path, """
+    script = write(
+        tmp_path,
+        """
         import torch
         model = torch.nn.Linear(4, 3)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -70,7 +91,8 @@ def test_terminal_report_and_script_error(tmp_path, capfd):
             opt.zero_grad(); torch.nn.functional.cross_entropy(model(torch.randn(8, 4)), torch.zeros(8, dtype=torch.long)).backward(); opt.step()
         print("before the crash")
         raise RuntimeError("data loader died")
-    """)
+    """,
+    )
     assert cli.main(["--no-store", str(script)]) == 1  # the script's own exit status
     out, err = capfd.readouterr()
     assert out.index("before the crash") < out.index("stepaudit doctor:")  # the script's output, then the report
@@ -102,7 +124,7 @@ def test_audit_diagnose_uses_own_batch_fields(tmp_path):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
         audit = stepaudit.Audit(model, torch.optim.SGD(model.parameters(), lr=lr), loss_fn, run=tmp_path / str(lr))
-        for step in range(30):
+        for _ in range(30):
             audit.step((x, y))
         results[lr] = audit.diagnose()
         assert results[lr] == stepaudit.diagnose(tmp_path / str(lr), meta=audit.store_meta())
@@ -145,13 +167,16 @@ def assert_stopped_before_first_step(result, error_type, line, script):
 
 
 def test_uncaught_exception_before_the_first_step_exits_1_without_a_diagnosis(tmp_path, capfd):
-    script = write(tmp_path, """
+    script = write(
+        tmp_path,
+        """
         import torch
         def load_data():
             raise FileNotFoundError("no such file: data.csv")
         model = torch.nn.Linear(4, 3)
         data = load_data()
-    """)
+    """,
+    )
     status, result, err = doctor_json(capfd, script)
     assert status == 1 and result["exit_status"] == 1
     assert_stopped_before_first_step(result, "FileNotFoundError", 4, script)  # the raise, not the call
@@ -180,12 +205,15 @@ def test_sys_exit_code_is_the_doctors_exit_status(tmp_path, capfd):
 
 
 def test_argparse_failure_exits_2(tmp_path, capfd):
-    script = write(tmp_path, """
+    script = write(
+        tmp_path,
+        """
         import argparse
         parser = argparse.ArgumentParser()
         parser.add_argument("--lr", type=float, required=True)
         args = parser.parse_args()
-    """)
+    """,
+    )
     status, result, err = doctor_json(capfd, script)
     assert status == 2 and result["exit_status"] == 2
     assert_stopped_before_first_step(result, "SystemExit", 5, script)  # the parse_args() line of the script
@@ -193,7 +221,11 @@ def test_argparse_failure_exits_2(tmp_path, capfd):
 
 
 def test_normal_end_and_sys_exit_0_exit_0(tmp_path, capfd):
-    for source in (STEPS.format(n=6), STEPS.format(n=6) + "import sys\nsys.exit(0)\n", STEPS.format(n=6) + "raise SystemExit\n"):
+    for source in (
+        STEPS.format(n=6),
+        STEPS.format(n=6) + "import sys\nsys.exit(0)\n",
+        STEPS.format(n=6) + "raise SystemExit\n",
+    ):
         status, result, _ = doctor_json(capfd, write(tmp_path, source))
         assert status == 0 and result["exit_status"] == 0 and result["error"] is None
         assert result["stopped"] == "finished" and result["steps"] == 6 and result["diagnoses"]
@@ -203,8 +235,12 @@ def test_the_doctors_own_stop_is_a_normal_end(tmp_path, capfd):
     status, result, _ = doctor_json(capfd, "--max-steps", "4", write(tmp_path, STEPS.format(n=1000)))
     assert status == 0 and result["stopped"] == "max_steps" and result["exit_status"] == 0 and result["error"] is None
     # a script that fails while unwinding from the doctor's stop still ended because the doctor stopped it
-    script = write(tmp_path, "try:\n" + textwrap.indent(STEPS.format(n=1000), "    ")
-                   + "finally:\n    raise RuntimeError('cleanup assumed a full run')\n")
+    script = write(
+        tmp_path,
+        "try:\n"
+        + textwrap.indent(STEPS.format(n=1000), "    ")
+        + "finally:\n    raise RuntimeError('cleanup assumed a full run')\n",
+    )
     status, result, _ = doctor_json(capfd, "--max-steps", "4", script)
     assert status == 0 and result["stopped"] == "max_steps" and result["diagnoses"]
     assert result["error"]["message"] == "cleanup assumed a full run"
@@ -212,7 +248,9 @@ def test_the_doctors_own_stop_is_a_normal_end(tmp_path, capfd):
 
 def test_no_optimizer_step_but_a_normal_end_is_still_diagnosed(tmp_path, capfd):
     """scheduler.step() instead of optimizer.step(): the script ran to its end, and that is a finding."""
-    script = write(tmp_path, """
+    script = write(
+        tmp_path,
+        """
         import torch
         model = torch.nn.Linear(4, 3)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -221,7 +259,8 @@ def test_no_optimizer_step_but_a_normal_end_is_still_diagnosed(tmp_path, capfd):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(torch.randn(32, 4)), torch.randint(0, 3, (32,))).backward()
             scheduler.step()
-    """)
+    """,
+    )
     status, result, _ = doctor_json(capfd, script)
     assert status == 0 and result["steps"] == 0 and result["stopped"] == "finished" and result["error"] is None
     assert result["diagnoses"] and result["diagnoses"][0]["code"] != "healthy"
@@ -245,11 +284,14 @@ def test_failure_after_some_steps_keeps_their_diagnoses_and_shows_the_failure(tm
 def test_error_location_is_the_innermost_frame_of_the_script(tmp_path, capfd):
     """A failure inside torch or a helper module is located in the script; without a script frame, in the
     user's own module (not in stepaudit or torch)."""
-    script = write(tmp_path, """
+    script = write(
+        tmp_path,
+        """
         import torch
         model = torch.nn.Linear(4, 3)
         model(torch.randn(2, 5))
-    """)
+    """,
+    )
     _, result, _ = doctor_json(capfd, script)
     assert result["error"]["type"] == "RuntimeError" and result["error"]["line"] == 4
     assert result["error"]["file"] == str(script)
@@ -277,8 +319,10 @@ def test_doctor_options_after_the_script_name_get_a_hint(tmp_path, capfd):
     assert cli.main(["--no-store", str(script), "--json"]) == 0
     out, err = capfd.readouterr()
     assert "args ['--json']" in out  # still the script's
-    assert ("stepaudit doctor: --json after the script name is passed to the script; put doctor options before it"
-            in err.splitlines())
+    assert (
+        "stepaudit doctor: --json after the script name is passed to the script; put doctor options before it"
+        in err.splitlines()
+    )
     assert cli.main(["--no-store", str(script), "--max-steps=5"]) == 0
     assert "--max-steps after the script name" in capfd.readouterr().err
     assert cli.main(["--no-store", str(script), "--epochs", "3"]) == 0

@@ -1,4 +1,5 @@
 """The diagnosis codes as objects (stepaudit.doctor.codes): one module per code, the tables derived from them."""
+
 from __future__ import annotations
 
 import importlib
@@ -6,48 +7,140 @@ import pathlib
 
 import pytest
 
-from stepaudit.doctor import CAUSES, CODES, RULES
-from stepaudit.doctor import codes
+from stepaudit.doctor import CAUSES, CODES, RULES, codes
 from stepaudit.doctor.codes import ALL, NOTES_WHEN_LEARNING, PRIORITY, QUIET_AFTER_DIVERGENCE
 from stepaudit.doctor.codes.base import Code, validate
 from stepaudit.doctor.diagnosis import Diagnosis
 
 # The hand-written tables as they were before the codes became objects (doctor/__init__.py, rules.py, story.py):
 # the derived ones must equal them, so the refactor changes no diagnosis and no ordering.
-BEFORE_CODES = ("healthy", "lr_too_high", "lr_too_low", "vanishing_gradients", "exploding_gradients", "dead_relu",
-                "saturated_activations", "unnormalized_inputs", "loss_wiring", "missing_zero_grad",
-                "params_not_updating", "labels_unlearnable", "gradient_noise_dominates", "nonfinite")
+BEFORE_CODES = (
+    "healthy",
+    "lr_too_high",
+    "lr_too_low",
+    "vanishing_gradients",
+    "exploding_gradients",
+    "dead_relu",
+    "saturated_activations",
+    "unnormalized_inputs",
+    "loss_wiring",
+    "missing_zero_grad",
+    "params_not_updating",
+    "labels_unlearnable",
+    "gradient_noise_dominates",
+    "nonfinite",
+)
 BEFORE_CAUSES = {
     "params_not_updating": ("lr_too_low", "labels_unlearnable", "gradient_noise_dominates", "vanishing_gradients"),
-    "missing_zero_grad": ("exploding_gradients", "lr_too_high", "nonfinite", "dead_relu", "gradient_noise_dominates",
-                          "labels_unlearnable", "saturated_activations"),
-    "loss_wiring": ("vanishing_gradients", "lr_too_low", "labels_unlearnable", "gradient_noise_dominates",
-                    "saturated_activations", "nonfinite", "exploding_gradients", "lr_too_high"),
-    "unnormalized_inputs": ("saturated_activations", "dead_relu", "exploding_gradients", "lr_too_high", "nonfinite",
-                            "loss_wiring:init", "vanishing_gradients", "gradient_noise_dominates",
-                            "labels_unlearnable"),
-    "exploding_gradients": ("nonfinite", "lr_too_high", "loss_wiring:init", "dead_relu", "saturated_activations",
-                            "labels_unlearnable"),
-    "lr_too_high": ("nonfinite", "exploding_gradients", "dead_relu", "saturated_activations",
-                    "gradient_noise_dominates", "labels_unlearnable", "vanishing_gradients"),
-    "dead_relu": ("vanishing_gradients", "lr_too_low", "labels_unlearnable", "gradient_noise_dominates",
-                  "params_not_updating:no_grad"),
-    "saturated_activations": ("vanishing_gradients", "lr_too_low", "labels_unlearnable", "gradient_noise_dominates",
-                              "params_not_updating:no_grad"),
-    "vanishing_gradients": ("lr_too_low", "labels_unlearnable", "gradient_noise_dominates",
-                            "params_not_updating:no_grad"),
+    "missing_zero_grad": (
+        "exploding_gradients",
+        "lr_too_high",
+        "nonfinite",
+        "dead_relu",
+        "gradient_noise_dominates",
+        "labels_unlearnable",
+        "saturated_activations",
+    ),
+    "loss_wiring": (
+        "vanishing_gradients",
+        "lr_too_low",
+        "labels_unlearnable",
+        "gradient_noise_dominates",
+        "saturated_activations",
+        "nonfinite",
+        "exploding_gradients",
+        "lr_too_high",
+    ),
+    "unnormalized_inputs": (
+        "saturated_activations",
+        "dead_relu",
+        "exploding_gradients",
+        "lr_too_high",
+        "nonfinite",
+        "loss_wiring:init",
+        "vanishing_gradients",
+        "gradient_noise_dominates",
+        "labels_unlearnable",
+    ),
+    "exploding_gradients": (
+        "nonfinite",
+        "lr_too_high",
+        "loss_wiring:init",
+        "dead_relu",
+        "saturated_activations",
+        "labels_unlearnable",
+    ),
+    "lr_too_high": (
+        "nonfinite",
+        "exploding_gradients",
+        "dead_relu",
+        "saturated_activations",
+        "gradient_noise_dominates",
+        "labels_unlearnable",
+        "vanishing_gradients",
+    ),
+    "dead_relu": (
+        "vanishing_gradients",
+        "lr_too_low",
+        "labels_unlearnable",
+        "gradient_noise_dominates",
+        "params_not_updating:no_grad",
+    ),
+    "saturated_activations": (
+        "vanishing_gradients",
+        "lr_too_low",
+        "labels_unlearnable",
+        "gradient_noise_dominates",
+        "params_not_updating:no_grad",
+    ),
+    "vanishing_gradients": (
+        "lr_too_low",
+        "labels_unlearnable",
+        "gradient_noise_dominates",
+        "params_not_updating:no_grad",
+    ),
     "lr_too_low": ("labels_unlearnable",),
     "labels_unlearnable": ("gradient_noise_dominates",),
 }
-BEFORE_PRIORITY = ("params_not_updating", "missing_zero_grad", "loss_wiring", "unnormalized_inputs", "lr_too_high",
-                   "exploding_gradients", "dead_relu", "saturated_activations", "vanishing_gradients", "lr_too_low",
-                   "labels_unlearnable", "gradient_noise_dominates", "nonfinite")
-BEFORE_RULES = ("nonfinite", "params_not_updating", "missing_zero_grad", "loss_wiring", "unnormalized_inputs",
-                "dead_relu", "saturated_activations", "vanishing_gradients", "exploding_gradients", "lr_too_high",
-                "lr_too_low", "labels_unlearnable", "gradient_noise_dominates")
+BEFORE_PRIORITY = (
+    "params_not_updating",
+    "missing_zero_grad",
+    "loss_wiring",
+    "unnormalized_inputs",
+    "lr_too_high",
+    "exploding_gradients",
+    "dead_relu",
+    "saturated_activations",
+    "vanishing_gradients",
+    "lr_too_low",
+    "labels_unlearnable",
+    "gradient_noise_dominates",
+    "nonfinite",
+)
+BEFORE_RULES = (
+    "nonfinite",
+    "params_not_updating",
+    "missing_zero_grad",
+    "loss_wiring",
+    "unnormalized_inputs",
+    "dead_relu",
+    "saturated_activations",
+    "vanishing_gradients",
+    "exploding_gradients",
+    "lr_too_high",
+    "lr_too_low",
+    "labels_unlearnable",
+    "gradient_noise_dominates",
+)
 BEFORE_QUIET_AFTER_DIVERGENCE = {"lr_too_low", "labels_unlearnable", "gradient_noise_dominates", "vanishing_gradients"}
-BEFORE_NOTES_WHEN_LEARNING = {"exploding_gradients", "vanishing_gradients", "gradient_noise_dominates", "dead_relu",
-                              "saturated_activations", "unnormalized_inputs"}
+BEFORE_NOTES_WHEN_LEARNING = {
+    "exploding_gradients",
+    "vanishing_gradients",
+    "gradient_noise_dominates",
+    "dead_relu",
+    "saturated_activations",
+    "unnormalized_inputs",
+}
 
 CODES_DIR = pathlib.Path(codes.__file__).parent
 MODULES = sorted(p.stem for p in CODES_DIR.glob("*.py") if p.stem not in {"__init__", "base"})

@@ -6,6 +6,7 @@ differently from later ones), then plain and watched, each after ``torch._dynamo
 TorchDynamo's counters cleared. CPU backends that compile fast ("eager", "aot_eager") keep it quick; the
 default inductor backend was checked by hand (see the report of issue 14).
 """
+
 from __future__ import annotations
 
 import os
@@ -50,7 +51,9 @@ x, y = torch.randn(64, 8, generator=g), torch.randint(0, 4, (64,), generator=g)
 """
 
 # torch.compile(model): an OptimizedModule called from an eager loop.
-COMPILED_MODULE = MODEL + """
+COMPILED_MODULE = (
+    MODEL
+    + """
 compiled = torch.compile(model, backend="aot_eager")
 opt = torch.optim.Adam(model.parameters(), 1e-2)
 for step in range({steps}):
@@ -61,10 +64,13 @@ for step in range({steps}):
     opt.step()
 torch.save(model.state_dict(), sys.argv[1])
 """
+)
 
 # A compiled training step: zero_grad, backward and the optimizer step run inside torch.compile (each a
 # graph break), so the doctor's backward wrapper and hooks are called from code TorchDynamo compiles.
-COMPILED_STEP = MODEL + """
+COMPILED_STEP = (
+    MODEL
+    + """
 opt = torch.optim.SGD(model.parameters(), 0.05, momentum=0.9)
 
 @torch.compile(backend="eager")
@@ -83,6 +89,7 @@ for step in range({steps}):
 torch.save(model.state_dict(), sys.argv[1])
 open(sys.argv[1] + ".hooks", "w").write(str(hooks))
 """
+)
 
 
 def _run(path, out, watched: bool):
@@ -104,8 +111,14 @@ def _run(path, out, watched: bool):
                 sys.argv[:] = saved
     breaks = dict(counters["graph_break"])
     graphs = counters["stats"]["unique_graphs"]
-    return {"breaks": breaks, "graphs": graphs, "warnings": caught, "rng": torch.get_rng_state(),
-            "weights": torch.load(out), "watcher": watcher}
+    return {
+        "breaks": breaks,
+        "graphs": graphs,
+        "warnings": caught,
+        "rng": torch.get_rng_state(),
+        "weights": torch.load(out),
+        "watcher": watcher,
+    }
 
 
 @pytest.mark.parametrize("source", [COMPILED_MODULE, COMPILED_STEP], ids=["compiled_module", "compiled_step"])

@@ -1,5 +1,6 @@
 """The doctor's detections of issue #14, each on a small real script with the fault built in, and the same
 script without it (the one-change fix) as the check that the rule does not fire on healthy code."""
+
 from __future__ import annotations
 
 import textwrap
@@ -254,10 +255,13 @@ for epoch in range(6):
 """
 
 
-@pytest.mark.parametrize("inputs, what", [
-    ("1 + 0.01 * X", "sliver"),                                   # min-max into [0.97, 1.03]: a sliver of the range
-    ("X * torch.tensor([1, 1, 1, 1, 1, 1, 1, 300.0])", "differ"),  # one column in raw units, the rest unit-scale
-])
+@pytest.mark.parametrize(
+    "inputs, what",
+    [
+        ("1 + 0.01 * X", "sliver"),  # min-max into [0.97, 1.03]: a sliver of the range
+        ("X * torch.tensor([1, 1, 1, 1, 1, 1, 1, 300.0])", "differ"),  # one column in raw units, the rest unit-scale
+    ],
+)
 def test_inputs_wrong_per_feature_not_only_in_rms(tmp_path, inputs, what):
     found = doctor(tmp_path, SLIVER.format(inputs=inputs))
     hit = [d for d in found if d["code"] == "unnormalized_inputs"]

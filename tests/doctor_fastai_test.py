@@ -1,4 +1,5 @@
 """The doctor on an unchanged fastai script (Learner, fastai's Adam, fit_one_cycle): healthy is healthy, lr 10 is lr_too_high."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,13 @@ CASE = Path(__file__).parent / "doctor_cases" / "c77_fastai_tabular.py"
 
 
 def doctor(script: Path) -> dict:
-    result = subprocess.run([sys.executable, "-m", "stepaudit", "doctor", "--json", "--no-store", str(script)],
-                            capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
-                                                                              "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, "-m", "stepaudit", "doctor", "--json", "--no-store", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout)
 

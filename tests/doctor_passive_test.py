@@ -1,4 +1,5 @@
 """Passive capture: measured against the script's own bookkeeping, never changing what the script does."""
+
 from __future__ import annotations
 
 import contextlib
@@ -55,10 +56,21 @@ def write(tmp_path, source: str, name: str = "train.py"):
 
 def global_state():
     """Everything a session installs: hook dictionaries and patched functions."""
-    return (dict(optim_module._global_optimizer_pre_hooks), dict(optim_module._global_optimizer_post_hooks),
-            dict(nn_module._global_forward_hooks), dict(nn_module._global_forward_pre_hooks),
-            torch.autograd.backward, torch.relu, torch.relu_, torch.sigmoid, torch.tanh,
-            F.cross_entropy, F.nll_loss, F.mse_loss, F.binary_cross_entropy_with_logits)
+    return (
+        dict(optim_module._global_optimizer_pre_hooks),
+        dict(optim_module._global_optimizer_post_hooks),
+        dict(nn_module._global_forward_hooks),
+        dict(nn_module._global_forward_pre_hooks),
+        torch.autograd.backward,
+        torch.relu,
+        torch.relu_,
+        torch.sigmoid,
+        torch.tanh,
+        F.cross_entropy,
+        F.nll_loss,
+        F.mse_loss,
+        F.binary_cross_entropy_with_logits,
+    )
 
 
 def watch(path, args=(), **kwargs):
@@ -79,8 +91,12 @@ def test_records_match_the_scripts_own_bookkeeping(tmp_path):
     assert measured == [0, 1, 2, 3, 4, 10, 11, 20, 21]
     for step in measured:
         record, truth = by_step[step], log[step]
-        for field, key in (("grad_norm", "grad"), ("update_norm", "update"), ("weight_norm", "weight"),
-                           ("first_order", "first_order")):
+        for field, key in (
+            ("grad_norm", "grad"),
+            ("update_norm", "update"),
+            ("weight_norm", "weight"),
+            ("first_order", "first_order"),
+        ):
             assert record[field] == pytest.approx(truth[key], rel=1e-5), (step, field)
         assert record["update_ratio"] == pytest.approx(truth["update"] / truth["weight"], rel=1e-5)
     assert "grad_cos_prev" in by_step[11] and "grad_cos_prev" not in by_step[10]
@@ -110,7 +126,9 @@ def test_script_behaviour_and_output_are_unchanged(tmp_path, capsys):
 
 
 def test_script_exception_is_reported_and_what_ran_is_kept(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         import torch
         model = torch.nn.Linear(3, 1)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -120,7 +138,8 @@ def test_script_exception_is_reported_and_what_ran_is_kept(tmp_path):
             opt.step()
             if step == 2:
                 raise ValueError("boom at step 2")
-    """)
+    """,
+    )
     before = global_state()
     watcher, outcome = watch(path)
     assert outcome.stopped == "error"
@@ -131,7 +150,9 @@ def test_script_exception_is_reported_and_what_ran_is_kept(tmp_path):
 
 
 def test_stops_at_max_steps_even_through_except_exception(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         import torch
         model = torch.nn.Linear(3, 1)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -145,7 +166,8 @@ def test_stops_at_max_steps_even_through_except_exception(tmp_path):
             except Exception:
                 pass
         print("unreachable")
-    """)
+    """,
+    )
     before = global_state()
     watcher, outcome = watch(path, max_steps=7)
     assert outcome.stopped == "max_steps" and watcher.step_count == 7 and len(watcher.records) == 7
@@ -153,13 +175,17 @@ def test_stops_at_max_steps_even_through_except_exception(tmp_path):
 
 
 def test_time_limit_in_and_outside_the_hooks(tmp_path):
-    training = write(tmp_path, """
+    training = write(
+        tmp_path,
+        """
         import torch
         model = torch.nn.Linear(3, 1)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         while True:
             opt.zero_grad(); model(torch.ones(4, 3)).sum().backward(); opt.step()
-    """, "forever.py")
+    """,
+        "forever.py",
+    )
     start = time.monotonic()
     watcher, outcome = watch(training, max_steps=None, time_limit=0.3)
     assert outcome.stopped == "time_limit" and watcher.step_count > 0
@@ -181,16 +207,25 @@ for step in range(30):
 """
 
 
-@pytest.mark.parametrize("body, kept", [
-    ("opt.zero_grad(); torch.nn.functional.cross_entropy(model(x), y).backward(); opt.step()", 0.0),
-    ("torch.nn.functional.cross_entropy(model(x), y).backward(); opt.step()", 1.0),
-    # accumulation over two micro-batches, cleared after each step
-    ("[torch.nn.functional.cross_entropy(model(x[i::2]), y[i::2]).div(2).backward() for i in (0, 1)]; "
-     "opt.step(); opt.zero_grad()", 0.0),
-    # .grad set to None by hand
-    ("torch.nn.functional.cross_entropy(model(x), y).backward(); opt.step()\n"
-     "    for p in model.parameters(): p.grad = None", 0.0),
-])
+@pytest.mark.parametrize(
+    "body, kept",
+    [
+        ("opt.zero_grad(); torch.nn.functional.cross_entropy(model(x), y).backward(); opt.step()", 0.0),
+        ("torch.nn.functional.cross_entropy(model(x), y).backward(); opt.step()", 1.0),
+        # accumulation over two micro-batches, cleared after each step
+        (
+            "[torch.nn.functional.cross_entropy(model(x[i::2]), y[i::2]).div(2).backward() for i in (0, 1)]; "
+            "opt.step(); opt.zero_grad()",
+            0.0,
+        ),
+        # .grad set to None by hand
+        (
+            "torch.nn.functional.cross_entropy(model(x), y).backward(); opt.step()\n"
+            "    for p in model.parameters(): p.grad = None",
+            0.0,
+        ),
+    ],
+)
 def test_zero_grad_checks(tmp_path, body, kept):
     watcher, outcome = watch(write(tmp_path, ZERO_GRAD.format(body=body)), sample_every=10)
     assert outcome.stopped == "finished", outcome.error
@@ -199,7 +234,9 @@ def test_zero_grad_checks(tmp_path, body, kept):
 
 
 def test_two_models_two_optimizers_are_not_missing_zero_grad(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         import torch
         from torch import nn
         torch.manual_seed(0)
@@ -214,7 +251,8 @@ def test_two_models_two_optimizers_are_not_missing_zero_grad(tmp_path):
             og.zero_grad()
             bce(D(G(z)), torch.ones(16, 1)).backward()  # also fills D's .grad; od.zero_grad() clears it next time
             og.step()
-    """)
+    """,
+    )
     watcher, outcome = watch(path, sample_every=4)
     assert outcome.stopped == "finished"
     assert len(watcher.optimizers) == 2 and watcher.step_count == 50
@@ -223,17 +261,22 @@ def test_two_models_two_optimizers_are_not_missing_zero_grad(tmp_path):
     assert watcher.observations()["orphan_params"] == []
 
 
-@pytest.mark.parametrize("loss, kind", [
-    ("nn.functional.cross_entropy(model(x).softmax(1), y)", "probabilities_into_cross_entropy"),
-    ("nn.CrossEntropyLoss()(nn.Softmax(dim=1)(model(x)), y)", "probabilities_into_cross_entropy"),
-    ("nn.functional.cross_entropy(model(x).log_softmax(1), y)", "log_probabilities_into_cross_entropy"),
-    ("nn.NLLLoss()(model(x), y)", "scores_into_nll_loss"),
-    ("nn.functional.mse_loss(model(x)[:, :1], y.float())", "broadcast_shapes"),
-    ("nn.functional.cross_entropy(model(x), y)", None),
-    ("nn.functional.nll_loss(model(x).log_softmax(1), y)", None),
-])
+@pytest.mark.parametrize(
+    "loss, kind",
+    [
+        ("nn.functional.cross_entropy(model(x).softmax(1), y)", "probabilities_into_cross_entropy"),
+        ("nn.CrossEntropyLoss()(nn.Softmax(dim=1)(model(x)), y)", "probabilities_into_cross_entropy"),
+        ("nn.functional.cross_entropy(model(x).log_softmax(1), y)", "log_probabilities_into_cross_entropy"),
+        ("nn.NLLLoss()(model(x), y)", "scores_into_nll_loss"),
+        ("nn.functional.mse_loss(model(x)[:, :1], y.float())", "broadcast_shapes"),
+        ("nn.functional.cross_entropy(model(x), y)", None),
+        ("nn.functional.nll_loss(model(x).log_softmax(1), y)", None),
+    ],
+)
 def test_loss_wiring_is_seen_in_what_the_loss_receives(tmp_path, loss, kind):
-    path = write(tmp_path, f"""
+    path = write(
+        tmp_path,
+        f"""
         import torch, warnings
         from torch import nn
         warnings.simplefilter("ignore")
@@ -243,7 +286,8 @@ def test_loss_wiring_is_seen_in_what_the_loss_receives(tmp_path, loss, kind):
         x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
         for step in range(12):
             opt.zero_grad(); ({loss}).backward(); opt.step()
-    """)
+    """,
+    )
     watcher, outcome = watch(path, sample_every=5)
     assert outcome.stopped == "finished", outcome.error
     found = [f["kind"] for f in watcher.loss_findings()]
@@ -251,7 +295,9 @@ def test_loss_wiring_is_seen_in_what_the_loss_receives(tmp_path, loss, kind):
 
 
 def test_dead_units_orphans_and_first_layer_input(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         import torch
         from torch import nn
         torch.manual_seed(0)
@@ -262,7 +308,8 @@ def test_dead_units_orphans_and_first_layer_input(tmp_path):
         x, y = 50 * torch.randn(64, 4) + 100, torch.randint(0, 2, (64,))
         for step in range(6):
             opt.zero_grad(); nn.functional.cross_entropy(model(x), y).backward(); opt.step()
-    """)
+    """,
+    )
     watcher, outcome = watch(path)
     assert outcome.stopped == "finished"
     first = watcher.records[0]
@@ -278,7 +325,9 @@ def test_dead_units_orphans_and_first_layer_input(tmp_path):
 
 
 def test_closure_optimizer_and_no_step_scripts(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         import torch
         torch.manual_seed(0)
         model = torch.nn.Linear(3, 2)
@@ -291,17 +340,22 @@ def test_closure_optimizer_and_no_step_scripts(tmp_path):
             return loss
         for step in range(5):
             opt.step(closure)
-    """)
+    """,
+    )
     watcher, outcome = watch(path)
     assert outcome.stopped == "finished" and watcher.step_count == 5
     assert all(math.isfinite(r["loss_before"]) and r["grad_norm"] > 0 for r in watcher.records)
     assert watcher.records[1]["loss_before"] < watcher.records[0]["loss_before"]
-    no_step = write(tmp_path, """
+    no_step = write(
+        tmp_path,
+        """
         import torch
         model = torch.nn.Linear(3, 1)
         for step in range(1000):
             model(torch.ones(2, 3)).sum().backward()
-    """, "no_step.py")
+    """,
+        "no_step.py",
+    )
     watcher, outcome = watch(no_step, max_steps=20)
     assert outcome.stopped == "max_steps" and watcher.step_count == 0 and watcher.backward_count == 21
 
@@ -333,7 +387,9 @@ def test_learning_rate_schedules_and_zero_lr(tmp_path):
     assert described["max_lr"] == [0.1]  # the largest lr the group had at a sampled step (step 0)
     from stepaudit.doctor import diagnose
 
-    assert "params_not_updating" not in [d["code"] for d in diagnose(watcher.records, meta={"observations": watcher.observations()})]
+    assert "params_not_updating" not in [
+        d["code"] for d in diagnose(watcher.records, meta={"observations": watcher.observations()})
+    ]
     watcher, _ = watch(write(tmp_path, source.format(lr=0.0), "zero.py"), sample_every=5)
     found = diagnose(watcher.records, meta={"observations": watcher.observations()})
     assert found[0]["code"] == "params_not_updating"
@@ -356,7 +412,9 @@ def test_a_failing_watcher_never_breaks_the_script(tmp_path, monkeypatch):
 
 
 def test_gradscaler_losses_are_unscaled(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         import json, sys, torch
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 2)
@@ -372,7 +430,8 @@ def test_gradscaler_losses_are_unscaled(tmp_path):
             scaler.update()
             losses.append(loss.item())
         json.dump(losses, open(sys.argv[1], "w"))
-    """)
+    """,
+    )
     watcher, outcome = watch(path, [str(tmp_path / "losses.json")])
     assert outcome.stopped == "finished", outcome.error
     truth = json.loads((tmp_path / "losses.json").read_text())
@@ -425,7 +484,9 @@ def test_torchscript_still_compiles_the_functions_the_doctor_wraps(tmp_path, cap
 def test_leaves_created_in_forward_are_not_kept_alive(tmp_path):
     # The graph walk finds tensors created inside forward (they get a gradient no optimizer applies); it
     # must describe them without holding them: each is freed with its step's graph, as without the doctor.
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
         import json, sys, weakref, torch
         from torch import nn
         torch.manual_seed(0)
@@ -453,7 +514,8 @@ def test_leaves_created_in_forward_are_not_kept_alive(tmp_path):
             del loss
             alive.append(refs[-1]() is not None)
         json.dump(alive, open(sys.argv[1], "w"))
-    """)
+    """,
+    )
     out = tmp_path / "alive.json"
     watcher, outcome = watch(path, [str(out)])
     assert outcome.stopped == "finished" and watcher.step_count == 6
@@ -463,16 +525,33 @@ def test_leaves_created_in_forward_are_not_kept_alive(tmp_path):
     assert "created during the forward pass" in orphans[0]["name"] and "[24]" in orphans[0]["name"]
 
 
-@pytest.mark.parametrize("holder", ["sched = {make}", "class Trainer: pass\ntrainer = Trainer()\ntrainer.sched = {make}",
-                                    "keep = [{make}]\nsched = None", "def make():\n    s = {make}\n    return lambda: s.step()\nstep_sched = make()"])
+@pytest.mark.parametrize(
+    "holder",
+    [
+        "sched = {make}",
+        "class Trainer: pass\ntrainer = Trainer()\ntrainer.sched = {make}",
+        "keep = [{make}]\nsched = None",
+        "def make():\n    s = {make}\n    return lambda: s.step()\nstep_sched = make()",
+    ],
+)
 def test_schedulers_are_found_wherever_the_script_keeps_them(tmp_path, holder):
     # In the frames (a global, an object's attribute), else among the optimizer's referrers (a list, a closure).
     make = "torch.optim.lr_scheduler.StepLR(opt, 2)"
-    step = "step_sched()" if "step_sched" in holder else ("trainer.sched.step()" if "trainer" in holder else
-                                                          ("keep[0].step()" if "keep" in holder else "sched.step()"))
-    source = "import torch\nmodel = torch.nn.Linear(3, 1)\nopt = torch.optim.SGD(model.parameters(), lr=0.1)\n" \
-             + holder.format(make=make) + "\nfor i in range(6):\n" \
-             + f"    opt.zero_grad(); model(torch.ones(4, 3)).pow(2).mean().backward(); opt.step(); {step}\n"
+    step = (
+        "step_sched()"
+        if "step_sched" in holder
+        else (
+            "trainer.sched.step()"
+            if "trainer" in holder
+            else ("keep[0].step()" if "keep" in holder else "sched.step()")
+        )
+    )
+    source = (
+        "import torch\nmodel = torch.nn.Linear(3, 1)\nopt = torch.optim.SGD(model.parameters(), lr=0.1)\n"
+        + holder.format(make=make)
+        + "\nfor i in range(6):\n"
+        + f"    opt.zero_grad(); model(torch.ones(4, 3)).pow(2).mean().backward(); opt.step(); {step}\n"
+    )
     watcher, outcome = watch(write(tmp_path, source))
     assert outcome.stopped == "finished"
     assert watcher.schedulers == {"StepLR": 5}  # read at each optimizer step: the last sched.step() comes after

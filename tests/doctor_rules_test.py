@@ -1,4 +1,5 @@
 """Doctor rules on synthetic records: each record set is built to show one fault, with the numbers known."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,17 @@ KEYS = {"code", "severity", "confidence", "first_step", "evidence", "fix"}
 UNIFORM_10 = {str(c): 100 for c in range(10)}  # label entropy ln 10
 
 
-def run(n=100, loss=lambda t: 2.3 * math.exp(-t / 30) + 0.05, ratio=1e-3, first_order=-0.02, grad=1.0,
-        weight=10.0, layers=None, jitter=True, **extra):
+def run(
+    n=100,
+    loss=lambda t: 2.3 * math.exp(-t / 30) + 0.05,
+    ratio=1e-3,
+    first_order=-0.02,
+    grad=1.0,
+    weight=10.0,
+    layers=None,
+    jitter=True,
+    **extra,
+):
     """A passive-looking run: every step has a loss; every step has norms (ratio = ‖Δw‖/‖w‖).
 
     ``jitter`` adds ±0.01% batch-to-batch variation, as every mini-batch loss has: a loss identical at
@@ -24,9 +34,16 @@ def run(n=100, loss=lambda t: 2.3 * math.exp(-t / 30) + 0.05, ratio=1e-3, first_
         value = loss(t)
         if jitter and math.isfinite(value):
             value *= 1 + 1e-4 * (((t * 7919) % 13) - 6) / 6
-        r = {"step": t, "lr": 0.1, "loss_before": value, "grad_norm": grad(t) if callable(grad) else grad,
-             "weight_norm": weight, "update_norm": ratio * weight, "update_ratio": ratio,
-             "first_order": first_order(t) if callable(first_order) else first_order}
+        r = {
+            "step": t,
+            "lr": 0.1,
+            "loss_before": value,
+            "grad_norm": grad(t) if callable(grad) else grad,
+            "weight_norm": weight,
+            "update_norm": ratio * weight,
+            "update_ratio": ratio,
+            "first_order": first_order(t) if callable(first_order) else first_order,
+        }
         if layers:
             r["layers"] = layers(t)
         for key, value in extra.items():
@@ -69,8 +86,8 @@ def test_nonfinite_names_the_first_bad_step():
 
 
 def test_rising_loss_with_large_steps_is_lr_too_high_and_its_nan_a_symptom():
-    loss = lambda t: 2.3 * 1.1 ** t if t < 40 else math.inf  # noqa: E731
-    found = diagnose(run(loss=loss, ratio=0.3, grad=lambda t: 1.1 ** t, batch_size=64))
+    loss = lambda t: 2.3 * 1.1**t if t < 40 else math.inf  # noqa: E731
+    found = diagnose(run(loss=loss, ratio=0.3, grad=lambda t: 1.1**t, batch_size=64))
     check_contract(found)
     assert codes(found)[0] == "lr_too_high"
     # batches of 64: the start is the loss at init, 2.3; the loss first exceeds 1.5 × 2.3 where 1.1^t > 1.5: t = 5
@@ -122,12 +139,15 @@ def test_missing_zero_grad_from_zero_checks_and_accumulation_is_fine():
     assert codes(diagnose(run(), meta=passive(zero_checks=cleared, label_counts=UNIFORM_10))) == ["healthy"]
 
 
-@pytest.mark.parametrize("finding, severity", [
-    ({"kind": "probabilities_into_cross_entropy", "row_sum": 1.0, "classes": 10}, "error"),
-    ({"kind": "scores_into_nll_loss", "logsumexp": 3.2, "max": 5.0, "probabilities": False}, "error"),
-    ({"kind": "broadcast_shapes", "input_shape": [64, 1], "target_shape": [64]}, "error"),
-    ({"kind": "log_probabilities_into_cross_entropy", "logsumexp": 0.0}, "info"),
-])
+@pytest.mark.parametrize(
+    "finding, severity",
+    [
+        ({"kind": "probabilities_into_cross_entropy", "row_sum": 1.0, "classes": 10}, "error"),
+        ({"kind": "scores_into_nll_loss", "logsumexp": 3.2, "max": 5.0, "probabilities": False}, "error"),
+        ({"kind": "broadcast_shapes", "input_shape": [64, 1], "target_shape": [64]}, "error"),
+        ({"kind": "log_probabilities_into_cross_entropy", "logsumexp": 0.0}, "info"),
+    ],
+)
 def test_loss_wiring_findings(finding, severity):
     found = diagnose(run(), meta=passive(loss_findings=[{**finding, "step": 0, "loss": "x"}], label_counts=UNIFORM_10))
     check_contract(found)
@@ -151,13 +171,16 @@ def test_loss_at_init_far_from_ln_c():
 
 
 def test_unnormalized_inputs():
-    found = diagnose(run(loss=lambda t: 2.3 - 1e-3 * t, input_rms=120.0, input_feature_rms_max=250.0,
-                         input_layer="Linear"))
+    found = diagnose(
+        run(loss=lambda t: 2.3 - 1e-3 * t, input_rms=120.0, input_feature_rms_max=250.0, input_layer="Linear")
+    )
     assert codes(found)[0] == "unnormalized_inputs" and "120" in found[0]["evidence"]
     # the same inputs on a run whose loss fell by 98%: named, as a note after healthy
     found = diagnose(run(input_rms=120.0, input_feature_rms_max=250.0, input_layer="Linear"))
     assert codes(found) == ["healthy", "unnormalized_inputs"] and found[1]["severity"] == "info"
-    assert codes(diagnose(run(input_rms=0.9, input_feature_rms_max=1.3), meta=passive(label_counts=UNIFORM_10))) == ["healthy"]
+    assert codes(diagnose(run(input_rms=0.9, input_feature_rms_max=1.3), meta=passive(label_counts=UNIFORM_10))) == [
+        "healthy"
+    ]
 
 
 def test_dead_relu_and_saturation_when_training_stalls():
@@ -172,9 +195,25 @@ def test_dead_relu_and_saturation_when_training_stalls():
 
 def layer_rows(first_ratio, last_ratio):
     """Two weight layers with ‖g‖/‖w‖ as given (‖w‖ = 1)."""
-    return lambda t: [{"kind": "module", "name": "0", "grad_norm": first_ratio, "weight_norm": 1.0, "update_norm": 0, "update_ratio": 0},
-                      {"kind": "module", "name": "4", "grad_norm": last_ratio, "weight_norm": 1.0, "update_norm": 0, "update_ratio": 0},
-                      {"kind": "group", "name": "0", "grad_norm": 1.0, "weight_norm": 1.0, "update_norm": 0, "update_ratio": 0}]
+    return lambda t: [
+        {
+            "kind": "module",
+            "name": "0",
+            "grad_norm": first_ratio,
+            "weight_norm": 1.0,
+            "update_norm": 0,
+            "update_ratio": 0,
+        },
+        {
+            "kind": "module",
+            "name": "4",
+            "grad_norm": last_ratio,
+            "weight_norm": 1.0,
+            "update_norm": 0,
+            "update_ratio": 0,
+        },
+        {"kind": "group", "name": "0", "grad_norm": 1.0, "weight_norm": 1.0, "update_norm": 0, "update_ratio": 0},
+    ]
 
 
 def test_vanishing_gradients_from_layer_ratio():
@@ -185,7 +224,7 @@ def test_vanishing_gradients_from_layer_ratio():
 
 
 def test_exploding_gradients_from_growth():
-    found = diagnose(run(loss=lambda t: 2.3, grad=lambda t: 1.2 ** t, ratio=1e-3))
+    found = diagnose(run(loss=lambda t: 2.3, grad=lambda t: 1.2**t, ratio=1e-3))
     assert "exploding_gradients" in codes(found)[:2]
     d = found[codes(found).index("exploding_gradients")]
     assert d["first_step"] == math.ceil(math.log(100) / math.log(1.2))  # first step where 1.2^t ≥ 100
@@ -193,12 +232,16 @@ def test_exploding_gradients_from_growth():
 
 def test_labels_unlearnable_and_noise():
     # loss stays at ln 10 while each step promises −0.05 on its own batch: 100 steps × 0.05 = 5 nats promised.
-    found = diagnose(run(loss=lambda t: math.log(10) + 0.01 * math.sin(t), first_order=-0.05, ratio=3e-3),
-                     meta=passive(label_counts=UNIFORM_10, steps=100))
+    found = diagnose(
+        run(loss=lambda t: math.log(10) + 0.01 * math.sin(t), first_order=-0.05, ratio=3e-3),
+        meta=passive(label_counts=UNIFORM_10, steps=100),
+    )
     assert codes(found)[0] == "labels_unlearnable"
     # learnable (loss well below ln 10) but consecutive gradients orthogonal and little progress: noise
-    found = diagnose(run(loss=lambda t: 1.5 + 0.3 * math.sin(t) - 0.002 * t, grad_cos_prev=0.01, ratio=3e-3),
-                     meta=passive(label_counts=UNIFORM_10, batch_size=2, steps=100))
+    found = diagnose(
+        run(loss=lambda t: 1.5 + 0.3 * math.sin(t) - 0.002 * t, grad_cos_prev=0.01, ratio=3e-3),
+        meta=passive(label_counts=UNIFORM_10, batch_size=2, steps=100),
+    )
     assert codes(found)[0] == "gradient_noise_dominates" and "batch size 2" in found[0]["evidence"]
 
 
@@ -209,7 +252,9 @@ def test_active_own_batch_overshoot_is_lr_too_high():
 
 
 def test_active_alpha_near_minus_one_is_lr_too_low():
-    records = run(loss=lambda t: 2.3 - 1e-4 * t, ratio=5e-4, first_order=-1e-4, delta=-1e-4, alpha=-0.98, best_scale=40.0)
+    records = run(
+        loss=lambda t: 2.3 - 1e-4 * t, ratio=5e-4, first_order=-1e-4, delta=-1e-4, alpha=-0.98, best_scale=40.0
+    )
     found = diagnose(records)
     assert codes(found)[0] == "lr_too_low" and "40×" in found[0]["evidence"]
 
@@ -229,8 +274,9 @@ def test_active_noise_scale_against_batch():
 # -- ordering and facts ---------------------------------------------------------------------------------------------
 def test_structural_cause_comes_before_its_symptoms():
     kept = [{"step": s, "next": s + 1, "optimizer": 0, "kept": 1.0} for s in range(0, 60, 10)]
-    found = diagnose(run(loss=lambda t: 2.3 * 1.05 ** t, ratio=0.05, grad=lambda t: 1.1 ** t),
-                     meta=passive(zero_checks=kept))
+    found = diagnose(
+        run(loss=lambda t: 2.3 * 1.05**t, ratio=0.05, grad=lambda t: 1.1**t), meta=passive(zero_checks=kept)
+    )
     assert codes(found)[0] == "missing_zero_grad"
     for d in found[1:]:
         assert "consequence of missing_zero_grad" in d["evidence"]
@@ -248,7 +294,7 @@ def test_entropy_and_rolling_median_match_closed_forms():
 def test_records_from_a_run_folder_match_records_in_memory(tmp_path):
     from stepaudit.store import RunStore
 
-    records = run(n=40, loss=lambda t: 2.3 * 1.1 ** t, ratio=0.3, layers=layer_rows(0.1, 0.2))
+    records = run(n=40, loss=lambda t: 2.3 * 1.1**t, ratio=0.3, layers=layer_rows(0.1, 0.2))
     store = RunStore(tmp_path, {"optimizer": "SGD"})
     for r in records:
         store.append(r)
@@ -276,24 +322,30 @@ def test_activation_faults_at_initialisation_count_even_if_the_loss_falls():
 
     # majority of one tanh layer saturated at step 0 (pre-activation spread ≳ 4), and still at the end: a
     # mis-scaled init that costs accuracy even while the loss falls by 98% (persistent, not demoted) ...
-    found = diagnose(run(saturated_share=share(0.55, 0.55), saturated_max=share(0.6, 0.6)),
-                     meta=passive(label_counts=UNIFORM_10))
+    found = diagnose(
+        run(saturated_share=share(0.55, 0.55), saturated_max=share(0.6, 0.6)), meta=passive(label_counts=UNIFORM_10)
+    )
     assert codes(found) == ["saturated_activations"] and found[0]["first_step"] == 0
     # ... saturated at initialisation but not by the end of a run that learns well: a note ...
-    found = diagnose(run(saturated_share=share(0.55, 0.3), saturated_max=share(0.6, 0.6)),
-                     meta=passive(label_counts=UNIFORM_10))
+    found = diagnose(
+        run(saturated_share=share(0.55, 0.3), saturated_max=share(0.6, 0.6)), meta=passive(label_counts=UNIFORM_10)
+    )
     assert codes(found) == ["healthy", "saturated_activations"] and found[1]["severity"] == "info"
     assert "not what stops training" in found[1]["evidence"]
     # ... and the error when the loss stalls
-    found = diagnose(run(loss=lambda t: 2.3 - 1e-3 * t, saturated_share=share(0.55, 0.55),
-                         saturated_max=share(0.6, 0.6)), meta=passive(label_counts=UNIFORM_10))
+    found = diagnose(
+        run(loss=lambda t: 2.3 - 1e-3 * t, saturated_share=share(0.55, 0.55), saturated_max=share(0.6, 0.6)),
+        meta=passive(label_counts=UNIFORM_10),
+    )
     assert codes(found)[0] == "saturated_activations" and found[0]["severity"] == "error"
     # the same saturation learnt along the way, while the loss fell by 98%: not the problem
-    found = diagnose(run(saturated_share=share(0.01, 0.55), saturated_max=share(0.02, 0.6)),
-                     meta=passive(label_counts=UNIFORM_10))
+    found = diagnose(
+        run(saturated_share=share(0.01, 0.55), saturated_max=share(0.02, 0.6)), meta=passive(label_counts=UNIFORM_10)
+    )
     assert codes(found) == ["healthy"]
-    found = diagnose(run(dead_relu_share=share(0.7, 0.7), dead_relu_max=share(0.8, 0.8)),
-                     meta=passive(label_counts=UNIFORM_10))
+    found = diagnose(
+        run(dead_relu_share=share(0.7, 0.7), dead_relu_max=share(0.8, 0.8)), meta=passive(label_counts=UNIFORM_10)
+    )
     assert codes(found) == ["healthy", "dead_relu"] and "from initialisation" in found[1]["evidence"]
 
 

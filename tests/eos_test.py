@@ -1,4 +1,5 @@
 """The edge-of-stability experiment: a quick version, its outputs, and its sharpness against a dense oracle."""
+
 from __future__ import annotations
 
 import json
@@ -53,7 +54,7 @@ def test_tracked_sharpness_matches_the_dense_hessian_at_init_and_at_the_edge(qui
         params, i = {}, 0
         for name, shape in zip(names, shapes):
             k = math.prod(shape)
-            params[name] = flat[i:i + k].reshape(shape)
+            params[name] = flat[i : i + k].reshape(shape)
             i += k
         return 0.5 * (functional_call(model, params, (x.double(),)) - targets.double()).pow(2).sum(1).mean()
 
@@ -82,8 +83,12 @@ def _retrain_and_check(model, opt, data, loss, records):
 
 
 def test_main_prints_the_table(tmp_path, capsys):
-    assert eos.main(["--lrs", "0.5", "--steps", "20", "--every", "10", "--n", "50", "--width", "8",
-                     "--out", str(tmp_path)]) == 0
+    assert (
+        eos.main(
+            ["--lrs", "0.5", "--steps", "20", "--every", "10", "--n", "50", "--width", "8", "--out", str(tmp_path)]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "2/lr" in text and "settled" in text and str(tmp_path) in text
     with pytest.raises(SystemExit):

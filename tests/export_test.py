@@ -1,4 +1,5 @@
 """Exporters: CSV and Parquet read back equal to the audit's own records; TensorBoard live and after the fact."""
+
 import csv
 import math
 import sys
@@ -95,8 +96,13 @@ def test_tensorboard_live_from_audit(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(32, 4), torch.randn(32, 1)
-    audit = stepaudit.Audit(model, optimizer, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]),
-                            run=tmp_path / "run", tensorboard=tmp_path / "tb")
+    audit = stepaudit.Audit(
+        model,
+        optimizer,
+        lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]),
+        run=tmp_path / "run",
+        tensorboard=tmp_path / "tb",
+    )
     for _ in range(5):
         audit.step((x, y))
     audit.close()
@@ -105,8 +111,12 @@ def test_tensorboard_live_from_audit(tmp_path):
     assert [v for _, v in logged] == pytest.approx([r["loss_before"] for r in audit.records], rel=1e-6)  # float32
     ratio = scalars(tmp_path / "tb", "layers/update_ratio/module:0")
     assert [v for _, v in ratio] == pytest.approx(
-        [next(row["update_ratio"] for row in r["layers"] if row["name"] == "0" and row["kind"] == "module")
-         for r in audit.records], rel=1e-6)
+        [
+            next(row["update_ratio"] for row in r["layers"] if row["name"] == "0" and row["kind"] == "module")
+            for r in audit.records
+        ],
+        rel=1e-6,
+    )
     lowered = [v for _, v in scalars(tmp_path / "tb", "verdict/lowered_loss")]
     assert lowered == [float(r["verdict"] == "decrease") for r in audit.records]
 

@@ -4,6 +4,7 @@ Training is bit-identical with and without the callback; the numbers are checked
 own training loss, a fresh forward on a copy of the model, torch's Adam on the same steps, and a quadratic
 that diverges just above the learning rate ``safe_lr`` reports.
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,8 +24,16 @@ pytest.importorskip("fastai", reason="fastai is not installed (pip install --no-
 from fastai.callback.core import Callback  # noqa: E402
 from fastai.callback.training import GradientAccumulation  # noqa: E402
 from fastai.optimizer import SGD, Adam, Lamb, OptimWrapper, RAdam  # noqa: E402
-from fastai.tabular.all import (Categorify, CategoryBlock, Normalize, TabularDataLoaders, accuracy,  # noqa: E402
-                                set_seed, tabular_config, tabular_learner)
+from fastai.tabular.all import (
+    Categorify,
+    CategoryBlock,
+    Normalize,
+    TabularDataLoaders,
+    accuracy,  # noqa: E402
+    set_seed,
+    tabular_config,
+    tabular_learner,
+)
 
 from stepaudit.integrations.fastai import AuditCallback  # noqa: E402
 
@@ -42,11 +51,20 @@ def make_learner(opt: str = "adam", cbs=(), ps: float = 0.2, n: int = 320):
     set_seed(0, reproducible=True)
     rng = np.random.default_rng(0)
     df = pd_frame(rng, n)
-    dls = TabularDataLoaders.from_df(df, y_names="label", cat_names=["colour"], cont_names=["a", "b"],
-                                     procs=[Categorify, Normalize], y_block=CategoryBlock(), bs=64,
-                                     valid_idx=list(range(n - 64, n)), num_workers=0)
-    return tabular_learner(dls, layers=[16], config=tabular_config(ps=ps), metrics=accuracy,
-                           opt_func=OPTIMIZERS[opt], cbs=list(cbs))
+    dls = TabularDataLoaders.from_df(
+        df,
+        y_names="label",
+        cat_names=["colour"],
+        cont_names=["a", "b"],
+        procs=[Categorify, Normalize],
+        y_block=CategoryBlock(),
+        bs=64,
+        valid_idx=list(range(n - 64, n)),
+        num_workers=0,
+    )
+    return tabular_learner(
+        dls, layers=[16], config=tabular_config(ps=ps), metrics=accuracy, opt_func=OPTIMIZERS[opt], cbs=list(cbs)
+    )
 
 
 def pd_frame(rng: np.random.Generator, n: int):
@@ -77,11 +95,18 @@ def same(a, b) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("opt,schedule,bf16", [
-    ("adam", "fit_one_cycle", False), ("adam", "fit", False), ("sgd", "fit_one_cycle", False),
-    ("radam", "fit_one_cycle", False), ("lamb", "fit", False), ("wrapped_adamw", "fit_one_cycle", False),
-    ("adam", "fit_one_cycle", True),
-])
+@pytest.mark.parametrize(
+    "opt,schedule,bf16",
+    [
+        ("adam", "fit_one_cycle", False),
+        ("adam", "fit", False),
+        ("sgd", "fit_one_cycle", False),
+        ("radam", "fit_one_cycle", False),
+        ("lamb", "fit", False),
+        ("wrapped_adamw", "fit_one_cycle", False),
+        ("adam", "fit_one_cycle", True),
+    ],
+)
 def test_training_is_bit_identical_with_the_callback(tmp_path, opt, schedule, bf16):
     runs = []
     for audited in (False, True):
@@ -188,7 +213,7 @@ def test_fastai_sgd_safe_lr_is_where_a_quadratic_starts_to_diverge(tmp_path, wd)
     h, beta = 3.0, 0.9
 
     def quadratic(model, batch):
-        return 0.5 * h * (model.weight ** 2).sum()
+        return 0.5 * h * (model.weight**2).sum()
 
     model = nn.Linear(2, 1, bias=False)
     with torch.no_grad():
@@ -203,7 +228,7 @@ def test_fastai_sgd_safe_lr_is_where_a_quadratic_starts_to_diverge(tmp_path, wd)
         w = nn.Parameter(torch.ones(1, dtype=torch.float64))
         sgd = SGD([w], lr=factor * safe, mom=beta, wd=wd)
         for _ in range(2000):
-            (0.5 * h * w ** 2).sum().backward()
+            (0.5 * h * w**2).sum().backward()
             sgd.step()
             sgd.zero_grad()
         assert (abs(float(w)) > 1) == grows
@@ -381,8 +406,10 @@ def test_bf16_autocast_training_is_unchanged_and_re_evaluated_under_it(tmp_path)
 
 def test_fastai_and_the_callback_import_without_torchvision():
     """requirements-fastai.txt leaves torchvision out (the registry's is a CUDA build): nothing here needs it."""
-    code = ("import sys; sys.modules['torchvision'] = None; import fastai.basics, fastai.tabular.all; "
-            "import stepaudit.integrations.fastai; import torch; print(torch.__version__)")
+    code = (
+        "import sys; sys.modules['torchvision'] = None; import fastai.basics, fastai.tabular.all; "
+        "import stepaudit.integrations.fastai; import torch; print(torch.__version__)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().split("+")[0] == "2.13.0"

@@ -1,4 +1,5 @@
 """FlatBuffers against an independent float64 recomputation of g·Δw and the per-parameter norms."""
+
 import math
 
 import pytest
@@ -47,8 +48,9 @@ def _step_with(flat, params):
                 p.sub_(0.1 * p.grad)
     delta = [p.detach().double() - b for p, b in zip(params, before)]
     first_order = sum(float((g * d).sum()) for g, d in zip(grads, delta))
-    rows = [[float(g.pow(2).sum()), float(d.pow(2).sum()), float(b.pow(2).sum())]
-            for g, d, b in zip(grads, delta, before)]
+    rows = [
+        [float(g.pow(2).sum()), float(d.pow(2).sum()), float(b.pow(2).sum())] for g, d, b in zip(grads, delta, before)
+    ]
     return first_order, rows
 
 

@@ -1,16 +1,17 @@
 """GradScaler: the audit sees unscaled gradients, counts skipped steps, and keeps training bit-identical."""
+
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
-
-import stepaudit
 from conftest import classification_loss, make_mlp
 
+import stepaudit
 
-def scaled_training(model, audit, batches, scale=2.0 ** 10):
+
+def scaled_training(model, audit, batches, scale=2.0**10):
     opt = audit.optimizer if audit else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", init_scale=scale)
     for batch in batches:
@@ -47,7 +48,9 @@ def test_gradscaler_first_order_uses_unscaled_gradient_and_is_bit_identical(tiny
     # oracle for step 0: true gradient at the initial weights dotted with the first update
     grads = torch.autograd.grad(classification_loss(old, tiny_batch), list(old.parameters()))
     first = audit.records[0]
-    assert first["grad_norm"] == pytest.approx(float(torch.cat([g.reshape(-1) for g in grads]).double().norm()), rel=1e-5)
+    assert first["grad_norm"] == pytest.approx(
+        float(torch.cat([g.reshape(-1) for g in grads]).double().norm()), rel=1e-5
+    )
 
 
 def test_skipped_step_is_counted_not_audited(tiny_batch, tmp_path):
@@ -70,7 +73,7 @@ def test_fused_optimizer_gradient_is_unscaled_and_its_skipped_step_counted(tiny_
     for fused in (False, True):
         model = make_mlp()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
-        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
         with stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / f"f{fused}") as audit:
             with audit.watch(tiny_batch) as w:
                 optimizer.zero_grad()
@@ -88,7 +91,7 @@ def test_fused_optimizer_gradient_is_unscaled_and_its_skipped_step_counted(tiny_
 
     model = make_mlp()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     bad = (tiny_batch[0] * float("inf"), tiny_batch[1])
     with stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / "skip") as audit:
         with pytest.warns(UserWarning, match="no optimizer step happened"):

@@ -1,4 +1,5 @@
 """AuditMixin under a real transformers Trainer: training bit-identical, records right, refusals clear."""
+
 from __future__ import annotations
 
 import pytest
@@ -32,27 +33,60 @@ class Tokens(torch.utils.data.Dataset):
 
 
 def tiny_bert(dropout: float = 0.1):
-    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=32, max_position_embeddings=16, num_labels=2,
-                                     hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    config = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=2,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
     torch.manual_seed(0)
     return transformers.BertForSequenceClassification(config)
 
 
-def quiet_args(output_dir, **overrides) -> "transformers.TrainingArguments":
+def quiet_args(output_dir, **overrides) -> transformers.TrainingArguments:
     """CPU, seeded, batch 8, lr 1e-3, no saving, logging or reporting; ``overrides`` change any of it."""
-    options = dict(output_dir=str(output_dir), per_device_train_batch_size=8, learning_rate=1e-3, report_to=[],
-                   save_strategy="no", logging_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0,
-                   disable_tqdm=True)
+    options = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
     return transformers.TrainingArguments(**{**options, **overrides})
 
 
-def train(tmp_path, trainer_class=transformers.Trainer, steps: int = 6, dropout: float = 0.1, same: bool = False,
-          accumulation: int = 1, label_smoothing: float = 0.0, save_strategy: str = "no", save_steps: int = 500,
-          learning_rate: float = 1e-3, **extra):
-    args = quiet_args(tmp_path / "out", max_steps=steps, learning_rate=learning_rate, save_strategy=save_strategy,
-                      save_steps=save_steps, gradient_accumulation_steps=accumulation,
-                      label_smoothing_factor=label_smoothing)
+def train(
+    tmp_path,
+    trainer_class=transformers.Trainer,
+    steps: int = 6,
+    dropout: float = 0.1,
+    same: bool = False,
+    accumulation: int = 1,
+    label_smoothing: float = 0.0,
+    save_strategy: str = "no",
+    save_steps: int = 500,
+    learning_rate: float = 1e-3,
+    **extra,
+):
+    args = quiet_args(
+        tmp_path / "out",
+        max_steps=steps,
+        learning_rate=learning_rate,
+        save_strategy=save_strategy,
+        save_steps=save_steps,
+        gradient_accumulation_steps=accumulation,
+        label_smoothing_factor=label_smoothing,
+    )
     model = tiny_bert(dropout)
     trainer = trainer_class(model=model, args=args, train_dataset=Tokens(same=same), **extra)
     trainer.train()
@@ -89,8 +123,9 @@ def test_loss_after_is_the_next_steps_loss_before_on_a_repeated_batch(tmp_path, 
     extra = {"label_smoothing": 0.1} if variant == "label smoothing" else {}
     if variant == "compute_loss_func":
         extra["compute_loss_func"] = summed_loss
-    _, trainer = train(tmp_path, AuditedTrainer, dropout=0.0, same=True, audit_options={"run": tmp_path / "run"},
-                       **extra)
+    _, trainer = train(
+        tmp_path, AuditedTrainer, dropout=0.0, same=True, audit_options={"run": tmp_path / "run"}, **extra
+    )
     records = trainer.audit.records
     assert len(records) == 6 and all(r["verdict"] != "error" for r in records)
     for this, following in zip(records, records[1:]):
@@ -101,15 +136,18 @@ def test_every_n_and_an_explicit_loss_fn(tmp_path):
     def loss_fn(model, inputs):
         return model(**inputs).loss
 
-    _, trainer = train(tmp_path, AuditedTrainer, steps=7, audit_loss_fn=loss_fn,
-                       audit_options={"run": tmp_path / "run", "every": 3})
+    _, trainer = train(
+        tmp_path, AuditedTrainer, steps=7, audit_loss_fn=loss_fn, audit_options={"run": tmp_path / "run", "every": 3}
+    )
     assert [r["step"] for r in trainer.audit.records] == [0, 3, 6]
 
 
 def test_training_with_gradient_accumulation_is_bit_identical(tmp_path):
     plain, plain_trainer = train(tmp_path / "plain", accumulation=2)
     plain_rng = torch.get_rng_state()
-    audited, trainer = train(tmp_path / "audited", AuditedTrainer, accumulation=2, audit_options={"run": tmp_path / "run"})
+    audited, trainer = train(
+        tmp_path / "audited", AuditedTrainer, accumulation=2, audit_options={"run": tmp_path / "run"}
+    )
     assert torch.equal(torch.get_rng_state(), plain_rng)
     for (name, a), (_, b) in zip(plain.state_dict().items(), audited.state_dict().items()):
         assert torch.equal(a, b), name
@@ -137,12 +175,14 @@ class PaddedText(torch.utils.data.Dataset):
 
 def gpt2_trainer(tmp_path, audit_options, steps=5, **args_extra):
     """A tiny GPT-2 (no dropout) on ``PaddedText``, accumulating 2 micro-batches per step, audited."""
-    config = transformers.GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = transformers.GPT2Config(
+        vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
     torch.manual_seed(0)
     args = quiet_args(tmp_path / "out", max_steps=steps, gradient_accumulation_steps=2, **args_extra)
-    return AuditedTrainer(model=transformers.GPT2LMHeadModel(config), args=args, train_dataset=PaddedText(),
-                          audit_options=audit_options)
+    return AuditedTrainer(
+        model=transformers.GPT2LMHeadModel(config), args=args, train_dataset=PaddedText(), audit_options=audit_options
+    )
 
 
 def test_accumulated_token_normalised_objective_is_the_trainers(tmp_path):
@@ -175,6 +215,7 @@ def test_accumulated_steps_measure_rounding_noise_and_float64_on_the_same_object
 def test_a_loss_already_scaled_for_accumulation_without_an_item_count(tmp_path):
     """loss_is_scaled_for_ga=True and no num_items_in_batch (the Trainer's documented pattern for a compute_loss
     that divides by the accumulation itself): the Trainer then adds micro-batch losses without dividing."""
+
     class SelfScaled(AuditedTrainer):
         loss_is_scaled_for_ga = True
 
@@ -182,8 +223,9 @@ def test_a_loss_already_scaled_for_accumulation_without_an_item_count(tmp_path):
             return model(**inputs).loss / self.args.gradient_accumulation_steps
 
     args = quiet_args(tmp_path / "out", max_steps=5, gradient_accumulation_steps=2)
-    trainer = SelfScaled(model=tiny_bert(dropout=0.0), args=args, train_dataset=Tokens(n=16),
-                         audit_options={"run": tmp_path / "run"})
+    trainer = SelfScaled(
+        model=tiny_bert(dropout=0.0), args=args, train_dataset=Tokens(n=16), audit_options={"run": tmp_path / "run"}
+    )
     trainer.model_accepts_loss_kwargs = False  # no item count: the Trainer relies on the flag alone
     trainer.train()
     records = trainer.audit.records
@@ -195,11 +237,13 @@ def test_the_first_step_after_a_mid_epoch_resume_replays_its_dropout_masks(tmp_p
     """Oracle: at learning rate 0 nothing moves, so loss_after equals the training loss when the masks match (to
     rounding: (L₁ + L₂)/2 against L₁/2 + L₂/2; wrong masks are off by ~1e-3). A resumed run reloads its RNG state
     after fetching the micro-batches: the watch must open after that."""
-    first, _ = train(tmp_path / "first", steps=2, save_strategy="steps", save_steps=2, accumulation=2,
-                     learning_rate=0.0)
+    first, _ = train(
+        tmp_path / "first", steps=2, save_strategy="steps", save_steps=2, accumulation=2, learning_rate=0.0
+    )
     args = quiet_args(tmp_path / "first" / "out", max_steps=5, learning_rate=0.0, gradient_accumulation_steps=2)
-    trainer = AuditedTrainer(model=tiny_bert(), args=args, train_dataset=Tokens(),
-                             audit_options={"run": tmp_path / "resumed"})
+    trainer = AuditedTrainer(
+        model=tiny_bert(), args=args, train_dataset=Tokens(), audit_options={"run": tmp_path / "resumed"}
+    )
     trainer.train(resume_from_checkpoint=str(tmp_path / "first" / "out" / "checkpoint-2"))
     records = trainer.audit.records
     assert [r["step"] for r in records] == [2, 3, 4]
@@ -242,8 +286,9 @@ def test_the_training_loss_is_loss_before_no_extra_forward(tmp_path):
 def test_a_resumed_run_continues_the_step_count(tmp_path):
     first, _ = train(tmp_path / "first", steps=3, save_strategy="steps", save_steps=3)
     args = quiet_args(tmp_path / "first" / "out", max_steps=7)
-    trainer = AuditedTrainer(model=tiny_bert(), args=args, train_dataset=Tokens(),
-                             audit_options={"run": tmp_path / "resumed", "every": 2})
+    trainer = AuditedTrainer(
+        model=tiny_bert(), args=args, train_dataset=Tokens(), audit_options={"run": tmp_path / "resumed", "every": 2}
+    )
     trainer.train(resume_from_checkpoint=str(tmp_path / "first" / "out" / "checkpoint-3"))
     assert [r["step"] for r in trainer.audit.records] == [4, 6]
 
@@ -251,7 +296,9 @@ def test_a_resumed_run_continues_the_step_count(tmp_path):
 def test_each_rank_writes_its_own_folder(tmp_path, monkeypatch):
     """Several processes: run=<folder> becomes <folder>-rank<i> (ranks sharing a folder overwrite each other)."""
     args = quiet_args(tmp_path / "out")
-    trainer = AuditedTrainer(model=tiny_bert(), args=args, train_dataset=Tokens(), audit_options={"run": tmp_path / "run"})
+    trainer = AuditedTrainer(
+        model=tiny_bert(), args=args, train_dataset=Tokens(), audit_options={"run": tmp_path / "run"}
+    )
     trainer.create_optimizer()
     monkeypatch.setattr(type(trainer.args), "world_size", property(lambda self: 2))
     monkeypatch.setattr(type(trainer.args), "process_index", property(lambda self: 1))

@@ -1,12 +1,13 @@
 """Auditing never changes training: weights, optimizer state, buffers and RNG are bit-identical."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import classification_loss, make_mlp
 from torch import nn
 
 import stepaudit
-from conftest import classification_loss, make_mlp
 
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.1),
@@ -26,13 +27,24 @@ def batches(n: int, accumulate: int):
     return out
 
 
-def train(optimizer_name: str, audited: bool, tmp_path, accumulate: int = 1, autocast: bool = False,
-          probes=None, every: int = 1):
+def train(
+    optimizer_name: str,
+    audited: bool,
+    tmp_path,
+    accumulate: int = 1,
+    autocast: bool = False,
+    probes=None,
+    every: int = 1,
+):
     """Dropout + BatchNorm model, StepLR, gradient clipping, optional bf16 autocast and accumulation."""
     model = make_mlp(dropout=0.3, batchnorm=True)
     opt = OPTIMIZERS[optimizer_name](model.parameters())
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-    audit = stepaudit.Audit(model, opt, classification_loss, run=tmp_path / "run", probes=probes, every=every) if audited else None
+    audit = (
+        stepaudit.Audit(model, opt, classification_loss, run=tmp_path / "run", probes=probes, every=every)
+        if audited
+        else None
+    )
     torch.manual_seed(99)
     for micro in batches(5, accumulate):
         block = audit.watch(micro if accumulate > 1 else micro[0], accumulate=accumulate) if audited else _nothing()
@@ -113,7 +125,7 @@ def test_plain_step_api_is_bit_identical_to_a_hand_written_loop(tmp_path):
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         audit = stepaudit.Audit(model, opt, classification_loss, run=tmp_path / str(audited)) if audited else None
         torch.manual_seed(5)
-        for (x, y), in batches(4, 1):
+        for ((x, y),) in batches(4, 1):
             if audited:
                 audit.step((x, y))
             else:
@@ -125,8 +137,20 @@ def test_plain_step_api_is_bit_identical_to_a_hand_written_loop(tmp_path):
     assert_identical(run(False), run(True))
 
 
-ALL_OPTIMIZERS = ["Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "ASGD", "NAdam", "RAdam",
-                  "RMSprop", "Rprop", "SGD"]
+ALL_OPTIMIZERS = [
+    "Adadelta",
+    "Adafactor",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "ASGD",
+    "NAdam",
+    "RAdam",
+    "RMSprop",
+    "Rprop",
+    "SGD",
+]
 
 
 @pytest.mark.parametrize("name", [n for n in ALL_OPTIMIZERS if hasattr(torch.optim, n)])

@@ -1,4 +1,5 @@
 """AuditCallback under a real Lightning Trainer: training bit-identical, records right, logs untouched."""
+
 from __future__ import annotations
 
 import pytest
@@ -43,14 +44,22 @@ def loader(same_batch: bool = False) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
 
 
-def quiet_trainer(**options) -> "pl.Trainer":
+def quiet_trainer(**options) -> pl.Trainer:
     """A CPU Trainer without logger, checkpoints, progress bar or summary; ``options`` add to it."""
-    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, **options)
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **options,
+    )
 
 
-def fit(callbacks=(), steps: int = 7, same_batch: bool = False, module_class=None, trainer_options=None,
-        **module_kwargs):
+def fit(
+    callbacks=(), steps: int = 7, same_batch: bool = False, module_class=None, trainer_options=None, **module_kwargs
+):
     pl.seed_everything(0, verbose=False)
     module = (module_class or Net)(**module_kwargs)
     trainer = quiet_trainer(max_steps=steps, callbacks=list(callbacks), **(trainer_options or {}))
@@ -72,8 +81,9 @@ def test_training_is_bit_identical_with_the_callback(tmp_path):
         for field in plain_state[key]:
             assert torch.equal(torch.as_tensor(plain_state[key][field]), torch.as_tensor(audited_state[key][field]))
     # The re-evaluations did not log: the epoch mean of train_loss is the training passes' own.
-    assert torch.equal(plain_trainer.callback_metrics["train_loss_epoch"],
-                       audited_trainer.callback_metrics["train_loss_epoch"])
+    assert torch.equal(
+        plain_trainer.callback_metrics["train_loss_epoch"], audited_trainer.callback_metrics["train_loss_epoch"]
+    )
     records = callback.audit.records
     assert [r["step"] for r in records] == list(range(7))
     assert all(r["verdict"] in ("decrease", "increase", "flat") for r in records)
@@ -255,8 +265,15 @@ def test_each_rank_writes_its_own_folder(tmp_path):
     from types import SimpleNamespace
 
     module = Net()
-    trainer = SimpleNamespace(accumulate_grad_batches=1, callbacks=[], optimizers=[module.configure_optimizers()],
-                              world_size=2, global_rank=1, global_step=0, precision_plugin=None)
+    trainer = SimpleNamespace(
+        accumulate_grad_batches=1,
+        callbacks=[],
+        optimizers=[module.configure_optimizers()],
+        world_size=2,
+        global_rank=1,
+        global_step=0,
+        precision_plugin=None,
+    )
     callback = AuditCallback(run=tmp_path / "run")
     callback.on_train_start(trainer, module)
     assert callback.audit.run == tmp_path / "run-rank1"
@@ -296,8 +313,14 @@ def test_the_doctor_diagnoses_an_unchanged_lightning_script(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(LIGHTNING_SCRIPT)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    done = subprocess.run([sys.executable, "-m", "stepaudit", "doctor", "--json", "--run", str(tmp_path / "run"),
-                           str(script)], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "stepaudit", "doctor", "--json", "--run", str(tmp_path / "run"), str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert result["steps"] == 60 and result["stopped"] == "finished"
@@ -309,9 +332,19 @@ def test_with_several_optimizers_a_resumed_count_is_divided_among_them(tmp_path)
     from types import SimpleNamespace
 
     module = ManualNet()
-    optimizers = [torch.optim.SGD(module.net[0].parameters(), lr=0.1), torch.optim.SGD(module.net[4].parameters(), lr=0.1)]
-    trainer = SimpleNamespace(accumulate_grad_batches=1, callbacks=[], optimizers=optimizers, world_size=1,
-                              global_rank=0, global_step=6, precision_plugin=None)
+    optimizers = [
+        torch.optim.SGD(module.net[0].parameters(), lr=0.1),
+        torch.optim.SGD(module.net[4].parameters(), lr=0.1),
+    ]
+    trainer = SimpleNamespace(
+        accumulate_grad_batches=1,
+        callbacks=[],
+        optimizers=optimizers,
+        world_size=1,
+        global_rank=0,
+        global_step=6,
+        precision_plugin=None,
+    )
     callback = AuditCallback(run=tmp_path / "run", loss_fn=lambda m, b: m.net(b[0]).sum())
     with pytest.warns(UserWarning, match="first_step"):
         callback.on_train_start(trainer, module)

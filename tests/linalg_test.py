@@ -393,7 +393,6 @@ def test_hutchinson_on_mlp_hessian(method):
     assert abs(estimate - float(torch.trace(hessian))) <= 4 * stderr
 
 
-
 def test_lanczos_rejects_non_finite_operator():
     with pytest.raises(FloatingPointError):
         lanczos(lambda v: v * float("nan"), 5, dtype=F64, generator=gen(0))

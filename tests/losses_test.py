@@ -1,4 +1,5 @@
 """LossEvaluator: the before/after losses and their rounding noise, against separate recomputations."""
+
 from __future__ import annotations
 
 import copy
@@ -22,9 +23,18 @@ def setup(dropout: float = 0.0):
     model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, 3))
     batch = (torch.randn(32, 5), torch.randint(0, 3, (32,)))
     params = list(model.parameters())
-    ctx = StepContext(step=0, model=model, optimizer=torch.optim.SGD(params, lr=0.1), loss_fn=loss_fn,
-                      parts=[Part(batch, RngState.capture([]))], autocast=AutocastState(),
-                      names=[n for n, _ in model.named_parameters()], params=params, before=[], grads=[])
+    ctx = StepContext(
+        step=0,
+        model=model,
+        optimizer=torch.optim.SGD(params, lr=0.1),
+        loss_fn=loss_fn,
+        parts=[Part(batch, RngState.capture([]))],
+        autocast=AutocastState(),
+        names=[n for n, _ in model.named_parameters()],
+        params=params,
+        before=[],
+        grads=[],
+    )
     return model, batch, params, ctx
 
 
@@ -51,7 +61,9 @@ def test_float64_losses_match_a_float64_copy():
     oracle = copy.deepcopy(model).double()
     expected = float(F.cross_entropy(oracle(batch[0].double()), batch[1]))
     evaluator = LossEvaluator(model, loss_fn, params, "float64")
-    assert evaluator.before(ctx, torch.tensor(123.0)) == pytest.approx(expected, rel=1e-15)  # the twin, not the float32 value
+    assert evaluator.before(ctx, torch.tensor(123.0)) == pytest.approx(
+        expected, rel=1e-15
+    )  # the twin, not the float32 value
     after, noise, method = evaluator.after(ctx, loss_before=expected)
     assert after == pytest.approx(expected, rel=1e-15)
     assert method == "float64" and noise < 1e-13
@@ -73,8 +85,13 @@ def test_a_loss_with_a_gradient_penalty_is_re_evaluated_with_grad_mode_on(precis
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
     batch = (torch.randn(32, 5), torch.randint(0, 3, (32,)))
-    with stepaudit.Audit(model, torch.optim.SGD(model.parameters(), lr=0.1), gradient_penalty_loss,
-                         run=tmp_path / "r", precision=precision) as audit:
+    with stepaudit.Audit(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        gradient_penalty_loss,
+        run=tmp_path / "r",
+        precision=precision,
+    ) as audit:
         audit.step(batch)
         audit.step(batch)
     oracle = copy.deepcopy(model)

@@ -5,6 +5,7 @@ exactly when lr > 2/λ_max, α = λ·lr − 1 and g·Δw = −lr‖Aw‖² in cl
 from the optimizer's own state), hand-worked fastai suggestions on hand-made curves, a loop recomputing the
 smoothed curve and the divergence stop, and a twin model that never saw lr_find.
 """
+
 from __future__ import annotations
 
 import copy
@@ -84,8 +85,9 @@ def tensors_of(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch
     return out
 
 
-@pytest.mark.parametrize("optimizer_cls,kwargs", [(torch.optim.Adam, {"lr": 1e-3}),
-                                                  (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9})])
+@pytest.mark.parametrize(
+    "optimizer_cls,kwargs", [(torch.optim.Adam, {"lr": 1e-3}), (torch.optim.SGD, {"lr": 0.05, "momentum": 0.9})]
+)
 def test_everything_is_bit_identical_afterwards(optimizer_cls, kwargs):
     model, optimizer = trained(optimizer_cls, **kwargs)
     twin_model = copy.deepcopy(model)
@@ -166,8 +168,10 @@ def test_heavy_ball_correction_against_a_simulated_sweep_and_the_heavy_ball_limi
         w = w_new
     assert [v == "increase" for v in result.verdicts] == rises
     assert np.allclose(result.gains, gains, rtol=1e-9)
-    up = next(i for i in range(len(rises)) if rises[i] and sum(rises[i:i + 5]) >= min(3, len(rises[i:i + 5]) // 2 + 1))
-    g_sweep = float(np.median([g for g, r in zip(gains[up:up + 5], rises[up:up + 5]) if r and g > 0]))
+    up = next(
+        i for i in range(len(rises)) if rises[i] and sum(rises[i : i + 5]) >= min(3, len(rises[i : i + 5]) // 2 + 1)
+    )
+    g_sweep = float(np.median([g for g, r in zip(gains[up : up + 5], rises[up : up + 5]) if r and g > 0]))
     assert result.lr_rise == result.lrs[up] and result.gain_train == pytest.approx(10.0)
     assert result.suggestion == pytest.approx(0.5 * result.lrs[up] * g_sweep / 10.0, rel=1e-9)
     assert 0.5 < result.lrs[up] * g_sweep / (2 / lam) < 2  # the plain step that overshoots: ≈ 2/λ
@@ -204,8 +208,7 @@ def test_grid_is_exactly_geometric_and_the_sweep_follows_it():
     ratios = grid[1:] / grid[:-1]
     assert np.allclose(ratios, 1e8 ** (1 / 99), rtol=1e-12, atol=0)
     model = Quadratic(top_eigenvector())
-    result = lr_find(model, torch.optim.SGD(model.parameters(), lr=0.1), quadratic_loss, [0], num=100,
-                     curvature=False)
+    result = lr_find(model, torch.optim.SGD(model.parameters(), lr=0.1), quadratic_loss, [0], num=100, curvature=False)
     assert np.array_equal(result.lrs, grid[: len(result.lrs)])
     with pytest.raises(ValueError):
         lr_grid(1.0, 0.5, 10)
@@ -228,8 +231,9 @@ def test_divergence_stop_at_four_times_the_minimum_of_the_smoothed_loss():
     running_min = np.minimum.accumulate(smooth)
     stop = int(np.flatnonzero(smooth > 4 * running_min)[0])
     assert len(result.lrs) == stop + 1 < 100 and "4×" in result.stopped
-    everything = lr_find(model, optimizer, quadratic_loss, [0], start_lr=1e-3, end_lr=100, num=100,
-                         curvature=False, stop_div=False)
+    everything = lr_find(
+        model, optimizer, quadratic_loss, [0], start_lr=1e-3, end_lr=100, num=100, curvature=False, stop_div=False
+    )
     assert len(everything.lrs) > len(result.lrs)
 
 
@@ -320,8 +324,7 @@ def test_optimizer_step_hooks_do_not_see_the_sweep_and_are_back_afterwards():
     model, optimizer = trained(torch.optim.SGD, lr=0.1)
     seen = {"own": 0, "global": 0}
     own = optimizer.register_step_post_hook(lambda *a: seen.__setitem__("own", seen["own"] + 1))
-    glob = register_optimizer_step_post_hook(
-        lambda *a: seen.__setitem__("global", seen["global"] + 1))
+    glob = register_optimizer_step_post_hook(lambda *a: seen.__setitem__("global", seen["global"] + 1))
     try:
         result = lr_find(model, optimizer, net_loss, net_batches(), num=20, curvature=False)
         assert len(result.lrs) == 20 and seen == {"own": 0, "global": 0}

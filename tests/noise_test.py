@@ -1,5 +1,6 @@
 """stepaudit.noise against oracles: brute-force single-example backward passes, and linear regression
 with Gaussian inputs where Σ and G are known in closed form."""
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,12 @@ F64 = torch.float64
 # -- a small nonlinear model as a functional loss -------------------------------------------------------------
 def mlp_params(seed: int = 0) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return {"w1": torch.randn(6, 5, generator=g, dtype=F64) * 0.5, "b1": torch.randn(6, generator=g, dtype=F64) * 0.1,
-            "w2": torch.randn(3, 6, generator=g, dtype=F64) * 0.5, "b2": torch.zeros(3, dtype=F64)}
+    return {
+        "w1": torch.randn(6, 5, generator=g, dtype=F64) * 0.5,
+        "b1": torch.randn(6, generator=g, dtype=F64) * 0.1,
+        "w2": torch.randn(3, 6, generator=g, dtype=F64) * 0.5,
+        "b2": torch.zeros(3, dtype=F64),
+    }
 
 
 def mlp_loss(p, batch):
@@ -89,7 +94,7 @@ def test_jackknife_stderr_matches_explicit_leave_one_group_out():
     est = estimate(per_sample_moments(mlp_loss, params, batch, chunk=5, groups=4), "per_sample")
     traces, signals = [], []
     for k in range(4):  # groups are 4 contiguous blocks of 6 examples
-        kept = torch.cat([rows[: 6 * k], rows[6 * (k + 1):]])
+        kept = torch.cat([rows[: 6 * k], rows[6 * (k + 1) :]])
         t = covariance_trace(kept)
         traces.append(t)
         signals.append(float(kept.mean(0) @ kept.mean(0)) - t / len(kept))
@@ -122,7 +127,8 @@ def test_merging_two_halves_equals_the_whole():
     params, (x, y) = mlp_params(), mlp_batch(30)
     whole = per_sample_moments(mlp_loss, params, (x, y), groups=3)
     parts = per_sample_moments(mlp_loss, params, (x[:15], y[:15]), groups=3).merge(
-        per_sample_moments(mlp_loss, params, (x[15:], y[15:]), groups=3))
+        per_sample_moments(mlp_loss, params, (x[15:], y[15:]), groups=3)
+    )
     a, b = estimate(whole, "per_sample"), estimate(parts, "per_sample")
     assert a.trace_sigma == pytest.approx(b.trace_sigma, rel=1e-12)
     assert a.grad_sq_norm == pytest.approx(b.grad_sq_norm, rel=1e-12)
@@ -153,10 +159,18 @@ def test_unequal_micro_batches_are_unbiased_on_average():
     cov, chol, w_star, w, sigma = regression_problem()
     true_trace, _ = regression_truth(cov, w - w_star, sigma)
     g = torch.Generator().manual_seed(6)
-    values = torch.tensor([
-        estimate(micro_batch_moments(regression_loss, {"w": w}, regression_batch(chol, w_star, sigma, 27, g),
-                                     micro_batches=7), "micro_batch").trace_sigma
-        for _ in range(400)], dtype=F64)
+    values = torch.tensor(
+        [
+            estimate(
+                micro_batch_moments(
+                    regression_loss, {"w": w}, regression_batch(chol, w_star, sigma, 27, g), micro_batches=7
+                ),
+                "micro_batch",
+            ).trace_sigma
+            for _ in range(400)
+        ],
+        dtype=F64,
+    )
     assert abs(float(values.mean()) - true_trace) < 4 * float(values.std()) / math.sqrt(len(values))
 
 
@@ -191,14 +205,22 @@ def regression_batch(chol, w_star, sigma, size, g):
     return x, x @ w_star + sigma * torch.randn(size, generator=g, dtype=F64)
 
 
-@pytest.mark.parametrize("distance, sigma, batch, reps", [(1.0, 0.7, 128, 150), (0.3, 2.0, 16, 1500)],
-                         ids=["signal-dominated", "noise-dominated"])
+@pytest.mark.parametrize(
+    "distance, sigma, batch, reps",
+    [(1.0, 0.7, 128, 150), (0.3, 2.0, 16, 1500)],
+    ids=["signal-dominated", "noise-dominated"],
+)
 def test_linear_regression_estimators_agree_with_closed_form_within_stated_stderr(distance, sigma, batch, reps):
     cov, chol, w_star, w, sigma = regression_problem(distance=distance, sigma=sigma)
     true_trace, true_signal = regression_truth(cov, w - w_star, sigma)
     g = torch.Generator().manual_seed(12)
-    estimates = [estimate(per_sample_moments(regression_loss, {"w": w}, regression_batch(chol, w_star, sigma, batch, g),
-                                             groups=8), "per_sample") for _ in range(reps)]
+    estimates = [
+        estimate(
+            per_sample_moments(regression_loss, {"w": w}, regression_batch(chol, w_star, sigma, batch, g), groups=8),
+            "per_sample",
+        )
+        for _ in range(reps)
+    ]
     for field, truth in (("trace_sigma", true_trace), ("grad_sq_norm", true_signal)):
         values = torch.tensor([getattr(e, field) for e in estimates], dtype=F64)
         stated = torch.tensor([getattr(e, field + "_stderr") for e in estimates], dtype=F64)

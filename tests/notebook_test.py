@@ -1,5 +1,6 @@
 """Notebooks: a real kernel (nbclient, python3) runs a small notebook; the audit, a loaded run and the
 doctor's diagnoses render inline, and the live view is one display updated while training."""
+
 from __future__ import annotations
 
 import html
@@ -33,7 +34,9 @@ audit.close()
 
 def run_notebook(tmp_path, cells: list[str]) -> list:
     book = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
-    client = nbclient.NotebookClient(book, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(
+        book, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
     return book.cells
 
@@ -50,8 +53,9 @@ def srcdoc(fragment: str) -> str:
 
 
 def test_a_notebook_renders_the_audit_the_run_and_the_diagnoses_inline(tmp_path):
-    cells = run_notebook(tmp_path, [f"RUN = {str(tmp_path / 'run')!r}\n" + TRAIN, "audit",
-                                    "stepaudit.open_run(RUN)", "audit.diagnose()"])
+    cells = run_notebook(
+        tmp_path, [f"RUN = {str(tmp_path / 'run')!r}\n" + TRAIN, "audit", "stepaudit.open_run(RUN)", "audit.diagnose()"]
+    )
     for cell in cells:
         assert not [o for o in cell.outputs if o.output_type == "error"], cell.outputs
     live = html_of(cells[0])  # the display was updated in place: one output, its final state

@@ -1,5 +1,6 @@
 """stepaudit.persample (per-example statistics from layer identities) against a loop of single-example
 backward passes, and its refusals (returns None so the caller falls back to vmap)."""
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,14 @@ class Conv1dNet(nn.Module):
 
 
 def conv2d_net() -> nn.Module:
-    net = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1, stride=(1, 2), dilation=(2, 1)), nn.BatchNorm2d(5),
-                        nn.ReLU(inplace=True), nn.Conv2d(5, 3, 2, bias=False), nn.Flatten(), nn.LazyLinear(3))
+    net = nn.Sequential(
+        nn.Conv2d(2, 5, 3, padding=1, stride=(1, 2), dilation=(2, 1)),
+        nn.BatchNorm2d(5),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(5, 3, 2, bias=False),
+        nn.Flatten(),
+        nn.LazyLinear(3),
+    )
     net(torch.randn(2, 2, 6, 6))  # materialise the lazy layer
     net[1].running_mean.uniform_(-0.5, 0.5)
     net[1].running_var.uniform_(0.5, 2.0)
@@ -61,22 +68,37 @@ def conv2d_net() -> nn.Module:
 
 
 CASES = {
-    "mlp-inplace-relu": (lambda: nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 3)),
-                         lambda g: (torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g))),
-    "sequence-gram": (lambda: SeqNet(16),  # T=3: T² < in·out → Gram route
-                      lambda g: (torch.randn(10, 3, 4, generator=g), torch.randint(0, 3, (10, 3), generator=g))),
-    "sequence-product": (lambda: SeqNet(2),  # T=9: T² > in·out → explicit products
-                         lambda g: (torch.randn(10, 9, 4, generator=g), torch.randint(0, 3, (10, 9), generator=g))),
+    "mlp-inplace-relu": (
+        lambda: nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 3)),
+        lambda g: (torch.randn(12, 5, generator=g), torch.randint(0, 3, (12,), generator=g)),
+    ),
+    "sequence-gram": (
+        lambda: SeqNet(16),  # T=3: T² < in·out → Gram route
+        lambda g: (torch.randn(10, 3, 4, generator=g), torch.randint(0, 3, (10, 3), generator=g)),
+    ),
+    "sequence-product": (
+        lambda: SeqNet(2),  # T=9: T² > in·out → explicit products
+        lambda g: (torch.randn(10, 9, 4, generator=g), torch.randint(0, 3, (10, 9), generator=g)),
+    ),
     "conv1d": (Conv1dNet, lambda g: (torch.randn(9, 2, 10, generator=g), torch.randint(0, 3, (9,), generator=g))),
-    "conv2d-batchnorm-eval": (conv2d_net, lambda g: (torch.randn(11, 2, 6, 6, generator=g),
-                                                     torch.randint(0, 3, (11,), generator=g))),
-    "mlp-wide-gram": (lambda: nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(inplace=True),
-                                            nn.Linear(16, 3)),  # B(in+out) ≤ 2·in·out: example Gram route
-                      lambda g: (torch.randn(6, 8, generator=g), torch.randint(0, 3, (6,), generator=g))),
-    "layernorm-2d": (lambda: nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 3)),
-                     lambda g: (torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g))),
-    "batchnorm1d-eval": (lambda: nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).eval(),
-                         lambda g: (torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g))),
+    "conv2d-batchnorm-eval": (
+        conv2d_net,
+        lambda g: (torch.randn(11, 2, 6, 6, generator=g), torch.randint(0, 3, (11,), generator=g)),
+    ),
+    "mlp-wide-gram": (
+        lambda: nn.Sequential(
+            nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(inplace=True), nn.Linear(16, 3)
+        ),  # B(in+out) ≤ 2·in·out: example Gram route
+        lambda g: (torch.randn(6, 8, generator=g), torch.randint(0, 3, (6,), generator=g)),
+    ),
+    "layernorm-2d": (
+        lambda: nn.Sequential(nn.Linear(5, 6), nn.LayerNorm(6), nn.Linear(6, 3)),
+        lambda g: (torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)),
+    ),
+    "batchnorm1d-eval": (
+        lambda: nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)).eval(),
+        lambda g: (torch.randn(8, 5, generator=g), torch.randint(0, 3, (8,), generator=g)),
+    ),
 }
 
 
@@ -95,7 +117,7 @@ def single_example_gradients(model, batch) -> torch.Tensor:
     rows = []
     for i in range(batch[0].shape[0]):
         model.zero_grad()
-        classify(model, (batch[0][i:i + 1], batch[1][i:i + 1])).backward()
+        classify(model, (batch[0][i : i + 1], batch[1][i : i + 1])).backward()
         rows.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double())
     model.zero_grad()
     return torch.stack(rows)
@@ -165,11 +187,17 @@ class DirectWeights(nn.Module):
         return F.linear(self.used(x), self.bypassed.weight, self.bypassed.bias)
 
 
-@pytest.mark.parametrize("build", [Tied, RawParameter, DirectWeights,
-                                   lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)),
-                                   lambda: nn.Sequential(nn.Unflatten(1, (3, 1)), nn.Conv1d(3, 3, 1, padding="same"),
-                                                         nn.Flatten())],
-                         ids=["called-twice", "raw-parameter", "weights-without-call", "batchnorm-train", "padding-same"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        Tied,
+        RawParameter,
+        DirectWeights,
+        lambda: nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 3)),
+        lambda: nn.Sequential(nn.Unflatten(1, (3, 1)), nn.Conv1d(3, 3, 1, padding="same"), nn.Flatten()),
+    ],
+    ids=["called-twice", "raw-parameter", "weights-without-call", "batchnorm-train", "padding-same"],
+)
 def test_unsupported_models_are_refused(build):
     torch.manual_seed(0)
     model = build()
@@ -181,6 +209,7 @@ def test_unsupported_models_are_refused(build):
 
 def test_gram_route_runs_where_it_is_cheaper(monkeypatch):
     import stepaudit.persample as persample
+
     chosen = []
     original = persample._gram_route
     monkeypatch.setattr(persample, "_gram_route", lambda *a: chosen.append(original(*a)) or chosen[-1])

@@ -1,4 +1,5 @@
 """Per-parameter sums: the fast working-dtype path against float64 sums of the same vectors."""
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,8 @@ def test_fast_and_exact_sums_agree_within_float32_accuracy():
     w, grad, delta = (torch.randn(sum(sizes), generator=g) for _ in range(3))
     exact = per_parameter_sums(w, grad, delta, sizes, exact=True)
     fast = per_parameter_sums(w, grad, delta, sizes, exact=False)
-    for i, n in enumerate(sizes):
-        lo, hi = sum(sizes[:i]), sum(sizes[:i + 1])
+    for i, _ in enumerate(sizes):
+        lo, hi = sum(sizes[:i]), sum(sizes[: i + 1])
         oracle_dot = float((grad[lo:hi].double() * delta[lo:hi].double()).sum())
         scale = float((grad[lo:hi].double() * delta[lo:hi].double()).abs().sum())
         assert abs(exact[i][0] - oracle_dot) <= 1e-12 * scale
@@ -29,5 +30,5 @@ def test_layer_rows_aggregate_modules_and_groups():
     by = {(r["kind"], r["name"]): r for r in rows}
     assert by[("module", "a")]["grad_norm"] == 3.0 and by[("module", "a")]["update_norm"] == 4.0
     assert by[("group", "1")]["update_ratio"] == 1.0
-    assert totals["first_order"] == 2.0 and totals["weight_norm"] == 26 ** 0.5
+    assert totals["first_order"] == 2.0 and totals["weight_norm"] == 26**0.5
     assert totals["descent_cos"] == -2.0 / (10 * 17) ** 0.5

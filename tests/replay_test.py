@@ -1,4 +1,5 @@
 """Replay: which random state each micro-batch's re-evaluation starts from, and host-generator tracking."""
+
 from __future__ import annotations
 
 import random

@@ -1,4 +1,5 @@
 """``stepaudit report`` / ``stepaudit compare`` and the terminal summaries (rich and plain)."""
+
 import io
 import sys
 
@@ -7,9 +8,9 @@ import pytest
 
 from stepaudit.cli import main as stepaudit
 from stepaudit.report.cli import compare_main, main
+from stepaudit.report.compare import cell, summary_rows
 from stepaudit.report.data import load_run
 from stepaudit.report.samples import write_synthetic_run
-from stepaudit.report.compare import cell, summary_rows
 from stepaudit.report.terminal import plain_compare, plain_run, print_compare, print_run, run_rows, sparkline
 
 RICH = ("rich", "rich.box", "rich.console", "rich.panel", "rich.table", "rich.text")
@@ -18,7 +19,9 @@ RICH = ("rich", "rich.box", "rich.console", "rich.panel", "rich.table", "rich.te
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    return [write_synthetic_run(root / name, steps=120, seed=seed, name=name) for seed, name in enumerate(("sgd", "adam"))]
+    return [
+        write_synthetic_run(root / name, steps=120, seed=seed, name=name) for seed, name in enumerate(("sgd", "adam"))
+    ]
 
 
 def test_report_writes_into_the_run_folder_by_default(runs, capsys):
@@ -194,7 +197,9 @@ def test_passive_fields_say_not_measured(doctor_run, capsys):
     run, _ = doctor_run
     loaded = load_run(run)
     text = plain_run(loaded)
-    rows = {line.split("  ")[1].strip(): line for line in text.splitlines() if line.startswith("  ") and "  " in line[2:]}
+    rows = {
+        line.split("  ")[1].strip(): line for line in text.splitlines() if line.startswith("  ") and "  " in line[2:]
+    }
     for label in ("lowered / raised / flat", "median α", "median Δloss / g·Δw"):
         assert "not measured in passive mode" in rows[label]
     assert "0% / 0% / 0%" not in text and " nan " not in f" {text} "
@@ -225,8 +230,12 @@ def test_last_loss_is_the_doctors_median_of_the_last_fifth(doctor_run, tmp_path)
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 3)
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
-    audit = stepaudit.Audit(model, torch.optim.SGD(model.parameters(), lr=0.1),
-                            lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]), run=tmp_path / "active")
+    audit = stepaudit.Audit(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1]),
+        run=tmp_path / "active",
+    )
     for _ in range(40):
         audit.step((x, y))
     records = list(audit.records)
@@ -263,16 +272,26 @@ def test_report_of_a_doctor_run_that_failed_before_the_first_step(tmp_path, caps
 
 def test_terminal_tables_never_split_a_word_at_80_columns(tmp_path):
     """Every word of every cell and run name appears whole in the 80-column output (rich folds only between words)."""
-    meta = {"optimizer": "AdamW", "test_accuracy": 0.97,
-            "param_groups": [{"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.01}]}
-    runs = [load_run(write_synthetic_run(tmp_path / n, steps=30, name=n, meta=meta))
-            for n in ("adamw-with-a-long-name", "sgd", "momentum")]
+    meta = {
+        "optimizer": "AdamW",
+        "test_accuracy": 0.97,
+        "param_groups": [{"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.01}],
+    }
+    runs = [
+        load_run(write_synthetic_run(tmp_path / n, steps=30, name=n, meta=meta))
+        for n in ("adamw-with-a-long-name", "sgd", "momentum")
+    ]
     for show, args in ((print_compare, runs), (print_run, runs[0])):
         buffer = io.StringIO()
         show(args, file=buffer, width=80)
         out = buffer.getvalue()
         assert max(len(line) for line in out.splitlines()) <= 80
-        words = {w for r in summary_rows(runs) for k, v in r.items() for w in cell(k, v).split()} if show is print_compare \
+        words = (
+            {w for r in summary_rows(runs) for k, v in r.items() for w in cell(k, v).split()}
+            if show is print_compare
             else {w for q, v, h in run_rows(runs[0]) for w in f"{q} {v}".split()}
-        broken = [w for w in words if w not in out and w != "–" and not any(f"{w[:k]}…" in out for k in range(4, len(w)))]
+        )
+        broken = [
+            w for w in words if w not in out and w != "–" and not any(f"{w[:k]}…" in out for k in range(4, len(w)))
+        ]
         assert not broken, f"{show.__name__} split these words: {broken}"

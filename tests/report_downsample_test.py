@@ -1,4 +1,5 @@
 """Min/max envelopes, scatter cell merging and block statistics, against brute-force recomputation."""
+
 import math
 
 import numpy as np

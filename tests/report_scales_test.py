@@ -1,4 +1,5 @@
 """Axis scales and tick labels of the report's charts."""
+
 import math
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Auditing never breaks training: faults are recorded, training goes on; bad arguments say the fix."""
+
 from __future__ import annotations
 
 import os
@@ -10,10 +11,10 @@ import time
 
 import pytest
 import torch
+from conftest import classification_loss, make_mlp
 from torch import nn
 
 import stepaudit
-from conftest import classification_loss, make_mlp
 
 
 def test_nan_loss_is_recorded_and_training_continues(tiny_batch, tmp_path):
@@ -83,29 +84,98 @@ def test_parameters_without_grad_are_zero_gradient(tmp_path):
 @pytest.mark.parametrize(
     "build, match",
     [
-        (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn="not callable"), "callable"),
-        (lambda m: dict(model=m, optimizer=torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1),
-                        loss_fn=classification_loss), "not in the model"),
-        (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=classification_loss,
-                        every=0), "every must be"),
-        (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=classification_loss,
-                        probes={"no_such_probe": 1}), "known probes"),
-        (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=classification_loss,
-                        precision="float16"), "precision"),
-        (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=classification_loss,
-                        probe_options={"sharpnes": {}}), r"unknown probe\(s\) sharpnes; known: .*curvature"),
-        (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=classification_loss,
-                        probes={"next_delta": 2}), "every step"),
-        (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=classification_loss,
-                        reference=(b for b in [])), "one-shot"),
-        (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=classification_loss,
-                        probe_options={"curvature": {"max_hvps": 0}}), "max_hvps"),
-        (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=classification_loss,
-                        probes=["sharpness"]), r"probes must be a dict \{name: every\}.*probes=\{'sharpness': 1\}"),
-        (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=classification_loss,
-                        probes="sharpness"), r"probes=\{'sharpness': 1\}; got str"),
-        (lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
-                        loss_fn=lambda batch: batch), r"loss_fn\(model, batch\).*<lambda>\(batch\)"),
+        (
+            lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn="not callable"),
+            "callable",
+        ),
+        (
+            lambda m: dict(
+                model=m, optimizer=torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), loss_fn=classification_loss
+            ),
+            "not in the model",
+        ),
+        (
+            lambda m: dict(
+                model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=classification_loss, every=0
+            ),
+            "every must be",
+        ),
+        (
+            lambda m: dict(
+                model=m,
+                optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+                loss_fn=classification_loss,
+                probes={"no_such_probe": 1},
+            ),
+            "known probes",
+        ),
+        (
+            lambda m: dict(
+                model=m,
+                optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+                loss_fn=classification_loss,
+                precision="float16",
+            ),
+            "precision",
+        ),
+        (
+            lambda m: dict(
+                model=m,
+                optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+                loss_fn=classification_loss,
+                probe_options={"sharpnes": {}},
+            ),
+            r"unknown probe\(s\) sharpnes; known: .*curvature",
+        ),
+        (
+            lambda m: dict(
+                model=m,
+                optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+                loss_fn=classification_loss,
+                probes={"next_delta": 2},
+            ),
+            "every step",
+        ),
+        (
+            lambda m: dict(
+                model=m,
+                optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+                loss_fn=classification_loss,
+                reference=(b for b in []),
+            ),
+            "one-shot",
+        ),
+        (
+            lambda m: dict(
+                model=m,
+                optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+                loss_fn=classification_loss,
+                probe_options={"curvature": {"max_hvps": 0}},
+            ),
+            "max_hvps",
+        ),
+        (
+            lambda m: dict(
+                model=m,
+                optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+                loss_fn=classification_loss,
+                probes=["sharpness"],
+            ),
+            r"probes must be a dict \{name: every\}.*probes=\{'sharpness': 1\}",
+        ),
+        (
+            lambda m: dict(
+                model=m,
+                optimizer=torch.optim.SGD(m.parameters(), lr=0.1),
+                loss_fn=classification_loss,
+                probes="sharpness",
+            ),
+            r"probes=\{'sharpness': 1\}; got str",
+        ),
+        (
+            lambda m: dict(model=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.1), loss_fn=lambda batch: batch),
+            r"loss_fn\(model, batch\).*<lambda>\(batch\)",
+        ),
     ],
 )
 def test_bad_arguments_are_refused_with_the_fix(build, match, tmp_path):
@@ -115,8 +185,13 @@ def test_bad_arguments_are_refused_with_the_fix(build, match, tmp_path):
 
 def test_probes_as_name_every_pairs_still_work(tmp_path):
     model = make_mlp()
-    audit = stepaudit.Audit(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
-                            run=tmp_path / "r", probes=[("quadratic", 2)])
+    audit = stepaudit.Audit(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        classification_loss,
+        run=tmp_path / "r",
+        probes=[("quadratic", 2)],
+    )
     assert audit.probes == {"quadratic": 2}
     audit.close()
 
@@ -130,14 +205,17 @@ def test_model_without_trainable_parameters_is_refused(tmp_path):
 def test_orphan_parameters_warn_by_name(tmp_path):
     model = make_mlp()
     with pytest.warns(UserWarning, match=r"2\.weight"):
-        stepaudit.Audit(model, torch.optim.SGD(model[0].parameters(), lr=0.1), classification_loss, run=tmp_path / "r").close()
+        stepaudit.Audit(
+            model, torch.optim.SGD(model[0].parameters(), lr=0.1), classification_loss, run=tmp_path / "r"
+        ).close()
 
 
 def test_non_scalar_loss_and_one_shot_batch_are_refused(tiny_batch, tmp_path):
     model = make_mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with stepaudit.Audit(model, opt, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"),
-                         run=tmp_path / "a") as audit:
+    with stepaudit.Audit(
+        model, opt, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"), run=tmp_path / "a"
+    ) as audit:
         with pytest.raises(ValueError, match="must return a scalar"):
             audit.step(tiny_batch)
     with stepaudit.Audit(model, opt, classification_loss, run=tmp_path / "b") as audit:
@@ -198,8 +276,9 @@ def test_closure_optimizer_audit_failure_is_recorded_not_raised(tiny_batch, tmp_
     assert "dtype" in audit.records[0]["error"]
     model = make_mlp()
     optimizer = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=3)
-    with stepaudit.Audit(model, optimizer, float32_only, run=tmp_path / "strict2", precision="float64",
-                         strict=True) as strict:
+    with stepaudit.Audit(
+        model, optimizer, float32_only, run=tmp_path / "strict2", precision="float64", strict=True
+    ) as strict:
         with pytest.raises(stepaudit.AuditError, match="closure"):
             strict.step(tiny_batch)
 
@@ -258,7 +337,9 @@ def test_a_param_group_holding_a_stranger_is_an_error_record_not_a_crash(tiny_ba
     assert "not in the model" in audit.records[1]["error"]
     strict_model = make_mlp()
     strict_optimizer = torch.optim.SGD(strict_model.parameters(), lr=0.1)
-    with stepaudit.Audit(strict_model, strict_optimizer, classification_loss, run=tmp_path / "s", strict=True) as strict:
+    with stepaudit.Audit(
+        strict_model, strict_optimizer, classification_loss, run=tmp_path / "s", strict=True
+    ) as strict:
         strict_optimizer.add_param_group({"params": [temperature]})
         with pytest.raises(stepaudit.AuditError, match="not in the model"):
             strict.step(tiny_batch)

@@ -1,6 +1,7 @@
 """Training state the audit must replay and put back: Python/NumPy generators, re-bound buffers, autocast's
 weight cache, the random state a loss_fn starts from. Each case runs the same loop with and without the
 audit (the oracle) or against an independent recomputation."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import classification_loss
 from torch import nn
 
 import stepaudit
-from conftest import classification_loss
 
 
 def batches(count: int, n: int = 16, seed: int = 1) -> list:
@@ -59,8 +60,11 @@ def train(make, audited: bool, tmp_path, steps: int = 6, skip=(), before_each=No
     np.random.seed(0)
     model = make()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    audit = stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / f"r{audited}",
-                            **audit_kwargs) if audited else None
+    audit = (
+        stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / f"r{audited}", **audit_kwargs)
+        if audited
+        else None
+    )
     for i, batch in enumerate(batches(steps)):
         if before_each is not None:
             before_each(i)
@@ -91,8 +95,9 @@ def test_python_and_numpy_generators_are_replayed_and_restored(tmp_path):
     # replayed, not merely restored: at lr 0 the re-evaluation takes the same layer-drop decisions
     torch.manual_seed(0)
     model = HostLayerDrop()
-    with stepaudit.Audit(model, torch.optim.SGD(model.parameters(), lr=0.0), classification_loss,
-                         run=tmp_path / "lr0") as audit:
+    with stepaudit.Audit(
+        model, torch.optim.SGD(model.parameters(), lr=0.0), classification_loss, run=tmp_path / "lr0"
+    ) as audit:
         for batch in batches(4):
             audit.step(batch)
     assert all(r["delta"] == 0.0 for r in audit.records)
@@ -112,7 +117,7 @@ def test_loss_after_inside_an_autocast_region_spanning_the_step_uses_the_new_wei
     batch = batches(1, n=64)[0]
     audit = stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / "r")
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the whole step inside autocast: its weight cache
-        with audit.watch(batch) as w:                   # holds bf16 copies of the pre-step weights
+        with audit.watch(batch) as w:  # holds bf16 copies of the pre-step weights
             optimizer.zero_grad()
             loss = classification_loss(model, batch)
             loss.backward()
@@ -157,8 +162,9 @@ def test_host_generators_are_tracked_even_when_the_checking_step_is_not_taken(tm
 
 def test_replays_without_a_state_of_their_own_restore_host_generators_while_tracked(tmp_path):
     # reference_mode="train" replays a fixed torch state that carries no Python/NumPy part
-    assert_same_training(HostLayerDrop, tmp_path, steps=5, reference=batches(1, n=32, seed=7)[0],
-                         reference_mode="train")
+    assert_same_training(
+        HostLayerDrop, tmp_path, steps=5, reference=batches(1, n=32, seed=7)[0], reference_mode="train"
+    )
 
 
 def r_drop(model, batch):

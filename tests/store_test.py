@@ -1,22 +1,24 @@
 """The run store: a new run in an old folder, several processes asking for run folders at once, and what
 it says about a store it cannot read or a run path it cannot use."""
+
 from __future__ import annotations
 
 import threading
 
 import pytest
 import torch
+from conftest import classification_loss, make_mlp
 
 import stepaudit
-from conftest import classification_loss, make_mlp
 from stepaudit.report.samples import write_synthetic_run
 from stepaudit.store import RunStore, RunStoreError, new_run_dir, output_file, read_meta, read_run, run_folder
 
 
 def test_a_new_run_in_an_old_folder_replaces_its_steps_with_a_warning(tiny_batch, tmp_path):
     model = make_mlp()
-    with stepaudit.Audit(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
-                         run=tmp_path / "r") as first:
+    with stepaudit.Audit(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss, run=tmp_path / "r"
+    ) as first:
         for _ in range(5):
             first.step(tiny_batch)
     with pytest.warns(UserWarning, match="held 5 steps of an earlier run"):
@@ -53,8 +55,13 @@ def _damaged(tmp_path, kind: str):
     data = (good / "stepaudit.sqlite").read_bytes()
     run = tmp_path / kind
     run.mkdir()
-    content = {"truncated": data[:3000], "random": bytes(range(256)) * 20, "text": b"hello\n", "empty": b"",
-               "header_only": data[:100]}[kind]
+    content = {
+        "truncated": data[:3000],
+        "random": bytes(range(256)) * 20,
+        "text": b"hello\n",
+        "empty": b"",
+        "header_only": data[:100],
+    }[kind]
     (run / "stepaudit.sqlite").write_bytes(content)
     return run
 
@@ -62,8 +69,13 @@ def _damaged(tmp_path, kind: str):
 @pytest.mark.parametrize("kind", ["truncated", "random", "text", "empty", "header_only"])
 def test_an_unreadable_store_is_one_clear_error_naming_the_file(tmp_path, kind):
     run = _damaged(tmp_path, kind)
-    for read in (stepaudit.load, read_meta, read_run, lambda r: stepaudit.load(r, "layers"),
-                 lambda r: stepaudit.load(r / "stepaudit.sqlite")):
+    for read in (
+        stepaudit.load,
+        read_meta,
+        read_run,
+        lambda r: stepaudit.load(r, "layers"),
+        lambda r: stepaudit.load(r / "stepaudit.sqlite"),
+    ):
         with pytest.raises(RunStoreError, match="not a stepaudit run store \\(corrupt or truncated\\?\\)") as caught:
             read(run)
         message = str(caught.value)
@@ -89,8 +101,9 @@ def test_an_audit_on_an_existing_file_is_refused_before_training(tmp_path):
     (tmp_path / "a_file").write_text("x")
     model = make_mlp()
     with pytest.raises(ValueError, match="is a file, not a folder.*run='runs/exp1'"):
-        stepaudit.Audit(model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss,
-                        run=tmp_path / "a_file")
+        stepaudit.Audit(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), classification_loss, run=tmp_path / "a_file"
+        )
 
 
 def test_the_store_file_names_its_run_folder(tmp_path):

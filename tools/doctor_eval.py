@@ -14,6 +14,7 @@ It prints a per-case table, per-code results and the totals. This is test toolin
 the installed package. The exit status is 0 whatever the scores (this is a report); 2 when the
 harness itself cannot run (no labels, unknown case, or not one doctor run produced a result).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 TOP_K = 2
 HEALTHY = "healthy"
@@ -35,8 +37,17 @@ HEALTHY = "healthy"
 
 def doctor_command(max_steps: int = 300, time_limit: float = 60.0) -> list[str]:
     """The default command prefix: this interpreter's ``stepaudit doctor --json`` with the step and time limits."""
-    return [sys.executable, "-m", "stepaudit", "doctor", "--json", "--max-steps", str(max_steps),
-            "--time-limit", f"{time_limit:g}"]
+    return [
+        sys.executable,
+        "-m",
+        "stepaudit",
+        "doctor",
+        "--json",
+        "--max-steps",
+        str(max_steps),
+        "--time-limit",
+        f"{time_limit:g}",
+    ]
 
 
 def parse_doctor_output(stdout: str) -> dict:
@@ -45,7 +56,7 @@ def parse_doctor_output(stdout: str) -> dict:
     candidates = [text] + [line for line in reversed(text.splitlines()) if line.lstrip().startswith("{")]
     start = text.rfind("\n{")
     if start >= 0:
-        candidates.append(text[start + 1:])
+        candidates.append(text[start + 1 :])
     for candidate in candidates:
         try:
             value = json.loads(candidate)
@@ -64,8 +75,9 @@ def run_case(script: Path, command: Sequence[str], timeout: float) -> dict:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="doctor-eval-") as cwd:
         try:
-            done = subprocess.run([*command, str(script)], cwd=cwd, env=env, capture_output=True, text=True,
-                                  timeout=timeout)
+            done = subprocess.run(
+                [*command, str(script)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+            )
         except subprocess.TimeoutExpired:
             return {"error": f"doctor did not finish within {timeout:.0f} s", "seconds": time.perf_counter() - start}
     seconds = time.perf_counter() - start
@@ -104,8 +116,12 @@ def judge(expected: str, report: dict | None) -> dict:
     verdict = {"codes": codes, "clean": clean, "contradictions": contradictions(diagnoses)}
     if expected == HEALTHY:
         passed = top == HEALTHY
-        return {**verdict, "hit": passed, "top1": passed,
-                "false_alarm": report is not None and bool(codes) and not (passed and clean)}
+        return {
+            **verdict,
+            "hit": passed,
+            "top1": passed,
+            "false_alarm": report is not None and bool(codes) and not (passed and clean),
+        }
     return {**verdict, "hit": expected in codes[:TOP_K], "top1": top == expected, "false_alarm": False}
 
 
@@ -123,8 +139,14 @@ def load_labels(suite: Path) -> dict[str, dict]:
     return labels
 
 
-def evaluate(suite: Path, command: Sequence[str] | None = None, workers: int = 2, timeout: float = 300.0,
-             cases: Sequence[str] | None = None, fixed: bool = True) -> dict[str, Any]:
+def evaluate(
+    suite: Path,
+    command: Sequence[str] | None = None,
+    workers: int = 2,
+    timeout: float = 300.0,
+    cases: Sequence[str] | None = None,
+    fixed: bool = True,
+) -> dict[str, Any]:
     """Run the doctor on every case and its fixed variant (``workers`` at a time); cases, fixed, per_code, totals."""
     suite = Path(suite).resolve()
     labels = load_labels(suite)
@@ -132,24 +154,37 @@ def evaluate(suite: Path, command: Sequence[str] | None = None, workers: int = 2
     command = list(command or doctor_command())
     jobs = [(name, labels[name]["expected"], suite / name) for name in names]
     if fixed:
-        jobs += [(f"fixed/{name}", HEALTHY, suite / "fixed" / name) for name in names
-                 if labels[name]["expected"] != HEALTHY and (suite / "fixed" / name).is_file()]
+        jobs += [
+            (f"fixed/{name}", HEALTHY, suite / "fixed" / name)
+            for name in names
+            if labels[name]["expected"] != HEALTHY and (suite / "fixed" / name).is_file()
+        ]
 
     def one(job: tuple[str, str, Path]) -> dict:
         name, expected, path = job
         outcome = run_case(path, command, timeout)
         report = outcome.get("report")
         verdict = judge(expected, report)
-        return {"case": name, "expected": expected, **verdict,
-                "steps": (report or {}).get("steps"), "stopped": (report or {}).get("stopped"),
-                "seconds": round(outcome["seconds"], 2), "error": outcome["error"]}
+        return {
+            "case": name,
+            "expected": expected,
+            **verdict,
+            "steps": (report or {}).get("steps"),
+            "stopped": (report or {}).get("stopped"),
+            "seconds": round(outcome["seconds"], 2),
+            "error": outcome["error"],
+        }
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         results = list(pool.map(one, jobs))
     main_runs = [r for r in results if not r["case"].startswith("fixed/")]
     fixed_runs = [r for r in results if r["case"].startswith("fixed/")]
-    return {"cases": main_runs, "fixed": fixed_runs, "per_code": per_code(main_runs),
-            "totals": totals(main_runs, fixed_runs)}
+    return {
+        "cases": main_runs,
+        "fixed": fixed_runs,
+        "per_code": per_code(main_runs),
+        "totals": totals(main_runs, fixed_runs),
+    }
 
 
 def per_code(results: list[dict]) -> dict[str, dict]:
@@ -210,16 +245,23 @@ def format_report(scored: dict[str, Any]) -> str:
     t = scored["totals"]
     lines.append("")
     if t["faulty_cases"]:
-        lines.append(f"accuracy (expected code in the top two): {t['hits']}/{t['faulty_cases']} = {t['accuracy']:.1%}"
-                     f"   top-1: {t['top1_accuracy']:.1%}")
+        lines.append(
+            f"accuracy (expected code in the top two): {t['hits']}/{t['faulty_cases']} = {t['accuracy']:.1%}"
+            f"   top-1: {t['top1_accuracy']:.1%}"
+        )
     if t["healthy_cases"]:
-        lines.append(f"healthy cases passed: {t['healthy_passed']}/{t['healthy_cases']}   "
-                     f"false alarms: {t['false_alarms']}")
+        lines.append(
+            f"healthy cases passed: {t['healthy_passed']}/{t['healthy_cases']}   false alarms: {t['false_alarms']}"
+        )
     if t.get("clean_runs"):
-        lines.append(f"clean runs without a warning or error (healthy cases and fixed variants): "
-                     f"{t['clean_passed']}/{t['clean_runs']} = {t['clean_passed'] / t['clean_runs']:.1%}")
-    lines.append(f"contradictions: {t.get('contradictions', 0)}   crashes (no result): {t.get('crashes', t['errors'])}"
-                 f"   seconds per script: {t.get('seconds_per_script')}")
+        lines.append(
+            f"clean runs without a warning or error (healthy cases and fixed variants): "
+            f"{t['clean_passed']}/{t['clean_runs']} = {t['clean_passed'] / t['clean_runs']:.1%}"
+        )
+    lines.append(
+        f"contradictions: {t.get('contradictions', 0)}   crashes (no result): {t.get('crashes', t['errors'])}"
+        f"   seconds per script: {t.get('seconds_per_script')}"
+    )
     return "\n".join(lines)
 
 
@@ -233,8 +275,9 @@ def _resolve(name: str, labels: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``python tools/doctor_eval.py SUITE [--json] [--workers N] [--cases ...] [--no-fixed]``."""
-    parser = argparse.ArgumentParser(prog="python tools/doctor_eval.py",
-                                     description="Score the doctor on a labelled suite of training scripts.")
+    parser = argparse.ArgumentParser(
+        prog="python tools/doctor_eval.py", description="Score the doctor on a labelled suite of training scripts."
+    )
     parser.add_argument("suite", type=Path, help="folder with the scripts and labels.json (tests/doctor_cases)")
     parser.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     parser.add_argument("--workers", type=int, default=2, help="doctor runs in parallel (default 2)")
@@ -243,13 +286,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="hard limit per doctor process, seconds")
     parser.add_argument("--cases", nargs="*", default=None, help="case names or prefixes (default: all)")
     parser.add_argument("--no-fixed", action="store_true", help="skip the fixed variants (faster)")
-    parser.add_argument("--doctor-cmd", default=None,
-                        help="command to run instead of the doctor (the script path is appended), e.g. a stub")
+    parser.add_argument(
+        "--doctor-cmd",
+        default=None,
+        help="command to run instead of the doctor (the script path is appended), e.g. a stub",
+    )
     args = parser.parse_args(argv)
     command = shlex.split(args.doctor_cmd) if args.doctor_cmd else doctor_command(args.max_steps, args.time_limit)
     try:
-        scored = evaluate(args.suite, command, workers=args.workers, timeout=args.timeout, cases=args.cases,
-                          fixed=not args.no_fixed)
+        scored = evaluate(
+            args.suite, command, workers=args.workers, timeout=args.timeout, cases=args.cases, fixed=not args.no_fixed
+        )
     except (OSError, ValueError) as error:
         print(f"doctor-eval: {error}", file=sys.stderr)
         return 2

@@ -1,11 +1,12 @@
 """stepaudit: audit every optimizer step of a PyTorch run and say, with honest numbers, why it trains or not."""
+
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
 from .audit import Audit, AuditError  # noqa: E402
-from .store import RunStoreError, load  # noqa: E402
 from .explain import explain  # noqa: E402  (rebinds the name from the subpackage to the function)
+from .store import RunStoreError, load  # noqa: E402
 
 
 def diagnose(run_or_records, **kwargs):

@@ -1,4 +1,5 @@
 """``python -m stepaudit`` is the ``stepaudit`` command."""
+
 import sys
 
 from .cli import main

@@ -2,49 +2,62 @@
 
 Every refusal names the fix. Nothing here touches training state.
 """
+
 from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from .state import tensors_in
 
 
-def validate(model: Any, optimizer: Any, loss_fn: Any, every: Any, precision: Any, reference_mode: Any,
-             first_step: Any = 0) -> None:
+def validate(
+    model: Any, optimizer: Any, loss_fn: Any, every: Any, precision: Any, reference_mode: Any, first_step: Any = 0
+) -> None:
     """Refuse arguments ``Audit`` cannot work with, each with a message that says what to pass instead."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if not callable(loss_fn):
-        raise TypeError("loss_fn must be callable as loss_fn(model, batch) -> scalar tensor, e.g. "
-                        "lambda m, b: F.cross_entropy(m(b[0]), b[1])")
+        raise TypeError(
+            "loss_fn must be callable as loss_fn(model, batch) -> scalar tensor, e.g. "
+            "lambda m, b: F.cross_entropy(m(b[0]), b[1])"
+        )
     check_loss_signature(loss_fn)
     if isinstance(every, bool) or not isinstance(every, int) or every < 1:
         raise ValueError(f"every must be a positive int (1 audits every step), got {every!r}")
     if isinstance(first_step, bool) or not isinstance(first_step, int) or first_step < 0:
-        raise ValueError(f"first_step must be a non-negative int (the index of the first step, e.g. the "
-                         f"global step a resumed run starts from), got {first_step!r}")
+        raise ValueError(
+            f"first_step must be a non-negative int (the index of the first step, e.g. the "
+            f"global step a resumed run starts from), got {first_step!r}"
+        )
     if precision not in (None, "float64"):
         raise ValueError(f"precision must be None or 'float64', got {precision!r}")
     if reference_mode not in ("eval", "train"):
         raise ValueError(f"reference_mode must be 'eval' or 'train', got {reference_mode!r}")
     if isinstance(model, torch.jit.ScriptModule):
-        raise TypeError("stepaudit hooks the model's forward, which TorchScript modules do not support; "
-                        "audit the eager model (before torch.jit.script) and script it for deployment")
+        raise TypeError(
+            "stepaudit hooks the model's forward, which TorchScript modules do not support; "
+            "audit the eager model (before torch.jit.script) and script it for deployment"
+        )
     complex_params = [n for n, p in model.named_parameters() if p.requires_grad and p.is_complex()]
     if complex_params:
-        raise TypeError(f"stepaudit audits real-valued parameters; {', '.join(complex_params[:5])} is complex. "
-                        "Store it as a real tensor with a trailing dimension of 2 and use "
-                        "torch.view_as_complex(param) in forward")
+        raise TypeError(
+            f"stepaudit audits real-valued parameters; {', '.join(complex_params[:5])} is complex. "
+            "Store it as a real tensor with a trailing dimension of 2 and use "
+            "torch.view_as_complex(param) in forward"
+        )
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("the model has no trainable parameters (requires_grad=True); unfreeze some, "
-                         "e.g. for p in model.parameters(): p.requires_grad_(True)")
+        raise ValueError(
+            "the model has no trainable parameters (requires_grad=True); unfreeze some, "
+            "e.g. for p in model.parameters(): p.requires_grad_(True)"
+        )
 
 
 def check_loss_signature(loss_fn: Any) -> None:
@@ -60,9 +73,11 @@ def check_loss_signature(loss_fn: Any) -> None:
         signature.bind(None, None)
     except TypeError:
         name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
-        raise TypeError(f"loss_fn is called as loss_fn(model, batch) -> scalar tensor, but {name}{signature} "
-                        "does not take those two arguments; write it as e.g. "
-                        "lambda model, batch: F.cross_entropy(model(batch[0]), batch[1])") from None
+        raise TypeError(
+            f"loss_fn is called as loss_fn(model, batch) -> scalar tensor, but {name}{signature} "
+            "does not take those two arguments; write it as e.g. "
+            "lambda model, batch: F.cross_entropy(model(batch[0]), batch[1])"
+        ) from None
 
 
 @dataclass
@@ -94,8 +109,11 @@ def index_parameters(model: torch.nn.Module, optimizer: torch.optim.Optimizer, s
     in_optimizer = {id(p) for p in index.params}
     orphans = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_optimizer]
     if orphans:
-        warnings.warn(f"trainable parameters not in the optimizer (they will never change): {', '.join(orphans[:10])}"
-                      + (" …" if len(orphans) > 10 else ""), stacklevel=stacklevel + 1)
+        warnings.warn(
+            f"trainable parameters not in the optimizer (they will never change): {', '.join(orphans[:10])}"
+            + (" …" if len(orphans) > 10 else ""),
+            stacklevel=stacklevel + 1,
+        )
     return index
 
 

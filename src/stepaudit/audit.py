@@ -20,6 +20,7 @@ optimizers that are not ``torch.optim.Optimizer`` (fastai's; read through ``opti
 Size (over 400 lines): the step state machine, its hooks and the record assembly share the pending step's
 private state; the split by job (capture, assembly, fault policy, writing) is issue 18 point 3, not yet done.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -27,17 +28,25 @@ import math
 import os
 import warnings
 import weakref
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 
 from . import probes as probe_registry
 from .arguments import batch_size, check_replayable, index_parameters, validate
 from .context import Part, StepContext, check_scalar_loss
-from .distributed import (collective_device, global_objective, rank_folder, unwrap, unwrap_optimizer, world,
-                          wrapper_state_kept)
+from .distributed import (
+    collective_device,
+    global_objective,
+    rank_folder,
+    unwrap,
+    unwrap_optimizer,
+    world,
+    wrapper_state_kept,
+)
 from .flat import FlatBuffers, is_sharded
 from .losses import LossEvaluator
 from .meta import describe
@@ -128,8 +137,12 @@ class Audit(StepAPI, NotebookMixin):
             check_reference(reference)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.every, self.strict, self.precision = every, strict, precision
-        self.options = {"reference": reference, "reference_every": reference_every, "reference_mode": reference_mode,
-                        "precision": precision}
+        self.options = {
+            "reference": reference,
+            "reference_every": reference_every,
+            "reference_mode": reference_mode,
+            "precision": precision,
+        }
         if isinstance(probes, (str, list, tuple, set, frozenset)) and any(isinstance(n, str) for n in probes):
             probe_registry.validate(probes)  # names without their schedule: refused with the dict to write
         probes = dict(probes or {})
@@ -164,7 +177,9 @@ class Audit(StepAPI, NotebookMixin):
         known = set(probe_registry.known()) | {"curvature"}
         unknown = sorted(set(probe_options) - known)
         if unknown:
-            raise ValueError(f"probe_options for unknown probe(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ValueError(
+                f"probe_options for unknown probe(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
         if self.probes.get("next_delta", 1) != 1:
             raise ValueError("next_delta needs every step (probes={'next_delta': 1}): it compares consecutive steps")
         self.options["probe_options"] = probe_options
@@ -209,10 +224,14 @@ class Audit(StepAPI, NotebookMixin):
         # any forward hook sends every forward of the model through nn.Module's slower hook path.
         self._forward_end = forward_end
         self._forward_handle = None
-        self._handles = [
-            self.optimizer.register_step_pre_hook(step_pre),
-            self.optimizer.register_step_post_hook(step_post),
-        ] if self._reader.hooked else []  # other optimizers call before_update()/after_update() (stepapi.py)
+        self._handles = (
+            [
+                self.optimizer.register_step_pre_hook(step_pre),
+                self.optimizer.register_step_post_hook(step_post),
+            ]
+            if self._reader.hooked
+            else []
+        )  # other optimizers call before_update()/after_update() (stepapi.py)
         # an audit that is dropped without close() leaves no hooks on the optimizer
         self._finalizer = weakref.finalize(self, _cleanup, list(self._handles), self.replay)
 
@@ -351,8 +370,11 @@ class Audit(StepAPI, NotebookMixin):
             self._flat.release()  # sparse auditing holds no copy of the model between audited steps
         if pending.due and not pending.stepped and not failed:
             self.skipped_steps += 1  # e.g. GradScaler skipped a step with inf/NaN gradients
-            warnings.warn("no optimizer step happened inside audit.watch() (GradScaler skipped it, or "
-                          "step() was not called); nothing was audited", stacklevel=stacklevel)
+            warnings.warn(
+                "no optimizer step happened inside audit.watch() (GradScaler skipped it, or "
+                "step() was not called); nothing was audited",
+                stacklevel=stacklevel,
+            )
 
     @property
     def last(self) -> dict | None:
@@ -368,8 +390,10 @@ class Audit(StepAPI, NotebookMixin):
         """Per-run shares and medians (decrease/increase/flat, alpha, delta/first_order, hurt next/reference, …)."""
         from .probes.data import run_shares
 
-        return {**summarize(self.records, skipped_steps=self.skipped_steps, steps_seen=self._steps_seen),
-                **run_shares(self.records)}
+        return {
+            **summarize(self.records, skipped_steps=self.skipped_steps, steps_seen=self._steps_seen),
+            **run_shares(self.records),
+        }
 
     def diagnose(self) -> list[dict]:
         """The doctor's diagnoses for this run's records so far (most likely root cause first)."""
@@ -399,7 +423,7 @@ class Audit(StepAPI, NotebookMixin):
             for sink in self._sinks:
                 getattr(sink, "close", lambda: None)()
 
-    def __enter__(self) -> "Audit":
+    def __enter__(self) -> Audit:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -418,8 +442,9 @@ class Audit(StepAPI, NotebookMixin):
         count = len(pending.batches)
         if count > 1 and torch.is_grad_enabled() and len(pending.events) < MAX_EVENTS_PER_BATCH * count:
             try:
-                self.replay.record_forward(output, pending.events, pending.handles, self._devices,
-                                           host=pending.entry.host is not None)
+                self.replay.record_forward(
+                    output, pending.events, pending.handles, self._devices, host=pending.entry.host is not None
+                )
             except Exception as error:  # inside the user's forward: never break training
                 if self.strict:
                     raise AuditError(f"auditing step {self._step_count}: marking a forward failed: {error}") from error
@@ -430,8 +455,11 @@ class Audit(StepAPI, NotebookMixin):
         if pending is None:
             if not self._warned_outside:
                 self._warned_outside = True
-                warnings.warn("optimizer.step() was called outside audit.step()/audit.watch(); such steps are "
-                              "counted but not audited", stacklevel=4)
+                warnings.warn(
+                    "optimizer.step() was called outside audit.step()/audit.watch(); such steps are "
+                    "counted but not audited",
+                    stacklevel=4,
+                )
             return None
         if not pending.due or pending.stepped:
             return None
@@ -449,11 +477,17 @@ class Audit(StepAPI, NotebookMixin):
         self._stop_captures(pending)  # the training backward is done: nothing later is theirs to see
         rngs = self.replay.states(pending.entry, pending.events, len(pending.batches))
         ctx = StepContext(
-            step=self._step_count, model=self.model, optimizer=self._reader.reads, loss_fn=self.loss_fn,
+            step=self._step_count,
+            model=self.model,
+            optimizer=self._reader.reads,
+            loss_fn=self.loss_fn,
             parts=[Part(b, r) for b, r in zip(pending.batches, rngs)],
             autocast=pending.autocast or AutocastState.capture(),
-            names=self.names, params=self.params,
-            before=[], grads=[], memory=self.memory,
+            names=self.names,
+            params=self.params,
+            before=[],
+            grads=[],
+            memory=self.memory,
         )
         flat = self._flat_buffers()
         flat.take_before()
@@ -476,8 +510,12 @@ class Audit(StepAPI, NotebookMixin):
             if not ctx.grads and pending.error is None:
                 try:
                     ctx.grads = self._grads()
-                    ctx.parts = [Part(b, r) for b, r in zip(pending.batches, self.replay.states(
-                        pending.entry, pending.events, len(pending.batches)))]
+                    ctx.parts = [
+                        Part(b, r)
+                        for b, r in zip(
+                            pending.batches, self.replay.states(pending.entry, pending.events, len(pending.batches))
+                        )
+                    ]
                     pending.loss_before = self.losses.before(ctx, loss)
                 except Exception as error:  # never break training: the record says what failed
                     if self.strict:
@@ -558,8 +596,9 @@ class Audit(StepAPI, NotebookMixin):
         layers, totals = layer_rows(self.names, self.modules, self.groups, sums, first_order=first_order)
         record.update(totals)
         loss_after, noise, record["noise_method"] = self.losses.after(ctx, pending.loss_before)
-        record.update(step_fields(pending.loss_before, loss_after, totals["first_order"], noise,
-                                  moved=totals["update_norm"] > 0))
+        record.update(
+            step_fields(pending.loss_before, loss_after, totals["first_order"], noise, moved=totals["update_norm"] > 0)
+        )
         if not math.isfinite(totals["first_order"]) and record["verdict"] != "nonfinite":
             record["verdict"] = "nonfinite"  # finite losses but NaN/Inf in the gradient or the update
         record["layers"] = layers
@@ -574,13 +613,23 @@ class Audit(StepAPI, NotebookMixin):
             flat.stand_in()  # this rank failed before its shards' sums were all-reduced: join that collective
         failed = record.get("verdict") == "error"
         local_sq, global_sq = rank_values(captures, record)
-        step = global_objective(record.get("loss_before"), record.get("loss_after"), record.get("rounding_noise"),
-                                failed, collective_device(), record.get("batch_size"), local_sq, global_sq)
+        step = global_objective(
+            record.get("loss_before"),
+            record.get("loss_after"),
+            record.get("rounding_noise"),
+            failed,
+            collective_device(),
+            record.get("batch_size"),
+            local_sq,
+            global_sq,
+        )
         record.update({f"local_{k}": record.get(k) for k in ("loss_before", "loss_after", "delta", "verdict")})
         record.update(world_size=self._world_size, rank=self._rank, global_batch=step.global_batch)
         if CAPTURE in captures:
-            record.update(local_grad_norm=math.sqrt(local_sq) if local_sq >= 0 else math.nan,
-                          **noise_fields(step, self._world_size))
+            record.update(
+                local_grad_norm=math.sqrt(local_sq) if local_sq >= 0 else math.nan,
+                **noise_fields(step, self._world_size),
+            )
         if step.failures:
             if not failed:
                 record.update(verdict="error", error=f"the audit failed on {step.failures} of {self._world_size} ranks")
@@ -597,8 +646,9 @@ class Audit(StepAPI, NotebookMixin):
             if index % every or (name in self._collective_probes) != collective:
                 continue
             if sharded:  # the same on every rank: no probe issues a collective that a peer would not
-                record.setdefault("probe_errors", {})[name] = ("not measured: probes need whole parameters and "
-                                                               "FSDP2 shards them")
+                record.setdefault("probe_errors", {})[name] = (
+                    "not measured: probes need whole parameters and FSDP2 shards them"
+                )
                 continue
             if self._world_size > 1 and not collective:
                 record["probe_scope"] = "rank"  # this rank's batch, on the module DDP wraps: no collective

@@ -4,6 +4,7 @@ Errors are one line on stderr naming the problem and the fix; the exit status is
 (wrong arguments, no run where one was named) and 1 for failures. ``STEPAUDIT_DEBUG=1`` shows the
 traceback instead. Piping into ``head`` ends quietly with exit status 0 (as ``stepaudit explain`` does).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -11,17 +12,25 @@ import importlib
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 COMMANDS = {
     "demo": ("stepaudit.demo", "main", "train SGD / momentum / Adam on digits, audit every step, compare"),
-    "explain": ("stepaudit.explain.cli", "main", "backprop on a small expression, and the largest step that goes downhill"),
+    "explain": (
+        "stepaudit.explain.cli",
+        "main",
+        "backprop on a small expression, and the largest step that goes downhill",
+    ),
     "doctor": ("stepaudit.doctor.cli", "main", "run an unchanged training script and diagnose why it (doesn't) train"),
     "report": ("stepaudit.report.cli", "main", "write a self-contained HTML report of a run (or --terminal)"),
     "compare": ("stepaudit.report.cli", "compare_main", "overlay several runs in one HTML page and a table"),
     "export": ("stepaudit.export", "main", "export a run to TensorBoard, CSV or Parquet"),
-    "lr-find": ("stepaudit.lrfind_cli", "main", "learning-rate range test that also measures overshoot and 2/λ_max (--demo)"),
+    "lr-find": (
+        "stepaudit.lrfind_cli",
+        "main",
+        "learning-rate range test that also measures overshoot and 2/λ_max (--demo)",
+    ),
 }
 
 
@@ -117,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         if debug():
             raise
         detail = " ".join(str(error).split())
-        print(f"{prog}: {type(error).__name__}{': ' + detail if detail else ''} "
-              "(set STEPAUDIT_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(
+            f"{prog}: {type(error).__name__}{': ' + detail if detail else ''} "
+            "(set STEPAUDIT_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -4,10 +4,12 @@ It owns the "never change training" rule: every re-evaluation replays the RNG st
 training forward (same dropout masks), runs under the same autocast, and restores the RNG streams,
 buffers (BatchNorm running statistics) and train/eval flags afterwards.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch.func import functional_call
@@ -77,6 +79,7 @@ class StepContext:
     # -- evaluation -------------------------------------------------------------------------
     def loss_now(self) -> float:
         """The step's objective at the live weights, replayed (same masks), nothing left changed."""
+
         def evaluate() -> float:
             total = 0.0
             for part in self.parts:

@@ -4,6 +4,7 @@ Each optimizer trains the same MLP from the same initialisation on the same batc
 step is audited. The table answers the seed question on real data: plain SGD with a small step
 lowers its own batch's loss (descent lemma); momentum and Adam carry no such guarantee.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,8 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -44,8 +45,14 @@ def _progress(label: str, total: int, quiet: bool):
     try:
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        progress = Progress(TextColumn("{task.description:>10}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                            TimeRemainingColumn(), transient=True, console=_console())
+        progress = Progress(
+            TextColumn("{task.description:>10}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeRemainingColumn(),
+            transient=True,
+            console=_console(),
+        )
         progress.start()
         task = progress.add_task(label, total=total)
         return progress, lambda: progress.advance(task)
@@ -78,17 +85,23 @@ def train_one(name: str, lr: float, steps: int, batch_size: int, seed: int, runs
                     audit.log("test_accuracy", accuracy(model, x_test, y_test))
                 advance()
             summary = audit.summary()
-            audit.store.update_meta(train_accuracy=accuracy(model, x_train, y_train),
-                                    test_accuracy=accuracy(model, x_test, y_test))
+            audit.store.update_meta(
+                train_accuracy=accuracy(model, x_train, y_train), test_accuracy=accuracy(model, x_test, y_test)
+            )
     finally:
         if progress is not None:
             progress.stop()
     return {
-        "optimizer": name, "lr": lr, "steps": steps, "run": str(run),
-        "share_increase": summary["share_increase"], "share_flat": summary["share_flat"],
+        "optimizer": name,
+        "lr": lr,
+        "steps": steps,
+        "run": str(run),
+        "share_increase": summary["share_increase"],
+        "share_flat": summary["share_flat"],
         "median_alpha": summary["median_alpha"],
         "median_delta_over_first_order": summary["median_delta_over_first_order"],
-        "train_accuracy": accuracy(model, x_train, y_train), "test_accuracy": accuracy(model, x_test, y_test),
+        "train_accuracy": accuracy(model, x_train, y_train),
+        "test_accuracy": accuracy(model, x_test, y_test),
         "seconds": time.perf_counter() - started,
     }
 
@@ -96,11 +109,22 @@ def train_one(name: str, lr: float, steps: int, batch_size: int, seed: int, runs
 def table(rows: list[dict]) -> str:
     """The comparison as an aligned plain-text table."""
     head = ["optimizer", "lr", "raised own-batch loss", "median alpha", "median Δ/first_order", "train acc", "test acc"]
-    body = [[r["optimizer"], f"{r['lr']:g}", f"{100 * r['share_increase']:.1f}% of steps", f"{r['median_alpha']:+.2f}",
-             f"{r['median_delta_over_first_order']:.2f}", f"{100 * r['train_accuracy']:.1f}%",
-             f"{100 * r['test_accuracy']:.1f}%"] for r in rows]
+    body = [
+        [
+            r["optimizer"],
+            f"{r['lr']:g}",
+            f"{100 * r['share_increase']:.1f}% of steps",
+            f"{r['median_alpha']:+.2f}",
+            f"{r['median_delta_over_first_order']:.2f}",
+            f"{100 * r['train_accuracy']:.1f}%",
+            f"{100 * r['test_accuracy']:.1f}%",
+        ]
+        for r in rows
+    ]
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
-    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    line = lambda cells: "  ".join(
+        str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+    )
     return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
 
 
@@ -108,11 +132,15 @@ def explain_rows(rows: list[dict]) -> str:
     """Two sentences reading the table."""
     parts = []
     for r in rows:
-        parts.append(f"{r['optimizer']}: {100 * r['share_increase']:.0f}% of steps raised the loss of the very batch "
-                     f"they were computed on; the median step delivered {r['median_delta_over_first_order']:.2f}× "
-                     "its first-order promise g·Δw.")
-    return "\n".join(parts) + ("\nalpha: −1 = barely moved, 0 = landed on the valley floor along the step, "
-                               "+1 = jumped to the opposite wall, >1 = overshoot.")
+        parts.append(
+            f"{r['optimizer']}: {100 * r['share_increase']:.0f}% of steps raised the loss of the very batch "
+            f"they were computed on; the median step delivered {r['median_delta_over_first_order']:.2f}× "
+            "its first-order promise g·Δw."
+        )
+    return "\n".join(parts) + (
+        "\nalpha: −1 = barely moved, 0 = landed on the valley floor along the step, "
+        "+1 = jumped to the opposite wall, >1 = overshoot."
+    )
 
 
 def _reports(rows: list[dict], runs: Path, quiet: bool) -> list[str]:
@@ -135,13 +163,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--lr", default=None, help="one learning rate for all, or a comma list matching --optimizers")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", default="stepaudit-runs", help="folder for the run folders (default ./stepaudit-runs)")
+    parser.add_argument(
+        "--runs", default="stepaudit-runs", help="folder for the run folders (default ./stepaudit-runs)"
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--no-report", action="store_true", help="skip the HTML reports")
-    parser.add_argument("--eos", action="store_true",
-                        help="the edge-of-stability experiment instead; --steps, --seed, --runs and --quiet apply to it "
-                             "too, its other options: stepaudit demo --eos --help")
+    parser.add_argument(
+        "--eos",
+        action="store_true",
+        help="the edge-of-stability experiment instead; --steps, --seed, --runs and --quiet apply to it "
+        "too, its other options: stepaudit demo --eos --help",
+    )
     return parser.parse_args(argv)
 
 
@@ -169,8 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         print("stepaudit demo: --steps and --batch-size must be positive", file=sys.stderr)
         return 2
     runs = Path(args.runs) / time.strftime("demo-%Y%m%d-%H%M%S")
-    rows = [train_one(n, lr, args.steps, args.batch_size, args.seed, runs, args.quiet or args.json)
-            for n, lr in zip(names, lrs)]
+    rows = [
+        train_one(n, lr, args.steps, args.batch_size, args.seed, runs, args.quiet or args.json)
+        for n, lr in zip(names, lrs)
+    ]
     reports = [] if args.no_report else _reports(rows, runs, args.quiet)
     if args.json:
         clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v

@@ -13,14 +13,15 @@ skipped it. Re-evaluations run on the wrapped module, not through the DDP wrappe
 broadcasts buffers and, under ``no_grad``, clears the flag that makes the next training forward
 broadcast them, which would change training.
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -42,9 +43,11 @@ def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | N
     return model, None
 
 
-FSDP1_REFUSED = ("stepaudit does not audit FSDP1 (FullyShardedDataParallel: its flat parameters hide the real ones and "
-                 "its re-evaluations would issue unmatched collectives); use fully_shard (FSDP2) or "
-                 "DistributedDataParallel")
+FSDP1_REFUSED = (
+    "stepaudit does not audit FSDP1 (FullyShardedDataParallel: its flat parameters hide the real ones and "
+    "its re-evaluations would issue unmatched collectives); use fully_shard (FSDP2) or "
+    "DistributedDataParallel"
+)
 
 
 def refuse_fsdp1(model: torch.nn.Module) -> None:
@@ -108,9 +111,16 @@ def _number(value: object) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
-def global_objective(loss_before: float, loss_after: float, noise: float, failed: bool,
-                     device: torch.device | str = "cpu", batch: int | None = None,
-                     local_sq: float | None = None, global_sq: float | None = None) -> GlobalStep:
+def global_objective(
+    loss_before: float,
+    loss_after: float,
+    noise: float,
+    failed: bool,
+    device: torch.device | str = "cpu",
+    batch: int | None = None,
+    local_sq: float | None = None,
+    global_sq: float | None = None,
+) -> GlobalStep:
     """The step's global objective and gradient statistics over all ranks: ONE float64 all-reduce.
 
     Packed: losses before and after, rounding noise, failure flag, b_r, 1/b_r, |g_r|², |g_r|⁴ and
@@ -129,9 +139,18 @@ def global_objective(loss_before: float, loss_after: float, noise: float, failed
     mean_sq = sq_sum / size
     variance = (sq_sq_sum - size * mean_sq**2) / (size - 1) if size > 1 else math.nan
     small = size / inverse
-    return GlobalStep(before / size, after / size, noise_sum / size, int(round(failures)),
-                      int(round(batches)) if math.isfinite(batches) else None, mean_sq, max(variance, 0.0)
-                      if math.isfinite(variance) else math.nan, global_sum / size, small, size * small)
+    return GlobalStep(
+        before / size,
+        after / size,
+        noise_sum / size,
+        int(round(failures)),
+        int(round(batches)) if math.isfinite(batches) else None,
+        mean_sq,
+        max(variance, 0.0) if math.isfinite(variance) else math.nan,
+        global_sum / size,
+        small,
+        size * small,
+    )
 
 
 def collective_device() -> torch.device:

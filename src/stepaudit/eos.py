@@ -9,6 +9,7 @@ folder per learning rate (sharpness every few steps, warm-started Lanczos), a pr
 
     stepaudit demo --eos [--lrs 0.25 0.4 0.6] [--steps 1000] [--every 10] [--out DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,9 +17,9 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,7 @@ class EosResult:
         if start is None:
             return math.nan
         after = [v for s, v in zip(self.steps, self.sharpness) if s >= start]
-        return statistics.median(after[len(after) // 2:])
+        return statistics.median(after[len(after) // 2 :])
 
 
 def square_loss(model: nn.Module, batch: tuple) -> torch.Tensor:
@@ -106,16 +107,19 @@ def sparkline(values: Sequence[float], threshold: float, width: int = 40) -> str
     if not values:
         return ""
     stride = max(1, math.ceil(len(values) / width))
-    picked = [max(values[i:i + stride]) for i in range(0, len(values), stride)]
+    picked = [max(values[i : i + stride]) for i in range(0, len(values), stride)]
     top = 1.25 * threshold
-    return "".join(SPARK[min(len(SPARK) - 1, max(0, int(v / top * len(SPARK))))] if math.isfinite(v) else "×"
-                   for v in picked)
+    return "".join(
+        SPARK[min(len(SPARK) - 1, max(0, int(v / top * len(SPARK))))] if math.isfinite(v) else "×" for v in picked
+    )
 
 
 def table(results: Sequence[EosResult]) -> str:
     """The headline: sharpness rises to 2/η and stays there, while the loss keeps falling."""
-    head = f"{'lr':>6} {'2/lr':>6} {'λ₀':>6} {'λ_max':>6} {'reach':>6} {'settled':>8} {'/(2/lr)':>8} " \
-           f"{'loss₀':>7} {'loss_end':>8} {'up':>5} {'HVPs':>5}  sharpness (▇ = 2/lr)"
+    head = (
+        f"{'lr':>6} {'2/lr':>6} {'λ₀':>6} {'λ_max':>6} {'reach':>6} {'settled':>8} {'/(2/lr)':>8} "
+        f"{'loss₀':>7} {'loss_end':>8} {'up':>5} {'HVPs':>5}  sharpness (▇ = 2/lr)"
+    )
     rows = [head]
     for r in results:
         reached = r.reached()
@@ -130,9 +134,18 @@ def table(results: Sequence[EosResult]) -> str:
     return "\n".join(rows)
 
 
-def experiment(lrs: Sequence[float] = (0.25, 0.4, 0.6), *, steps: int = 1000, every: int = 10, n: int = 1000,
-               width: int = 64, seed: int = 0, out: str | Path | None = None, threads: int | None = 1,
-               verbose: bool = True) -> tuple[list[EosResult], Path]:
+def experiment(
+    lrs: Sequence[float] = (0.25, 0.4, 0.6),
+    *,
+    steps: int = 1000,
+    every: int = 10,
+    n: int = 1000,
+    width: int = 64,
+    seed: int = 0,
+    out: str | Path | None = None,
+    threads: int | None = 1,
+    verbose: bool = True,
+) -> tuple[list[EosResult], Path]:
     """Run every learning rate; write run folders and ``eos.json`` under ``out``; return the results."""
     out = Path(out) if out is not None else new_run_dir(name="eos-" + time.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
@@ -149,10 +162,20 @@ def experiment(lrs: Sequence[float] = (0.25, 0.4, 0.6), *, steps: int = 1000, ev
                 print(f"  lr={lr:g}: {len(r.losses)} steps in {r.seconds:.1f} s -> {r.run}", flush=True)
     finally:
         torch.set_num_threads(previous_threads)
-    config = {"lrs": list(lrs), "steps": steps, "every": every, "n": n, "width": width, "seed": seed,
-              "loss": "0.5*||f(x)-onehot(y)||^2, mean over examples", "model": f"tanh MLP 64-{width}-{width}-10"}
-    payload = {"config": config, "results": [{**asdict(r), "reached": r.reached(), "settled": r.settled()}
-                                             for r in results]}
+    config = {
+        "lrs": list(lrs),
+        "steps": steps,
+        "every": every,
+        "n": n,
+        "width": width,
+        "seed": seed,
+        "loss": "0.5*||f(x)-onehot(y)||^2, mean over examples",
+        "model": f"tanh MLP 64-{width}-{width}-10",
+    }
+    payload = {
+        "config": config,
+        "results": [{**asdict(r), "reached": r.reached(), "settled": r.settled()} for r in results],
+    }
     (out / "eos.json").write_text(json.dumps(payload, indent=1, default=float))
     return results, out
 
@@ -161,30 +184,50 @@ def main(argv: list[str] | None = None) -> int:
     """``stepaudit demo --eos``: print the edge-of-stability table and where the runs were written."""
     parser = argparse.ArgumentParser(prog="stepaudit demo --eos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--eos", action="store_true", help=argparse.SUPPRESS)  # tolerated if passed through
-    parser.add_argument("--lrs", type=float, nargs="+", default=[0.25, 0.4, 0.6], help="learning rates (default 0.25 0.4 0.6)")
+    parser.add_argument(
+        "--lrs", type=float, nargs="+", default=[0.25, 0.4, 0.6], help="learning rates (default 0.25 0.4 0.6)"
+    )
     parser.add_argument("--steps", type=int, default=1000, help="full-batch GD steps per learning rate (1000)")
     parser.add_argument("--every", type=int, default=10, help="measure sharpness every N steps (10)")
     parser.add_argument("--n", type=int, default=1000, help="digits in the training subset (1000)")
     parser.add_argument("--width", type=int, default=64, help="hidden width of the tanh MLP (64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: these matrices are small)")
-    parser.add_argument("--out", default=None, help="folder for the run folders and eos.json (default: new under --runs)")
-    parser.add_argument("--runs", default="stepaudit-runs",
-                        help="where the new folder goes when --out is not given (default ./stepaudit-runs)")
+    parser.add_argument(
+        "--out", default=None, help="folder for the run folders and eos.json (default: new under --runs)"
+    )
+    parser.add_argument(
+        "--runs",
+        default="stepaudit-runs",
+        help="where the new folder goes when --out is not given (default ./stepaudit-runs)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines, only the table")
     args = parser.parse_args(argv)
     if min(args.lrs) <= 0 or args.steps < 1 or args.every < 1 or not 10 <= args.n <= 1347 or args.width < 1:
         parser.error("need lrs > 0, steps ≥ 1, every ≥ 1, 10 ≤ n ≤ 1347 (digits in the training split), width ≥ 1")
-    print(f"Full-batch GD on {args.n} digits, tanh MLP 64-{args.width}-{args.width}-10, square loss; "
-          f"λ_max every {args.every} steps (warm-started Lanczos)")
+    print(
+        f"Full-batch GD on {args.n} digits, tanh MLP 64-{args.width}-{args.width}-10, square loss; "
+        f"λ_max every {args.every} steps (warm-started Lanczos)"
+    )
     out = args.out if args.out is not None else new_run_dir(args.runs, "eos-" + time.strftime("%Y%m%d-%H%M%S"))
-    results, out = experiment(args.lrs, steps=args.steps, every=args.every, n=args.n, width=args.width,
-                              seed=args.seed, out=out, threads=args.threads, verbose=not args.quiet)
+    results, out = experiment(
+        args.lrs,
+        steps=args.steps,
+        every=args.every,
+        n=args.n,
+        width=args.width,
+        seed=args.seed,
+        out=out,
+        threads=args.threads,
+        verbose=not args.quiet,
+    )
     print()
     print(table(results))
     print()
-    print("λ₀: sharpness at init; reach: first step with λ ≥ 0.9·2/lr; settled: median λ after that (last half);\n"
-          "up: steps whose loss went up (the loss falls non-monotonically at the edge of stability);\n"
-          "HVPs: median Hessian-vector products per tracked step (warm start).")
+    print(
+        "λ₀: sharpness at init; reach: first step with λ ≥ 0.9·2/lr; settled: median λ after that (last half);\n"
+        "up: steps whose loss went up (the loss falls non-monotonically at the edge of stability);\n"
+        "HVPs: median Hessian-vector products per tracked step (warm start)."
+    )
     print(f"runs and eos.json in {out}")
     return 0

@@ -6,6 +6,7 @@
 TensorBoard needs the ``tensorboard`` package and Parquet needs ``pyarrow`` (``pip install
 'stepaudit[tensorboard]'`` / ``'stepaudit[parquet]'``); CSV needs nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,10 @@ def _require_tensorboard():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as error:  # torch.utils.tensorboard imports the tensorboard package
-        raise ImportError("TensorBoard export needs the tensorboard package: pip install 'stepaudit[tensorboard]' "
-                          "(or pip install tensorboard)") from error
+        raise ImportError(
+            "TensorBoard export needs the tensorboard package: pip install 'stepaudit[tensorboard]' "
+            "(or pip install tensorboard)"
+        ) from error
     return SummaryWriter
 
 
@@ -62,7 +65,9 @@ class TensorBoardSink:
             for field in LAYER_SCALARS:
                 number = _number(row.get(field))
                 if number is not None:
-                    self.writer.add_scalar(f"layers/{field}/{row.get('kind', 'module')}:{row.get('name')}", number, step)
+                    self.writer.add_scalar(
+                        f"layers/{field}/{row.get('kind', 'module')}:{row.get('name')}", number, step
+                    )
 
     def close(self) -> None:
         """Flush and close the event file."""
@@ -104,7 +109,9 @@ def _cell(value: Any) -> Any:
     if isinstance(value, (list, dict)):
         return json.dumps(value)
     if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+        return (
+            repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else ("inf" if value > 0 else "-inf"))
+        )
     return value
 
 
@@ -133,7 +140,9 @@ def export_parquet(run: str | os.PathLike, path: str | os.PathLike, table: str =
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as error:
-        raise ImportError("Parquet export needs pyarrow: pip install 'stepaudit[parquet]' (or pip install pyarrow)") from error
+        raise ImportError(
+            "Parquet export needs pyarrow: pip install 'stepaudit[parquet]' (or pip install pyarrow)"
+        ) from error
     fields, rows = _table(run, table)
     arrays = {}
     for field in fields:
@@ -144,8 +153,10 @@ def export_parquet(run: str | os.PathLike, path: str | os.PathLike, table: str =
         elif present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
             arrays[field] = pa.array([math.nan if v is None else float(v) for v in values], type=pa.float64())
         else:
-            arrays[field] = pa.array([None if v is None else (json.dumps(v) if isinstance(v, (list, dict)) else str(v))
-                                      for v in values], type=pa.string())
+            arrays[field] = pa.array(
+                [None if v is None else (json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for v in values],
+                type=pa.string(),
+            )
     path = output_file(path, f"{table}.parquet")
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(arrays), path)
@@ -160,12 +171,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", help="run folder (the one holding stepaudit.sqlite), or that .sqlite file")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--tensorboard", metavar="DIR", help="TensorBoard log folder to write")
-    target.add_argument("--csv", metavar="FILE", help="CSV file to write; a folder (existing, or ending in /) "
-                                                      "gets steps.csv or layers.csv inside it")
-    target.add_argument("--parquet", metavar="FILE", help="Parquet file to write; a folder (existing, or ending "
-                                                          "in /) gets steps.parquet or layers.parquet inside it")
-    parser.add_argument("--table", choices=("steps", "layers"), default="steps",
-                        help="for CSV/Parquet: one row per step (default) or per (step, layer)")
+    target.add_argument(
+        "--csv",
+        metavar="FILE",
+        help="CSV file to write; a folder (existing, or ending in /) gets steps.csv or layers.csv inside it",
+    )
+    target.add_argument(
+        "--parquet",
+        metavar="FILE",
+        help="Parquet file to write; a folder (existing, or ending "
+        "in /) gets steps.parquet or layers.parquet inside it",
+    )
+    parser.add_argument(
+        "--table",
+        choices=("steps", "layers"),
+        default="steps",
+        help="for CSV/Parquet: one row per step (default) or per (step, layer)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.tensorboard:
@@ -183,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             return fail("stepaudit export", error, 2)
         # the output cannot be written there (permissions, a file where a folder must be)
         target = args.tensorboard or args.csv or args.parquet
-        return fail("stepaudit export", OSError(f"cannot write {target}: {error.strerror or error}; "
-                                                "pass a writable file or folder"), 1)
+        return fail(
+            "stepaudit export",
+            OSError(f"cannot write {target}: {error.strerror or error}; pass a writable file or folder"),
+            1,
+        )
     print(out)
     return 0

@@ -16,10 +16,11 @@ the sums are completed across ranks with one all-reduce of [g·Δw, ‖·‖² p
 sums of squares and dot products add up to the whole parameter's. Every rank calls ``finish`` on
 the same audited steps, so the collective is in lockstep.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -78,8 +79,10 @@ class FlatBuffers:
     def _allocate(self) -> None:
         devices = {p.device for p in self.params}
         if len(devices) != 1:
-            raise ValueError("stepaudit audits parameters on one device; this model spans "
-                             + ", ".join(sorted(str(d) for d in devices)))
+            raise ValueError(
+                "stepaudit audits parameters on one device; this model spans "
+                + ", ".join(sorted(str(d) for d in devices))
+            )
         device, dtype = devices.pop(), self._dtype()
         self.before, self.grad = (torch.empty(sum(self.sizes), dtype=dtype, device=device) for _ in range(2))
         self._segments = [torch.split(self.before, self.sizes), torch.split(self.grad, self.sizes)]
@@ -105,9 +108,12 @@ class FlatBuffers:
         if pointers != self._pointers:
             self._sources = [p.detach().reshape(-1) for p in self.params]
             # a non-contiguous parameter gives a copy, not a view: never cache that
-            self._pointers = pointers if all(s.data_ptr() == p.data_ptr() for s, p in zip(self._sources, self.params)) else []
-            if self.before is not None and (self.before.device != self.params[0].device
-                                            or self.before.dtype != self._dtype()):
+            self._pointers = (
+                pointers if all(s.data_ptr() == p.data_ptr() for s, p in zip(self._sources, self.params)) else []
+            )
+            if self.before is not None and (
+                self.before.device != self.params[0].device or self.before.dtype != self._dtype()
+            ):
                 self.release()  # model.to(device) or a dtype change: allocate to match in take_before
         return self._sources
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -110,8 +110,11 @@ def _reverse_over_reverse(loss_of_params: Callable[[Params], Tensor], params: Pa
         vs = unflatten(v, params)
         with torch.enable_grad():
             out = torch.autograd.grad(
-                [grads[i] for i in live], leaves, grad_outputs=[vs[i] for i in live],
-                retain_graph=True, allow_unused=True,
+                [grads[i] for i in live],
+                leaves,
+                grad_outputs=[vs[i] for i in live],
+                retain_graph=True,
+                allow_unused=True,
             )
         return flatten([torch.zeros_like(p) if h is None else h for h, p in zip(out, params)])
 
@@ -258,8 +261,12 @@ class KrylovBasis:
         if self.count == self.limit:
             raise IndexError(f"the basis already holds its limit of {self.limit} vectors")
         if self.count == self.capacity:
-            grown = torch.empty(min(self.limit, 2 * self.capacity), self._matrix.shape[1],
-                                dtype=self._matrix.dtype, device=self._matrix.device)
+            grown = torch.empty(
+                min(self.limit, 2 * self.capacity),
+                self._matrix.shape[1],
+                dtype=self._matrix.dtype,
+                device=self._matrix.device,
+            )
             grown[: self.count] = self._matrix
             self._matrix = grown
         self._matrix[self.count] = q

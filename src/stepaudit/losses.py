@@ -6,10 +6,12 @@ else one replayed forward; ``loss_after`` is always one replayed forward at the 
 Otherwise the relative rounding error of one evaluation is measured once, against the float64 twin,
 and the noise of a difference follows from it (``probes.step.rounding_noise``).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -21,8 +23,9 @@ from .probes.step import rounding_noise
 class LossEvaluator:
     """Evaluates the step's objective before and after the step, in the working dtype or in float64."""
 
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable, params: list[torch.Tensor],
-                 precision: str | None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, loss_fn: Callable, params: list[torch.Tensor], precision: str | None
+    ) -> None:
         self.model, self.loss_fn, self.params, self.precision = model, loss_fn, params, precision
         self._twin: Float64Twin | None = None
         self._relative_error: float | None = None  # measured once (see _rounding)

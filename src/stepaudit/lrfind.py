@@ -14,6 +14,7 @@ Afterwards weights, ``.grad``, buffers, train/eval flags, optimizer state and hy
 CUDA, Python and NumPy random streams are exactly as they were (the original tensor objects, their values
 copied back). The batches consumed from ``batches`` are not given back: pass a fresh iterator or a list.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,12 +44,17 @@ class Snapshot:
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model, self.optimizer = model, optimizer
         self.modules = [(m, m.training) for m in model.modules()]
-        self.params = [(p, p.detach().clone(), p.grad, None if p.grad is None else p.grad.detach().clone())
-                       for p in _unique(list(model.parameters()) + _optimizer_params(optimizer))]
-        self.buffers = [(m, name, b, b.detach().clone()) for m in model.modules()
-                        for name, b in m._buffers.items() if b is not None]
+        self.params = [
+            (p, p.detach().clone(), p.grad, None if p.grad is None else p.grad.detach().clone())
+            for p in _unique(list(model.parameters()) + _optimizer_params(optimizer))
+        ]
+        self.buffers = [
+            (m, name, b, b.detach().clone()) for m in model.modules() for name, b in m._buffers.items() if b is not None
+        ]
         self.state = {p: (s, {k: _saved(v) for k, v in s.items()}) for p, s in optimizer.state.items()}
-        self.groups = [(g, {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}) for g in optimizer.param_groups]
+        self.groups = [
+            (g, {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}) for g in optimizer.param_groups
+        ]
         self.rng = RngState.capture(_cuda_devices(model), host=True)
 
     @torch.no_grad()
@@ -90,8 +96,12 @@ def step_hooks_held_back(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     The sweep's steps are not training steps: an open ``Audit`` or the doctor's passive capture must not count
     them. The same hook dicts are emptied and refilled in place, so the hooks' handles keep working.
     """
-    tables = [getattr(optimizer, "_optimizer_step_pre_hooks", {}), getattr(optimizer, "_optimizer_step_post_hooks", {}),
-              _optim._global_optimizer_pre_hooks, _optim._global_optimizer_post_hooks]
+    tables = [
+        getattr(optimizer, "_optimizer_step_pre_hooks", {}),
+        getattr(optimizer, "_optimizer_step_post_hooks", {}),
+        _optim._global_optimizer_pre_hooks,
+        _optim._global_optimizer_post_hooks,
+    ]
     saved = [dict(table) for table in tables]
     for table in tables:
         table.clear()
@@ -145,8 +155,10 @@ def _named(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[li
     params = [p for p in _unique(_optimizer_params(optimizer)) if p.requires_grad]
     missing = [p for p in params if id(p) not in names]
     if missing:
-        raise ValueError(f"{len(missing)} optimizer parameter(s) are not parameters of the model; "
-                         "pass the model the optimizer trains")
+        raise ValueError(
+            f"{len(missing)} optimizer parameter(s) are not parameters of the model; "
+            "pass the model the optimizer trains"
+        )
     if not params:
         raise ValueError("the optimizer holds no trainable parameter")
     return [names[id(p)] for p in params], params
@@ -159,22 +171,34 @@ def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
 def _context(model, optimizer, loss_fn, names, params, batch, rng, autocast) -> StepContext:
     """A StepContext at the live weights on ``batch``, for its pure ``params -> loss`` function."""
     zeros = [torch.zeros_like(p) for p in params]
-    return StepContext(step=0, model=model, optimizer=optimizer, loss_fn=loss_fn, parts=[Part(batch, rng)],
-                       autocast=autocast, names=names, params=params, before=[p.detach().clone() for p in params],
-                       grads=zeros)
+    return StepContext(
+        step=0,
+        model=model,
+        optimizer=optimizer,
+        loss_fn=loss_fn,
+        parts=[Part(batch, rng)],
+        autocast=autocast,
+        names=names,
+        params=params,
+        before=[p.detach().clone() for p in params],
+        grads=zeros,
+    )
 
 
-def _top(operator: Callable, dim: int, dtype: torch.dtype, device: torch.device, tol: float, max_hvps: int,
-         seed: int) -> linalg.LanczosResult:
+def _top(
+    operator: Callable, dim: int, dtype: torch.dtype, device: torch.device, tol: float, max_hvps: int, seed: int
+) -> linalg.LanczosResult:
     """λ_max by Lanczos from a random start drawn on a private generator (never the global RNG)."""
     generator = torch.Generator().manual_seed(seed)
-    start = torch.randn(dim, generator=generator, dtype=torch.float64).to(dtype=linalg.working_dtype(dtype),
-                                                                          device=device)
+    start = torch.randn(dim, generator=generator, dtype=torch.float64).to(
+        dtype=linalg.working_dtype(dtype), device=device
+    )
     return linalg.lanczos(operator, dim, iterations=max_hvps, start=start, tol=tol, verify=True)
 
 
-def sharpness_at(ctx: StepContext, optimizer: torch.optim.Optimizer, tol: float, max_hvps: int,
-                 seed: int) -> tuple[float, float, float, str]:
+def sharpness_at(
+    ctx: StepContext, optimizer: torch.optim.Optimizer, tol: float, max_hvps: int, seed: int
+) -> tuple[float, float, float, str]:
     """(λ_max, its residual, the safe lr, the rule) of the Hessian at the context's weights on its batch."""
     before = tuple(ctx.before)
     hvp = linalg.make_hvp(ctx.loss_of_params(), before)
@@ -183,8 +207,9 @@ def sharpness_at(ctx: StepContext, optimizer: torch.optim.Optimizer, tol: float,
     return result.eigenvalue, result.residual, safe, rule
 
 
-def precond_at(ctx: StepContext, optimizer: torch.optim.Optimizer, tol: float, max_hvps: int,
-               seed: int) -> tuple[float, float, str] | None:
+def precond_at(
+    ctx: StepContext, optimizer: torch.optim.Optimizer, tol: float, max_hvps: int, seed: int
+) -> tuple[float, float, str] | None:
     """(λ_max(P⁻¹(H + wd)), the lr at which it meets its stability bound, the rule); None without optimizer state."""
     found = preconditioner(optimizer, ctx.params)
     if found.inverse_sqrt is None or not bool((found.inverse_sqrt > 0).all()):
@@ -209,10 +234,23 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float, ratios: list[float]) ->
         group["lr"] = lr * ratio
 
 
-def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
-            batches: Iterable, start_lr: float = 1e-7, end_lr: float = 10.0, num: int = 100, *,
-            stop_div: bool = True, div_factor: float = 4.0, beta: float = 0.98, curvature: bool = True,
-            tol: float = 1e-4, max_hvps: int = 40, seed: int = 0) -> LRFindResult:
+def lr_find(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+    batches: Iterable,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    num: int = 100,
+    *,
+    stop_div: bool = True,
+    div_factor: float = 4.0,
+    beta: float = 0.98,
+    curvature: bool = True,
+    tol: float = 1e-4,
+    max_hvps: int = 40,
+    seed: int = 0,
+) -> LRFindResult:
     """Run the audited range test and restore everything it touched; returns an ``LRFindResult``.
 
     ``loss_fn(model, batch)`` returns the scalar training loss (as for ``Audit``). Every parameter group's lr
@@ -234,14 +272,44 @@ def lr_find(model: torch.nn.Module, optimizer: torch.optim.Optimizer, loss_fn: C
     snapshot = Snapshot(model, optimizer)
     try:
         with step_hooks_held_back(optimizer):
-            return _sweep(model, optimizer, loss_fn, batches, lrs, names, params, ratios, stop_div, div_factor, beta,
-                          curvature, tol, max_hvps, seed)
+            return _sweep(
+                model,
+                optimizer,
+                loss_fn,
+                batches,
+                lrs,
+                names,
+                params,
+                ratios,
+                stop_div,
+                div_factor,
+                beta,
+                curvature,
+                tol,
+                max_hvps,
+                seed,
+            )
     finally:
         snapshot.restore()
 
 
-def _sweep(model, optimizer, loss_fn, batches, lrs, names, params, ratios, stop_div, div_factor, beta, curvature,
-           tol, max_hvps, seed) -> LRFindResult:
+def _sweep(
+    model,
+    optimizer,
+    loss_fn,
+    batches,
+    lrs,
+    names,
+    params,
+    ratios,
+    stop_div,
+    div_factor,
+    beta,
+    curvature,
+    tol,
+    max_hvps,
+    seed,
+) -> LRFindResult:
     """The range test proper (the caller restores the state afterwards)."""
     devices = _cuda_devices(model)
     source = _batches(batches)
@@ -287,16 +355,22 @@ def _sweep(model, optimizer, loss_fn, batches, lrs, names, params, ratios, stop_
 
         loss_after = without_grad(evaluate, flags)
         noise = rounding_noise(loss_before, loss_after, roundoff)
-        row = {"lr": float(lr), "loss": loss_before, "grad_sq": float(torch.dot(grad.double(), grad.double())),
-               **step_fields(loss_before, loss_after, first_order, noise, bool(delta_w.any()))}
+        row = {
+            "lr": float(lr),
+            "loss": loss_before,
+            "grad_sq": float(torch.dot(grad.double(), grad.double())),
+            **step_fields(loss_before, loss_after, first_order, noise, bool(delta_w.any())),
+        }
         average, row["smooth_loss"] = smooth_step(average, loss_before, beta, i)
         rows.append(row)
         if curvature and info.precond is None and i + 1 == precond_step and _adaptive(optimizer):
             ctx = _context(model, optimizer, loss_fn, names, params, first, first_rng, autocast)
             info.precond = precond_at(ctx, optimizer, tol, max_hvps, seed)
             moved = float(torch.linalg.vector_norm(_flat(params) - start_flat) / torch.linalg.vector_norm(start_flat))
-            info.precond_where = (f"after the sweep's first {precond_step} steps (lr ≤ {lr:.3g}; weights moved "
-                                  f"{moved:.2g} of their norm), first batch")
+            info.precond_where = (
+                f"after the sweep's first {precond_step} steps (lr ≤ {lr:.3g}; weights moved "
+                f"{moved:.2g} of their norm), first batch"
+            )
         if not math.isfinite(loss_before) or not math.isfinite(row["smooth_loss"]):
             stopped = "the loss was not finite"
             break
@@ -305,10 +379,14 @@ def _sweep(model, optimizer, loss_fn, batches, lrs, names, params, ratios, stop_
             stopped = f"the smoothed loss exceeded {div_factor:g}× its minimum"
             break
     if curvature and info.precond is None:
-        info.precond_where = (f"not applicable: {preconditioner(optimizer, params).rule}" if not _adaptive(optimizer)
-                              else "not measured: the optimizer held no second-moment state")
-    return LRFindResult.build(rows, lrs, stopped, info, optimizer_name=type(optimizer).__name__,
-                              momentum=steady_gain(optimizer))
+        info.precond_where = (
+            f"not applicable: {preconditioner(optimizer, params).rule}"
+            if not _adaptive(optimizer)
+            else "not measured: the optimizer held no second-moment state"
+        )
+    return LRFindResult.build(
+        rows, lrs, stopped, info, optimizer_name=type(optimizer).__name__, momentum=steady_gain(optimizer)
+    )
 
 
 def _adaptive(optimizer: torch.optim.Optimizer) -> bool:

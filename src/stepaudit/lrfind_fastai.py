@@ -10,6 +10,7 @@ and a parameter that got no gradient has P = ε: its bound would be meaningless)
 leaves training as fastai leaves it (fastai's ``LRFinder`` then reloads the weights it saved before the sweep).
 Afterwards ``result`` is built by ``LRFindResult.build``: the rows, suggestions and summary of ``stepaudit.lr_find``.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,16 +31,28 @@ ONCE = 10**9  # a probe period no sweep reaches: the probe runs at step 0 only
 class SweepAudit:
     """The audit of one fastai lr_find sweep and, after ``finish()``, its ``LRFindResult`` (``result``)."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: Any, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
-                 num_it: int, precision: str | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: Any,
+        loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
+        num_it: int,
+        precision: str | None = None,
+    ) -> None:
         self.num_it = int(num_it)
         reader = reader_for(optimizer)
         reader.sync()
         self.momentum = steady_gain(reader.reads)
         self.optimizer_name = reader.name
         self.precond_step = max(1, self.num_it // 10)
-        self.audit = Audit(model, optimizer, loss_fn, run=None, precision=precision,
-                           probes={"sharpness": ONCE, "precond_sharpness": self.precond_step})
+        self.audit = Audit(
+            model,
+            optimizer,
+            loss_fn,
+            run=None,
+            precision=precision,
+            probes={"sharpness": ONCE, "precond_sharpness": self.precond_step},
+        )
         self.result: LRFindResult | None = None
 
     def seen(self, record: dict | None) -> None:
@@ -55,28 +68,49 @@ class SweepAudit:
         rows, average = [], 0.0
         for i, r in enumerate(records):
             average, smooth = smooth_step(average, float(r["loss_before"]), 0.98, i)
-            rows.append({"lr": float(r["lr"]), "loss": float(r["loss_before"]), "smooth_loss": smooth,
-                         "grad_sq": float(r["grad_norm"]) ** 2, "loss_after": float(r["loss_after"]),
-                         "delta": float(r["delta"]), "first_order": float(r["first_order"]),
-                         "alpha": float(r.get("alpha", math.nan)), "verdict": r["verdict"]})
+            rows.append(
+                {
+                    "lr": float(r["lr"]),
+                    "loss": float(r["loss_before"]),
+                    "smooth_loss": smooth,
+                    "grad_sq": float(r["grad_norm"]) ** 2,
+                    "loss_after": float(r["loss_after"]),
+                    "delta": float(r["delta"]),
+                    "first_order": float(r["first_order"]),
+                    "alpha": float(r.get("alpha", math.nan)),
+                    "verdict": r["verdict"],
+                }
+            )
         lrs = np.array([row["lr"] for row in rows])
         ratio = lrs[1] / lrs[0] if len(lrs) > 1 else 1.0
         grid = lrs[0] * ratio ** np.arange(max(self.num_it, len(lrs)))  # fastai's: start·(end/start)^(i/num_it)
         grid[: len(lrs)] = lrs
-        stopped = ("end of the grid" if len(rows) >= self.num_it else
-                   "the loss was not finite" if not math.isfinite(rows[-1]["loss"]) else
-                   "fastai's stop: the smoothed loss exceeded 4× its minimum")
+        stopped = (
+            "end of the grid"
+            if len(rows) >= self.num_it
+            else "the loss was not finite"
+            if not math.isfinite(rows[-1]["loss"])
+            else "fastai's stop: the smoothed loss exceeded 4× its minimum"
+        )
         later = [r for r in records if r.get("step", 0) >= self.precond_step]
-        self.result = LRFindResult.build(rows, grid, stopped, self._curvature(records[0], later[0] if later else None),
-                                         optimizer_name=self.optimizer_name, momentum=self.momentum)
+        self.result = LRFindResult.build(
+            rows,
+            grid,
+            stopped,
+            self._curvature(records[0], later[0] if later else None),
+            optimizer_name=self.optimizer_name,
+            momentum=self.momentum,
+        )
         return self.result
 
     def _curvature(self, first: dict, later: dict | None) -> Curvature:
         """λ_max and the safe lr at the sweep's first step, the preconditioned bound after its first tenth."""
-        info = Curvature(sharpness=float(first.get("sharpness", math.nan)),
-                         residual=float(first.get("sharpness_residual", math.nan)),
-                         safe_lr=float(first.get("safe_lr", math.nan)),
-                         safe_rule=str(first.get("safe_lr_rule", "not measured")))
+        info = Curvature(
+            sharpness=float(first.get("sharpness", math.nan)),
+            residual=float(first.get("sharpness_residual", math.nan)),
+            safe_lr=float(first.get("safe_lr", math.nan)),
+            safe_rule=str(first.get("safe_lr_rule", "not measured")),
+        )
         at = later or {}
         value, bound = float(at.get("precond_sharpness", math.nan)), float(at.get("precond_bound", math.nan))
         if math.isfinite(value) and value > 0 and math.isfinite(bound):
@@ -84,8 +118,9 @@ class SweepAudit:
             lr = float(at["lr"])
             info.precond_where = f"after fastai's first {self.precond_step} steps (lr ≤ {lr:.3g}), its batch"
         else:
-            info.precond_where = str(at.get("precond_sharpness_note", first.get("precond_sharpness_note",
-                                                                             "not measured")))
+            info.precond_where = str(
+                at.get("precond_sharpness_note", first.get("precond_sharpness_note", "not measured"))
+            )
         return info
 
     def point(self) -> tuple[float, float]:

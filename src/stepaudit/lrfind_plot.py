@@ -3,6 +3,7 @@
 Built on the report's chart frame and scales (``report.charts.Frame``, ``report.scales.Scale`` with a log x
 axis); the report's own ``svg.chart`` CSS rules are embedded so the SVG looks the same outside a report page.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,14 @@ import numpy as np
 from .report.charts import BOTTOM, PLOT_HEIGHT, TOP, WIDTH, Frame, _n, polyline
 from .report.scales import Scale, padded
 
-COLORS = {"stepaudit": "#2563eb", "valley": "#059669", "steep": "#d97706", "minimum": "#7c3aed",
-          "slide": "#6b7280", "bound": "#dc2626"}
+COLORS = {
+    "stepaudit": "#2563eb",
+    "valley": "#059669",
+    "steep": "#d97706",
+    "minimum": "#7c3aed",
+    "slide": "#6b7280",
+    "bound": "#dc2626",
+}
 
 
 def chart_css() -> str:
@@ -32,8 +39,10 @@ def _vertical(frame: Frame, x: float, label: str, color: str, row: int) -> None:
     frame.body.append(f'<line class="guide" x1="{_n(x)}" x2="{_n(x)}" y1="{_n(y0)}" y2="{_n(y1)}" stroke="{color}"/>')
     anchor = "end" if x > (x0 + x1) / 2 else "start"
     dx = -4 if anchor == "end" else 4
-    frame.overlay.append(f'<text class="guide-label" x="{_n(x + dx)}" y="{_n(y0 + 12 + 13 * row)}" '
-                         f'text-anchor="{anchor}" style="fill:{color}">{escape(label)}</text>')
+    frame.overlay.append(
+        f'<text class="guide-label" x="{_n(x + dx)}" y="{_n(y0 + 12 + 13 * row)}" '
+        f'text-anchor="{anchor}" style="fill:{color}">{escape(label)}</text>'
+    )
 
 
 def lr_find_svg(result) -> str:
@@ -56,14 +65,21 @@ def lr_find_svg(result) -> str:
     rises = np.array([v == "increase" for v in result.verdicts])
     if rises.any():
         marks = "".join(f"M{_n(x)},{_n(TOP)}v7" for x in xs(lrs[rises]))
-        frame.body.append(f'<path d="{marks}" stroke="{COLORS["bound"]}" stroke-width="1.5">'
-                          "<title>this step raised its own batch's loss</title></path>")
+        frame.body.append(
+            f'<path d="{marks}" stroke="{COLORS["bound"]}" stroke-width="1.5">'
+            "<title>this step raised its own batch's loss</title></path>"
+        )
     x0, _, _, y1 = frame.plot
-    legend = [("#111827", "smoothed loss"), ("#94a3b8", "loss of each batch"),
-              (COLORS["bound"], "ticks: the step raised its own batch's loss")]
+    legend = [
+        ("#111827", "smoothed loss"),
+        ("#94a3b8", "loss of each batch"),
+        (COLORS["bound"], "ticks: the step raised its own batch's loss"),
+    ]
     for i, (color, text) in enumerate(legend):
-        frame.overlay.append(f'<text class="guide-label" x="{_n(x0 + 6)}" y="{_n(y1 - 8 - 13 * (len(legend) - 1 - i))}" '
-                             f'style="fill:{color}">{escape(text)}</text>')
+        frame.overlay.append(
+            f'<text class="guide-label" x="{_n(x0 + 6)}" y="{_n(y1 - 8 - 13 * (len(legend) - 1 - i))}" '
+            f'style="fill:{color}">{escape(text)}</text>'
+        )
     row = 0
     bound, name = result.curvature.bound
     if math.isfinite(bound):

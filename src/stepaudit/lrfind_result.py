@@ -1,4 +1,5 @@
 """``LRFindResult``: the arrays of an audited range test, its suggestions, a plain summary, an SVG and notebook HTML."""
+
 from __future__ import annotations
 
 import math
@@ -10,8 +11,13 @@ import numpy as np
 from .lrfind_suggest import fastai_suggestions, first_rise, stepaudit_rule
 
 ORDER = ("stepaudit", "valley", "steep", "minimum", "slide")
-LABELS = {"stepaudit": "stepaudit", "valley": "fastai valley", "steep": "fastai steep",
-          "minimum": "fastai minimum/10", "slide": "fastai slide"}
+LABELS = {
+    "stepaudit": "stepaudit",
+    "valley": "fastai valley",
+    "steep": "fastai steep",
+    "minimum": "fastai minimum/10",
+    "slide": "fastai slide",
+}
 
 
 @dataclass
@@ -62,15 +68,33 @@ class LRFindResult:
     gain_train: float = 1.0  # the steady-state gain of a training step at constant lr, (1−d)/(1−β)
 
     @classmethod
-    def build(cls, rows: list[dict], grid: np.ndarray, stopped: str, curvature: Curvature,
-              optimizer_name: str = "", momentum: tuple[float, float] = (0.0, 1.0)) -> LRFindResult:
+    def build(
+        cls,
+        rows: list[dict],
+        grid: np.ndarray,
+        stopped: str,
+        curvature: Curvature,
+        optimizer_name: str = "",
+        momentum: tuple[float, float] = (0.0, 1.0),
+    ) -> LRFindResult:
         """Assemble the result from the sweep's rows and compute every suggestion."""
         column = lambda key: np.array([r[key] for r in rows], dtype=float)
         verdicts = [r["verdict"] for r in rows]
         lrs = column("lr")
-        result = cls(lrs, column("loss"), column("smooth_loss"), column("loss_after"), column("delta"),
-                     column("first_order"), column("alpha"), verdicts, np.asarray(grid), stopped, curvature,
-                     optimizer_name=optimizer_name)
+        result = cls(
+            lrs,
+            column("loss"),
+            column("smooth_loss"),
+            column("loss_after"),
+            column("delta"),
+            column("first_order"),
+            column("alpha"),
+            verdicts,
+            np.asarray(grid),
+            stopped,
+            curvature,
+            optimizer_name=optimizer_name,
+        )
         result.momentum, result.gain_train = momentum
         with np.errstate(divide="ignore", invalid="ignore"):
             result.gains = -result.first_order / (lrs * column("grad_sq"))
@@ -81,8 +105,9 @@ class LRFindResult:
         result.lr_overshoot = float(lrs[over]) if over is not None else math.nan
         result.suggestions = fastai_suggestions(lrs, result.smooth_losses, len(grid))
         bound, name = curvature.bound
-        lr, reason = stepaudit_rule(lrs, rises, bound, name, result.suggestions["valley"], result.gains,
-                                    result.gain_train)
+        lr, reason = stepaudit_rule(
+            lrs, rises, bound, name, result.suggestions["valley"], result.gains, result.gain_train
+        )
         result.suggestions = {"stepaudit": lr, **result.suggestions}
         result.suggestion, result.reason = lr, reason
         return result
@@ -101,19 +126,29 @@ class LRFindResult:
             lines.append("λ_max: not measured")
         if c.precond is not None:
             value, lr, rule = c.precond
-            lines.append(f"preconditioned sharpness λ_max(P⁻¹H) {value:.4g}: meets its bound {rule} at lr {lr:.4g} "
-                         f"({c.precond_where})")
+            lines.append(
+                f"preconditioned sharpness λ_max(P⁻¹H) {value:.4g}: meets its bound {rule} at lr {lr:.4g} "
+                f"({c.precond_where})"
+            )
         else:
             lines.append(f"preconditioned bound: {c.precond_where}")
         return lines
 
     def __str__(self) -> str:
-        rows = [(f"lr range test ({self.optimizer_name}): {len(self.lrs)} of {len(self.grid)} steps, "
-                 f"lr {self.grid[0]:.3g} to {self.lrs[-1]:.3g}; stopped: {self.stopped}"),
-                f"suggestion: {self.suggestion:.3g}  ({self.reason})", ""]
+        rows = [
+            (
+                f"lr range test ({self.optimizer_name}): {len(self.lrs)} of {len(self.grid)} steps, "
+                f"lr {self.grid[0]:.3g} to {self.lrs[-1]:.3g}; stopped: {self.stopped}"
+            ),
+            f"suggestion: {self.suggestion:.3g}  ({self.reason})",
+            "",
+        ]
         rows += [f"  {LABELS[k]:<18} {self.suggestions.get(k, math.nan):.3g}" for k in ORDER]
-        rows += ["", f"  first lr where the own-batch loss rose: {_fmt(self.lr_rise)}  (on 3 of 5 steps)",
-                 f"  first lr with α > 1 (overshoot):         {_fmt(self.lr_overshoot)}"]
+        rows += [
+            "",
+            f"  first lr where the own-batch loss rose: {_fmt(self.lr_rise)}  (on 3 of 5 steps)",
+            f"  first lr with α > 1 (overshoot):         {_fmt(self.lr_overshoot)}",
+        ]
         if self.gain_train != 1.0:
             rows.append(f"  momentum β {self.momentum:g}: steady-state gain {self.gain_train:.3g}")
         rows += [f"  {line}" for line in self.curvature_lines()]
@@ -127,15 +162,24 @@ class LRFindResult:
 
     def _repr_html_(self) -> str:
         """The SVG and a table of the suggestions, self-contained (for Jupyter)."""
-        cells = "".join(f"<tr><td>{escape(LABELS[k])}</td><td>{escape(_fmt(self.suggestions.get(k, math.nan)))}</td></tr>"
-                        for k in ORDER)
-        facts = "".join(f"<li>{escape(line)}</li>" for line in
-                        [f"first lr where the own-batch loss rose: {_fmt(self.lr_rise)}",
-                         f"first lr with α > 1: {_fmt(self.lr_overshoot)}", *self.curvature_lines(),
-                         f"stopped: {self.stopped}"])
-        return (f'<div class="stepaudit-lr-find" style="font-family:system-ui,sans-serif;max-width:780px">'
-                f"{self.plot_svg()}<p><b>suggestion {escape(_fmt(self.suggestion))}</b>: {escape(self.reason)}</p>"
-                f'<table style="border-collapse:collapse">{cells}</table><ul>{facts}</ul></div>')
+        cells = "".join(
+            f"<tr><td>{escape(LABELS[k])}</td><td>{escape(_fmt(self.suggestions.get(k, math.nan)))}</td></tr>"
+            for k in ORDER
+        )
+        facts = "".join(
+            f"<li>{escape(line)}</li>"
+            for line in [
+                f"first lr where the own-batch loss rose: {_fmt(self.lr_rise)}",
+                f"first lr with α > 1: {_fmt(self.lr_overshoot)}",
+                *self.curvature_lines(),
+                f"stopped: {self.stopped}",
+            ]
+        )
+        return (
+            f'<div class="stepaudit-lr-find" style="font-family:system-ui,sans-serif;max-width:780px">'
+            f"{self.plot_svg()}<p><b>suggestion {escape(_fmt(self.suggestion))}</b>: {escape(self.reason)}</p>"
+            f'<table style="border-collapse:collapse">{cells}</table><ul>{facts}</ul></div>'
+        )
 
 
 def _fmt(value: float) -> str:

@@ -42,6 +42,7 @@ Capped by the stability bound measured at the start weights: the optimizer's saf
 (2+2β)/λ_max with momentum, ``probes.curvature.safe_lr``) or, for Adam-like optimizers, the lr at which the
 preconditioned sharpness meets its bound. Without an own-batch rise in the sweep it falls back to valley.
 """
+
 from __future__ import annotations
 
 import math
@@ -127,7 +128,7 @@ def fastai_suggestions(lrs: np.ndarray, smooth: np.ndarray, planned: int) -> dic
 def first_index(flags: list[bool], run: int = 1) -> int | None:
     """Index of the first ``run`` consecutive True values (a run cut short by the end of the list counts)."""
     for i in range(len(flags)):
-        window = flags[i:i + run]
+        window = flags[i : i + run]
         if window and all(window):
             return i
     return None
@@ -136,7 +137,7 @@ def first_index(flags: list[bool], run: int = 1) -> int | None:
 def first_rise(flags: list[bool], window: int = RISE_WINDOW, needed: int = RISE_NEEDED) -> int | None:
     """Index of the first True with ≥ ``needed`` of ``window`` True from it (a window cut short: its majority)."""
     for i, flag in enumerate(flags):
-        held = flags[i:i + window]
+        held = flags[i : i + window]
         if flag and sum(map(bool, held)) >= min(needed, len(held) // 2 + 1):
             return i
     return None
@@ -154,8 +155,15 @@ def steady_gain(optimizer: Any) -> tuple[float, float]:
     return beta, damped / (1.0 - beta)
 
 
-def stepaudit_rule(lrs: np.ndarray, rises: list[bool], bound: float, bound_name: str, fallback: float,
-                   gains: np.ndarray | None = None, gain_train: float = 1.0) -> tuple[float, str]:
+def stepaudit_rule(
+    lrs: np.ndarray,
+    rises: list[bool],
+    bound: float,
+    bound_name: str,
+    fallback: float,
+    gains: np.ndarray | None = None,
+    gain_train: float = 1.0,
+) -> tuple[float, str]:
     """stepaudit's suggestion and its one-line reason (the rule is in the module docstring)."""
     up = first_rise(rises)
     if up is None:
@@ -165,11 +173,13 @@ def stepaudit_rule(lrs: np.ndarray, rises: list[bool], bound: float, bound_name:
     reason = f"half of {lr_up:.3g}, the lr from which steps raised their own batch's loss (3 of 5 steps)"
     if gain_train != 1.0:
         seen = np.asarray(gains if gains is not None else np.full(len(rises), np.nan), float)
-        seen = np.array([g for g, r in zip(seen[up:up + RISE_WINDOW], rises[up:up + RISE_WINDOW]) if r and g > 0])
+        seen = np.array([g for g, r in zip(seen[up : up + RISE_WINDOW], rises[up : up + RISE_WINDOW]) if r and g > 0])
         g_sweep = float(np.median(seen)) if seen.size else 1.0
         suggestion *= g_sweep / gain_train
-        reason = (f"half of {lr_up:.3g}, the lr from which steps raised their own batch's loss, × the momentum "
-                  f"gain the sweep saw ({g_sweep:.3g}) / the steady-state gain ({gain_train:.3g})")
+        reason = (
+            f"half of {lr_up:.3g}, the lr from which steps raised their own batch's loss, × the momentum "
+            f"gain the sweep saw ({g_sweep:.3g}) / the steady-state gain ({gain_train:.3g})"
+        )
     if math.isfinite(bound) and bound > 0 and bound < suggestion:
         return bound, f"{bound_name} {bound:.3g} (measured early in the sweep), below the rise-based {suggestion:.3g}"
     return suggestion, reason

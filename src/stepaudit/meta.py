@@ -1,4 +1,5 @@
 """Run metadata: what was trained with what, so a run folder explains itself later."""
+
 from __future__ import annotations
 
 import platform
@@ -24,7 +25,10 @@ def _plain(value: Any) -> Any:
 def optimizer_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
     """Hyperparameters of every parameter group (without the parameters themselves)."""
     return [
-        {**{k: _plain(v) for k, v in group.items() if k != "params"}, "n_params": sum(_numel(p) for p in group["params"])}
+        {
+            **{k: _plain(v) for k, v in group.items() if k != "params"},
+            "n_params": sum(_numel(p) for p in group["params"]),
+        }
         for group in optimizer.param_groups
     ]
 
@@ -64,8 +68,12 @@ def module_descriptions(model: torch.nn.Module, limit: int = 2000) -> dict[str, 
             continue
         shapes = dict(own)
         shown = [shapes["weight"]] if "weight" in shapes else [p for _, p in own]
-        text = ", ".join("uninitialised" if isinstance(p, torch.nn.parameter.UninitializedTensorMixin)
-                         else "×".join(map(str, p.shape)) or "scalar" for p in shown[:3])
+        text = ", ".join(
+            "uninitialised"
+            if isinstance(p, torch.nn.parameter.UninitializedTensorMixin)
+            else "×".join(map(str, p.shape)) or "scalar"
+            for p in shown[:3]
+        )
         found[path or "(root)"] = f"{type(module).__name__} {text}"
         if len(found) >= limit:
             break

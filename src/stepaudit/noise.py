@@ -17,11 +17,13 @@ For single examples (b_m = 1, n = B) this is tr Σ̂ = (Σ‖g_i‖² − B‖�
 come from a delete-one-group jackknife over K groups of units (each group keeps its own S₁, so
 memory is K gradient copies plus one chunk of per-example gradients, never B of them).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,23 +58,32 @@ class Moments:
         """K×K ⟨S₁ₖ, S₁ₗ⟩ (float64): ‖S₁ − S₁ₖ‖² without touching the vectors again."""
         return self.gram if self.gram is not None else self.sums @ self.sums.T
 
-    def merge(self, other: "Moments") -> "Moments":
+    def merge(self, other: Moments) -> Moments:
         """Statistics of the union of two disjoint sets of units (group k joins group k)."""
         if self.sums is None or other.sums is None:
             raise ValueError("moments given only as inner products cannot be merged")
         if self.sq.shape != other.sq.shape:  # e.g. a micro-batch smaller than the group count
             return Moments.concat([self, other])
-        return Moments(self.sums + other.sums, self.sq + other.sq, self.size + other.size,
-                       self.units + other.units, self.loss_sum + other.loss_sum)
+        return Moments(
+            self.sums + other.sums,
+            self.sq + other.sq,
+            self.size + other.size,
+            self.units + other.units,
+            self.loss_sum + other.loss_sum,
+        )
 
     @staticmethod
-    def concat(parts: list["Moments"]) -> "Moments":
+    def concat(parts: list[Moments]) -> Moments:
         """Statistics of disjoint sets of units, each set keeping its own groups."""
         if any(p.sums is None for p in parts):
             raise ValueError("moments given only as inner products cannot be merged")
-        return Moments(torch.cat([p.sums for p in parts]), torch.cat([p.sq for p in parts]),
-                       torch.cat([p.size for p in parts]), torch.cat([p.units for p in parts]),
-                       sum(p.loss_sum for p in parts))
+        return Moments(
+            torch.cat([p.sums for p in parts]),
+            torch.cat([p.sq for p in parts]),
+            torch.cat([p.size for p in parts]),
+            torch.cat([p.units for p in parts]),
+            sum(p.loss_sum for p in parts),
+        )
 
     @property
     def batch_size(self) -> int:
@@ -101,10 +112,15 @@ class NoiseEstimate:
     def fields(self) -> dict:
         """Record fields (field vocabulary of docs/design.md; the method goes to ``noise_scale_method``)."""
         return {
-            "noise_scale": self.noise_scale, "grad_sq_norm": self.grad_sq_norm, "trace_sigma": self.trace_sigma,
-            "grad_snr": self.grad_snr, "noise_stderr": self.noise_stderr,
-            "trace_sigma_stderr": self.trace_sigma_stderr, "grad_sq_norm_stderr": self.grad_sq_norm_stderr,
-            "noise_scale_method": self.method, "noise_units": self.units,
+            "noise_scale": self.noise_scale,
+            "grad_sq_norm": self.grad_sq_norm,
+            "trace_sigma": self.trace_sigma,
+            "grad_snr": self.grad_snr,
+            "noise_stderr": self.noise_stderr,
+            "trace_sigma_stderr": self.trace_sigma_stderr,
+            "grad_sq_norm_stderr": self.grad_sq_norm_stderr,
+            "noise_scale_method": self.method,
+            "noise_units": self.units,
         }
 
 
@@ -138,8 +154,9 @@ def estimate(moments: Moments, method: str) -> NoiseEstimate:
     keep = [k for k in range(len(sq)) if counts[k] > 0]
     if len(keep) >= 2 and all(units - counts[k] >= 2 for k in keep):
         # ‖S₁ − S₁ₖ‖² = ‖S₁‖² − 2⟨S₁, S₁ₖ⟩ + ‖S₁ₖ‖²
-        leave_one_out = [_statistics(s1_sq - 2 * rows[k] + own[k], s2 - sq[k], size - sizes[k], units - counts[k])
-                         for k in keep]
+        leave_one_out = [
+            _statistics(s1_sq - 2 * rows[k] + own[k], s2 - sq[k], size - sizes[k], units - counts[k]) for k in keep
+        ]
         n_groups = len(keep)
         for j in range(3):
             column = [row[j] for row in leave_one_out]
@@ -147,8 +164,7 @@ def estimate(moments: Moments, method: str) -> NoiseEstimate:
                 mean = math.fsum(column) / n_groups
                 errors[j] = math.sqrt((n_groups - 1) / n_groups * math.fsum((v - mean) ** 2 for v in column))
     snr = size * signal / trace if trace > 0 else math.inf  # B/B_simple = ‖G‖² / (tr Σ / B)
-    return NoiseEstimate(trace, signal, scale, snr, errors[0], errors[1], errors[2], method,
-                         int(size), int(units))
+    return NoiseEstimate(trace, signal, scale, snr, errors[0], errors[1], errors[2], method, int(size), int(units))
 
 
 def _flat_dim(params: Mapping[str, Tensor]) -> int:
@@ -167,8 +183,10 @@ def batch_len(batch: Any) -> int | None:
 def slice_batch(batch: Any, start: int, stop: int, size: int) -> Any:
     """Examples ``start:stop`` of a batch: every tensor whose leading dimension is ``size`` is sliced."""
     leaves, spec = tree_flatten(batch)
-    cut = [leaf[start:stop] if isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == size else leaf
-           for leaf in leaves]
+    cut = [
+        leaf[start:stop] if isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == size else leaf
+        for leaf in leaves
+    ]
     return tree_unflatten(cut, spec)
 
 
@@ -184,8 +202,15 @@ def auto_chunk(params: Mapping[str, Tensor], budget_bytes: int = DEFAULT_BUDGET_
     return max(1, budget_bytes // max(per_example, 1))
 
 
-def per_sample_moments(loss: Loss, params: Mapping[str, Tensor], batch: Any, *, chunk: int | None = None,
-                       groups: int = DEFAULT_GROUPS, randomness: str = "different") -> Moments:
+def per_sample_moments(
+    loss: Loss,
+    params: Mapping[str, Tensor],
+    batch: Any,
+    *,
+    chunk: int | None = None,
+    groups: int = DEFAULT_GROUPS,
+    randomness: str = "different",
+) -> Moments:
     """Per-example gradients by ``vmap(grad(...))`` over chunks of examples, reduced as they come.
 
     Each example is fed to ``loss`` as a batch of one (leading dimension 1). Only one chunk of
@@ -219,7 +244,7 @@ def per_sample_moments(loss: Loss, params: Mapping[str, Tensor], batch: Any, *, 
         for name in names:
             g = grads[name].reshape(stop - start, -1)
             group_sums = torch.zeros(groups, g.shape[1], dtype=g.dtype, device=g.device).index_add_(0, group_of, g)
-            moments.sums[:, offset:offset + g.shape[1]] += group_sums
+            moments.sums[:, offset : offset + g.shape[1]] += group_sums
             squares += torch.linalg.vector_norm(g, dim=1).double() ** 2  # (a vectorised reduction, ~8× vecdot)
             offset += g.shape[1]
         del grads
@@ -236,8 +261,9 @@ def _flat_grad(loss: Loss, params: Mapping[str, Tensor], batch: Any) -> tuple[Te
     with torch.enable_grad():
         value = loss(leaves, batch)
         grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
-    flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
-                      for g, p in zip(grads, leaves.values())])
+    flat = torch.cat(
+        [(g if g is not None else torch.zeros_like(p)).reshape(-1).double() for g, p in zip(grads, leaves.values())]
+    )
     return flat, float(value.detach())
 
 
@@ -250,8 +276,7 @@ def micro_batch_moments(loss: Loss, params: Mapping[str, Tensor], batch: Any, mi
     """
     size = batch_len(batch)
     if size is None or micro_batches < 1 or size < micro_batches:
-        raise ValueError(f"{micro_batches} micro-batches need a batch of at least {micro_batches} examples, "
-                         f"got {size}")
+        raise ValueError(f"{micro_batches} micro-batches need a batch of at least {micro_batches} examples, got {size}")
     bounds = torch.linspace(0, size, micro_batches + 1).round().long().tolist()
     moments = _empty(params, micro_batches)
     for m, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):

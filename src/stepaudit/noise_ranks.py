@@ -19,16 +19,16 @@ the local sum at the last backward; without ``no_sync`` the earlier micro-batche
 
 The values ride in the step's one packed all-reduce (``distributed.global_objective``).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from .distributed import GlobalStep
 from .noise import noise_scale, two_batch_estimate
-
 
 CAPTURE = "_local_grad"  # its key in an audited step's captures
 

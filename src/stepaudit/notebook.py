@@ -5,6 +5,7 @@ report's summary cards and main charts inside an ``<iframe srcdoc>``, so the rep
 hover script cannot touch the notebook's own page. The live view is one display that a sink on the
 audit redraws at most once per ``interval`` seconds (``IPython.display`` display handles).
 """
+
 from __future__ import annotations
 
 import html
@@ -21,16 +22,20 @@ def run_page(run: Any) -> str:
 
     figures = [f for f in run_figures(run) if f.id in NOTEBOOK_FIGURES] if run.steps else []
     charts = "".join(figure_html(f) for f in figures) or '<p class="notice">No audited steps yet.</p>'
-    body = (f'<header><p class="brand">stepaudit</p><h1>{html.escape(run.name)}</h1></header>'
-            f"{findings_html(run.findings, run.findings_error, run.outcome)}{problems_html(run)}{kpis_html(run)}"
-            f'<section class="charts">{charts}</section>')
+    body = (
+        f'<header><p class="brand">stepaudit</p><h1>{html.escape(run.name)}</h1></header>'
+        f"{findings_html(run.findings, run.findings_error, run.outcome)}{problems_html(run)}{kpis_html(run)}"
+        f'<section class="charts">{charts}</section>'
+    )
     return page(f"stepaudit — {run.name}", body)
 
 
 def framed(document: str, height: int = 720) -> str:
     """An HTML document isolated in an iframe (its CSS and script stay inside), for a notebook output."""
-    return (f'<iframe srcdoc="{html.escape(document, quote=True)}" style="width:100%;height:{height}px;'
-            'border:1px solid #e5e7eb;border-radius:8px" sandbox="allow-scripts"></iframe>')
+    return (
+        f'<iframe srcdoc="{html.escape(document, quote=True)}" style="width:100%;height:{height}px;'
+        'border:1px solid #e5e7eb;border-radius:8px" sandbox="allow-scripts"></iframe>'
+    )
 
 
 def run_html(run: Any) -> str:
@@ -51,9 +56,11 @@ def diagnoses_html(diagnoses: list[dict]) -> str:
     """``_repr_html_`` of the doctor's diagnoses: one card each, root cause first."""
     from .report.html import asset, findings_html
 
-    return framed(f"<!DOCTYPE html><html><head><meta charset='utf-8'><style>{asset('report.css')}</style></head>"
-                  f"<body><main>{findings_html(list(diagnoses))}</main></body></html>",
-                  height=140 + 130 * max(len(diagnoses), 1))
+    return framed(
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><style>{asset('report.css')}</style></head>"
+        f"<body><main>{findings_html(list(diagnoses))}</main></body></html>",
+        height=140 + 130 * max(len(diagnoses), 1),
+    )
 
 
 class Diagnoses(list):
@@ -72,16 +79,21 @@ def live_html(audit: Any) -> str:
         return "<p>stepaudit: waiting for the first audited step…</p>"
     last = records[-1]
     lowered = sum(r.get("verdict") == "decrease" for r in records) / len(records)
-    line = (f"step {last['step']:,} · loss {last['loss_before']:.4g} → {last.get('loss_after', float('nan')):.4g} "
-            f"on its own batch · {lowered:.0%} of {len(records):,} audited steps lowered their batch's loss")
+    line = (
+        f"step {last['step']:,} · loss {last['loss_before']:.4g} → {last.get('loss_after', float('nan')):.4g} "
+        f"on its own batch · {lowered:.0%} of {len(records):,} audited steps lowered their batch's loss"
+    )
     import numpy as np
 
     steps = np.array([r["step"] for r in records], float)
     losses = np.array([r["loss_before"] for r in records], float)
-    svg, _ = time_chart("live-loss", "Loss per step", [Series("training loss", steps, losses, "#2563eb")],
-                        y_label="loss")
-    return (f'<div style="font:13px system-ui,sans-serif"><div><b>stepaudit</b> · {html.escape(line)}</div>'
-            f'<div style="max-width:720px">{svg}</div></div>')
+    svg, _ = time_chart(
+        "live-loss", "Loss per step", [Series("training loss", steps, losses, "#2563eb")], y_label="loss"
+    )
+    return (
+        f'<div style="font:13px system-ui,sans-serif"><div><b>stepaudit</b> · {html.escape(line)}</div>'
+        f'<div style="max-width:720px">{svg}</div></div>'
+    )
 
 
 class LiveView:

@@ -22,17 +22,21 @@ never stepped and fires no hooks; such an optimizer is driven through ``audit.be
   the group's ``wd`` stands for all of the group.
 - anything else with ``param_groups`` (a list of dicts with "params" and "lr"): groups and lr only.
 """
+
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-REFUSED = ("optimizer must be a torch.optim.Optimizer, a fastai Optimizer/OptimWrapper, or an object with "
-           "param_groups (a list of dicts with 'params' and 'lr'); got {}")
+REFUSED = (
+    "optimizer must be a torch.optim.Optimizer, a fastai Optimizer/OptimWrapper, or an object with "
+    "param_groups (a list of dicts with 'params' and 'lr'); got {}"
+)
 _UNMAPPED_NAMES = {"radam_step": "RAdam", "lamb_step": "Lamb", "qhadam_step": "QHAdam", "larc_step": "Larc"}
 
 
@@ -63,8 +67,9 @@ def reader_for(optimizer: Any) -> OptimizerReader:
         return OptimizerReader(optimizer, type(optimizer).__name__)
     inner = getattr(optimizer, "opt", None)
     if isinstance(inner, torch.optim.Optimizer) and hasattr(optimizer, "param_lists"):  # fastai OptimWrapper
-        return OptimizerReader(inner, f"OptimWrapper({type(inner).__name__})", "the wrapped torch optimizer",
-                               hooked=False)
+        return OptimizerReader(
+            inner, f"OptimWrapper({type(inner).__name__})", "the wrapped torch optimizer", hooked=False
+        )
     if hasattr(optimizer, "param_lists") and hasattr(optimizer, "hypers"):
         return _fastai_reader(optimizer)
     groups = getattr(optimizer, "param_groups", None)
@@ -96,8 +101,10 @@ def _recipe(optimizer: Any) -> tuple[str, bool, bool]:
     damped = [getattr(cb, "keywords", {}).get("dampening", False) for cb in cbs[1:] if _cb_name(cb) == "average_grad"]
     if rest in (("sgd_step",), ("average_grad", "momentum_step")) and not any(damped):
         return "SGD", decoupled, bool(damped)
-    if rest in (("average_sqr_grad", "rms_prop_step"), ("average_grad", "average_sqr_grad", "rms_prop_step")) \
-            and not any(damped):
+    if rest in (
+        ("average_sqr_grad", "rms_prop_step"),
+        ("average_grad", "average_sqr_grad", "rms_prop_step"),
+    ) and not any(damped):
         return "RMSProp", decoupled, bool(damped)
     if rest == ("average_grad", "average_sqr_grad", "step_stat", "adam_step") and all(damped):
         return "Adam", decoupled, True
@@ -120,21 +127,42 @@ def _fastai_reader(optimizer: Any) -> OptimizerReader:
     else:
         mirror = type(f"fastai {recipe}", (_Unmapped,), {})(groups)  # its name is in the probes' notes
         mapping = f"parameter groups and lr only: {recipe} has no torch counterpart (safe_lr, precond_sharpness NaN)"
-    torch_state = {"SGD": {"grad_avg": "momentum_buffer"}, "RMSProp": {"sqr_avg": "square_avg"},
-                   "Adam": {"grad_avg": "exp_avg", "sqr_avg": "exp_avg_sq", "step": "step"}}.get(recipe, {})
+    torch_state = {
+        "SGD": {"grad_avg": "momentum_buffer"},
+        "RMSProp": {"sqr_avg": "square_avg"},
+        "Adam": {"grad_avg": "exp_avg", "sqr_avg": "exp_avg_sq", "step": "step"},
+    }.get(recipe, {})
 
     def hyperparameters(hyper: dict) -> dict:
         lr, wd = float(hyper.get("lr", math.nan)), float(hyper.get("wd", 0.0))
         mom = float(hyper.get("mom", 0.0)) if momentum else 0.0
         if recipe == "SGD":
-            return {"lr": lr, "momentum": mom, "dampening": 0.0, "nesterov": False,
-                    "weight_decay": (1 + mom) * wd if decoupled else wd}
+            return {
+                "lr": lr,
+                "momentum": mom,
+                "dampening": 0.0,
+                "nesterov": False,
+                "weight_decay": (1 + mom) * wd if decoupled else wd,
+            }
         if recipe == "RMSProp":
-            return {"lr": lr, "alpha": float(hyper["sqr_mom"]), "eps": float(hyper["eps"]), "momentum": mom,
-                    "centered": False, "weight_decay": wd, "decoupled_weight_decay": decoupled}
+            return {
+                "lr": lr,
+                "alpha": float(hyper["sqr_mom"]),
+                "eps": float(hyper["eps"]),
+                "momentum": mom,
+                "centered": False,
+                "weight_decay": wd,
+                "decoupled_weight_decay": decoupled,
+            }
         if recipe == "Adam":
-            return {"lr": lr, "betas": (mom, float(hyper["sqr_mom"])), "eps": float(hyper["eps"]),
-                    "weight_decay": wd, "decoupled_weight_decay": decoupled, "amsgrad": False}
+            return {
+                "lr": lr,
+                "betas": (mom, float(hyper["sqr_mom"])),
+                "eps": float(hyper["eps"]),
+                "weight_decay": wd,
+                "decoupled_weight_decay": decoupled,
+                "amsgrad": False,
+            }
         return {"lr": lr}
 
     def sync() -> None:

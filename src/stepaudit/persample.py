@@ -15,10 +15,12 @@ Parameter, a module called twice, a string padding such as "same", a module whos
 calling it, as in MultiheadAttention) makes ``layer_moments`` return None: the caller then uses vmap.
 The result is checked against the batch gradient of the same backward before it is trusted.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +38,19 @@ def _supported(module: nn.Module) -> bool:
     if isinstance(module, nn.Linear):
         return kind.forward is nn.Linear.forward
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        return (kind.forward in (nn.Conv1d.forward, nn.Conv2d.forward) and module.padding_mode == "zeros"
-                and not isinstance(module.padding, str))
+        return (
+            kind.forward in (nn.Conv1d.forward, nn.Conv2d.forward)
+            and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)
+        )
     if isinstance(module, nn.LayerNorm):
         return kind.forward is nn.LayerNorm.forward
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return kind.forward is nn.modules.batchnorm._BatchNorm.forward and not module.training \
+        return (
+            kind.forward is nn.modules.batchnorm._BatchNorm.forward
+            and not module.training
             and module.running_mean is not None
+        )
     return False
 
 
@@ -80,7 +88,9 @@ def _per_module(module: nn.Module, a: Tensor, d: Tensor) -> dict[str, tuple[Tens
     if isinstance(module, nn.Linear):
         a3, d3 = a.reshape(c, -1, a.shape[-1]), d.reshape(c, -1, d.shape[-1])  # [c, T, in], [c, T, out]
         if a3.shape[1] == 1:
-            weight_sq = (torch.linalg.vector_norm(a3.flatten(1), dim=1) * torch.linalg.vector_norm(d3.flatten(1), dim=1)) ** 2
+            weight_sq = (
+                torch.linalg.vector_norm(a3.flatten(1), dim=1) * torch.linalg.vector_norm(d3.flatten(1), dim=1)
+            ) ** 2
         else:
             weight_sq = _square_norms_of_products(d3.transpose(1, 2), a3.transpose(1, 2))
 
@@ -95,11 +105,21 @@ def _per_module(module: nn.Module, a: Tensor, d: Tensor) -> dict[str, tuple[Tens
         # become c groups of channels (what vmap's batching rule does), materialised per chunk.
         weight_grad = torch.nn.grad.conv2d_weight if isinstance(module, nn.Conv2d) else torch.nn.grad.conv1d_weight
         out_channels, in_per_group = module.weight.shape[0], module.weight.shape[1]
-        per_example = weight_grad(a.reshape(1, -1, *a.shape[2:]), (c * out_channels, in_per_group, *module.kernel_size),
-                                  d.reshape(1, -1, *d.shape[2:]), stride=module.stride, padding=module.padding,
-                                  dilation=module.dilation, groups=c * module.groups).reshape(c, -1)
-        out = {"weight": (torch.linalg.vector_norm(per_example, dim=1) ** 2,
-                          lambda lo, hi, n: _split(per_example[lo:hi], n).sum(1))}
+        per_example = weight_grad(
+            a.reshape(1, -1, *a.shape[2:]),
+            (c * out_channels, in_per_group, *module.kernel_size),
+            d.reshape(1, -1, *d.shape[2:]),
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=c * module.groups,
+        ).reshape(c, -1)
+        out = {
+            "weight": (
+                torch.linalg.vector_norm(per_example, dim=1) ** 2,
+                lambda lo, hi, n: _split(per_example[lo:hi], n).sum(1),
+            )
+        }
         bias = d.reshape(c, d.shape[1], -1).sum(2)
     else:  # LayerNorm, eval-mode BatchNorm: y = γ x̂ + β
         if isinstance(module, nn.LayerNorm):
@@ -110,16 +130,26 @@ def _per_module(module: nn.Module, a: Tensor, d: Tensor) -> dict[str, tuple[Tens
             x_hat = (a - module.running_mean.view(shape)) / torch.sqrt(module.running_var.view(shape) + module.eps)
             axes = tuple(range(2, a.dim()))  # spatial axes
         gamma, bias = (d * x_hat).sum(axes) if axes else d * x_hat, d.sum(axes) if axes else d
-        out = {"weight": (torch.linalg.vector_norm(gamma.flatten(1), dim=1) ** 2,
-                          lambda lo, hi, n: _split(gamma[lo:hi], n).sum(1))}
-    out["bias"] = (torch.linalg.vector_norm(bias.flatten(1), dim=1) ** 2, lambda lo, hi, n: _split(bias[lo:hi], n).sum(1))
+        out = {
+            "weight": (
+                torch.linalg.vector_norm(gamma.flatten(1), dim=1) ** 2,
+                lambda lo, hi, n: _split(gamma[lo:hi], n).sum(1),
+            )
+        }
+    out["bias"] = (
+        torch.linalg.vector_norm(bias.flatten(1), dim=1) ** 2,
+        lambda lo, hi, n: _split(bias[lo:hi], n).sum(1),
+    )
     return out
 
 
 def _runs(bounds: list[int], start: int, stop: int) -> list[tuple[int, int, int, int]]:
     """(first group, lo, hi, count): runs of consecutive equal-sized groups clipped to rows start:stop."""
-    pieces = [(k, max(bounds[k], start), min(bounds[k + 1], stop)) for k in range(len(bounds) - 1)
-              if max(bounds[k], start) < min(bounds[k + 1], stop)]
+    pieces = [
+        (k, max(bounds[k], start), min(bounds[k + 1], stop))
+        for k in range(len(bounds) - 1)
+        if max(bounds[k], start) < min(bounds[k + 1], stop)
+    ]
     runs: list[list[int]] = []
     for k, lo, hi in pieces:
         if runs and hi - lo == (runs[-1][2] - runs[-1][1]) // runs[-1][3]:
@@ -142,8 +172,9 @@ def capture(owners: Mapping[str, nn.Module]) -> tuple[dict[str, list], list]:
         def forward_hook(module, inputs, output):
             # These hooks may run inside the user's training forward: they must never raise there.
             try:
-                if not (inputs and isinstance(inputs[0], Tensor) and isinstance(output, Tensor)
-                        and output.requires_grad):  # e.g. called with keyword arguments, or without autograd
+                if not (
+                    inputs and isinstance(inputs[0], Tensor) and isinstance(output, Tensor) and output.requires_grad
+                ):  # e.g. called with keyword arguments, or without autograd
                     captured[name].append([None, None])
                     return None
                 record = [inputs[0].detach(), None]
@@ -153,15 +184,24 @@ def capture(owners: Mapping[str, nn.Module]) -> tuple[dict[str, list], list]:
             except Exception:
                 captured[name].append([None, None])
                 return None
+
         return forward_hook
 
     return captured, [module.register_forward_hook(hook_for(name)) for name, module in owners.items()]
 
 
-def layer_moments(model: nn.Module, loss: Callable[[Mapping[str, Tensor], Any], Tensor], params: Mapping[str, Tensor],
-                  batch: Any, *, prefix: str = "model.", groups: int = DEFAULT_GROUPS,
-                  budget_bytes: int = DEFAULT_BUDGET_BYTES, tolerance: float = 1e-3,
-                  vectors: bool = True) -> Moments | None:
+def layer_moments(
+    model: nn.Module,
+    loss: Callable[[Mapping[str, Tensor], Any], Tensor],
+    params: Mapping[str, Tensor],
+    batch: Any,
+    *,
+    prefix: str = "model.",
+    groups: int = DEFAULT_GROUPS,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    tolerance: float = 1e-3,
+    vectors: bool = True,
+) -> Moments | None:
     """Per-example statistics (same ``Moments`` as ``noise.per_sample_moments``) from one forward/backward.
 
     ``loss(params, batch)`` must run ``model``'s modules (e.g. ``functional_call`` on a wrapper whose
@@ -180,8 +220,18 @@ def layer_moments(model: nn.Module, loss: Callable[[Mapping[str, Tensor], Any], 
     finally:
         for handle in handles:
             handle.remove()
-    return captured_moments(owners, captured, params, grads, size, prefix=prefix, groups=groups,
-                            budget_bytes=budget_bytes, tolerance=tolerance, vectors=vectors)
+    return captured_moments(
+        owners,
+        captured,
+        params,
+        grads,
+        size,
+        prefix=prefix,
+        groups=groups,
+        budget_bytes=budget_bytes,
+        tolerance=tolerance,
+        vectors=vectors,
+    )
 
 
 def _gram_route(module: nn.Module, a: Tensor, size: int, budget_bytes: int) -> bool:
@@ -207,10 +257,19 @@ def _linear_mismatch(a: Tensor, d: Tensor, weight_grad: Tensor, size: int) -> fl
     return _mismatch((directions @ a.T) @ d, directions @ weight_grad.T.to(a.dtype), size) / 4
 
 
-def captured_moments(owners: Mapping[str, nn.Module], captured: Mapping[str, list], params: Mapping[str, Tensor],
-                     grads: Sequence[Tensor | None], size: int, *, prefix: str = "model.",
-                     groups: int = DEFAULT_GROUPS, budget_bytes: int = DEFAULT_BUDGET_BYTES,
-                     tolerance: float = 1e-3, vectors: bool = True) -> Moments | None:
+def captured_moments(
+    owners: Mapping[str, nn.Module],
+    captured: Mapping[str, list],
+    params: Mapping[str, Tensor],
+    grads: Sequence[Tensor | None],
+    size: int,
+    *,
+    prefix: str = "model.",
+    groups: int = DEFAULT_GROUPS,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+    tolerance: float = 1e-3,
+    vectors: bool = True,
+) -> Moments | None:
     """``Moments`` from the inputs and output gradients ``capture`` recorded in one backward of a mean loss.
 
     ``grads`` (aligned with ``params``) is the batch gradient of that backward: the per-example
@@ -227,8 +286,9 @@ def captured_moments(owners: Mapping[str, nn.Module], captured: Mapping[str, lis
     bounds = [0] + per_group.cumsum(0).tolist()
     first_param = next(iter(params.values()))
     device, f64 = first_param.device, torch.float64
-    batch_grad = {key: (g if g is not None else torch.zeros_like(p)).detach()
-                  for (key, p), g in zip(params.items(), grads)}
+    batch_grad = {
+        key: (g if g is not None else torch.zeros_like(p)).detach() for (key, p), g in zip(params.items(), grads)
+    }
     grad_sq = sum(float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 for g in batch_grad.values())
     offsets, offset = {}, 0
     for key, value in params.items():
@@ -273,8 +333,14 @@ def captured_moments(owners: Mapping[str, nn.Module], captured: Mapping[str, lis
             squares += block.diagonal()
             gram += one_hot @ block @ one_hot.T
             continue
-        module_sums = {key: torch.zeros(groups, params[key].numel(), dtype=first_param.dtype, device=device)
-                       for key in keys.values()} if not vectors else {}
+        module_sums = (
+            {
+                key: torch.zeros(groups, params[key].numel(), dtype=first_param.dtype, device=device)
+                for key in keys.values()
+            }
+            if not vectors
+            else {}
+        )
         per_example = (2 * a[:1].numel() + 2 * d[:1].numel()) * a.element_size()
         if not (isinstance(module, nn.Linear) and a.dim() == 2):  # per-example products / Gram / conv grads
             per_example += 2 * sum(p.numel() * p.element_size() for p in module.parameters())
@@ -288,11 +354,11 @@ def captured_moments(owners: Mapping[str, nn.Module], captured: Mapping[str, lis
                 squares[start:stop] += square.double()
                 if vectors:
                     first, length = offsets[key]
-                    target = sums[:, first:first + length]
+                    target = sums[:, first : first + length]
                 else:
                     target = module_sums[key]
                 for k, lo, hi, count in runs:
-                    target[k:k + count] += group_sums(lo - start, hi - start, count).reshape(count, -1)
+                    target[k : k + count] += group_sums(lo - start, hi - start, count).reshape(count, -1)
         for key, group_sums in module_sums.items():
             error_sq += _mismatch(group_sums.sum(0), batch_grad[key], size)
             if not single:

@@ -1,8 +1,10 @@
 """Float64 re-evaluation: a twin of the model for exact losses, and the rounding error it reveals."""
+
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -53,14 +55,16 @@ class Float64Twin:
 
     def loss(self, loss_fn: Callable, batch: Any, rng: RngState | None) -> float:
         """The loss of the twin in float64, training mode as the live model, without autocast."""
+
         def evaluate() -> float:
             with preserved(self.twin, rng, AutocastState()):
                 return float(loss_fn(self.twin, cast_batch(batch, torch.float64)))
 
         return without_grad(evaluate, self.flags)
 
-    def relative_error(self, model: torch.nn.Module, loss_fn: Callable, batch: Any,
-                       autocast: AutocastState) -> float | None:
+    def relative_error(
+        self, model: torch.nn.Module, loss_fn: Callable, batch: Any, autocast: AutocastState
+    ) -> float | None:
         """|loss − loss₆₄| / |loss₆₄| at the current weights, both in eval mode (no random masks).
 
         None when ``loss_fn`` draws random numbers even in eval mode (noise added to the input, a

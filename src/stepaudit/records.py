@@ -1,9 +1,10 @@
 """Per-step norms and ratios (global, per module, per parameter group) and per-run summaries."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from statistics import median
-from typing import Sequence
 
 import torch
 
@@ -18,8 +19,9 @@ def views(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor
     return [v.view_as(t) for v, t in zip(torch.split(flat, [t.numel() for t in like]), like)]
 
 
-def per_parameter_sums(before: torch.Tensor, grad: torch.Tensor, delta_w: torch.Tensor,
-                       lengths: Sequence[int], exact: bool = False) -> list[list[float]]:
+def per_parameter_sums(
+    before: torch.Tensor, grad: torch.Tensor, delta_w: torch.Tensor, lengths: Sequence[int], exact: bool = False
+) -> list[list[float]]:
     """Rows [g·Δw, ‖g‖², ‖Δw‖², ‖w‖²] per parameter (one sync for the whole model).
 
     ``exact``: products and sums in float64 (products of float32 values are exact in float64), via
@@ -47,12 +49,21 @@ def _ratio(numerator: float, denominator: float) -> float:
 
 def _norms(g2: float, d2: float, w2: float) -> dict:
     update, weight = math.sqrt(d2), math.sqrt(w2)
-    return {"grad_norm": math.sqrt(g2), "update_norm": update, "weight_norm": weight,
-            "update_ratio": _ratio(update, weight)}
+    return {
+        "grad_norm": math.sqrt(g2),
+        "update_norm": update,
+        "weight_norm": weight,
+        "update_ratio": _ratio(update, weight),
+    }
 
 
-def layer_rows(names: Sequence[str], modules: Sequence[str], groups: Sequence[int],
-               sums: list[list[float]], first_order: float | None = None) -> tuple[list[dict], dict]:
+def layer_rows(
+    names: Sequence[str],
+    modules: Sequence[str],
+    groups: Sequence[int],
+    sums: list[list[float]],
+    first_order: float | None = None,
+) -> tuple[list[dict], dict]:
     """Aggregate per-parameter sums into per-module and per-group rows, and the global totals.
 
     ``first_order``: the total g·Δw when it was computed in one piece (the rows' first entries are
@@ -88,8 +99,11 @@ def _share(records: list[dict], verdict: str) -> float:
 
 def summarize(records: list[dict], **extra) -> dict:
     """Shares of verdicts, medians of alpha and of delta/first_order, and loss trend over the records."""
-    ratios = _finite(r.get("delta", math.nan) / r["first_order"] for r in records
-                     if isinstance(r.get("first_order"), float) and r["first_order"] != 0)
+    ratios = _finite(
+        r.get("delta", math.nan) / r["first_order"]
+        for r in records
+        if isinstance(r.get("first_order"), float) and r["first_order"] != 0
+    )
     alphas = _finite(r.get("alpha") for r in records)
     losses = _finite(r.get("loss_before") for r in records)
     summary = {

@@ -9,9 +9,11 @@ step decides whether Python's and NumPy's generators need tracking (reading NumP
 ~60 µs, so only models seen drawing from them pay it: checked on the first audited step and every
 64th after).
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -83,7 +85,7 @@ class Replay:
             if first >= len(forwards):
                 states.append(None)
                 continue
-            marks = [state for kind, state in events[forwards[first - 1] + 1:forwards[first]] if kind == "mark"]
+            marks = [state for kind, state in events[forwards[first - 1] + 1 : forwards[first]] if kind == "mark"]
             states.append(marks[-1] if marks else events[forwards[first - 1]][1])
         return states
 
@@ -107,4 +109,3 @@ class Replay:
         if self.tracking_host:
             self.tracking_host = False
             count_host_tracker(-1)
-

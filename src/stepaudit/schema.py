@@ -7,6 +7,7 @@ The fields themselves are listed in ``schema_fields.py``; everything here is der
     ordered(["zeta", "delta", "step"])  # ["step", "delta", "zeta"]: schema order, unknown fields after
     python -m stepaudit.schema --markdown   # the field reference of docs/audit.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,7 +83,7 @@ def _rank(name: str, positions: dict[str, int], lookup: Callable[[str], Field | 
     spec = lookup(name)
     if spec is None:
         return (1, 0, 0)  # unknown: after every known field, in the order given (sorted() is stable)
-    suffix = name[len(spec.name.split("<n>")[0]):] if spec.pattern is not None else ""
+    suffix = name[len(spec.name.split("<n>")[0]) :] if spec.pattern is not None else ""
     return (0, positions[spec.name], int(suffix) if suffix.isdigit() else 0)
 
 
@@ -113,7 +114,7 @@ def _table(fields: Sequence[Field]) -> list[str]:
 def markdown() -> str:
     """The field reference as Markdown: the step fields, then the columns of a per-layer row."""
     lines = _table(FIELDS)
-    lines += ["", "Each row of `layers` (the store's `layers` table, `stepaudit.load(run, table=\"layers\")`):", ""]
+    lines += ["", 'Each row of `layers` (the store\'s `layers` table, `stepaudit.load(run, table="layers")`):', ""]
     lines += _table(LAYER_FIELDS)
     return "\n".join(lines) + "\n"
 

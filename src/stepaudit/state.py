@@ -1,11 +1,13 @@
 """Capture and restore the training state an audit must not disturb: RNG streams, buffers, autocast."""
+
 from __future__ import annotations
 
 import contextlib
 import random
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -32,7 +34,7 @@ class RngState:
     host: tuple | None = None
 
     @classmethod
-    def capture(cls, cuda_devices: list[int], host: bool = False) -> "RngState":
+    def capture(cls, cuda_devices: list[int], host: bool = False) -> RngState:
         """Snapshot the generators now (cheap: a few kB copied)."""
         cuda = {d: torch.cuda.get_rng_state(d) for d in cuda_devices}
         return cls(torch.get_rng_state(), cuda, host_state() if host else None)
@@ -82,7 +84,7 @@ class AutocastState:
     regions: tuple[tuple[str, torch.dtype], ...] = ()
 
     @classmethod
-    def capture(cls) -> "AutocastState":
+    def capture(cls) -> AutocastState:
         """Read the autocast state of the CPU and CUDA device types."""
         regions = []
         for device_type in ("cpu", "cuda"):
@@ -141,8 +143,9 @@ def preserved(model: torch.nn.Module, rng: RngState | None, autocast: AutocastSt
     # instead of updating it in place; the original object goes back, then its saved values.
     slots = [(m, name, b) for m in modules for name, b in m._buffers.items() if b is not None]
     saved = [b.detach().clone() for _, _, b in slots]
-    outside = RngState.capture(_cuda_devices(model),
-                               host=(rng is not None and rng.host is not None) or _HOST_TRACKERS[0] > 0)
+    outside = RngState.capture(
+        _cuda_devices(model), host=(rng is not None and rng.host is not None) or _HOST_TRACKERS[0] > 0
+    )
     # Python's generator always goes back (~20 µs): a model may start drawing from it between two of the
     # audit's checks. NumPy's (~120 µs to save and restore) only while tracked.
     python = random.getstate() if outside.host is None else None

@@ -13,6 +13,7 @@ A ``torch.optim.Optimizer`` calls 2 and 3 itself through its step hooks: call on
 optimizer (fastai's, or an object with ``param_groups``) is read through ``optimizers.py`` and never hooked:
 call all four. A step whose 2 and 3 never come (the framework skipped it) is closed by 4 with ``skipped=True``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,8 +32,11 @@ class StepAPI:
         nothing is logged (``strict=True``: a ``TypeError`` / the error instead).
         """
         try:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) and not (
-                    hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                and not (hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1)
+            ):
                 raise TypeError(f"audit.log({name!r}, value): value must be a number, got {type(value).__name__}")
             at = max(self._step_count - 1, self._first_step) if step is None else int(step)
             self.store.log_metric(at, name, float(value.item() if hasattr(value, "item") else value))
@@ -52,8 +56,10 @@ class StepAPI:
             raise ValueError(f"accumulate must be a positive int, got {accumulate!r}")
         if accumulate > 1:
             if not isinstance(batch, (list, tuple)) or len(batch) != accumulate:
-                raise ValueError(f"with accumulate={accumulate}, pass a list of {accumulate} micro-batches "
-                                 "in the order you forward them")
+                raise ValueError(
+                    f"with accumulate={accumulate}, pass a list of {accumulate} micro-batches "
+                    "in the order you forward them"
+                )
             batches = list(batch)
         else:
             batches = [batch]
@@ -75,8 +81,10 @@ class StepAPI:
         """The optimizer updated the weights: audit the step; returns its record (None when not audited)."""
         pending = self._manual_pending("after_update")
         if pending.updated:
-            raise RuntimeError("audit.after_update() was already called for this step; call it once per "
-                               "optimizer step, then audit.end_step()")
+            raise RuntimeError(
+                "audit.after_update() was already called for this step; call it once per "
+                "optimizer step, then audit.end_step()"
+            )
         pending.updated = True
         if pending.due:
             self._sync(pending)  # the state after the step (the second moment that produced this Δw)
@@ -104,9 +112,11 @@ class StepAPI:
     def _manual_pending(self, call: str) -> Any:
         """The open step, for a call only optimizers without torch's step hooks make."""
         if self._reader.hooked:
-            raise RuntimeError(f"audit.{call}() is for optimizers that are not torch.optim.Optimizer; "
-                               f"{type(self.optimizer).__name__}'s own step hooks do it: call only "
-                               "audit.begin_step(batch) and audit.end_step()")
+            raise RuntimeError(
+                f"audit.{call}() is for optimizers that are not torch.optim.Optimizer; "
+                f"{type(self.optimizer).__name__}'s own step hooks do it: call only "
+                "audit.begin_step(batch) and audit.end_step()"
+            )
         if self._pending is None:
             raise RuntimeError(f"audit.{call}() outside a step: call audit.begin_step(batch) before the forward")
         return self._pending

@@ -9,6 +9,7 @@ Each step is committed as soon as it is written, so a killed process loses nothi
 (WAL with ``synchronous=NORMAL`` is durable against process crashes, not against power loss).
 No pickle anywhere: reading a run never executes code.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,8 +20,9 @@ import re
 import sqlite3
 import time
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 STORE_FILE = "stepaudit.sqlite"
 LAYER_FIELDS = ("grad_norm", "update_norm", "weight_norm", "update_ratio")
@@ -72,15 +74,22 @@ def _unreadable(path: Path, error: Exception) -> None:
     message = str(error) if isinstance(error, sqlite3.DatabaseError) else f"{type(error).__name__}: {error}"
     if isinstance(error, sqlite3.OperationalError) and ("locked" in message or "busy" in message):
         raise error
-    raise RunStoreError(f"{path} is not a stepaudit run store (corrupt or truncated?): {message}; "
-                        "record the run again, or pass another run folder") from error
+    raise RunStoreError(
+        f"{path} is not a stepaudit run store (corrupt or truncated?): {message}; "
+        "record the run again, or pass another run folder"
+    ) from error
 
 
 class RunStore:
     """Append-only writer for one run's SQLite file; safe to read from another process meanwhile."""
 
-    def __init__(self, run: str | os.PathLike, meta: dict | None = None, name: str | None = None,
-                 keep_hint: str = "pass run=None, or a new folder, to keep them") -> None:
+    def __init__(
+        self,
+        run: str | os.PathLike,
+        meta: dict | None = None,
+        name: str | None = None,
+        keep_hint: str = "pass run=None, or a new folder, to keep them",
+    ) -> None:
         """Open (or create) the run's store; with ``meta``, start a new run there (``keep_hint`` ends the warning
         that an earlier run's steps are replaced, in the caller's language: an argument or a command-line flag)."""
         self.path = _store_path(run)
@@ -88,11 +97,15 @@ class RunStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
             blocker = next((p for p in (self.path.parent, *self.path.parent.parents) if p.exists()), self.path.parent)
-            raise ValueError(f"run={os.fspath(run)!r}: {blocker} is a file, not a folder; pass a folder for "
-                             "the run (created if missing), e.g. run='runs/exp1', or run=None for a new one "
-                             "under stepaudit-runs/") from None
+            raise ValueError(
+                f"run={os.fspath(run)!r}: {blocker} is a file, not a folder; pass a folder for "
+                "the run (created if missing), e.g. run='runs/exp1', or run=None for a new one "
+                "under stepaudit-runs/"
+            ) from None
         if self.path.is_dir():
-            raise ValueError(f"{self.path} is a folder; pass the run folder that holds it: run={str(self.path.parent)!r}")
+            raise ValueError(
+                f"{self.path} is a folder; pass the run folder that holds it: run={str(self.path.parent)!r}"
+            )
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
@@ -116,8 +129,10 @@ class RunStore:
             earlier = self.db.execute("SELECT COUNT(*) FROM steps").fetchone()[0]
             self.db.execute("DELETE FROM metrics")  # a new run: an earlier run's logged metrics are not its own
             if earlier:  # a new run in an old folder: never mix the two runs' steps
-                warnings.warn(f"{self.path.parent} held {earlier} steps of an earlier run; they are replaced "
-                              f"({keep_hint})", stacklevel=3)
+                warnings.warn(
+                    f"{self.path.parent} held {earlier} steps of an earlier run; they are replaced ({keep_hint})",
+                    stacklevel=3,
+                )
                 self.db.executescript("DELETE FROM steps; DELETE FROM layers; DELETE FROM extras; DELETE FROM metrics;")
             self.db.execute("DELETE FROM runs")
             self.db.execute(
@@ -165,7 +180,8 @@ class RunStore:
                     self._ensure_column(name, value)
                 columns = ", ".join(f'"{n}"' for n in names)
                 statement = self._inserts[shape] = (
-                    f"INSERT OR REPLACE INTO steps ({columns}) VALUES ({', '.join('?' for _ in names)})")
+                    f"INSERT OR REPLACE INTO steps ({columns}) VALUES ({', '.join('?' for _ in names)})"
+                )
             self.db.execute(statement, values)
             layers = record.get("layers")
             if layers:
@@ -187,8 +203,9 @@ class RunStore:
 
     def log_metric(self, step: int, name: str, value: float) -> None:
         """A metric the user logged at a step (accuracy, validation loss …); the last value per step and name wins."""
-        self.db.execute("INSERT OR REPLACE INTO metrics (step, name, value) VALUES (?, ?, ?)",
-                        (int(step), str(name), float(value)))
+        self.db.execute(
+            "INSERT OR REPLACE INTO metrics (step, name, value) VALUES (?, ?, ?)", (int(step), str(name), float(value))
+        )
 
     def close(self) -> None:
         """Checkpoint the WAL into the main file and close."""

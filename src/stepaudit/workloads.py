@@ -4,12 +4,14 @@
 - an MLP 64-256-256-10, a small CNN with BatchNorm, and a tiny transformer language model on
   the text of Python's own standard-library sources (nothing is downloaded).
 """
+
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +29,9 @@ class Workload:
     description: str
 
 
-def load_digits(test_fraction: float = 0.25, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def load_digits(
+    test_fraction: float = 0.25, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x_train, y_train, x_test, y_test): digits (shipped in ``stepaudit/data``) standardised with the training statistics."""
     import numpy as np
 
@@ -48,7 +52,7 @@ def minibatches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0
     while True:
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x) - batch_size + 1, batch_size):
-            index = order[start:start + batch_size]
+            index = order[start : start + batch_size]
             yield x[index], y[index]
 
 
@@ -74,8 +78,12 @@ class DigitsCNN(nn.Module):
     def __init__(self, channels: int = 16) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
-            nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
+            nn.Conv2d(1, channels, 3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
             nn.AdaptiveAvgPool2d(2),
         )
         self.head = nn.Linear(4 * channels, 10)
@@ -91,8 +99,9 @@ class TinyLM(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, d_model)
         self.position = nn.Parameter(torch.randn(context, d_model) * 0.02)
-        block = nn.TransformerEncoderLayer(d_model, nhead=4, dim_feedforward=4 * d_model, dropout=0.0,
-                                           batch_first=True, norm_first=True)
+        block = nn.TransformerEncoderLayer(
+            d_model, nhead=4, dim_feedforward=4 * d_model, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
         self.out = nn.Linear(d_model, vocab)
         self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
@@ -111,7 +120,10 @@ def lm_loss(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 
 def stdlib_text() -> torch.Tensor:
     """ASCII bytes of a few standard-library modules' source: text that ships with every Python."""
-    import argparse, collections, json, textwrap  # noqa: E401 - sources used as a corpus
+    import argparse  # noqa: E401 - sources used as a corpus
+    import collections
+    import json
+    import textwrap
 
     text = "".join(inspect.getsource(m) for m in (textwrap, json, collections, argparse))
     return torch.tensor([min(ord(c), 127) for c in text], dtype=torch.long)
@@ -122,31 +134,46 @@ def text_batches(tokens: torch.Tensor, batch_size: int, context: int, seed: int 
     generator = torch.Generator().manual_seed(seed)
     while True:
         starts = torch.randint(0, len(tokens) - context - 1, (batch_size,), generator=generator)
-        yield torch.stack([tokens[s:s + context + 1] for s in starts.tolist()])
+        yield torch.stack([tokens[s : s + context + 1] for s in starts.tolist()])
 
 
 def digits_mlp(batch_size: int = 128, seed: int = 0) -> Workload:
     """MLP 64-256-256-10 on digits."""
     torch.manual_seed(seed)
     x, y, _, _ = load_digits()
-    return Workload("mlp", mlp(), classification_loss, lambda: minibatches(x, y, batch_size, seed),
-                    f"digits MLP 64-256-256-10, batch {batch_size}")
+    return Workload(
+        "mlp",
+        mlp(),
+        classification_loss,
+        lambda: minibatches(x, y, batch_size, seed),
+        f"digits MLP 64-256-256-10, batch {batch_size}",
+    )
 
 
 def digits_cnn(batch_size: int = 128, seed: int = 0) -> Workload:
     """CNN with BatchNorm on digits."""
     torch.manual_seed(seed)
     x, y, _, _ = load_digits()
-    return Workload("cnn", DigitsCNN(), classification_loss, lambda: minibatches(x, y, batch_size, seed),
-                    f"digits CNN 2×conv16+BatchNorm, batch {batch_size}")
+    return Workload(
+        "cnn",
+        DigitsCNN(),
+        classification_loss,
+        lambda: minibatches(x, y, batch_size, seed),
+        f"digits CNN 2×conv16+BatchNorm, batch {batch_size}",
+    )
 
 
 def tiny_lm(batch_size: int = 16, context: int = 64, seed: int = 0) -> Workload:
     """2-layer transformer LM on stdlib source text."""
     torch.manual_seed(seed)
     tokens = stdlib_text()
-    return Workload("lm", TinyLM(context=context), lm_loss, lambda: text_batches(tokens, batch_size, context, seed),
-                    f"transformer LM 2×d64, context {context}, batch {batch_size}")
+    return Workload(
+        "lm",
+        TinyLM(context=context),
+        lm_loss,
+        lambda: text_batches(tokens, batch_size, context, seed),
+        f"transformer LM 2×d64, context {context}, batch {batch_size}",
+    )
 
 
 WORKLOADS = {"mlp": digits_mlp, "cnn": digits_cnn, "lm": tiny_lm}

@@ -1,4 +1,5 @@
 """Values, gradients, Hessians and local gate rules against hand-derived closed forms."""
+
 from __future__ import annotations
 
 import math
@@ -55,15 +56,22 @@ def test_cs231n_sigmoid_neuron():
     assert gate["local"] == [pytest.approx(d1, rel=1e-14)]
 
 
-@pytest.mark.parametrize("expr, at, value, grads, hess", [
-    ("x*x*y", {"x": 3.0, "y": -2.0}, -18.0, [-12.0, 9.0], [[-4.0, 6.0], [6.0, 0.0]]),
-    ("x/y", {"x": 3.0, "y": 2.0}, 1.5, [0.5, -0.75], [[0.0, -0.25], [-0.25, 0.75]]),
-    ("sqrt(x*x + y*y)", {"x": 3.0, "y": 4.0}, 5.0, [0.6, 0.8],
-     [[16 / 125, -12 / 125], [-12 / 125, 9 / 125]]),
-    ("max(x, y) * z", None, -20.0, [0.0, -4.0, 5.0], [[0, 0, 0], [0, 0, 1], [0, 1, 0]]),
-    ("x - y / 4 + 2**x", {"x": 1.0, "y": 8.0}, 1.0, [1 + 2 * math.log(2), -0.25],
-     [[2 * math.log(2) ** 2, 0.0], [0.0, 0.0]]),
-])
+@pytest.mark.parametrize(
+    "expr, at, value, grads, hess",
+    [
+        ("x*x*y", {"x": 3.0, "y": -2.0}, -18.0, [-12.0, 9.0], [[-4.0, 6.0], [6.0, 0.0]]),
+        ("x/y", {"x": 3.0, "y": 2.0}, 1.5, [0.5, -0.75], [[0.0, -0.25], [-0.25, 0.75]]),
+        ("sqrt(x*x + y*y)", {"x": 3.0, "y": 4.0}, 5.0, [0.6, 0.8], [[16 / 125, -12 / 125], [-12 / 125, 9 / 125]]),
+        ("max(x, y) * z", None, -20.0, [0.0, -4.0, 5.0], [[0, 0, 0], [0, 0, 1], [0, 1, 0]]),
+        (
+            "x - y / 4 + 2**x",
+            {"x": 1.0, "y": 8.0},
+            1.0,
+            [1 + 2 * math.log(2), -0.25],
+            [[2 * math.log(2) ** 2, 0.0], [0.0, 0.0]],
+        ),
+    ],
+)
 def test_gradients_and_hessians_by_hand(expr, at, value, grads, hess):
     r = explain(expr, at=at)
     assert r["value"] == pytest.approx(value, rel=1e-14)
@@ -120,13 +128,16 @@ def test_target_turns_the_objective_into_half_squared_error():
     assert r["nodes"][-1]["op"] == "loss" and r["nodes"][-1]["local"] == [-12.0]
 
 
-@pytest.mark.parametrize("expr, at, match", [
-    ("y + log(x)", None, "'log(x)' (col 5) is not finite at this point (nan; inputs: x = -2)"),
-    ("sqrt(x - x)", {"x": 1.0}, "no finite slope"),
-    ("w * x", {"x": 1.0}, "no value for 'w'"),
-    ("x", {"q": 1.0}, "'q', which is not in the expression"),
-    ("2 + 3", None, "no variables"),
-])
+@pytest.mark.parametrize(
+    "expr, at, match",
+    [
+        ("y + log(x)", None, "'log(x)' (col 5) is not finite at this point (nan; inputs: x = -2)"),
+        ("sqrt(x - x)", {"x": 1.0}, "no finite slope"),
+        ("w * x", {"x": 1.0}, "no value for 'w'"),
+        ("x", {"q": 1.0}, "'q', which is not in the expression"),
+        ("2 + 3", None, "no variables"),
+    ],
+)
 def test_undefined_points_are_reported(expr, at, match):
     with pytest.raises(ExplainError, match=re.escape(match)):
         explain(expr, at=at)

@@ -1,4 +1,5 @@
 """The command line: terminal report, --json, --svg, errors, python -m, and output without rich."""
+
 from __future__ import annotations
 
 import io
@@ -31,10 +32,25 @@ def test_default_report(capsys):
     code, out, err = run(capsys)
     assert code == 0 and err == ""
     assert "\x1b[" not in out  # not a terminal: no colour codes
-    for piece in ["f = (x + y) * z", "at x = -2, y = 5, z = -4", "lr = 0.1",
-                  "x───────┐", "├─(×)", "∂ -4", "∂f/∂x = -4", "-16.34", "-16.644", "-4.38",
-                  "swaps", "distributes", "H[x,z] = 1", "gᵀHg = -48", "lr ∈ (0, ∞)", "Verdict",
-                  "lowers f by 4.34"]:
+    for piece in [
+        "f = (x + y) * z",
+        "at x = -2, y = 5, z = -4",
+        "lr = 0.1",
+        "x───────┐",
+        "├─(×)",
+        "∂ -4",
+        "∂f/∂x = -4",
+        "-16.34",
+        "-16.644",
+        "-4.38",
+        "swaps",
+        "distributes",
+        "H[x,z] = 1",
+        "gᵀHg = -48",
+        "lr ∈ (0, ∞)",
+        "Verdict",
+        "lowers f by 4.34",
+    ]:
         assert piece in out, piece
 
 
@@ -42,8 +58,18 @@ def test_json_has_every_field_and_is_strict(capsys):
     code, out, _ = run(capsys, "max(x, y) * z", "--at", "x=-2,y=5", "--at", "z=-4", "--json")
     assert code == 0
     r = strict_json(out)
-    for key in ["value", "grads", "nodes", "hessian", "step", "sequential", "decreasing_lr",
-                "max_decreasing_lr", "quadratic_bound_lr", "verdict"]:
+    for key in [
+        "value",
+        "grads",
+        "nodes",
+        "hessian",
+        "step",
+        "sequential",
+        "decreasing_lr",
+        "max_decreasing_lr",
+        "quadratic_bound_lr",
+        "verdict",
+    ]:
         assert key in r
     assert r["value"] == -20.0 and r["grads"] == {"x": 0.0, "y": -4.0, "z": 5.0}
     assert {"op", "value", "grad", "inputs"} <= set(r["nodes"][-1])
@@ -91,17 +117,20 @@ def test_svg_to_stdout(capsys):
     assert code == 0 and out.startswith("<svg") and ET.fromstring(out) is not None
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["x.real"], "attribute access is not allowed: 'x.real' (col 1)"),
-    (["--lr", "0"], "--lr must be a positive finite number"),
-    (["--lr", "abc"], "invalid float value"),
-    (["--at", "x=abc"], "'abc' is not a number"),
-    (["--at", "x"], "name=value"),
-    (["--at", "w=1"], "'w', which is not in the expression"),
-    (["x*q"], "no value for 'q'"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
-    (["x", "y"], "unrecognized arguments: y"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["x.real"], "attribute access is not allowed: 'x.real' (col 1)"),
+        (["--lr", "0"], "--lr must be a positive finite number"),
+        (["--lr", "abc"], "invalid float value"),
+        (["--at", "x=abc"], "'abc' is not a number"),
+        (["--at", "x"], "name=value"),
+        (["--at", "w=1"], "'w', which is not in the expression"),
+        (["x*q"], "no value for 'q'"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+        (["x", "y"], "unrecognized arguments: y"),
+    ],
+)
 def test_errors_are_one_line_with_status_2(capsys, argv, fragment):
     code, out, err = run(capsys, *argv)
     assert code == 2 and out == ""
@@ -146,7 +175,8 @@ def test_ascii_only_terminal():
 
 
 def test_python_dash_m():
-    p = subprocess.run([sys.executable, "-m", "stepaudit.explain", "--json"], capture_output=True,
-                       text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "stepaudit.explain", "--json"], capture_output=True, text=True, timeout=120
+    )
     assert p.returncode == 0, p.stderr
     assert strict_json(p.stdout)["grads"] == {"x": -4.0, "y": -4.0, "z": 3.0}

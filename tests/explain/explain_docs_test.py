@@ -1,4 +1,5 @@
 """The documented output is the real output: every block marked `<!-- explain-output: ARGS -->`."""
+
 from __future__ import annotations
 
 import re

@@ -3,14 +3,15 @@
 The brute-force oracle evaluates each objective with plain ``math`` in Python (not the package's
 circuit), along -g with g from hand-derived formulas, on a fine grid of learning rates.
 """
+
 from __future__ import annotations
 
 import ast
 import math
 import operator
 import random
+from collections.abc import Callable
 from fractions import Fraction
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -114,9 +115,11 @@ def test_polynomial_in_three_variables():
         return (v["x"] * v["y"] - 1) ** 2 + (v["y"] - v["z"]) ** 3 + v["x"] ** 2 * v["z"]
 
     x, y, z = 0.7, -1.3, 0.4
-    grads = {"x": 2 * (x * y - 1) * y + 2 * x * z,
-             "y": 2 * (x * y - 1) * x + 3 * (y - z) ** 2,
-             "z": -3 * (y - z) ** 2 + x**2}
+    grads = {
+        "x": 2 * (x * y - 1) * y + 2 * x * z,
+        "y": 2 * (x * y - 1) * x + 3 * (y - z) ** 2,
+        "z": -3 * (y - z) ** 2 + x**2,
+    }
     r = explain("(x*y - 1)**2 + (y - z)**3 + x**2*z", at={"x": x, "y": y, "z": z})
     assert r["decreasing_lr"]["method"] == "polynomial" and r["decreasing_lr"]["degree"] == 4
     brute_force(r, fn, grads, 5.0)
@@ -150,10 +153,18 @@ def test_piecewise_gates_use_the_scan():
     brute_force(r, fn, {"x": -1.0, "y": -4.0, "z": 5.0}, 40.0)
 
 
-@pytest.mark.parametrize("expr, method", [
-    ("x**2", "polynomial"), ("x / 3", "polynomial"), ("x**2.5", "numerical"), ("x / y", "numerical"),
-    ("x ** y", "numerical"), ("exp(2) * x", "polynomial"), ("x**30", "numerical"),
-])
+@pytest.mark.parametrize(
+    "expr, method",
+    [
+        ("x**2", "polynomial"),
+        ("x / 3", "polynomial"),
+        ("x**2.5", "numerical"),
+        ("x / y", "numerical"),
+        ("x ** y", "numerical"),
+        ("exp(2) * x", "polynomial"),
+        ("x**30", "numerical"),
+    ],
+)
 def test_which_objectives_count_as_polynomial(expr, method):
     r = explain(expr, at={"x": 1.5, "y": 2.0} if "y" in expr else {"x": 1.5})
     assert r["decreasing_lr"]["method"] == method
@@ -182,7 +193,7 @@ def test_numerical_scan_follows_the_gradient_scale():
     assert d["method"] == "numerical" and d["scan"]["from"] < 1e-6 / math.exp(40) * 1.01
     # phi(t) < phi(0) while exp(40 - g t) - 2(40 - g t) stays below its start: check the edge by hand
     g = math.exp(40) - 2
-    (lo, hi), = d["intervals"]
+    ((lo, hi),) = d["intervals"]
 
     def phi(t):
         return math.exp(40 - g * t) - 2 * (40 - g * t)
@@ -227,8 +238,7 @@ def test_random_polynomials_against_an_exact_brute_force(seed):
         names = variables(parse(expr))
         if not names:
             continue
-        r = explain(expr, at={k: v for k, v in {"x": 0.7, "y": -1.2, "z": 0.3}.items() if k in names},
-                    target=target)
+        r = explain(expr, at={k: v for k, v in {"x": 0.7, "y": -1.2, "z": 0.3}.items() if k in names}, target=target)
         d = r["decreasing_lr"]
         if d["method"] != "polynomial":
             continue  # zero gradient, or degree above 24
@@ -236,7 +246,7 @@ def test_random_polynomials_against_an_exact_brute_force(seed):
         w = {k: Fraction(v) for k, v in r["at"].items()}
         g = {k: Fraction(v) for k, v in r["grads"].items()}
 
-        def obj(env):
+        def obj(env, tree=tree, target=target):
             f = _exact(tree, env)
             return f if target is None else (f - Fraction(target)) ** 2 / 2
 

@@ -1,4 +1,5 @@
 """Safe parsing: the whitelist accepts small arithmetic and refuses everything else, fast, unevaluated."""
+
 from __future__ import annotations
 
 import builtins
@@ -7,8 +8,7 @@ import time
 
 import pytest
 
-from stepaudit.explain import circuit
-from stepaudit.explain import ExplainError, explain
+from stepaudit.explain import ExplainError, circuit, explain
 from stepaudit.explain.parse import Expr, parse
 
 HOSTILE = [
@@ -70,6 +70,7 @@ def nothing_runs(monkeypatch):
         def f(*a, **k):
             calls.append(name)
             raise AssertionError(f"{name} was called")
+
         return f
 
     monkeypatch.setattr(builtins, "eval", trap("eval"))
@@ -95,22 +96,25 @@ def test_at_least_fifteen_hostile_inputs():
     assert len(HOSTILE) >= 15
 
 
-@pytest.mark.parametrize("src, fragment", [
-    ("x.real", "attribute access is not allowed: 'x.real' (col 1)"),
-    ("1 + x.real", "'x.real' (col 5)"),
-    ("  x.real", "(col 3)"),
-    ("(x + y) * z[0]", "subscripts are not allowed: 'z[0]' (col 11)"),
-    ("__import__('os').system('x')", "attribute access is not allowed: \"__import__('os').system\" (col 1)"),
-    ("x + 'a'*9", "strings are not allowed: \"'a'\" (col 5)"),
-    ("max(x, y, key=abs)", "keyword arguments are not allowed: 'abs' (col 15)"),
-    ("x + foo(y)", "function 'foo' is not allowed"),
-    ("x // y", "operator '//' is not allowed: 'x // y' (col 1)"),
-    ("y + __x", "dunder names are not allowed: '__x' (col 5)"),
-    ("(" * 30 + "x" + ")" * 30, "(col 21)"),
-    ("x+" * 600, "too long: 1,200 characters (limit 1,000)"),
-    ("x + α", "character 'α' is not allowed (col 5)"),
-    ("x +", "not a valid expression"),
-])
+@pytest.mark.parametrize(
+    "src, fragment",
+    [
+        ("x.real", "attribute access is not allowed: 'x.real' (col 1)"),
+        ("1 + x.real", "'x.real' (col 5)"),
+        ("  x.real", "(col 3)"),
+        ("(x + y) * z[0]", "subscripts are not allowed: 'z[0]' (col 11)"),
+        ("__import__('os').system('x')", "attribute access is not allowed: \"__import__('os').system\" (col 1)"),
+        ("x + 'a'*9", "strings are not allowed: \"'a'\" (col 5)"),
+        ("max(x, y, key=abs)", "keyword arguments are not allowed: 'abs' (col 15)"),
+        ("x + foo(y)", "function 'foo' is not allowed"),
+        ("x // y", "operator '//' is not allowed: 'x // y' (col 1)"),
+        ("y + __x", "dunder names are not allowed: '__x' (col 5)"),
+        ("(" * 30 + "x" + ")" * 30, "(col 21)"),
+        ("x+" * 600, "too long: 1,200 characters (limit 1,000)"),
+        ("x + α", "character 'α' is not allowed (col 5)"),
+        ("x +", "not a valid expression"),
+    ],
+)
 def test_error_points_at_the_offending_part(src, fragment):
     with pytest.raises(ExplainError) as err:
         parse(src)
@@ -128,10 +132,19 @@ def test_whitelisted_expression_becomes_the_expected_tree():
     assert [a.name for a in power.args[0].args] == ["y", "z"]
 
 
-@pytest.mark.parametrize("src", [
-    "exp(x) + log(y) + sqrt(z)", "abs(x) * sin(y) - cos(z)", "tanh(x) / sigmoid(y)",
-    "relu(x) + max(x, y, z) + min(x, y)", "+x - -y", "x ** 3 / 4", "1e-3 * x", "w_1 * x_1",
-])
+@pytest.mark.parametrize(
+    "src",
+    [
+        "exp(x) + log(y) + sqrt(z)",
+        "abs(x) * sin(y) - cos(z)",
+        "tanh(x) / sigmoid(y)",
+        "relu(x) + max(x, y, z) + min(x, y)",
+        "+x - -y",
+        "x ** 3 / 4",
+        "1e-3 * x",
+        "w_1 * x_1",
+    ],
+)
 def test_allowed_expressions_parse(src):
     assert parse(src).op in {"add", "sub", "mul", "div"}
 

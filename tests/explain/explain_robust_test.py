@@ -3,6 +3,7 @@
 The oracle is a separate, tiny evaluator written here with ``ast`` and ``math`` (not the package's
 torch circuit); it only ever sees the generated expressions.
 """
+
 from __future__ import annotations
 
 import ast
@@ -20,11 +21,23 @@ from stepaudit.explain import ExplainError, circuit_svg, explain, parse
 from stepaudit.explain.parse import variables
 from stepaudit.explain.render import print_lines, render
 
-SMOOTH = {"exp": math.exp, "log": math.log, "sqrt": math.sqrt, "sin": math.sin, "cos": math.cos,
-          "tanh": math.tanh, "sigmoid": lambda v: 1 / (1 + math.exp(-v))}
+SMOOTH = {
+    "exp": math.exp,
+    "log": math.log,
+    "sqrt": math.sqrt,
+    "sin": math.sin,
+    "cos": math.cos,
+    "tanh": math.tanh,
+    "sigmoid": lambda v: 1 / (1 + math.exp(-v)),
+}
 KINKED = {"abs": abs, "relu": lambda v: max(v, 0.0)}
-BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-          ast.Pow: operator.pow}
+BINOPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Pow: operator.pow,
+}
 
 
 def gen(rng: random.Random, depth: int, kinks: bool) -> str:
@@ -73,9 +86,12 @@ def test_random_expressions_never_crash(seed):
         expr = gen(rng, 4, kinks=True)
         t0 = time.perf_counter()
         try:
-            r = explain(expr, at={"w": 0.7} if "w" in variables(parse(expr)) else None,
-                        lr=rng.choice([0.01, 0.1, 1.0]),
-                        target=rng.choice([None, 0.0, 2.0]))
+            r = explain(
+                expr,
+                at={"w": 0.7} if "w" in variables(parse(expr)) else None,
+                lr=rng.choice([0.01, 0.1, 1.0]),
+                target=rng.choice([None, 0.0, 2.0]),
+            )
         except ExplainError as e:
             assert "\n" not in str(e)
             continue
@@ -134,11 +150,16 @@ def test_largest_allowed_expression_is_quick():
     print_lines(render(r), io.StringIO())
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"lr": 1e308}, {"expr": "exp(x)", "at": {"x": 700.0}},
-    {"expr": "exp(x)*y", "at": {"x": 300.0, "y": 1e5}, "lr": 1e10},
-    {"expr": "x**2", "at": {"x": 1e-320}}, {"expr": "x", "at": {"x": 1.5}},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"lr": 1e308},
+        {"expr": "exp(x)", "at": {"x": 700.0}},
+        {"expr": "exp(x)*y", "at": {"x": 300.0, "y": 1e5}, "lr": 1e10},
+        {"expr": "x**2", "at": {"x": 1e-320}},
+        {"expr": "x", "at": {"x": 1.5}},
+    ],
+)
 def test_extreme_numbers_give_strict_json_and_no_warnings(kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -1,4 +1,5 @@
 """The simultaneous step, its first/second/higher-order split, and the one-weight-at-a-time variant."""
+
 from __future__ import annotations
 
 import pytest
@@ -34,7 +35,8 @@ def test_one_weight_at_a_time_recomputes_the_gradient():
     assert q["objective_after"] == pytest.approx(f_classic(-1.6, 5.4, -4.38))
     assert q["actual"] == pytest.approx(f_classic(-1.6, 5.4, -4.38) + 12.0)
     assert [u["objective"] for u in q["updates"]] == pytest.approx(
-        [f_classic(-1.6, 5, -4), f_classic(-1.6, 5.4, -4), f_classic(-1.6, 5.4, -4.38)])
+        [f_classic(-1.6, 5, -4), f_classic(-1.6, 5.4, -4), f_classic(-1.6, 5.4, -4.38)]
+    )
 
 
 def test_sign_flips_after_a_large_step_on_the_loss():

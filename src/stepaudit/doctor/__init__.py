@@ -4,10 +4,11 @@
 (``Audit.records``). Each diagnosis is ``{code, severity, confidence, first_step, evidence, fix}``.
 ``stepaudit doctor script.py`` (see ``cli.py``) produces the records of an unchanged script passively.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from .codes import CAUSES, CODES, PRIORITY, RULES
 from .diagnosis import SEVERITIES, Diagnosis
@@ -37,13 +38,21 @@ def order(found: list[Diagnosis]) -> list[Diagnosis]:
     """Root causes first (by confidence × severity), then each symptom, naming its cause in the evidence."""
     causes: dict[int, Diagnosis] = {}
     for effect in found:
-        candidates = [c for c in found if c is not effect and c.severity != "info"
-                      and _produces(c, effect) and _starts_no_later(c, effect)]
+        candidates = [
+            c
+            for c in found
+            if c is not effect and c.severity != "info" and _produces(c, effect) and _starts_no_later(c, effect)
+        ]
         # Mutual candidates (a → b and b → a, same start): the one earlier in PRIORITY is the cause.
-        candidates = [c for c in candidates if not (_produces(effect, c) and _starts_no_later(effect, c)
-                                                    and _rank(effect) < _rank(c))]
+        candidates = [
+            c
+            for c in candidates
+            if not (_produces(effect, c) and _starts_no_later(effect, c) and _rank(effect) < _rank(c))
+        ]
         if candidates:
-            causes[id(effect)] = min(candidates, key=lambda c: (c.first_step if c.first_step is not None else -1, _rank(c)))
+            causes[id(effect)] = min(
+                candidates, key=lambda c: (c.first_step if c.first_step is not None else -1, _rank(c))
+            )
     roots = [d for d in found if id(d) not in causes]
     symptoms = [d for d in found if id(d) in causes]
     roots.sort(key=lambda d: -strength(d))
@@ -77,9 +86,15 @@ def healthy(f: Facts, notes: bool = False) -> Diagnosis:
     confidence = 0.9 if (f.progress or 0) >= 0.3 else 0.7
     if f.n_steps < 20:
         confidence = 0.4
-    return Diagnosis("healthy", "info", confidence, None,
-                     ("; ".join(parts) or "no problem was measured")
-                     + ("; only informational notes follow." if notes else "; no rule fired."), "nothing to fix")
+    return Diagnosis(
+        "healthy",
+        "info",
+        confidence,
+        None,
+        ("; ".join(parts) or "no problem was measured")
+        + ("; only informational notes follow." if notes else "; no rule fired."),
+        "nothing to fix",
+    )
 
 
 def diagnose_facts(f: Facts) -> list[dict]:
@@ -101,8 +116,9 @@ def diagnose_facts(f: Facts) -> list[dict]:
     return [d.as_dict() for d in order(found)]
 
 
-def diagnose(run_or_records: str | os.PathLike | Sequence[dict], meta: dict | None = None,
-             observations: dict | None = None) -> list[dict]:
+def diagnose(
+    run_or_records: str | os.PathLike | Sequence[dict], meta: dict | None = None, observations: dict | None = None
+) -> list[dict]:
     """Diagnoses of a run folder or a list of step records (most likely root cause first)."""
     if isinstance(run_or_records, (str, os.PathLike)):
         from ..store import read_run
@@ -117,8 +133,10 @@ def diagnose(run_or_records: str | os.PathLike | Sequence[dict], meta: dict | No
     elif isinstance(run_or_records, Sequence):
         records = [dict(r) for r in run_or_records]
     else:
-        raise TypeError("diagnose() takes a run folder or a list of step records (e.g. audit.records), "
-                        f"not {type(run_or_records).__name__}")
+        raise TypeError(
+            "diagnose() takes a run folder or a list of step records (e.g. audit.records), "
+            f"not {type(run_or_records).__name__}"
+        )
     from ..notebook import Diagnoses
 
     return Diagnoses(diagnose_facts(Facts(records, meta, observations)))

@@ -1,4 +1,5 @@
 """A diagnosis record and the small helpers every rule shares (formatting, confidence clipping, "not training")."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,8 +26,14 @@ class Diagnosis:
 
     def as_dict(self) -> dict:
         """The JSON contract: code, severity, confidence, first_step, evidence, fix."""
-        return {"code": self.code, "severity": self.severity, "confidence": round(min(max(self.confidence, 0.0), 1.0), 3),
-                "first_step": self.first_step, "evidence": self.evidence, "fix": self.fix}
+        return {
+            "code": self.code,
+            "severity": self.severity,
+            "confidence": round(min(max(self.confidence, 0.0), 1.0), 3),
+            "first_step": self.first_step,
+            "evidence": self.evidence,
+            "fix": self.fix,
+        }
 
 
 def fmt(x: float | None, digits: int = 3) -> str:

@@ -8,20 +8,21 @@ Records come from the active audit (own-batch ``delta``, ``alpha``, probes) or f
 Size (over 400 lines): one class of lazily computed measurements that every diagnosis file reads;
 splitting it would scatter the caching, the one thing it exists for.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from functools import cached_property
 from statistics import mean, median
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from . import summary
 
 
 def finite(values: Iterable[Any]) -> list[float]:
     """The finite numbers among ``values`` (bools, None, NaN and ±inf dropped)."""
-    return [float(v) for v in values
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
 
 
 def med(values: Iterable[Any]) -> float | None:
@@ -33,7 +34,7 @@ def med(values: Iterable[Any]) -> float | None:
 def rolling_median(values: Sequence[float], width: int) -> list[float]:
     """Median of each window of ``width`` consecutive values (one batch's outlier cannot look like a trend)."""
     width = max(1, min(width, len(values)))
-    return [median(values[i:i + width]) for i in range(len(values) - width + 1)]
+    return [median(values[i : i + width]) for i in range(len(values) - width + 1)]
 
 
 def entropy(counts: dict) -> float | None:
@@ -96,8 +97,11 @@ class Facts:
     @cached_property
     def losses(self) -> list[tuple[int, float]]:
         """(step, loss at backward / loss_before) of every finite loss before the first non-finite step."""
-        return [(int(r["step"]), float(r["loss_before"])) for r in self.healthy_records
-                if isinstance(r.get("loss_before"), (int, float)) and math.isfinite(r["loss_before"])]
+        return [
+            (int(r["step"]), float(r["loss_before"]))
+            for r in self.healthy_records
+            if isinstance(r.get("loss_before"), (int, float)) and math.isfinite(r["loss_before"])
+        ]
 
     @cached_property
     def smoothing(self) -> int:
@@ -117,7 +121,7 @@ class Facts:
             return None
         if (self.batch_size or 0) >= 16 and self.losses[0][0] == 0:
             return self.losses[0][1]
-        return median(v for _, v in self.losses[:self.smoothing])
+        return median(v for _, v in self.losses[: self.smoothing])
 
     @cached_property
     def loss_end(self) -> float | None:
@@ -144,8 +148,13 @@ class Facts:
     @cached_property
     def learning_well(self) -> bool:
         """The loss at least halved, ended below the prior, and nothing went non-finite."""
-        return (self.progress is not None and self.progress >= 0.5 and not self.stuck_at_prior
-                and self.first_nonfinite is None and self.loss_form is None)
+        return (
+            self.progress is not None
+            and self.progress >= 0.5
+            and not self.stuck_at_prior
+            and self.first_nonfinite is None
+            and self.loss_form is None
+        )
 
     @cached_property
     def lr_collapse(self) -> dict | None:
@@ -154,8 +163,11 @@ class Facts:
         Returns the peak and final lr, the step where it first fell below peak/1000, and the scheduler
         classes whose ``step()`` ran with their call counts (a per-epoch schedule stepped per batch).
         """
-        lrs = [(int(r["step"]), float(r["lr"])) for r in self.records
-               if isinstance(r.get("lr"), (int, float)) and math.isfinite(r["lr"]) and r.get("optimizer", 0) in (0, None)]
+        lrs = [
+            (int(r["step"]), float(r["lr"]))
+            for r in self.records
+            if isinstance(r.get("lr"), (int, float)) and math.isfinite(r["lr"]) and r.get("optimizer", 0) in (0, None)
+        ]
         if len(lrs) < 10:
             return None
         peak = max(v for _, v in lrs)
@@ -180,7 +192,7 @@ class Facts:
         """
         values = [v for _, v in self.losses]
         if len(values) >= 10:
-            head = values[:max(10, len(values) // 2)]
+            head = values[: max(10, len(values) // 2)]
             scale = max(abs(head[0]), 1e-30)
             if all(abs(v - head[0]) <= 1e-12 * scale or v == head[0] for v in head):
                 return {"kind": "constant_loss", "value": head[0], "steps": len(head)}
@@ -188,11 +200,15 @@ class Facts:
             # still falling: the medians of the last three fifths each lower than the one before by ≥ 10%
             # of its size (a loss with a finite negative minimum, e.g. a Gaussian NLL, levels off instead)
             fifth = len(values) // 5
-            m = [median(values[i * fifth:(i + 1) * fifth]) for i in range(2, 5)]
+            m = [median(values[i * fifth : (i + 1) * fifth]) for i in range(2, 5)]
             falling = all(b < a - 0.1 * abs(a) for a, b in zip(m, m[1:]))
             if self.loss_end < 0 and -self.loss_end >= 10 * max(abs(self.loss_start), 1e-3) and falling:
-                return {"kind": "unbounded_below", "start": self.loss_start, "end": self.loss_end,
-                        "lowest": min(values)}
+                return {
+                    "kind": "unbounded_below",
+                    "start": self.loss_start,
+                    "end": self.loss_end,
+                    "lowest": min(values),
+                }
         return None
 
     @cached_property
@@ -268,8 +284,11 @@ class Facts:
     @cached_property
     def predicted_total(self) -> float | None:
         """−g·Δw summed over the run's finite-loss steps: each sampled value stands for the steps up to the next."""
-        rows = [(r["step"], -r["first_order"]) for r in self.sampled
-                if isinstance(r.get("first_order"), (int, float)) and math.isfinite(r["first_order"])]
+        rows = [
+            (r["step"], -r["first_order"])
+            for r in self.sampled
+            if isinstance(r.get("first_order"), (int, float)) and math.isfinite(r["first_order"])
+        ]
         if not rows or not self.losses:
             return None
         end = self.losses[-1][0] + 1
@@ -280,8 +299,11 @@ class Facts:
 
     def promised(self, stop: float) -> float | None:
         """−g·Δw summed over the steps before ``stop``: each sampled value stands for the steps up to the next."""
-        rows = [(r["step"], -r["first_order"]) for r in self.sampled if r["step"] < stop
-                and isinstance(r.get("first_order"), (int, float)) and math.isfinite(r["first_order"])]
+        rows = [
+            (r["step"], -r["first_order"])
+            for r in self.sampled
+            if r["step"] < stop and isinstance(r.get("first_order"), (int, float)) and math.isfinite(r["first_order"])
+        ]
         if not rows:
             return None
         ends = [s for s, _ in rows[1:]] + [stop]
@@ -301,7 +323,7 @@ class Facts:
         half = max(10, self.losses[-1][0] / 2)
         promised = self.promised(half)
         window = [v for s, v in self.losses if s < half]
-        tail = window[-max(self.smoothing, len(window) // 5):]
+        tail = window[-max(self.smoothing, len(window) // 5) :]
         if promised is None or promised <= 0 or len(tail) < 3:
             return None
         return (self.loss_start - median(tail)) / promised, promised
@@ -346,7 +368,7 @@ class Facts:
         if len(values) < 4 or self.loss_start is None:
             return False
         width = min(self.smoothing, max(1, len(values) // 4))
-        late = rolling_median(values[len(values) // 2:], width)
+        late = rolling_median(values[len(values) // 2 :], width)
         return bool(late) and max(late) < abs(self.loss_start)
 
     @cached_property
@@ -368,9 +390,15 @@ class Facts:
     def layer_rows(self, record: dict) -> list[dict]:
         """Per-module rows of weight layers, input side first (order of the optimizer's parameters)."""
         weight_layers = self.obs.get("weight_layers")
-        rows = [row for row in record.get("layers") or () if row.get("kind") == "module"
-                and isinstance(row.get("weight_norm"), (int, float)) and row["weight_norm"] > 0
-                and isinstance(row.get("grad_norm"), (int, float)) and math.isfinite(row["grad_norm"])]
+        rows = [
+            row
+            for row in record.get("layers") or ()
+            if row.get("kind") == "module"
+            and isinstance(row.get("weight_norm"), (int, float))
+            and row["weight_norm"] > 0
+            and isinstance(row.get("grad_norm"), (int, float))
+            and math.isfinite(row["grad_norm"])
+        ]
         if weight_layers:
             rows = [row for row in rows if row["name"] in weight_layers]
         return rows
@@ -432,8 +460,11 @@ class Facts:
     def dead_output(self) -> int | None:
         """First step of a dead output ReLU: ≥ 90% of the output units 0 for the whole batch, at the median
         sampled step and at the last one (units that revive are not dead)."""
-        rows = [(int(r["step"]), r["dead_output_share"]) for r in self.healthy_records
-                if isinstance(r.get("dead_output_share"), (int, float))]
+        rows = [
+            (int(r["step"]), r["dead_output_share"])
+            for r in self.healthy_records
+            if isinstance(r.get("dead_output_share"), (int, float))
+        ]
         if len(rows) < 3 or median(v for _, v in rows) < 0.9 or rows[-1][1] < 0.9:
             return None
         return next(s for s, v in rows if v >= 0.9)
@@ -443,13 +474,19 @@ class Facts:
         rows = [(r["step"], r[key]) for r in self.healthy_records if isinstance(r.get(key), (int, float))]
         if not rows:
             return None
-        late = [v for _, v in rows[len(rows) // 2:]]
+        late = [v for _, v in rows[len(rows) // 2 :]]
         return median(late), next((s for s, v in rows if v >= 0.5), rows[0][0])
 
     def first_at(self, key: str, threshold: float) -> int | None:
         """First step where a per-step share reached ``threshold``."""
-        return next((int(r["step"]) for r in self.healthy_records
-                     if isinstance(r.get(key), (int, float)) and r[key] >= threshold), None)
+        return next(
+            (
+                int(r["step"])
+                for r in self.healthy_records
+                if isinstance(r.get(key), (int, float)) and r[key] >= threshold
+            ),
+            None,
+        )
 
     def share_init(self, key: str) -> float | None:
         """A per-step share at step 0: measured in the forward before the first update (the initialisation)."""
@@ -459,4 +496,6 @@ class Facts:
     @cached_property
     def own_batch(self) -> list[dict]:
         """Healthy records with an own-batch re-evaluation (active audit)."""
-        return [r for r in self.healthy_records if isinstance(r.get("delta"), (int, float)) and math.isfinite(r["delta"])]
+        return [
+            r for r in self.healthy_records if isinstance(r.get("delta"), (int, float)) and math.isfinite(r["delta"])
+        ]

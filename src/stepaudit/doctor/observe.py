@@ -4,6 +4,7 @@
 find the model's root modules and its first parametrised layer; the wrapped activation and loss
 functions report what they produced or received. Everything is read under ``no_grad``.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -108,7 +109,7 @@ class ForwardObserver:
         with torch.no_grad():
             rows = x.detach().flatten(1)
             if rows.shape[1] * MAX_INPUT_ROWS > MAX_INPUT_VALUES:  # large inputs: fewer rows suffice
-                rows = rows[:max(1, MAX_INPUT_VALUES // MAX_INPUT_ROWS // max(rows.shape[1], 1))]
+                rows = rows[: max(1, MAX_INPUT_VALUES // MAX_INPUT_ROWS // max(rows.shape[1], 1))]
             if self._input_pool and rows.shape[1] != self._input_pool[0].shape[1]:
                 return
             pooled = sum(t.numel() for t in self._input_pool)
@@ -146,8 +147,9 @@ class ForwardObserver:
                 share, units = float(((output < 0.01) | (output > 0.99)).float().mean()), output[0].numel()
             else:
                 share, units = float((output.abs() > 0.99).float().mean()), output[0].numel()
-        self._open_activations.append({"kind": kind, "share": share, "units": units, "after": self._param_calls,
-                                       "batch": int(output.shape[0])})
+        self._open_activations.append(
+            {"kind": kind, "share": share, "units": units, "after": self._param_calls, "batch": int(output.shape[0])}
+        )
 
     def _close_activations(self) -> None:
         """An activation is hidden when a parametrised layer ran after it (it feeds the network, not the loss)."""
@@ -189,20 +191,28 @@ class ForwardObserver:
             check = _loss_check(name, x.detach(), y)
             self._loss_checked[name] += 1
             if check is not None:
-                seen = self._loss_flags.setdefault(check["kind"], {**check, "step": self.step_count, "loss": name,
-                                                                   "count": 0})
+                seen = self._loss_flags.setdefault(
+                    check["kind"], {**check, "step": self.step_count, "loss": name, "count": 0}
+                )
                 seen["count"] += 1
                 seen["last_step"] = self.step_count
             if isinstance(y, torch.Tensor):
                 if y.is_floating_point() and not bool(torch.isfinite(y).all()):
                     self.target_nan_or_inf = True
                 self._note_targets(name, x, y, kwargs)
-            if (self.initial_loss is None and grad_enabled and x.requires_grad
-                    and isinstance(output, torch.Tensor) and output.numel() == 1):
-                classes = int(x.shape[1]) if name == "cross_entropy" and x.dim() >= 2 else (
-                    int(x.shape[0]) if name == "cross_entropy" else None)
-                self.initial_loss = {"loss": name, "value": float(output), "classes": classes,
-                                     "step": self.step_count}
+            if (
+                self.initial_loss is None
+                and grad_enabled
+                and x.requires_grad
+                and isinstance(output, torch.Tensor)
+                and output.numel() == 1
+            ):
+                classes = (
+                    int(x.shape[1])
+                    if name == "cross_entropy" and x.dim() >= 2
+                    else (int(x.shape[0]) if name == "cross_entropy" else None)
+                )
+                self.initial_loss = {"loss": name, "value": float(output), "classes": classes, "step": self.step_count}
             if self.batch_size is None and x.dim() >= 1:
                 self.batch_size = int(x.shape[0])
 
@@ -217,9 +227,17 @@ class ForwardObserver:
         self._softmax_checked += 1
         batch = x.shape[0]
         if dim % x.dim() == 0 and batch == self.batch_size and batch >= 2 and x.shape[-1] >= 2:
-            seen = self._axis_flags.setdefault(name, {"kind": "softmax_over_batch", "function": name,
-                                                      "shape": list(x.shape), "dim": dim, "step": self.step_count,
-                                                      "count": 0})
+            seen = self._axis_flags.setdefault(
+                name,
+                {
+                    "kind": "softmax_over_batch",
+                    "function": name,
+                    "shape": list(x.shape),
+                    "dim": dim,
+                    "step": self.step_count,
+                    "count": 0,
+                },
+            )
             seen["count"] += 1
 
     def class_target_findings(self) -> list[dict]:
@@ -234,8 +252,16 @@ class ForwardObserver:
             return []
         if any(not 0.5 / k <= c / total <= 2 / k for c in counts.values()):
             return []
-        return [{"kind": "classes_as_regression", "loss": loss, "top": k - 1, "step": 0, "count": integer,
-                 "checked": inspected}]
+        return [
+            {
+                "kind": "classes_as_regression",
+                "loss": loss,
+                "top": k - 1,
+                "step": 0,
+                "count": integer,
+                "checked": inspected,
+            }
+        ]
 
     def axis_findings(self) -> list[dict]:
         """Softmaxes over the batch axis seen at least twice."""
@@ -321,13 +347,20 @@ def _loss_check(name: str, x: torch.Tensor, y: Any) -> dict | None:
         lse = torch.logsumexp(x.float(), 1) if high <= 0 or name == "nll_loss" else None
         log_probabilities = high <= 0 and lse is not None and float(lse.abs().max()) < 1e-3
         if name == "cross_entropy" and probabilities:
-            return {"kind": "probabilities_into_cross_entropy", "row_sum": float(row_sum.mean()),
-                    "classes": int(x.shape[1])}
+            return {
+                "kind": "probabilities_into_cross_entropy",
+                "row_sum": float(row_sum.mean()),
+                "classes": int(x.shape[1]),
+            }
         if name == "cross_entropy" and log_probabilities:
             return {"kind": "log_probabilities_into_cross_entropy", "logsumexp": float(lse.abs().max())}
         if name == "nll_loss" and not log_probabilities:
-            return {"kind": "scores_into_nll_loss", "logsumexp": float(lse.mean()), "max": high,
-                    "probabilities": probabilities}
+            return {
+                "kind": "scores_into_nll_loss",
+                "logsumexp": float(lse.mean()),
+                "max": high,
+                "probabilities": probabilities,
+            }
     if name == "binary_cross_entropy_with_logits" and x.numel() >= 8:
         if bool((x > 0).all() and (x < 1).all()):
             return {"kind": "probabilities_into_bce_with_logits", "min": float(x.min()), "max": float(x.max())}

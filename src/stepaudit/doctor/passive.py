@@ -16,6 +16,7 @@ live in ``observe.py``, names and run-level observations in ``results.py``.
 Size (over 400 lines): one watcher whose hooks and wrappers share a session's state, plus the torch.compile
 and TorchScript transparency they all need; the shared capture with ``Audit`` is issue 18 point 4.
 """
+
 from __future__ import annotations
 
 import importlib.abc
@@ -25,8 +26,9 @@ import time
 import types
 import warnings as _warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +40,17 @@ from .observe import ForwardObserver
 from .results import RunResults
 from .tensors import copies, dense, dot, grad_copies, group_lr, nonzero_flags, parameter_sums
 
-_ACTIVE: "PassiveWatcher | None" = None  # the session the patched functions report to
-_LOSSES = ("cross_entropy", "nll_loss", "binary_cross_entropy_with_logits", "binary_cross_entropy",
-           "mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss")
+_ACTIVE: PassiveWatcher | None = None  # the session the patched functions report to
+_LOSSES = (
+    "cross_entropy",
+    "nll_loss",
+    "binary_cross_entropy_with_logits",
+    "binary_cross_entropy",
+    "mse_loss",
+    "l1_loss",
+    "smooth_l1_loss",
+    "huber_loss",
+)
 _ACTIVATIONS = {"relu": "relu", "relu_": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
 _SOFTMAXES = ("softmax", "log_softmax")
 GRAPH_WALKS = 3  # backward passes whose autograd graph is walked for leaves no optimizer holds
@@ -103,8 +113,13 @@ def _leaf(tensor: torch.Tensor, walk: int) -> dict:
 class PassiveWatcher(ForwardObserver, RunResults):
     """One passive session: ``install()``, run the script, ``close()``; then ``records`` and ``observations``."""
 
-    def __init__(self, max_steps: int | None = 300, time_limit: float | None = None,
-                 flush: Callable[[list[dict]], None] | None = None, sample_every: int = SAMPLE_EVERY) -> None:
+    def __init__(
+        self,
+        max_steps: int | None = 300,
+        time_limit: float | None = None,
+        flush: Callable[[list[dict]], None] | None = None,
+        sample_every: int = SAMPLE_EVERY,
+    ) -> None:
         if sample_every < 2:
             raise ValueError(f"sample_every must be ≥ 2 (pairs of consecutive steps), got {sample_every}")
         self.max_steps, self.time_limit, self.flush, self.every = max_steps, time_limit, flush, sample_every
@@ -145,15 +160,17 @@ class PassiveWatcher(ForwardObserver, RunResults):
         self.custom_update: bool | None = None  # weights moved without any torch.optim step (set at close)
 
     # -- install / remove ------------------------------------------------------------------------------
-    def install(self) -> "PassiveWatcher":
+    def install(self) -> PassiveWatcher:
         """Register the global hooks and patches; only one session at a time."""
         global _ACTIVE
         if _ACTIVE is not None:
             raise RuntimeError("a stepaudit doctor session is already running in this process")
         _ACTIVE = self
         self._started = time.monotonic()
-        self._handles = [_optim.register_optimizer_step_pre_hook(self.guarded(self._step_pre)),
-                         _optim.register_optimizer_step_post_hook(self.guarded(self._step_post))]
+        self._handles = [
+            _optim.register_optimizer_step_pre_hook(self.guarded(self._step_pre)),
+            _optim.register_optimizer_step_post_hook(self.guarded(self._step_post)),
+        ]
         self._open_window()
         self._patch(torch.autograd, "backward", _backward_wrapper)
         for name in _ACTIVATIONS:
@@ -224,15 +241,25 @@ class PassiveWatcher(ForwardObserver, RunResults):
         if not self.custom_update:
             return
         for i, loss in enumerate(self._since_step):
-            self.records.append({"step": i, "optimizer": None, "local_step": i, "backward_passes": 1,
-                                 "_losses": [loss], "custom_update": True})
+            self.records.append(
+                {
+                    "step": i,
+                    "optimizer": None,
+                    "local_step": i,
+                    "backward_passes": 1,
+                    "_losses": [loss],
+                    "custom_update": True,
+                }
+            )
         self._since_step = []
 
     def _open_window(self) -> None:
         """Global module forward hooks, only while a sampled step's forward may run (they cost per call)."""
         if not self._window_handles and not self._hooks_frozen:
-            self._window_handles = [_module.register_module_forward_pre_hook(self.guarded(self._forward_pre)),
-                                    _module.register_module_forward_hook(self.guarded(self._forward_post))]
+            self._window_handles = [
+                _module.register_module_forward_pre_hook(self.guarded(self._forward_pre)),
+                _module.register_module_forward_hook(self.guarded(self._forward_post)),
+            ]
         self.window = True
 
     def _close_window(self, force: bool = False) -> None:
@@ -272,6 +299,7 @@ class PassiveWatcher(ForwardObserver, RunResults):
         handler = getattr(_sys.modules.get("torch._dynamo.callback"), "callback_handler", None)
         if handler is None or not hasattr(handler, "register_start_callback"):
             return False
+
         def callback(args: Any = None) -> None:  # not ``guarded``: is_compiling() already holds here
             try:
                 self._on_compile_start(args)
@@ -388,8 +416,9 @@ class PassiveWatcher(ForwardObserver, RunResults):
             if id(p) not in seen and p.is_floating_point() and p.numel():
                 seen.add(id(p))
                 w = p.detach()
-                out.append((id(p), float(w.sum(dtype=torch.float64)),
-                            float(torch.linalg.vector_norm(w, dtype=torch.float64))))
+                out.append(
+                    (id(p), float(w.sum(dtype=torch.float64)), float(torch.linalg.vector_norm(w, dtype=torch.float64)))
+                )
         return out
 
     def weights_changed(self) -> bool | None:
@@ -459,8 +488,14 @@ class PassiveWatcher(ForwardObserver, RunResults):
         watch, state.zero_watch = state.zero_watch, None
         if watch is None or watch["backwards"] == 0 or watch["had"] == 0:
             return  # no backward in between (closure optimizers evaluate inside step): nothing to judge
-        self.zero_checks.append({"step": watch["step"], "optimizer": state.index,
-                                 "kept": sum(watch["kept"]) / watch["had"], "backwards": watch["backwards"]})
+        self.zero_checks.append(
+            {
+                "step": watch["step"],
+                "optimizer": state.index,
+                "kept": sum(watch["kept"]) / watch["had"],
+                "backwards": watch["backwards"],
+            }
+        )
 
     # -- optimizer steps -------------------------------------------------------------------------------
     def _register(self, optimizer: torch.optim.Optimizer) -> _Optimizer:
@@ -534,10 +569,19 @@ class PassiveWatcher(ForwardObserver, RunResults):
         losses = pending.get("losses") or []
         if not losses and pending.get("closure_loss") is not None:
             losses = [pending["closure_loss"]]
-        record = {"step": index, "optimizer": state.index, "local_step": local,
-                  "lr": group_lr(optimizer), "backward_passes": pending.get("backwards", 0),
-                  "_losses": losses}
-        if self.zero_checks and self.zero_checks[-1]["optimizer"] == state.index and self.zero_checks[-1].get("next") is None:
+        record = {
+            "step": index,
+            "optimizer": state.index,
+            "local_step": local,
+            "lr": group_lr(optimizer),
+            "backward_passes": pending.get("backwards", 0),
+            "_losses": losses,
+        }
+        if (
+            self.zero_checks
+            and self.zero_checks[-1]["optimizer"] == state.index
+            and self.zero_checks[-1].get("next") is None
+        ):
             self.zero_checks[-1]["next"] = index
             record["grads_kept"] = self.zero_checks[-1]["kept"]
         if sampled(local, self.every):
@@ -609,9 +653,12 @@ class PassiveWatcher(ForwardObserver, RunResults):
             product = float(torch.stack([dot(a, b) for a, b in zip(previous[1], grad)]).sum())
             denominator = math.sqrt(previous[2] * sum(g2))
             record["grad_cos_prev"] = product / denominator if denominator > 0 else math.nan
-        state.prev_grad = (record["local_step"], grad, sum(g2)) if sampled(record["local_step"] + 1, self.every) else None
+        state.prev_grad = (
+            (record["local_step"], grad, sum(g2)) if sampled(record["local_step"] + 1, self.every) else None
+        )
         if self.batch_size is not None:
             record["batch_size"] = self.batch_size
+
 
 def _schedulers_in_frames(optimizer: torch.optim.Optimizer, kinds: tuple) -> list:
     """Schedulers of ``optimizer`` among the values of the calling frames' locals and globals, and one
@@ -658,7 +705,7 @@ def _schedulers_in_heap(optimizer: torch.optim.Optimizer, kinds: tuple) -> list:
 
 
 # -- module-level wrappers (they look up the active session at call time) -----------------------------------
-def _active() -> "PassiveWatcher | None":
+def _active() -> PassiveWatcher | None:
     """The session the wrappers report to; None while torch.compile traces (nothing of ours is traced)."""
     return None if _compiling() else _ACTIVE
 
@@ -734,8 +781,9 @@ def _as_original(wrapper: Callable, original: Callable, rebuild: bool = True) ->
     only its closure). Scripted code then runs the original, unobserved, exactly as without the doctor.
     """
     if rebuild and isinstance(getattr(original, "__globals__", None), dict):
-        wrapper = types.FunctionType(wrapper.__code__, original.__globals__, original.__name__,
-                                     wrapper.__defaults__, wrapper.__closure__)
+        wrapper = types.FunctionType(
+            wrapper.__code__, original.__globals__, original.__name__, wrapper.__defaults__, wrapper.__closure__
+        )
     for attr in ("__name__", "__qualname__", "__module__", "__doc__"):
         try:
             setattr(wrapper, attr, getattr(original, attr))
@@ -839,12 +887,19 @@ def _reissue(message: Warning | str, category: type, caller: types.FrameType) ->
     module, text = scope.get("__name__", "__main__"), str(message)
     action = _warnings.defaultaction
     for act, msg, cat, mod, ln in _warnings.filters:
-        if ((msg is None or msg.match(text)) and issubclass(category, cat)
-                and (mod is None or mod.match(module)) and (ln == 0 or ln == lineno)):
+        if (
+            (msg is None or msg.match(text))
+            and issubclass(category, cat)
+            and (mod is None or mod.match(module))
+            and (ln == 0 or ln == lineno)
+        ):
             action = act
             break
-    key = {"default": (text, category, filename, lineno), "module": (text, category, filename),
-           "once": (text, category)}.get(action)
+    key = {
+        "default": (text, category, filename, lineno),
+        "module": (text, category, filename),
+        "once": (text, category),
+    }.get(action)
     if key is not None:
         if key in _REISSUED:
             return

@@ -5,6 +5,7 @@ The script sees the ``sys.argv`` it expects and its own folder first on ``sys.pa
 ``--time-limit`` seconds; an alarm backstops the time limit for scripts stuck outside any hook. In JSON
 mode the script's stdout goes to stderr (file descriptor 1 too), so stdout carries one JSON object.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,9 +16,9 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from .passive import PassiveWatcher, StopRun
 
@@ -80,8 +81,9 @@ def _script_environment(path: Path, args: list[str]) -> Iterator[None]:
 @contextlib.contextmanager
 def _alarm(seconds: float | None) -> Iterator[None]:
     """Backstop for the time limit: raise StopRun from a SIGALRM if no hook got the chance to."""
-    usable = (seconds is not None and hasattr(signal, "setitimer")
-              and threading.current_thread() is threading.main_thread())
+    usable = (
+        seconds is not None and hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    )
     if not usable:
         yield
         return
@@ -112,8 +114,11 @@ def _script_traceback(error: BaseException, path: Path) -> str:
     return "".join(exc.format()).rstrip()
 
 
-_OWN_DIRS = tuple(os.path.dirname(os.path.realpath(m.__file__)) + os.sep
-                  for m in (sys.modules[__package__.rsplit(".", 1)[0]], sys.modules.get("torch")) if m is not None)
+_OWN_DIRS = tuple(
+    os.path.dirname(os.path.realpath(m.__file__)) + os.sep
+    for m in (sys.modules[__package__.rsplit(".", 1)[0]], sys.modules.get("torch"))
+    if m is not None
+)
 
 
 def _frame_location(error: BaseException, path: Path) -> tuple[str | None, int | None]:
@@ -155,8 +160,9 @@ def _exit_status(code) -> int:
     return 1
 
 
-def run_script(path: str | os.PathLike, args: list[str], watcher: PassiveWatcher,
-               quiet_stdout: bool = False) -> Outcome:
+def run_script(
+    path: str | os.PathLike, args: list[str], watcher: PassiveWatcher, quiet_stdout: bool = False
+) -> Outcome:
     """Run ``path`` as ``__main__`` with ``args`` while ``watcher`` is installed; always uninstall it."""
     script = Path(path)
     if not script.is_file():
@@ -175,14 +181,24 @@ def run_script(path: str | os.PathLike, args: list[str], watcher: PassiveWatcher
             status = _exit_status(exit_.code)
             if status != 0:
                 shown = exit_.code if isinstance(exit_.code, int) else repr(exit_.code)
-                outcome = Outcome("error", error=f"the script exited with status {shown}", exit_code=status,
-                                  exit_status=status, failure=_failure(exit_, script, f"exit status {shown}"))
+                outcome = Outcome(
+                    "error",
+                    error=f"the script exited with status {shown}",
+                    exit_code=status,
+                    exit_status=status,
+                    failure=_failure(exit_, script, f"exit status {shown}"),
+                )
         except KeyboardInterrupt as error:
-            outcome = Outcome("error", error=_script_traceback(error, script) or "KeyboardInterrupt",
-                              exit_status=130, failure=_failure(error, script))
+            outcome = Outcome(
+                "error",
+                error=_script_traceback(error, script) or "KeyboardInterrupt",
+                exit_status=130,
+                failure=_failure(error, script),
+            )
         except BaseException as error:  # the script's own failure: report it, still diagnose
-            outcome = Outcome("error", error=_script_traceback(error, script), exit_status=1,
-                              failure=_failure(error, script))
+            outcome = Outcome(
+                "error", error=_script_traceback(error, script), exit_status=1, failure=_failure(error, script)
+            )
         finally:
             watcher.close()
     if watcher.stopping is not None and outcome.stopped in ("finished", "error"):

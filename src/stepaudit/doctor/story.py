@@ -18,6 +18,7 @@ answer consistent. Its policies, applied in this order by ``reconcile``:
    explains (a consequence, see ``CAUSES`` in ``codes``) gets "fix <cause> first" instead of its own fix
    (``as_consequence``), so a consequence never advises against its cause.
 """
+
 from __future__ import annotations
 
 from .codes import NOTES_WHEN_LEARNING, QUIET_AFTER_DIVERGENCE

@@ -8,17 +8,27 @@ step never wrote is absent, not NaN), as ``stepaudit.diagnose(run_folder)`` does
 
 Nothing here imports the rules, so the report can use it without loading them.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from statistics import median
-from typing import Sequence
 
 LAST_LOSS = "median of the last fifth"  # the name the report and the doctor give the last loss
 
 _ALWAYS = ("loss_before",)
-_AUDITED = ("loss_after", "delta", "first_order", "remainder", "grad_norm", "update_norm", "weight_norm",
-            "update_ratio", "descent_cos")
+_AUDITED = (
+    "loss_after",
+    "delta",
+    "first_order",
+    "remainder",
+    "grad_norm",
+    "update_norm",
+    "weight_norm",
+    "update_ratio",
+    "descent_cos",
+)
 
 
 def is_passive(meta: dict) -> bool:
@@ -58,9 +68,14 @@ def _nonfinite(value) -> bool:
 def first_nonfinite_step(records: Sequence[dict]) -> float:
     """The first step whose loss, gradient, update or weights stopped being finite (``inf`` if none)."""
     for r in sorted((r for r in records if isinstance(r.get("step"), (int, float))), key=lambda r: r["step"]):
-        if (_nonfinite(r.get("loss_before")) or r.get("verdict") == "nonfinite" or r.get("grad_nonfinite")
-                or any(isinstance(r.get(k), float) and not math.isfinite(r[k]) for k in ("update_norm", "weight_norm"))
-                or r.get("weights_nonfinite") or r.get("input_nonfinite")):
+        if (
+            _nonfinite(r.get("loss_before"))
+            or r.get("verdict") == "nonfinite"
+            or r.get("grad_nonfinite")
+            or any(isinstance(r.get(k), float) and not math.isfinite(r[k]) for k in ("update_norm", "weight_norm"))
+            or r.get("weights_nonfinite")
+            or r.get("input_nonfinite")
+        ):
             return r["step"]
     return math.inf
 
@@ -68,10 +83,14 @@ def first_nonfinite_step(records: Sequence[dict]) -> float:
 def healthy_losses(records: Sequence[dict]) -> list[tuple[int, float]]:
     """(step, loss) of every finite loss before the first non-finite step, in step order."""
     stop = first_nonfinite_step(records)
-    kept = sorted((r for r in records if isinstance(r.get("step"), (int, float)) and r["step"] < stop),
-                  key=lambda r: r["step"])
-    return [(int(r["step"]), float(r["loss_before"])) for r in kept
-            if isinstance(r.get("loss_before"), (int, float)) and math.isfinite(r["loss_before"])]
+    kept = sorted(
+        (r for r in records if isinstance(r.get("step"), (int, float)) and r["step"] < stop), key=lambda r: r["step"]
+    )
+    return [
+        (int(r["step"]), float(r["loss_before"]))
+        for r in kept
+        if isinstance(r.get("loss_before"), (int, float)) and math.isfinite(r["loss_before"])
+    ]
 
 
 def smoothing(batch_size: int | None) -> int:
@@ -91,8 +110,11 @@ def loss_end(losses: Sequence[float], batch_size: int | None) -> float | None:
 def batch_size_of(meta: dict, records: Sequence[dict]) -> int | None:
     """Examples per step: the doctor's observation, else the median recorded ``batch_size``."""
     observations = meta.get("observations") if isinstance(meta.get("observations"), dict) else {}
-    sizes = [float(r["batch_size"]) for r in records
-             if isinstance(r.get("batch_size"), (int, float)) and math.isfinite(r["batch_size"])]
+    sizes = [
+        float(r["batch_size"])
+        for r in records
+        if isinstance(r.get("batch_size"), (int, float)) and math.isfinite(r["batch_size"])
+    ]
     size = observations.get("batch_size") or (median(sizes) if sizes else None)
     return int(size) if size else None
 

@@ -1,4 +1,5 @@
 """Small tensor helpers of passive capture: fused copies, per-parameter sums, one host sync where possible."""
+
 from __future__ import annotations
 
 import math

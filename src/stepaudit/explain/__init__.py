@@ -6,6 +6,7 @@ updates, and the largest learning rate that still goes downhill.
     >>> r["grads"]
     {'x': -4.0, 'y': -4.0, 'z': 3.0}
 """
+
 from __future__ import annotations
 
 from .cli import main
@@ -14,4 +15,3 @@ from .result import explain
 from .svg import circuit_svg
 
 __all__ = ["explain", "main", "circuit_svg", "parse", "ExplainError"]
-

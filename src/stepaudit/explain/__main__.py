@@ -1,4 +1,5 @@
 """`python -m stepaudit.explain ...`."""
+
 import sys
 
 from .cli import main

@@ -1,10 +1,11 @@
 """Evaluate an expression tree with PyTorch autograd in float64: node values, gradients, local rules."""
+
 from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping
 
 import torch
 
@@ -16,13 +17,23 @@ CLASSIC_POINT = {"x": -2.0, "y": 5.0, "z": -4.0}
 # abs is x*sign(x): the same values and derivatives as torch.abs, whose double backward
 # (for the Hessian) triggers a one-off import costing about two seconds.
 _UNARY: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt,
+    "neg": torch.neg,
+    "exp": torch.exp,
+    "log": torch.log,
+    "sqrt": torch.sqrt,
     "abs": lambda t: t * torch.sign(t),
-    "sin": torch.sin, "cos": torch.cos, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
+    "sin": torch.sin,
+    "cos": torch.cos,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
     "relu": torch.relu,
 }
 _BINARY: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow,
+    "add": torch.add,
+    "sub": torch.sub,
+    "mul": torch.mul,
+    "div": torch.div,
+    "pow": torch.pow,
 }
 
 # What each gate does to the gradient flowing back through it.
@@ -73,8 +84,9 @@ def apply(op: str, args: list[torch.Tensor], const: float | None = None) -> torc
     raise ExplainError(f"unknown operation {op!r}")  # unreachable for parsed trees
 
 
-def evaluate(expr: Expr, env: Mapping[str, torch.Tensor],
-             record: list[tuple[Expr, torch.Tensor, tuple[int, ...]]] | None = None) -> torch.Tensor:
+def evaluate(
+    expr: Expr, env: Mapping[str, torch.Tensor], record: list[tuple[Expr, torch.Tensor, tuple[int, ...]]] | None = None
+) -> torch.Tensor:
     """Evaluate ``expr`` with tensors from ``env`` (any common shape); optionally record every node."""
 
     def walk(e: Expr) -> tuple[torch.Tensor, int]:
@@ -130,8 +142,9 @@ def resolve_point(names: list[str], at: Mapping[str, float] | None) -> dict[str,
     at = dict(at or {})
     for k, v in at.items():
         if k not in names:
-            raise ExplainError(f"--at sets {k!r}, which is not in the expression "
-                               f"(variables: {', '.join(names) or 'none'})")
+            raise ExplainError(
+                f"--at sets {k!r}, which is not in the expression (variables: {', '.join(names) or 'none'})"
+            )
         if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(v):
             raise ExplainError(f"--at {k}={v!r}: the value must be a finite number")
     point = {}
@@ -154,11 +167,16 @@ def build(expr: Expr, at: Mapping[str, float] | None = None, target: float | Non
     root = evaluate(objective_expr(expr, target), leaves, record)
     for e, t, kids in record:
         if not torch.isfinite(t):
-            shown = ", ".join(f"{snippet(record[k][0].text, 24)} = {_num(record[k][1].item())}"
-                              for k in kids if record[k][0].op != "const")
+            shown = ", ".join(
+                f"{snippet(record[k][0].text, 24)} = {_num(record[k][1].item())}"
+                for k in kids
+                if record[k][0].op != "const"
+            )
             where = f" (col {e.col})" if e.col else ""
-            raise ExplainError(f"{snippet(e.text)!r}{where} is not finite at this point "
-                               f"({_num(t.item())}{'; inputs: ' + shown if shown else ''})")
+            raise ExplainError(
+                f"{snippet(e.text)!r}{where} is not finite at this point "
+                f"({_num(t.item())}{'; inputs: ' + shown if shown else ''})"
+            )
         if t.requires_grad:
             t.retain_grad()
     root.backward(retain_graph=True)
@@ -166,8 +184,7 @@ def build(expr: Expr, at: Mapping[str, float] | None = None, target: float | Non
     wire_grads = [_item(t.grad) if t.requires_grad else None for _, t, _ in record]
     grads = {n: _item(leaves[n].grad) for n in names}
     f_tensor = record[-1][1] if target is None else record[-2][1]
-    expr_grads = torch.autograd.grad(f_tensor, [leaves[n] for n in names], retain_graph=True,
-                                     allow_unused=True)
+    expr_grads = torch.autograd.grad(f_tensor, [leaves[n] for n in names], retain_graph=True, allow_unused=True)
     gates = []
     for i, (e, t, kids) in enumerate(record):
         local: tuple[float | None, ...] = ()
@@ -179,13 +196,24 @@ def build(expr: Expr, at: Mapping[str, float] | None = None, target: float | Non
         gates.append(Gate(i, e.op, e.text or _label(e), t.item(), wire_grads[i], kids, e.name, local))
     for g in gates:
         if any(v is not None and not math.isfinite(v) for v in g.local):
-            raise ExplainError(f"{snippet(g.text)!r} has no finite slope at this point "
-                               f"(local derivatives {', '.join(map(str, g.local))})")
+            raise ExplainError(
+                f"{snippet(g.text)!r} has no finite slope at this point "
+                f"(local derivatives {', '.join(map(str, g.local))})"
+            )
     for g in reversed(gates):
         if g.grad is not None and not math.isfinite(g.grad):
             raise ExplainError(f"the gradient at {snippet(g.text)!r} is not finite at this point ({g.grad})")
-    return Circuit(expr, target, names, point, f_tensor.item(), root.item(), grads,
-                   {n: _item(g) for n, g in zip(names, expr_grads)}, gates)
+    return Circuit(
+        expr,
+        target,
+        names,
+        point,
+        f_tensor.item(),
+        root.item(),
+        grads,
+        {n: _item(g) for n, g in zip(names, expr_grads)},
+        gates,
+    )
 
 
 def _item(t: torch.Tensor | None) -> float:
@@ -198,8 +226,7 @@ def _label(e: Expr) -> str:
     return SYMBOL.get(e.op, e.op)
 
 
-def objective_fn(expr: Expr, names: list[str],
-                 target: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
+def objective_fn(expr: Expr, names: list[str], target: float | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """The objective as a function of a stacked variable tensor ``w[..., i]`` (for Hessians and scans)."""
     tree = objective_expr(expr, target)
 
@@ -207,4 +234,3 @@ def objective_fn(expr: Expr, names: list[str],
         return evaluate(tree, {n: w[..., i] for i, n in enumerate(names)})
 
     return fn
-

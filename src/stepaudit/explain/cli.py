@@ -1,4 +1,5 @@
 """`stepaudit explain [EXPR] [--at x=-2,y=5,z=-4] [--lr LR] [--target T] [--json] [--svg FILE]`."""
+
 from __future__ import annotations
 
 import argparse
@@ -32,14 +33,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="stepaudit explain", description=DESCRIPTION, epilog=EPILOG,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(
+        prog="stepaudit explain",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("expr", nargs="?", metavar="EXPR", help=f'the expression (default "{DEFAULT_EXPR}")')
-    p.add_argument("--at", action="append", default=[], metavar="x=-2,y=5,...",
-                   help="the point: comma-separated name=value pairs (repeatable)")
+    p.add_argument(
+        "--at",
+        action="append",
+        default=[],
+        metavar="x=-2,y=5,...",
+        help="the point: comma-separated name=value pairs (repeatable)",
+    )
     p.add_argument("--lr", type=float, default=0.1, help="learning rate of the step (default 0.1)")
-    p.add_argument("--target", type=float, default=None, metavar="T",
-                   help="minimise 1/2*(EXPR - T)^2 instead of EXPR")
+    p.add_argument("--target", type=float, default=None, metavar="T", help="minimise 1/2*(EXPR - T)^2 instead of EXPR")
     p.add_argument("--json", action="store_true", help="print everything as one JSON object")
     p.add_argument("--svg", metavar="FILE", help="also write the circuit as SVG ('-' for stdout)")
     return p
@@ -73,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             args.expr = extra[0]  # an expression starting with '-', like "-x*y"
         elif extra:
             raise ExplainError(f"unrecognized arguments: {' '.join(extra)}")
-        result = explain(args.expr if args.expr is not None else DEFAULT_EXPR,
-                         parse_at(args.at) or None, args.lr, args.target)
+        result = explain(
+            args.expr if args.expr is not None else DEFAULT_EXPR, parse_at(args.at) or None, args.lr, args.target
+        )
         if args.svg:
             svg = circuit_svg(result)
             if args.svg == "-":

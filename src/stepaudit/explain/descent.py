@@ -1,9 +1,10 @@
 """One gradient step on the objective: simultaneous versus one-weight-at-a-time, and the Hessian."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -36,8 +37,7 @@ def hessian_at(fn: Objective, w: np.ndarray) -> np.ndarray:
 
 
 def _flips(names: list[str], before: np.ndarray, after: np.ndarray) -> list[dict]:
-    return [{"name": n, "before": float(b), "after": float(a)}
-            for n, b, a in zip(names, before, after) if b * a < 0]
+    return [{"name": n, "before": float(b), "after": float(a)} for n, b, a in zip(names, before, after) if b * a < 0]
 
 
 @dataclass
@@ -59,8 +59,7 @@ class Step:
     sign_flips: list[dict] = field(default_factory=list)
 
 
-def simultaneous(fn: Objective, names: list[str], w: np.ndarray, g: np.ndarray, h: np.ndarray,
-                 lr: float) -> Step:
+def simultaneous(fn: Objective, names: list[str], w: np.ndarray, g: np.ndarray, h: np.ndarray, lr: float) -> Step:
     """Update every weight at once with the gradient taken at the starting point."""
     f0 = value_at(fn, w)
     delta = -lr * g
@@ -71,10 +70,21 @@ def simultaneous(fn: Objective, names: list[str], w: np.ndarray, g: np.ndarray, 
     interplay = quadratic - float(0.5 * np.sum(np.diag(h) * delta**2))
     actual = f1 - f0
     g1 = gradient_at(fn, w1) if math.isfinite(f1) else np.full_like(w, math.nan)
-    return Step(lr, dict(zip(names, map(float, w))), dict(zip(names, map(float, w1))), f0, f1,
-                predicted, actual, actual - predicted, quadratic, interplay,
-                actual - predicted - quadratic,
-                dict(zip(names, map(float, g1))), _flips(names, g, g1))
+    return Step(
+        lr,
+        dict(zip(names, map(float, w))),
+        dict(zip(names, map(float, w1))),
+        f0,
+        f1,
+        predicted,
+        actual,
+        actual - predicted,
+        quadratic,
+        interplay,
+        actual - predicted - quadratic,
+        dict(zip(names, map(float, g1))),
+        _flips(names, g, g1),
+    )
 
 
 def sequential(fn: Objective, names: list[str], w: np.ndarray, g: np.ndarray, lr: float) -> dict:
@@ -86,12 +96,25 @@ def sequential(fn: Objective, names: list[str], w: np.ndarray, g: np.ndarray, lr
         gi = gradient_at(fn, cur)[i] if i else g[i]
         old = float(cur[i])
         cur[i] = old - lr * gi
-        updates.append({"name": n, "grad_used": float(gi), "grad_at_start": float(g[i]),
-                        "sign_flipped": bool(gi * g[i] < 0), "old": old, "new": float(cur[i]),
-                        "objective": value_at(fn, cur)})
+        updates.append(
+            {
+                "name": n,
+                "grad_used": float(gi),
+                "grad_at_start": float(g[i]),
+                "sign_flipped": bool(gi * g[i] < 0),
+                "old": old,
+                "new": float(cur[i]),
+                "objective": value_at(fn, cur),
+            }
+        )
     f1 = value_at(fn, cur)
-    return {"order": list(names), "updates": updates, "new": dict(zip(names, map(float, cur))),
-            "objective_after": f1, "actual": f1 - f0}
+    return {
+        "order": list(names),
+        "updates": updates,
+        "new": dict(zip(names, map(float, cur))),
+        "objective_after": f1,
+        "actual": f1 - f0,
+    }
 
 
 def quadratic_bound(g: np.ndarray, h: np.ndarray) -> tuple[float | None, float]:

@@ -1,4 +1,5 @@
 """The circuit as a character drawing: values above each wire (green), gradients below (red)."""
+
 from __future__ import annotations
 
 from .layout import Slot, symbol, unfold
@@ -9,9 +10,19 @@ Line = list[Segment]
 
 # box-drawing character for a junction, by which sides it connects: (left, right, up, down)
 _BOX = {
-    (1, 1, 0, 0): "─", (1, 1, 1, 1): "┼", (1, 1, 0, 1): "┬", (1, 1, 1, 0): "┴",
-    (1, 0, 0, 1): "┐", (1, 0, 1, 0): "┘", (1, 0, 1, 1): "┤", (0, 1, 0, 1): "┌",
-    (0, 1, 1, 0): "└", (0, 1, 1, 1): "├", (0, 0, 1, 1): "│", (1, 0, 0, 0): "─", (0, 1, 0, 0): "─",
+    (1, 1, 0, 0): "─",
+    (1, 1, 1, 1): "┼",
+    (1, 1, 0, 1): "┬",
+    (1, 1, 1, 0): "┴",
+    (1, 0, 0, 1): "┐",
+    (1, 0, 1, 0): "┘",
+    (1, 0, 1, 1): "┤",
+    (0, 1, 0, 1): "┌",
+    (0, 1, 1, 0): "└",
+    (0, 1, 1, 1): "├",
+    (0, 0, 1, 1): "│",
+    (1, 0, 0, 0): "─",
+    (0, 1, 0, 0): "─",
 }
 WIRE, VALUE, GRAD, GATE, VAR, CONST = "grey50", "green", "red", "bold cyan", "bold", "yellow"
 

@@ -4,12 +4,19 @@ The JSON ``nodes`` form a DAG (one node per variable).  For drawing, the DAG is 
 tree: a variable used twice is drawn twice, and each of its wires carries that use's share of the
 gradient (the shares add up to the variable's gradient).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 GATE_SYMBOL = {
-    "add": "+", "sub": "−", "mul": "×", "div": "÷", "pow": "^", "neg": "neg", "loss": "loss",
+    "add": "+",
+    "sub": "−",
+    "mul": "×",
+    "div": "÷",
+    "pow": "^",
+    "neg": "neg",
+    "loss": "loss",
 }
 
 
@@ -18,7 +25,7 @@ class Slot:
     """One drawn node: where it sits and what its outgoing wire carries."""
 
     node: dict
-    kids: list["Slot"] = field(default_factory=list)
+    kids: list[Slot] = field(default_factory=list)
     wire_grad: float | None = None  # gradient flowing back along the wire that leaves this node
     level: int = 0  # column: 0 for variables, parent level - 1 for constants
     row: int = 0  # in half-slots: leaves are 0, 2, 4, ...; gates sit between their inputs
@@ -27,7 +34,7 @@ class Slot:
     def is_leaf(self) -> bool:
         return not self.kids
 
-    def walk(self) -> list["Slot"]:
+    def walk(self) -> list[Slot]:
         """All slots, inputs before the gates that use them."""
         out: list[Slot] = []
         for k in self.kids:

@@ -6,11 +6,12 @@ inputs) and the set {lr > 0 : phi(lr) < phi(0)} is read off its real roots, each
 exactly.  Otherwise phi is scanned on a dense log+linear grid and the sign changes are bisected;
 that answer is labelled numerical.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from fractions import Fraction
-from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -217,14 +218,21 @@ def scan_range(gnorm: float) -> tuple[float, float]:
     return max(lo / max(1.0, gnorm), 1e-300), min(hi / min(1.0, gnorm), 1e300)
 
 
-def numerical_set(fn: Callable[[torch.Tensor], torch.Tensor], w: np.ndarray, g: np.ndarray,
-                  extra: tuple[float, ...] = ()) -> dict:
+def numerical_set(
+    fn: Callable[[torch.Tensor], torch.Tensor], w: np.ndarray, g: np.ndarray, extra: tuple[float, ...] = ()
+) -> dict:
     """Scan lr over scan_range(|g|) (log and linear grids), then bisect every sign change."""
     big = float(np.max(np.abs(g)))
     lo, hi = scan_range(big * float(np.linalg.norm(g / big)))  # scaled: |g| may overflow
-    grid = np.unique(np.concatenate([np.logspace(math.log10(lo), math.log10(hi), 3000),
-                                     np.linspace(lo, hi / 100, 3000),
-                                     [t for t in extra if lo <= t <= hi]]))
+    grid = np.unique(
+        np.concatenate(
+            [
+                np.logspace(math.log10(lo), math.log10(hi), 3000),
+                np.linspace(lo, hi / 100, 3000),
+                [t for t in extra if lo <= t <= hi],
+            ]
+        )
+    )
     wt, gt = torch.as_tensor(w, dtype=DTYPE), torch.as_tensor(g, dtype=DTYPE)
     with torch.no_grad():
         f0 = fn(wt)
@@ -243,17 +251,27 @@ def numerical_set(fn: Callable[[torch.Tensor], torch.Tensor], w: np.ndarray, g: 
     edges = [float(e) for e in 0.5 * (lo_t + hi_t)]
     kept = [-1 if dec[0] else 1] + [-1 if dec[i + 1] else 1 for i in idx]
     intervals = _intervals(edges, kept)
-    out = {"method": "numerical", "scan": {"from": lo, "to": hi, "points": int(grid.size)},
-           "intervals": intervals[:MAX_INTERVALS], "count": len(intervals)}
+    out = {
+        "method": "numerical",
+        "scan": {"from": lo, "to": hi, "points": int(grid.size)},
+        "intervals": intervals[:MAX_INTERVALS],
+        "count": len(intervals),
+    }
     if len(intervals) > MAX_INTERVALS:  # keep the JSON small; the supremum still comes from all
         out["truncated"] = True
         out["sup"] = intervals[-1][1]
     return out
 
 
-def decreasing_set(expr: Expr, target: float | None, fn: Callable[[torch.Tensor], torch.Tensor],
-                   names: list[str], w: np.ndarray, g: np.ndarray,
-                   extra: tuple[float, ...] = ()) -> dict:
+def decreasing_set(
+    expr: Expr,
+    target: float | None,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    names: list[str],
+    w: np.ndarray,
+    g: np.ndarray,
+    extra: tuple[float, ...] = (),
+) -> dict:
     """Exact set for polynomial objectives, numerical scan otherwise."""
     if not np.any(g):
         return {"method": "exact", "intervals": [], "note": "the gradient is zero: the step does not move"}

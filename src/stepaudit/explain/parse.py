@@ -4,6 +4,7 @@ The text is checked for size and nesting *before* ``ast.parse`` sees it, then th
 AST is walked against a whitelist.  Nothing is ever evaluated, compiled to code,
 or passed to ``eval``/``exec``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -17,26 +18,53 @@ MAX_VARS = 10
 
 # name -> (min args, max args or None for "any number")
 FUNCTIONS: dict[str, tuple[int, int | None]] = {
-    "exp": (1, 1), "log": (1, 1), "sqrt": (1, 1), "abs": (1, 1),
-    "sin": (1, 1), "cos": (1, 1), "tanh": (1, 1), "sigmoid": (1, 1),
-    "relu": (1, 1), "max": (2, None), "min": (2, None),
+    "exp": (1, 1),
+    "log": (1, 1),
+    "sqrt": (1, 1),
+    "abs": (1, 1),
+    "sin": (1, 1),
+    "cos": (1, 1),
+    "tanh": (1, 1),
+    "sigmoid": (1, 1),
+    "relu": (1, 1),
+    "max": (2, None),
+    "min": (2, None),
 }
 BINARY = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "div", ast.Pow: "pow"}
 SYMBOL = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "**"}
 _REFUSED_OPERATORS = {
-    ast.FloorDiv: "//", ast.Mod: "%", ast.MatMult: "@", ast.LShift: "<<", ast.RShift: ">>",
-    ast.BitOr: "|", ast.BitXor: "^", ast.BitAnd: "&",
+    ast.FloorDiv: "//",
+    ast.Mod: "%",
+    ast.MatMult: "@",
+    ast.LShift: "<<",
+    ast.RShift: ">>",
+    ast.BitOr: "|",
+    ast.BitXor: "^",
+    ast.BitAnd: "&",
 }
 _REFUSED_KINDS = {
-    ast.Attribute: "attribute access is", ast.Subscript: "subscripts are", ast.Lambda: "lambdas are",
-    ast.ListComp: "comprehensions are", ast.SetComp: "comprehensions are",
-    ast.DictComp: "comprehensions are", ast.GeneratorExp: "comprehensions are",
-    ast.Compare: "comparisons are", ast.BoolOp: "boolean operators are",
-    ast.IfExp: "conditional expressions are", ast.NamedExpr: "assignments are",
-    ast.Await: "await is", ast.Yield: "yield is", ast.YieldFrom: "yield is",
-    ast.JoinedStr: "f-strings are", ast.FormattedValue: "f-strings are", ast.Tuple: "tuples are",
-    ast.List: "lists are", ast.Dict: "dicts are", ast.Set: "sets are",
-    ast.Starred: "starred arguments are", ast.Slice: "slices are",
+    ast.Attribute: "attribute access is",
+    ast.Subscript: "subscripts are",
+    ast.Lambda: "lambdas are",
+    ast.ListComp: "comprehensions are",
+    ast.SetComp: "comprehensions are",
+    ast.DictComp: "comprehensions are",
+    ast.GeneratorExp: "comprehensions are",
+    ast.Compare: "comparisons are",
+    ast.BoolOp: "boolean operators are",
+    ast.IfExp: "conditional expressions are",
+    ast.NamedExpr: "assignments are",
+    ast.Await: "await is",
+    ast.Yield: "yield is",
+    ast.YieldFrom: "yield is",
+    ast.JoinedStr: "f-strings are",
+    ast.FormattedValue: "f-strings are",
+    ast.Tuple: "tuples are",
+    ast.List: "lists are",
+    ast.Dict: "dicts are",
+    ast.Set: "sets are",
+    ast.Starred: "starred arguments are",
+    ast.Slice: "slices are",
 }
 
 
@@ -49,7 +77,7 @@ class Expr:
     """One node of the expression tree: a constant, a variable, an operator or a function call."""
 
     op: str  # "const", "var", "neg", one of BINARY's values, or a FUNCTIONS name
-    args: tuple["Expr", ...] = ()
+    args: tuple[Expr, ...] = ()
     value: float | None = None  # for "const"
     name: str | None = None  # for "var"
     text: str = field(default="", compare=False)  # source snippet, for messages and labels
@@ -79,7 +107,8 @@ def _precheck(source: str) -> None:
     if len(source) > MAX_CHARS:
         raise ExplainError(
             f"expression is too long: {len(source):,} characters (limit {MAX_CHARS:,}); "
-            f"it runs on past col {MAX_CHARS}: {snippet(source[MAX_CHARS:MAX_CHARS + 20], 20)!r}")
+            f"it runs on past col {MAX_CHARS}: {snippet(source[MAX_CHARS : MAX_CHARS + 20], 20)!r}"
+        )
     if not source.strip():
         raise ExplainError("the expression is empty")
     depth = 0
@@ -91,7 +120,8 @@ def _precheck(source: str) -> None:
             if depth > MAX_BRACKET_DEPTH:
                 raise ExplainError(
                     f"brackets nested too deeply: more than {MAX_BRACKET_DEPTH} levels: "
-                    f"{snippet(source[i:], 20)!r} (col {i + 1})")
+                    f"{snippet(source[i:], 20)!r} (col {i + 1})"
+                )
         elif ch in ")]}":
             depth -= 1
 
@@ -107,8 +137,7 @@ def _check_shape(tree: ast.AST, source: str) -> None:
             if count > MAX_NODES:
                 raise _fail(f"expression is too large: more than {MAX_NODES} nodes", source, node)
             if depth > MAX_DEPTH:
-                raise _fail(f"expression is nested too deeply: more than {MAX_DEPTH} levels",
-                            source, node)
+                raise _fail(f"expression is nested too deeply: more than {MAX_DEPTH} levels", source, node)
         for child in ast.iter_child_nodes(node):
             stack.append((child, depth + isinstance(node, ast.expr)))
 
@@ -159,10 +188,8 @@ def _convert(node: ast.AST, src: str) -> Expr:
     if isinstance(node, ast.BinOp):
         kind = type(node.op)
         if kind not in BINARY:
-            raise _fail(f"operator {_REFUSED_OPERATORS.get(kind, kind.__name__)!r} is not allowed",
-                        src, node)
-        return Expr(BINARY[kind], (_convert(node.left, src), _convert(node.right, src)), text=seg,
-                    col=col)
+            raise _fail(f"operator {_REFUSED_OPERATORS.get(kind, kind.__name__)!r} is not allowed", src, node)
+        return Expr(BINARY[kind], (_convert(node.left, src), _convert(node.right, src)), text=seg, col=col)
     if isinstance(node, ast.Call):
         return _call(node, src, seg)
     for kind, what in _REFUSED_KINDS.items():

@@ -1,4 +1,5 @@
 """One audited step held open across a framework's hooks: opened in one hook, closed in a later one."""
+
 from __future__ import annotations
 
 from typing import Any

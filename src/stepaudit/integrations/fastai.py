@@ -22,10 +22,11 @@ prediction or the loss after the forward (``after_pred``/``after_loss``). Each f
 with ``run=...`` the second fit of the same callback (``fine_tune``'s unfrozen phase) writes ``<run>-fit2``.
 Refused with the fix: fastai's ``GradientAccumulation`` (one step spans several batches).
 """
+
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,8 +44,13 @@ class AuditCallback(Callback):
     order = 100  # after the callbacks that change the batch, schedule hyperparameters or clip gradients
     run_valid = False
 
-    def __init__(self, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None, *,
-                 lr_find: bool = False, **audit_options: Any) -> None:
+    def __init__(
+        self,
+        loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
+        *,
+        lr_find: bool = False,
+        **audit_options: Any,
+    ) -> None:
         super().__init__()
         self.loss_fn, self.audit_options, self.measure_lr_find = loss_fn, audit_options, lr_find
         self.audit: Audit | None = None  # this fit's (after the fit: the last fit's, closed)
@@ -86,14 +92,21 @@ class AuditCallback(Callback):
         if "LRFinder" in names:
             if self.measure_lr_find:
                 finder = next(cb for cb in self.learn.cbs if type(cb).__name__ == "LRFinder")
-                self.sweep = SweepAudit(self.learn.model, self.learn.opt, self.loss_fn or self._audited_loss,
-                                        finder.num_it, self.audit_options.get("precision"))
+                self.sweep = SweepAudit(
+                    self.learn.model,
+                    self.learn.opt,
+                    self.loss_fn or self._audited_loss,
+                    finder.num_it,
+                    self.audit_options.get("precision"),
+                )
                 self._open = self.sweep.audit
             return
         if "GradientAccumulation" in names:
-            raise ValueError("AuditCallback cannot audit fastai's GradientAccumulation: one optimizer step spans "
-                             "several batches; remove GradientAccumulation, or audit the loop in plain PyTorch "
-                             "with audit.watch(micro_batches, accumulate=N)")
+            raise ValueError(
+                "AuditCallback cannot audit fastai's GradientAccumulation: one optimizer step spans "
+                "several batches; remove GradientAccumulation, or audit the loop in plain PyTorch "
+                "with audit.watch(micro_batches, accumulate=N)"
+            )
         options = dict(self.audit_options)
         if self.audits:
             options.setdefault("first_step", self.audits[-1]._step_count)

@@ -22,10 +22,12 @@ inputs)`` — the mean of it over the micro-batches is then the audited objectiv
 ``compute_loss`` has side effects, such as metrics recorded there, which would run again at each
 re-evaluation. With several processes each rank writes its own folder (``<run>-rank<i>``).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -37,7 +39,7 @@ from ._held import HeldWatch
 class _CloseStep(TrainerCallback):
     """Closes the audited step once the Trainer's optimizer step (and zero_grad) is done."""
 
-    def __init__(self, trainer: "AuditMixin") -> None:
+    def __init__(self, trainer: AuditMixin) -> None:
         self.trainer = trainer
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -51,8 +53,13 @@ class AuditMixin:
     holds the ``Audit`` once training has started.
     """
 
-    def __init__(self, *args: Any, audit_options: dict | None = None,
-                 audit_loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        audit_options: dict | None = None,
+        audit_loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.audit_options, self.audit_loss_fn = dict(audit_options or {}), audit_loss_fn
         self.audit: Audit | None = None
@@ -79,8 +86,11 @@ class AuditMixin:
             count = getattr(self, "_get_num_items_in_batch", None)  # counted as the Trainer would; across processes
             single = self.args.world_size == 1  # that count gathers, which a probe must never do
             items = count([inputs], self.args.device) if count is not None and single else None
-        loss = self.compute_loss(model, dict(inputs)) if items is None else \
-            self.compute_loss(model, dict(inputs), num_items_in_batch=items)
+        loss = (
+            self.compute_loss(model, dict(inputs))
+            if items is None
+            else self.compute_loss(model, dict(inputs), num_items_in_batch=items)
+        )
         return loss if scale == 1 else scale * loss
 
     def _is_step_batch(self, inputs: Any) -> bool:
@@ -89,9 +99,21 @@ class AuditMixin:
         for batch in self._audit_batches:
             if inputs is batch:
                 return True
-            if isinstance(inputs, dict) and isinstance(batch, dict) and inputs.keys() == batch.keys() and all(
-                    a is b or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
-                               and torch.equal(a.to(b.dtype), b)) for a, b in ((inputs[k], batch[k]) for k in batch)):
+            if (
+                isinstance(inputs, dict)
+                and isinstance(batch, dict)
+                and inputs.keys() == batch.keys()
+                and all(
+                    a is b
+                    or (
+                        isinstance(a, torch.Tensor)
+                        and isinstance(b, torch.Tensor)
+                        and a.shape == b.shape
+                        and torch.equal(a.to(b.dtype), b)
+                    )
+                    for a, b in ((inputs[k], batch[k]) for k in batch)
+                )
+            ):
                 return True
         return False
 
@@ -100,8 +122,10 @@ class AuditMixin:
         flag = getattr(self, "loss_is_scaled_for_ga", None)
         if flag is not None:
             return bool(flag)
-        return bool((getattr(self, "model_accepts_loss_kwargs", False) and items is not None)
-                    or getattr(self, "compute_loss_func", None) is not None)
+        return bool(
+            (getattr(self, "model_accepts_loss_kwargs", False) and items is not None)
+            or getattr(self, "compute_loss_func", None) is not None
+        )
 
     def _build_audit(self, model: torch.nn.Module) -> Audit:
         """The Audit on the unwrapped model and the torch optimizer inside Accelerate's wrapper."""
@@ -110,8 +134,9 @@ class AuditMixin:
             options["run"] = Path(f"{options['run']}-rank{self.args.process_index}")  # ranks never share a folder
         options.setdefault("first_step", self.state.global_step)  # a resumed run continues its count
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
-        return Audit(self.accelerator.unwrap_model(model), optimizer, self.audit_loss_fn or self._audited_loss,
-                     **options)
+        return Audit(
+            self.accelerator.unwrap_model(model), optimizer, self.audit_loss_fn or self._audited_loss, **options
+        )
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """``Trainer.train``, then the audit closed — also when training raises."""

@@ -22,12 +22,14 @@ Refused with the fix: gradient accumulation (``accumulate_grad_batches > 1`` or 
 PyTorch) and manual optimization without a ``loss_fn`` (its ``training_step`` steps the optimizer itself).
 With several processes each rank writes its own folder (``<run>-rank<i>``).
 """
+
 from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -50,8 +52,10 @@ def _training_loss(output: Any) -> torch.Tensor:
         return output
     if isinstance(output, dict) and isinstance(output.get("loss"), torch.Tensor):
         return output["loss"]
-    raise TypeError(f"training_step returned {type(output).__name__}, not a loss tensor or a dict with 'loss'; "
-                    "pass AuditCallback(loss_fn=lambda module, batch: ...) instead")
+    raise TypeError(
+        f"training_step returned {type(output).__name__}, not a loss tensor or a dict with 'loss'; "
+        "pass AuditCallback(loss_fn=lambda module, batch: ...) instead"
+    )
 
 
 @contextlib.contextmanager
@@ -100,8 +104,12 @@ def _metrics_kept(module: torch.nn.Module) -> Iterator[None]:
 class AuditCallback(Callback):
     """Audit every (or every ``every``-th) optimizer step of ``Trainer.fit``; ``.audit`` holds the records."""
 
-    def __init__(self, loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
-                 optimizer: int = 0, **audit_options: Any) -> None:
+    def __init__(
+        self,
+        loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
+        optimizer: int = 0,
+        **audit_options: Any,
+    ) -> None:
         super().__init__()
         self.loss_fn, self.optimizer_index, self.audit_options = loss_fn, optimizer, audit_options
         self.audit: Audit | None = None
@@ -124,20 +132,28 @@ class AuditCallback(Callback):
     def on_train_start(self, trainer: Any, pl_module: torch.nn.Module) -> None:
         """Build the audit on the module and the Trainer's optimizer (refusing what it cannot audit)."""
         accumulation = getattr(trainer, "accumulate_grad_batches", 1)
-        scheduled = any(isinstance(c, GradientAccumulationScheduler) and c.going_to_accumulate_grad_batches()
-                        for c in trainer.callbacks)
+        scheduled = any(
+            isinstance(c, GradientAccumulationScheduler) and c.going_to_accumulate_grad_batches()
+            for c in trainer.callbacks
+        )
         if accumulation != 1 or scheduled:
-            raise ValueError("AuditCallback cannot audit gradient accumulation (accumulate_grad_batches="
-                             f"{accumulation}{', or a GradientAccumulationScheduler' if scheduled else ''}): one "
-                             "optimizer step spans several training batches; use accumulate_grad_batches=1, or "
-                             "audit the loop in plain PyTorch with audit.watch(micro_batches, accumulate=N)")
+            raise ValueError(
+                "AuditCallback cannot audit gradient accumulation (accumulate_grad_batches="
+                f"{accumulation}{', or a GradientAccumulationScheduler' if scheduled else ''}): one "
+                "optimizer step spans several training batches; use accumulate_grad_batches=1, or "
+                "audit the loop in plain PyTorch with audit.watch(micro_batches, accumulate=N)"
+            )
         if self.loss_fn is None and not getattr(pl_module, "automatic_optimization", True):
-            raise ValueError("with manual optimization training_step steps the optimizer itself, so the audit cannot "
-                             "re-evaluate it as the loss; pass AuditCallback(loss_fn=lambda module, batch: ...)")
+            raise ValueError(
+                "with manual optimization training_step steps the optimizer itself, so the audit cannot "
+                "re-evaluate it as the loss; pass AuditCallback(loss_fn=lambda module, batch: ...)"
+            )
         optimizers = trainer.optimizers
         if not 0 <= self.optimizer_index < len(optimizers):
-            raise ValueError(f"AuditCallback(optimizer={self.optimizer_index}) but the Trainer has "
-                             f"{len(optimizers)} optimizer(s); pass an index below {len(optimizers)}")
+            raise ValueError(
+                f"AuditCallback(optimizer={self.optimizer_index}) but the Trainer has "
+                f"{len(optimizers)} optimizer(s); pass an index below {len(optimizers)}"
+            )
         if self.audit is not None:  # a second fit() on the same callback: start a fresh run
             self.audit.close()
         options = dict(self.audit_options)
@@ -148,9 +164,12 @@ class AuditCallback(Callback):
             # per batch (a GAN) and say so, since a resumed fit cannot tell how many this one took.
             options["first_step"] = trainer.global_step // len(optimizers)
             if len(optimizers) > 1 and trainer.global_step > 0:
-                warnings.warn(f"AuditCallback numbers steps from global_step {trainer.global_step} // "
-                              f"{len(optimizers)} optimizers = {options['first_step']}; pass first_step=... if "
-                              "the audited optimizer took another number of steps", stacklevel=2)
+                warnings.warn(
+                    f"AuditCallback numbers steps from global_step {trainer.global_step} // "
+                    f"{len(optimizers)} optimizers = {options['first_step']}; pass first_step=... if "
+                    "the audited optimizer took another number of steps",
+                    stacklevel=2,
+                )
         self._trainer = trainer
         self._passes_batch_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
         self.audit = Audit(pl_module, optimizers[self.optimizer_index], self._audited_loss, **options)
@@ -163,14 +182,18 @@ class AuditCallback(Callback):
         if getattr(trainer, "accumulate_grad_batches", 1) != 1:  # changed during the fit: stop auditing, say so once
             if not self._warned_accumulation:
                 self._warned_accumulation = True
-                warnings.warn(f"accumulate_grad_batches became {trainer.accumulate_grad_batches} during the fit; "
-                              "AuditCallback stops auditing (one step now spans several batches)", stacklevel=2)
+                warnings.warn(
+                    f"accumulate_grad_batches became {trainer.accumulate_grad_batches} during the fit; "
+                    "AuditCallback stops auditing (one step now spans several batches)",
+                    stacklevel=2,
+                )
             return
         self._batch_idx = batch_idx
         self._step = HeldWatch(self.audit, batch)
 
-    def on_train_batch_end(self, trainer: Any, pl_module: torch.nn.Module, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: torch.nn.Module, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._release()
 
     def on_train_epoch_end(self, trainer: Any, pl_module: torch.nn.Module) -> None:

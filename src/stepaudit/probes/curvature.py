@@ -13,12 +13,14 @@ Settings (tolerance, HVP budget, batch vs reference) go through ``configure(audi
 Size (over 400 lines): the five curvature probes share one HVP and Lanczos set-up per step and the
 global/local scope logic; splitting them into one file each is issue 18's Probe type, not yet done.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -83,12 +85,16 @@ def configure(audit: Any, **settings: Any) -> CurvatureSettings:
 def _single_batch(reference: Any) -> Any:
     """The Audit's reference if it is one replayable batch; otherwise refuse, naming the fix."""
     if reference is None:
-        raise ValueError("sharpness_on='reference' needs Audit(..., reference=<one batch>) or "
-                         "configure(audit, sharpness_on=<a batch>)")
+        raise ValueError(
+            "sharpness_on='reference' needs Audit(..., reference=<one batch>) or "
+            "configure(audit, sharpness_on=<a batch>)"
+        )
     if isinstance(reference, (torch.Tensor, tuple, dict)):  # a list is a set of batches (as for reference data)
         return reference
-    raise ValueError(f"sharpness_on='reference' needs a single batch (tensor, tuple, list or dict), "
-                     f"not a {type(reference).__name__}; pass configure(audit, sharpness_on=next(iter(loader)))")
+    raise ValueError(
+        f"sharpness_on='reference' needs a single batch (tensor, tuple, list or dict), "
+        f"not a {type(reference).__name__}; pass configure(audit, sharpness_on=next(iter(loader)))"
+    )
 
 
 def _settings(ctx: StepContext) -> CurvatureSettings:
@@ -250,7 +256,9 @@ def interplay_matrix(ctx: StepContext) -> tuple[list[str], torch.Tensor]:
         if not bool(v.any()):
             continue
         products = (delta_w * operator(v)).to(torch.float64)
-        columns[:, j] = torch.zeros(n, dtype=torch.float64, device=delta_w.device).index_add_(0, element_layer, products)
+        columns[:, j] = torch.zeros(n, dtype=torch.float64, device=delta_w.device).index_add_(
+            0, element_layer, products
+        )
     matrix = 0.25 * (columns + columns.T)  # ½ and symmetrised (H is symmetric; HVPs are so to rounding)
     ctx.cache["_interplay"] = (paths, matrix.cpu())
     return ctx.cache["_interplay"]
@@ -262,8 +270,11 @@ def _interplay_fields(ctx: StepContext) -> dict:
     interplay = quadratic - float(matrix.diagonal().sum())
     pairs = [(2.0 * float(matrix[i, j]), i, j) for i in range(len(paths)) for j in range(i + 1, len(paths))]
     pairs.sort(key=lambda item: -abs(item[0]))
-    top = [{"a": paths[i], "b": paths[j], "value": value}
-           for value, i, j in pairs[: _settings(ctx).top_pairs] if value != 0.0]
+    top = [
+        {"a": paths[i], "b": paths[j], "value": value}
+        for value, i, j in pairs[: _settings(ctx).top_pairs]
+        if value != 0.0
+    ]
     fields = {"interplay": interplay, "interplay_top": top, **_method_fields(ctx, hessian(ctx))}
     if "quadratic" not in ctx.record:  # free here (ΣC); the quadratic probe's own value wins if it ran
         fields.update(_quadratic_fields(ctx, quadratic))
@@ -284,8 +295,14 @@ def interplay_matrix_probe(ctx: StepContext) -> dict:
 
 
 # -- sharpness ---------------------------------------------------------------------------------------
-def _top_eigen(ctx: StepContext, operator: Callable, dim: int, memory_key: str,
-               hint: torch.Tensor | None = None, agree: Callable[[bool], bool] | None = None) -> linalg.LanczosResult:
+def _top_eigen(
+    ctx: StepContext,
+    operator: Callable,
+    dim: int,
+    memory_key: str,
+    hint: torch.Tensor | None = None,
+    agree: Callable[[bool], bool] | None = None,
+) -> linalg.LanczosResult:
     """Lanczos for λ_max, warm-started from the previous step's top eigenvector (plus a little noise).
 
     A cold start mixes a random vector with ``hint`` (the gradient): gradients lie largely in the
@@ -307,8 +324,16 @@ def _top_eigen(ctx: StepContext, operator: Callable, dim: int, memory_key: str,
             norm = float(torch.linalg.vector_norm(hint))
             if math.isfinite(norm) and norm > 0:
                 start = start + hint.to(start) / norm
-    result = linalg.lanczos(operator, dim, iterations=settings.max_hvps, start=start, tol=settings.tol,
-                            stop=settings.stop, verify=settings.verify, agree=agree)
+    result = linalg.lanczos(
+        operator,
+        dim,
+        iterations=settings.max_hvps,
+        start=start,
+        tol=settings.tol,
+        stop=settings.stop,
+        verify=settings.verify,
+        agree=agree,
+    )
     ctx.memory[memory_key] = result.eigenvector
     return result
 
@@ -387,14 +412,20 @@ def sharpness_probe(ctx: StepContext) -> dict:
     try:
         result = _top_eigen(ctx, operator, operator.dim, f"_sharpness_vector:{on}", hint=ctx.flat_grad, agree=agree)
     except FloatingPointError as error:
-        return {**_nan_fields("sharpness", f"non-finite Hessian-vector product ({error}); diverged weights?"),
-                **labels, **_method_fields(ctx, operator)}
+        return {
+            **_nan_fields("sharpness", f"non-finite Hessian-vector product ({error}); diverged weights?"),
+            **labels,
+            **_method_fields(ctx, operator),
+        }
     safe, rule = safe_lr(ctx.optimizer, result.eigenvalue)
     lr = ctx.lr()
     return {
-        "sharpness": result.eigenvalue, "sharpness_residual": result.residual,
-        "sharpness_hvps": operator.calls - calls, **labels,
-        "safe_lr": safe, "safe_lr_rule": rule,
+        "sharpness": result.eigenvalue,
+        "sharpness_residual": result.residual,
+        "sharpness_hvps": operator.calls - calls,
+        **labels,
+        "safe_lr": safe,
+        "safe_lr_rule": rule,
         "lr_exceeds_safe": (lr > safe) if math.isfinite(safe) else (None if math.isnan(safe) else False),
         **_method_fields(ctx, operator),
     }
@@ -424,12 +455,18 @@ def precond_sharpness_probe(ctx: StepContext) -> dict:
         hint = None if ctx.flat_grad is None else scale * ctx.flat_grad.to(scale.dtype)
         result = _top_eigen(ctx, preconditioned, operator.dim, "_precond_vector", hint=hint)
     except FloatingPointError as error:
-        return {**_nan_fields("precond_sharpness", f"non-finite Hessian-vector product ({error})"),
-                "precond_bound": found.bound}
+        return {
+            **_nan_fields("precond_sharpness", f"non-finite Hessian-vector product ({error})"),
+            "precond_bound": found.bound,
+        }
     return {
-        "precond_sharpness": result.eigenvalue, "precond_sharpness_residual": result.residual,
-        "precond_hvps": operator.calls - calls, "precond_bound": found.bound, "precond_rule": found.rule,
-        "precond_exceeds": result.eigenvalue > found.bound, **_method_fields(ctx, operator),
+        "precond_sharpness": result.eigenvalue,
+        "precond_sharpness_residual": result.residual,
+        "precond_hvps": operator.calls - calls,
+        "precond_bound": found.bound,
+        "precond_rule": found.rule,
+        "precond_exceeds": result.eigenvalue > found.bound,
+        **_method_fields(ctx, operator),
     }
 
 
@@ -438,8 +475,17 @@ def hessian_trace_probe(ctx: StepContext) -> dict:
     """tr(H) by Hutchinson's estimator with Rademacher vectors, and its standard error."""
     operator = hessian(ctx)
     samples = _settings(ctx).trace_samples
-    trace, stderr = linalg.hutchinson_trace(operator, operator.dim, samples=samples, generator=_generator(ctx),
-                                            dtype=ctx.flat_before.dtype if not _wants_float64(ctx) else torch.float64,
-                                            device=ctx.flat_before.device)
-    return {"hessian_trace": trace, "hessian_trace_stderr": stderr, "hessian_trace_samples": samples,
-            **_method_fields(ctx, operator)}
+    trace, stderr = linalg.hutchinson_trace(
+        operator,
+        operator.dim,
+        samples=samples,
+        generator=_generator(ctx),
+        dtype=ctx.flat_before.dtype if not _wants_float64(ctx) else torch.float64,
+        device=ctx.flat_before.device,
+    )
+    return {
+        "hessian_trace": trace,
+        "hessian_trace_stderr": stderr,
+        "hessian_trace_samples": samples,
+        **_method_fields(ctx, operator),
+    }

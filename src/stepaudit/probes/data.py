@@ -9,13 +9,14 @@ and wrapped in ``state.preserved``: nothing the training loop can observe is cha
 Size (over 400 lines): reference, next_delta and noise share the batch replay and the rounding-noise
 rule; one file per probe waits for issue 18's Probe type.
 """
+
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from statistics import median
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,12 +46,16 @@ def reference_batches(reference: Any) -> Callable[[], Iterable]:
     if isinstance(reference, (Tensor, tuple, dict)):
         return lambda: (reference,)
     if isinstance(reference, Iterator):
-        raise TypeError("reference is a one-shot iterator/generator and would be empty after the first "
-                        "evaluation; pass a list of batches or a DataLoader (re-iterable), or one batch as a tuple")
+        raise TypeError(
+            "reference is a one-shot iterator/generator and would be empty after the first "
+            "evaluation; pass a list of batches or a DataLoader (re-iterable), or one batch as a tuple"
+        )
     if isinstance(reference, Iterable) and not isinstance(reference, (str, bytes)):
         return lambda: iter(reference)
-    raise TypeError(f"reference must be a batch (tensor, tuple, dict) or a re-iterable of batches "
-                    f"(list, DataLoader), got {type(reference).__name__}; wrap a Dataset in a DataLoader")
+    raise TypeError(
+        f"reference must be a batch (tensor, tuple, dict) or a re-iterable of batches "
+        f"(list, DataLoader), got {type(reference).__name__}; wrap a Dataset in a DataLoader"
+    )
 
 
 def check_reference(reference: Any) -> None:
@@ -80,8 +85,14 @@ def _evaluate(ctx: StepContext, state: dict, batch: Any, float64: bool) -> Tenso
     return check_scalar_loss(functional_call(ctx.objective(), state, (batch,)))
 
 
-def _reference_loss(ctx: StepContext, weights: Sequence[Tensor] | None, batches: Callable[[], Iterable],
-                    mode: str, rng: RngState | None, float64: bool) -> tuple[float, Tensor | None]:
+def _reference_loss(
+    ctx: StepContext,
+    weights: Sequence[Tensor] | None,
+    batches: Callable[[], Iterable],
+    mode: str,
+    rng: RngState | None,
+    float64: bool,
+) -> tuple[float, Tensor | None]:
     """Example-weighted mean reference loss at ``weights``; with ``weights=None``, at the OLD weights
     together with the reference gradient there (flat, float64). One batch in memory at a time."""
     gradient = weights is None
@@ -104,8 +115,9 @@ def _reference_loss(ctx: StepContext, weights: Sequence[Tensor] | None, batches:
             except Exception as error:
                 reference = ctx.options.get("reference")
                 if index == 0 and isinstance(reference, list) and all(isinstance(b, Tensor) for b in reference):
-                    raise type(error)(f"{error} (reference is a list, read as a list of batches; "
-                                      "for one batch (x, y) pass a tuple)") from error
+                    raise type(error)(
+                        f"{error} (reference is a list, read as a list of batches; for one batch (x, y) pass a tuple)"
+                    ) from error
                 raise
             total += n * float(value.detach())
             count += n
@@ -176,8 +188,11 @@ def reference_probe(ctx: StepContext) -> dict:
     if not want_cos and ctx.options.get("reference_every", 1) == 1:
         memory["after"] = (flatten(ctx.params), loss_after, key, [b.detach().clone() for b in ctx.model.buffers()])
     fields = {
-        "ref_loss_before": loss_before, "ref_loss_after": loss_after, "ref_delta": loss_after - loss_before,
-        "ref_rounding_noise": _bound(ctx.record, loss_before, loss_after), "ref_mode": mode,
+        "ref_loss_before": loss_before,
+        "ref_loss_after": loss_after,
+        "ref_delta": loss_after - loss_before,
+        "ref_rounding_noise": _bound(ctx.record, loss_before, loss_after),
+        "ref_mode": mode,
     }
     if grad is not None:
         g = ctx.flat_grad.double()
@@ -212,24 +227,29 @@ def next_delta_probe(ctx: StepContext) -> dict:
     if previous[0] != ctx.step - 1:
         gaps = memory["gaps"] = memory.get("gaps", 0) + 1
         if gaps >= 2:
-            raise ValueError("next_delta compares consecutive steps; schedule it every step: "
-                             "probes={'next_delta': 1}")
+            raise ValueError("next_delta compares consecutive steps; schedule it every step: probes={'next_delta': 1}")
         return {}  # one gap: a step in between failed to audit
     memory["gaps"] = 0
     float64 = _is_float64(ctx)
     loss_at_old = _replayed_loss(ctx, previous[1], float64)
     loss_at_new = ctx.record.get("loss_before", math.nan)  # L_{t+1}(w_{t+1}), same masks
-    return {"previous_step": {
-        "next_delta": loss_at_new - loss_at_old, "next_loss_before": loss_at_old, "next_loss_after": loss_at_new,
-        "next_rounding_noise": _bound(ctx.record, loss_at_old, loss_at_new),
-    }}
+    return {
+        "previous_step": {
+            "next_delta": loss_at_new - loss_at_old,
+            "next_loss_before": loss_at_old,
+            "next_loss_after": loss_at_new,
+            "next_rounding_noise": _bound(ctx.record, loss_at_old, loss_at_new),
+        }
+    }
 
 
 # -- gradient noise ------------------------------------------------------------------------------------------
 def _batchnorm_training(model: torch.nn.Module) -> bool:
     """BatchNorm normalising with batch statistics (train mode, or no running statistics kept)."""
-    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
-               for m in model.modules())
+    return any(
+        isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+        for m in model.modules()
+    )
 
 
 def _functional(ctx: StepContext) -> noise_stats.Loss:
@@ -250,12 +270,14 @@ def _check_mean_reduction(ctx: StepContext, loss, params: dict) -> None:
     if size >= 2:
         with torch.no_grad(), preserved(ctx.model, None, ctx.autocast):
             ctx.model.eval()  # deterministic: no dropout masks to match
-            pair, first, second = (float(loss(params, noise_stats.slice_batch(batch, a, b, size)))
-                                   for a, b in ((0, 2), (0, 1), (1, 2)))
+            pair, first, second = (
+                float(loss(params, noise_stats.slice_batch(batch, a, b, size))) for a, b in ((0, 2), (0, 1), (1, 2))
+            )
         scale = abs(pair)
         if scale > 0 and abs(pair - (first + second)) <= 1e-4 * scale < abs(pair - (first + second) / 2):
-            raise ValueError("loss_fn sums over the batch; noise statistics need the mean over examples "
-                             "(e.g. reduction='mean')")
+            raise ValueError(
+                "loss_fn sums over the batch; noise statistics need the mean over examples (e.g. reduction='mean')"
+            )
     ctx.memory["noise_mean_checked"] = True
 
 
@@ -272,11 +294,16 @@ class _TrainingPass:
 
 
 @register_capture("noise")
-def noise_capture(model: torch.nn.Module, names: list[str], params: list[Tensor], options: dict) -> _TrainingPass | None:
+def noise_capture(
+    model: torch.nn.Module, names: list[str], params: list[Tensor], options: dict
+) -> _TrainingPass | None:
     """Watch the training pass so the noise probe can skip its own forward/backward at the old weights
     (the ``hooks`` engine's models only; anything else replays the pass as before)."""
     settings = _probe_options(options, "noise")
-    if settings.get("method", "auto") not in ("auto", "per_sample") or settings.get("engine", "auto") not in ("auto", "hooks"):
+    if settings.get("method", "auto") not in ("auto", "per_sample") or settings.get("engine", "auto") not in (
+        "auto",
+        "hooks",
+    ):
         return None
     owners = layer_owners(model, {"model." + n: p for n, p in zip(names, params)}, "model.")
     if owners is None:
@@ -307,8 +334,11 @@ def _per_sample(ctx: StepContext, loss, params: dict, options: dict) -> dict:
     except Exception:  # e.g. a layer whose captured shapes the identities do not cover: replay instead
         moments = None
     if moments is not None:
-        return {**noise_stats.estimate(moments, "per_sample").fields(), "noise_engine": "hooks",
-                "noise_pass": "training"}
+        return {
+            **noise_stats.estimate(moments, "per_sample").fields(),
+            "noise_engine": "hooks",
+            "noise_pass": "training",
+        }
     merged, engines = None, []
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="There is a performance drop")  # vmap fallback kernels
@@ -316,21 +346,28 @@ def _per_sample(ctx: StepContext, loss, params: dict, options: dict) -> dict:
             moments = None
             if options.get("engine", "auto") in ("auto", "hooks"):
                 with preserved(ctx.model, part.rng, ctx.autocast):  # the training forward's dropout masks
-                    moments = layer_moments(ctx.model, loss, params, part.batch, groups=groups,
-                                            vectors=len(ctx.parts) > 1)  # inner products suffice unless merged
+                    moments = layer_moments(
+                        ctx.model, loss, params, part.batch, groups=groups, vectors=len(ctx.parts) > 1
+                    )  # inner products suffice unless merged
                 if moments is None and options.get("engine") == "hooks":
-                    raise ValueError("engine 'hooks' needs every audited parameter in a Linear, Conv1d/2d, "
-                                     "LayerNorm or eval-mode BatchNorm module, each called once")
+                    raise ValueError(
+                        "engine 'hooks' needs every audited parameter in a Linear, Conv1d/2d, "
+                        "LayerNorm or eval-mode BatchNorm module, each called once"
+                    )
             if moments is None:
                 with preserved(ctx.model, part.rng, ctx.autocast):
-                    moments = noise_stats.per_sample_moments(loss, params, part.batch, chunk=options.get("chunk"),
-                                                             groups=groups)
+                    moments = noise_stats.per_sample_moments(
+                        loss, params, part.batch, chunk=options.get("chunk"), groups=groups
+                    )
                 engines.append("vmap")
             else:
                 engines.append("hooks")
             merged = moments if merged is None else merged.merge(moments)
-    return {**noise_stats.estimate(merged, "per_sample").fields(), "noise_engine": "+".join(sorted(set(engines))),
-            "noise_pass": "replay"}
+    return {
+        **noise_stats.estimate(merged, "per_sample").fields(),
+        "noise_engine": "+".join(sorted(set(engines))),
+        "noise_pass": "replay",
+    }
 
 
 def _micro_batch(ctx: StepContext, loss, params: dict, options: dict, bn_train: bool) -> noise_stats.NoiseEstimate:
@@ -367,9 +404,16 @@ def _two_batch(ctx: StepContext, loss, params: dict, options: dict, bn_train: bo
     average = ctx.memory.setdefault("noise_two_batch", noise_stats.TwoBatchAverage())
     average.add(signal, trace)
     mean_signal, mean_trace, scale, stderr = average.result()
-    return {"noise_scale": scale, "noise_stderr": stderr, "grad_sq_norm": signal, "trace_sigma": trace,
-            "grad_snr": big_size * mean_signal / mean_trace if mean_trace > 0 else math.inf,
-            "noise_scale_method": "two_batch", "noise_units": 2, "noise_scale_steps": average.n}
+    return {
+        "noise_scale": scale,
+        "noise_stderr": stderr,
+        "grad_sq_norm": signal,
+        "trace_sigma": trace,
+        "grad_snr": big_size * mean_signal / mean_trace if mean_trace > 0 else math.inf,
+        "noise_scale_method": "two_batch",
+        "noise_units": 2,
+        "noise_scale_steps": average.n,
+    }
 
 
 @register("noise")
@@ -387,8 +431,10 @@ def noise_probe(ctx: StepContext) -> dict:
     if method in ("auto", "per_sample"):
         if bn_train:
             if method == "per_sample":
-                raise ValueError("per-example gradients are undefined with BatchNorm in train mode; "
-                                 "use method 'micro_batch' or 'two_batch'")
+                raise ValueError(
+                    "per-example gradients are undefined with BatchNorm in train mode; "
+                    "use method 'micro_batch' or 'two_batch'"
+                )
             reasons.append("BatchNorm in train mode")
         else:
             try:
@@ -424,6 +470,7 @@ def run_shares(records: Sequence[dict]) -> dict:
 
     "Hurt" means the loss rose by more than its rounding bound; "helped own" means verdict decrease.
     """
+
     def hurt(key: str) -> Callable[[dict], bool]:
         noise_key = {"next_delta": "next_rounding_noise", "ref_delta": "ref_rounding_noise"}[key]
         return lambda r: r[key] > (r.get(noise_key) if _finite(r.get(noise_key)) else 0.0)
@@ -433,13 +480,16 @@ def run_shares(records: Sequence[dict]) -> dict:
         rows = [r for r in records if _finite(r.get(key))]
         out[f"steps_with_{key}"] = len(rows)
         out[f"share_hurt_{label}"] = _share(rows, hurt(key))
-        out[f"share_helped_own_hurt_{label}"] = _share(rows, lambda r: r.get("verdict") == "decrease" and hurt(key)(r))
+        out[f"share_helped_own_hurt_{label}"] = _share(
+            rows, lambda r, key=key: r.get("verdict") == "decrease" and hurt(key)(r)
+        )
     cosines = [r["grad_cos_ref"] for r in records if _finite(r.get("grad_cos_ref"))]
     out["median_grad_cos_ref"] = median(cosines) if cosines else math.nan
     noisy = [r for r in records if _finite(r.get("trace_sigma")) and _finite(r.get("grad_sq_norm"))]
     if noisy:
-        out["noise_scale_pooled"] = noise_stats.noise_scale(sum(r["trace_sigma"] for r in noisy) / len(noisy),
-                                                            sum(r["grad_sq_norm"] for r in noisy) / len(noisy))
+        out["noise_scale_pooled"] = noise_stats.noise_scale(
+            sum(r["trace_sigma"] for r in noisy) / len(noisy), sum(r["grad_sq_norm"] for r in noisy) / len(noisy)
+        )
     else:
         out["noise_scale_pooled"] = math.nan
     return out

@@ -12,11 +12,12 @@ still reported. L2 weight decay (Adam without decoupling, RMSprop) preconditions
 linearised step is −η P⁻¹(H + wd) Δw: ``weight_decay`` carries that per-element wd (AdamW's decoupled
 decay shrinks w outside the preconditioner and adds nothing).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -74,8 +75,9 @@ def preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tens
     elif isinstance(optimizer, torch.optim.RMSprop):
         read, kind = _rmsprop_p, "rmsprop"
     else:
-        return Preconditioner(None, float("nan"), f"precond_sharpness supports Adam, AdamW and RMSprop, "
-                                                  f"not {type(optimizer).__name__}")
+        return Preconditioner(
+            None, float("nan"), f"precond_sharpness supports Adam, AdamW and RMSprop, not {type(optimizer).__name__}"
+        )
     first = optimizer.param_groups[0]
     lr = float(first["lr"])
     bound, rule = _bound(kind, first)

@@ -2,6 +2,7 @@
 
 Pure functions over a few floats; the context supplies the numbers. Field names follow docs/design.md.
 """
+
 from __future__ import annotations
 
 import math

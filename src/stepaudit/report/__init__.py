@@ -3,6 +3,7 @@
 ``write_report(run, out=None)`` and ``write_compare(runs, out)`` return the paths they wrote;
 ``stepaudit report`` / ``stepaudit compare`` are the command-line front ends (``report.cli``).
 """
+
 from __future__ import annotations
 
 from .compare import render_compare, write_compare

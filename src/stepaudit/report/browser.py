@@ -6,6 +6,7 @@ Playwright and Puppeteer do underneath. Used by the browser test and to make the
 
     python -m stepaudit.report.browser REPORT.html -o shot.png [--width 1280] [--height 2000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars", "--mute-audio", "--remote-debugging-pipe")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--mute-audio",
+    "--remote-debugging-pipe",
+)
 NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 
 
@@ -63,7 +74,9 @@ class Chromium:
     def __init__(self, executable: str | None = None, timeout: float = 60.0) -> None:
         self.executable = executable or find_chromium()
         if not self.executable:
-            raise FileNotFoundError("no Chromium found: install it (Debian: apt-get install chromium) or set STEPAUDIT_CHROMIUM")
+            raise FileNotFoundError(
+                "no Chromium found: install it (Debian: apt-get install chromium) or set STEPAUDIT_CHROMIUM"
+            )
         self.timeout = timeout
         self._profile = tempfile.TemporaryDirectory(prefix="stepaudit-chromium-")
         self._log = tempfile.TemporaryFile()
@@ -77,8 +90,11 @@ class Chromium:
 
         self.process = subprocess.Popen(
             [self.executable, *FLAGS, f"--user-data-dir={self._profile.name}", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log,
-            preexec_fn=plumb, close_fds=False,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            preexec_fn=plumb,
+            close_fds=False,
         )
         os.close(to_browser_r)
         os.close(from_browser_w)
@@ -129,9 +145,17 @@ class Chromium:
         return self._log.read()[-2000:].decode(errors="replace")
 
     # -- pages --------------------------------------------------------------------------------------
-    def open(self, url: str, expression: str | None = None, width: int = 1280, height: int = 900,
-             screenshot: bool = True, full_page: bool = True, settle: float = 0.3,
-             clip: tuple[float, float, float, float] | None = None) -> PageResult:
+    def open(
+        self,
+        url: str,
+        expression: str | None = None,
+        width: int = 1280,
+        height: int = 900,
+        screenshot: bool = True,
+        full_page: bool = True,
+        settle: float = 0.3,
+        clip: tuple[float, float, float, float] | None = None,
+    ) -> PageResult:
         """Load ``url`` in a fresh tab, evaluate ``expression`` and take a screenshot; collect every error.
 
         ``clip`` = (x, y, width, height) in CSS pixels of the page limits the screenshot to that area.
@@ -140,16 +164,22 @@ class Chromium:
         session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Page", "Runtime", "Log", "Network"):
             self.send(f"{domain}.enable", session=session)
-        self.send("Emulation.setDeviceMetricsOverride",
-                  {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, session=session)
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+            session=session,
+        )
         self._events.clear()
         self.send("Page.navigate", {"url": url}, session=session)
         self.wait_for("Page.loadEventFired")
         time.sleep(settle)  # let late console messages arrive
         result = PageResult()
         if expression is not None:
-            evaluated = self.send("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                                       "awaitPromise": True}, session=session)
+            evaluated = self.send(
+                "Runtime.evaluate",
+                {"expression": expression, "returnByValue": True, "awaitPromise": True},
+                session=session,
+            )
             if "exceptionDetails" in evaluated:
                 result.exceptions.append("check expression failed: " + _exception_text(evaluated["exceptionDetails"]))
             result.value = evaluated.get("result", {}).get("value")
@@ -159,8 +189,10 @@ class Chromium:
                 params.update(captureBeyondViewport=True, clip=dict(zip(("x", "y", "width", "height"), clip), scale=1))
             elif full_page:
                 size = self.send("Page.getLayoutMetrics", session=session)["cssContentSize"]
-                params.update(captureBeyondViewport=True,
-                              clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1})
+                params.update(
+                    captureBeyondViewport=True,
+                    clip={"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1},
+                )
             result.screenshot = base64.b64decode(self.send("Page.captureScreenshot", params, session=session)["data"])
         self._drain(session, result)
         self.send("Target.closeTarget", {"targetId": target})
@@ -173,12 +205,16 @@ class Chromium:
             if event.get("sessionId") not in (None, session):
                 continue
             if method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "assert"):
-                result.console_errors.append(" ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", [])))
+                result.console_errors.append(
+                    " ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", []))
+                )
             elif method == "Runtime.exceptionThrown":
                 result.exceptions.append(_exception_text(params.get("exceptionDetails", {})))
             elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
                 entry = params["entry"]
-                result.console_errors.append(f"{entry.get('source')}: {entry.get('text')} {entry.get('url', '')}".strip())
+                result.console_errors.append(
+                    f"{entry.get('source')}: {entry.get('text')} {entry.get('url', '')}".strip()
+                )
             elif method == "Page.javascriptDialogOpening":
                 result.dialogs.append(params.get("message", ""))
                 self.send("Page.handleJavaScriptDialog", {"accept": True}, session=session)
@@ -205,7 +241,7 @@ class Chromium:
         self._log.close()
         self._profile.cleanup()
 
-    def __enter__(self) -> "Chromium":
+    def __enter__(self) -> Chromium:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -5,6 +5,7 @@ gridlines, ticked and labelled axes, and a clip path so nothing is drawn outside
 series are drawn as min/max envelopes (``downsample.envelope``); dense scatters merge overlapping
 dots only. Every string that reaches the SVG goes through ``html.escape``.
 """
+
 from __future__ import annotations
 
 import json
@@ -109,8 +110,18 @@ def dots(px: np.ndarray, py: np.ndarray) -> str:
 class Frame:
     """The plot area, its scales, gridlines and axes; charts add marks to ``body`` (clipped) and ``overlay``."""
 
-    def __init__(self, uid: str, xs: Scale, ys: Scale, height: float, left: float, x_label: str, y_label: str,
-                 plot_bottom: float | None = None, width: float = WIDTH) -> None:
+    def __init__(
+        self,
+        uid: str,
+        xs: Scale,
+        ys: Scale,
+        height: float,
+        left: float,
+        x_label: str,
+        y_label: str,
+        plot_bottom: float | None = None,
+        width: float = WIDTH,
+    ) -> None:
         uid = re.sub(r"[^A-Za-z0-9_-]", "_", uid)  # it becomes an id and a url(#…): never markup
         self.uid, self.xs, self.ys, self.height, self.left, self.width = uid, xs, ys, height, left, width
         self.x_label, self.y_label = x_label, y_label
@@ -130,17 +141,25 @@ class Frame:
             y = self.ys(value)
             if y0 - 0.5 <= y <= y1 + 0.5:
                 out.append(f'<line class="grid" x1="{_n(x0)}" x2="{_n(x1)}" y1="{_n(y)}" y2="{_n(y)}"/>')
-                out.append(f'<text class="tick" x="{_n(x0 - 6)}" y="{_n(y + 3.5)}" text-anchor="end">{escape(label)}</text>')
+                out.append(
+                    f'<text class="tick" x="{_n(x0 - 6)}" y="{_n(y + 3.5)}" text-anchor="end">{escape(label)}</text>'
+                )
         for value, label in _thin(self.xs.ticks(), self.xs, 48.0):
             x = self.xs(value)
             if x0 - 0.5 <= x <= x1 + 0.5:
                 out.append(f'<line class="grid" x1="{_n(x)}" x2="{_n(x)}" y1="{_n(y0)}" y2="{_n(y1)}"/>')
-                out.append(f'<text class="tick" x="{_n(x)}" y="{_n(y1 + 15)}" text-anchor="middle">{escape(label)}</text>')
+                out.append(
+                    f'<text class="tick" x="{_n(x)}" y="{_n(y1 + 15)}" text-anchor="middle">{escape(label)}</text>'
+                )
         out.append(f'<rect class="frame" x="{_n(x0)}" y="{_n(y0)}" width="{_n(x1 - x0)}" height="{_n(y1 - y0)}"/>')
-        out.append(f'<text class="label" x="{_n((x0 + x1) / 2)}" y="{_n(y1 + 36)}" text-anchor="middle">{escape(self.x_label)}</text>')
+        out.append(
+            f'<text class="label" x="{_n((x0 + x1) / 2)}" y="{_n(y1 + 36)}" text-anchor="middle">{escape(self.x_label)}</text>'
+        )
         if self.y_label:
-            out.append(f'<text class="label" transform="translate(13,{_n((y0 + y1) / 2)}) rotate(-90)" '
-                       f'text-anchor="middle">{escape(self.y_label)}</text>')
+            out.append(
+                f'<text class="label" transform="translate(13,{_n((y0 + y1) / 2)}) rotate(-90)" '
+                f'text-anchor="middle">{escape(self.y_label)}</text>'
+            )
         return "".join(out)
 
     def svg(self, title: str, attrs: str = "", y_ticks: bool = True) -> str:
@@ -150,7 +169,7 @@ class Frame:
             f'<svg class="chart" viewBox="0 0 {_n(self.width)} {_n(self.height)}" role="img" aria-label="{escape(title)}" {attrs}>'
             f'<defs><clipPath id="{clip}"><rect x="{_n(x0)}" y="{_n(y0 - 1)}" width="{_n(x1 - x0)}" '
             f'height="{_n(y1 - y0 + 2)}"/></clipPath></defs>{self.axes(y_ticks)}'
-            f"<g clip-path=\"url(#{clip})\">{''.join(self.body)}</g>{''.join(self.overlay)}</svg>"
+            f'<g clip-path="url(#{clip})">{"".join(self.body)}</g>{"".join(self.overlay)}</svg>'
         )
 
 
@@ -168,10 +187,20 @@ def _finite(*arrays: np.ndarray) -> np.ndarray:
     return joined[np.isfinite(joined)]
 
 
-def time_chart(uid: str, title: str, series: list[Series], *, y_label: str, x_label: str = "step",
-               y_kind: str = "auto", y_domain: tuple[float, float] | None = None,
-               guides: tuple[Guide, ...] = (), bands: tuple[Band, ...] = (), buckets: int | None = None,
-               x_domain: tuple[float, float] | None = None) -> tuple[str, list[str]]:
+def time_chart(
+    uid: str,
+    title: str,
+    series: list[Series],
+    *,
+    y_label: str,
+    x_label: str = "step",
+    y_kind: str = "auto",
+    y_domain: tuple[float, float] | None = None,
+    guides: tuple[Guide, ...] = (),
+    bands: tuple[Band, ...] = (),
+    buckets: int | None = None,
+    x_domain: tuple[float, float] | None = None,
+) -> tuple[str, list[str]]:
     """Series against the step (one bucket per pixel column when long); returns (svg, notes)."""
     series = [s for s in series if len(s.x)]
     left = 64
@@ -203,44 +232,77 @@ def time_chart(uid: str, title: str, series: list[Series], *, y_label: str, x_la
     for b in bands:
         top, bottom = ys(min(max(b.y1, ys.lo), ys.hi)), ys(min(max(b.y0, ys.lo), ys.hi))
         if math.isfinite(top) and math.isfinite(bottom) and bottom > top:
-            frame.body.append(f'<rect x="{_n(x0)}" y="{_n(top)}" width="{_n(x1 - x0)}" height="{_n(bottom - top)}" '
-                              f'fill="{b.color}" opacity="0.5"><title>{escape(b.label)}</title></rect>')
+            frame.body.append(
+                f'<rect x="{_n(x0)}" y="{_n(top)}" width="{_n(x1 - x0)}" height="{_n(bottom - top)}" '
+                f'fill="{b.color}" opacity="0.5"><title>{escape(b.label)}</title></rect>'
+            )
     for g in guides:
         y = ys(g.at)
         if math.isfinite(y) and y0 <= y <= y1:
-            frame.body.append(f'<line class="guide" x1="{_n(x0)}" x2="{_n(x1)}" y1="{_n(y)}" y2="{_n(y)}" stroke="{g.color}"/>')
-            frame.overlay.append(f'<text class="guide-label" x="{_n(x1 - 4)}" y="{_n(y - 4)}" text-anchor="end" fill="{g.color}">{escape(g.label)}</text>')
+            frame.body.append(
+                f'<line class="guide" x1="{_n(x0)}" x2="{_n(x1)}" y1="{_n(y)}" y2="{_n(y)}" stroke="{g.color}"/>'
+            )
+            frame.overlay.append(
+                f'<text class="guide-label" x="{_n(x1 - 4)}" y="{_n(y - 4)}" text-anchor="end" fill="{g.color}">{escape(g.label)}</text>'
+            )
     notes, tips, reduced = [], [], 0
     for s, env in zip(series, envs):
         px = xs(env.x)
         dash = ' stroke-dasharray="6 4"' if s.style == "dash" else ""
         if not env.exact:
-            frame.body.append(f'<path d="{band_path(px, ys(env.lo), ys(env.hi))}" fill="{s.color}" opacity="0.22" stroke="none"/>')
-            frame.body.append(f'<path d="{polyline(px, ys(env.mid))}" fill="none" stroke="{s.color}" stroke-width="1.2"{dash}/>')
+            frame.body.append(
+                f'<path d="{band_path(px, ys(env.lo), ys(env.hi))}" fill="{s.color}" opacity="0.22" stroke="none"/>'
+            )
+            frame.body.append(
+                f'<path d="{polyline(px, ys(env.mid))}" fill="none" stroke="{s.color}" stroke-width="1.2"{dash}/>'
+            )
             reduced = max(reduced, len(s.x))
         elif s.style == "points":
             py = ys(np.clip(env.mid, *sorted((ys.lo, ys.hi)))) if y_kind != "log" else ys(env.mid)
             inside = ys.contains(env.mid)
             if len(env.x) > 1 and np.median(np.diff(env.x)) > 1:  # a probe with its own schedule: join its points
-                frame.body.append(f'<path d="{polyline(px[inside], py[inside])}" fill="none" stroke="{s.color}" '
-                                  'stroke-width="1" opacity="0.45"/>')
-            frame.body.append(f'<path d="{dots(px[inside], py[inside])}" stroke="{s.color}" stroke-width="4.5" stroke-linecap="round" fill="none"/>')
+                frame.body.append(
+                    f'<path d="{polyline(px[inside], py[inside])}" fill="none" stroke="{s.color}" '
+                    'stroke-width="1" opacity="0.45"/>'
+                )
+            frame.body.append(
+                f'<path d="{dots(px[inside], py[inside])}" stroke="{s.color}" stroke-width="4.5" stroke-linecap="round" fill="none"/>'
+            )
             outside = np.isfinite(env.mid) & ~inside
             if outside.any():
-                marks = "".join(f"M{_n(x)},{_n(y - 5 if y < (y0 + y1) / 2 else y)}v5" for x, y in zip(px[outside], py[outside]))
+                marks = "".join(
+                    f"M{_n(x)},{_n(y - 5 if y < (y0 + y1) / 2 else y)}v5" for x, y in zip(px[outside], py[outside])
+                )
                 frame.body.append(f'<path d="{marks}" stroke="{s.color}" stroke-width="2.5" fill="none"/>')
                 count = int(outside.sum())
-                notes.append(f"{s.name}: {count} value{'s' if count > 1 else ''} beyond the axis, drawn as ticks at its edge")
+                notes.append(
+                    f"{s.name}: {count} value{'s' if count > 1 else ''} beyond the axis, drawn as ticks at its edge"
+                )
         else:
-            frame.body.append(f'<path d="{polyline(px, ys(env.mid))}" fill="none" stroke="{s.color}" stroke-width="{s.width}"{dash}/>')
-        tips.append({"n": s.name, "c": s.color, "x": _rounded(env.x), "y": _rounded(env.mid),
-                     "lo": None if env.exact else _rounded(env.lo), "hi": None if env.exact else _rounded(env.hi)})
+            frame.body.append(
+                f'<path d="{polyline(px, ys(env.mid))}" fill="none" stroke="{s.color}" stroke-width="{s.width}"{dash}/>'
+            )
+        tips.append(
+            {
+                "n": s.name,
+                "c": s.color,
+                "x": _rounded(env.x),
+                "y": _rounded(env.mid),
+                "lo": None if env.exact else _rounded(env.lo),
+                "hi": None if env.exact else _rounded(env.hi),
+            }
+        )
     if reduced:
-        notes.insert(0, f"{reduced:,} steps drawn as one bucket per pixel column: the shaded band spans each bucket's "
-                        "minimum to maximum (spikes stay visible), the line is its mean")
+        notes.insert(
+            0,
+            f"{reduced:,} steps drawn as one bucket per pixel column: the shaded band spans each bucket's "
+            "minimum to maximum (spikes stay visible), the line is its mean",
+        )
     frame.overlay.append(f'<line class="cursor" x1="0" x2="0" y1="{_n(y0)}" y2="{_n(y1)}"/>')
-    attrs = (f'data-x="{_n(x_domain[0])},{_n(x_domain[1])},{_n(x0)},{_n(x1)}" '
-             f'data-xname="{escape(x_label)}" data-tip="{_attr_json(tips)}"')
+    attrs = (
+        f'data-x="{_n(x_domain[0])},{_n(x_domain[1])},{_n(x0)},{_n(x1)}" '
+        f'data-xname="{escape(x_label)}" data-tip="{_attr_json(tips)}"'
+    )
     return frame.svg(title, attrs), notes
 
 
@@ -255,8 +317,16 @@ def nonfinite_marks(uid_svg: str, steps: np.ndarray, x_domain: tuple[float, floa
     return uid_svg[: -len("</svg>")] + mark + "</svg>"
 
 
-def scatter(uid: str, title: str, groups: list[Series], *, x_label: str, y_label: str, diagonal: bool = True,
-            steps: list[np.ndarray] | None = None) -> tuple[str, list[str]]:
+def scatter(
+    uid: str,
+    title: str,
+    groups: list[Series],
+    *,
+    x_label: str,
+    y_label: str,
+    diagonal: bool = True,
+    steps: list[np.ndarray] | None = None,
+) -> tuple[str, list[str]]:
     """Point groups on shared symlog axes (so y = x is the diagonal); dense clouds merge overlapping dots."""
     values = _finite(*[g.x for g in groups], *[g.y for g in groups])
     lo, hi = (float(values.min()), float(values.max())) if values.size else (-1.0, 1.0)
@@ -278,7 +348,9 @@ def scatter(uid: str, title: str, groups: list[Series], *, x_label: str, y_label
     frame.body.append(f'<line class="zero" x1="{_n(x0)}" x2="{_n(x1)}" y1="{_n(ys(0.0))}" y2="{_n(ys(0.0))}"/>')
     frame.body.append(f'<line class="zero" x1="{_n(xs(0.0))}" x2="{_n(xs(0.0))}" y1="{_n(y0)}" y2="{_n(y1)}"/>')
     if diagonal:
-        frame.body.append(f'<line class="diagonal" x1="{_n(xs(lo))}" y1="{_n(ys(lo))}" x2="{_n(xs(hi))}" y2="{_n(ys(hi))}"/>')
+        frame.body.append(
+            f'<line class="diagonal" x1="{_n(xs(lo))}" y1="{_n(ys(lo))}" x2="{_n(xs(hi))}" y2="{_n(ys(hi))}"/>'
+        )
     total = sum(len(g.x) for g in groups)
     notes = []
     for i, g in enumerate(groups):
@@ -286,14 +358,21 @@ def scatter(uid: str, title: str, groups: list[Series], *, x_label: str, y_label
         ok = np.isfinite(px) & np.isfinite(py)
         if total <= MAX_DOTS:
             step_ids = steps[i] if steps is not None else np.arange(len(g.x))
-            frame.body.append("".join(
-                f'<circle cx="{_n(a)}" cy="{_n(b)}" r="2.6" fill="{g.color}" fill-opacity="0.75">'
-                f"<title>step {int(s)}: g·Δw = {escape(fmt(float(u)))}, Δloss = {escape(fmt(float(v)))}</title></circle>"
-                for a, b, s, u, v in zip(px[ok], py[ok], np.asarray(step_ids)[ok], np.asarray(g.x)[ok], np.asarray(g.y)[ok])))
+            frame.body.append(
+                "".join(
+                    f'<circle cx="{_n(a)}" cy="{_n(b)}" r="2.6" fill="{g.color}" fill-opacity="0.75">'
+                    f"<title>step {int(s)}: g·Δw = {escape(fmt(float(u)))}, Δloss = {escape(fmt(float(v)))}</title></circle>"
+                    for a, b, s, u, v in zip(
+                        px[ok], py[ok], np.asarray(step_ids)[ok], np.asarray(g.x)[ok], np.asarray(g.y)[ok]
+                    )
+                )
+            )
         else:
             keep, _ = merge_cells(px[ok], py[ok], 2.5)
-            frame.body.append(f'<path d="{dots(px[ok][keep], py[ok][keep])}" stroke="{g.color}" stroke-opacity="0.7" '
-                              'stroke-width="3.6" stroke-linecap="round" fill="none"/>')
+            frame.body.append(
+                f'<path d="{dots(px[ok][keep], py[ok][keep])}" stroke="{g.color}" stroke-opacity="0.7" '
+                'stroke-width="3.6" stroke-linecap="round" fill="none"/>'
+            )
             if len(keep) < ok.sum():
                 notes.append(f"{g.name}: {int(ok.sum()):,} points; overlapping dots merged into {len(keep):,}")
     return frame.svg(title), notes
@@ -311,8 +390,17 @@ def _symlog_inverse(t: float, c: float) -> float:
     return math.copysign(c * (10.0 ** abs(t) - 1.0), t)
 
 
-def histogram(uid: str, title: str, values: np.ndarray, edges: np.ndarray, *, color: str, x_label: str,
-              guides: tuple[Guide, ...] = (), y_label: str = "steps") -> str:
+def histogram(
+    uid: str,
+    title: str,
+    values: np.ndarray,
+    edges: np.ndarray,
+    *,
+    color: str,
+    x_label: str,
+    guides: tuple[Guide, ...] = (),
+    y_label: str = "steps",
+) -> str:
     """Bars of counts of ``values`` in ``edges`` (values beyond the last edge counted in the last bar)."""
     finite = values[np.isfinite(values)]
     clipped = np.clip(finite, edges[0], edges[-1])
@@ -326,19 +414,30 @@ def histogram(uid: str, title: str, values: np.ndarray, edges: np.ndarray, *, co
     for a, b, n in zip(edges[:-1], edges[1:], counts):
         if n:
             top = ys(float(n))
-            frame.body.append(f'<rect x="{_n(xs(a) + 0.5)}" y="{_n(top)}" width="{_n(max(xs(b) - xs(a) - 1, 0.5))}" '
-                              f'height="{_n(y1 - top)}" fill="{color}"><title>{escape(fmt(float(a)))} to '
-                              f"{escape(fmt(float(b)))}: {int(n)} steps</title></rect>")
+            frame.body.append(
+                f'<rect x="{_n(xs(a) + 0.5)}" y="{_n(top)}" width="{_n(max(xs(b) - xs(a) - 1, 0.5))}" '
+                f'height="{_n(y1 - top)}" fill="{color}"><title>{escape(fmt(float(a)))} to '
+                f"{escape(fmt(float(b)))}: {int(n)} steps</title></rect>"
+            )
     for g in guides:
         x = xs(g.at)
-        frame.body.append(f'<line class="guide" x1="{_n(x)}" x2="{_n(x)}" y1="{_n(y0)}" y2="{_n(y1)}" stroke="{g.color}"/>')
-        frame.overlay.append(f'<text class="guide-label" x="{_n(x + 4)}" y="{_n(y0 + 12)}" fill="{g.color}">{escape(g.label)}</text>')
+        frame.body.append(
+            f'<line class="guide" x1="{_n(x)}" x2="{_n(x)}" y1="{_n(y0)}" y2="{_n(y1)}" stroke="{g.color}"/>'
+        )
+        frame.overlay.append(
+            f'<text class="guide-label" x="{_n(x + 4)}" y="{_n(y0 + 12)}" fill="{g.color}">{escape(g.label)}</text>'
+        )
     return frame.svg(title)
 
 
 # Diverging colour scale around the guide value: blue = smaller, red = larger (ColorBrewer RdBu-like).
-_STOPS = [(-1.0, (33, 102, 172)), (-0.5, (146, 197, 222)), (0.0, (247, 247, 247)),
-          (0.5, (244, 165, 130)), (1.0, (178, 24, 43))]
+_STOPS = [
+    (-1.0, (33, 102, 172)),
+    (-0.5, (146, 197, 222)),
+    (0.0, (247, 247, 247)),
+    (0.5, (244, 165, 130)),
+    (1.0, (178, 24, 43)),
+]
 
 
 def diverging(u: float) -> str:
@@ -353,9 +452,21 @@ def diverging(u: float) -> str:
     return "#b2182b"
 
 
-def heatmap(uid: str, title: str, rows: list[str], x_edges: np.ndarray, values: np.ndarray, *, center: float,
-            half_range: float, x_label: str, value_label, colorbar_label: str, guide_label: str,
-            width: float = 960.0) -> str:
+def heatmap(
+    uid: str,
+    title: str,
+    rows: list[str],
+    x_edges: np.ndarray,
+    values: np.ndarray,
+    *,
+    center: float,
+    half_range: float,
+    x_label: str,
+    value_label,
+    colorbar_label: str,
+    guide_label: str,
+    width: float = 960.0,
+) -> str:
     """Rows × time cells coloured by ``values`` (log10) on a diverging scale around ``center``, with a colour bar."""
     longest = max((len(r) for r in rows), default=4)
     left = min(24 + 6.2 * min(longest, 36), 250)
@@ -370,12 +481,16 @@ def heatmap(uid: str, title: str, rows: list[str], x_edges: np.ndarray, values: 
         y = TOP + r * row_height
         for a, b, v in zip(x_edges[:-1], x_edges[1:], values[r]):
             if math.isfinite(v):
-                cells.append(f'<rect x="{_n(xs(a))}" y="{_n(y)}" width="{_n(xs(b) - xs(a) + 0.4)}" height="{_n(row_height - 1)}" '
-                             f'fill="{diverging((v - center) / half_range)}"><title>{escape(name)}, steps {int(a):,}–{int(b):,}: '
-                             f"{escape(value_label(v))}</title></rect>")
+                cells.append(
+                    f'<rect x="{_n(xs(a))}" y="{_n(y)}" width="{_n(xs(b) - xs(a) + 0.4)}" height="{_n(row_height - 1)}" '
+                    f'fill="{diverging((v - center) / half_range)}"><title>{escape(name)}, steps {int(a):,}–{int(b):,}: '
+                    f"{escape(value_label(v))}</title></rect>"
+                )
         label = name if len(name) <= 36 else name[:16] + "…" + name[-19:]
-        frame.overlay.append(f'<text class="tick" x="{_n(left - 6)}" y="{_n(y + row_height * 0.72)}" text-anchor="end">'
-                             f"<title>{escape(name)}</title>{escape(label)}</text>")
+        frame.overlay.append(
+            f'<text class="tick" x="{_n(left - 6)}" y="{_n(y + row_height * 0.72)}" text-anchor="end">'
+            f"<title>{escape(name)}</title>{escape(label)}</text>"
+        )
     frame.body.append("".join(cells))
     frame.overlay.append(_colorbar(width, plot_bottom + 52, center, half_range, colorbar_label, guide_label))
     return frame.svg(title, y_ticks=False)
@@ -388,11 +503,19 @@ def _colorbar(chart_width: float, y: float, center: float, half_range: float, la
     parts = [f'<text class="tick" x="{_n(x0 - 8)}" y="{_n(y + 9)}" text-anchor="end">{escape(label)}</text>']
     for i in range(steps):
         u = -1 + 2 * (i + 0.5) / steps
-        parts.append(f'<rect x="{_n(x0 + i * width / steps)}" y="{_n(y)}" width="{_n(width / steps + 0.4)}" height="10" fill="{diverging(u)}"/>')
+        parts.append(
+            f'<rect x="{_n(x0 + i * width / steps)}" y="{_n(y)}" width="{_n(width / steps + 0.4)}" height="10" fill="{diverging(u)}"/>'
+        )
     for k in range(int(math.ceil(center - half_range)), int(math.floor(center + half_range)) + 1):
         x = x0 + (k - center + half_range) / (2 * half_range) * width
-        parts.append(f'<text class="tick" x="{_n(x)}" y="{_n(y + 22)}" text-anchor="middle">{escape(power_label(k))}</text>')
+        parts.append(
+            f'<text class="tick" x="{_n(x)}" y="{_n(y + 22)}" text-anchor="middle">{escape(power_label(k))}</text>'
+        )
     xc = x0 + width / 2
-    parts.append(f'<line x1="{_n(xc)}" x2="{_n(xc)}" y1="{_n(y - 3)}" y2="{_n(y + 13)}" stroke="#111827" stroke-width="1.5"/>')
-    parts.append(f'<text class="guide-label" x="{_n(xc)}" y="{_n(y - 5)}" text-anchor="middle">{escape(guide_label)}</text>')
+    parts.append(
+        f'<line x1="{_n(xc)}" x2="{_n(xc)}" y1="{_n(y - 3)}" y2="{_n(y + 13)}" stroke="#111827" stroke-width="1.5"/>'
+    )
+    parts.append(
+        f'<text class="guide-label" x="{_n(xc)}" y="{_n(y - 5)}" text-anchor="middle">{escape(guide_label)}</text>'
+    )
     return "".join(parts)

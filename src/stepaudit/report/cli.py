@@ -1,4 +1,5 @@
 """``stepaudit report RUN`` and ``stepaudit compare RUN_A RUN_B …``."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,12 +18,20 @@ def main(argv: list[str] | None = None) -> int:
     """Write a run's self-contained HTML report (default ``RUN/report.html``), or print a summary."""
     parser = argparse.ArgumentParser(
         prog="stepaudit report",
-        description="Write one self-contained HTML file (works offline) with the run's charts, findings and metadata.")
+        description="Write one self-contained HTML file (works offline) with the run's charts, findings and metadata.",
+    )
     parser.add_argument("run", help="run folder (the one holding stepaudit.sqlite), or that .sqlite file")
-    parser.add_argument("-o", "--output", help="HTML file to write (default: RUN/report.html); "
-                                               "a folder (existing, or ending in /) gets report.html inside it")
-    parser.add_argument("--terminal", action="store_true",
-                        help="print a summary in the terminal instead (with -o, write the HTML as well)")
+    parser.add_argument(
+        "-o",
+        "--output",
+        help="HTML file to write (default: RUN/report.html); "
+        "a folder (existing, or ending in /) gets report.html inside it",
+    )
+    parser.add_argument(
+        "--terminal",
+        action="store_true",
+        help="print a summary in the terminal instead (with -o, write the HTML as well)",
+    )
     args = parser.parse_args(argv)
     try:
         run = load_run(args.run)
@@ -57,17 +66,24 @@ def compare_main(argv: list[str] | None = None) -> int:
     """Overlay several runs in one HTML page and print their summaries side by side."""
     parser = argparse.ArgumentParser(
         prog="stepaudit compare",
-        description="Overlay runs (e.g. SGD vs momentum vs Adam) in one self-contained HTML page and print a table.")
+        description="Overlay runs (e.g. SGD vs momentum vs Adam) in one self-contained HTML page and print a table.",
+    )
     parser.add_argument("runs", nargs="+", help="run folders (or their .sqlite files), or a folder of run folders")
-    parser.add_argument("-o", "--output", default="compare.html",
-                        help="HTML file to write (default: compare.html); "
-                             "a folder (existing, or ending in /) gets compare.html inside it")
+    parser.add_argument(
+        "-o",
+        "--output",
+        default="compare.html",
+        help="HTML file to write (default: compare.html); "
+        "a folder (existing, or ending in /) gets compare.html inside it",
+    )
     parser.add_argument("--no-html", action="store_true", help="only print the table")
     args = parser.parse_args(argv)
     missing = [r for r in args.runs if not iter_runs([r])]
     if missing:
-        print(f"stepaudit compare: no stepaudit run in {', '.join(missing)} (expected a folder with stepaudit.sqlite)",
-              file=sys.stderr)
+        print(
+            f"stepaudit compare: no stepaudit run in {', '.join(missing)} (expected a folder with stepaudit.sqlite)",
+            file=sys.stderr,
+        )
         return 2
     try:
         runs = [load_run(path) for path in iter_runs(args.runs)]

@@ -1,17 +1,18 @@
 """Several runs on one page: a summary table and overlaid charts (e.g. SGD vs momentum vs Adam)."""
+
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from html import escape
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from .charts import Guide, Series, time_chart
 from ..doctor.summary import LAST_LOSS
 from ..store import output_file
+from .charts import Guide, Series, time_chart
 from .data import NOT_MEASURED, Run, hyperparameters, load_run, optimizer_label, stored_result, summary
 from .downsample import blocks
 from .html import figure_html, page
@@ -35,28 +36,45 @@ def summary_rows(runs: Sequence[Run]) -> list[dict]:
         s = summary(run)
         hyper = hyperparameters(run.meta)
         top = run.findings[0] if run.findings else None
-        rows.append({
-            "run": run_label(run, runs),
-            "optimizer": optimizer_label(run.meta),
-            "lr": hyper.get("lr"),
-            "steps": s["audited_steps"],
-            "loss": f"{fmt(s['first_loss'])} → {fmt(s['last_loss'])}",
-            **({key: NOT_MEASURED for key in ("lowered", "raised", "flat", "median_alpha", "kept")} if run.passive else {
-                "lowered": s["share_decrease"],
-                "raised": s["share_increase"],
-                "flat": s["share_flat"],
-                "median_alpha": s["median_alpha"],
-                "kept": s["median_delta_over_first_order"],
-            }),
-            "result": stored_result(run.meta, run.metrics),
-            "finding": str(top.get("title") or top.get("code")) if top else "",
-        })
+        rows.append(
+            {
+                "run": run_label(run, runs),
+                "optimizer": optimizer_label(run.meta),
+                "lr": hyper.get("lr"),
+                "steps": s["audited_steps"],
+                "loss": f"{fmt(s['first_loss'])} → {fmt(s['last_loss'])}",
+                **(
+                    {key: NOT_MEASURED for key in ("lowered", "raised", "flat", "median_alpha", "kept")}
+                    if run.passive
+                    else {
+                        "lowered": s["share_decrease"],
+                        "raised": s["share_increase"],
+                        "flat": s["share_flat"],
+                        "median_alpha": s["median_alpha"],
+                        "kept": s["median_delta_over_first_order"],
+                    }
+                ),
+                "result": stored_result(run.meta, run.metrics),
+                "finding": str(top.get("title") or top.get("code")) if top else "",
+            }
+        )
     return rows
 
 
-COLUMNS = (("run", "run"), ("optimizer", "optimizer"), ("lr", "lr"), ("steps", "steps"),
-           ("loss", f"loss first → last ({LAST_LOSS})"), ("lowered", "lowered"), ("raised", "raised"), ("flat", "flat"),
-           ("median_alpha", "median α"), ("kept", "Δloss/g·Δw"), ("result", "stored result"), ("finding", "doctor's top finding"))
+COLUMNS = (
+    ("run", "run"),
+    ("optimizer", "optimizer"),
+    ("lr", "lr"),
+    ("steps", "steps"),
+    ("loss", f"loss first → last ({LAST_LOSS})"),
+    ("lowered", "lowered"),
+    ("raised", "raised"),
+    ("flat", "flat"),
+    ("median_alpha", "median α"),
+    ("kept", "Δloss/g·Δw"),
+    ("result", "stored result"),
+    ("finding", "doctor's top finding"),
+)
 
 
 OPTIONAL = ("result", "finding")  # columns shown only when some run has a value
@@ -105,8 +123,20 @@ def _window(runs: Sequence[Run]) -> int:
     return max(1, longest // 60)
 
 
-def _overlay(uid: str, title: str, how: str, runs: Sequence[Run], field: str, *, y_label: str, y_kind: str = "auto",
-             stat: str | None = None, guides: tuple[Guide, ...] = (), transform=None, y_domain=None) -> Figure | None:
+def _overlay(
+    uid: str,
+    title: str,
+    how: str,
+    runs: Sequence[Run],
+    field: str,
+    *,
+    y_label: str,
+    y_kind: str = "auto",
+    stat: str | None = None,
+    guides: tuple[Guide, ...] = (),
+    transform=None,
+    y_domain=None,
+) -> Figure | None:
     """One series per run of ``field`` (or of its per-window ``stat`` when ``stat`` is given)."""
     series, legend = [], []
     window = _window(runs)
@@ -146,41 +176,108 @@ def _kept(run: Run) -> tuple[np.ndarray, np.ndarray]:
 def compare_figures(runs: Sequence[Run]) -> list[Figure]:
     """The overlaid charts, each only when at least one run recorded its field."""
     figures = [
-        _overlay("c-loss", "Training loss", "The batch loss before each step, one line per run.", runs, "loss_before",
-                 y_label="loss"),
-        _overlay("c-ref", "Reference (held-out) loss", "Loss on the fixed held-out data.", runs, "ref_loss_after",
-                 y_label="loss"),
-        _overlay("c-lowered", "Share of steps that lowered their batch's loss",
-                 "Per window of steps: 1 = every step went downhill on its own batch; near 0.5 the steps are a coin flip.",
-                 runs, "verdict", y_label="share", stat="mean", transform=_lowered, y_domain=(-0.02, 1.02)),
-        _overlay("c-kept", "How much of the gradient's promise was kept",
-                 "Median of Δloss / g·Δw per window: 1 = the loss fell as the gradient predicted, 0 = no change, "
-                 "below 0 = it rose.", runs, "delta", y_label="Δloss / g·Δw", stat="median", transform=_kept,
-                 guides=(Guide(1.0, "promise kept", "#6b7280"), Guide(0.0, "", "#9ca3af"))),
-        _overlay("c-alpha", "Where the steps landed (median α)",
-                 "Median α per window: −1 did not move, 0 valley floor, +1 opposite wall, above 1 overshot uphill.",
-                 runs, "alpha", y_label="α", stat="median", y_kind="linear",
-                 guides=(Guide(0.0, "valley floor", "#111827"), Guide(1.0, "same height", "#dc2626"))),
-        _overlay("c-update", "Update size ‖Δw‖/‖w‖", "Relative size of each step; the dashed line is the 10⁻³ rule of thumb.",
-                 runs, "update_ratio", y_label="‖Δw‖ / ‖w‖", y_kind="log", guides=(Guide(RATIO_GUIDE, "10⁻³", "#6b7280"),)),
+        _overlay(
+            "c-loss",
+            "Training loss",
+            "The batch loss before each step, one line per run.",
+            runs,
+            "loss_before",
+            y_label="loss",
+        ),
+        _overlay(
+            "c-ref",
+            "Reference (held-out) loss",
+            "Loss on the fixed held-out data.",
+            runs,
+            "ref_loss_after",
+            y_label="loss",
+        ),
+        _overlay(
+            "c-lowered",
+            "Share of steps that lowered their batch's loss",
+            "Per window of steps: 1 = every step went downhill on its own batch; near 0.5 the steps are a coin flip.",
+            runs,
+            "verdict",
+            y_label="share",
+            stat="mean",
+            transform=_lowered,
+            y_domain=(-0.02, 1.02),
+        ),
+        _overlay(
+            "c-kept",
+            "How much of the gradient's promise was kept",
+            "Median of Δloss / g·Δw per window: 1 = the loss fell as the gradient predicted, 0 = no change, "
+            "below 0 = it rose.",
+            runs,
+            "delta",
+            y_label="Δloss / g·Δw",
+            stat="median",
+            transform=_kept,
+            guides=(Guide(1.0, "promise kept", "#6b7280"), Guide(0.0, "", "#9ca3af")),
+        ),
+        _overlay(
+            "c-alpha",
+            "Where the steps landed (median α)",
+            "Median α per window: −1 did not move, 0 valley floor, +1 opposite wall, above 1 overshot uphill.",
+            runs,
+            "alpha",
+            y_label="α",
+            stat="median",
+            y_kind="linear",
+            guides=(Guide(0.0, "valley floor", "#111827"), Guide(1.0, "same height", "#dc2626")),
+        ),
+        _overlay(
+            "c-update",
+            "Update size ‖Δw‖/‖w‖",
+            "Relative size of each step; the dashed line is the 10⁻³ rule of thumb.",
+            runs,
+            "update_ratio",
+            y_label="‖Δw‖ / ‖w‖",
+            y_kind="log",
+            guides=(Guide(RATIO_GUIDE, "10⁻³", "#6b7280"),),
+        ),
         _overlay("c-grad", "Gradient norm", "Global L2 norm of the gradient.", runs, "grad_norm", y_label="‖g‖"),
-        _overlay("c-sharp", "Sharpness λmax", "Largest Hessian eigenvalue, where recorded.", runs, "sharpness",
-                 y_label="λmax"),
-        _overlay("c-noise", "Gradient noise scale", "B_simple = tr(Σ)/‖G‖², where recorded.", runs, "noise_scale",
-                 y_label="examples", y_kind="log"),
+        _overlay(
+            "c-sharp",
+            "Sharpness λmax",
+            "Largest Hessian eigenvalue, where recorded.",
+            runs,
+            "sharpness",
+            y_label="λmax",
+        ),
+        _overlay(
+            "c-noise",
+            "Gradient noise scale",
+            "B_simple = tr(Σ)/‖G‖², where recorded.",
+            runs,
+            "noise_scale",
+            y_label="examples",
+            y_kind="log",
+        ),
     ]
     names = sorted({name for run in runs for name in run.metrics})
     for i, name in enumerate(names[:4]):  # each metric logged with Audit.log; ids by index: names are user text
-        figures.append(_overlay(f"c-metric-{i}", f"Logged: {name}", f"{name} as each run logged it (audit.log).",
-                                runs, name, y_label=name, transform=_metric(name)))
+        figures.append(
+            _overlay(
+                f"c-metric-{i}",
+                f"Logged: {name}",
+                f"{name} as each run logged it (audit.log).",
+                runs,
+                name,
+                y_label=name,
+                transform=_metric(name),
+            )
+        )
     return [f for f in figures if f is not None]
 
 
 def _metric(name: str):
     """A transform reading a logged metric of a run (empty where the run did not log it)."""
+
     def read(run: Run) -> tuple[np.ndarray, np.ndarray]:
         steps, values = run.metrics.get(name, ([], []))
         return np.asarray(steps, float), np.asarray(values, float)
+
     return read
 
 
@@ -188,8 +285,10 @@ def render_compare(runs: Sequence[Run]) -> str:
     """The complete comparison page."""
     names = ", ".join(run_label(r, runs) for r in runs)
     charts = "".join(figure_html(f) for f in compare_figures(runs))
-    body = (f'<header><p class="brand">stepaudit comparison</p><h1>{len(runs)} runs</h1><p class="sub">{escape(names)}</p></header>'
-            f"<h2>Summary</h2>{_table_html(runs)}<h2>Overlaid</h2><section class=\"charts\">{charts}</section>")
+    body = (
+        f'<header><p class="brand">stepaudit comparison</p><h1>{len(runs)} runs</h1><p class="sub">{escape(names)}</p></header>'
+        f'<h2>Summary</h2>{_table_html(runs)}<h2>Overlaid</h2><section class="charts">{charts}</section>'
+    )
     return page(f"stepaudit — compare {len(runs)} runs", body)
 
 

@@ -1,4 +1,5 @@
 """A run as the report needs it: numeric columns, layer matrices, summary numbers and the doctor's findings."""
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,8 @@ import numpy as np
 
 from ..doctor.summary import LAST_LOSS, is_passive, last_loss, stop_reason
 from ..records import summarize
-from .scales import fmt
 from ..store import read_metrics, read_run
+from .scales import fmt
 
 VERDICTS = ("decrease", "increase", "flat", "nonfinite", "error")
 NOT_MEASURED = "not measured in passive mode"
@@ -72,8 +73,15 @@ class Run:
 def load_run(run: str | os.PathLike, diagnose: bool = True) -> Run:
     """Read a run folder and prepare its columns (and the doctor's findings unless ``diagnose=False``)."""
     meta, steps, layers = read_run(run)
-    result = Run(str(run), meta, steps, layers, columns(steps), np.array([s.get("verdict") for s in steps], dtype=object),
-                 metrics=read_metrics(run))
+    result = Run(
+        str(run),
+        meta,
+        steps,
+        layers,
+        columns(steps),
+        np.array([s.get("verdict") for s in steps], dtype=object),
+        metrics=read_metrics(run),
+    )
     if diagnose:
         result.findings, result.findings_error = findings(meta, steps, layers)
     return result
@@ -159,8 +167,9 @@ def natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def layer_matrix(layers: list[dict], kind: str, field_name: str, max_columns: int = 160
-                 ) -> tuple[list[str], np.ndarray, np.ndarray]:
+def layer_matrix(
+    layers: list[dict], kind: str, field_name: str, max_columns: int = 160
+) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(row names, column step edges, mean of log10(value) per row and column span) for a heatmap.
 
     Averaging in log space is the geometric mean: a cell's colour is the typical order of magnitude
@@ -193,14 +202,22 @@ def layer_matrix(layers: list[dict], kind: str, field_name: str, max_columns: in
     return names, edges, matrix
 
 
-RESULT_KEYS = ("test_accuracy", "val_accuracy", "accuracy", "train_accuracy", "val_loss", "test_loss")  # stored by the run
+RESULT_KEYS = (
+    "test_accuracy",
+    "val_accuracy",
+    "accuracy",
+    "train_accuracy",
+    "val_loss",
+    "test_loss",
+)  # stored by the run
 
 
 def stored_result(meta: dict, metrics: dict | None = None) -> str:
     """The run's result: the first one stored in its metadata, e.g. "test accuracy 0.967", else the last value
     of each metric logged with ``Audit.log`` ("val_acc 0.95 at step 900"); "" when none."""
-    logged = [f"{name} {fmt(values[-1])} at step {steps[-1]:,}" for name, (steps, values) in (metrics or {}).items()
-              if values]
+    logged = [
+        f"{name} {fmt(values[-1])} at step {steps[-1]:,}" for name, (steps, values) in (metrics or {}).items() if values
+    ]
     for key in RESULT_KEYS:
         value = meta.get(key)
         if isinstance(value, (int, float)) and math.isfinite(value):

@@ -5,6 +5,7 @@ column; each bucket keeps its minimum, maximum and mean. Drawing the band [min, 
 line shows every spike a full-resolution plot would show at that width (the M4 idea, Jugel et al.,
 VLDB 2014), at a size that does not grow with the run.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -38,7 +39,11 @@ def envelope(x: np.ndarray, y: np.ndarray, buckets: int) -> Envelope:
     if len(x) <= buckets:
         return Envelope(x, y, y, y, np.isfinite(y).astype(int), True)
     span = x[-1] - x[0]
-    index = np.minimum(((x - x[0]) / span * buckets).astype(np.int64), buckets - 1) if span > 0 else np.zeros(len(x), np.int64)
+    index = (
+        np.minimum(((x - x[0]) / span * buckets).astype(np.int64), buckets - 1)
+        if span > 0
+        else np.zeros(len(x), np.int64)
+    )
     starts = np.flatnonzero(np.r_[True, index[1:] != index[:-1]])
     finite = np.isfinite(y)
     count = np.add.reduceat(finite.astype(np.int64), starts)

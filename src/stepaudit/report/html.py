@@ -4,15 +4,17 @@ Nothing is fetched when the page is viewed: styles, the small hover script and e
 are in the file. Every string that comes from the run (names, module names, hyperparameters,
 diagnoses) goes through ``html.escape``.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
 import math
 import os
+from collections.abc import Iterable
 from html import escape
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .. import __version__
 from ..store import output_file, run_folder
@@ -30,8 +32,8 @@ def page(title: str, body: str) -> str:
     """A complete HTML document with the inline stylesheet and script."""
     script = asset("report.js").replace("</", "<\\/")
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; "
         "script-src 'unsafe-inline'; img-src data:\">"
         f"<title>{escape(title)}</title><style>{asset('report.css')}</style></head>"
@@ -50,7 +52,9 @@ def value_html(value: Any) -> str:
     if isinstance(value, int):
         return escape(f"{value:,}" if abs(value) >= 10000 else str(value))
     if isinstance(value, dict):
-        return "<dl>" + "".join(f"<dt>{escape(str(k))}</dt><dd>{value_html(v)}</dd>" for k, v in value.items()) + "</dl>"
+        return (
+            "<dl>" + "".join(f"<dt>{escape(str(k))}</dt><dd>{value_html(v)}</dd>" for k, v in value.items()) + "</dl>"
+        )
     if isinstance(value, (list, tuple)):
         if all(not isinstance(v, (dict, list, tuple)) for v in value):
             shown = ", ".join(value_html(v) for v in value[:20])
@@ -70,14 +74,23 @@ def legend_html(entries: Iterable[tuple[str, str, str]]) -> str:
 
 def figure_html(fig: Figure) -> str:
     notes = "".join(f'<p class="note">{escape(n)}</p>' for n in fig.notes)
-    return (f'<figure class="card{" wide" if fig.wide else ""}" id="fig-{escape(fig.id)}">'
-            f"<h3>{escape(fig.title)}</h3>{legend_html(fig.legend)}"
-            f'<div class="plot">{fig.svg}<div class="tip"></div></div>'
-            f'<p class="how">{escape(fig.how)}</p>{notes}</figure>')
+    return (
+        f'<figure class="card{" wide" if fig.wide else ""}" id="fig-{escape(fig.id)}">'
+        f"<h3>{escape(fig.title)}</h3>{legend_html(fig.legend)}"
+        f'<div class="plot">{fig.svg}<div class="tip"></div></div>'
+        f'<p class="how">{escape(fig.how)}</p>{notes}</figure>'
+    )
 
 
-_SEVERITY = {"critical": "high", "error": "high", "high": "high", "severe": "high",
-             "info": "low", "low": "low", "note": "low"}  # the doctor uses error / warning / info
+_SEVERITY = {
+    "critical": "high",
+    "error": "high",
+    "high": "high",
+    "severe": "high",
+    "info": "low",
+    "low": "low",
+    "note": "low",
+}  # the doctor uses error / warning / info
 
 
 def findings_html(findings: list[dict], error: str | None = None, outcome: str | None = None) -> str:
@@ -111,8 +124,7 @@ def findings_html(findings: list[dict], error: str | None = None, outcome: str |
         if d.get("fix") and d.get("code") != "healthy":
             body.append(f'<p class="fix"><b>Fix:</b> {value_html(d["fix"])}</p>')
         level = "ok" if d.get("code") == "healthy" else _SEVERITY.get(severity, "medium")
-        cards.append(f'<div class="finding sev-{level}"><div class="head">{"".join(head)}</div>'
-                     f"{''.join(body)}</div>")
+        cards.append(f'<div class="finding sev-{level}"><div class="head">{"".join(head)}</div>{"".join(body)}</div>')
     notice = f'<p class="notice">{escape(error)}</p>' if error else ""
     if outcome:
         notice = f'<p class="notice failure"><b>✗</b> {escape(outcome)}</p>' + notice
@@ -130,15 +142,23 @@ def kpis_html(run: Run) -> str:
     s = summary(run)
     seen = run.meta.get("steps_seen")
     cards = [
-        ("optimizer steps" if run.passive else "audited steps", f"{s['audited_steps']:,}",
-         f"of {seen:,} taken" if isinstance(seen, int) and seen != s["audited_steps"] else ""),
-        ("loss, first → last", f"{fmt(s['first_loss'])} → {fmt(s['last_loss'])}",
-         f"training batch, before the step; {LAST_LOSS_NAME}"),
+        (
+            "optimizer steps" if run.passive else "audited steps",
+            f"{s['audited_steps']:,}",
+            f"of {seen:,} taken" if isinstance(seen, int) and seen != s["audited_steps"] else "",
+        ),
+        (
+            "loss, first → last",
+            f"{fmt(s['first_loss'])} → {fmt(s['last_loss'])}",
+            f"training batch, before the step; {LAST_LOSS_NAME}",
+        ),
     ]
     if run.passive:  # these need the loss after the step on the same batch, which only an Audit measures
-        cards += [("steps that lowered / raised the loss, flat steps", NOT_MEASURED, "needs the loss after the step"),
-                  ("median α", NOT_MEASURED, "needs the loss after the step"),
-                  ("median Δloss / g·Δw", NOT_MEASURED, "needs the loss after the step")]
+        cards += [
+            ("steps that lowered / raised the loss, flat steps", NOT_MEASURED, "needs the loss after the step"),
+            ("median α", NOT_MEASURED, "needs the loss after the step"),
+            ("median Δloss / g·Δw", NOT_MEASURED, "needs the loss after the step"),
+        ]
     else:
         cards += [
             ("steps that lowered the loss", _pct(s["share_decrease"]), "on their own batch"),
@@ -151,9 +171,14 @@ def kpis_html(run: Run) -> str:
     if isinstance(bad, float) and bad > 0:
         count = int((run.verdicts == "nonfinite").sum()), int((run.verdicts == "error").sum())
         cards.append(("non-finite / failed audits", f"{count[0]} / {count[1]}", "see the red ticks on the loss"))
-    return '<section class="kpis">' + "".join(
-        f'<div class="kpi"><div class="v{" long" if len(v) > 11 else ""}">{escape(v)}</div><div class="k">{escape(k)}</div><div class="h">{escape(h)}</div></div>'
-        for k, v, h in cards) + "</section>"
+    return (
+        '<section class="kpis">'
+        + "".join(
+            f'<div class="kpi"><div class="v{" long" if len(v) > 11 else ""}">{escape(v)}</div><div class="k">{escape(k)}</div><div class="h">{escape(h)}</div></div>'
+            for k, v, h in cards
+        )
+        + "</section>"
+    )
 
 
 def _table(title: str, rows: list[tuple[str, Any]]) -> str:
@@ -168,15 +193,38 @@ def _created(meta: dict) -> str:
     return str(created or "")
 
 
-_SHOWN = {"name", "created", "model", "n_params", "n_trainable", "optimizer", "device", "seed", "every", "probes",
-          "precision", "steps_seen", "param_groups", "versions", "model_summary", "summary", "diagnoses", "modules"}
+_SHOWN = {
+    "name",
+    "created",
+    "model",
+    "n_params",
+    "n_trainable",
+    "optimizer",
+    "device",
+    "seed",
+    "every",
+    "probes",
+    "precision",
+    "steps_seen",
+    "param_groups",
+    "versions",
+    "model_summary",
+    "summary",
+    "diagnoses",
+    "modules",
+}
 _RESULTS = set(RESULT_KEYS)
 SUMMARY_NAMES = {
-    "audited_steps": "audited steps", "share_decrease": "share of steps that lowered their batch's loss",
-    "share_increase": "share of steps that raised it", "share_flat": "share of flat steps (within rounding noise)",
-    "share_nonfinite": "share of non-finite steps", "share_error": "share of failed audits",
-    "median_alpha": "median α (0 = the valley floor)", "median_delta_over_first_order": "median Δloss / g·Δw",
-    "first_loss": "first loss (first step's batch)", "last_loss": "last loss (final step's batch)",
+    "audited_steps": "audited steps",
+    "share_decrease": "share of steps that lowered their batch's loss",
+    "share_increase": "share of steps that raised it",
+    "share_flat": "share of flat steps (within rounding noise)",
+    "share_nonfinite": "share of non-finite steps",
+    "share_error": "share of failed audits",
+    "median_alpha": "median α (0 = the valley floor)",
+    "median_delta_over_first_order": "median Δloss / g·Δw",
+    "first_loss": "first loss (first step's batch)",
+    "last_loss": "last loss (final step's batch)",
 }
 
 
@@ -187,12 +235,21 @@ def _present(value: Any) -> bool:
 
 def meta_html(meta: dict, audited: int) -> str:
     """Model, optimizer, hyperparameters of every group, versions, the stored summary and the model's repr."""
-    overview = [("run", meta.get("name")), ("created", _created(meta)), ("model", meta.get("model")),
-                ("parameters", meta.get("n_params")), ("trainable", meta.get("n_trainable")),
-                ("optimizer", meta.get("optimizer")), ("device", meta.get("device")), ("seed", meta.get("seed")),
-                ("audit every", meta.get("every")), ("probes", meta.get("probes") or "none"),
-                ("precision", meta.get("precision") or "working precision"),
-                ("steps taken", meta.get("steps_seen")), ("steps audited", audited)]
+    overview = [
+        ("run", meta.get("name")),
+        ("created", _created(meta)),
+        ("model", meta.get("model")),
+        ("parameters", meta.get("n_params")),
+        ("trainable", meta.get("n_trainable")),
+        ("optimizer", meta.get("optimizer")),
+        ("device", meta.get("device")),
+        ("seed", meta.get("seed")),
+        ("audit every", meta.get("every")),
+        ("probes", meta.get("probes") or "none"),
+        ("precision", meta.get("precision") or "working precision"),
+        ("steps taken", meta.get("steps_seen")),
+        ("steps audited", audited),
+    ]
     tables = [_table("Run", [(k, v) for k, v in overview if v is not None])]
     for i, group in enumerate(meta.get("param_groups") or []):
         if isinstance(group, dict):
@@ -203,8 +260,11 @@ def meta_html(meta: dict, audited: int) -> str:
     if results:
         tables.append(_table("Results the run stored", results))
     if isinstance(meta.get("summary"), dict):  # records.summarize's last_loss is the final step's batch loss
-        rows = [(SUMMARY_NAMES.get(k, k.replace("_", " ")), _pct(v) if k.startswith("share_") else v)
-                for k, v in meta["summary"].items() if _present(v)]
+        rows = [
+            (SUMMARY_NAMES.get(k, k.replace("_", " ")), _pct(v) if k.startswith("share_") else v)
+            for k, v in meta["summary"].items()
+            if _present(v)
+        ]
         if rows:
             tables.append(_table("Summary stored at close", rows))
     other = [(k, v) for k, v in meta.items() if k not in _SHOWN and k not in _RESULTS]
@@ -218,15 +278,23 @@ def meta_html(meta: dict, audited: int) -> str:
 def problems_html(run: Run) -> str:
     """A notice naming the first failed audit and the first failed probe, when any."""
     failed = [r for r in run.steps if r.get("verdict") == "error"]
-    probes = [(r["step"], r["probe_errors"]) for r in run.steps if isinstance(r.get("probe_errors"), dict) and r["probe_errors"]]
+    probes = [
+        (r["step"], r["probe_errors"])
+        for r in run.steps
+        if isinstance(r.get("probe_errors"), dict) and r["probe_errors"]
+    ]
     lines = []
     if failed:
-        lines.append(f"{len(failed)} audited step{'s' if len(failed) > 1 else ''} could not be measured; first at step "
-                     f"{failed[0].get('step')}: {failed[0].get('error', 'no message')}")
+        lines.append(
+            f"{len(failed)} audited step{'s' if len(failed) > 1 else ''} could not be measured; first at step "
+            f"{failed[0].get('step')}: {failed[0].get('error', 'no message')}"
+        )
     if probes:
         step, errors = probes[0]
         name, message = next(iter(errors.items()))
-        lines.append(f"probes failed on {len(probes)} step{'s' if len(probes) > 1 else ''}; first: {name} at step {step}: {message}")
+        lines.append(
+            f"probes failed on {len(probes)} step{'s' if len(probes) > 1 else ''}; first: {name} at step {step}: {message}"
+        )
     return "".join(f'<p class="notice">{escape(line)}</p>' for line in lines)
 
 
@@ -235,13 +303,16 @@ def render_report(run: Run) -> str:
     meta = run.meta
     hyper = ", ".join(f"{k}={_short(v)}" for k, v in hyperparameters(meta).items())
     optimizer = f"{meta['optimizer']}({hyper})" if meta.get("optimizer") and hyper else str(meta.get("optimizer") or "")
-    subtitle = " · ".join(x for x in (str(meta.get("model") or ""), optimizer,
-                                      f"{len(run.steps):,} audited steps", _created(meta)) if x)
+    subtitle = " · ".join(
+        x for x in (str(meta.get("model") or ""), optimizer, f"{len(run.steps):,} audited steps", _created(meta)) if x
+    )
     figures = run_figures(run) if run.steps else []
     charts = "".join(figure_html(f) for f in figures) or '<p class="notice">This run has no audited steps yet.</p>'
-    body = (f'<header><p class="brand">stepaudit report</p><h1>{escape(run.name)}</h1><p class="sub">{escape(subtitle)}</p></header>'
-            f"{findings_html(run.findings, run.findings_error, run.outcome)}{problems_html(run)}{kpis_html(run)}"
-            f'<h2>Step by step</h2><section class="charts">{charts}</section>{meta_html(meta, len(run.steps))}')
+    body = (
+        f'<header><p class="brand">stepaudit report</p><h1>{escape(run.name)}</h1><p class="sub">{escape(subtitle)}</p></header>'
+        f"{findings_html(run.findings, run.findings_error, run.outcome)}{problems_html(run)}{kpis_html(run)}"
+        f'<h2>Step by step</h2><section class="charts">{charts}</section>{meta_html(meta, len(run.steps))}'
+    )
     return page(f"stepaudit — {run.name}", body)
 
 

@@ -7,6 +7,7 @@ noise probes, per-layer rows) straight into a run store in a few seconds.
 
     python -m stepaudit.report.samples RUN_DIR [--steps 100000]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,14 @@ from ..store import LAYER_FIELDS, RunStore
 MODULES = ("embed", "blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp", "head")
 
 
-def synthetic_records(steps: int, seed: int = 0, modules: tuple[str, ...] = MODULES, spikes: bool = True,
-                      sharpness_every: int = 100, noise_every: int = 50) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
+def synthetic_records(
+    steps: int,
+    seed: int = 0,
+    modules: tuple[str, ...] = MODULES,
+    spikes: bool = True,
+    sharpness_every: int = 100,
+    noise_every: int = 50,
+) -> tuple[dict[str, np.ndarray], np.ndarray, dict]:
     """(numeric columns, verdicts, per-module update ratios) of a plausible run, vectorised."""
     rng = np.random.default_rng(seed)
     step = np.arange(steps, dtype=float)
@@ -39,10 +46,19 @@ def synthetic_records(steps: int, seed: int = 0, modules: tuple[str, ...] = MODU
     update_norm = lr * grad_norm
     weight_norm = 20.0 + step / max(steps, 1)
     columns = {
-        "step": step, "lr": lr, "batch_size": np.full(steps, 128.0), "loss_before": loss, "loss_after": loss_after,
-        "delta": delta, "first_order": first_order, "remainder": delta - first_order,
-        "rounding_noise": 1e-7 * np.abs(loss), "grad_norm": grad_norm, "update_norm": update_norm,
-        "weight_norm": weight_norm, "update_ratio": update_norm / weight_norm,
+        "step": step,
+        "lr": lr,
+        "batch_size": np.full(steps, 128.0),
+        "loss_before": loss,
+        "loss_after": loss_after,
+        "delta": delta,
+        "first_order": first_order,
+        "remainder": delta - first_order,
+        "rounding_noise": 1e-7 * np.abs(loss),
+        "grad_norm": grad_norm,
+        "update_norm": update_norm,
+        "weight_norm": weight_norm,
+        "update_ratio": update_norm / weight_norm,
         "descent_cos": np.full(steps, 1.0),
     }
     c = delta - first_order
@@ -64,8 +80,12 @@ def synthetic_records(steps: int, seed: int = 0, modules: tuple[str, ...] = MODU
     noise = np.full(steps, np.nan)
     noise[::noise_every] = 40.0 * (1 + step[::noise_every] / max(steps / 10, 1))
     columns["noise_scale"] = noise
-    ratios = {name: columns["update_ratio"] * 10.0 ** (1.5 * (i / max(len(modules) - 1, 1)) - 0.75)
-              * np.exp(0.2 * rng.standard_normal(steps)) for i, name in enumerate(modules)}
+    ratios = {
+        name: columns["update_ratio"]
+        * 10.0 ** (1.5 * (i / max(len(modules) - 1, 1)) - 0.75)
+        * np.exp(0.2 * rng.standard_normal(steps))
+        for i, name in enumerate(modules)
+    }
     return columns, verdicts, ratios
 
 
@@ -73,14 +93,30 @@ def _value(v: float):
     return None if math.isnan(v) else v
 
 
-def write_synthetic_run(run: str | os.PathLike, steps: int = 100_000, seed: int = 0, name: str | None = None,
-                        modules: tuple[str, ...] = MODULES, meta: dict | None = None, **options) -> Path:
+def write_synthetic_run(
+    run: str | os.PathLike,
+    steps: int = 100_000,
+    seed: int = 0,
+    name: str | None = None,
+    modules: tuple[str, ...] = MODULES,
+    meta: dict | None = None,
+    **options,
+) -> Path:
     """Write a synthetic run of ``steps`` audited steps into the run folder ``run`` (one transaction)."""
     columns, verdicts, ratios = synthetic_records(steps, seed, modules, **options)
-    meta = {"model": "SyntheticModel", "n_params": 123456, "n_trainable": 123456, "optimizer": "SGD",
-            "param_groups": [{"lr": 0.05, "momentum": 0.0, "weight_decay": 0.0, "n_params": 123456}],
-            "versions": {"stepaudit": "synthetic"}, "seed": seed, "every": 1, "probes": {"sharpness": 100},
-            "steps_seen": steps, **(meta or {})}
+    meta = {
+        "model": "SyntheticModel",
+        "n_params": 123456,
+        "n_trainable": 123456,
+        "optimizer": "SGD",
+        "param_groups": [{"lr": 0.05, "momentum": 0.0, "weight_decay": 0.0, "n_params": 123456}],
+        "versions": {"stepaudit": "synthetic"},
+        "seed": seed,
+        "every": 1,
+        "probes": {"sharpness": 100},
+        "steps_seen": steps,
+        **(meta or {}),
+    }
     store = RunStore(run, meta, name=name)
     names = list(columns)
     first = {k: float(columns[k][0]) for k in names}
@@ -100,9 +136,13 @@ def write_synthetic_run(run: str | os.PathLike, steps: int = 100_000, seed: int 
     for module, ratio in ratios.items():
         for s, r, w in zip(range(steps), ratio.tolist(), weight.tolist()):
             layer_rows.append((s, "module", module, None, r * w, w, r))
-    for s, r, w, g in zip(range(steps), columns["update_ratio"].tolist(), weight.tolist(), columns["grad_norm"].tolist()):
+    for s, r, w, g in zip(
+        range(steps), columns["update_ratio"].tolist(), weight.tolist(), columns["grad_norm"].tolist()
+    ):
         layer_rows.append((s, "group", "0", g, r * w, w, r))
-    db.executemany(f"INSERT OR REPLACE INTO layers VALUES (?, ?, ?, {', '.join('?' for _ in LAYER_FIELDS)})", layer_rows)
+    db.executemany(
+        f"INSERT OR REPLACE INTO layers VALUES (?, ?, ?, {', '.join('?' for _ in LAYER_FIELDS)})", layer_rows
+    )
     db.execute("COMMIT")
     store.close()
     return Path(run)
@@ -111,8 +151,14 @@ def write_synthetic_run(run: str | os.PathLike, steps: int = 100_000, seed: int 
 OPTIMIZERS = {"sgd": {"lr": 0.05}, "momentum": {"lr": 0.05, "momentum": 0.9}, "adam": {"lr": 1e-3}}
 
 
-def trained_run(run: str | os.PathLike, steps: int = 40, optimizer: str = "sgd", seed: int = 0,
-                batch_size: int = 64, **audit_options) -> list[dict]:
+def trained_run(
+    run: str | os.PathLike,
+    steps: int = 40,
+    optimizer: str = "sgd",
+    seed: int = 0,
+    batch_size: int = 64,
+    **audit_options,
+) -> list[dict]:
     """Audit ``steps`` real steps of the digits MLP into ``run``; returns the in-memory records."""
     import torch
 
@@ -124,8 +170,13 @@ def trained_run(run: str | os.PathLike, steps: int = 40, optimizer: str = "sgd",
     with torch.random.fork_rng():
         workload = digits_mlp(batch_size=batch_size, seed=seed)
         kind = torch.optim.Adam if optimizer == "adam" else torch.optim.SGD
-        audit = Audit(workload.model, kind(workload.model.parameters(), **OPTIMIZERS[optimizer]), workload.loss_fn,
-                      run=run, **audit_options)
+        audit = Audit(
+            workload.model,
+            kind(workload.model.parameters(), **OPTIMIZERS[optimizer]),
+            workload.loss_fn,
+            run=run,
+            **audit_options,
+        )
         batches = workload.batches()
         try:
             for _ in range(steps):

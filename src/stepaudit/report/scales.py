@@ -1,4 +1,5 @@
 """Axis scales for the report's SVG charts: linear, log and symmetric-log, with readable ticks."""
+
 from __future__ import annotations
 
 import math
@@ -110,13 +111,13 @@ def _log_ticks(lo: float, hi: float) -> list[tuple[float, str]]:
     decades = list(range(first, last + 1))
     if len(decades) <= 4:  # up to about three decades: add 2× and 5× (or 3×) ticks so there are enough labels
         multiples = (1, 2, 5) if len(decades) <= 3 else (1, 3)
-        ticks = [(m * 10.0 ** k, fmt(m * 10.0 ** k)) for k in decades for m in multiples]
+        ticks = [(m * 10.0**k, fmt(m * 10.0**k)) for k in decades for m in multiples]
         ticks = [(v, s) for v, s in ticks if lo * (1 - 1e-9) <= v <= hi * (1 + 1e-9)]
         if len(ticks) >= 3:
             return ticks
         return [(v, fmt(v)) for v in linear_ticks(lo, hi, 4) if v > 0]
     stride = math.ceil(len(decades) / 7)
-    return [(10.0 ** k, power_label(k)) for k in decades[::stride] if lo * (1 - 1e-9) <= 10.0 ** k <= hi * (1 + 1e-9)]
+    return [(10.0**k, power_label(k)) for k in decades[::stride] if lo * (1 - 1e-9) <= 10.0**k <= hi * (1 + 1e-9)]
 
 
 def _symlog_ticks(lo: float, hi: float, c: float) -> list[tuple[float, str]]:
@@ -130,7 +131,7 @@ def _symlog_ticks(lo: float, hi: float, c: float) -> list[tuple[float, str]]:
     ticks = [(0.0, "0")]
     for k in powers:
         for sign in (1, -1):
-            value = sign * 10.0 ** k
+            value = sign * 10.0**k
             if lo <= value <= hi:
                 ticks.append((value, ("−" if sign < 0 else "") + power_label(k)))
     return sorted(ticks)

@@ -1,16 +1,18 @@
 """Terminal summaries of a run and of a comparison: ``rich`` tables when installed, plain text otherwise."""
+
 from __future__ import annotations
 
 import math
 import sys
-from typing import IO, Sequence
+from collections.abc import Sequence
+from typing import IO
 
 import numpy as np
 
+from ..cli import rich_console
 from .compare import COLUMNS, cell, shown_columns, summary_rows
 from .data import LAST_LOSS_NAME, NOT_MEASURED, Run, hyperparameters, summary
 from .downsample import envelope
-from ..cli import rich_console
 from .scales import fmt
 
 BLOCKS = "▁▂▃▄▅▆▇█"
@@ -25,8 +27,9 @@ def sparkline(values: np.ndarray, width: int = 48) -> str:
     finite = mid[np.isfinite(mid)]
     lo, hi = float(finite.min()), float(finite.max())
     span = hi - lo or 1.0
-    return "".join(" " if not math.isfinite(v) else BLOCKS[min(int((v - lo) / span * len(BLOCKS)), len(BLOCKS) - 1)]
-                   for v in mid)
+    return "".join(
+        " " if not math.isfinite(v) else BLOCKS[min(int((v - lo) / span * len(BLOCKS)), len(BLOCKS) - 1)] for v in mid
+    )
 
 
 def _pct(value: float) -> str:
@@ -45,16 +48,25 @@ def run_rows(run: Run) -> list[tuple[str, str, str]]:
     s = summary(run)
     rows = [
         ("optimizer steps" if run.passive else "audited steps", f"{s['audited_steps']:,}", ""),
-        ("loss, first → last", f"{fmt(s['first_loss'])} → {fmt(s['last_loss'])}",
-         f"training batch, before the step; {LAST_LOSS_NAME}"),
+        (
+            "loss, first → last",
+            f"{fmt(s['first_loss'])} → {fmt(s['last_loss'])}",
+            f"training batch, before the step; {LAST_LOSS_NAME}",
+        ),
     ]
     if run.passive:  # these need the loss after the step on the same batch (an Audit measures it)
-        rows += [("lowered / raised / flat", NOT_MEASURED, "needs the loss after the step (stepaudit.Audit)"),
-                 ("median α", NOT_MEASURED, ""), ("median Δloss / g·Δw", NOT_MEASURED, "")]
+        rows += [
+            ("lowered / raised / flat", NOT_MEASURED, "needs the loss after the step (stepaudit.Audit)"),
+            ("median α", NOT_MEASURED, ""),
+            ("median Δloss / g·Δw", NOT_MEASURED, ""),
+        ]
     else:
         rows += [
-            ("lowered / raised / flat", f"{_pct(s['share_decrease'])} / {_pct(s['share_increase'])} / {_pct(s['share_flat'])}",
-             "share of steps, on their own batch"),
+            (
+                "lowered / raised / flat",
+                f"{_pct(s['share_decrease'])} / {_pct(s['share_increase'])} / {_pct(s['share_flat'])}",
+                "share of steps, on their own batch",
+            ),
             ("median α", fmt(s["median_alpha"]), "−1 did not move, 0 valley floor, >1 overshot"),
             ("median Δloss / g·Δw", fmt(s["median_delta_over_first_order"]), "1 = the gradient's promise kept"),
         ]
@@ -68,7 +80,9 @@ def run_rows(run: Run) -> list[tuple[str, str, str]]:
         lr = run.columns["lr"][np.isfinite(run.columns["lr"])][-1]
         rows.append(("last sharpness λmax", fmt(float(last)), f"2/η = {fmt(2.0 / lr)}" if lr > 0 else ""))
     if run.has("noise_scale"):
-        rows.append(("median noise scale", fmt(_median(run, "noise_scale")), f"batch size {fmt(_median(run, 'batch_size'))}"))
+        rows.append(
+            ("median noise scale", fmt(_median(run, "noise_scale")), f"batch size {fmt(_median(run, 'batch_size'))}")
+        )
     return rows
 
 
@@ -116,8 +130,10 @@ def plain_compare(runs: Sequence[Run]) -> str:
     keys = shown_columns(rows)
     table = [[label] + [cell(k, row[k]) for row in rows] for k, label in keys]
     widths = [max(len(r[i]) for r in table) for i in range(len(rows) + 1)]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-                     for r in table)
+    return "\n".join(
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+        for r in table
+    )
 
 
 def print_run(run: Run, file: IO[str] | None = None, width: int | None = None) -> None:
@@ -145,7 +161,10 @@ def print_run(run: Run, file: IO[str] | None = None, width: int | None = None) -
     if run.outcome:
         parts += [Text(""), Text(f"✗ {run.outcome}", style="bold red")]
     if run.findings or run.findings_error:
-        parts += [Text(""), Text("doctor's findings" + (" (stored by stepaudit doctor)" if run.passive else ""), style="bold")]
+        parts += [
+            Text(""),
+            Text("doctor's findings" + (" (stored by stepaudit doctor)" if run.passive else ""), style="bold"),
+        ]
         for d in run.findings:
             head, fix = _finding_line(d)
             parts.append(Text.assemble(("• ", "yellow"), (head, "")))
@@ -153,8 +172,9 @@ def print_run(run: Run, file: IO[str] | None = None, width: int | None = None) -
                 parts.append(Text("  " + fix, style="green"))
         if run.findings_error:
             parts.append(Text(run.findings_error, style="red"))
-    console.print(Panel(Group(*parts), title=Text(f"stepaudit · {run.name}", style="bold"), title_align="left",
-                        expand=False))
+    console.print(
+        Panel(Group(*parts), title=Text(f"stepaudit · {run.name}", style="bold"), title_align="left", expand=False)
+    )
 
 
 def print_compare(runs: Sequence[Run], file: IO[str] | None = None, width: int | None = None) -> None:
@@ -175,9 +195,13 @@ def print_compare(runs: Sequence[Run], file: IO[str] | None = None, width: int |
     table.add_column("")  # one row per quantity, one column per run: fits a terminal for a few runs
     budget = max(8, (console.width - 24) // max(len(rows), 1) - 3)  # a run column's share of the terminal
     for row in rows:  # a name never folds mid-word: one longer than its share is cut visibly with "…"
-        name = row["run"] if all(len(w) <= budget for w in row["run"].split()) else row["run"][:budget - 1] + "…"
-        table.add_column(Text(name, style="bold"), justify="right", overflow="fold",
-                         min_width=max((len(w) for w in name.split()), default=1))
+        name = row["run"] if all(len(w) <= budget for w in row["run"].split()) else row["run"][: budget - 1] + "…"
+        table.add_column(
+            Text(name, style="bold"),
+            justify="right",
+            overflow="fold",
+            min_width=max((len(w) for w in name.split()), default=1),
+        )
     for key, label in keys:
         table.add_row(Text(label, style="bold"), *(Text(cell(key, row[key])) for row in rows))
     console.print(table)

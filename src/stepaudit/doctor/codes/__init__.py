@@ -21,21 +21,46 @@ round numbers with a stated meaning, not fits to a test suite. Sources cited by 
   [ZK]  Zhang et al., "Understanding deep learning requires rethinking generalization" (2017): random
         labels are fitted only by memorisation, slowly, the loss staying near the label entropy.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ..diagnosis import Diagnosis
 from ..facts import Facts
-from . import (dead_relu, exploding_gradients, gradient_noise_dominates, labels_unlearnable, loss_wiring, lr_too_high,
-               lr_too_low, missing_zero_grad, nonfinite, params_not_updating, saturated_activations,
-               unnormalized_inputs, vanishing_gradients)
+from . import (
+    dead_relu,
+    exploding_gradients,
+    gradient_noise_dominates,
+    labels_unlearnable,
+    loss_wiring,
+    lr_too_high,
+    lr_too_low,
+    missing_zero_grad,
+    nonfinite,
+    params_not_updating,
+    saturated_activations,
+    unnormalized_inputs,
+    vanishing_gradients,
+)
 from .base import RESERVED, Code, validate
 
 # The order the rules run in: findings keep it, so it breaks ties between equally strong findings.
-_MODULES = (nonfinite, params_not_updating, missing_zero_grad, loss_wiring, unnormalized_inputs, dead_relu,
-            saturated_activations, vanishing_gradients, exploding_gradients, lr_too_high, lr_too_low,
-            labels_unlearnable, gradient_noise_dominates)
+_MODULES = (
+    nonfinite,
+    params_not_updating,
+    missing_zero_grad,
+    loss_wiring,
+    unnormalized_inputs,
+    dead_relu,
+    saturated_activations,
+    vanishing_gradients,
+    exploding_gradients,
+    lr_too_high,
+    lr_too_low,
+    labels_unlearnable,
+    gradient_noise_dominates,
+)
 ALL: tuple[Code, ...] = tuple(module.CODE for module in _MODULES)
 validate(ALL)
 
@@ -48,5 +73,14 @@ PRIORITY: tuple[str, ...] = tuple(code.name for code in sorted(ALL, key=lambda c
 QUIET_AFTER_DIVERGENCE: tuple[str, ...] = tuple(code.name for code in ALL if code.quiet_after_divergence)
 NOTES_WHEN_LEARNING: tuple[str, ...] = tuple(code.name for code in ALL if code.note_when_learning)
 
-__all__ = ["ALL", "CAUSES", "CODES", "Code", "NOTES_WHEN_LEARNING", "PRIORITY", "QUIET_AFTER_DIVERGENCE", "RULES",
-           "validate"]
+__all__ = [
+    "ALL",
+    "CAUSES",
+    "CODES",
+    "Code",
+    "NOTES_WHEN_LEARNING",
+    "PRIORITY",
+    "QUIET_AFTER_DIVERGENCE",
+    "RULES",
+    "validate",
+]

@@ -1,8 +1,9 @@
 """``Code``: one diagnosis code as data (its rule and how the doctor links, ranks and tempers its findings)."""
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from ..diagnosis import Diagnosis
 from ..facts import Facts

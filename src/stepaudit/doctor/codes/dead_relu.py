@@ -1,7 +1,10 @@
 """Hidden ReLU units silent on a whole batch, or a ReLU on the output [CS]."""
+
 from __future__ import annotations
 
-from ..diagnosis import Diagnosis, clip as _clip, not_training as _not_training
+from ..diagnosis import Diagnosis
+from ..diagnosis import clip as _clip
+from ..diagnosis import not_training as _not_training
 from ..facts import Facts
 from .base import Code
 
@@ -11,11 +14,16 @@ def dead_relu(f: Facts) -> Diagnosis | None:
     the model's output that is 0 for every example (all predictions 0, no gradient back)."""
     output = f.dead_output
     if output is not None:
-        return Diagnosis("dead_relu", "error", 0.9, output,
-                         f"the model's output goes through a ReLU that is 0 for every example of the batch from step "
-                         f"{output} on (median over sampled steps): every prediction is 0 and no gradient flows back.",
-                         "remove the ReLU after the last layer (predict the raw output; use Softplus or exp if the "
-                         "target must be positive)")
+        return Diagnosis(
+            "dead_relu",
+            "error",
+            0.9,
+            output,
+            f"the model's output goes through a ReLU that is 0 for every example of the batch from step "
+            f"{output} on (median over sampled steps): every prediction is 0 and no gradient flows back.",
+            "remove the ReLU after the last layer (predict the raw output; use Softplus or exp if the "
+            "target must be positive)",
+        )
     overall, layer = f.share_late("dead_relu_share"), f.share_late("dead_relu_max")
     if overall is None:
         return None
@@ -30,16 +38,32 @@ def dead_relu(f: Facts) -> Diagnosis | None:
     onsets = [s for s in (f.first_at("dead_relu_share", 0.5), f.first_at("dead_relu_max", 0.9)) if s is not None]
     first = 0 if at_init else min(onsets, default=first)
     when = "from initialisation on" if at_init else f"from step {first} on"
-    fix = ("check biases and initialisation (no large negative bias; kaiming init); LeakyReLU or normalisation "
-           "layers keep units alive")
-    return Diagnosis("dead_relu", severity, _clip(0.5 + 0.5 * max(share, layer_share - 0.2)), first,
-                     f"{share:.0%} of hidden ReLU units never fire on a whole batch (worst layer {layer_share:.0%} dead) "
-                     f"{when}, so they pass no gradient and never recover.",
-                     fix if at_init else "lower the learning rate (large steps push units below zero for good); " + fix,
-                     lr_direction=0 if at_init else -1)
+    fix = (
+        "check biases and initialisation (no large negative bias; kaiming init); LeakyReLU or normalisation "
+        "layers keep units alive"
+    )
+    return Diagnosis(
+        "dead_relu",
+        severity,
+        _clip(0.5 + 0.5 * max(share, layer_share - 0.2)),
+        first,
+        f"{share:.0%} of hidden ReLU units never fire on a whole batch (worst layer {layer_share:.0%} dead) "
+        f"{when}, so they pass no gradient and never recover.",
+        fix if at_init else "lower the learning rate (large steps push units below zero for good); " + fix,
+        lr_direction=0 if at_init else -1,
+    )
 
 
-CODE = Code(name="dead_relu", rule=dead_relu, priority=70,
-            causes=("vanishing_gradients", "lr_too_low", "labels_unlearnable", "gradient_noise_dominates",
-                    "params_not_updating:no_grad"),
-            note_when_learning=True)
+CODE = Code(
+    name="dead_relu",
+    rule=dead_relu,
+    priority=70,
+    causes=(
+        "vanishing_gradients",
+        "lr_too_low",
+        "labels_unlearnable",
+        "gradient_noise_dominates",
+        "params_not_updating:no_grad",
+    ),
+    note_when_learning=True,
+)

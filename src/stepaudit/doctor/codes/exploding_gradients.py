@@ -1,9 +1,13 @@
 """Gradients growing by orders of magnitude, huge against the weights, a cliff or an overflow [PM]."""
+
 from __future__ import annotations
 
 import math
 
-from ..diagnosis import Diagnosis, clip as _clip, fmt as _g, not_training as _not_training
+from ..diagnosis import Diagnosis
+from ..diagnosis import clip as _clip
+from ..diagnosis import fmt as _g
+from ..diagnosis import not_training as _not_training
 from ..facts import Facts
 from .base import Code
 
@@ -19,17 +23,29 @@ def exploding_gradients(f: Facts) -> Diagnosis | None:
     if rel is not None and rel >= 10 and early is not None and early >= 10:
         # ‖g‖/‖w‖ ≥ 10: even lr = 1e-2 would move the weights by 10% per step, 100× cs231n's 1e-3. Required at
         # initialisation and still over the first sampled steps: one large first gradient is not a trend.
-        parts.append(f"at step {f.sampled[0]['step']} the gradient was {rel:.3g}× the weights' norm (median over "
-                     f"layers), and still {early:.3g}× over the first sampled steps")
+        parts.append(
+            f"at step {f.sampled[0]['step']} the gradient was {rel:.3g}× the weights' norm (median over "
+            f"layers), and still {early:.3g}× over the first sampled steps"
+        )
         first = int(f.sampled[0]["step"])
     cliff = f.loss_cliff
     if cliff is not None:
-        parts.append(f"the loss was {_g(cliff['before'])} (below its start) until step {cliff['calm']}, then jumped to "
-                     f"{_g(cliff['top'])} and went non-finite at step {cliff['nonfinite']}: a sudden gradient blow-up "
-                     "(a cliff), not a slow divergence")
+        parts.append(
+            f"the loss was {_g(cliff['before'])} (below its start) until step {cliff['calm']}, then jumped to "
+            f"{_g(cliff['top'])} and went non-finite at step {cliff['nonfinite']}: a sudden gradient blow-up "
+            "(a cliff), not a slow divergence"
+        )
         first = cliff["calm"] + 1
-    overflow = next((r for r in f.records if r.get("grad_nonfinite")
-                     and isinstance(r.get("loss_before"), (int, float)) and math.isfinite(r["loss_before"])), None)
+    overflow = next(
+        (
+            r
+            for r in f.records
+            if r.get("grad_nonfinite")
+            and isinstance(r.get("loss_before"), (int, float))
+            and math.isfinite(r["loss_before"])
+        ),
+        None,
+    )
     if overflow is not None:
         parts.append(f"the gradient overflowed to NaN/Inf at step {overflow['step']} while the loss was finite")
         first = int(overflow["step"]) if first is None else first
@@ -37,13 +53,23 @@ def exploding_gradients(f: Facts) -> Diagnosis | None:
         return None
     severity = "error" if f.first_nonfinite or _not_training(f) else "warning"
     kind = "init" if first == (f.sampled[0]["step"] if f.sampled else None) else "cliff" if cliff else "growth"
-    return Diagnosis("exploding_gradients", severity, _clip(0.55 + 0.15 * len(parts)), first, "; ".join(parts) + ".",
-                     "clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)) and use a smaller "
-                     "initialisation or normalisation layers", kind="overflow" if overflow is not None else kind,
-                     persistent=overflow is not None or cliff is not None)
+    return Diagnosis(
+        "exploding_gradients",
+        severity,
+        _clip(0.55 + 0.15 * len(parts)),
+        first,
+        "; ".join(parts) + ".",
+        "clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)) and use a smaller "
+        "initialisation or normalisation layers",
+        kind="overflow" if overflow is not None else kind,
+        persistent=overflow is not None or cliff is not None,
+    )
 
 
-CODE = Code(name="exploding_gradients", rule=exploding_gradients, priority=60,
-            causes=("nonfinite", "lr_too_high", "loss_wiring:init", "dead_relu", "saturated_activations",
-                    "labels_unlearnable"),
-            note_when_learning=True)
+CODE = Code(
+    name="exploding_gradients",
+    rule=exploding_gradients,
+    priority=60,
+    causes=("nonfinite", "lr_too_high", "loss_wiring:init", "dead_relu", "saturated_activations", "labels_unlearnable"),
+    note_when_learning=True,
+)

@@ -1,9 +1,12 @@
 """The batch is far below the gradient noise scale: each step mostly follows noise [MC]."""
+
 from __future__ import annotations
 
 import math
 
-from ..diagnosis import Diagnosis, clip as _clip, fmt as _g
+from ..diagnosis import Diagnosis
+from ..diagnosis import clip as _clip
+from ..diagnosis import fmt as _g
 from ..facts import Facts, finite, med
 from .base import Code
 
@@ -21,7 +24,9 @@ def gradient_noise_dominates(f: Facts) -> Diagnosis | None:
     parts, strength = [], 0.0
     scales = finite(r.get("noise_scale") for r in f.healthy_records)
     if scales and b and med(scales) / b >= 10:
-        parts.append(f"the measured noise scale B_simple ≈ {_g(med(scales))} is {_g(med(scales) / b, 2)}× the batch size {b}")
+        parts.append(
+            f"the measured noise scale B_simple ≈ {_g(med(scales))} is {_g(med(scales) / b, 2)}× the batch size {b}"
+        )
         strength += 0.45
     cos, transfer = f.grad_cos_half, f.transfer
     start = abs(f.loss_start or 0)
@@ -32,9 +37,11 @@ def gradient_noise_dominates(f: Facts) -> Diagnosis | None:
         signal = math.sqrt(max(cos, 0.0) * max(transfer[0], 0.0))
         if signal <= 0.1:
             estimate = "≫ 100" if signal <= 0.01 else f"≈ {_g(1 / signal - 1, 2)}"
-            parts.append(f"consecutive gradients are nearly orthogonal (mean cos {cos:.2g}) and only "
-                         f"{max(transfer[0], 0):.1%} of the decrease the steps promised on their own batches showed on "
-                         f"new ones (first half): signal fraction ≈ {signal:.2g}, so B_noise/B {estimate}")
+            parts.append(
+                f"consecutive gradients are nearly orthogonal (mean cos {cos:.2g}) and only "
+                f"{max(transfer[0], 0):.1%} of the decrease the steps promised on their own batches showed on "
+                f"new ones (first half): signal fraction ≈ {signal:.2g}, so B_noise/B {estimate}"
+            )
             strength += 0.4
     if not parts:
         return None
@@ -50,13 +57,24 @@ def gradient_noise_dominates(f: Facts) -> Diagnosis | None:
     # Every mini-batch run is noisy; it is a problem where the batch is tiny or the loss barely moves.
     slow = f.progress is not None and f.progress < 0.3
     severity = "warning" if tiny or slow or scales else "info"
-    return Diagnosis("gradient_noise_dominates", severity, _clip(0.35 + strength), 0,
-                     f"batch size {b or '?'}: " + "; ".join(parts) + f" (loss {_g(f.loss_start)} → {_g(f.loss_end)}).",
-                     "increase the batch size (or accumulate gradients) toward the noise scale; decaying the "
-                     "learning rate late in training also averages the noise out", whole_run=True, persistent=tiny)
+    return Diagnosis(
+        "gradient_noise_dominates",
+        severity,
+        _clip(0.35 + strength),
+        0,
+        f"batch size {b or '?'}: " + "; ".join(parts) + f" (loss {_g(f.loss_start)} → {_g(f.loss_end)}).",
+        "increase the batch size (or accumulate gradients) toward the noise scale; decaying the "
+        "learning rate late in training also averages the noise out",
+        whole_run=True,
+        persistent=tiny,
+    )
 
 
-CODE = Code(name="gradient_noise_dominates", rule=gradient_noise_dominates, priority=120,
-            causes=(),
-            quiet_after_divergence=True,
-            note_when_learning=True)
+CODE = Code(
+    name="gradient_noise_dominates",
+    rule=gradient_noise_dominates,
+    priority=120,
+    causes=(),
+    quiet_after_divergence=True,
+    note_when_learning=True,
+)

@@ -1,7 +1,10 @@
 """Steps that overshoot: the loss climbs above its start, own-batch increases, lr beyond 2/λ_max [DL; CS]."""
+
 from __future__ import annotations
 
-from ..diagnosis import Diagnosis, clip as _clip, fmt as _g
+from ..diagnosis import Diagnosis
+from ..diagnosis import clip as _clip
+from ..diagnosis import fmt as _g
 from ..facts import Facts, med
 from .base import Code
 
@@ -11,11 +14,14 @@ def lr_too_high(f: Facts) -> Diagnosis | None:
     parts, first, strength = [], None, 0.0
     peak = f.peak
     # a spike the run recovers from (or ends far below its start after) is a catapult, not a fault
-    ended_high = f.loss_end is not None and f.loss_start is not None and \
-        f.loss_end >= f.loss_start - 0.1 * abs(f.loss_start)  # "still high at the end" must be true
+    ended_high = (
+        f.loss_end is not None and f.loss_start is not None and f.loss_end >= f.loss_start - 0.1 * abs(f.loss_start)
+    )  # "still high at the end" must be true
     if peak and peak[1] is not None and not f.recovered and not f.learning_well and ended_high:
-        parts.append(f"the loss rose to {_g(peak[0])} (rolling median; it started at {_g(f.loss_start)}) "
-                     f"and was still at {_g(f.loss_end)} at the end")
+        parts.append(
+            f"the loss rose to {_g(peak[0])} (rolling median; it started at {_g(f.loss_start)}) "
+            f"and was still at {_g(f.loss_end)} at the end"
+        )
         first, strength = peak[1], strength + 0.35
     found = f.first_nonfinite
     growth = f.grad_growth
@@ -29,20 +35,32 @@ def lr_too_high(f: Facts) -> Diagnosis | None:
         up = sum(r["delta"] > 0 for r in own) / len(own)
         alpha = med(r.get("alpha") for r in own)
         if up >= 0.25 or (alpha is not None and alpha > 1):
-            parts.append(f"{up:.0%} of steps raised the loss on their own batch (median α {_g(alpha)}; α > 1 overshoots the valley)")
+            parts.append(
+                f"{up:.0%} of steps raised the loss on their own batch (median α {_g(alpha)}; α > 1 overshoots the valley)"
+            )
             first = first if first is not None else next(int(r["step"]) for r in own if r["delta"] > 0)
             strength += 0.35
     killed = f.first_at("dead_relu_share", 0.5)
-    if (f.update_ratio_early or 0) >= 5e-2 and killed is not None and 0 < killed <= 10 \
-            and (f.share_init("dead_relu_share") or 0) < 0.5:
+    if (
+        (f.update_ratio_early or 0) >= 5e-2
+        and killed is not None
+        and 0 < killed <= 10
+        and (f.share_init("dead_relu_share") or 0) < 0.5
+    ):
         # ReLUs alive at initialisation, half of them dead within the first steps that moved the weights by
         # ≥ 5% of their norm (50× cs231n's 1e-3): the steps pushed their pre-activations below 0 for good.
-        parts.append(f"the first steps moved the weights by {_g(f.update_ratio_early)} of their norm and "
-                     f"{f.share_late('dead_relu_share')[0]:.0%} of the hidden ReLUs were dead by step {killed}")
+        parts.append(
+            f"the first steps moved the weights by {_g(f.update_ratio_early)} of their norm and "
+            f"{f.share_late('dead_relu_share')[0]:.0%} of the hidden ReLUs were dead by step {killed}"
+        )
         first = killed if first is None else min(first, killed)
         strength += 0.4 - 0.1  # the step-size part below is already said here
-    unsafe = [r for r in f.healthy_records if r.get("lr_exceeds_safe") in (True, 1) or r.get("precond_exceeds") in (True, 1)]
-    judged = [r for r in f.healthy_records if r.get("lr_exceeds_safe") is not None or r.get("precond_exceeds") is not None]
+    unsafe = [
+        r for r in f.healthy_records if r.get("lr_exceeds_safe") in (True, 1) or r.get("precond_exceeds") in (True, 1)
+    ]
+    judged = [
+        r for r in f.healthy_records if r.get("lr_exceeds_safe") is not None or r.get("precond_exceeds") is not None
+    ]
     if judged and len(unsafe) >= 0.5 * len(judged):
         parts.append(f"lr exceeded the stability bound 2/λ_max at {len(unsafe)} of {len(judged)} measured steps")
         first = first if first is not None else int(unsafe[0]["step"])
@@ -57,10 +75,28 @@ def lr_too_high(f: Facts) -> Diagnosis | None:
         strength -= 0.15  # a rising loss with modest steps may be bad data or wiring rather than the lr
     lr = next((r.get("lr") for r in f.records if isinstance(r.get("lr"), (int, float))), None)
     lr_text = f" (lr = {_g(lr)})" if lr else ""
-    return Diagnosis("lr_too_high", "error", _clip(0.4 + strength), first, "; ".join(parts) + ".",
-                     f"lower the learning rate{lr_text} by 3–10× (or add warm-up / gradient clipping)", lr_direction=-1)
+    return Diagnosis(
+        "lr_too_high",
+        "error",
+        _clip(0.4 + strength),
+        first,
+        "; ".join(parts) + ".",
+        f"lower the learning rate{lr_text} by 3–10× (or add warm-up / gradient clipping)",
+        lr_direction=-1,
+    )
 
 
-CODE = Code(name="lr_too_high", rule=lr_too_high, priority=50,
-            causes=("nonfinite", "exploding_gradients", "dead_relu", "saturated_activations",
-                    "gradient_noise_dominates", "labels_unlearnable", "vanishing_gradients"))
+CODE = Code(
+    name="lr_too_high",
+    rule=lr_too_high,
+    priority=50,
+    causes=(
+        "nonfinite",
+        "exploding_gradients",
+        "dead_relu",
+        "saturated_activations",
+        "gradient_noise_dominates",
+        "labels_unlearnable",
+        "vanishing_gradients",
+    ),
+)

@@ -1,7 +1,11 @@
 """Steps too small to matter, or a schedule that drove the learning rate to nothing [CS; DL]."""
+
 from __future__ import annotations
 
-from ..diagnosis import Diagnosis, clip as _clip, fmt as _g, not_training as _not_training
+from ..diagnosis import Diagnosis
+from ..diagnosis import clip as _clip
+from ..diagnosis import fmt as _g
+from ..diagnosis import not_training as _not_training
 from ..facts import Facts, med
 from .base import Code
 
@@ -21,26 +25,39 @@ def lr_too_low(f: Facts) -> Diagnosis | None:
         strength += 0.3
     total, start = f.predicted_total, f.loss_start
     if total is not None and start and total < 0.1 * abs(start):
-        parts.append(f"even if every step's own-batch decrease −g·Δw carried over, the whole run would remove only "
-                     f"{_g(total)} of a loss of {_g(start)}")
+        parts.append(
+            f"even if every step's own-batch decrease −g·Δw carried over, the whole run would remove only "
+            f"{_g(total)} of a loss of {_g(start)}"
+        )
         strength += 0.3
     own = f.own_batch
     alpha, scale = med(r.get("alpha") for r in own), med(r.get("best_scale") for r in own)
     if alpha is not None and alpha <= -0.8 and scale is not None and scale >= 10:
-        parts.append(f"on its own batch each step stops far short of the valley floor (median α {_g(alpha)}, "
-                     f"best step {_g(scale)}× longer)")
+        parts.append(
+            f"on its own batch each step stops far short of the valley floor (median α {_g(alpha)}, "
+            f"best step {_g(scale)}× longer)"
+        )
         strength += 0.35
     if not parts:
         return None
     cos = f.grad_cos_early
     if cos is not None and cos >= 0.2:
-        parts.append(f"consecutive gradients agree (cos {_g(cos, 2)}), so longer steps would follow a reliable direction")
+        parts.append(
+            f"consecutive gradients agree (cos {_g(cos, 2)}), so longer steps would follow a reliable direction"
+        )
         strength += 0.1
     lr = next((r.get("lr") for r in f.records if isinstance(r.get("lr"), (int, float))), None)
-    return Diagnosis("lr_too_low", "warning" if strength < 0.5 else "error", _clip(0.4 + strength), 0,
-                     f"the loss went from {_g(f.loss_start)} to {_g(f.loss_end)} in {f.n_steps} steps; " + "; ".join(parts) + ".",
-                     f"raise the learning rate{f' (lr = {_g(lr)})' if lr else ''} by 10× and watch the loss; "
-                     "an lr range test finds the largest one that still descends", whole_run=True, lr_direction=+1)
+    return Diagnosis(
+        "lr_too_low",
+        "warning" if strength < 0.5 else "error",
+        _clip(0.4 + strength),
+        0,
+        f"the loss went from {_g(f.loss_start)} to {_g(f.loss_end)} in {f.n_steps} steps; " + "; ".join(parts) + ".",
+        f"raise the learning rate{f' (lr = {_g(lr)})' if lr else ''} by 10× and watch the loss; "
+        "an lr range test finds the largest one that still descends",
+        whole_run=True,
+        lr_direction=+1,
+    )
 
 
 def _schedule_collapse(f: Facts) -> Diagnosis | None:
@@ -59,18 +76,31 @@ def _schedule_collapse(f: Facts) -> Diagnosis | None:
     if head <= 0 or (head - tail) / abs(head) > 0.05 or f.learning_well:
         return None
     schedulers = found["schedulers"]
-    named = ", ".join(f"{name} (step() called {count}× in {f.n_steps} optimizer steps)"
-                      for name, count in schedulers.items()) or "the learning-rate schedule"
+    named = (
+        ", ".join(
+            f"{name} (step() called {count}× in {f.n_steps} optimizer steps)" for name, count in schedulers.items()
+        )
+        or "the learning-rate schedule"
+    )
     per_batch = any(count >= 0.5 * f.n_steps for count in schedulers.values())
-    return Diagnosis("lr_too_low", "error", 0.85, found["step"],
-                     f"the learning rate fell from {_g(found['peak'])} to {_g(found['final'])} (below 1/1000 of its peak "
-                     f"by step {found['step']}) under {named}; after that the loss stayed at {_g(tail)}.",
-                     ("call scheduler.step() once per epoch, not once per batch (or size step_size / T_max in "
-                      "batches)" if per_batch else "lengthen the schedule or raise its floor (eta_min / gamma)")
-                     + "; keep the learning rate within ~100× of its peak while the loss is still falling",
-                     kind="schedule", lr_direction=+1)
+    return Diagnosis(
+        "lr_too_low",
+        "error",
+        0.85,
+        found["step"],
+        f"the learning rate fell from {_g(found['peak'])} to {_g(found['final'])} (below 1/1000 of its peak "
+        f"by step {found['step']}) under {named}; after that the loss stayed at {_g(tail)}.",
+        (
+            "call scheduler.step() once per epoch, not once per batch (or size step_size / T_max in batches)"
+            if per_batch
+            else "lengthen the schedule or raise its floor (eta_min / gamma)"
+        )
+        + "; keep the learning rate within ~100× of its peak while the loss is still falling",
+        kind="schedule",
+        lr_direction=+1,
+    )
 
 
-CODE = Code(name="lr_too_low", rule=lr_too_low, priority=100,
-            causes=("labels_unlearnable",),
-            quiet_after_divergence=True)
+CODE = Code(
+    name="lr_too_low", rule=lr_too_low, priority=100, causes=("labels_unlearnable",), quiet_after_divergence=True
+)

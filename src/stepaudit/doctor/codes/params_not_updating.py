@@ -1,7 +1,11 @@
 """The weights do not change, or most of them cannot: no step, lr 0, no gradient, no optimizer, frozen."""
+
 from __future__ import annotations
 
-from ..diagnosis import Diagnosis, clip as _clip, fmt as _g, not_training as _not_training
+from ..diagnosis import Diagnosis
+from ..diagnosis import clip as _clip
+from ..diagnosis import fmt as _g
+from ..diagnosis import not_training as _not_training
 from ..facts import Facts, med
 from .base import Code
 
@@ -14,32 +18,61 @@ def params_not_updating(f: Facts) -> Diagnosis | None:
         if obs.get("weights_changed"):
             return None  # a hand-written or non-torch.optim update moved the weights: they are updating
         if backwards:
-            return Diagnosis("params_not_updating", "error", 0.97, 0,
-                             f"{backwards} backward passes ran but optimizer.step() was never called: the weights never change.",
-                             "call optimizer.step() after loss.backward() (and optimizer.zero_grad() before it)")
-        return Diagnosis("params_not_updating", "warning", 0.5, None,
-                         "no backward pass and no optimizer step were seen: nothing was trained.",
-                         "check that the script reaches its training loop (loss.backward(); optimizer.step())")
-    groups = [{**g, "lr": (o.get("max_lr") or [])[i] if i < len(o.get("max_lr") or []) else g.get("lr")}
-              for o in obs.get("optimizers") or [] for i, g in enumerate(o.get("param_groups") or [])]
+            return Diagnosis(
+                "params_not_updating",
+                "error",
+                0.97,
+                0,
+                f"{backwards} backward passes ran but optimizer.step() was never called: the weights never change.",
+                "call optimizer.step() after loss.backward() (and optimizer.zero_grad() before it)",
+            )
+        return Diagnosis(
+            "params_not_updating",
+            "warning",
+            0.5,
+            None,
+            "no backward pass and no optimizer step were seen: nothing was trained.",
+            "check that the script reaches its training loop (loss.backward(); optimizer.step())",
+        )
+    groups = [
+        {**g, "lr": (o.get("max_lr") or [])[i] if i < len(o.get("max_lr") or []) else g.get("lr")}
+        for o in obs.get("optimizers") or []
+        for i, g in enumerate(o.get("param_groups") or [])
+    ]
     groups = groups or (f.meta.get("param_groups") or [])  # active: the groups as the audit began
     zero_lr = [g for g in groups if g.get("lr") == 0]  # passive: the largest lr seen (schedules may end at 0)
     if groups and len(zero_lr) == len(groups):
-        return Diagnosis("params_not_updating", "error", 0.95, 0, "the learning rate is 0 in every parameter group.",
-                         "set a positive learning rate (e.g. lr=1e-3 for Adam, 1e-2–1e-1 for SGD)")
+        return Diagnosis(
+            "params_not_updating",
+            "error",
+            0.95,
+            0,
+            "the learning rate is 0 in every parameter group.",
+            "set a positive learning rate (e.g. lr=1e-3 for Adam, 1e-2–1e-1 for SGD)",
+        )
     if f.sampled and not f.moved:
         zero_grad = f.gradient_always_zero
         if zero_grad and ((f.loss_form or {}).get("kind") == "constant_loss" or f.dead_output is not None):
             return None  # the loss does not depend on the weights (loss_wiring) or the output is a dead ReLU
         if zero_grad:
-            return Diagnosis("params_not_updating", "error", 0.95, int(f.sampled[0]["step"]),
-                             f"the gradient the optimizer received was exactly 0 at all {len(f.sampled)} sampled steps, "
-                             "so no weight changed: .grad is cleared between backward() and step(), or backward() "
-                             "runs after step().",
-                             "order each iteration as optimizer.zero_grad(); loss.backward(); optimizer.step()")
-        return Diagnosis("params_not_updating", "error", 0.9, int(f.sampled[0]["step"]),
-                         f"‖Δw‖ = 0 at all {len(f.sampled)} sampled steps although ‖g‖ ≈ {_g(med(r['grad_norm'] for r in f.sampled))}.",
-                         "check the learning rate and that the optimizer holds the model's parameters")
+            return Diagnosis(
+                "params_not_updating",
+                "error",
+                0.95,
+                int(f.sampled[0]["step"]),
+                f"the gradient the optimizer received was exactly 0 at all {len(f.sampled)} sampled steps, "
+                "so no weight changed: .grad is cleared between backward() and step(), or backward() "
+                "runs after step().",
+                "order each iteration as optimizer.zero_grad(); loss.backward(); optimizer.step()",
+            )
+        return Diagnosis(
+            "params_not_updating",
+            "error",
+            0.9,
+            int(f.sampled[0]["step"]),
+            f"‖Δw‖ = 0 at all {len(f.sampled)} sampled steps although ‖g‖ ≈ {_g(med(r['grad_norm'] for r in f.sampled))}.",
+            "check the learning rate and that the optimizer holds the model's parameters",
+        )
     return _rare_steps(f) or _mostly_frozen(f) or _partly_not_updating(f, zero_lr, groups)
 
 
@@ -54,13 +87,19 @@ def _rare_steps(f: Facts) -> Diagnosis | None:
     if every < 8:  # deliberate accumulation is usually 2-8 micro-batches, and over a long run
         return None
     total = sum(passes)
-    return Diagnosis("params_not_updating", "warning", 0.7, 0,
-                     f"optimizer.step() ran {f.n_steps} times for {total} backward passes (once every {every}) and the "
-                     f"loss barely moved: each update sums the gradients of {every} batches, and the weights change "
-                     f"{every}× less often than the script sees batches (deliberate gradient accumulation does this "
-                     "too; then ignore this).",
-                     "call optimizer.zero_grad(), loss.backward() and optimizer.step() once per batch, inside the "
-                     "batch loop (check the indentation of optimizer.step())", kind="rare_steps")
+    return Diagnosis(
+        "params_not_updating",
+        "warning",
+        0.7,
+        0,
+        f"optimizer.step() ran {f.n_steps} times for {total} backward passes (once every {every}) and the "
+        f"loss barely moved: each update sums the gradients of {every} batches, and the weights change "
+        f"{every}× less often than the script sees batches (deliberate gradient accumulation does this "
+        "too; then ignore this).",
+        "call optimizer.zero_grad(), loss.backward() and optimizer.step() once per batch, inside the "
+        "batch loop (check the indentation of optimizer.step())",
+        kind="rare_steps",
+    )
 
 
 def _mostly_frozen(f: Facts) -> Diagnosis | None:
@@ -69,12 +108,16 @@ def _mostly_frozen(f: Facts) -> Diagnosis | None:
     if not total or frozen < 0.5 * total or not _not_training(f):
         return None
     names = ", ".join(f.obs.get("frozen_names") or [])
-    return Diagnosis("params_not_updating", "error" if frozen >= 0.9 * total else "warning",
-                     _clip(0.5 + 0.4 * frozen / total), 0,
-                     f"{frozen / total:.0%} of the model's values ({frozen:,} of {total:,}; e.g. {names}) have "
-                     "requires_grad=False, and the loss barely moved: only the rest can learn.",
-                     "unfreeze the layers that must learn (p.requires_grad_(True)); freeze only pretrained layers",
-                     kind="frozen")
+    return Diagnosis(
+        "params_not_updating",
+        "error" if frozen >= 0.9 * total else "warning",
+        _clip(0.5 + 0.4 * frozen / total),
+        0,
+        f"{frozen / total:.0%} of the model's values ({frozen:,} of {total:,}; e.g. {names}) have "
+        "requires_grad=False, and the loss barely moved: only the rest can learn.",
+        "unfreeze the layers that must learn (p.requires_grad_(True)); freeze only pretrained layers",
+        kind="frozen",
+    )
 
 
 def _partly_not_updating(f: Facts, zero_lr: list, groups: list) -> Diagnosis | None:
@@ -88,14 +131,18 @@ def _partly_not_updating(f: Facts, zero_lr: list, groups: list) -> Diagnosis | N
     parts, share = [], 0.0
     if orphans:
         share = max(share, orphan_numel / trainable if trainable else 1.0)
-        parts.append(f"{len(orphans)} parameter tensors ({orphan_numel:,} values, {share:.0%} of the model's trainable "
-                     f"values; e.g. {', '.join(o['name'] for o in orphans[:3])}) receive gradients but belong to no "
-                     "optimizer, so they never change")
+        parts.append(
+            f"{len(orphans)} parameter tensors ({orphan_numel:,} values, {share:.0%} of the model's trainable "
+            f"values; e.g. {', '.join(o['name'] for o in orphans[:3])}) receive gradients but belong to no "
+            "optimizer, so they never change"
+        )
     if no_grad_numel and held:
         s = no_grad_numel / held
         share = max(share, s)
-        parts.append(f"{len(no_grad)} of the optimizer's parameter tensors ({s:.0%} of its values; e.g. "
-                     f"{', '.join(p['name'] for p in no_grad[:3])}) never received a nonzero gradient (detached or unused)")
+        parts.append(
+            f"{len(no_grad)} of the optimizer's parameter tensors ({s:.0%} of its values; e.g. "
+            f"{', '.join(p['name'] for p in no_grad[:3])}) never received a nonzero gradient (detached or unused)"
+        )
     if zero_lr:
         share = max(share, len(zero_lr) / len(groups))
         parts.append(f"{len(zero_lr)} of {len(groups)} parameter groups have lr = 0")
@@ -103,15 +150,24 @@ def _partly_not_updating(f: Facts, zero_lr: list, groups: list) -> Diagnosis | N
         return None
     severity = "error" if share >= 0.5 or orphans else "warning"
     kind = "no_grad" if not orphans and not zero_lr else "structure"
-    fix = ("build the optimizer after the model is final (after replacing layers / moving to the device) "
-           "from model.parameters(); don't detach() or wrap the forward in torch.no_grad()")
+    fix = (
+        "build the optimizer after the model is final (after replacing layers / moving to the device) "
+        "from model.parameters(); don't detach() or wrap the forward in torch.no_grad()"
+    )
     if any(o.get("registered") is False for o in orphans):
-        fix = ("register every layer with the model: keep submodules in nn.ModuleList / nn.ModuleDict, not a plain "
-               "list or dict, and create weights once in __init__ as nn.Parameter, not inside forward(); then "
-               "build the optimizer from model.parameters()")
-    return Diagnosis("params_not_updating", severity, _clip(0.6 + 0.4 * share), 0, "; ".join(parts) + ".", fix,
-                     kind=kind)
+        fix = (
+            "register every layer with the model: keep submodules in nn.ModuleList / nn.ModuleDict, not a plain "
+            "list or dict, and create weights once in __init__ as nn.Parameter, not inside forward(); then "
+            "build the optimizer from model.parameters()"
+        )
+    return Diagnosis(
+        "params_not_updating", severity, _clip(0.6 + 0.4 * share), 0, "; ".join(parts) + ".", fix, kind=kind
+    )
 
 
-CODE = Code(name="params_not_updating", rule=params_not_updating, priority=10,
-            causes=("lr_too_low", "labels_unlearnable", "gradient_noise_dominates", "vanishing_gradients"))
+CODE = Code(
+    name="params_not_updating",
+    rule=params_not_updating,
+    priority=10,
+    causes=("lr_too_low", "labels_unlearnable", "gradient_noise_dominates", "vanishing_gradients"),
+)
