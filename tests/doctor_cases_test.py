@@ -441,3 +441,12 @@ def test_parse_doctor_output_finds_the_json_after_other_output():
     assert evaluate.parse_doctor_output("noise\n" + json.dumps(report, indent=1)) == report
     with pytest.raises(ValueError):
         evaluate.parse_doctor_output('epoch 1 loss 0.3\n{"steps": 3}')
+
+
+def test_the_evaluator_skips_a_case_whose_package_is_missing_instead_of_counting_a_crash(tmp_path):
+    spec = importlib.util.spec_from_file_location("doctor_eval_skip", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    script = tmp_path / "c01_x.py"
+    script.write_text("import os\nimport no_such_package_xyz.sub\nfrom fastcore_missing_abc import thing\n")
+    assert module.missing_imports(script) == ["no_such_package_xyz", "fastcore_missing_abc"]

@@ -18,6 +18,8 @@ harness itself cannot run (no labels, unknown case, or not one doctor run produc
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib.util
 import json
 import os
 import re
@@ -139,6 +141,22 @@ def load_labels(suite: Path) -> dict[str, dict]:
     return labels
 
 
+def missing_imports(script: Path) -> list[str]:
+    """Top-level packages the script imports that are not installed here (e.g. fastai), in import order."""
+    missing = []
+    for node in ast.walk(ast.parse(script.read_text())):
+        names = (
+            [a.name for a in node.names]
+            if isinstance(node, ast.Import)
+            else ([node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+        )
+        for name in names:
+            top = name.split(".")[0]
+            if top not in missing and importlib.util.find_spec(top) is None:
+                missing.append(top)
+    return missing
+
+
 def evaluate(
     suite: Path,
     command: Sequence[str] | None = None,
@@ -151,6 +169,8 @@ def evaluate(
     suite = Path(suite).resolve()
     labels = load_labels(suite)
     names = list(labels) if not cases else [_resolve(c, labels) for c in cases]
+    skipped = {name: missing for name in names if (missing := missing_imports(suite / name))}
+    names = [name for name in names if name not in skipped]  # a case needing an absent package is not a crash
     command = list(command or doctor_command())
     jobs = [(name, labels[name]["expected"], suite / name) for name in names]
     if fixed:
@@ -184,6 +204,7 @@ def evaluate(
         "fixed": fixed_runs,
         "per_code": per_code(main_runs),
         "totals": totals(main_runs, fixed_runs),
+        "skipped": skipped,  # case → packages it imports that are not installed
     }
 
 
@@ -244,6 +265,8 @@ def format_report(scored: dict[str, Any]) -> str:
         lines.append(f"{code:<25} {row['cases']:>5} {row['hits']:>6} {row['top1']:>6} {row['errors']:>6}")
     t = scored["totals"]
     lines.append("")
+    for name, missing in scored.get("skipped", {}).items():
+        lines.append(f"skipped {name}: needs {', '.join(missing)} (not installed)")
     if t["faulty_cases"]:
         lines.append(
             f"accuracy (expected code in the top two): {t['hits']}/{t['faulty_cases']} = {t['accuracy']:.1%}"
