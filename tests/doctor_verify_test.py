@@ -332,7 +332,7 @@ def test_rewired_loss_calls_give_the_logits_loss_exactly():
         on_batch_axis = F.nll_loss(torch.log_softmax(z, dim=0), y)  # log_softmax over the batch into NLL
         raw_scores = F.nll_loss(z, y)  # raw scores into NLL: given their log_softmax
         method = F.cross_entropy(z.softmax(-1), y)  # the tensor method's output too
-        bce = F.binary_cross_entropy_with_logits(torch.sigmoid(z[:, 0]), b)
+        bce = F.binary_cross_entropy_with_logits(torch.sigmoid(z[:, :1]).squeeze(1), b)  # through a view
         pred = z[:, :1]  # (N, 1) against a target of shape (N,): the target is reshaped
         mse = F.mse_loss(pred, b)
         counts = counterfactual.applied()

@@ -12,6 +12,8 @@ the passive doctor checks are wrapped so that, before the original runs:
   ``log_softmax(logits, dim=1)``; given scores that are not log-probabilities (rows' logsumexp ≠ 0) it gets
   ``log_softmax(scores, dim=1)``, i.e. the loss becomes ``cross_entropy``; a correct log_softmax is kept;
 - ``binary_cross_entropy_with_logits`` given a sigmoid output gets the sigmoid's input;
+- an output reshaped by a contiguous view (``.squeeze(1)``, ``.view(-1)``) counts as the output, and its
+  logits get the same shape;
 - a regression loss (``mse_loss``, ``l1_loss``, ``smooth_l1_loss``, ``huber_loss``) whose target has the
   input's number of elements in another shape gets the target reshaped to the input's shape.
 
@@ -70,13 +72,21 @@ def _remember(output: Any, function: str, source: Any, dim: Any) -> None:
 
 def _source(tensor: Any, name: str) -> torch.Tensor | None:
     """The logits behind a sigmoid output, a softmax output or a log_softmax off the class axis; else None."""
-    found = _SOURCES.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
-    if found is None or found[0]() is not tensor:
+    if not isinstance(tensor, torch.Tensor):
+        return None
+    output, found = tensor, _SOURCES.get(id(tensor))
+    base = tensor._base
+    if found is None and base is not None and base.numel() == tensor.numel() and base.is_contiguous() \
+            and tensor.is_contiguous():  # a reshaping view of the output (``.squeeze(1)``, ``.view(-1)``)
+        output, found = base, _SOURCES.get(id(base))
+    if found is None or found[0]() is not output:
         return None
     _, function, source, axis = found
     wrong = {"sigmoid": name == "sigmoid", "softmax": name == "softmax", "log_softmax": name == "softmax"
              and axis != 1}
-    return source if wrong.get(function) else None
+    if not wrong.get(function):
+        return None
+    return source if output is tensor else source.reshape(tensor.shape)
 
 
 def _producer(function: str) -> Callable[[Callable], Callable]:

@@ -247,10 +247,7 @@ def counterfactual_for(diagnosis: dict, facts=None) -> tuple[str | None, str]:
 
 
 def split_curves(diagnoses: list[dict]) -> dict | None:
-    """Take the per-step loss curves out of the verifications: {"original": [[step, loss]…], "fixes": […]}.
-
-    A fix judged against the original measured with the rewired loss carries that curve as its "original".
-    """
+    """Take the verifications' per-step loss curves out: {"original": […], "fixes": [… its own "original" if measured]}."""
     found: dict = {"original": None, "fixes": []}
     for d in diagnoses:
         v = d.get("verification") or {}
