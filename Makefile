@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench doctor-eval clean
+.PHONY: venv demo test lint bench doctor-eval clean
 
 $(STAMP): requirements-dev.txt requirements-fastai.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/stepaudit demo
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests tools bench
+	$(VENV)/bin/ruff format --check src tests tools bench
 
 # Benchmarks run with the anchors venv (Cockpit, BackPACK, PyHessian side by side) when it exists:
 # bash bench/anchors.sh builds it. Without it the anchors' cells say "not installed".

@@ -1,4 +1,5 @@
 """``stepaudit doctor --verify``: each counterfactual hook against an oracle, the verdicts, and end-to-end runs."""
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,9 @@ torch.manual_seed(0)
 x = torch.randn(512, 10); y = (x[:, 0] + x[:, 1] > 0).long()
 model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 2))
 """
-LR_TOO_HIGH = HEAD + """
+LR_TOO_HIGH = (
+    HEAD
+    + """
 opt = torch.optim.SGD(model.parameters(), lr=8.0, momentum=0.9)
 for step in range(100):
     idx = torch.randint(0, 512, (64,))
@@ -38,7 +41,10 @@ for step in range(100):
     loss.backward()
     opt.step()
 """
-NO_ZERO_GRAD = HEAD + """
+)
+NO_ZERO_GRAD = (
+    HEAD
+    + """
 opt = torch.optim.Adam(model.parameters(), lr=0.01)
 for step in range(120):
     idx = torch.randint(0, 512, (64,))
@@ -46,7 +52,10 @@ for step in range(120):
     loss.backward()
     opt.step()
 """
-HEALTHY = HEAD + """
+)
+HEALTHY = (
+    HEAD
+    + """
 opt = torch.optim.Adam(model.parameters(), lr=0.01)
 for step in range(60):
     idx = torch.randint(0, 512, (64,))
@@ -56,6 +65,7 @@ for step in range(60):
     opt.step()
 print(f"val_acc: {93.5}%")
 """
+)
 
 
 def write(tmp_path, source: str, name: str = "train.py"):
@@ -65,7 +75,14 @@ def write(tmp_path, source: str, name: str = "train.py"):
 
 
 def diagnosis(code: str) -> dict:
-    return {"code": code, "severity": "error", "confidence": 0.9, "first_step": 0, "evidence": "forced", "fix": "forced"}
+    return {
+        "code": code,
+        "severity": "error",
+        "confidence": 0.9,
+        "first_step": 0,
+        "evidence": "forced",
+        "fix": "forced",
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +105,7 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None
 def test_scale_lr_scales_each_group_and_scheduler_once():
     model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
     opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.3}, {"params": model[1].parameters()}], lr=0.05)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.5 ** epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 0.5**epoch)
     handles = counterfactual.install("lr_too_high", 0.1)
     try:
         _step(model, opt, torch.randn(8, 3))
@@ -145,9 +162,14 @@ def test_clip_gradients_at_the_median_of_the_first_norms():
         counterfactual.remove(handles)
 
 
-@pytest.mark.parametrize("layer, shape, dims", [(nn.Linear(6, 2), (256, 6), (0,)),
-                                                (nn.Conv2d(3, 2, 3), (16, 3, 8, 8), (0, 2, 3)),
-                                                (nn.GRU(4, 3, batch_first=True), (16, 5, 4), (0, 1))])
+@pytest.mark.parametrize(
+    "layer, shape, dims",
+    [
+        (nn.Linear(6, 2), (256, 6), (0,)),
+        (nn.Conv2d(3, 2, 3), (16, 3, 8, 8), (0, 2, 3)),
+        (nn.GRU(4, 3, batch_first=True), (16, 5, 4), (0, 1)),
+    ],
+)
 def test_standardize_inputs_on_the_stats_batch(layer, shape, dims):
     torch.manual_seed(0)
     model = layer.double()
@@ -183,10 +205,14 @@ def test_add_missing_params_on_the_first_step():
 def test_judge_verdicts_and_lines():
     original, rerun = RunLoss(2.3, 2.29, steps=100), RunLoss(2.3, 2.29, steps=100)
     assert judge(original, rerun, RunLoss(2.3, 0.12, steps=100)) == ("confirmed", 0.0)
-    assert _detail("confirmed", "lr ×0.1", original, rerun, RunLoss(2.3, 0.12), 0.0) == \
-        "confirmed: with lr ×0.1 the loss fell 2.3 → 0.12 (original 2.3 → 2.29)"
+    assert (
+        _detail("confirmed", "lr ×0.1", original, rerun, RunLoss(2.3, 0.12), 0.0)
+        == "confirmed: with lr ×0.1 the loss fell 2.3 → 0.12 (original 2.3 → 2.29)"
+    )
     assert judge(original, rerun, RunLoss(2.3, 2.2))[0] == "refuted"  # 4 % better: not markedly
-    assert judge(RunLoss(2.3, 1.0, nonfinite=True), RunLoss(2.3, 1.0, nonfinite=True), RunLoss(2.3, 1.5))[0] == "confirmed"
+    assert (
+        judge(RunLoss(2.3, 1.0, nonfinite=True), RunLoss(2.3, 1.0, nonfinite=True), RunLoss(2.3, 1.5))[0] == "confirmed"
+    )
     assert judge(original, rerun, RunLoss(2.3, None, nonfinite=True))[0] == "refuted"
     noisy = RunLoss(2.3, 1.2)  # the original's re-run ends 0.48 of the start away: too noisy to tell
     assert judge(original, noisy, RunLoss(2.3, 1.5))[0] == "inconclusive"
@@ -196,14 +222,19 @@ def test_judge_verdicts_and_lines():
     partial = RunLoss(2.29, 2.88)  # far below the original's 19.8, yet the loss rose: not a fix
     assert judge(RunLoss(2.29, 19.8), RunLoss(2.29, 19.8), partial)[0] == "inconclusive"
     assert _detail("inconclusive", "lr ×0.1", RunLoss(2.29, 19.8), RunLoss(2.29, 19.8), partial, 0.0).endswith(
-        "better than the original, but that run did not train either")
+        "better than the original, but that run did not train either"
+    )
     at_chance = RunLoss(404.0, 2.3, at_prior=True)  # from a huge first loss down to the label prior: not trained
-    assert judge(RunLoss(404.0, None, nonfinite=True), RunLoss(404.0, None, nonfinite=True), at_chance)[0] == \
-        "inconclusive"
+    assert (
+        judge(RunLoss(404.0, None, nonfinite=True), RunLoss(404.0, None, nonfinite=True), at_chance)[0]
+        == "inconclusive"
+    )
     failed = RunLoss(None, None, error="RuntimeError: boom")
     assert judge(original, rerun, failed)[0] == "inconclusive"
-    assert _detail("inconclusive", "lr ×0.1", original, rerun, failed, 0.0) == \
-        "inconclusive: the verification run failed: RuntimeError: boom"
+    assert (
+        _detail("inconclusive", "lr ×0.1", original, rerun, failed, 0.0)
+        == "inconclusive: the verification run failed: RuntimeError: boom"
+    )
 
 
 def test_printed_metric():
@@ -236,8 +267,16 @@ def test_lr_too_high_is_confirmed(tmp_path, capfd):
     assert check["verdict"] == "confirmed" and check["fix"].startswith("lr ×0.")
     assert check["steps"] == 100 and check["seconds"] > 0
     assert check["loss_fixed"]["end"] < 0.5 * check["loss_fixed"]["start"]
-    assert set(check) >= {"fix", "verdict", "loss_original", "loss_fixed", "metric_original", "metric_fixed",
-                          "steps", "seconds"}
+    assert set(check) >= {
+        "fix",
+        "verdict",
+        "loss_original",
+        "loss_fixed",
+        "metric_original",
+        "metric_fixed",
+        "steps",
+        "seconds",
+    }
 
 
 def test_missing_zero_grad_is_confirmed(tmp_path, capfd):
@@ -300,8 +339,9 @@ def test_ctrl_c_marks_the_unfinished_verifications(monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(module, "run_child", interrupted)
-    found = verify([diagnosis("lr_too_high"), diagnosis("labels_unlearnable")], "train.py", [], 10,
-                   original=RunLoss(2.3, 2.2))
+    found = verify(
+        [diagnosis("lr_too_high"), diagnosis("labels_unlearnable")], "train.py", [], 10, original=RunLoss(2.3, 2.2)
+    )
     assert found[0]["verification"]["detail"] == "inconclusive: cancelled (Ctrl-C) before this verification ran"
     assert found[1]["verification"]["verdict"] == "no automatic check"
 
@@ -310,9 +350,17 @@ def test_ctrl_c_marks_the_unfinished_verifications(monkeypatch):
 def _original_functions() -> dict:
     import torch.nn.functional as F
 
-    return {name: getattr(F, name) for name in ("softmax", "log_softmax", "cross_entropy", "nll_loss", "mse_loss",
-                                                "binary_cross_entropy_with_logits")} | {
-        "torch.sigmoid": torch.sigmoid, "Tensor.softmax": torch.Tensor.softmax}
+    return {
+        name: getattr(F, name)
+        for name in (
+            "softmax",
+            "log_softmax",
+            "cross_entropy",
+            "nll_loss",
+            "mse_loss",
+            "binary_cross_entropy_with_logits",
+        )
+    } | {"torch.sigmoid": torch.sigmoid, "Tensor.softmax": torch.Tensor.softmax}
 
 
 def test_rewired_loss_calls_give_the_logits_loss_exactly():
@@ -323,12 +371,12 @@ def test_rewired_loss_calls_give_the_logits_loss_exactly():
     z = torch.randn(32, 5, requires_grad=True)
     y = torch.randint(0, 5, (32,))
     expected = F.cross_entropy(z, y)
-    expected_grad, = torch.autograd.grad(expected, z)
+    (expected_grad,) = torch.autograd.grad(expected, z)
     b = torch.rand(32)
     handles = counterfactual.install("loss_wiring")
     try:
         rewired = nn.CrossEntropyLoss()(nn.Softmax(dim=1)(z), y)  # softmax into CrossEntropyLoss: dropped
-        grad, = torch.autograd.grad(rewired, z)
+        (grad,) = torch.autograd.grad(rewired, z)
         on_batch_axis = F.nll_loss(torch.log_softmax(z, dim=0), y)  # log_softmax over the batch into NLL
         raw_scores = F.nll_loss(z, y)  # raw scores into NLL: given their log_softmax
         method = F.cross_entropy(z.softmax(-1), y)  # the tensor method's output too
@@ -342,9 +390,12 @@ def test_rewired_loss_calls_give_the_logits_loss_exactly():
     assert torch.equal(on_batch_axis, expected) and torch.equal(raw_scores, expected) and torch.equal(method, expected)
     assert torch.equal(bce, F.binary_cross_entropy_with_logits(z[:, 0], b))
     assert torch.equal(mse, F.mse_loss(z[:, 0], b))
-    assert counts == {"softmax dropped before cross_entropy": 2, "log_softmax over the classes into nll_loss": 2,
-                      "sigmoid dropped before binary_cross_entropy_with_logits": 1,
-                      "target reshaped to the input's shape": 1}
+    assert counts == {
+        "softmax dropped before cross_entropy": 2,
+        "log_softmax over the classes into nll_loss": 2,
+        "sigmoid dropped before binary_cross_entropy_with_logits": 1,
+        "target reshaped to the input's shape": 1,
+    }
     assert _original_functions() == before  # every wrapper removed
 
 
@@ -377,7 +428,7 @@ def test_a_held_schedule_never_takes_the_lr_below_its_floor(floor):
             lrs.append(opt.param_groups[0]["lr"])
     finally:
         counterfactual.remove(handles)
-    last = max(k for k in range(20) if 0.5 ** k >= floor)  # the last halving that stays above the floor
+    last = max(k for k in range(20) if 0.5**k >= floor)  # the last halving that stays above the floor
     assert lrs == [0.5 ** min(t + 1, last) for t in range(20)]  # as written until then, held afterwards
     assert min(lrs) >= floor and scheduler.get_last_lr() == [lrs[-1]]
     scheduler.step()  # without the hook the schedule runs on
@@ -480,13 +531,17 @@ opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 """ + LOOP.format(steps=150, loss="nn.functional.cross_entropy(model(x[idx]), y[idx])", after="")
 
 
-@pytest.mark.parametrize("source, code, fix", [
-    (SOFTMAX_INTO_CE, "loss_wiring", "the loss call rewired (softmax dropped before cross_entropy ×150)"),
-    (BROADCAST, "loss_wiring", "the loss call rewired (target reshaped to the input's shape ×150)"),
-    (SCHEDULE_PER_BATCH, "lr_too_low", "scheduler steps ignored once the lr fell below 0.1 × its peak"),
-    (DEAD_RELU, "dead_relu", "layers re-initialised (He ×2)"),
-    (TINY_TANH_INIT, "vanishing_gradients", "layers re-initialised (Xavier ×6)"),
-], ids=["softmax_into_cross_entropy", "broadcast_shapes", "schedule_collapse", "dead_relu", "vanishing_gradients"])
+@pytest.mark.parametrize(
+    "source, code, fix",
+    [
+        (SOFTMAX_INTO_CE, "loss_wiring", "the loss call rewired (softmax dropped before cross_entropy ×150)"),
+        (BROADCAST, "loss_wiring", "the loss call rewired (target reshaped to the input's shape ×150)"),
+        (SCHEDULE_PER_BATCH, "lr_too_low", "scheduler steps ignored once the lr fell below 0.1 × its peak"),
+        (DEAD_RELU, "dead_relu", "layers re-initialised (He ×2)"),
+        (TINY_TANH_INIT, "vanishing_gradients", "layers re-initialised (Xavier ×6)"),
+    ],
+    ids=["softmax_into_cross_entropy", "broadcast_shapes", "schedule_collapse", "dead_relu", "vanishing_gradients"],
+)
 def test_each_new_counterfactual_is_confirmed_on_its_fault(tmp_path, capfd, source, code, fix):
     found = _doctor_verify(tmp_path, source, capfd)
     check = next(d for d in found if d["code"] == code)["verification"]
@@ -494,7 +549,10 @@ def test_each_new_counterfactual_is_confirmed_on_its_fault(tmp_path, capfd, sour
     assert check["fix"].startswith(fix)
     assert check["loss_fixed"]["end"] < check["loss_original"]["end"]
     if code == "loss_wiring":  # judged against the original measured with the rewired loss
-        assert check["original_measured_with"] == "the rewired loss" and "measured with the rewired loss" in check["detail"]
+        assert (
+            check["original_measured_with"] == "the rewired loss"
+            and "measured with the rewired loss" in check["detail"]
+        )
     assert "losses_fixed" not in check and "losses_original" not in check  # the curves go to the run store only
 
 

@@ -1,4 +1,5 @@
 """The HTML report and comparison page: self-contained, every chart drawn from the recorded numbers, escaped."""
+
 import html
 import json
 import math
@@ -8,7 +9,6 @@ import sys
 import time
 import types
 
-import numpy as np
 import pytest
 
 from stepaudit.report import render_report, write_compare, write_report
@@ -31,12 +31,12 @@ def figure_ids(text):
 
 def tips(text, figure):
     """The hover data of a time chart: what the chart drew, per series."""
-    match = re.search(r'id="fig-%s".*?data-tip="([^"]*)"' % re.escape(figure), text, re.S)
+    match = re.search(rf'id="fig-{re.escape(figure)}".*?data-tip="([^"]*)"', text, re.S)
     return json.loads(html.unescape(match.group(1)))
 
 
 def figure_svg(text, figure):
-    return re.search(r'id="fig-%s".*?(<svg.*?</svg>)' % re.escape(figure), text, re.S).group(1)
+    return re.search(rf'id="fig-{re.escape(figure)}".*?(<svg.*?</svg>)', text, re.S).group(1)
 
 
 def g4(value):
@@ -73,7 +73,7 @@ def test_headline_numbers_match_the_records(real):
     run, records = real
     text = render_report(load_run(run))
     lowered = sum(r["verdict"] == "decrease" for r in records) / len(records)
-    assert re.search(r'<div class="v">%d%%</div><div class="k">steps that lowered the loss' % round(lowered * 100), text)
+    assert re.search(rf'<div class="v">{round(lowered * 100)}%</div><div class="k">steps that lowered the loss', text)
     assert re.search(r'<div class="v">40</div><div class="k">audited steps', text)
 
 
@@ -139,12 +139,24 @@ def test_a_100k_step_report_is_small_fast_and_keeps_its_spikes(tmp_path_factory)
 
 def test_every_user_string_is_escaped(tmp_path):
     evil = "<script>alert(1)</script>"
-    meta = {"model": "<svg onload=alert(2)>", "optimizer": "SGD<img src=x onerror=alert(3)>",
-            "param_groups": [{"lr": 0.05, "note": "</td><script>alert(4)</script>"}],
-            "diagnoses": [{"code": "<b>code</b>", "severity": "high", "confidence": 0.8, "first_step": 1,
-                           "evidence": {"<k>": "<v onclick=alert(5)>"}, "fix": "<script>alert(6)</script>"}]}
-    run = write_synthetic_run(tmp_path / "evil", steps=50, name=evil, meta=meta,
-                              modules=("<img src=x onerror=alert(7)>", "blocks.0"))
+    meta = {
+        "model": "<svg onload=alert(2)>",
+        "optimizer": "SGD<img src=x onerror=alert(3)>",
+        "param_groups": [{"lr": 0.05, "note": "</td><script>alert(4)</script>"}],
+        "diagnoses": [
+            {
+                "code": "<b>code</b>",
+                "severity": "high",
+                "confidence": 0.8,
+                "first_step": 1,
+                "evidence": {"<k>": "<v onclick=alert(5)>"},
+                "fix": "<script>alert(6)</script>",
+            }
+        ],
+    }
+    run = write_synthetic_run(
+        tmp_path / "evil", steps=50, name=evil, meta=meta, modules=("<img src=x onerror=alert(7)>", "blocks.0")
+    )
     text = render_report(load_run(run))
     for raw in (evil, meta["model"], meta["optimizer"], "<script>alert(4)", "<b>code</b>", "<v onclick", "<img src=x"):
         assert raw not in text
@@ -166,8 +178,16 @@ def test_findings_are_shown_first_and_a_failing_doctor_does_not_break_the_report
 
     def diagnose(records, meta=None):
         seen["records"], seen["meta"] = records, meta
-        return [{"code": "lr_too_high", "severity": "high", "confidence": 0.9, "first_step": 3,
-                 "evidence": {"median_alpha": 1.7}, "fix": "lower the learning rate 3×"}]
+        return [
+            {
+                "code": "lr_too_high",
+                "severity": "high",
+                "confidence": 0.9,
+                "first_step": 3,
+                "evidence": {"median_alpha": 1.7},
+                "fix": "lower the learning rate 3×",
+            }
+        ]
 
     monkeypatch.setitem(sys.modules, "stepaudit.doctor", fake_doctor(diagnose))
     text = render_report(load_run(run))
@@ -207,8 +227,17 @@ def test_failed_audits_and_probes_are_named_and_an_empty_run_renders(tmp_path):
     store = RunStore(tmp_path / "broken", {"model": "M", "optimizer": "SGD"})
     for step in (0, 1):
         store.append({"step": step, "verdict": "error", "error": "RuntimeError: <boom>"})
-    store.append({"step": 2, "verdict": "decrease", "loss_before": 1.0, "loss_after": 0.9, "delta": -0.1,
-                  "first_order": -0.12, "probe_errors": {"sharpness": "ValueError: <bad>"}})
+    store.append(
+        {
+            "step": 2,
+            "verdict": "decrease",
+            "loss_before": 1.0,
+            "loss_after": 0.9,
+            "delta": -0.1,
+            "first_order": -0.12,
+            "probe_errors": {"sharpness": "ValueError: <bad>"},
+        }
+    )
     store.close()
     text = render_report(load_run(tmp_path / "broken"))
     assert "2 audited steps could not be measured; first at step 0: RuntimeError: &lt;boom&gt;" in text
@@ -221,6 +250,7 @@ def test_failed_audits_and_probes_are_named_and_an_empty_run_renders(tmp_path):
 def test_lr_chart_draws_the_scheduled_learning_rate(tmp_path):
     """The lr chart's points are StepLR's closed form lr₀·γ^⌊t/k⌋, step by step (not what the audit wrote, recomputed)."""
     import torch
+
     import stepaudit
 
     torch.manual_seed(0)
@@ -243,10 +273,19 @@ def test_lr_chart_draws_the_scheduled_learning_rate(tmp_path):
 
 
 def test_metadata_tables_use_human_names_and_skip_missing_values(tmp_path):
-    meta = {"summary": {"audited_steps": 3, "share_decrease": 2 / 3, "median_alpha": math.nan, "last_loss": 0.5,
-                        "first_loss": None}, "test_accuracy": 0.97, "modules": {"0": "Linear 4×3"}}
+    meta = {
+        "summary": {
+            "audited_steps": 3,
+            "share_decrease": 2 / 3,
+            "median_alpha": math.nan,
+            "last_loss": 0.5,
+            "first_loss": None,
+        },
+        "test_accuracy": 0.97,
+        "modules": {"0": "Linear 4×3"},
+    }
     text = render_report(load_run(write_synthetic_run(tmp_path / "meta", steps=30, meta=meta)))
-    section = text[text.index('id="metadata"'):]
+    section = text[text.index('id="metadata"') :]
     assert "<th>share of steps that lowered their batch&#x27;s loss</th><td>67%</td>" in section
     assert "<th>last loss (final step&#x27;s batch)</th><td>0.5</td>" in section
     assert "<th>test accuracy</th><td>0.97</td>" in section and "Results the run stored" in section
@@ -255,11 +294,25 @@ def test_metadata_tables_use_human_names_and_skip_missing_values(tmp_path):
 
 
 def test_compare_names_each_optimizer_with_its_hyperparameters_and_stored_result(tmp_path):
-    nesterov = write_synthetic_run(tmp_path / "a", steps=30, name="a", meta={
-        "optimizer": "SGD", "test_accuracy": 0.9712,
-        "param_groups": [{"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0, "dampening": 0}]})
-    adamw = write_synthetic_run(tmp_path / "b", steps=30, name="b", meta={
-        "optimizer": "AdamW", "param_groups": [{"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.01, "eps": 1e-8}]})
+    nesterov = write_synthetic_run(
+        tmp_path / "a",
+        steps=30,
+        name="a",
+        meta={
+            "optimizer": "SGD",
+            "test_accuracy": 0.9712,
+            "param_groups": [{"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0, "dampening": 0}],
+        },
+    )
+    adamw = write_synthetic_run(
+        tmp_path / "b",
+        steps=30,
+        name="b",
+        meta={
+            "optimizer": "AdamW",
+            "param_groups": [{"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.01, "eps": 1e-8}],
+        },
+    )
     text = write_compare([nesterov, adamw], tmp_path / "compare.html").read_text()
     assert "<td>SGD (momentum 0.9, nesterov)</td>" in text and "<td>AdamW (betas 0.9/0.999, wd 0.01)</td>" in text
     assert "<th>stored result</th>" in text and "<td>test accuracy 0.971</td>" in text
@@ -270,6 +323,7 @@ def test_compare_names_each_optimizer_with_its_hyperparameters_and_stored_result
 def test_logged_metrics_are_stored_charted_and_compared(tmp_path):
     """audit.log(name, value): the values come back as logged, the report charts them, compare overlays and lists them."""
     import torch
+
     import stepaudit
     from stepaudit.store import read_metrics
 
@@ -296,7 +350,9 @@ def test_logged_metrics_are_stored_charted_and_compared(tmp_path):
         return tmp_path / name
 
     a, b = run("a", 0.1), run("b", 0.2)
-    assert read_metrics(a) == {"val_acc": ([1, 2, 3, 5], [pytest.approx(0.1), 0.5, pytest.approx(0.3), pytest.approx(0.5)])}
+    assert read_metrics(a) == {
+        "val_acc": ([1, 2, 3, 5], [pytest.approx(0.1), 0.5, pytest.approx(0.3), pytest.approx(0.5)])
+    }
     text = render_report(load_run(a))
     drawn = tips(text, "metrics")[0]
     assert drawn["n"] == "val_acc" and drawn["x"] == [1, 2, 3, 5] and drawn["y"] == [0.1, 0.5, 0.3, 0.5]
@@ -307,6 +363,7 @@ def test_logged_metrics_are_stored_charted_and_compared(tmp_path):
 
 def test_every_param_groups_learning_rate_is_recorded_and_charted(tmp_path):
     import torch
+
     import stepaudit
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
@@ -345,12 +402,16 @@ def test_a_verified_run_draws_the_original_and_each_fixed_loss_curve(tmp_path):
     from stepaudit.store import RunStore
 
     original = [[s, 2.3 - 0.001 * s] for s in range(50)]
-    fixed = [[s, 2.3 * 0.97 ** s] for s in range(50)]
+    fixed = [[s, 2.3 * 0.97**s] for s in range(50)]
     store = RunStore(tmp_path / "verified", {"model": "M", "optimizer": "SGD"})
     for step, loss in original:
         store.append({"step": step, "verdict": "decrease", "loss_before": loss})
-    store.update_meta(verification_losses={"original": original, "fixes": [
-        {"code": "lr_too_high", "fix": "lr ×0.1", "verdict": "confirmed", "losses": fixed}]})
+    store.update_meta(
+        verification_losses={
+            "original": original,
+            "fixes": [{"code": "lr_too_high", "fix": "lr ×0.1", "verdict": "confirmed", "losses": fixed}],
+        }
+    )
     store.close()
     text = render_report(load_run(tmp_path / "verified"))
     drawn = tips(text, "verify")

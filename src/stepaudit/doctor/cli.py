@@ -9,6 +9,7 @@ The exit status is the script's own (an uncaught exception → 1, ``sys.exit(n)`
 asked for (``--max-steps``, ``--time-limit``) is a normal end (0). A script that failed before its first
 optimizer step gets no diagnosis: there was nothing to watch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,18 +32,36 @@ from .summary import stop_reason
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stepaudit doctor",
-        description="Run an unchanged training script, watch every optimizer step, and say why it (doesn't) train.")
+        description="Run an unchanged training script, watch every optimizer step, and say why it (doesn't) train.",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (script output → stderr)")
-    parser.add_argument("--max-steps", type=int, default=300, metavar="N",
-                        help="stop after N optimizer steps (default 300; 0 = no limit)")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=300,
+        metavar="N",
+        help="stop after N optimizer steps (default 300; 0 = no limit)",
+    )
     parser.add_argument("--time-limit", type=float, default=None, metavar="S", help="stop after S seconds")
-    parser.add_argument("--run", default=None, metavar="DIR",
-                        help="run folder for the store (default ./stepaudit-runs/doctor-<timestamp>)")
+    parser.add_argument(
+        "--run",
+        default=None,
+        metavar="DIR",
+        help="run folder for the store (default ./stepaudit-runs/doctor-<timestamp>)",
+    )
     parser.add_argument("--no-store", action="store_true", help="do not write a run folder")
-    parser.add_argument("--verify", action="store_true",
-                        help="re-run the script with each top diagnosis's fix applied by hooks and say if it helped")
-    parser.add_argument("--verify-steps", type=int, default=None, metavar="N",
-                        help="optimizer steps of each verification run (default: the original run's)")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-run the script with each top diagnosis's fix applied by hooks and say if it helped",
+    )
+    parser.add_argument(
+        "--verify-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="optimizer steps of each verification run (default: the original run's)",
+    )
     parser.add_argument("script", help="the training script, run as __main__")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     return parser
@@ -73,8 +92,12 @@ class _Store:
         if self.store is None and self.run is not None:
             from ..store import RunStore
 
-            self.store = RunStore(self.run, self.meta(), name=self.run.name,
-                                  keep_hint="give --run a new folder, or leave --run out, to keep them")
+            self.store = RunStore(
+                self.run,
+                self.meta(),
+                name=self.run.name,
+                keep_hint="give --run a new folder, or leave --run out, to keep them",
+            )
         return self.store
 
     def __call__(self, records: list[dict]) -> None:
@@ -102,8 +125,10 @@ def _refusal(args: argparse.Namespace) -> str | None:
     """One line naming what is wrong with the command line and how to fix it, or None."""
     script = Path(args.script)
     if script.is_dir():
-        return (f"{args.script} is a directory, not a script; pass the training script itself "
-                f"(e.g. stepaudit doctor {Path(args.script) / 'train.py'})")
+        return (
+            f"{args.script} is a directory, not a script; pass the training script itself "
+            f"(e.g. stepaudit doctor {Path(args.script) / 'train.py'})"
+        )
     if not script.is_file():
         return f"no such script: {args.script}"
     if args.max_steps < 0 or (args.time_limit is not None and args.time_limit <= 0):
@@ -111,8 +136,10 @@ def _refusal(args: argparse.Namespace) -> str | None:
     if args.verify_steps is not None and args.verify_steps <= 0:
         return "--verify-steps must be > 0"
     if args.run and not args.no_store and Path(args.run).exists() and not Path(args.run).is_dir():
-        return (f"--run {args.run} is an existing file; --run takes a folder for the run store "
-                "(new or empty, e.g. --run runs/dbg), or use --no-store")
+        return (
+            f"--run {args.run} is an existing file; --run takes a folder for the run store "
+            "(new or empty, e.g. --run runs/dbg), or use --no-store"
+        )
     return None
 
 
@@ -125,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     misplaced = _misplaced_option(list(args.args))
     if misplaced:
-        print(f"stepaudit doctor: {misplaced} after the script name is passed to the script; "
-              "put doctor options before it", file=sys.stderr)
+        print(
+            f"stepaudit doctor: {misplaced} after the script name is passed to the script; "
+            "put doctor options before it",
+            file=sys.stderr,
+        )
     script = Path(args.script)
     run = None
     if not args.no_store:
@@ -135,8 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         run = Path(args.run) if args.run else new_run_dir(name="doctor-" + time.strftime("%Y%m%d-%H%M%S"))
     options = {"max_steps": args.max_steps or None, "time_limit": args.time_limit}
     sink = _Store(run, args.script, list(args.args), options)
-    watcher = PassiveWatcher(max_steps=args.max_steps or None, time_limit=args.time_limit,
-                             flush=sink if run is not None else None)
+    watcher = PassiveWatcher(
+        max_steps=args.max_steps or None, time_limit=args.time_limit, flush=sink if run is not None else None
+    )
     sink.watcher = watcher
     outcome = run_script(script, list(args.args), watcher, quiet_stdout=args.json)
     watcher.finish()
@@ -151,20 +182,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.verify and diagnoses:
         from .verify import from_facts, split_curves, verify
 
-        original = from_facts(facts, steps, None if not failed else (outcome.error or "the script failed"),
-                              observations.get("elapsed_s") or 0.0)
+        original = from_facts(
+            facts,
+            steps,
+            None if not failed else (outcome.error or "the script failed"),
+            observations.get("elapsed_s") or 0.0,
+        )
         # The same steps: a script that ended on its own ends there again; one the doctor stopped stops there.
         limit = args.verify_steps or ((args.max_steps or None) if outcome.stopped == "finished" else steps)
         diagnoses = verify(diagnoses, script, list(args.args), limit, args.time_limit, original, facts=facts)
         curves = split_curves(diagnoses)  # per-step losses of the original and each fixed run: the run store only
-    result = {"diagnoses": diagnoses, "steps": steps, "script": args.script, "stopped": outcome.stopped,
-              "exit_status": outcome.exit_status, "error": outcome.failure, "run": None}
+    result = {
+        "diagnoses": diagnoses,
+        "steps": steps,
+        "script": args.script,
+        "stopped": outcome.stopped,
+        "exit_status": outcome.exit_status,
+        "error": outcome.failure,
+        "run": None,
+    }
     if outcome.failure is not None:
-        result["reason"] = stop_reason(outcome.failure, outcome.error or "the script failed")  # for the readable report only
+        result["reason"] = stop_reason(
+            outcome.failure, outcome.error or "the script failed"
+        )  # for the readable report only
     saved = _save(sink, observations, outcome, diagnoses, curves)
     result["run"] = str(run) if run is not None and saved else None
     if outcome.error:
-        heading = ("raised after the doctor stopped it (a normal end)" if outcome.after_stop else "failed")
+        heading = "raised after the doctor stopped it (a normal end)" if outcome.after_stop else "failed"
         print(f"stepaudit doctor: the script {heading}:\n{outcome.error}", file=sys.stderr)
     if before_first_step and args.json:  # the readable report says it on stdout
         print(f"stepaudit doctor: stopped before the first optimizer step: {result['reason']}", file=sys.stderr)
@@ -182,10 +226,15 @@ def _save(sink: _Store, observations: dict, outcome, diagnoses: list[dict], curv
         store = sink.open()
         if store is None:
             return False
-        store.update_meta(observations=_jsonable(observations), stopped=outcome.stopped, error=outcome.error,
-                          exit_status=outcome.exit_status, failure=_jsonable(outcome.failure),
-                          diagnoses=_jsonable(diagnoses),
-                          **({"verification_losses": _jsonable(curves)} if curves else {}))
+        store.update_meta(
+            observations=_jsonable(observations),
+            stopped=outcome.stopped,
+            error=outcome.error,
+            exit_status=outcome.exit_status,
+            failure=_jsonable(outcome.failure),
+            diagnoses=_jsonable(diagnoses),
+            **({"verification_losses": _jsonable(curves)} if curves else {}),
+        )
         store.close()
         return True
     except Exception as error:  # the diagnosis is still printed

@@ -23,6 +23,7 @@ purpose (that is the experiment) through torch's global hook points only, never 
 ``COUNTERFACTUALS`` maps a diagnosis code to its ``Counterfactual``; ``install(code, factor)`` returns
 the hook handles (each with ``remove()``).
 """
+
 from __future__ import annotations
 
 import gc
@@ -58,9 +59,15 @@ def _schedulers_of(optimizer: torch.optim.Optimizer) -> list:
     """The learning-rate schedulers holding ``optimizer`` (found among its referrers)."""
     found = []
     for holder in gc.get_referrers(optimizer):
-        owners = [holder] if isinstance(holder, _SCHEDULERS) else (
-            [o for o in gc.get_referrers(holder) if getattr(o, "__dict__", None) is holder]
-            if isinstance(holder, dict) else [])
+        owners = (
+            [holder]
+            if isinstance(holder, _SCHEDULERS)
+            else (
+                [o for o in gc.get_referrers(holder) if getattr(o, "__dict__", None) is holder]
+                if isinstance(holder, dict)
+                else []
+            )
+        )
         found += [o for o in owners if isinstance(o, _SCHEDULERS) and o not in found]
     return found
 
@@ -125,8 +132,11 @@ def clip_gradients(_: float = 1.0) -> list:
             return
         seen = norms.setdefault(id(optimizer), [])
         if len(seen) < CLIP_STEPS:
-            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.detach().double())
-                                                               for p in params])))
+            norm = float(
+                torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(p.grad.detach().double()) for p in params])
+                )
+            )
             if math.isfinite(norm):
                 seen.append(norm)
         if seen:
@@ -160,8 +170,12 @@ class _Standardiser:
             if not isinstance(module, _FIRST_LAYERS):
                 return None
             self.layer = weakref.ref(module)
-        if self.layer() is not module or not args or not isinstance(args[0], torch.Tensor) \
-                or not args[0].is_floating_point():
+        if (
+            self.layer() is not module
+            or not args
+            or not isinstance(args[0], torch.Tensor)
+            or not args[0].is_floating_point()
+        ):
             return None
         x = args[0]
         dim, others = self._layout(module, x)
@@ -200,8 +214,13 @@ def add_missing_params(_: float = 1.0) -> list:
         if state["done"]:
             return
         state["done"] = True
-        held = {id(p) for o in gc.get_objects() if issubclass(type(o), torch.optim.Optimizer)  # no __class__ proxies
-                for group in o.param_groups for p in group["params"]}
+        held = {
+            id(p)
+            for o in gc.get_objects()
+            if issubclass(type(o), torch.optim.Optimizer)  # no __class__ proxies
+            for group in o.param_groups
+            for p in group["params"]
+        }
         missing, seen = [], set()
         for module in list(ran):
             for p in module.parameters(recurse=False):
@@ -223,20 +242,24 @@ COUNTERFACTUALS: dict[str, Counterfactual] = {
     "lr_too_high": Counterfactual(scale_lr, (0.1, 0.01), _lr_label),
     "lr_too_low": Counterfactual(scale_lr, (10.0, 100.0), _lr_label),
     "missing_zero_grad": Counterfactual(zero_after_step, label=lambda _: "zero_grad after each step"),
-    "exploding_gradients": Counterfactual(clip_gradients,
-                                          label=lambda _: "gradient norm clipped at the early median"),
+    "exploding_gradients": Counterfactual(clip_gradients, label=lambda _: "gradient norm clipped at the early median"),
     "unnormalized_inputs": Counterfactual(standardize_inputs, label=lambda _: "first layer's input standardised"),
-    "params_not_updating": Counterfactual(add_missing_params,
-                                          label=lambda _: "missing parameters added to the optimizer"),
+    "params_not_updating": Counterfactual(
+        add_missing_params, label=lambda _: "missing parameters added to the optimizer"
+    ),
     "loss_wiring": Counterfactual(counterfactual_wiring.rewire_losses, label=lambda _: "the loss call rewired"),
-    "lr_schedule_collapse": Counterfactual(counterfactual_init.hold_schedule, counterfactual_init.FLOORS,
-                                           lambda floor: f"scheduler steps ignored once the lr fell below "
-                                                         f"{floor:g} × its peak"),
+    "lr_schedule_collapse": Counterfactual(
+        counterfactual_init.hold_schedule,
+        counterfactual_init.FLOORS,
+        lambda floor: f"scheduler steps ignored once the lr fell below {floor:g} × its peak",
+    ),
     "dead_relu": Counterfactual(counterfactual_init.reinitialise("relu"), label=lambda _: "layers re-initialised"),
-    "saturated_activations": Counterfactual(counterfactual_init.reinitialise("squash"),
-                                            label=lambda _: "layers re-initialised"),
-    "vanishing_gradients": Counterfactual(counterfactual_init.reinitialise("squash"),
-                                          label=lambda _: "layers re-initialised"),
+    "saturated_activations": Counterfactual(
+        counterfactual_init.reinitialise("squash"), label=lambda _: "layers re-initialised"
+    ),
+    "vanishing_gradients": Counterfactual(
+        counterfactual_init.reinitialise("squash"), label=lambda _: "layers re-initialised"
+    ),
 }
 REPORTING = ("loss_wiring", "lr_schedule_collapse", "dead_relu", "saturated_activations", "vanishing_gradients")
 """Counterfactuals that count what they changed (``applied``): a run where they changed nothing says so."""

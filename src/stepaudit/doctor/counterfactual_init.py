@@ -16,6 +16,7 @@
 
 ``APPLIED`` counts what each changed (undone scheduler steps, re-initialised layers).
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,8 +32,16 @@ APPLIED: Counter = Counter()
 FLOORS = (1e-2, 1e-1)  # a step may not take an lr below this share of the group's highest lr (tried in turn)
 SEED = 0  # the private generator of the re-initialisation
 _LAYERS = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
-_RELU = (torch.nn.ReLU, torch.nn.ReLU6, torch.nn.LeakyReLU, torch.nn.PReLU, torch.nn.ELU, torch.nn.GELU,
-         torch.nn.SiLU, torch.nn.Mish)
+_RELU = (
+    torch.nn.ReLU,
+    torch.nn.ReLU6,
+    torch.nn.LeakyReLU,
+    torch.nn.PReLU,
+    torch.nn.ELU,
+    torch.nn.GELU,
+    torch.nn.SiLU,
+    torch.nn.Mish,
+)
 _SQUASH = (torch.nn.Tanh, torch.nn.Sigmoid, torch.nn.Hardtanh, torch.nn.Softsign)
 
 
@@ -50,8 +59,9 @@ class _Restore:
 def _scheduler_classes() -> list[type]:
     """Every scheduler class in ``torch.optim.lr_scheduler`` that defines its own ``step``."""
     bases = tuple(c for c in (getattr(_schedulers, "LRScheduler", None), _schedulers.ReduceLROnPlateau) if c)
-    found = [c for c in vars(_schedulers).values()
-             if isinstance(c, type) and issubclass(c, bases) and "step" in vars(c)]
+    found = [
+        c for c in vars(_schedulers).values() if isinstance(c, type) and issubclass(c, bases) and "step" in vars(c)
+    ]
     return list(dict.fromkeys(found))  # an alias (two names, one class) is wrapped once
 
 
@@ -69,8 +79,11 @@ def _held_step(original: Callable, peaks: dict[int, float], held: set[int], floo
                 peaks[id(group)] = max(peaks.get(id(group), 0.0), top)
         result = original(scheduler, *args, **kwargs)
         collapsed = id(scheduler) in held or any(
-            isinstance(g.get("lr"), (int, float)) and isinstance(lr, (int, float))
-            and g["lr"] < floor * peaks.get(id(g), 0.0) for g, lr in zip(groups, before))
+            isinstance(g.get("lr"), (int, float))
+            and isinstance(lr, (int, float))
+            and g["lr"] < floor * peaks.get(id(g), 0.0)
+            for g, lr in zip(groups, before)
+        )
         if collapsed:
             held.add(id(scheduler))
             for group, lr in zip(groups, before):
@@ -97,7 +110,7 @@ def hold_schedule(floor: float = FLOORS[0]) -> list:
 
 def _activation_after(modules: list[torch.nn.Module], i: int) -> str | None:
     """'relu' or 'squash' for the first activation module after ``modules[i]`` before the next layer."""
-    for module in modules[i + 1:]:
+    for module in modules[i + 1 :]:
         if isinstance(module, _LAYERS):
             return None
         if isinstance(module, _RELU):

@@ -22,6 +22,7 @@ the passive doctor checks are wrapped so that, before the original runs:
 grad) runs as the script wrote it, and the rewired loss of its inputs is appended to ``SHADOW`` — the
 original run measured with the loss the fix trains, so both runs are compared on one objective.
 """
+
 from __future__ import annotations
 
 import functools
@@ -66,8 +67,12 @@ def _remember(output: Any, function: str, source: Any, dim: Any) -> None:
     """Note that ``output`` came from ``function(source)`` over ``dim``, for as long as ``output`` lives."""
     if isinstance(output, torch.Tensor) and isinstance(source, torch.Tensor):
         key = id(output)
-        _SOURCES[key] = (weakref.ref(output, lambda _: _SOURCES.pop(key, None)), function, source,
-                         _axis(source, dim) if function != "sigmoid" else None)
+        _SOURCES[key] = (
+            weakref.ref(output, lambda _: _SOURCES.pop(key, None)),
+            function,
+            source,
+            _axis(source, dim) if function != "sigmoid" else None,
+        )
 
 
 def _source(tensor: Any, name: str) -> torch.Tensor | None:
@@ -76,14 +81,18 @@ def _source(tensor: Any, name: str) -> torch.Tensor | None:
         return None
     output, found = tensor, _SOURCES.get(id(tensor))
     base = tensor._base
-    if found is None and base is not None and base.numel() == tensor.numel() and base.is_contiguous() \
-            and tensor.is_contiguous():  # a reshaping view of the output (``.squeeze(1)``, ``.view(-1)``)
+    if (
+        found is None
+        and base is not None
+        and base.numel() == tensor.numel()
+        and base.is_contiguous()
+        and tensor.is_contiguous()
+    ):  # a reshaping view of the output (``.squeeze(1)``, ``.view(-1)``)
         output, found = base, _SOURCES.get(id(base))
     if found is None or found[0]() is not output:
         return None
     _, function, source, axis = found
-    wrong = {"sigmoid": name == "sigmoid", "softmax": name == "softmax", "log_softmax": name == "softmax"
-             and axis != 1}
+    wrong = {"sigmoid": name == "sigmoid", "softmax": name == "softmax", "log_softmax": name == "softmax" and axis != 1}
     if not wrong.get(function):
         return None
     return source if output is tensor else source.reshape(tensor.shape)

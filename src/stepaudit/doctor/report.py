@@ -5,6 +5,7 @@ diagnose and the report says so instead; after some steps the failure comes firs
 of the steps seen. Rendered with ``rich`` when it is installed (colours only on a terminal), plain text
 otherwise.
 """
+
 from __future__ import annotations
 
 import io
@@ -33,14 +34,20 @@ def _failure_lines(result: dict, error: str | None) -> tuple[str, str | None, st
     reason = result.get("reason") or ""
     shown = error if error and not error.startswith("the script exited with status") else None
     if _failed(result) and not result["steps"]:
-        return (f"stopped before the first optimizer step: {reason}", shown,
-                f"no diagnosis: no optimizer step ran, so there was nothing to watch (exit status "
-                f"{result['exit_status']}, the script's own)")
+        return (
+            f"stopped before the first optimizer step: {reason}",
+            shown,
+            f"no diagnosis: no optimizer step ran, so there was nothing to watch (exit status "
+            f"{result['exit_status']}, the script's own)",
+        )
     if _failed(result):
         steps = result["steps"]
-        return (f"✗ the script failed after {steps} optimizer step{'s' if steps != 1 else ''}: {reason}", shown,
-                f"exit status {result['exit_status']} (the script's own): the diagnoses above cover only the "
-                f"{steps} step{'s' if steps != 1 else ''} before the failure")
+        return (
+            f"✗ the script failed after {steps} optimizer step{'s' if steps != 1 else ''}: {reason}",
+            shown,
+            f"exit status {result['exit_status']} (the script's own): the diagnoses above cover only the "
+            f"{steps} step{'s' if steps != 1 else ''} before the failure",
+        )
     if error:  # raised while unwinding from the doctor's own stop: a normal end, still shown
         return (f"after the doctor stopped it ({result['stopped']}), the script raised: {reason}", shown, None)
     return "", None, None
@@ -58,8 +65,9 @@ def _title(top: dict, failed: bool) -> str:
     return "Most likely root cause"
 
 
-def render_plain(result: dict, error: str | None = None, run: str | None = None, facts: Facts | None = None,
-                 width: int = 100) -> str:
+def render_plain(
+    result: dict, error: str | None = None, run: str | None = None, facts: Facts | None = None, width: int = 100
+) -> str:
     """The report as plain text."""
     wrap = lambda text, indent: textwrap.fill(text, width, initial_indent=indent, subsequent_indent=" " * len(indent))  # noqa: E731
     lines = [_headline(result, facts)]
@@ -71,8 +79,11 @@ def render_plain(result: dict, error: str | None = None, run: str | None = None,
     diagnoses = result["diagnoses"]
     if diagnoses:
         top = diagnoses[0]
-        lines += ["", f"{_title(top, _failed(result))}: {top['code']}  ({top['severity']}, confidence {top['confidence']:.2f}"
-                  + (f", from step {top['first_step']})" if top["first_step"] is not None else ")")]
+        lines += [
+            "",
+            f"{_title(top, _failed(result))}: {top['code']}  ({top['severity']}, confidence {top['confidence']:.2f}"
+            + (f", from step {top['first_step']})" if top["first_step"] is not None else ")"),
+        ]
         lines += [wrap(top["evidence"], "  evidence: "), wrap(top["fix"], "  fix:      ")]
         lines += [wrap(_verified(top), "  verified: ")] if _verified(top) else []
     if len(diagnoses) > 1:
@@ -101,8 +112,13 @@ def render(result: dict, error: str | None = None, run: str | None = None, facts
 
     buffer = io.StringIO()
     tty = sys.stdout.isatty()
-    console = Console(file=buffer, force_terminal=tty, width=min(110, Console().width) if tty else 100,
-                      highlight=False, soft_wrap=False)
+    console = Console(
+        file=buffer,
+        force_terminal=tty,
+        width=min(110, Console().width) if tty else 100,
+        highlight=False,
+        soft_wrap=False,
+    )
     console.print(_headline(result, facts), style="bold", markup=False)
     failure, trace, closing = _failure_lines(result, error)
     if failure and _failed(result):
@@ -122,14 +138,22 @@ def render(result: dict, error: str | None = None, run: str | None = None, facts
         start = f", from step {top['first_step']}" if top["first_step"] is not None else ""
         body = f"[b]evidence[/b]  {escape(top['evidence'])}\n[b]fix[/b]       {escape(top['fix'])}"
         body += f"\n[b]verified[/b]  {escape(_verified(top))}" if _verified(top) else ""
-        console.print(Panel(body, title=f"{title} ({top['severity']}, confidence {top['confidence']:.2f}{start})",
-                            title_align="left", border_style=_STYLE[top["severity"]]))
+        console.print(
+            Panel(
+                body,
+                title=f"{title} ({top['severity']}, confidence {top['confidence']:.2f}{start})",
+                title_align="left",
+                border_style=_STYLE[top["severity"]],
+            )
+        )
     if len(diagnoses) > 1:
         console.print("also found:", style="bold")
         for d in diagnoses[1:]:
             start = f", step {d['first_step']}" if d["first_step"] is not None else ""
-            console.print(f"  [{_STYLE[d['severity']]}]{_MARK[d['severity']]} {d['code']}[/] "
-                          f"({d['severity']}, {d['confidence']:.2f}{start})")
+            console.print(
+                f"  [{_STYLE[d['severity']]}]{_MARK[d['severity']]} {d['code']}[/] "
+                f"({d['severity']}, {d['confidence']:.2f}{start})"
+            )
             console.print(textwrap.indent(textwrap.fill(d["evidence"], 94), "      "), markup=False)
             console.print(textwrap.indent(textwrap.fill("fix: " + d["fix"], 94), "      "), style="dim", markup=False)
             if _verified(d):

@@ -3,6 +3,7 @@
 ``RunResults`` is mixed into ``PassiveWatcher``; everything here runs at sampled steps, at a flush of the
 run store, or once the script has ended.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,7 +40,12 @@ class RunResults:
         for root, prefix in self._prefixed_roots():
             for name, module in root.named_modules():
                 weight = dict(module.named_parameters(recurse=False)).get("weight")  # ScriptModules too
-                if weight is not None and _numel(weight) and weight.dim() >= 2 and not isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag)):
+                if (
+                    weight is not None
+                    and _numel(weight)
+                    and weight.dim() >= 2
+                    and not isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+                ):
                     full = prefix + name if name else prefix.rstrip(".") or "(root)"
                     if full not in names:
                         names.append(full)
@@ -72,7 +78,7 @@ class RunResults:
     def _flush(self) -> None:
         self._settle_losses()
         try:
-            self.flush(self.records[self._flushed:])
+            self.flush(self.records[self._flushed :])
             self._flushed = len(self.records)
         except Exception as error:  # a store problem never breaks the script
             self.error = f"writing the run store failed: {error}"
@@ -120,14 +126,21 @@ class RunResults:
         names = state.names or [f"param{i}" for i in range(len(state.params))]
         no_grad = [i for i, p in enumerate(state.params) if not state.ever_grad[i]]
         return {
-            "index": state.index, "optimizer": type(state.optimizer).__name__,
-            "param_groups": optimizer_groups(state.optimizer), "steps": state.local_step, "max_lr": state.max_lr,
+            "index": state.index,
+            "optimizer": type(state.optimizer).__name__,
+            "param_groups": optimizer_groups(state.optimizer),
+            "steps": state.local_step,
+            "max_lr": state.max_lr,
             "numel": sum(_numel(p) for p in state.params),
             "sampled_steps": sum(sampled(s, self.every) for s in range(state.local_step)),
-            "frozen": [{"name": names[i], "numel": _numel(state.params[i])} for i, p in enumerate(state.params)
-                       if not p.requires_grad][:50],
-            "no_grad": [{"name": names[i], "numel": _numel(state.params[i])} for i in no_grad
-                        if state.params[i].requires_grad][:50],
+            "frozen": [
+                {"name": names[i], "numel": _numel(state.params[i])}
+                for i, p in enumerate(state.params)
+                if not p.requires_grad
+            ][:50],
+            "no_grad": [
+                {"name": names[i], "numel": _numel(state.params[i])} for i in no_grad if state.params[i].requires_grad
+            ][:50],
             "no_grad_numel": sum(_numel(state.params[i]) for i in no_grad if state.params[i].requires_grad),
         }
 
@@ -152,21 +165,29 @@ class RunResults:
                 seen.add(id(p))
                 names[id(p)] = prefix + name
                 trainable += _numel(p) if p.requires_grad else 0
-        orphans = [{"name": names.get(key, "?"), "numel": _numel(p), "registered": True}
-                   for key, p in self.grad_params.items() if key not in held]
+        orphans = [
+            {"name": names.get(key, "?"), "numel": _numel(p), "registered": True}
+            for key, p in self.grad_params.items()
+            if key not in held
+        ]
         unregistered = self._unregistered_names()
         for key, leaf in self.graph_leaves.items():
             tensor = leaf["tensor"]
             if key in held or key in seen or key in self.grad_params:
                 continue
-            if not isinstance(tensor, torch.nn.Parameter) and self.batch_size and tensor.dim() >= 1 \
-                    and tensor.shape[0] == self.batch_size:
+            if (
+                not isinstance(tensor, torch.nn.Parameter)
+                and self.batch_size
+                and tensor.dim() >= 1
+                and tensor.shape[0] == self.batch_size
+            ):
                 continue  # an input that requires a gradient
             if leaf["walk"] > 1 and key not in unregistered:
                 continue  # a tensor re-created in every forward appears anew at each walk: count the first
             name = unregistered.get(key) or (
                 f"a tensor of shape {list(tensor.shape)} created during the forward pass (requires_grad, "
-                "registered nowhere)")
+                "registered nowhere)"
+            )
             orphans.append({"name": name, "numel": _numel(tensor), "registered": False})
             trainable += _numel(tensor)
         return trainable, orphans
@@ -200,9 +221,13 @@ class RunResults:
                         if isinstance(item, torch.nn.Module):
                             where = f"{prefix}{path + '.' if path else ''}{attr}[{key!r}]"
                             for pname, p in item.named_parameters():
-                                found.setdefault(id(p), f"{where}.{pname} (in a plain {type(value).__name__}, "
-                                                         "not registered)")
+                                found.setdefault(
+                                    id(p), f"{where}.{pname} (in a plain {type(value).__name__}, not registered)"
+                                )
                         elif isinstance(item, torch.Tensor) and item.requires_grad:
-                            found.setdefault(id(item), f"{prefix}{path + '.' if path else ''}{attr}[{key!r}] "
-                                                       f"(a tensor in a plain {type(value).__name__})")
+                            found.setdefault(
+                                id(item),
+                                f"{prefix}{path + '.' if path else ''}{attr}[{key!r}] "
+                                f"(a tensor in a plain {type(value).__name__})",
+                            )
         return found

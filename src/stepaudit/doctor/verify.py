@@ -35,6 +35,7 @@ scratch copy (``torch.save``, which writes from C++, gets the same; other C-leve
 or h5py, are not seen). A write that would reach the user's working folder or the script's folder by
 another path is refused (``PermissionError``) and the run is reported as failed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,7 +58,9 @@ MARKED = 0.10  # share of the starting loss the fix must remove beyond the origi
 NOISE_TIMES = 3.0  # the margin in units of the original's run-to-run noise
 TOP = 3  # diagnoses verified, at most
 _FINAL = re.compile(r"\bfinal_metric\s+\w+\s+(-?\d*\.?\d+(?:e[-+]?\d+)?)", re.IGNORECASE)  # the doctor suite's own line
-_METRIC = re.compile(r"\b(?:val(?:idation)?|test|eval)?[_ ]?acc(?:uracy)?\b\s*[:=]?\s*(\d*\.?\d+)\s*(%?)", re.IGNORECASE)
+_METRIC = re.compile(
+    r"\b(?:val(?:idation)?|test|eval)?[_ ]?acc(?:uracy)?\b\s*[:=]?\s*(\d*\.?\d+)\s*(%?)", re.IGNORECASE
+)
 
 
 @dataclass
@@ -88,11 +91,21 @@ class RunLoss:
         return f"{start} → {'non-finite' if self.nonfinite else 'n/a' if self.end is None else f'{self.end:.3g}'}"
 
 
-def from_facts(facts, steps: int, error: str | None = None, seconds: float = 0.0,
-               metric: float | None = None) -> RunLoss:
+def from_facts(
+    facts, steps: int, error: str | None = None, seconds: float = 0.0, metric: float | None = None
+) -> RunLoss:
     """The ``RunLoss`` of a watched run, measured as the doctor measures it (``Facts``)."""
-    return RunLoss(facts.loss_start, facts.loss_end, facts.first_nonfinite is not None, steps, error, seconds, metric,
-                   bool(facts.stuck_at_prior), [[int(s), float(v)] for s, v in facts.losses])
+    return RunLoss(
+        facts.loss_start,
+        facts.loss_end,
+        facts.first_nonfinite is not None,
+        steps,
+        error,
+        seconds,
+        metric,
+        bool(facts.stuck_at_prior),
+        [[int(s), float(v)] for s, v in facts.losses],
+    )
 
 
 def printed_metric(text: str) -> float | None:
@@ -114,8 +127,15 @@ def _last_line(text: str | None) -> str:
     return lines[-1] if lines else "no output"
 
 
-def run_child(script: str | os.PathLike, args: list[str], steps: int | None, time_limit: float | None = None,
-              fix: str | None = None, factor: float | None = None, timeout: float = 600.0) -> RunLoss:
+def run_child(
+    script: str | os.PathLike,
+    args: list[str],
+    steps: int | None,
+    time_limit: float | None = None,
+    fix: str | None = None,
+    factor: float | None = None,
+    timeout: float = 600.0,
+) -> RunLoss:
     """Run the script in a fresh process for ``steps`` optimizer steps (None: to its end), with ``fix``."""
     package_root = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p)}
@@ -123,13 +143,29 @@ def run_child(script: str | os.PathLike, args: list[str], steps: int | None, tim
     with tempfile.TemporaryDirectory(prefix="stepaudit-verify-") as scratch:
         out, work = Path(scratch) / "result.json", Path(scratch) / "work"
         _mirror(Path.cwd(), work)
-        command = [sys.executable, "-m", "stepaudit.doctor.verify", "--out", str(out), "--max-steps", str(steps or 0),
-                   "--protect", str(Path.cwd())]
+        command = [
+            sys.executable,
+            "-m",
+            "stepaudit.doctor.verify",
+            "--out",
+            str(out),
+            "--max-steps",
+            str(steps or 0),
+            "--protect",
+            str(Path.cwd()),
+        ]
         command += ["--fix", fix] if fix else []
         command += ["--factor", repr(factor)] if factor is not None else []
         command += ["--time-limit", repr(time_limit)] if time_limit is not None else []
-        process = subprocess.Popen([*command, "--", str(script), *args], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True, env=env, errors="replace", cwd=work)
+        process = subprocess.Popen(
+            [*command, "--", str(script), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            errors="replace",
+            cwd=work,
+        )
         try:
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -144,9 +180,19 @@ def run_child(script: str | os.PathLike, args: list[str], steps: int | None, tim
         if not out.is_file():
             return RunLoss(None, None, error=f"exit status {process.returncode}: {_last_line(stderr)}", seconds=seconds)
         found = json.loads(out.read_text())
-    return RunLoss(found["start"], found["end"], found["nonfinite"], found["steps"], found["error"], seconds,
-                   printed_metric(stdout), found["at_prior"], found.get("losses"), found.get("applied"),
-                   found.get("shadow"))
+    return RunLoss(
+        found["start"],
+        found["end"],
+        found["nonfinite"],
+        found["steps"],
+        found["error"],
+        seconds,
+        printed_metric(stdout),
+        found["at_prior"],
+        found.get("losses"),
+        found.get("applied"),
+        found.get("shadow"),
+    )
 
 
 def _gain(original: RunLoss, fixed: RunLoss) -> float | None:
@@ -160,16 +206,25 @@ def _gain(original: RunLoss, fixed: RunLoss) -> float | None:
 
 def _trains(run: RunLoss) -> bool:
     """The run's last loss is at least ``MARKED`` of its start below its start, finite, not at the label prior."""
-    return (not run.nonfinite and not run.at_prior and run.start is not None and run.end is not None and run.start != 0
-            and (run.start - run.end) / abs(run.start) >= MARKED)
+    return (
+        not run.nonfinite
+        and not run.at_prior
+        and run.start is not None
+        and run.end is not None
+        and run.start != 0
+        and (run.start - run.end) / abs(run.start) >= MARKED
+    )
 
 
 def _noise(original: RunLoss, rerun: RunLoss) -> float | None:
     """|the original's last loss − its re-run's| in units of the smaller start (0 when identical); None if unknown."""
     if rerun.error is not None and original.error is None:
         return None
-    if original.start is not None and (original.start, original.end, original.nonfinite) == \
-            (rerun.start, rerun.end, rerun.nonfinite):
+    if original.start is not None and (original.start, original.end, original.nonfinite) == (
+        rerun.start,
+        rerun.end,
+        rerun.nonfinite,
+    ):
         return 0.0
     drift = _gain(original, rerun)
     return None if drift is None else abs(drift)
@@ -203,8 +258,11 @@ def _detail(verdict: str, fix: str, original: RunLoss, rerun: RunLoss, fixed: Ru
         return f"inconclusive: the re-run of the original (for its noise) failed: {rerun.error}"
     if _gain(original, fixed) is None:
         return f"inconclusive: no loss to compare (with {fix}: {fixed.shown()}; original {original.shown()})"
-    went = "fell" if not fixed.nonfinite and fixed.end is not None and fixed.start is not None \
-        and fixed.end < fixed.start else "went"
+    went = (
+        "fell"
+        if not fixed.nonfinite and fixed.end is not None and fixed.start is not None and fixed.end < fixed.start
+        else "went"
+    )
     text = f"{verdict}: with {fix} the loss {went} {fixed.shown()} (original {original.shown()})"
     if rerun.metric is not None and fixed.metric is not None:
         text += f"; the script's printed metric {fixed.metric:.3g} (original {rerun.metric:.3g})"
@@ -212,7 +270,9 @@ def _detail(verdict: str, fix: str, original: RunLoss, rerun: RunLoss, fixed: Ru
         return text + ": better than the original, but that run did not train either"
     if verdict == "inconclusive":
         if noise is not None and math.isfinite(noise):
-            return text + f", but the original's run-to-run noise ({noise:.2g} of its starting loss) is too large to tell"
+            return (
+                text + f", but the original's run-to-run noise ({noise:.2g} of its starting loss) is too large to tell"
+            )
         return text + ", and the original's re-run differs too much to tell"
     if verdict == "refuted":
         return text + ": no better than the original"
@@ -220,13 +280,26 @@ def _detail(verdict: str, fix: str, original: RunLoss, rerun: RunLoss, fixed: Ru
 
 
 def _unchecked(code: str, why: str = "") -> dict:
-    return {"fix": None, "verdict": "no automatic check", "loss_original": None, "loss_fixed": None,
-            "metric_original": None, "metric_fixed": None, "steps": 0, "seconds": 0.0,
-            "detail": f"no automatic check: stepaudit has no hook that applies the fix for {code}{why}"}
+    return {
+        "fix": None,
+        "verdict": "no automatic check",
+        "loss_original": None,
+        "loss_fixed": None,
+        "metric_original": None,
+        "metric_fixed": None,
+        "steps": 0,
+        "seconds": 0.0,
+        "detail": f"no automatic check: stepaudit has no hook that applies the fix for {code}{why}",
+    }
 
 
-REWIRABLE = ("probabilities_into_cross_entropy", "scores_into_nll_loss", "probabilities_into_bce_with_logits",
-             "softmax_over_batch", "broadcast_shapes")  # loss_wiring kinds the rewiring counterfactual fixes
+REWIRABLE = (
+    "probabilities_into_cross_entropy",
+    "scores_into_nll_loss",
+    "probabilities_into_bce_with_logits",
+    "softmax_over_batch",
+    "broadcast_shapes",
+)  # loss_wiring kinds the rewiring counterfactual fixes
 
 
 def counterfactual_for(diagnosis: dict, facts=None) -> tuple[str | None, str]:
@@ -255,24 +328,56 @@ def split_curves(diagnoses: list[dict]) -> dict | None:
         measured = v.get("original_measured_with") is not None
         found["original"] = found["original"] or (None if measured else original)
         if fixed is not None:
-            found["fixes"].append({"code": d["code"], "fix": v.get("fix"), "verdict": v.get("verdict"),
-                                   "losses": fixed, **({"original": original} if measured else {})})
+            found["fixes"].append(
+                {
+                    "code": d["code"],
+                    "fix": v.get("fix"),
+                    "verdict": v.get("verdict"),
+                    "losses": fixed,
+                    **({"original": original} if measured else {}),
+                }
+            )
     return found if found["fixes"] else None
 
 
-def _verification(code: str, fix: str, verdict: str, detail: str, original: RunLoss, fixed: RunLoss,
-                  rerun: RunLoss, noise: float | None, seconds: float) -> dict:
-    return {"fix": fix, "verdict": verdict,
-            "loss_original": {"start": original.start, "end": original.end, "nonfinite": original.nonfinite},
-            "loss_fixed": {"start": fixed.start, "end": fixed.end, "nonfinite": fixed.nonfinite},
-            "metric_original": rerun.metric, "metric_fixed": fixed.metric, "steps": fixed.steps,
-            "seconds": round(seconds, 2), "noise": noise, "detail": detail,
-            "losses_original": original.losses, "losses_fixed": fixed.losses,
-            **({"original_measured_with": "the rewired loss"} if isinstance(original, _Measured) else {})}
+def _verification(
+    code: str,
+    fix: str,
+    verdict: str,
+    detail: str,
+    original: RunLoss,
+    fixed: RunLoss,
+    rerun: RunLoss,
+    noise: float | None,
+    seconds: float,
+) -> dict:
+    return {
+        "fix": fix,
+        "verdict": verdict,
+        "loss_original": {"start": original.start, "end": original.end, "nonfinite": original.nonfinite},
+        "loss_fixed": {"start": fixed.start, "end": fixed.end, "nonfinite": fixed.nonfinite},
+        "metric_original": rerun.metric,
+        "metric_fixed": fixed.metric,
+        "steps": fixed.steps,
+        "seconds": round(seconds, 2),
+        "noise": noise,
+        "detail": detail,
+        "losses_original": original.losses,
+        "losses_fixed": fixed.losses,
+        **({"original_measured_with": "the rewired loss"} if isinstance(original, _Measured) else {}),
+    }
 
 
-def verify_one(code: str, script, args: list[str], steps: int | None, original: RunLoss, rerun: RunLoss,
-               time_limit: float | None, timeout: float) -> dict:
+def verify_one(
+    code: str,
+    script,
+    args: list[str],
+    steps: int | None,
+    original: RunLoss,
+    rerun: RunLoss,
+    time_limit: float | None,
+    timeout: float,
+) -> dict:
     """Run ``code``'s counterfactual (each factor in turn until one is confirmed) and judge the best run."""
     counterfactual = COUNTERFACTUALS[code]
     best = None
@@ -283,12 +388,14 @@ def verify_one(code: str, script, args: list[str], steps: int | None, original: 
     for factor in counterfactual.factors:
         fixed = run_child(script, args, steps, time_limit, code, factor, timeout)
         seconds += fixed.seconds
-        verdict, noise = judge(original, rerun, fixed) if measured is None else \
-            judge_noise(original, fixed, measured.noise)
+        verdict, noise = (
+            judge(original, rerun, fixed) if measured is None else judge_noise(original, fixed, measured.noise)
+        )
         candidate = (verdict, noise, fixed, counterfactual.label(factor))
         gains = [_gain(original, run) for run in (fixed, best[2])] if best is not None else [None, None]
-        better = best is None or gains[1] is None or (fixed.error is None and gains[0] is not None
-                                                        and gains[0] > gains[1])
+        better = (
+            best is None or gains[1] is None or (fixed.error is None and gains[0] is not None and gains[0] > gains[1])
+        )
         best = candidate if better else best
         if verdict == "confirmed" or fixed.error is not None:
             break
@@ -316,8 +423,20 @@ def _measured(original: RunLoss, rerun: RunLoss) -> _Measured | None:
     shadow = rerun.shadow or {}
     if rerun.error is not None or shadow.get("start") is None:
         return None
-    return _Measured(shadow["start"], shadow.get("end"), bool(shadow.get("nonfinite")), rerun.steps, None,
-                     rerun.seconds, rerun.metric, False, shadow.get("losses"), None, None, _noise(original, rerun))
+    return _Measured(
+        shadow["start"],
+        shadow.get("end"),
+        bool(shadow.get("nonfinite")),
+        rerun.steps,
+        None,
+        rerun.seconds,
+        rerun.metric,
+        False,
+        shadow.get("losses"),
+        None,
+        None,
+        _noise(original, rerun),
+    )
 
 
 def _shadow_summary(values: list[float], batch_size: int | None) -> dict | None:
@@ -331,13 +450,25 @@ def _shadow_summary(values: list[float], batch_size: int | None) -> dict | None:
         finite.append(v)
     if not finite:
         return None
-    start = finite[0] if (batch_size or 0) >= 16 else statistics.median(finite[:summary.smoothing(batch_size)])
-    return {"start": start, "end": summary.loss_end(finite, batch_size), "nonfinite": len(finite) < len(values),
-            "losses": [[i, v] for i, v in enumerate(finite)]}
+    start = finite[0] if (batch_size or 0) >= 16 else statistics.median(finite[: summary.smoothing(batch_size)])
+    return {
+        "start": start,
+        "end": summary.loss_end(finite, batch_size),
+        "nonfinite": len(finite) < len(values),
+        "losses": [[i, v] for i, v in enumerate(finite)],
+    }
 
 
-def verify(diagnoses: list[dict], script, args: list[str], steps: int | None, time_limit: float | None = None,
-           original: RunLoss | None = None, timeout: float | None = None, facts=None) -> list[dict]:
+def verify(
+    diagnoses: list[dict],
+    script,
+    args: list[str],
+    steps: int | None,
+    time_limit: float | None = None,
+    original: RunLoss | None = None,
+    timeout: float | None = None,
+    facts=None,
+) -> list[dict]:
     """Add ``verification`` to each of the top ``TOP`` diagnoses and put the confirmed ones first.
 
     Each run stops after ``steps`` optimizer steps (None: at the script's own end) or ``time_limit``
@@ -358,16 +489,23 @@ def verify(diagnoses: list[dict], script, args: list[str], steps: int | None, ti
         timeout = 60.0 + (time_limit if time_limit is not None else 10 * max(own, 6.0))
     try:  # a loss_wiring diagnosis: the re-run (unchanged) also measures the rewired loss, observe-only
         wiring = any(keys[id(d)] == "loss_wiring" for d in todo)
-        rerun = run_child(script, args, steps, time_limit, "loss_wiring" if wiring else None, 0.0 if wiring else None,
-                          timeout=timeout)
+        rerun = run_child(
+            script, args, steps, time_limit, "loss_wiring" if wiring else None, 0.0 if wiring else None, timeout=timeout
+        )
         if original is None:  # called without the diagnosing run: run the original too
             original = run_child(script, args, steps, time_limit, timeout=timeout)
         for d in todo:
             d["verification"] = verify_one(keys[id(d)], script, args, steps, original, rerun, time_limit, timeout)
     except KeyboardInterrupt:
         for d in todo:
-            d.setdefault("verification", {**_unchecked(d["code"]), "verdict": "inconclusive",
-                                          "detail": "inconclusive: cancelled (Ctrl-C) before this verification ran"})
+            d.setdefault(
+                "verification",
+                {
+                    **_unchecked(d["code"]),
+                    "verdict": "inconclusive",
+                    "detail": "inconclusive: cancelled (Ctrl-C) before this verification ran",
+                },
+            )
     return _reorder(diagnoses)
 
 
@@ -390,8 +528,9 @@ def _reorder(diagnoses: list[dict]) -> list[dict]:
 
 # -- the child process ---------------------------------------------------------------------------------------
 def _child_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m stepaudit.doctor.verify",
-                                     description="One verification run of stepaudit doctor --verify.")
+    parser = argparse.ArgumentParser(
+        prog="python -m stepaudit.doctor.verify", description="One verification run of stepaudit doctor --verify."
+    )
     parser.add_argument("--fix", default=None, choices=sorted(COUNTERFACTUALS), help="the counterfactual to install")
     parser.add_argument("--factor", type=float, default=None, help="its factor (learning-rate fixes)")
     parser.add_argument("--max-steps", type=int, required=True, metavar="N", help="0: to the script's end")
@@ -403,8 +542,14 @@ def _child_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def watched_run(script, args: list[str], steps: int | None, time_limit: float | None = None,
-                fix: str | None = None, factor: float | None = None) -> RunLoss:
+def watched_run(
+    script,
+    args: list[str],
+    steps: int | None,
+    time_limit: float | None = None,
+    fix: str | None = None,
+    factor: float | None = None,
+) -> RunLoss:
     """Run the script in this process under the watcher, with ``fix`` installed (or none); its ``RunLoss``."""
     from . import counterfactual
     from .facts import Facts
@@ -469,9 +614,11 @@ def own_copy(path: str | os.PathLike, mode, flags, scratch: Path, protected: lis
     real = Path(os.path.realpath(where))
     for root in protected:
         if real.is_relative_to(root) and not real.is_relative_to(scratch.parent):  # the run's own temp folder
-            raise PermissionError(f"stepaudit doctor --verify: the script writes to {real}, outside the scratch copy "
-                                  f"of {root}; verification runs never change your files (run the script from "
-                                  "the folder it writes into)")
+            raise PermissionError(
+                f"stepaudit doctor --verify: the script writes to {real}, outside the scratch copy "
+                f"of {root}; verification runs never change your files (run the script from "
+                "the folder it writes into)"
+            )
 
 
 def _guard_torch_save(scratch: Path, protected: list[Path]) -> None:
