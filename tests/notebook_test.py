@@ -65,6 +65,6 @@ def test_a_notebook_renders_the_audit_the_run_and_the_diagnoses_inline(tmp_path)
     for doc in (audit_doc, run_doc):
         assert 'id="fig-loss"' in doc and 'class="kpis"' in doc and "<svg" in doc
         assert "https://" not in doc and "http://" not in doc  # self-contained
-    assert 'id="fig-heatmap"' not in run_doc  # only the main charts, not the whole report
+    assert 'id="fig-ratio-heatmap"' not in run_doc and 'id="metadata"' not in run_doc  # the main charts only
     cards = srcdoc(html_of(cells[3]))
     assert 'class="finding' in cards and ("healthy" in cards or "severity" in cards)

@@ -37,7 +37,7 @@ import torch
 
 from . import probes as probe_registry
 from .arguments import batch_size, check_replayable, index_parameters, validate
-from .context import Part, StepContext, check_scalar_loss
+from .context import Part, StepContext, check_scalar_loss, group_lr
 from .distributed import (
     collective_device,
     global_objective,
@@ -591,8 +591,7 @@ class Audit(StepAPI, NotebookMixin):
             ctx.flat_before = ctx.before = None
         record = {"step": index, "lr": ctx.lr(), "batch_size": batch_size(pending.batches)}
         for i, group in enumerate(ctx.optimizer.param_groups[1:6], start=1):  # the report charts up to six groups
-            lr = group.get("lr")
-            record[f"lr_group_{i}"] = float(lr) if isinstance(lr, (int, float)) else math.nan
+            record[f"lr_group_{i}"] = group_lr(group)
         layers, totals = layer_rows(self.names, self.modules, self.groups, sums, first_order=first_order)
         record.update(totals)
         loss_after, noise, record["noise_method"] = self.losses.after(ctx, pending.loss_before)

@@ -17,6 +17,14 @@ from torch.func import functional_call
 from .state import AutocastState, RngState, preserved, without_grad
 
 
+def group_lr(group: dict) -> float:
+    """A parameter group's learning rate as a float; NaN when it is not one number (Adafactor's relative step: None)."""
+    lr = group.get("lr")
+    if isinstance(lr, torch.Tensor):
+        return float(lr) if lr.numel() == 1 else float("nan")
+    return float(lr) if isinstance(lr, (int, float)) else float("nan")
+
+
 class _Objective(torch.nn.Module):
     """``loss_fn(model, batch)`` as a module, so ``functional_call`` can substitute its weights."""
 
@@ -130,7 +138,4 @@ class StepContext:
     # -- small helpers probes share ------------------------------------------------------------
     def lr(self) -> float:
         """Learning rate of the first parameter group (what most users mean by "the" lr)."""
-        lr = self.optimizer.param_groups[0].get("lr")  # None for Adafactor's relative step: not a number
-        if isinstance(lr, torch.Tensor) and lr.numel() == 1:
-            return float(lr)
-        return float(lr) if isinstance(lr, (int, float)) else float("nan")
+        return group_lr(self.optimizer.param_groups[0])

@@ -12,23 +12,6 @@ import html
 import time
 from typing import Any
 
-NOTEBOOK_FIGURES = ("loss", "promise", "alpha", "update", "lr")  # the report's main charts, in its order
-
-
-def run_page(run: Any) -> str:
-    """A compact report page for one run (a ``report.data.Run``): findings, summary cards, main charts."""
-    from .report.html import figure_html, findings_html, kpis_html, page, problems_html
-    from .report.sections import run_figures
-
-    figures = [f for f in run_figures(run) if f.id in NOTEBOOK_FIGURES] if run.steps else []
-    charts = "".join(figure_html(f) for f in figures) or '<p class="notice">No audited steps yet.</p>'
-    body = (
-        f'<header><p class="brand">stepaudit</p><h1>{html.escape(run.name)}</h1></header>'
-        f"{findings_html(run.findings, run.findings_error, run.outcome)}{problems_html(run)}{kpis_html(run)}"
-        f'<section class="charts">{charts}</section>'
-    )
-    return page(f"stepaudit — {run.name}", body)
-
 
 def framed(document: str, height: int = 720) -> str:
     """An HTML document isolated in an iframe (its CSS and script stay inside), for a notebook output."""
@@ -39,8 +22,10 @@ def framed(document: str, height: int = 720) -> str:
 
 
 def run_html(run: Any) -> str:
-    """``_repr_html_`` of a loaded run."""
-    return framed(run_page(run))
+    """``_repr_html_`` of a loaded run: the report's compact page (findings, cards, main charts)."""
+    from .report.html import render_report
+
+    return framed(render_report(run, compact=True))
 
 
 def audit_html(audit: Any) -> str:

@@ -215,14 +215,12 @@ RESULT_KEYS = (
 def stored_result(meta: dict, metrics: dict | None = None) -> str:
     """The run's result: the first one stored in its metadata, e.g. "test accuracy 0.967", else the last value
     of each metric logged with ``Audit.log`` ("val_acc 0.95 at step 900"); "" when none."""
-    logged = [
-        f"{name} {fmt(values[-1])} at step {steps[-1]:,}" for name, (steps, values) in (metrics or {}).items() if values
-    ]
     for key in RESULT_KEYS:
         value = meta.get(key)
         if isinstance(value, (int, float)) and math.isfinite(value):
             return f"{key.replace('_', ' ')} {fmt(value)}"
-    return "; ".join(logged[:3])
+    logged = [(name, steps, values) for name, (steps, values) in (metrics or {}).items() if values][:3]
+    return "; ".join(f"{name} {fmt(values[-1])} at step {steps[-1]:,}" for name, steps, values in logged)
 
 
 def optimizer_label(meta: dict) -> str:

@@ -298,20 +298,21 @@ def problems_html(run: Run) -> str:
     return "".join(f'<p class="notice">{escape(line)}</p>' for line in lines)
 
 
-def render_report(run: Run) -> str:
-    """The complete HTML page for one run."""
+def render_report(run: Run, compact: bool = False) -> str:
+    """The complete HTML page for one run; ``compact``: findings, cards and the main charts only (notebooks)."""
     meta = run.meta
     hyper = ", ".join(f"{k}={_short(v)}" for k, v in hyperparameters(meta).items())
     optimizer = f"{meta['optimizer']}({hyper})" if meta.get("optimizer") and hyper else str(meta.get("optimizer") or "")
     subtitle = " · ".join(
         x for x in (str(meta.get("model") or ""), optimizer, f"{len(run.steps):,} audited steps", _created(meta)) if x
     )
-    figures = run_figures(run) if run.steps else []
+    figures = run_figures(run, main_only=compact) if run.steps else []
     charts = "".join(figure_html(f) for f in figures) or '<p class="notice">This run has no audited steps yet.</p>'
     body = (
         f'<header><p class="brand">stepaudit report</p><h1>{escape(run.name)}</h1><p class="sub">{escape(subtitle)}</p></header>'
         f"{findings_html(run.findings, run.findings_error, run.outcome)}{problems_html(run)}{kpis_html(run)}"
-        f'<h2>Step by step</h2><section class="charts">{charts}</section>{meta_html(meta, len(run.steps))}'
+        f'<h2>Step by step</h2><section class="charts">{charts}</section>'
+        + ("" if compact else meta_html(meta, len(run.steps)))
     )
     return page(f"stepaudit — {run.name}", body)
 

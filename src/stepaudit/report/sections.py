@@ -45,22 +45,26 @@ class Figure:
     wide: bool = False
 
 
-def run_figures(run: Run) -> list[Figure]:
-    """Every chart the run's recorded fields allow, in reading order."""
+def run_figures(run: Run, main_only: bool = False) -> list[Figure]:
+    """Every chart the run's recorded fields allow, in reading order (``main_only``: those of ``MAIN_FIGURES``)."""
     makers = (
-        loss_figure,
-        promise_figure,
-        alpha_figure,
-        alpha_histogram,
-        heatmap_figure,
-        update_figure,
-        lr_figure,
-        metrics_figure,
-        norms_figure,
-        sharpness_figure,
-        precond_figure,
-        noise_figure,
-        verification_figure,
+        MAIN_FIGURES
+        if main_only
+        else (
+            loss_figure,
+            promise_figure,
+            alpha_figure,
+            alpha_histogram,
+            heatmap_figure,
+            update_figure,
+            lr_figure,
+            metrics_figure,
+            norms_figure,
+            sharpness_figure,
+            precond_figure,
+            noise_figure,
+            verification_figure,
+        )
     )
     return [f for f in (make(run) for make in makers) if f is not None]
 
@@ -496,3 +500,7 @@ def verification_figure(run: Run) -> Figure | None:
         legend,
         notes,
     )
+
+
+# The report's main charts, in its order: what a notebook shows inline (loss, promise, α, update size, lr).
+MAIN_FIGURES = (loss_figure, promise_figure, alpha_figure, update_figure, lr_figure)
