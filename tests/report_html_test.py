@@ -247,26 +247,34 @@ def test_failed_audits_and_probes_are_named_and_an_empty_run_renders(tmp_path):
     assert "This run has no audited steps yet." in render_report(load_run(tmp_path / "empty"))
 
 
-def test_lr_chart_draws_the_scheduled_learning_rate(tmp_path):
-    """The lr chart's points are StepLR's closed form lr₀·γ^⌊t/k⌋, step by step (not what the audit wrote, recomputed)."""
+def audited_fit(run, model, opt, inputs: int, steps: int, batch: int = 8, after_step=None):
+    """``steps`` audited SGD steps of cross-entropy on random batches; ``after_step(step, audit)`` after each."""
     import torch
 
     import stepaudit
+
+    loss_fn = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
+    audit = stepaudit.Audit(model, opt, loss_fn, run=run)
+    for step in range(steps):
+        data = (torch.randn(batch, inputs), torch.randint(0, 2, (batch,)))
+        with audit.watch(data):
+            opt.zero_grad()
+            loss_fn(model, data).backward()
+            opt.step()
+        if after_step is not None:
+            after_step(step, audit)
+    return audit
+
+
+def test_lr_chart_draws_the_scheduled_learning_rate(tmp_path):
+    """The lr chart's points are StepLR's closed form lr₀·γ^⌊t/k⌋, step by step (not what the audit wrote, recomputed)."""
+    import torch
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.1)
-    loss_fn = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
-    audit = stepaudit.Audit(model, opt, loss_fn, run=tmp_path / "lr")
-    for _ in range(9):
-        batch = (torch.randn(16, 4), torch.randint(0, 2, (16,)))
-        with audit.watch(batch):
-            opt.zero_grad()
-            loss_fn(model, batch).backward()
-            opt.step()
-        scheduler.step()
-    audit.close()
+    audited_fit(tmp_path / "lr", model, opt, 4, 9, batch=16, after_step=lambda step, audit: scheduler.step()).close()
     drawn = tips(render_report(load_run(tmp_path / "lr")), "lr")[0]
     assert drawn["x"] == list(range(9))
     assert drawn["y"] == [g4(0.2 * 0.1 ** (t // 3)) for t in range(9)]
@@ -324,23 +332,18 @@ def test_logged_metrics_are_stored_charted_and_compared(tmp_path):
     """audit.log(name, value): the values come back as logged, the report charts them, compare overlays and lists them."""
     import torch
 
-    import stepaudit
     from stepaudit.store import read_metrics
 
     def run(name: str, scale: float):
         torch.manual_seed(0)
         model = torch.nn.Linear(3, 2)
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        loss_fn = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
-        audit = stepaudit.Audit(model, opt, loss_fn, run=tmp_path / name)
-        for step in range(6):
-            batch = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
-            with audit.watch(batch):
-                opt.zero_grad()
-                loss_fn(model, batch).backward()
-                opt.step()
+
+        def log_odd_steps(step, audit):
             if step % 2 == 1:
                 audit.log("val_acc", torch.tensor(scale * step))
+
+        audit = audited_fit(tmp_path / name, model, opt, 3, 6, after_step=log_odd_steps)
         audit.log("val_acc", 0.5, step=2)  # an explicit step overrides that step's value
         with pytest.warns(UserWarning, match="must be a number"):
             audit.log("val_acc", "high")  # never breaks training: a warning, nothing logged
@@ -364,20 +367,10 @@ def test_logged_metrics_are_stored_charted_and_compared(tmp_path):
 def test_every_param_groups_learning_rate_is_recorded_and_charted(tmp_path):
     import torch
 
-    import stepaudit
-
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
     opt = torch.optim.SGD([{"params": model[0].parameters()}, {"params": model[1].parameters(), "lr": 0.01}], lr=0.1)
     scheduler = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)
-    loss_fn = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1])  # noqa: E731
-    audit = stepaudit.Audit(model, opt, loss_fn, run=tmp_path / "groups")
-    for _ in range(3):
-        batch = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
-        with audit.watch(batch):
-            opt.zero_grad()
-            loss_fn(model, batch).backward()
-            opt.step()
-        scheduler.step()
+    audit = audited_fit(tmp_path / "groups", model, opt, 3, 3, after_step=lambda step, audit: scheduler.step())
     audit.close()
     assert [r["lr_group_1"] for r in audit.records] == [0.01, 0.005, 0.0025]
     drawn = tips(render_report(load_run(tmp_path / "groups")), "lr")
