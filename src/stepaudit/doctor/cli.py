@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     # Nothing was watched when the script failed before its first optimizer step: no diagnosis is invented.
     diagnoses = [] if before_first_step else diagnose_facts(facts)
     curves = None
+    order_before_verify = None
     if args.verify and diagnoses:
+        order_before_verify = [d["code"] for d in diagnoses]  # --json shows it: what verification reordered
         from .verify import from_facts, split_curves, verify
 
         original = from_facts(
@@ -201,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         "error": outcome.failure,
         "run": None,
     }
+    if order_before_verify is not None:
+        result["order_before_verify"] = order_before_verify
     if outcome.failure is not None:
         result["reason"] = stop_reason(
             outcome.failure, outcome.error or "the script failed"
