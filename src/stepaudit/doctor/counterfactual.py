@@ -18,7 +18,8 @@ purpose (that is the experiment) through torch's global hook points only, never 
 - ``lr_schedule_collapse`` (``lr_too_low`` of kind "schedule"): a scheduler's steps ignored from the first
   one that would take an lr below 1/100 (then 1/10) of its group's highest (``counterfactual_init.py``).
 - ``dead_relu`` / ``saturated_activations`` / ``vanishing_gradients``: the layers re-initialised at their
-  first forward, He before a ReLU, Xavier before tanh/sigmoid (``counterfactual_init.py``).
+  first forward, He before a ReLU, Xavier before tanh/sigmoid; for the two squashing codes, when that is
+  not confirmed, hidden tanh/sigmoid modules compute ReLU instead (``counterfactual_init.py``).
 
 ``COUNTERFACTUALS`` maps a diagnosis code to its ``Counterfactual``; ``install(code, factor)`` returns
 the hook handles (each with ``remove()``).
@@ -238,6 +239,18 @@ def _lr_label(factor: float) -> str:
     return f"lr ×{factor:g}"
 
 
+# re-initialise, then hidden tanh/sigmoid → ReLU with He weights, then with the script's own weights
+_SQUASH_TRIES = (1.0, counterfactual_init.RELU_INSTEAD, counterfactual_init.RELU_OWN_INIT)
+
+
+def _squash_label(factor: float) -> str:
+    if factor == counterfactual_init.RELU_INSTEAD:
+        return "hidden tanh/sigmoid → ReLU, He weights"
+    if factor == counterfactual_init.RELU_OWN_INIT:
+        return "hidden tanh/sigmoid → ReLU, the script's weights"
+    return "layers re-initialised"
+
+
 COUNTERFACTUALS: dict[str, Counterfactual] = {
     "lr_too_high": Counterfactual(scale_lr, (0.1, 0.01), _lr_label),
     "lr_too_low": Counterfactual(scale_lr, (10.0, 100.0), _lr_label),
@@ -254,12 +267,8 @@ COUNTERFACTUALS: dict[str, Counterfactual] = {
         lambda floor: f"scheduler steps ignored once the lr fell below {floor:g} × its peak",
     ),
     "dead_relu": Counterfactual(counterfactual_init.reinitialise("relu"), label=lambda _: "layers re-initialised"),
-    "saturated_activations": Counterfactual(
-        counterfactual_init.reinitialise("squash"), label=lambda _: "layers re-initialised"
-    ),
-    "vanishing_gradients": Counterfactual(
-        counterfactual_init.reinitialise("squash"), label=lambda _: "layers re-initialised"
-    ),
+    "saturated_activations": Counterfactual(counterfactual_init.reinitialise("squash"), _SQUASH_TRIES, _squash_label),
+    "vanishing_gradients": Counterfactual(counterfactual_init.reinitialise("squash"), _SQUASH_TRIES, _squash_label),
 }
 REPORTING = ("loss_wiring", "lr_schedule_collapse", "dead_relu", "saturated_activations", "vanishing_gradients")
 """Counterfactuals that count what they changed (``applied``): a run where they changed nothing says so."""

@@ -13,6 +13,14 @@
   left alone unless it is not the last layer, when the diagnosis's family decides (``dead_relu``: He,
   the others: Xavier). The draws come from a private generator seeded with ``SEED``, so the script's
   own random stream (batches, dropout) is the original's.
+- ``relu_instead(family)``: the second try for ``saturated_activations`` / ``vanishing_gradients`` when
+  re-initialisation does not settle it. A sigmoid's slope is at most 1/4 and a tanh's at most 1, so no
+  initialisation keeps the backward signal of a deep squashing stack from shrinking layer by layer
+  (Glorot & Bengio 2010, section 4.2); the standard fix is the activation itself. Every hidden tanh /
+  sigmoid module (one with a layer after it, so an output squashing before a probability loss stays) returns
+  ``relu(input)`` instead (a forward hook), and the layers before them get He initialisation as above
+  (factor ``RELU_INSTEAD``) or, when that is not confirmed either (He weights can make the script's lr
+  diverge), keep the script's own weights (factor ``RELU_OWN_INIT``).
 
 ``APPLIED`` counts what each changed (undone scheduler steps, re-initialised layers).
 """
@@ -141,10 +149,51 @@ def init_layer(layer: torch.nn.Module, scheme: str, generator: torch.Generator) 
         layer.bias.zero_()
 
 
-def reinitialise(family: str) -> Callable[[float], list]:
-    """The re-initialisation counterfactual for a diagnosis family ('relu' or 'squash')."""
+RELU_INSTEAD = 2.0  # the factor that selects ``relu_instead`` (He init) after re-initialisation (1.0)
+RELU_OWN_INIT = 3.0  # ``relu_instead`` keeping the script's own weights
 
-    def install(_: float = 1.0) -> list:
+
+def _hidden_squashes(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The tanh/sigmoid modules of ``modules`` (module order) that have a layer after them."""
+    last_layer = max((i for i, m in enumerate(modules) if isinstance(m, _LAYERS)), default=-1)
+    return [m for i, m in enumerate(modules[:last_layer]) if isinstance(m, _SQUASH)]
+
+
+def relu_instead(he: bool = True) -> list:
+    """Hidden tanh/sigmoid modules compute ReLU, and (``he``) the layers before them get He initialisation."""
+    swapped: set[int] = set()
+    seen: set[int] = set()
+    generator = torch.Generator().manual_seed(SEED)
+
+    def forward_pre(module, args):
+        if id(module) in seen:
+            return
+        modules = list(module.modules())
+        hidden = {id(m) for m in _hidden_squashes(modules)}
+        for i, layer in enumerate(modules):
+            if id(layer) in hidden and id(layer) not in swapped:
+                swapped.add(id(layer))
+                APPLIED["tanh/sigmoid → ReLU"] += 1
+            after = next((m for m in modules[i + 1 :] if isinstance(m, (*_LAYERS, *_RELU, *_SQUASH))), None)
+            if he and isinstance(layer, _LAYERS) and id(layer) not in seen and id(after) in hidden:
+                init_layer(layer, "relu", generator)  # a layer feeding a swapped activation
+                APPLIED["He"] += 1
+        seen.update(id(m) for m in modules)
+
+    def forward(module, args, output):
+        if id(module) in swapped and args and isinstance(args[0], torch.Tensor):
+            return torch.relu(args[0])
+        return None
+
+    return [_module.register_module_forward_pre_hook(forward_pre), _module.register_module_forward_hook(forward)]
+
+
+def reinitialise(family: str) -> Callable[[float], list]:
+    """The re-initialisation counterfactual for a diagnosis family ('relu' or 'squash'); factor 2: ReLU instead."""
+
+    def install(factor: float = 1.0) -> list:
+        if factor in (RELU_INSTEAD, RELU_OWN_INIT):
+            return relu_instead(he=factor == RELU_INSTEAD)
         done: set[int] = set()
         generator = torch.Generator().manual_seed(SEED)
 

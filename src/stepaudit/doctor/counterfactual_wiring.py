@@ -14,6 +14,10 @@ the passive doctor checks are wrapped so that, before the original runs:
 - ``binary_cross_entropy_with_logits`` given a sigmoid output gets the sigmoid's input;
 - an output reshaped by a contiguous view (``.squeeze(1)``, ``.view(-1)``) counts as the output, and its
   logits get the same shape;
+- a softmax or log_softmax of a training tensor shaped (batch, classes) taken over dim 0 — the batch, as
+  the first module call's input tells it — is taken over dim 1 instead (``BATCH_AXIS``), so a hand-written
+  loss (``log_softmax(out, 0).gather(1, y)``) trains on class probabilities. That run's loss is another
+  objective than the original's, which no observe-only run can measure: ``verify`` labels it so;
 - a regression loss (``mse_loss``, ``l1_loss``, ``smooth_l1_loss``, ``huber_loss``) whose target has the
   input's number of elements in another shape gets the target reshaped to the input's shape.
 
@@ -33,10 +37,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as _module
 
 APPLIED: Counter = Counter()  # rewiring name -> calls rewired in this process
 SHADOW: list[float] = []  # observe-only mode: the rewired loss of each miswired training call, in order
 _REGRESSION = ("mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss")
+BATCH_AXIS = "softmax over the classes, not the batch"  # the producer-side rewiring (its APPLIED name)
+_BATCH: list[int] = []  # the leading size of the first module call's input: the batch
 _SOURCES: dict[int, tuple[weakref.ref, str, torch.Tensor, int | None]] = {}  # id(output) -> (output, function,
 # its input, the axis it normalised)
 
@@ -98,15 +105,38 @@ def _source(tensor: Any, name: str) -> torch.Tensor | None:
     return source if output is tensor else source.reshape(tensor.shape)
 
 
-def _producer(function: str) -> Callable[[Callable], Callable]:
-    """A wrapper of a softmax or sigmoid that remembers each output's input."""
+def _over_batch(source: Any, dim: Any) -> bool:
+    """A training (batch, classes) tensor normalised over dim 0, the batch (the doctor's own check)."""
+    return (
+        isinstance(source, torch.Tensor)
+        and source.dim() == 2
+        and isinstance(dim, int)
+        and dim % 2 == 0
+        and bool(_BATCH)
+        and source.shape[0] == _BATCH[0] >= 2
+        and source.shape[1] >= 2
+        and torch.is_grad_enabled()
+        and source.requires_grad
+    )
+
+
+def _producer(function: str, rewiring: bool) -> Callable[[Callable], Callable]:
+    """A wrapper of a softmax or sigmoid that remembers each output's input (``rewiring``: fixes the axis)."""
 
     def make(original: Callable) -> Callable:
         @functools.wraps(original)
         def wrapper(*args, **kwargs):
-            output = original(*args, **kwargs)
             source = args[0] if args else kwargs.get("input")
-            _remember(output, function, source, args[1] if len(args) > 1 else kwargs.get("dim"))
+            dim = args[1] if len(args) > 1 else kwargs.get("dim")
+            if rewiring and function != "sigmoid" and _over_batch(source, dim):
+                APPLIED[BATCH_AXIS] += 1
+                if len(args) > 1:
+                    args = (args[0], 1, *args[2:])
+                else:
+                    kwargs = {**kwargs, "dim": 1}
+                dim = 1
+            output = original(*args, **kwargs)
+            _remember(output, function, source, dim)
             return output
 
         return wrapper
@@ -184,16 +214,24 @@ def _consumer(name: str, observe: bool) -> Callable[[Callable], Callable]:
     return make
 
 
+def _note_batch(module: torch.nn.Module, args: tuple) -> None:
+    """Remember the leading size of the first module call's tensor input (the outermost call: the batch)."""
+    if not _BATCH and args and isinstance(args[0], torch.Tensor) and args[0].dim() >= 1:
+        _BATCH.append(int(args[0].shape[0]))
+
+
 def rewire_losses(mode: float = 1.0) -> list:
     """Wrap the softmaxes, ``torch.sigmoid`` and the losses so each miswired loss call is rewired (mode 0: measured)."""
     SHADOW.clear()
-    patches = []
+    _BATCH.clear()
+    rewiring = mode != 0.0
+    patches: list = [_module.register_module_forward_pre_hook(_note_batch)]
     for owner in (F, torch, torch.Tensor):
         for function in ("softmax", "log_softmax"):
             if hasattr(owner, function):
-                patches.append(_Patch(owner, function, _producer(function)))
+                patches.append(_Patch(owner, function, _producer(function, rewiring)))
     for owner in (torch, torch.Tensor):
-        patches.append(_Patch(owner, "sigmoid", _producer("sigmoid")))
+        patches.append(_Patch(owner, "sigmoid", _producer("sigmoid", rewiring)))
     for name in ("cross_entropy", "nll_loss", "binary_cross_entropy_with_logits", *_REGRESSION):
         patches.append(_Patch(F, name, _consumer(name, observe=mode == 0.0)))
     return patches

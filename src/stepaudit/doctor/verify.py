@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .counterfactual import COUNTERFACTUALS, REPORTING
+from .counterfactual_wiring import BATCH_AXIS
 
 MARKED = 0.10  # share of the starting loss the fix must remove beyond the original's, at least
 NOISE_TIMES = 3.0  # the margin in units of the original's run-to-run noise
@@ -397,7 +398,7 @@ def verify_one(
             best is None or gains[1] is None or (fixed.error is None and gains[0] is not None and gains[0] > gains[1])
         )
         best = candidate if better else best
-        if verdict == "confirmed" or fixed.error is not None:
+        if verdict == "confirmed" or fixed.error is not None or fixed.applied == {}:  # {}: nothing to change
             break
     verdict, noise, fixed, fix = best
     if fixed.applied:
@@ -408,6 +409,8 @@ def verify_one(
         detail = f"inconclusive: {fix}: the hooks found nothing to change in this run (original {original.shown()})"
     elif measured is not None:
         detail = detail.replace("(original ", "(original, measured with the rewired loss, ", 1)
+    elif (fixed.applied or {}).get(BATCH_AXIS):  # the fixed run trains another objective, measured on its own
+        detail = detail.replace("(original ", "(original, on its own loss over the batch axis, ", 1)
     return _verification(code, fix, verdict, detail, original, fixed, rerun, noise, seconds)
 
 
