@@ -85,7 +85,10 @@ def test_the_suggestion_equals_lr_find_on_the_scripts_own_model_optimizer_and_ba
 def test_a_script_that_ends_sooner_gives_its_batches_reused_cyclically_and_says_so(tmp_path, capsys):
     script = write(tmp_path, TRAIN)
     run = find_in_script(script, ["2"], num=40)  # 2 epochs of 16 batches: 32 kept, the sweep cycles them
-    assert "first 32" in run.batches and "re-used cyclically" in run.batches and "ended after 32 steps" in run.batches
+    assert (
+        "first 32 training batches, re-used cyclically for 40 lrs" in run.batches
+        and "ended after 32 steps" in run.batches
+    )
     expected = oracle(script, 40, num=40)
     assert run.result.suggestion == expected.suggestion
     assert (run.result.losses == expected.losses).all()
@@ -112,7 +115,7 @@ def test_dropout_batchnorm_and_a_squeezed_output_replay_under_adam(tmp_path, cap
     )
     status, out, err = lr_find_cli(capsys, "--num", "30", str(script))
     assert status == 0, err
-    assert "lr range test (Adam)" in out and "loss mse_loss" in out
+    assert "lr range test (Adam)" in out and "loss F.mse_loss" in out
 
 
 ERRORS = {
@@ -186,6 +189,23 @@ ERRORS = {
         optimizer.step()
         """,
         "no model forward whose output goes into a torch.nn.functional loss",
+    ),
+    "keyword_inputs": (
+        """
+        import torch
+        class Net(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = torch.nn.Linear(3, 2)
+            def forward(self, x=None):
+                return self.fc(x)
+        model = Net()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss = torch.nn.functional.cross_entropy(model(x=torch.randn(8, 3)), torch.zeros(8, dtype=torch.long))
+        loss.backward()
+        optimizer.step()
+        """,
+        "a model called with keyword inputs is not replayed",
     ),
     "loss_of_a_slice": (
         """

@@ -15,6 +15,7 @@ ends, or hits ``time_limit``, sooner gives fewer batches: the sweep re-uses them
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -240,6 +241,7 @@ class ScriptRun:
     model: str
     optimizer: str
     batches: str  # how the batches were obtained, as printed
+    loss: str  # the loss call re-evaluated, e.g. F.cross_entropy(model(inputs), target)
     outcome: Outcome
 
 
@@ -254,8 +256,15 @@ def _check_first(model: torch.nn.Module, batch: Batch, loss: str) -> None:
     """The first batch's loss, evaluated again at the first step's weights, must be the script's own."""
     if batch.value is None:
         return
-    with preserved(model, batch.rng, None), torch.no_grad():
-        value = float(replay_loss(model, batch))
+    try:
+        with preserved(model, batch.rng, None), torch.no_grad():
+            value = float(replay_loss(model, batch))
+    except Exception as error:
+        raise ScriptError(
+            f"evaluating the first batch's loss again failed ({type(error).__name__}: {error}); a model called "
+            "with keyword inputs is not replayed (torch's global forward hooks do not see them): call "
+            "stepaudit.lr_find(model, optimizer, loss_fn, batches) in the script"
+        ) from None
     if not (abs(value - batch.value) <= MATCH_RTOL * max(1.0, abs(batch.value))):
         raise ScriptError(
             f"the loss the script backpropagated ({batch.value:.6g}) is not F.{loss} of the model's output "
@@ -309,27 +318,32 @@ def find_in_script(
     return ScriptRun(
         result,
         f"{type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters)",
-        type(optimizer).__name__,
+        f"{type(optimizer).__name__} (lr {optimizer.param_groups[0].get('lr', math.nan):.3g})",
         _label(len(batches), num, watcher, outcome),
+        f"F.{batches[0].loss}",
         outcome,
     )
 
 
 def _label(count: int, num: int, watcher: CaptureWatcher, outcome: Outcome) -> str:
-    """How the batches were obtained, e.g. "the script's own first 100 (from its steps 0–99), …"."""
-    text = f"the script's own first {count} (its training batches, loss {watcher.batches[0][1].loss})"
+    """How the batches were obtained, e.g. "the script's own first 100 training batches (…)"."""
+    text = f"the script's own first {count} training batches"
+    back = "then its model, optimizer and RNG went back to the first step"
     if count >= num:
-        return text + "; the model, optimizer and RNG went back to the first step before the test"
+        return text + f" (kept while it trained as usual; {back})"
     why = watcher.full or (
         f"the script failed after {watcher.steps} steps: {_describe_failure(outcome)}"
         if outcome.stopped == "error"
-        else "its time limit came"
+        else f"the time limit came after {watcher.steps} steps"
         if outcome.stopped == "time_limit"
         else f"the script ended after {watcher.steps} steps"
     )
-    return text + f", re-used cyclically ({why}); the model, optimizer and RNG went back to the first step"
+    return text + f", re-used cyclically for {num} lrs ({why}; {back})"
 
 
 def header(script: str, run: ScriptRun) -> str:
     """The lines printed above the summary: what was tested, from which step, on which batches."""
-    return f"{script}: {run.model}, {run.optimizer}, at the script's first optimizer step\nbatches: {run.batches}"
+    return (
+        f"{script}: {run.model}, {run.optimizer}, loss {run.loss}, from the script's first optimizer step\n"
+        f"batches: {run.batches}"
+    )
