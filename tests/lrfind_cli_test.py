@@ -106,6 +106,10 @@ def test_dropout_batchnorm_and_a_squeezed_output_replay_under_adam(tmp_path, cap
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         loss_fn = nn.MSELoss()
         for step in range(200):
+            if step % 10 == 0:  # an evaluation forward with grad enabled and its own loss, no backward
+                model.eval()
+                nn.functional.l1_loss(model(X[:8]).squeeze(1), Y[:8])
+                model.train()
             i = (step * 32) % 256
             loss = loss_fn(model(X[i : i + 32]).squeeze(1), Y[i : i + 32])
             optimizer.zero_grad()
@@ -113,9 +117,11 @@ def test_dropout_batchnorm_and_a_squeezed_output_replay_under_adam(tmp_path, cap
             optimizer.step()
         """,
     )
+    before = script.read_bytes()
     status, out, err = lr_find_cli(capsys, "--num", "30", str(script))
     assert status == 0, err
     assert "lr range test (Adam)" in out and "loss F.mse_loss" in out
+    assert script.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["train.py"]
 
 
 ERRORS = {

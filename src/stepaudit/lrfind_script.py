@@ -130,6 +130,7 @@ class CaptureWatcher(PassiveWatcher):
         if self._depth == 0 and not self.full and torch.is_grad_enabled() and self._candidate(module):
             rng = RngState.capture(_cuda_devices(module), host=True) if self.optimizer is None else None
             self._call = [module, args, rng, None]
+            self._loss = None  # a loss call belongs to the forward before it
         return super()._forward_pre(module, args)
 
     def _candidate(self, module: torch.nn.Module) -> bool:
