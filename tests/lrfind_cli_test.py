@@ -124,6 +124,29 @@ def test_dropout_batchnorm_and_a_squeezed_output_replay_under_adam(tmp_path, cap
     assert script.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["train.py"]
 
 
+def test_a_script_under_cpu_autocast_replays_in_bfloat16(tmp_path, capsys):
+    script = write(
+        tmp_path,
+        """
+        import torch
+        torch.manual_seed(2)
+        X, Y = torch.randn(128, 8), torch.randint(0, 4, (128,))
+        model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for step in range(50):
+            i = (step * 16) % 128
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(X[i : i + 16]), Y[i : i + 16])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        """,
+    )
+    status, out, err = lr_find_cli(capsys, "--num", "20", str(script))
+    assert status == 0, err
+    assert "lr range test (AdamW)" in out
+
+
 ERRORS = {
     "never_steps": (
         """

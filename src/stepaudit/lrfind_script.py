@@ -27,7 +27,7 @@ from .doctor.passive import PassiveWatcher, StopRun
 from .doctor.runner import Outcome, run_script
 from .lrfind import Snapshot, lr_find, lr_grid
 from .lrfind_result import LRFindResult
-from .state import RngState, _cuda_devices, preserved
+from .state import AutocastState, RngState, _cuda_devices, preserved
 
 MAX_BYTES = 1 << 30  # batches kept, all copies together, at most (then the sweep re-uses them)
 MATCH_RTOL = 1e-4  # the re-evaluated first loss against the one the script backpropagated
@@ -53,14 +53,16 @@ class Batch:
     loss_kwargs: dict = field(default_factory=dict)
     value: float | None = None  # the loss the script backpropagated
     rng: RngState | None = None  # where its forward started (first step only: the check replays it)
+    autocast: AutocastState = field(default_factory=AutocastState)  # the autocast regions of its forward
 
 
 def replay_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     """The script's loss of ``batch`` at the model's current weights (a ``loss_fn`` for ``lr_find``)."""
-    x = model(*batch.args)
-    for kind, key in batch.pick:
-        x = x.reshape(key) if kind == "reshape" else x[key]
-    return getattr(F, batch.loss)(x, batch.target, *batch.loss_args, **batch.loss_kwargs)
+    with batch.autocast.entered():
+        x = model(*batch.args)
+        for kind, key in batch.pick:
+            x = x.reshape(key) if kind == "reshape" else x[key]
+        return getattr(F, batch.loss)(x, batch.target, *batch.loss_args, **batch.loss_kwargs)
 
 
 def _copy(value: Any) -> Any:
@@ -121,7 +123,7 @@ class CaptureWatcher(PassiveWatcher):
         self.steps = 0  # steps of the chosen optimizer
         self.full = ""  # why collecting stopped early ("" while it goes on)
         self.problem: str | None = None  # why the script cannot be range-tested (first reason found)
-        self._call: list | None = None  # [module, args, rng, output] of the current root forward
+        self._call: list | None = None  # [module, args, rng, output, autocast] of the current root forward
         self._loss: tuple | None = None  # (name, pick, target, other args, kwargs) of the last loss call
         self._unmatched = ""  # a loss call whose input did not come from the module's output, as said
 
@@ -129,7 +131,7 @@ class CaptureWatcher(PassiveWatcher):
     def _forward_pre(self, module, args):
         if self._depth == 0 and not self.full and torch.is_grad_enabled() and self._candidate(module):
             rng = RngState.capture(_cuda_devices(module), host=True) if self.optimizer is None else None
-            self._call = [module, args, rng, None]
+            self._call = [module, args, rng, None, AutocastState.capture()]
             self._loss = None  # a loss call belongs to the forward before it
         return super()._forward_pre(module, args)
 
@@ -167,7 +169,7 @@ class CaptureWatcher(PassiveWatcher):
             return
         value = float(self._since_step[-1]) if len(self._since_step) > before else None
         name, pick, target, rest_args, rest_kwargs = loss
-        batch = Batch(_copy(call[1]), pick, name, _copy(target), rest_args, rest_kwargs, value, call[2])
+        batch = Batch(_copy(call[1]), pick, name, _copy(target), rest_args, rest_kwargs, value, call[2], call[4])
         self.bytes += _nbytes(batch.args) + _nbytes(batch.target)
         self.batches.append((call[0], batch))
         if self.bytes > self.max_bytes:
