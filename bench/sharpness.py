@@ -49,8 +49,8 @@ LAST: dict = {}
 @register("_bench_sharpness")
 def _bench_probe(ctx):
     """The real sharpness probe from a cold start, timed; keeps the operator for the HVP timing."""
-    ctx.memory.pop("_sharpness_vector:batch", None)
-    ctx.memory.pop("_sharpness_vector:reference", None)
+    curvature.state(ctx).vectors.pop("sharpness:batch", None)
+    curvature.state(ctx).vectors.pop("sharpness:reference", None)
     start = time.perf_counter()
     fields = curvature.sharpness_probe(ctx)
     LAST.update(fields, seconds=time.perf_counter() - start, operator=curvature.hessian(ctx))

@@ -247,7 +247,7 @@ def test_sharpness_residual_is_the_true_residual_of_the_returned_vector(tmp_path
     record, before, _, audit = audit_one_step(
         model, opt, ce_loss, data, tmp_path, {"sharpness": 1}, configure={"verify": verify, "tol": 1e-2}
     )
-    v = audit.memory["_sharpness_vector:batch"].to(F64)
+    v = audit.probe_states["curvature"].vectors["sharpness:batch"].to(F64)
     hv = dense_hessian(model, ce_loss, data, before) @ v
     assert float(v @ v) == pytest.approx(1.0, rel=1e-12)
     assert record["sharpness"] == pytest.approx(float(v @ hv), rel=1e-8)
@@ -619,7 +619,7 @@ def test_reference_batch_rng_comes_from_private_generators(tmp_path, monkeypatch
     )
     assert math.isfinite(record["sharpness"]) and record["sharpness_on"] == "reference"
     assert torch.equal(torch.get_rng_state(), expected_state)  # the training stream, exactly as unaudited
-    reference = audit.memory["_curvature_reference_rng"]
+    reference = audit.probe_states["curvature"].reference_rng
     assert torch.equal(reference.cpu, torch.Generator().manual_seed(0).get_state()) and reference.cuda == {}
 
 

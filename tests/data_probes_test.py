@@ -512,7 +512,7 @@ def test_noise_capture_on_the_training_pass_leaves_training_bit_identical(tmp_pa
 
 
 def test_noise_probe_replays_when_reading_the_training_pass_fails(tmp_path, monkeypatch):
-    import stepaudit.probes.data as data_probes
+    import stepaudit.probes.data.noise as data_probes
 
     def broken(*args, **kwargs):
         raise RuntimeError("unexpected capture")

@@ -38,6 +38,7 @@ import re
 import shlex
 import subprocess
 import sys
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +137,8 @@ def digits_namespace(tmp_path: Path, source: str) -> dict:
 
 def run_python(block: Block, namespace: dict) -> dict:
     code = compile(block.source, block.where, "exec")
+    name = namespace.get("__name__", "__docs__")
+    sys.modules.setdefault(name, types.ModuleType(name))  # a @dataclass in a block looks its module up
     exec(code, namespace)  # noqa: S102 - our own documentation
     return namespace
 

@@ -53,6 +53,7 @@ from .meta import describe
 from .noise_ranks import CAPTURE, LocalGradNorms, noise_fields, rank_values
 from .notebook import Diagnoses, NotebookMixin
 from .optimizers import reader_for
+from .probes.base import BUFFERS
 from .probes.step import step_fields
 from .records import layer_rows, summarize
 from .replay import MAX_EVENTS_PER_BATCH, Replay
@@ -150,7 +151,8 @@ class Audit(StepAPI, NotebookMixin):
             probes.setdefault("reference", reference_every)
         self.probes = probe_registry.validate(probes)
         self._configure_probes(dict(probe_options or {}))
-        self.memory: dict = {}  # probe state carried across steps (reset when the parameters are re-indexed)
+        self.memory: dict = {}  # the step context's own flags across steps (HVP method, grad mode)
+        self.probe_states: dict = {}  # each probe's state object, by state key (reset with the parameters)
         self._index_parameters(stacklevel=3)
         self.run = Path(run) if run is not None else new_run_dir(name=name)
         meta = describe(model, self._reader.reads, every=every, probes=self.probes, precision=precision)
@@ -173,27 +175,19 @@ class Audit(StepAPI, NotebookMixin):
 
     # -- construction ---------------------------------------------------------------------------
     def _configure_probes(self, probe_options: dict) -> None:
-        """Per-probe settings: ``{"noise": {...}, "reference": {...}, "curvature": {...}}``."""
-        known = set(probe_registry.known()) | {"curvature"}
-        unknown = sorted(set(probe_options) - known)
-        if unknown:
-            raise ValueError(
-                f"probe_options for unknown probe(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        if self.probes.get("next_delta", 1) != 1:
-            raise ValueError("next_delta needs every step (probes={'next_delta': 1}): it compares consecutive steps")
-        self.options["probe_options"] = probe_options
-        self._collective_probes: set[str] = set()
-        if "curvature" in probe_options or "sharpness" in probe_options:  # sharpness's options are curvature's
-            from .probes.curvature import collective, configure
-
-            configure(self, **{**probe_options.get("curvature", {}), **probe_options.get("sharpness", {})})
-            self._collective_probes = collective(self.options)  # e.g. {"sharpness"} with scope="global"
+        """Per-probe settings ``{key: {...}}``, parsed into each probe's options type (refused with the fix)."""
+        probe_registry.settle_options(self.options, probe_options)
+        self._collective_probes: set[str] = set()  # probes with collectives of their own (after _globalize)
+        for name in self.probes:
+            probe = probe_registry.get(name)
+            if probe.collective is not None and probe.collective(probe.read_options(self.options)):
+                self._collective_probes.add(name)
 
     def _index_parameters(self, stacklevel: int) -> None:
         """Index the optimizer's parameters (again after ``add_param_group``); reset what depends on them."""
         index = index_parameters(self.model, self._reader.reads, stacklevel=stacklevel)
-        self.memory.clear()  # probe state laid out by the old parameter list (warm starts, layer maps)
+        self.memory.clear()  # state laid out by the old parameter list (warm starts, layer maps)
+        self.probe_states.clear()
         self.names, self.params, self.modules, self.groups = index.names, index.params, index.modules, index.groups
         self._indexed = (len(self._reader.reads.param_groups), len(self.params))
         self._devices = _cuda_devices(self.model)
@@ -488,6 +482,7 @@ class Audit(StepAPI, NotebookMixin):
             before=[],
             grads=[],
             memory=self.memory,
+            states=self.probe_states,
         )
         flat = self._flat_buffers()
         flat.take_before()
@@ -555,6 +550,9 @@ class Audit(StepAPI, NotebookMixin):
     def _probes_due(self, step: int) -> bool:
         return any(step % every == 0 for every in self.probes.values())
 
+    def _due_probes(self, step: int) -> list[str]:
+        return [name for name, every in self.probes.items() if step % every == 0]
+
     def _on_step_post(self) -> None:
         pending, index = self._pending, self._step_count
         if pending is not None and pending.skipped:
@@ -583,7 +581,7 @@ class Audit(StepAPI, NotebookMixin):
         ctx = pending.ctx
         self.replay.check(pending.entry, [part.rng for part in ctx.parts])
         flat = self._flat_buffers()
-        keep = self._probes_due(index)
+        keep = probe_registry.needing(self._due_probes(index), BUFFERS)  # a due probe reads w or Δw after the step
         first_order, sums = flat.finish(keep_before=keep)
         if keep:
             ctx.flat_delta_w, ctx.delta_w = flat.delta_w, flat.delta_w_views
@@ -602,6 +600,7 @@ class Audit(StepAPI, NotebookMixin):
             record["verdict"] = "nonfinite"  # finite losses but NaN/Inf in the gradient or the update
         record["layers"] = layers
         ctx.record = record
+        ctx.core_fields = frozenset(record)  # what the audit wrote: no probe may overwrite it
         self._run_probes(ctx, record, index)
         return record
 
@@ -651,20 +650,32 @@ class Audit(StepAPI, NotebookMixin):
                 continue
             if self._world_size > 1 and not collective:
                 record["probe_scope"] = "rank"  # this rank's batch, on the module DDP wraps: no collective
+            probe = probe_registry.get(name)
+            ctx.amendments = {}
             try:
-                fields = probe_registry.get(name)(ctx)
+                fields = probe(ctx)
             except Exception as error:
                 if self.strict:
                     raise AuditError(f"probe {name!r} failed at step {index}: {error}") from error
                 record.setdefault("probe_errors", {})[name] = f"{type(error).__name__}: {error}"
                 continue
-            previous = fields.pop("previous_step", None)
-            record.update(fields)
-            if previous and self.records and self.records[-1].get("step") == index - 1:
-                self.records[-1].update(previous)  # fields only known one step later (next_delta)
-                self.store.append(self.records[-1])
-                for sink in self._sinks:
-                    sink({"step": index - 1, **previous})
+            accepted, problems = probe.check_fields(fields, ctx.core_fields)
+            amended, refused = probe.check_amendments(ctx.amendments)
+            record.update(accepted)
+            if problems or refused:  # the contract the probe declared: the step is stored without those fields
+                message = "; ".join(problems + [f"previous record: {p}" for p in refused])
+                if self.strict:
+                    raise AuditError(f"probe {name!r} at step {index}: {message}")
+                record.setdefault("probe_errors", {})[name] = message
+            if amended and self.records and self.records[-1].get("step") == index - 1:
+                self._amend_previous(amended)
+
+    def _amend_previous(self, fields: dict) -> None:
+        """Fields of the previous record known only one step later (``ctx.amend_previous``): written and re-stored."""
+        self.records[-1].update(fields)
+        self.store.append(self.records[-1])
+        for sink in self._sinks:
+            sink({"step": self.records[-1]["step"], **fields})
 
     def _commit(self, record: dict) -> None:
         self.records.append(record)

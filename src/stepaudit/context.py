@@ -79,10 +79,30 @@ class StepContext:
     flat_grad: torch.Tensor | None = None
     flat_delta_w: torch.Tensor | None = None
     options: dict = field(default_factory=dict)  # Audit options probes may read (reference data, …)
-    memory: dict = field(default_factory=dict)  # per-probe state carried across steps (warm starts)
+    memory: dict = field(default_factory=dict)  # the context's own flags across steps (HVP method, grad mode)
     cache: dict = field(default_factory=dict)
     record: dict = field(default_factory=dict)  # fields computed so far (probes may read them)
     captures: dict = field(default_factory=dict)  # what probes' captures saw of the training pass
+    states: dict = field(default_factory=dict)  # each probe's state object across steps, by its state key
+    amendments: dict = field(default_factory=dict)  # what the running probe wrote for the previous record
+    core_fields: frozenset = frozenset()  # the fields the audit itself wrote this step (no probe may write them)
+
+    # -- probe state -------------------------------------------------------------------------------
+    def state(self, key: str, factory: Callable[[], Any]) -> Any:
+        """The state object kept across steps under ``key`` (made by ``factory`` the first time)."""
+        if key not in self.states:
+            self.states[key] = factory()
+        return self.states[key]
+
+    def state_of(self, probe: Any) -> Any:
+        """The state object of ``probe`` (a ``probes.Probe``), or None for a probe without state."""
+        if probe.state is None:
+            return None
+        return self.state(probe.state_key or probe.name, probe.state)
+
+    def amend_previous(self, **fields: Any) -> None:
+        """Add fields to the previous step's record (known only now, e.g. ``next_delta``); the probe declares them in ``amends``."""
+        self.amendments.update(fields)
 
     # -- evaluation -------------------------------------------------------------------------
     def loss_now(self) -> float:

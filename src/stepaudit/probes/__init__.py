@@ -1,38 +1,94 @@
-"""Optional probes: ``probe(ctx) -> dict`` functions turned on by name with their own schedule.
+"""Optional probes: ``Probe`` values turned on by name with their own schedule.
 
 ``Audit(..., probes={"quadratic": 1, "sharpness": 10})`` runs each named probe on the steps where
-``step % every == 0``. A probe reads the shared, lazily computed ``StepContext`` and returns record
-fields; it never touches the training loop. New quantities are new probes, registered here.
+``step % every == 0``. A probe (``base.Probe``) declares its fields, options, needs and state; it reads the
+shared, lazily computed ``StepContext`` and returns record fields; it never touches the training loop. One
+family per folder (``curvature/``, ``data/``), one probe per file where they are independent.
 """
 
 from __future__ import annotations
 
 import importlib
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
+from typing import Any
 
-Probe = Callable[["StepContext"], dict]  # noqa: F821 - StepContext lives in stepaudit.context
+from ..schema_fields import Field
+from .base import NEEDS, NoOptions, Options, Probe
 
-_REGISTRY: dict[str, Probe] = {}
-# Optional companions that watch the training forward/backward of a step on which the probe is due.
+__all__ = [
+    "NEEDS",
+    "Field",
+    "NoOptions",
+    "Options",
+    "Probe",
+    "builtin",
+    "capture_for",
+    "get",
+    "known",
+    "option_keys",
+    "register",
+    "register_capture",
+    "settle_options",
+    "validate",
+]
+
+_REGISTRY: dict[str, Probe | Callable] = {}
+# Captures registered apart from their probe (``register_capture``); a Probe may also carry its own.
 _CAPTURES: dict[str, Callable] = {}
-# Modules whose import registers probes; imported on first lookup so start-up stays cheap.
+# Packages whose import registers probes; imported on first lookup so start-up stays cheap.
 _PROBE_MODULES = ("stepaudit.probes.curvature", "stepaudit.probes.data")
 _loaded = False
 
 
-def register(name: str) -> Callable[[Probe], Probe]:
-    """Decorator: make ``fn`` available as ``Audit(probes={name: every})``.
+def register(probe: Probe | str, **declarations: Any) -> Any:
+    """Make a probe available as ``Audit(probes={name: every})``.
 
-    The context's tensors (``ctx.before``, ``ctx.grads``, ``ctx.delta_w`` and their flat forms) are
-    the audit's buffers, overwritten at the next audited step: a probe that keeps one must copy it.
+    ``register(Probe(...))`` registers a ``Probe``; ``@register(name, fields=..., options=..., ...)`` turns
+    a function into one: ``fn(ctx) -> dict``, or ``fn(ctx, options, state) -> dict`` (the ``Probe``
+    keywords say which options and state it gets). The context's tensors are the audit's buffers,
+    overwritten at the next audited step: a probe that keeps one must copy it.
     """
+    if isinstance(probe, Probe):
+        if declarations:
+            raise TypeError("register(Probe(...)) takes no keywords: they belong to the Probe")
+        _REGISTRY[probe.name] = probe
+        return probe
+    name = probe
 
-    def decorate(fn: Probe) -> Probe:
-        _REGISTRY[name] = fn
-        return fn
+    def decorate(fn: Callable) -> Probe:
+        plain = _takes_context_only(fn)
+        compute = _adapt(fn) if plain else fn
+        made = Probe(name, compute, **declarations)
+        _REGISTRY[name] = made
+        return made
 
     return decorate
+
+
+def _takes_context_only(fn: Callable) -> bool:
+    """Whether ``fn`` is the one-argument form ``fn(ctx) -> dict``."""
+    import inspect
+
+    try:
+        parameters = [
+            p
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        return True
+    return len(parameters) == 1
+
+
+def _adapt(fn: Callable) -> Callable:
+    """``fn(ctx)`` as a ``compute(ctx, options, state)`` (same module and docstring, for ``builtin``)."""
+
+    def compute(ctx: Any, options: Any, state: Any) -> dict:
+        return fn(ctx)
+
+    compute.__module__, compute.__doc__, compute.__name__ = fn.__module__, fn.__doc__, getattr(fn, "__name__", "probe")
+    return compute
 
 
 def register_capture(name: str) -> Callable[[Callable], Callable]:
@@ -50,9 +106,12 @@ def register_capture(name: str) -> Callable[[Callable], Callable]:
 
 
 def capture_for(name: str) -> Callable | None:
-    """The training-pass capture registered for probe ``name``, if any."""
+    """The training-pass capture of probe ``name``, if any."""
     _load_builtin()
-    return _CAPTURES.get(name)
+    if name in _CAPTURES:
+        return _CAPTURES[name]
+    found = _REGISTRY.get(name)
+    return found.capture if isinstance(found, Probe) else None
 
 
 def _load_builtin() -> None:
@@ -78,13 +137,43 @@ def known() -> list[str]:
 def builtin() -> list[str]:
     """Names of the probes stepaudit ships (not those a user or a test registered), sorted."""
     _load_builtin()
-    return sorted(n for n, fn in _REGISTRY.items() if getattr(fn, "__module__", "").startswith("stepaudit.probes"))
+    return sorted(n for n in _REGISTRY if get(n).module.startswith("stepaudit.probes"))
 
 
 def get(name: str) -> Probe:
-    """The probe registered under ``name``."""
+    """The probe registered under ``name`` (a bare function registered directly is read as ``fn(ctx)``)."""
     _load_builtin()
-    return _REGISTRY[name]
+    found = _REGISTRY[name]
+    if isinstance(found, Probe):
+        return found
+    return Probe(name, _adapt(found))
+
+
+def option_keys() -> list[str]:
+    """Every key ``probe_options`` may hold: each probe's name and the option keys it reads, sorted."""
+    _load_builtin()
+    return sorted({*_REGISTRY, *(k for n in _REGISTRY for k in get(n).options_keys)})
+
+
+def settle_options(audit_options: dict, probe_options: Mapping[str, Any]) -> None:
+    """Check ``probe_options`` against the probes' option types (unknown keys and bad values refused with the
+    fix) and keep the parsed options in ``audit_options["settings"]``, one per option key."""
+    known_keys = option_keys()
+    unknown = sorted(set(probe_options) - set(known_keys))
+    if unknown:
+        raise ValueError(f"probe_options for unknown probe(s) {', '.join(unknown)}; known: {', '.join(known_keys)}")
+    for key, value in probe_options.items():
+        if not isinstance(value, Mapping):
+            raise TypeError(f"probe_options[{key!r}] must be a dict of options, got {type(value).__name__}")
+    audit_options["probe_options"] = dict(probe_options)
+    settings = audit_options.setdefault("settings", {})
+    readers: dict[str, Probe] = {}
+    for name in known():
+        probe = get(name)
+        readers.setdefault(probe.options_keys[0], probe)
+    for key, probe in readers.items():
+        if any(k in probe_options for k in probe.options_keys):
+            settings[key] = probe.read_options(audit_options).settle(audit_options)
 
 
 def validate(probes: Mapping[str, int] | None) -> dict[str, int]:
@@ -108,5 +197,14 @@ def validate(probes: Mapping[str, int] | None) -> dict[str, int]:
             raise ValueError(f"unknown probe {name!r}; known probes: {', '.join(names) or '(none)'}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"probe {name!r}: every must be a positive int (1 = every step), got {every!r}")
+        reason = get(name).every_step
+        if reason and every != 1:
+            raise ValueError(f"{name} needs every step (probes={{{name!r}: 1}}): {reason}")
         checked[name] = every
     return checked
+
+
+def needing(names: Collection[str], needs: Collection[str]) -> bool:
+    """Whether any of the probes ``names`` needs one of ``needs``."""
+    wanted = set(needs)
+    return any(get(n).needs & wanted for n in names)
