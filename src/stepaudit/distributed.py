@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .maths import is_number
+
 
 def world() -> tuple[int, int]:
     """(rank, world size) of this process; (0, 1) without an initialised process group."""
@@ -108,7 +110,7 @@ class GlobalStep:
 
 
 def _number(value: object) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    return float(value) if is_number(value) else math.nan
 
 
 def global_objective(

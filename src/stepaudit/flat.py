@@ -24,11 +24,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .maths import dense
 from .records import per_parameter_sums
-
-
-def _dense(t: torch.Tensor) -> torch.Tensor:
-    return t.to_dense() if t.is_sparse else t
 
 
 def is_sharded(t: torch.Tensor) -> bool:
@@ -137,7 +134,7 @@ class FlatBuffers:
                     self._zeros[i] = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
                 grads.append(self._zeros[i])
             else:
-                grads.append(_dense(local(grad)).detach().reshape(-1))
+                grads.append(dense(local(grad)).detach().reshape(-1))
         torch.cat(grads, out=self.grad)
 
     @torch.no_grad()

@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .maths import dot, flatten, rademacher, unflatten, working_dtype
 
 Params = tuple[Tensor, ...]
 Operator = Callable[[Tensor], Tensor]
@@ -23,33 +25,6 @@ FORWARD = "forward-over-reverse"
 REVERSE = "reverse-over-reverse"
 _METHOD_ALIASES = {"forward": FORWARD, FORWARD: FORWARD, "reverse": REVERSE, REVERSE: REVERSE}
 DEFAULT_SEED = 0
-
-
-def flatten(tensors: Sequence[Tensor]) -> Tensor:
-    """Concatenate tensors into one flat vector."""
-    if len(tensors) == 0:
-        return torch.zeros(0)
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def unflatten(vector: Tensor, like: Sequence[Tensor]) -> tuple[Tensor, ...]:
-    """Split a flat vector into views shaped (and typed) like ``like``."""
-    sizes = [t.numel() for t in like]
-    if vector.dim() != 1 or vector.numel() != sum(sizes):
-        raise ValueError(f"vector of shape {tuple(vector.shape)} does not match {sum(sizes)} elements")
-    chunks = torch.split(vector, sizes)
-    return tuple(c.reshape(t.shape).to(dtype=t.dtype, device=t.device) for c, t in zip(chunks, like))
-
-
-def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """``dtype`` promoted to at least float32: sums of a 16-bit dtype's products keep only 8-11 bits."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def dot(a: Tensor, b: Tensor) -> float:
-    """Inner product of two flat vectors as a Python float, computed in at least float32."""
-    dtype = working_dtype(torch.promote_types(a.dtype, b.dtype))
-    return float(torch.dot(a.reshape(-1).to(dtype), b.reshape(-1).to(dtype)))
 
 
 class Hvp:
@@ -184,11 +159,7 @@ def _private(generator: torch.Generator | None) -> torch.Generator:
     return generator if generator is not None else torch.Generator().manual_seed(DEFAULT_SEED)
 
 
-def _rademacher(dim: int, generator: torch.Generator | None, dtype, device) -> Tensor:
-    """Random ±1 vector drawn on the generator's device, then moved."""
-    where = generator.device if generator is not None else torch.device("cpu")
-    signs = torch.randint(0, 2, (dim,), generator=generator, device=where)
-    return (2 * signs - 1).to(dtype=dtype or torch.get_default_dtype(), device=device)
+_rademacher = rademacher  # the old private name, still read by probes/curvature.py
 
 
 @dataclass(frozen=True)
@@ -320,7 +291,7 @@ def lanczos(
         raise ValueError("dim and iterations must be positive")
     if stop not in ("residual", "eigenvalue"):
         raise ValueError(f"stop must be 'residual' or 'eigenvalue', got {stop!r}")
-    q = start.reshape(-1) if start is not None else _rademacher(dim, _private(generator), dtype, device)
+    q = start.reshape(-1) if start is not None else rademacher(dim, _private(generator), dtype, device)
     q = q.to(dtype=dtype or working_dtype(q.dtype), device=device or q.device)
     norm = torch.linalg.vector_norm(q)
     if not norm > 0:
@@ -397,7 +368,7 @@ def hutchinson_trace(
     generator = _private(generator)
     values = []
     for _ in range(samples):
-        z = _rademacher(dim, generator, dtype, device)
+        z = rademacher(dim, generator, dtype, device)
         values.append(dot(operator(z), z))
     v = torch.tensor(values, dtype=torch.float64)
     stderr = float(v.std() / samples**0.5) if samples > 1 else float("inf")

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from . import __version__
+from .maths import numel
 
 
 def _plain(value: Any) -> Any:
@@ -27,7 +28,7 @@ def optimizer_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
     return [
         {
             **{k: _plain(v) for k, v in group.items() if k != "params"},
-            "n_params": sum(_numel(p) for p in group["params"]),
+            "n_params": sum(numel(p) for p in group["params"]),
         }
         for group in optimizer.param_groups
     ]
@@ -40,8 +41,8 @@ def describe(model: torch.nn.Module, optimizer: torch.optim.Optimizer, **extra: 
         "model": type(model).__name__,
         "model_summary": repr(model)[:20000],
         "modules": module_descriptions(model),
-        "n_params": sum(_numel(p) for p in params),
-        "n_trainable": sum(_numel(p) for p in params if p.requires_grad),
+        "n_params": sum(numel(p) for p in params),
+        "n_trainable": sum(numel(p) for p in params if p.requires_grad),
         "optimizer": type(optimizer).__name__,
         "param_groups": optimizer_groups(optimizer),
         "versions": {
@@ -78,8 +79,3 @@ def module_descriptions(model: torch.nn.Module, limit: int = 2000) -> dict[str, 
         if len(found) >= limit:
             break
     return found
-
-
-def _numel(p) -> int:
-    """Values of a parameter; 0 for a lazy module's parameter not yet initialised."""
-    return 0 if isinstance(p, torch.nn.parameter.UninitializedTensorMixin) else p.numel()

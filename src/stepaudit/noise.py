@@ -255,7 +255,7 @@ def per_sample_moments(
     return moments
 
 
-def _flat_grad(loss: Loss, params: Mapping[str, Tensor], batch: Any) -> tuple[Tensor, float]:
+def flat_grad(loss: Loss, params: Mapping[str, Tensor], batch: Any) -> tuple[Tensor, float]:
     """Gradient of ``loss`` on ``batch`` as one flat float64 vector, and the loss value."""
     leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
     with torch.enable_grad():
@@ -265,6 +265,9 @@ def _flat_grad(loss: Loss, params: Mapping[str, Tensor], batch: Any) -> tuple[Te
         [(g if g is not None else torch.zeros_like(p)).reshape(-1).double() for g, p in zip(grads, leaves.values())]
     )
     return flat, float(value.detach())
+
+
+_flat_grad = flat_grad  # the old private name, still read by probes/data.py
 
 
 def micro_batch_moments(loss: Loss, params: Mapping[str, Tensor], batch: Any, micro_batches: int = 8) -> Moments:
@@ -280,7 +283,7 @@ def micro_batch_moments(loss: Loss, params: Mapping[str, Tensor], batch: Any, mi
     bounds = torch.linspace(0, size, micro_batches + 1).round().long().tolist()
     moments = _empty(params, micro_batches)
     for m, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
-        flat, value = _flat_grad(loss, params, slice_batch(batch, start, stop, size))
+        flat, value = flat_grad(loss, params, slice_batch(batch, start, stop, size))
         b = stop - start
         moments.sums[m] = b * flat
         moments.sq[m] = b * float(flat @ flat)

@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import torch
 
 from .distributed import GlobalStep
+from .maths import dense
 from .noise import noise_scale, two_batch_estimate
 
 CAPTURE = "_local_grad"  # its key in an audited step's captures
@@ -102,7 +103,7 @@ class LocalGradNorms:
 
 
 def _square(grad: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(grad.to_dense() if grad.is_sparse else grad, dtype=torch.float64) ** 2
+    return torch.linalg.vector_norm(dense(grad), dtype=torch.float64) ** 2
 
 
 def _after_backward(callback) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .state import AutocastState, RngState, _cuda_devices, map_tensors, preserved, without_grad
+from .state import AutocastState, RngState, cuda_devices, map_tensors, preserved, without_grad
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -72,7 +72,7 @@ class Float64Twin:
         """
         with torch.no_grad(), preserved(model, None, autocast):
             model.eval()
-            devices = _cuda_devices(model)
+            devices = cuda_devices(model)
             start = RngState.capture(devices)
             working = float(loss_fn(model, batch))
             end = RngState.capture(devices)

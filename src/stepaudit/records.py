@@ -8,15 +8,10 @@ from statistics import median
 
 import torch
 
+from . import maths
+from .maths import finite
 
-def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One detached flat copy of the tensors (a single kernel for the whole model)."""
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
-
-
-def views(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Per-parameter views into a flat vector, shaped like ``like`` (no copies)."""
-    return [v.view_as(t) for v, t in zip(torch.split(flat, [t.numel() for t in like]), like)]
+flatten, views = maths.flat_copy, maths.views  # the old names, still imported from here by probes/data.py
 
 
 def per_parameter_sums(
@@ -89,23 +84,19 @@ def layer_rows(
     return rows, totals
 
 
-def _finite(values) -> list[float]:
-    return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-
-
 def _share(records: list[dict], verdict: str) -> float:
     return sum(r.get("verdict") == verdict for r in records) / len(records) if records else math.nan
 
 
 def summarize(records: list[dict], **extra) -> dict:
     """Shares of verdicts, medians of alpha and of delta/first_order, and loss trend over the records."""
-    ratios = _finite(
+    ratios = finite(
         r.get("delta", math.nan) / r["first_order"]
         for r in records
         if isinstance(r.get("first_order"), float) and r["first_order"] != 0
     )
-    alphas = _finite(r.get("alpha") for r in records)
-    losses = _finite(r.get("loss_before") for r in records)
+    alphas = finite(r.get("alpha") for r in records)
+    losses = finite(r.get("loss_before") for r in records)
     summary = {
         "audited_steps": len(records),
         **{f"share_{v}": _share(records, v) for v in ("decrease", "increase", "flat", "nonfinite", "error")},

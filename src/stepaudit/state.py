@@ -12,12 +12,15 @@ from typing import Any
 import torch
 
 
-def _cuda_devices(model: torch.nn.Module) -> list[int]:
+def cuda_devices(model: torch.nn.Module) -> list[int]:
     """CUDA device indices holding the model's tensors (their RNG streams must be replayed too)."""
     if not torch.cuda.is_initialized():  # no tensor can live on a GPU before CUDA is initialised
         return []
     devices = {t.device.index or 0 for t in list(model.parameters()) + list(model.buffers()) if t.is_cuda}
     return sorted(devices)
+
+
+_cuda_devices = cuda_devices  # the old private name, still imported by audit.py, probes/ and lrfind*.py
 
 
 @dataclass
@@ -144,7 +147,7 @@ def preserved(model: torch.nn.Module, rng: RngState | None, autocast: AutocastSt
     slots = [(m, name, b) for m in modules for name, b in m._buffers.items() if b is not None]
     saved = [b.detach().clone() for _, _, b in slots]
     outside = RngState.capture(
-        _cuda_devices(model), host=(rng is not None and rng.host is not None) or _HOST_TRACKERS[0] > 0
+        cuda_devices(model), host=(rng is not None and rng.host is not None) or _HOST_TRACKERS[0] > 0
     )
     # Python's generator always goes back (~20 µs): a model may start drawing from it between two of the
     # audit's checks. NumPy's (~120 µs to save and restore) only while tracked.

@@ -17,12 +17,8 @@ from functools import cached_property
 from statistics import mean, median
 from typing import Any
 
+from ..maths import finite
 from . import summary
-
-
-def finite(values: Iterable[Any]) -> list[float]:
-    """The finite numbers among ``values`` (bools, None, NaN and ±inf dropped)."""
-    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
 
 
 def med(values: Iterable[Any]) -> float | None:

@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _module
 from torch.optim import optimizer as _optim
 
+from ..maths import dense, dot_tensor
 from ..records import layer_rows
 from .observe import ForwardObserver
 from .results import RunResults
-from .tensors import copies, dense, dot, grad_copies, group_lr, nonzero_flags, parameter_sums
+from .tensors import copies, grad_copies, group_lr, nonzero_flags, parameter_sums
 
 _ACTIVE: PassiveWatcher | None = None  # the session the patched functions report to
 _LOSSES = (
@@ -75,7 +76,7 @@ def sampled(step: int, every: int = SAMPLE_EVERY) -> bool:
 
 
 @dataclass
-class _Optimizer:
+class WatchedOptimizer:
     """What the watcher keeps about one optimizer."""
 
     index: int
@@ -126,8 +127,8 @@ class PassiveWatcher(ForwardObserver, RunResults):
         self._init_observer()
         self.records: list[dict] = []
         self._flushed = 0
-        self.optimizers: list[_Optimizer] = []
-        self._by_id: dict[int, _Optimizer] = {}
+        self.optimizers: list[WatchedOptimizer] = []
+        self._by_id: dict[int, WatchedOptimizer] = {}
         self.step_count = 0
         self.backward_count = 0
         self._since_step: list[torch.Tensor] = []  # scalar losses at backward since the last step
@@ -465,7 +466,7 @@ class PassiveWatcher(ForwardObserver, RunResults):
         self.schedulers = out
 
     @torch.no_grad()
-    def _zero_check(self, state: _Optimizer) -> None:
+    def _zero_check(self, state: WatchedOptimizer) -> None:
         """At a backward's start: which of last step's nonzero gradients are still in ``.grad``?
 
         A gradient cleared (None or zero) at any backward before the optimizer's next step was zeroed;
@@ -483,7 +484,7 @@ class PassiveWatcher(ForwardObserver, RunResults):
             for i, flag in zip(present, nonzero_flags(norms)):
                 kept[i] = flag
 
-    def _finish_zero_check(self, state: _Optimizer) -> None:
+    def _finish_zero_check(self, state: WatchedOptimizer) -> None:
         """At the optimizer's next step: record the share of gradients never cleared since its last step."""
         watch, state.zero_watch = state.zero_watch, None
         if watch is None or watch["backwards"] == 0 or watch["had"] == 0:
@@ -498,13 +499,13 @@ class PassiveWatcher(ForwardObserver, RunResults):
         )
 
     # -- optimizer steps -------------------------------------------------------------------------------
-    def _register(self, optimizer: torch.optim.Optimizer) -> _Optimizer:
+    def _register(self, optimizer: torch.optim.Optimizer) -> WatchedOptimizer:
         params, groups = [], []
         for g, group in enumerate(optimizer.param_groups):
             for p in group["params"]:
                 params.append(p)
                 groups.append(g)
-        state = _Optimizer(len(self.optimizers), optimizer, params, groups)
+        state = WatchedOptimizer(len(self.optimizers), optimizer, params, groups)
         state.ever_grad = [False] * len(params)
         self.optimizers.append(state)
         self._by_id[id(optimizer)] = state
@@ -536,7 +537,7 @@ class PassiveWatcher(ForwardObserver, RunResults):
         state.pending["grad"] = grad_copies(state.params)
         return None
 
-    def _wrap_closure(self, state: _Optimizer, args, kwargs, closure, snapshot: bool):
+    def _wrap_closure(self, state: WatchedOptimizer, args, kwargs, closure, snapshot: bool):
         """Closure optimizers (LBFGS): the first evaluation gives the loss and the gradient."""
 
         def first_call_recorded():
@@ -615,7 +616,7 @@ class PassiveWatcher(ForwardObserver, RunResults):
             self.stopping = "max_steps"
         self._check_stop()
 
-    def _note_lrs(self, state: _Optimizer) -> None:
+    def _note_lrs(self, state: WatchedOptimizer) -> None:
         """Track each group's largest learning rate (a schedule may end at 0; a zero lr throughout is a fault)."""
         lrs = []
         for group in state.optimizer.param_groups:
@@ -629,7 +630,7 @@ class PassiveWatcher(ForwardObserver, RunResults):
             state.max_lr = [max(a, b) if b == b else a for a, b in zip(state.max_lr, lrs)]
 
     @torch.no_grad()
-    def _measure(self, state: _Optimizer, record: dict, pending: dict) -> None:
+    def _measure(self, state: WatchedOptimizer, record: dict, pending: dict) -> None:
         """Norms, ratios, g·Δw and per-layer rows of a sampled step (field vocabulary: docs/design.md)."""
         before, grad = pending["before"], pending["grad"]
         delta = torch._foreach_sub([p.detach() for p in state.params], before)
@@ -650,7 +651,7 @@ class PassiveWatcher(ForwardObserver, RunResults):
             record["weights_nonfinite"] = True
         previous = state.prev_grad
         if previous is not None and previous[0] == record["local_step"] - 1:
-            product = float(torch.stack([dot(a, b) for a, b in zip(previous[1], grad)]).sum())
+            product = float(torch.stack([dot_tensor(a, b) for a, b in zip(previous[1], grad)]).sum())
             denominator = math.sqrt(previous[2] * sum(g2))
             record["grad_cos_prev"] = product / denominator if denominator > 0 else math.nan
         state.prev_grad = (

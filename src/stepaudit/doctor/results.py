@@ -11,26 +11,22 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..maths import numel
 from ..meta import optimizer_groups
 
 if TYPE_CHECKING:
-    from .passive import _Optimizer
-
-
-def _numel(p: torch.Tensor) -> int:
-    """Values of a parameter; 0 for a lazy module's parameter not yet initialised."""
-    return 0 if isinstance(p, torch.nn.parameter.UninitializedTensorMixin) else p.numel()
+    from .passive import WatchedOptimizer
 
 
 class RunResults:
     """Naming, loss settlement, store flushes and observations of a ``PassiveWatcher``."""
 
-    def _names_stale(self, state: _Optimizer) -> bool:
+    def _names_stale(self, state: WatchedOptimizer) -> bool:
         return any(n.startswith("param") for n in state.names) and bool(self.roots)
 
     def _prefixed_roots(self) -> list[tuple[torch.nn.Module, str]]:
         """Root modules with parameters, largest first, each with the prefix its names get."""
-        roots = sorted(self.roots.values(), key=lambda m: -sum(_numel(p) for p in m.parameters()))
+        roots = sorted(self.roots.values(), key=lambda m: -sum(numel(p) for p in m.parameters()))
         with_params = [r for r in roots if any(True for _ in r.parameters())]
         return [(r, f"{type(r).__name__}." if len(with_params) > 1 else "") for r in with_params]
 
@@ -42,7 +38,7 @@ class RunResults:
                 weight = dict(module.named_parameters(recurse=False)).get("weight")  # ScriptModules too
                 if (
                     weight is not None
-                    and _numel(weight)
+                    and numel(weight)
                     and weight.dim() >= 2
                     and not isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag))
                 ):
@@ -51,7 +47,7 @@ class RunResults:
                         names.append(full)
         return names
 
-    def _name(self, state: _Optimizer) -> None:
+    def _name(self, state: WatchedOptimizer) -> None:
         """Parameter names from the model's root modules (the ones called at depth 0)."""
         known: dict[int, str] = {}
         for root, prefix in self._prefixed_roots():
@@ -120,7 +116,7 @@ class RunResults:
             "capture_errors": {"count": self.capture_errors, "first": self.first_capture_error},
         }
 
-    def _describe(self, state: _Optimizer) -> dict:
+    def _describe(self, state: WatchedOptimizer) -> dict:
         from .passive import sampled  # the schedule lives with the watcher
 
         names = state.names or [f"param{i}" for i in range(len(state.params))]
@@ -131,17 +127,17 @@ class RunResults:
             "param_groups": optimizer_groups(state.optimizer),
             "steps": state.local_step,
             "max_lr": state.max_lr,
-            "numel": sum(_numel(p) for p in state.params),
+            "numel": sum(numel(p) for p in state.params),
             "sampled_steps": sum(sampled(s, self.every) for s in range(state.local_step)),
             "frozen": [
-                {"name": names[i], "numel": _numel(state.params[i])}
+                {"name": names[i], "numel": numel(state.params[i])}
                 for i, p in enumerate(state.params)
                 if not p.requires_grad
             ][:50],
             "no_grad": [
-                {"name": names[i], "numel": _numel(state.params[i])} for i in no_grad if state.params[i].requires_grad
+                {"name": names[i], "numel": numel(state.params[i])} for i in no_grad if state.params[i].requires_grad
             ][:50],
-            "no_grad_numel": sum(_numel(state.params[i]) for i in no_grad if state.params[i].requires_grad),
+            "no_grad_numel": sum(numel(state.params[i]) for i in no_grad if state.params[i].requires_grad),
         }
 
     def _orphans(self) -> tuple[int, list[dict]]:
@@ -164,9 +160,9 @@ class RunResults:
                     continue
                 seen.add(id(p))
                 names[id(p)] = prefix + name
-                trainable += _numel(p) if p.requires_grad else 0
+                trainable += numel(p) if p.requires_grad else 0
         orphans = [
-            {"name": names.get(key, "?"), "numel": _numel(p), "registered": True}
+            {"name": names.get(key, "?"), "numel": numel(p), "registered": True}
             for key, p in self.grad_params.items()
             if key not in held
         ]
@@ -188,8 +184,8 @@ class RunResults:
                 f"a tensor of shape {list(tensor.shape)} created during the forward pass (requires_grad, "
                 "registered nowhere)"
             )
-            orphans.append({"name": name, "numel": _numel(tensor), "registered": False})
-            trainable += _numel(tensor)
+            orphans.append({"name": name, "numel": numel(tensor), "registered": False})
+            trainable += numel(tensor)
         return trainable, orphans
 
     def _frozen(self) -> dict:
@@ -200,9 +196,9 @@ class RunResults:
                 if id(p) in seen:
                     continue
                 seen.add(id(p))
-                total += _numel(p)
+                total += numel(p)
                 if not p.requires_grad:
-                    frozen += _numel(p)
+                    frozen += numel(p)
                     if len(names) < 3:
                         names.append(prefix + name)
         return {"model_numel": total, "frozen_numel": frozen, "frozen_names": names}

@@ -15,6 +15,8 @@ import math
 from collections.abc import Sequence
 from statistics import median
 
+from ..maths import is_number
+
 LAST_LOSS = "median of the last fifth"  # the name the report and the doctor give the last loss
 
 _ALWAYS = ("loss_before",)
@@ -62,7 +64,7 @@ def stored_record(row: dict, passive: bool) -> dict:
 
 
 def _nonfinite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value)
+    return is_number(value) and not math.isfinite(value)
 
 
 def first_nonfinite_step(records: Sequence[dict]) -> float:

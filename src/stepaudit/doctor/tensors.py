@@ -6,10 +6,7 @@ import math
 
 import torch
 
-
-def dense(t: torch.Tensor) -> torch.Tensor:
-    """A sparse gradient as a dense tensor (norms and dot products need one)."""
-    return t.to_dense() if t.is_sparse else t
+from ..maths import dense, dot_tensor
 
 
 def copies(tensors: list) -> list:
@@ -30,17 +27,12 @@ def nonzero_flags(norms: list) -> list[bool]:
         return [bool(n.ne(0)) for n in norms]
 
 
-def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a·b over all elements, as a float64 scalar tensor."""
-    return torch.dot(a.reshape(-1), b.reshape(-1)).double()
-
-
 def parameter_sums(before: list, grad: list, delta: list) -> list[list[float]]:
     """Rows [g·Δw, ‖g‖², ‖Δw‖², ‖w‖²] per parameter (fused norms; one host sync for the model)."""
     if not before:
         return []
     norms = [torch.stack(torch._foreach_norm(ts)).double().pow(2) for ts in (grad, delta, before)]
-    dots = torch.stack([dot(g, d) for g, d in zip(grad, delta)])
+    dots = torch.stack([dot_tensor(g, d) for g, d in zip(grad, delta)])
     return torch.stack([dots, *norms], dim=1).tolist()
 
 

@@ -57,8 +57,12 @@ class Band:
     label: str = ""
 
 
-def _n(value: float) -> str:
+def coord(value: float) -> str:
+    """An SVG coordinate or length, to a tenth of a pixel."""
     return f"{value:.1f}"
+
+
+_n = coord  # the old private name, still imported by lrfind_plot.py
 
 
 def _attr_json(data) -> str:
@@ -81,7 +85,7 @@ def polyline(px: np.ndarray, py: np.ndarray) -> str:
     ok = np.isfinite(px) & np.isfinite(py)
     parts = []
     for start, stop in _runs(ok):
-        points = [f"{_n(x)},{_n(y)}" for x, y in zip(px[start:stop], py[start:stop])]
+        points = [f"{coord(x)},{coord(y)}" for x, y in zip(px[start:stop], py[start:stop])]
         parts.append(f"M{points[0]}h0.01" if len(points) == 1 else f"M{points[0]}L" + " ".join(points[1:]))
     return "".join(parts)
 
@@ -95,8 +99,8 @@ def band_path(px: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> str:
         if stop - start == 1:  # a lone bucket: a thin vertical bar
             xs = np.array([xs[0] - 0.5, xs[0] + 0.5])
             top, bottom = np.repeat(top, 2), np.repeat(bottom, 2)
-        forward = "L".join(f"{_n(x)},{_n(y)}" for x, y in zip(xs, top))
-        backward = "L".join(f"{_n(x)},{_n(y)}" for x, y in zip(xs[::-1], bottom[::-1]))
+        forward = "L".join(f"{coord(x)},{coord(y)}" for x, y in zip(xs, top))
+        backward = "L".join(f"{coord(x)},{coord(y)}" for x, y in zip(xs[::-1], bottom[::-1]))
         parts.append(f"M{forward}L{backward}Z")
     return "".join(parts)
 
@@ -104,7 +108,7 @@ def band_path(px: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> str:
 def dots(px: np.ndarray, py: np.ndarray) -> str:
     """Path data drawing a round dot per point (zero-length segments with round caps): 12 bytes a dot."""
     ok = np.isfinite(px) & np.isfinite(py)
-    return "".join(f"M{_n(x)},{_n(y)}h0" for x, y in zip(px[ok], py[ok]))
+    return "".join(f"M{coord(x)},{coord(y)}h0" for x, y in zip(px[ok], py[ok]))
 
 
 class Frame:
@@ -140,24 +144,26 @@ class Frame:
         for value, label in _thin(self.ys.ticks() if y_ticks else [], self.ys, 14.0):
             y = self.ys(value)
             if y0 - 0.5 <= y <= y1 + 0.5:
-                out.append(f'<line class="grid" x1="{_n(x0)}" x2="{_n(x1)}" y1="{_n(y)}" y2="{_n(y)}"/>')
+                out.append(f'<line class="grid" x1="{coord(x0)}" x2="{coord(x1)}" y1="{coord(y)}" y2="{coord(y)}"/>')
                 out.append(
-                    f'<text class="tick" x="{_n(x0 - 6)}" y="{_n(y + 3.5)}" text-anchor="end">{escape(label)}</text>'
+                    f'<text class="tick" x="{coord(x0 - 6)}" y="{coord(y + 3.5)}" text-anchor="end">{escape(label)}</text>'
                 )
         for value, label in _thin(self.xs.ticks(), self.xs, 48.0):
             x = self.xs(value)
             if x0 - 0.5 <= x <= x1 + 0.5:
-                out.append(f'<line class="grid" x1="{_n(x)}" x2="{_n(x)}" y1="{_n(y0)}" y2="{_n(y1)}"/>')
+                out.append(f'<line class="grid" x1="{coord(x)}" x2="{coord(x)}" y1="{coord(y0)}" y2="{coord(y1)}"/>')
                 out.append(
-                    f'<text class="tick" x="{_n(x)}" y="{_n(y1 + 15)}" text-anchor="middle">{escape(label)}</text>'
+                    f'<text class="tick" x="{coord(x)}" y="{coord(y1 + 15)}" text-anchor="middle">{escape(label)}</text>'
                 )
-        out.append(f'<rect class="frame" x="{_n(x0)}" y="{_n(y0)}" width="{_n(x1 - x0)}" height="{_n(y1 - y0)}"/>')
         out.append(
-            f'<text class="label" x="{_n((x0 + x1) / 2)}" y="{_n(y1 + 36)}" text-anchor="middle">{escape(self.x_label)}</text>'
+            f'<rect class="frame" x="{coord(x0)}" y="{coord(y0)}" width="{coord(x1 - x0)}" height="{coord(y1 - y0)}"/>'
+        )
+        out.append(
+            f'<text class="label" x="{coord((x0 + x1) / 2)}" y="{coord(y1 + 36)}" text-anchor="middle">{escape(self.x_label)}</text>'
         )
         if self.y_label:
             out.append(
-                f'<text class="label" transform="translate(13,{_n((y0 + y1) / 2)}) rotate(-90)" '
+                f'<text class="label" transform="translate(13,{coord((y0 + y1) / 2)}) rotate(-90)" '
                 f'text-anchor="middle">{escape(self.y_label)}</text>'
             )
         return "".join(out)
@@ -166,9 +172,9 @@ class Frame:
         x0, y0, x1, y1 = self.plot
         clip = f"clip-{self.uid}"
         return (
-            f'<svg class="chart" viewBox="0 0 {_n(self.width)} {_n(self.height)}" role="img" aria-label="{escape(title)}" {attrs}>'
-            f'<defs><clipPath id="{clip}"><rect x="{_n(x0)}" y="{_n(y0 - 1)}" width="{_n(x1 - x0)}" '
-            f'height="{_n(y1 - y0 + 2)}"/></clipPath></defs>{self.axes(y_ticks)}'
+            f'<svg class="chart" viewBox="0 0 {coord(self.width)} {coord(self.height)}" role="img" aria-label="{escape(title)}" {attrs}>'
+            f'<defs><clipPath id="{clip}"><rect x="{coord(x0)}" y="{coord(y0 - 1)}" width="{coord(x1 - x0)}" '
+            f'height="{coord(y1 - y0 + 2)}"/></clipPath></defs>{self.axes(y_ticks)}'
             f'<g clip-path="url(#{clip})">{"".join(self.body)}</g>{"".join(self.overlay)}</svg>'
         )
 
@@ -233,17 +239,17 @@ def time_chart(
         top, bottom = ys(min(max(b.y1, ys.lo), ys.hi)), ys(min(max(b.y0, ys.lo), ys.hi))
         if math.isfinite(top) and math.isfinite(bottom) and bottom > top:
             frame.body.append(
-                f'<rect x="{_n(x0)}" y="{_n(top)}" width="{_n(x1 - x0)}" height="{_n(bottom - top)}" '
+                f'<rect x="{coord(x0)}" y="{coord(top)}" width="{coord(x1 - x0)}" height="{coord(bottom - top)}" '
                 f'fill="{b.color}" opacity="0.5"><title>{escape(b.label)}</title></rect>'
             )
     for g in guides:
         y = ys(g.at)
         if math.isfinite(y) and y0 <= y <= y1:
             frame.body.append(
-                f'<line class="guide" x1="{_n(x0)}" x2="{_n(x1)}" y1="{_n(y)}" y2="{_n(y)}" stroke="{g.color}"/>'
+                f'<line class="guide" x1="{coord(x0)}" x2="{coord(x1)}" y1="{coord(y)}" y2="{coord(y)}" stroke="{g.color}"/>'
             )
             frame.overlay.append(
-                f'<text class="guide-label" x="{_n(x1 - 4)}" y="{_n(y - 4)}" text-anchor="end" fill="{g.color}">{escape(g.label)}</text>'
+                f'<text class="guide-label" x="{coord(x1 - 4)}" y="{coord(y - 4)}" text-anchor="end" fill="{g.color}">{escape(g.label)}</text>'
             )
     notes, tips, reduced = [], [], 0
     for s, env in zip(series, envs):
@@ -271,7 +277,8 @@ def time_chart(
             outside = np.isfinite(env.mid) & ~inside
             if outside.any():
                 marks = "".join(
-                    f"M{_n(x)},{_n(y - 5 if y < (y0 + y1) / 2 else y)}v5" for x, y in zip(px[outside], py[outside])
+                    f"M{coord(x)},{coord(y - 5 if y < (y0 + y1) / 2 else y)}v5"
+                    for x, y in zip(px[outside], py[outside])
                 )
                 frame.body.append(f'<path d="{marks}" stroke="{s.color}" stroke-width="2.5" fill="none"/>')
                 count = int(outside.sum())
@@ -298,9 +305,9 @@ def time_chart(
             f"{reduced:,} steps drawn as one bucket per pixel column: the shaded band spans each bucket's "
             "minimum to maximum (spikes stay visible), the line is its mean",
         )
-    frame.overlay.append(f'<line class="cursor" x1="0" x2="0" y1="{_n(y0)}" y2="{_n(y1)}"/>')
+    frame.overlay.append(f'<line class="cursor" x1="0" x2="0" y1="{coord(y0)}" y2="{coord(y1)}"/>')
     attrs = (
-        f'data-x="{_n(x_domain[0])},{_n(x_domain[1])},{_n(x0)},{_n(x1)}" '
+        f'data-x="{coord(x_domain[0])},{coord(x_domain[1])},{coord(x0)},{coord(x1)}" '
         f'data-xname="{escape(x_label)}" data-tip="{_attr_json(tips)}"'
     )
     return frame.svg(title, attrs), notes
@@ -312,7 +319,7 @@ def nonfinite_marks(uid_svg: str, steps: np.ndarray, x_domain: tuple[float, floa
         return uid_svg
     left, x1 = 64, WIDTH - RIGHT
     xs = Scale("linear", *x_domain, left, x1)
-    path = "".join(f"M{_n(x)},{TOP}v7" for x in np.unique(np.round(xs(np.asarray(steps, float)), 1)))
+    path = "".join(f"M{coord(x)},{TOP}v7" for x in np.unique(np.round(xs(np.asarray(steps, float)), 1)))
     mark = f'<path d="{path}" stroke="#dc2626" stroke-width="1.5"><title>non-finite loss</title></path>'
     return uid_svg[: -len("</svg>")] + mark + "</svg>"
 
@@ -345,11 +352,15 @@ def scatter(
     ys = Scale(kind, lo, hi, height - BOTTOM, TOP, c)
     frame = Frame(uid, xs, ys, height, left, x_label, y_label)
     x0, y0, x1, y1 = frame.plot
-    frame.body.append(f'<line class="zero" x1="{_n(x0)}" x2="{_n(x1)}" y1="{_n(ys(0.0))}" y2="{_n(ys(0.0))}"/>')
-    frame.body.append(f'<line class="zero" x1="{_n(xs(0.0))}" x2="{_n(xs(0.0))}" y1="{_n(y0)}" y2="{_n(y1)}"/>')
+    frame.body.append(
+        f'<line class="zero" x1="{coord(x0)}" x2="{coord(x1)}" y1="{coord(ys(0.0))}" y2="{coord(ys(0.0))}"/>'
+    )
+    frame.body.append(
+        f'<line class="zero" x1="{coord(xs(0.0))}" x2="{coord(xs(0.0))}" y1="{coord(y0)}" y2="{coord(y1)}"/>'
+    )
     if diagonal:
         frame.body.append(
-            f'<line class="diagonal" x1="{_n(xs(lo))}" y1="{_n(ys(lo))}" x2="{_n(xs(hi))}" y2="{_n(ys(hi))}"/>'
+            f'<line class="diagonal" x1="{coord(xs(lo))}" y1="{coord(ys(lo))}" x2="{coord(xs(hi))}" y2="{coord(ys(hi))}"/>'
         )
     total = sum(len(g.x) for g in groups)
     notes = []
@@ -360,7 +371,7 @@ def scatter(
             step_ids = steps[i] if steps is not None else np.arange(len(g.x))
             frame.body.append(
                 "".join(
-                    f'<circle cx="{_n(a)}" cy="{_n(b)}" r="2.6" fill="{g.color}" fill-opacity="0.75">'
+                    f'<circle cx="{coord(a)}" cy="{coord(b)}" r="2.6" fill="{g.color}" fill-opacity="0.75">'
                     f"<title>step {int(s)}: g·Δw = {escape(fmt(float(u)))}, Δloss = {escape(fmt(float(v)))}</title></circle>"
                     for a, b, s, u, v in zip(
                         px[ok], py[ok], np.asarray(step_ids)[ok], np.asarray(g.x)[ok], np.asarray(g.y)[ok]
@@ -415,17 +426,17 @@ def histogram(
         if n:
             top = ys(float(n))
             frame.body.append(
-                f'<rect x="{_n(xs(a) + 0.5)}" y="{_n(top)}" width="{_n(max(xs(b) - xs(a) - 1, 0.5))}" '
-                f'height="{_n(y1 - top)}" fill="{color}"><title>{escape(fmt(float(a)))} to '
+                f'<rect x="{coord(xs(a) + 0.5)}" y="{coord(top)}" width="{coord(max(xs(b) - xs(a) - 1, 0.5))}" '
+                f'height="{coord(y1 - top)}" fill="{color}"><title>{escape(fmt(float(a)))} to '
                 f"{escape(fmt(float(b)))}: {int(n)} steps</title></rect>"
             )
     for g in guides:
         x = xs(g.at)
         frame.body.append(
-            f'<line class="guide" x1="{_n(x)}" x2="{_n(x)}" y1="{_n(y0)}" y2="{_n(y1)}" stroke="{g.color}"/>'
+            f'<line class="guide" x1="{coord(x)}" x2="{coord(x)}" y1="{coord(y0)}" y2="{coord(y1)}" stroke="{g.color}"/>'
         )
         frame.overlay.append(
-            f'<text class="guide-label" x="{_n(x + 4)}" y="{_n(y0 + 12)}" fill="{g.color}">{escape(g.label)}</text>'
+            f'<text class="guide-label" x="{coord(x + 4)}" y="{coord(y0 + 12)}" fill="{g.color}">{escape(g.label)}</text>'
         )
     return frame.svg(title)
 
@@ -482,13 +493,13 @@ def heatmap(
         for a, b, v in zip(x_edges[:-1], x_edges[1:], values[r]):
             if math.isfinite(v):
                 cells.append(
-                    f'<rect x="{_n(xs(a))}" y="{_n(y)}" width="{_n(xs(b) - xs(a) + 0.4)}" height="{_n(row_height - 1)}" '
+                    f'<rect x="{coord(xs(a))}" y="{coord(y)}" width="{coord(xs(b) - xs(a) + 0.4)}" height="{coord(row_height - 1)}" '
                     f'fill="{diverging((v - center) / half_range)}"><title>{escape(name)}, steps {int(a):,}–{int(b):,}: '
                     f"{escape(value_label(v))}</title></rect>"
                 )
         label = name if len(name) <= 36 else name[:16] + "…" + name[-19:]
         frame.overlay.append(
-            f'<text class="tick" x="{_n(left - 6)}" y="{_n(y + row_height * 0.72)}" text-anchor="end">'
+            f'<text class="tick" x="{coord(left - 6)}" y="{coord(y + row_height * 0.72)}" text-anchor="end">'
             f"<title>{escape(name)}</title>{escape(label)}</text>"
         )
     frame.body.append("".join(cells))
@@ -500,22 +511,22 @@ def _colorbar(chart_width: float, y: float, center: float, half_range: float, la
     """A horizontal colour bar from 10^(center−half_range) to 10^(center+half_range), the centre marked."""
     width, steps = 260.0, 52
     x0 = chart_width - RIGHT - width
-    parts = [f'<text class="tick" x="{_n(x0 - 8)}" y="{_n(y + 9)}" text-anchor="end">{escape(label)}</text>']
+    parts = [f'<text class="tick" x="{coord(x0 - 8)}" y="{coord(y + 9)}" text-anchor="end">{escape(label)}</text>']
     for i in range(steps):
         u = -1 + 2 * (i + 0.5) / steps
         parts.append(
-            f'<rect x="{_n(x0 + i * width / steps)}" y="{_n(y)}" width="{_n(width / steps + 0.4)}" height="10" fill="{diverging(u)}"/>'
+            f'<rect x="{coord(x0 + i * width / steps)}" y="{coord(y)}" width="{coord(width / steps + 0.4)}" height="10" fill="{diverging(u)}"/>'
         )
     for k in range(int(math.ceil(center - half_range)), int(math.floor(center + half_range)) + 1):
         x = x0 + (k - center + half_range) / (2 * half_range) * width
         parts.append(
-            f'<text class="tick" x="{_n(x)}" y="{_n(y + 22)}" text-anchor="middle">{escape(power_label(k))}</text>'
+            f'<text class="tick" x="{coord(x)}" y="{coord(y + 22)}" text-anchor="middle">{escape(power_label(k))}</text>'
         )
     xc = x0 + width / 2
     parts.append(
-        f'<line x1="{_n(xc)}" x2="{_n(xc)}" y1="{_n(y - 3)}" y2="{_n(y + 13)}" stroke="#111827" stroke-width="1.5"/>'
+        f'<line x1="{coord(xc)}" x2="{coord(xc)}" y1="{coord(y - 3)}" y2="{coord(y + 13)}" stroke="#111827" stroke-width="1.5"/>'
     )
     parts.append(
-        f'<text class="guide-label" x="{_n(xc)}" y="{_n(y - 5)}" text-anchor="middle">{escape(guide_label)}</text>'
+        f'<text class="guide-label" x="{coord(xc)}" y="{coord(y - 5)}" text-anchor="middle">{escape(guide_label)}</text>'
     )
     return "".join(parts)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
+from ..maths import is_finite
 from ..store import output_file, run_folder
 from .data import LAST_LOSS_NAME, NOT_MEASURED, RESULT_KEYS, Run, hyperparameters, load_run, summary
 from .scales import fmt
@@ -105,7 +106,7 @@ def findings_html(findings: list[dict], error: str | None = None, outcome: str |
         if severity:
             head.append(f'<span class="badge">severity: {escape(severity)}</span>')
         confidence = d.get("confidence")
-        if isinstance(confidence, (int, float)) and not isinstance(confidence, bool) and math.isfinite(confidence):
+        if is_finite(confidence):
             shown = f"{confidence:.0%}" if 0 <= confidence <= 1 else fmt(float(confidence))
             head.append(f'<span class="badge">confidence {escape(shown)}</span>')
         elif confidence is not None:

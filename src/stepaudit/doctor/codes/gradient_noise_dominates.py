@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+from ...maths import finite
 from ..diagnosis import Diagnosis
 from ..diagnosis import clip as _clip
 from ..diagnosis import fmt as _g
-from ..facts import Facts, finite, med
+from ..facts import Facts, med
 from .base import Code
 
 

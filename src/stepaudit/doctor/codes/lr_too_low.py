@@ -13,7 +13,7 @@ from .base import Code
 def lr_too_low(f: Facts) -> Diagnosis | None:
     """Steps too small to matter: tiny ‖Δw‖/‖w‖ [CS], a first-order promise that adds up to little, α ≈ −1;
     or a schedule that drove the learning rate to nothing while the loss was still high."""
-    collapsed = _schedule_collapse(f)
+    collapsed = schedule_collapse(f)
     if collapsed is not None:
         return collapsed
     if not f.moved or not _not_training(f):
@@ -60,7 +60,7 @@ def lr_too_low(f: Facts) -> Diagnosis | None:
     )
 
 
-def _schedule_collapse(f: Facts) -> Diagnosis | None:
+def schedule_collapse(f: Facts) -> Diagnosis | None:
     """The lr fell below 1/1000 of its peak well before the end, and the loss stopped improving after that."""
     found = f.lr_collapse
     if found is None or f.first_nonfinite is not None:
@@ -104,3 +104,6 @@ def _schedule_collapse(f: Facts) -> Diagnosis | None:
 CODE = Code(
     name="lr_too_low", rule=lr_too_low, priority=100, causes=("labels_unlearnable",), quiet_after_divergence=True
 )
+
+
+_schedule_collapse = schedule_collapse  # the old private name, still imported by doctor/verify.py
