@@ -95,3 +95,24 @@ def test_observe_only_leaves_a_softmax_over_the_batch_alone():
         counterfactual.remove(handles)
     assert torch.equal(value, torch.log_softmax(out.detach(), 0))
     assert counterfactual_wiring.APPLIED[counterfactual_wiring.BATCH_AXIS] == 0
+
+
+class _Facts:
+    """The one thing ``counterfactual_for`` reads for params_not_updating: the observed orphans."""
+
+    def __init__(self, orphans: list[dict]) -> None:
+        self.obs = {"orphan_params": orphans}
+
+
+def test_missing_parameters_are_added_only_when_they_survive_to_the_next_step():
+    from stepaudit.doctor.verify import counterfactual_for
+
+    diagnosis = {"code": "params_not_updating"}
+    kept = {"name": "head.weight", "numel": 10, "registered": True}
+    in_a_list = {"name": "blocks.0.weight (in a plain list, not registered)", "numel": 10, "registered": False}
+    replaced = {"name": "?", "numel": 10, "registered": True}  # no longer among the model's parameters
+    fresh = {"name": "a tensor of shape [4] created during the forward pass (...)", "numel": 4, "registered": False}
+    assert counterfactual_for(diagnosis, _Facts([kept, in_a_list]))[0] == "params_not_updating"
+    for orphans in ([], [kept, replaced], [fresh]):
+        key, why = counterfactual_for(diagnosis, _Facts(orphans))
+        assert key is None and why

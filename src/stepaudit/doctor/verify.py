@@ -317,7 +317,23 @@ def counterfactual_for(diagnosis: dict, facts=None) -> tuple[str | None, str]:
         found = loss_wiring(facts)
         if found is not None and found.kind not in REWIRABLE:
             return None, f" ({found.kind.replace('_', ' ')})"
+    if facts is not None and code == "params_not_updating":
+        why = _not_addable(facts)
+        if why:
+            return None, f" ({why})"
     return (code, "") if code in COUNTERFACTUALS else (None, "")
+
+
+def _not_addable(facts) -> str:
+    """Why adding the missing parameters to the optimizer is not this run's fix ('' when it is)."""
+    orphans = facts.obs.get("orphan_params") or []
+    if not orphans:
+        return "no parameters held by no optimizer: the fix is not to add any"
+    # "?": a parameter with a gradient that is no longer among the model's (replaced, e.g. re-created in
+    # forward); "created during the forward pass": a fresh leaf each call. Neither survives to the next step.
+    if any(o.get("name") == "?" or "created during the forward pass" in str(o.get("name")) for o in orphans):
+        return "parameters re-created during training: adding them to the optimizer changes nothing"
+    return ""
 
 
 def split_curves(diagnoses: list[dict]) -> dict | None:
