@@ -132,10 +132,6 @@ class Audit(StepAPI, NotebookMixin):
         if run is not None:
             run = rank_folder(run, self._rank, self._world_size)  # ranks never share a store
         validate(model, self._reader.reads, loss_fn, every, precision, reference_mode, first_step)
-        if reference is not None:
-            from .probes.data import check_reference
-
-            check_reference(reference)
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.every, self.strict, self.precision = every, strict, precision
         self.options = {
@@ -144,11 +140,12 @@ class Audit(StepAPI, NotebookMixin):
             "reference_mode": reference_mode,
             "precision": precision,
         }
+        probe_registry.check_inputs(self.options)  # e.g. reference data that would be empty on a second pass
         if isinstance(probes, (str, list, tuple, set, frozenset)) and any(isinstance(n, str) for n in probes):
             probe_registry.validate(probes)  # names without their schedule: refused with the dict to write
         probes = dict(probes or {})
-        if reference is not None:
-            probes.setdefault("reference", reference_every)
+        for implied, every_n in probe_registry.implied(self.options).items():  # reference= turns on "reference"
+            probes.setdefault(implied, every_n)
         self.probes = probe_registry.validate(probes)
         self._configure_probes(dict(probe_options or {}))
         self.memory: dict = {}  # the step context's own flags across steps (HVP method, grad mode)
@@ -382,11 +379,9 @@ class Audit(StepAPI, NotebookMixin):
 
     def summary(self) -> dict:
         """Per-run shares and medians (decrease/increase/flat, alpha, delta/first_order, hurt next/reference, …)."""
-        from .probes.data import run_shares
-
         return {
             **summarize(self.records, skipped_steps=self.skipped_steps, steps_seen=self._steps_seen),
-            **run_shares(self.records),
+            **probe_registry.summarize(self.records),
         }
 
     def diagnose(self) -> list[dict]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from ..schema_fields import Field
@@ -24,12 +24,16 @@ __all__ = [
     "Probe",
     "builtin",
     "capture_for",
+    "check_inputs",
     "get",
+    "implied",
     "known",
     "option_keys",
     "register",
     "register_capture",
+    "register_summary",
     "settle_options",
+    "summarize",
     "validate",
 ]
 
@@ -39,6 +43,8 @@ _CAPTURES: dict[str, Callable] = {}
 # Packages whose import registers probes; imported on first lookup so start-up stays cheap.
 _PROBE_MODULES = ("stepaudit.probes.curvature", "stepaudit.probes.data")
 _loaded = False
+# Per-run summaries over the probes' fields (``register_summary``), merged into ``Audit.summary()``.
+_SUMMARIES: list[Callable[[Sequence[dict]], dict]] = []
 
 
 def register(probe: Probe | str, **declarations: Any) -> Any:
@@ -103,6 +109,41 @@ def register_capture(name: str) -> Callable[[Callable], Callable]:
         return fn
 
     return decorate
+
+
+def register_summary(fn: Callable[[Sequence[dict]], dict]) -> Callable[[Sequence[dict]], dict]:
+    """Decorator: ``fn(records) -> dict`` adds per-run values over a probe family's fields to ``Audit.summary()``."""
+    _SUMMARIES.append(fn)
+    return fn
+
+
+def summarize(records: Sequence[dict]) -> dict:
+    """Every registered per-run summary over ``records``, merged."""
+    _load_builtin()
+    out: dict = {}
+    for fn in _SUMMARIES:
+        out.update(fn(records))
+    return out
+
+
+def implied(audit_options: Mapping[str, Any]) -> dict[str, int]:
+    """Probes turned on by an Audit argument (``reference=`` turns on ``reference``), with their schedule."""
+    _load_builtin()
+    turned_on = {}
+    for name in sorted(_REGISTRY):
+        argument = get(name).turned_on_by
+        if argument and audit_options.get(argument) is not None:
+            turned_on[name] = audit_options.get(f"{argument}_every", 1)
+    return turned_on
+
+
+def check_inputs(audit_options: Mapping[str, Any]) -> None:
+    """Let every probe refuse the Audit inputs it reads (e.g. reference data that cannot be iterated twice)."""
+    _load_builtin()
+    for name in sorted(_REGISTRY):
+        check = get(name).check_inputs
+        if check is not None:
+            check(audit_options)
 
 
 def capture_for(name: str) -> Callable | None:

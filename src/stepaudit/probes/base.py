@@ -168,6 +168,8 @@ class Probe:
     every_step: str = ""  # non-empty: it must run every step, and this says why
     capture: Callable | None = None  # ``fn(model, names, params, audit_options) -> capture | None`` (observe only)
     collective: Callable[[Options], bool] | None = None  # whether, under these options, it issues collectives
+    turned_on_by: str = ""  # an Audit argument that, given, schedules it every ``<argument>_every`` steps
+    check_inputs: Callable[[Mapping[str, Any]], None] | None = None  # refuses unusable Audit inputs it reads
     doc: str = ""
     _by_name: dict = field(init=False, repr=False)
 

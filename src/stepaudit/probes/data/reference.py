@@ -165,5 +165,7 @@ reference_probe = register(
         options=ReferenceOptions,
         needs=frozenset({"weights_before", "gradient", "record", "reference"}),
         state=ReferenceState,
+        turned_on_by="reference",
+        check_inputs=lambda options: check_reference(options.get("reference")),
     )
 )

@@ -8,6 +8,7 @@ from statistics import median
 from typing import Any
 
 from ... import noise as noise_stats
+from .. import register_summary
 
 
 def _finite(value: Any) -> bool:
@@ -18,6 +19,7 @@ def _share(rows: list[dict], test: Callable[[dict], bool]) -> float:
     return sum(map(test, rows)) / len(rows) if rows else math.nan
 
 
+@register_summary
 def run_shares(records: Sequence[dict]) -> dict:
     """Per-run shares of steps that helped their own batch but hurt the next batch / the reference,
     the median grad_cos_ref and the pooled B_simple (mean tr Σ / mean ‖G‖², averaged before dividing).
