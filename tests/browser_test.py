@@ -9,10 +9,10 @@ import re
 import time
 
 import pytest
+from support.browser import Chromium, find_chromium
+from support.samples import trained_run, write_synthetic_run
 
 from stepaudit.report import write_compare, write_report
-from stepaudit.report.browser import Chromium, find_chromium
-from stepaudit.report.samples import trained_run, write_synthetic_run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
+from support.samples import write_synthetic_run
 
 import stepaudit.report.cli
 from stepaudit import cli
-from stepaudit.report.samples import write_synthetic_run
 
 
 @pytest.fixture(scope="module")

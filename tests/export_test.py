@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
+from support.samples import trained_run
 
 import stepaudit
 from stepaudit.export import TensorBoardSink, export_csv, export_parquet, export_tensorboard, main
-from stepaudit.report.samples import trained_run
 
 FIELDS = ("loss_before", "loss_after", "delta", "first_order", "alpha", "grad_norm", "update_ratio")
 

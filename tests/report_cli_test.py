@@ -5,12 +5,12 @@ import sys
 
 import numpy as np
 import pytest
+from support.samples import write_synthetic_run
 
 from stepaudit.cli import main as stepaudit
 from stepaudit.report.cli import compare_main, main
 from stepaudit.report.compare import cell, summary_rows
 from stepaudit.report.data import load_run
-from stepaudit.report.samples import write_synthetic_run
 from stepaudit.report.terminal import plain_compare, plain_run, print_compare, print_run, run_rows, sparkline
 
 RICH = ("rich", "rich.box", "rich.console", "rich.panel", "rich.table", "rich.text")

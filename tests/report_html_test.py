@@ -10,10 +10,10 @@ import time
 import types
 
 import pytest
+from support.samples import trained_run, write_synthetic_run
 
 from stepaudit.report import render_report, write_compare, write_report
 from stepaudit.report.data import load_run
-from stepaudit.report.samples import trained_run, write_synthetic_run
 
 ALWAYS = ("loss", "promise", "alpha", "alpha-hist", "ratio-heatmap", "update", "lr", "norms")
 

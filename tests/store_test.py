@@ -8,9 +8,9 @@ import threading
 import pytest
 import torch
 from conftest import classification_loss, make_mlp
+from support.samples import write_synthetic_run
 
 import stepaudit
-from stepaudit.report.samples import write_synthetic_run
 from stepaudit.store import RunStore, RunStoreError, new_run_dir, output_file, read_meta, read_run, run_folder
 
 

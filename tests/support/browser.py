@@ -4,7 +4,7 @@ Stdlib only: Chromium is started with ``--remote-debugging-pipe`` and spoken to 
 descriptors 3 (commands in) and 4 (events and replies out), NUL-separated JSON, which is what
 Playwright and Puppeteer do underneath. Used by the browser test and to make the README screenshot:
 
-    python -m stepaudit.report.browser REPORT.html -o shot.png [--width 1280] [--height 2000]
+    python tests/support/browser.py REPORT.html -o shot.png [--width 1280] [--height 2000]
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ def _exception_text(details: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Screenshot a local HTML file (and report its console errors)."""
-    parser = argparse.ArgumentParser(prog="python -m stepaudit.report.browser", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python tests/support/browser.py", description=main.__doc__)
     parser.add_argument("html", help="the HTML file to open")
     parser.add_argument("-o", "--output", default="screenshot.png", help="PNG to write")
     parser.add_argument("--width", type=int, default=1280)

@@ -5,7 +5,7 @@ takes hours, but the report only reads records, so ``write_synthetic_run`` write
 realistic shapes (a decaying noisy loss, loss spikes, a few non-finite steps, sparse curvature and
 noise probes, per-layer rows) straight into a run store in a few seconds.
 
-    python -m stepaudit.report.samples RUN_DIR [--steps 100000]
+    python tests/support/samples.py RUN_DIR [--steps 100000]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..store import LAYER_FIELDS, RunStore
+from stepaudit.store import LAYER_FIELDS, RunStore
 
 MODULES = ("embed", "blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp", "head")
 
@@ -162,8 +162,8 @@ def trained_run(
     """Audit ``steps`` real steps of the digits MLP into ``run``; returns the in-memory records."""
     import torch
 
-    from ..audit import Audit
-    from ..workloads import digits_mlp
+    from stepaudit.audit import Audit
+    from stepaudit.workloads import digits_mlp
 
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {optimizer!r}")
@@ -188,7 +188,7 @@ def trained_run(
 
 def main(argv: list[str] | None = None) -> int:
     """Write a synthetic run folder."""
-    parser = argparse.ArgumentParser(prog="python -m stepaudit.report.samples", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python tests/support/samples.py", description=main.__doc__)
     parser.add_argument("run", help="run folder to create")
     parser.add_argument("--steps", type=int, default=100_000)
     parser.add_argument("--name", default=None)
