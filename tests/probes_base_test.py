@@ -244,3 +244,24 @@ def test_a_plain_function_registered_without_fields_has_every_field_refused(tmp_
 
     assert isinstance(plain, Probe) and plain.doc == "The one-argument form, nothing declared."
     assert "unknown field 't_plain'" in _run(tmp_path, "_t_plain", steps=1).records[0]["probe_errors"]["_t_plain"]
+
+
+# -- needs -------------------------------------------------------------------------------------------------------
+SEEN: dict = {}
+
+
+def _sees(ctx, options, state) -> dict:
+    """Notes whether the audit kept its copy of the weights before the step for this probe."""
+    SEEN.setdefault(ctx.step, []).append(ctx.flat_before is not None and ctx.grads is not None)
+    return {}
+
+
+register(Probe("_t_grad_only", _sees, needs={"gradient"}))
+register(Probe("_t_weights", _sees, needs={"weights_before", "gradient"}))
+
+
+@pytest.mark.parametrize("name, kept", [("_t_grad_only", False), ("_t_weights", True)])
+def test_the_weights_before_are_kept_only_for_a_probe_that_needs_them(tmp_path, name, kept):
+    SEEN.clear()
+    audit = _run(tmp_path, name, steps=2)
+    assert SEEN == {0: [kept], 1: [kept]} and all("probe_errors" not in r for r in audit.records)
