@@ -11,6 +11,7 @@ from torch import nn
 
 from stepaudit.context import Part, StepContext
 from stepaudit.losses import LossEvaluator
+from stepaudit.precision import TWIN_KEY, Float64Twin, shared_twin
 from stepaudit.state import AutocastState, RngState
 
 
@@ -67,6 +68,20 @@ def test_float64_losses_match_a_float64_copy():
     after, noise, method = evaluator.after(ctx, loss_before=expected)
     assert after == pytest.approx(expected, rel=1e-15)
     assert method == "float64" and noise < 1e-13
+
+
+def test_float64_losses_use_the_audits_one_shared_twin_loaded_with_the_live_weights():
+    model, batch, params, ctx = setup()
+    evaluator = LossEvaluator(model, loss_fn, params, "float64")
+    evaluator.before(ctx)
+    twin = ctx.states[TWIN_KEY]
+    assert shared_twin(ctx) is twin  # the curvature probes' float64 HVPs get this same copy
+    with torch.no_grad():
+        params[0].add_(0.5)  # a step: the twin is loaded again before every evaluation
+    oracle = copy.deepcopy(model).double()
+    after, _, _ = evaluator.after(ctx, loss_before=0.0)
+    assert after == pytest.approx(float(F.cross_entropy(oracle(batch[0].double()), batch[1])), rel=1e-15)
+    assert ctx.states[TWIN_KEY] is twin and sum(isinstance(v, Float64Twin) for v in ctx.states.values()) == 1
 
 
 def gradient_penalty_loss(model, batch):

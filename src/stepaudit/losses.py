@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .context import StepContext
-from .precision import Float64Twin, working_roundoff
+from .precision import Float64Twin, shared_twin, working_roundoff
 from .probes.step import rounding_noise
 
 
@@ -27,7 +27,6 @@ class LossEvaluator:
         self, model: torch.nn.Module, loss_fn: Callable, params: list[torch.Tensor], precision: str | None
     ) -> None:
         self.model, self.loss_fn, self.params, self.precision = model, loss_fn, params, precision
-        self._twin: Float64Twin | None = None
         self._relative_error: float | None = None  # measured once (see _rounding)
         self._failed_measurements = 0
         self._noise_method = "roundoff"
@@ -50,11 +49,9 @@ class LossEvaluator:
         return loss_after, rounding_noise(loss_before, loss_after, relative_error), method
 
     def _twin_loss(self, ctx: StepContext) -> float:
-        """The step's objective at the live weights, in float64 on the twin."""
-        if self._twin is None:
-            self._twin = Float64Twin(self.model)
-        self._twin.load(self.model)
-        return sum(self._twin.loss(self.loss_fn, part.batch, part.rng) for part in ctx.parts) / len(ctx.parts)
+        """The step's objective at the live weights, in float64 on the audit's shared twin."""
+        twin = shared_twin(ctx)
+        return sum(twin.loss(self.loss_fn, part.batch, part.rng) for part in ctx.parts) / len(ctx.parts)
 
     def _rounding(self, ctx: StepContext) -> tuple[float, str]:
         """Relative rounding error of one loss evaluation and how it was found, measured once.

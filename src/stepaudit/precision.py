@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .state import AutocastState, RngState, cuda_devices, map_tensors, preserved, without_grad
+
+if TYPE_CHECKING:
+    from .context import StepContext
+
+TWIN_KEY = "float64_twin"  # the audit's one float64 twin, in its contexts' shared state objects
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
@@ -82,3 +87,15 @@ class Float64Twin:
             self.twin.eval()
             exact = float(loss_fn(self.twin, cast_batch(batch, torch.float64)))
         return abs(working - exact) / max(abs(exact), torch.finfo(torch.float64).tiny)
+
+
+def shared_twin(ctx: StepContext) -> Float64Twin:
+    """The audit's one float64 twin (built on first use, kept with the probes' state), loaded from the live model.
+
+    The loss evaluator (``precision="float64"``) and the curvature probes (float64 HVPs) share it, so an
+    audit holds one float64 copy of the model, not one per user. Each user loads it before use: what
+    one leaves in it never reaches the other.
+    """
+    twin = ctx.state(TWIN_KEY, lambda: Float64Twin(ctx.model))
+    twin.load(ctx.model)
+    return twin
