@@ -10,7 +10,7 @@ from ..cli import rich_console
 from .circuit import RULES
 from .drawing import GATE, GRAD, VALUE, VAR, Line, draw
 from .layout import symbol
-from .result import fmt, negligible
+from .result import fmt, negligible, objective_name
 
 TITLE, HEAD, DIM, WARN, NOTE = "bold", "bold magenta", "grey50", "bold yellow", "italic"
 WIDTH = 96
@@ -60,10 +60,6 @@ _ASCII = str.maketrans(
 )
 
 
-def _name(r: dict) -> str:
-    return "f" if r["target"] is None else "L"
-
-
 def _table(header: list[str], rows: list[list[tuple[str, str]]], indent: int = 3, align: str = "") -> list[Line]:
     """Aligned columns ('l'/'r' per column; default: first left, the rest right), header dim."""
     widths = [max([len(header[i])] + [len(r[i][0]) for r in rows]) for i in range(len(header))]
@@ -100,7 +96,7 @@ def _wrap(text: str, indent: int = 3, style: str = "") -> list[Line]:
 
 def render(r: dict) -> list[Line]:
     """All sections of the terminal report as styled lines."""
-    f = _name(r)
+    f = objective_name(r)
     at = ", ".join(f"{k} = {fmt(v)}" for k, v in r["at"].items())
     obj = "" if r["target"] is None else f"   minimise L = ½(f − {fmt(r['target'])})²"
     out: list[Line] = [

@@ -144,13 +144,14 @@ def _explain(tree: Expr, expr: str, at: Mapping[str, float] | None, lr: float, t
     return out
 
 
-def _name(r: dict) -> str:
+def objective_name(r: dict) -> str:
+    """The objective's letter in the text: f for an expression, L for a loss against a target."""
     return "f" if r["target"] is None else "L"
 
 
 def verdict(r: dict) -> str:
     """One plain-language paragraph: what the step did, why, and how large a step still helps."""
-    f, s, d = _name(r), r["step"], r["decreasing_lr"]
+    f, s, d = objective_name(r), r["step"], r["decreasing_lr"]
     parts = [] if r["target"] is None else [f"Here L = ½(f − {fmt(r['target'])})² is minimised."]
     if not any(r["grads"].values()):
         parts.append(f"All partial derivatives of {f} are zero here, so a gradient step does not move.")
