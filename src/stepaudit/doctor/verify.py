@@ -307,9 +307,9 @@ def counterfactual_for(diagnosis: dict, facts=None) -> tuple[str | None, str]:
     """(the counterfactual's key, or None; why none) for a diagnosis, its kind read again from ``facts``."""
     code = diagnosis["code"]
     if facts is not None and code == "lr_too_low":
-        from .codes.lr_too_low import _schedule_collapse
+        from .codes.lr_too_low import schedule_collapse
 
-        if _schedule_collapse(facts) is not None:
+        if schedule_collapse(facts) is not None:
             return "lr_schedule_collapse", ""
     if facts is not None and code == "loss_wiring":
         from .codes.loss_wiring import loss_wiring
