@@ -345,7 +345,7 @@ def test_a_second_fit_writes_its_own_run_and_continues_the_count(tmp_path):
     fit(learn, epochs=1)
     first, second = learn.stepaudit.audits
     assert [r["step"] for r in second.records] == [4, 5, 6, 7] and second.run == tmp_path / "run-fit2"
-    assert first._closed and second._closed
+    assert first.closed and second.closed
 
 
 def test_gradient_accumulation_is_refused_with_the_fix(tmp_path):

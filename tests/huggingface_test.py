@@ -105,7 +105,7 @@ def test_training_is_bit_identical_with_the_mixin(tmp_path):
         for field in plain_state[key]:
             assert torch.equal(torch.as_tensor(plain_state[key][field]), torch.as_tensor(audited_state[key][field]))
     records = trainer.audit.records
-    assert [r["step"] for r in records] == list(range(6)) and trainer.audit._closed
+    assert [r["step"] for r in records] == list(range(6)) and trainer.audit.closed
     assert all(r["verdict"] in ("decrease", "increase", "flat") for r in records)
     assert len(stepaudit.load(tmp_path / "run", table="steps")) == 6
 
@@ -261,7 +261,7 @@ def test_a_crash_keeps_the_committed_steps_and_closes_the_audit(tmp_path):
     trainer = Crashing(model=tiny_bert(), args=args, train_dataset=Tokens(), audit_options={"run": tmp_path / "run"})
     with pytest.raises(RuntimeError, match="boom"):
         trainer.train()
-    assert trainer.audit._closed and trainer._audit_step is None
+    assert trainer.audit.closed and not trainer.audit_adapter.holding
     assert list(stepaudit.load(tmp_path / "run", table="steps")["step"]) == [0, 1, 2]
 
 
@@ -293,8 +293,9 @@ def test_a_resumed_run_continues_the_step_count(tmp_path):
     assert [r["step"] for r in trainer.audit.records] == [4, 6]
 
 
-def test_each_rank_writes_its_own_folder(tmp_path, monkeypatch):
-    """Several processes: run=<folder> becomes <folder>-rank<i> (ranks sharing a folder overwrite each other)."""
+def test_each_rank_writes_its_own_store_inside_the_run_folder(tmp_path, monkeypatch):
+    """Several processes known only to the Trainer's arguments (no process group): rank 1 writes <run>/rank1
+    (ranks sharing a store would overwrite each other); under a process group Audit places it (adapter_test)."""
     args = quiet_args(tmp_path / "out")
     trainer = AuditedTrainer(
         model=tiny_bert(), args=args, train_dataset=Tokens(), audit_options={"run": tmp_path / "run"}
@@ -303,5 +304,5 @@ def test_each_rank_writes_its_own_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(type(trainer.args), "world_size", property(lambda self: 2))
     monkeypatch.setattr(type(trainer.args), "process_index", property(lambda self: 1))
     audit = trainer._build_audit(trainer.model)
-    assert audit.run == tmp_path / "run-rank1"
+    assert audit.run == tmp_path / "run" / "rank1"
     audit.close()

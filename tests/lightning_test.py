@@ -109,7 +109,7 @@ def test_every_n_and_training_step_loss_with_dict_output(tmp_path):
     callback = AuditCallback(run=tmp_path / "run", every=3)
     fit([callback], steps=7)
     assert [r["step"] for r in callback.audit.records] == [0, 3, 6]
-    assert callback.audit._closed
+    assert callback.audit.closed
 
 
 def test_gradient_accumulation_is_refused_with_the_fix(tmp_path):
@@ -123,7 +123,7 @@ def test_a_crash_keeps_the_committed_steps_and_closes_the_audit(tmp_path):
     callback = AuditCallback(run=tmp_path / "run")
     with pytest.raises(RuntimeError, match="boom"):
         fit([callback], fail_at=3)
-    assert callback.audit._closed and callback._step is None
+    assert callback.audit.closed and not callback.adapter.holding
     assert list(stepaudit.load(tmp_path / "run", table="steps")["step"]) == [0, 1, 2]
 
 
@@ -260,8 +260,9 @@ def test_a_resumed_fit_continues_the_step_count(tmp_path):
     assert [r["step"] for r in callback.audit.records] == [4, 6]
 
 
-def test_each_rank_writes_its_own_folder(tmp_path):
-    """Several processes: run=<folder> becomes <folder>-rank<i> (ranks sharing a folder overwrite each other)."""
+def test_each_rank_writes_its_own_store_inside_the_run_folder(tmp_path):
+    """Several processes known only to the Trainer (no process group): rank 1 writes <run>/rank1 (ranks sharing a
+    store would overwrite each other); under a real process group Audit places it (ddp test below)."""
     from types import SimpleNamespace
 
     module = Net()
@@ -276,7 +277,7 @@ def test_each_rank_writes_its_own_folder(tmp_path):
     )
     callback = AuditCallback(run=tmp_path / "run")
     callback.on_train_start(trainer, module)
-    assert callback.audit.run == tmp_path / "run-rank1"
+    assert callback.audit.run == tmp_path / "run" / "rank1"
     callback.audit.close()
 
 
@@ -348,5 +349,5 @@ def test_with_several_optimizers_a_resumed_count_is_divided_among_them(tmp_path)
     callback = AuditCallback(run=tmp_path / "run", loss_fn=lambda m, b: m.net(b[0]).sum())
     with pytest.warns(UserWarning, match="first_step"):
         callback.on_train_start(trainer, module)
-    assert callback.audit.due(3) and callback.audit._step_count == 3
+    assert callback.audit.due(3) and callback.audit.next_step == 3
     callback.audit.close()

@@ -88,9 +88,17 @@ def wrapper_state_kept(wrapper: torch.nn.Module | None) -> Iterator[None]:
             setattr(wrapper, name, value)
 
 
+RANK_FOLDER = "rank{rank}"  # rank r > 0's store, inside the run folder
+
+
 def rank_folder(run: str | os.PathLike, rank: int, world_size: int) -> Path:
-    """Each rank's own run folder: ``run`` alone, ``run-rank<r>`` when several processes audit."""
-    return Path(run) if world_size <= 1 else Path(f"{run}-rank{rank}")
+    """This rank's store of the training run ``run``: ``run`` itself for rank 0 (and one process), ``run/rank<r>``.
+
+    One run folder per training run: rank 0's store holds the global records (the same on every rank) and is
+    the one a listing shows; each other rank's is a complete store of the same schema inside it, for its
+    ``local_*`` fields.
+    """
+    return Path(run) if world_size <= 1 or rank == 0 else Path(run) / RANK_FOLDER.format(rank=rank)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,16 @@ from .arguments import check_replayable
 class StepAPI:
     """``begin_step``/``before_update``/``after_update``/``end_step``, mixed into ``Audit``."""
 
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called: no later step is audited."""
+        return self._closed
+
+    @property
+    def next_step(self) -> int:
+        """Index of the next optimizer step (a resumed run counts on from ``first_step``)."""
+        return self._step_count
+
     def log(self, name: str, value: float, step: int | None = None) -> None:
         """Put a metric into the run (accuracy, validation loss …): charted in the report and shown by ``compare``.
 

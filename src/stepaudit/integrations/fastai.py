@@ -26,7 +26,6 @@ Refused with the fix: fastai's ``GradientAccumulation`` (one step spans several 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,6 +33,7 @@ from fastai.callback.core import Callback
 
 from ..audit import Audit
 from ..lrfind_fastai import SweepAudit
+from .adapter import Adapter
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -53,10 +53,8 @@ class AuditCallback(Callback):
     ) -> None:
         super().__init__()
         self.loss_fn, self.audit_options, self.measure_lr_find = loss_fn, audit_options, lr_find
-        self.audit: Audit | None = None  # this fit's (after the fit: the last fit's, closed)
-        self.audits: list[Audit] = []  # one per fit
+        self.adapter = Adapter(audit_options)  # the fits' audits; .current: the one the step calls go to
         self.sweep: SweepAudit | None = None  # the last measured learn.lr_find() (with lr_find=True)
-        self._open: Audit | None = None  # the audit the step calls go to while a fit is in progress
         self._phase: str | None = None  # the open step: "open", "updating", "updated", "cancelled"
 
         def stepaudit(lrs: Any, losses: Any, num_it: int) -> tuple[float, tuple[float, float]]:
@@ -66,6 +64,16 @@ class AuditCallback(Callback):
             return self.sweep.result.suggestion, self.sweep.point()
 
         self.suggest = stepaudit  # learn.lr_find(suggest_funcs=(valley, steep, learn.stepaudit.suggest))
+
+    @property
+    def audit(self) -> Audit | None:
+        """This fit's audit (after the fit: the last fit's, closed); None before the first fit."""
+        return self.adapter.audit
+
+    @property
+    def audits(self) -> list[Audit]:
+        """One audit per fit, in order."""
+        return self.adapter.audits
 
     @property
     def lr_find_result(self) -> Any:
@@ -99,7 +107,7 @@ class AuditCallback(Callback):
                     finder.num_it,
                     self.audit_options.get("precision"),
                 )
-                self._open = self.sweep.audit
+                self.adapter.follow(self.sweep.audit)
             return
         if "GradientAccumulation" in names:
             raise ValueError(
@@ -107,31 +115,35 @@ class AuditCallback(Callback):
                 "several batches; remove GradientAccumulation, or audit the loop in plain PyTorch "
                 "with audit.watch(micro_batches, accumulate=N)"
             )
-        options = dict(self.audit_options)
-        if self.audits:
-            options.setdefault("first_step", self.audits[-1]._step_count)
-            if options.get("run") is not None:
-                options["run"] = Path(f"{options['run']}-fit{len(self.audits) + 1}")
-        self.audit = Audit(self.learn.model, self.learn.opt, self.loss_fn or self._audited_loss, **options)
-        self.audits.append(self.audit)
-        self._open = self.audit
+        earlier = self.adapter.audits[-1] if self.adapter.audits else None
+        self.adapter.start(
+            self.learn.model,
+            self.learn.opt,
+            self.loss_fn or self._audited_loss,
+            first_step=0 if earlier is None else earlier.next_step,  # a later fit counts on
+            suffix=None if earlier is None else f"fit{len(self.adapter.audits) + 1}",
+        )
+
+    def _sweeping(self) -> bool:
+        """Whether the step calls go to the ``learn.lr_find()`` sweep's audit."""
+        return self.sweep is not None and self.adapter.current is self.sweep.audit
 
     def before_batch(self) -> None:
-        if self._open is None or not self.training:
+        if self.adapter.current is None or not self.training:
             return
-        self._open.begin_step((tuple(self.learn.xb), tuple(self.learn.yb)))
+        self.adapter.open((tuple(self.learn.xb), tuple(self.learn.yb)))
         self._phase = "open"
 
     def before_step(self) -> None:
         if self._phase == "open":
             self._phase = "updating"
-            self._open.before_update()
+            self.adapter.current.before_update()
 
     def after_step(self) -> None:
         if self._phase == "updating":
             self._phase = "updated"
-            record = self._open.after_update()
-            if self.sweep is not None and self._open is self.sweep.audit:
+            record = self.adapter.current.after_update()
+            if self._sweeping():
                 self.sweep.seen(record)
 
     def after_cancel_step(self) -> None:
@@ -140,21 +152,18 @@ class AuditCallback(Callback):
 
     def after_batch(self) -> None:
         phase, self._phase = self._phase, None
-        if phase is not None:
-            self._open.end_step(skipped=phase == "open")  # "open": fastai cancelled the batch before its step
+        if phase == "open":
+            self.adapter.abandon()  # fastai cancelled the batch before its step: not counted
+        elif phase is not None:
+            self.adapter.close()
 
     def after_fit(self) -> None:
-        sweeping = self.sweep is not None and self._open is self.sweep.audit
+        sweeping = self._sweeping()
         self._close()
         if sweeping:
             self.sweep.finish()
 
     def _close(self, failed: bool = False) -> None:
         """Close the open step (as failed, when training raised in it) and the audit."""
-        audit, self._open = self._open, None
-        if audit is None:
-            return
-        if self._phase is not None:
-            self._phase = None
-            audit.end_step(failed=failed)
-        audit.close()
+        self._phase = None
+        self.adapter.finish(failed=failed)

@@ -20,20 +20,20 @@ inputs, scaled so that the mean over the micro-batches is the Trainer's objectiv
 normalises by, ``num_items_in_batch``: Σ token losses / all tokens of the step); or ``audit_loss_fn(model,
 inputs)`` — the mean of it over the micro-batches is then the audited objective — which you want when
 ``compute_loss`` has side effects, such as metrics recorded there, which would run again at each
-re-evaluation. With several processes each rank writes its own folder (``<run>-rank<i>``).
+re-evaluation. One run folder per training run, also under ``torchrun``: rank 0 writes ``run`` itself (the global
+records), rank r > 0 writes ``run/rank<r>`` (``docs/distributed.md``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
 from ..audit import Audit
-from ._held import HeldWatch
+from .adapter import Adapter
 
 
 class _CloseStep(TrainerCallback):
@@ -62,13 +62,17 @@ class AuditMixin:
     ) -> None:
         super().__init__(*args, **kwargs)
         self.audit_options, self.audit_loss_fn = dict(audit_options or {}), audit_loss_fn
-        self.audit: Audit | None = None
-        self._audit_step: HeldWatch | None = None  # the watch of the optimizer step in progress
+        self.audit_adapter = Adapter(self.audit_options)  # the audit, its run folder, the optimizer step held open
         self._audit_batches: list = []  # the step's (prepared) micro-batches, the Trainer's item count for them,
         self._audit_items: Any = None  # and whether it normalised the loss by that count over all of them
         self._audit_scaled = False
         self._audit_opening = False  # micro-batches fetched, watch not yet open (it opens at their first forward)
         self.add_callback(_CloseStep(self))
+
+    @property
+    def audit(self) -> Audit | None:
+        """The audit of the last (or running) ``train()``; None before the first."""
+        return self.audit_adapter.audit
 
     def _audited_loss(self, model: torch.nn.Module, inputs: Any) -> torch.Tensor:
         """The Trainer's own ``compute_loss`` on a shallow copy (it may pop "labels" from what it is given).
@@ -129,13 +133,14 @@ class AuditMixin:
 
     def _build_audit(self, model: torch.nn.Module) -> Audit:
         """The Audit on the unwrapped model and the torch optimizer inside Accelerate's wrapper."""
-        options = dict(self.audit_options)
-        if self.args.world_size > 1 and options.get("run") is not None:
-            options["run"] = Path(f"{options['run']}-rank{self.args.process_index}")  # ranks never share a folder
-        options.setdefault("first_step", self.state.global_step)  # a resumed run continues its count
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
-        return Audit(
-            self.accelerator.unwrap_model(model), optimizer, self.audit_loss_fn or self._audited_loss, **options
+        return self.audit_adapter.start(
+            self.accelerator.unwrap_model(model),
+            optimizer,
+            self.audit_loss_fn or self._audited_loss,
+            first_step=self.state.global_step,  # a resumed run continues its count
+            rank=self.args.process_index,
+            world_size=self.args.world_size,
         )
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
@@ -148,8 +153,7 @@ class AuditMixin:
             raise
         finally:
             self._close_audit_step(failure)
-            if self.audit is not None:
-                self.audit.close()
+            self.audit_adapter.finish()
 
     def get_batch_samples(self, *args: Any, **kwargs: Any) -> Any:
         """The Trainer fetches all micro-batches of the next optimizer step here: keep them for its watch."""
@@ -167,18 +171,16 @@ class AuditMixin:
         it returns add up to the audit's ``loss_before``."""
         if self._audit_opening:
             self._audit_opening = False
-            if self.audit is None or self.audit._closed:
-                self.audit = self._build_audit(model)
+            if self.audit_adapter.current is None:  # the first step of this train()
+                self._build_audit(model)
             n = len(self._audit_batches)
-            self._audit_step = HeldWatch(self.audit, self._audit_batches if n > 1 else self._audit_batches[0], n)
+            self.audit_adapter.open(self._audit_batches if n > 1 else self._audit_batches[0], n)
         loss = super().training_step(model, inputs, *args, **kwargs)
-        if self._audit_step is not None:  # each returned loss is already divided (or normalised) for accumulation
-            handle = self._audit_step.handle
+        handle = self.audit_adapter.handle
+        if handle is not None:  # each returned loss is already divided (or normalised) for accumulation
             handle.loss = loss if handle.loss is None else handle.loss + loss
         return loss
 
     def _close_audit_step(self, failure: BaseException | None = None) -> None:
-        step, self._audit_step = self._audit_step, None
         self._audit_batches, self._audit_opening = [], False  # the step is over: hold no copy of its inputs
-        if step is not None:
-            step.close(failure)
+        self.audit_adapter.close(failed=failure is not None)

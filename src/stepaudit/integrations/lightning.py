@@ -20,7 +20,8 @@ Either runs inside the Trainer's precision context (``precision="bf16-mixed"``: 
 Refused with the fix: gradient accumulation (``accumulate_grad_batches > 1`` or a
 ``GradientAccumulationScheduler``; audit such loops with ``Audit.watch(..., accumulate=N)`` in plain
 PyTorch) and manual optimization without a ``loss_fn`` (its ``training_step`` steps the optimizer itself).
-With several processes each rank writes its own folder (``<run>-rank<i>``).
+One run folder per fit, also with several processes (``strategy="ddp"``): rank 0 writes ``run`` itself (the
+global records), rank r > 0 writes ``run/rank<r>`` (``docs/distributed.md``).
 """
 
 from __future__ import annotations
@@ -28,13 +29,12 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..audit import Audit
-from ._held import HeldWatch
+from .adapter import Adapter
 
 try:  # the unified package first, then the standalone one
     from lightning.pytorch import Callback
@@ -112,12 +112,16 @@ class AuditCallback(Callback):
     ) -> None:
         super().__init__()
         self.loss_fn, self.optimizer_index, self.audit_options = loss_fn, optimizer, audit_options
-        self.audit: Audit | None = None
-        self._step: HeldWatch | None = None  # the watch of the batch in progress
+        self.adapter = Adapter(audit_options)  # the audit, its run folder, the step held from batch start to end
         self._trainer: Any = None
         self._batch_idx = 0
         self._passes_batch_idx = True  # whether training_step takes batch_idx (read once per fit)
         self._warned_accumulation = False
+
+    @property
+    def audit(self) -> Audit | None:
+        """The audit of the last (or running) fit; None before the first."""
+        return self.adapter.audit
 
     def _audited_loss(self, module: torch.nn.Module, batch: Any) -> torch.Tensor:
         """``loss_fn`` or ``training_step`` (logging silenced, metrics kept), in the Trainer's precision context."""
@@ -154,30 +158,31 @@ class AuditCallback(Callback):
                 f"AuditCallback(optimizer={self.optimizer_index}) but the Trainer has "
                 f"{len(optimizers)} optimizer(s); pass an index below {len(optimizers)}"
             )
-        if self.audit is not None:  # a second fit() on the same callback: start a fresh run
-            self.audit.close()
-        options = dict(self.audit_options)
-        if getattr(trainer, "world_size", 1) > 1 and options.get("run") is not None:
-            options["run"] = Path(f"{options['run']}-rank{trainer.global_rank}")  # ranks never share a folder
-        if "first_step" not in options:
-            # Lightning's global_step counts the steps of every optimizer: with several, assume each steps once
-            # per batch (a GAN) and say so, since a resumed fit cannot tell how many this one took.
-            options["first_step"] = trainer.global_step // len(optimizers)
-            if len(optimizers) > 1 and trainer.global_step > 0:
-                warnings.warn(
-                    f"AuditCallback numbers steps from global_step {trainer.global_step} // "
-                    f"{len(optimizers)} optimizers = {options['first_step']}; pass first_step=... if "
-                    "the audited optimizer took another number of steps",
-                    stacklevel=2,
-                )
+        # Lightning's global_step counts the steps of every optimizer: with several, assume each steps once
+        # per batch (a GAN) and say so, since a resumed fit cannot tell how many this one took.
+        first_step = trainer.global_step // len(optimizers)
+        if "first_step" not in self.audit_options and len(optimizers) > 1 and trainer.global_step > 0:
+            warnings.warn(
+                f"AuditCallback numbers steps from global_step {trainer.global_step} // "
+                f"{len(optimizers)} optimizers = {first_step}; pass first_step=... if "
+                "the audited optimizer took another number of steps",
+                stacklevel=2,
+            )
         self._trainer = trainer
         self._passes_batch_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
-        self.audit = Audit(pl_module, optimizers[self.optimizer_index], self._audited_loss, **options)
+        self.adapter.start(  # a second fit() on the same callback closes the first's audit: a fresh run
+            pl_module,
+            optimizers[self.optimizer_index],
+            self._audited_loss,
+            first_step=first_step,
+            rank=getattr(trainer, "global_rank", 0),
+            world_size=getattr(trainer, "world_size", 1),
+        )
 
     def on_train_batch_start(self, trainer: Any, pl_module: torch.nn.Module, batch: Any, batch_idx: int) -> None:
-        """Open ``audit.watch(batch)`` around the step Lightning is about to take."""
-        self._release(abandon=True)  # the batch before was skipped (on_train_batch_start returned -1): no step taken
-        if self.audit is None:
+        """Open ``audit.begin_step(batch)`` before the step Lightning is about to take."""
+        self.adapter.abandon()  # the batch before was skipped (on_train_batch_start returned -1): no step taken
+        if self.adapter.current is None:
             return
         if getattr(trainer, "accumulate_grad_batches", 1) != 1:  # changed during the fit: stop auditing, say so once
             if not self._warned_accumulation:
@@ -189,34 +194,20 @@ class AuditCallback(Callback):
                 )
             return
         self._batch_idx = batch_idx
-        self._step = HeldWatch(self.audit, batch)
+        self.adapter.open(batch)
 
     def on_train_batch_end(
         self, trainer: Any, pl_module: torch.nn.Module, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._release()
+        self.adapter.close()
 
     def on_train_epoch_end(self, trainer: Any, pl_module: torch.nn.Module) -> None:
-        self._release(abandon=True)
+        self.adapter.abandon()  # a batch that never reached on_train_batch_end: Lightning skipped it, no step taken
 
     def on_train_end(self, trainer: Any, pl_module: torch.nn.Module) -> None:
-        self._release(abandon=True)
-        if self.audit is not None:
-            self.audit.close()
+        self.adapter.abandon()
+        self.adapter.finish()
 
     def on_exception(self, trainer: Any, pl_module: torch.nn.Module, exception: BaseException) -> None:
         """Training failed: close the open step as failed and the audit (committed steps stay on disk)."""
-        self._release(exception)
-        if self.audit is not None:
-            self.audit.close()
-
-    def _release(self, failure: BaseException | None = None, abandon: bool = False) -> None:
-        """Close the open watch, if any: normally, as failed, or abandoned (a batch that never reached
-        ``on_train_batch_end``: Lightning skipped it, so no step was taken)."""
-        step, self._step = self._step, None
-        if step is None:
-            return
-        if abandon:
-            step.abandon()
-        else:
-            step.close(failure)
+        self.adapter.finish(failed=True)
