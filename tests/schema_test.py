@@ -155,6 +155,12 @@ def test_schema_writers_name_known_probes_and_numbered_families_match_only_their
     assert field("no_such_field") is None and layer_field("kind").type == "str"
 
 
+def test_every_schema_field_a_builtin_probe_declares_names_that_probe_among_its_writers():
+    for name in probes.builtin():  # e.g. interplay writes quadratic when the quadratic probe did not run
+        for spec in probes.get(name).fields:
+            assert f"probe:{name}" in field(spec.name).writer.split(", "), (name, spec.name)
+
+
 def test_the_field_reference_in_docs_audit_md_is_the_generated_table():
     text = AUDIT_DOC.read_text(encoding="utf-8")
     assert BEGIN in text and END in text, "docs/audit.md lost its schema markers"

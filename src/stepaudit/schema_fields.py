@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 TYPES = ("float", "int", "str", "bool", "json")
+QUADRATIC = "probe:quadratic, probe:interplay, probe:interplay_matrix"  # interplay writes ΣC when quadratic did not run
 CURVATURE = (
     "probe:quadratic, probe:interplay, probe:interplay_matrix, probe:sharpness, probe:precond_sharpness, "
     "probe:hessian_trace"
@@ -190,13 +191,13 @@ FIELDS: tuple[Field, ...] = (
         "distributed",
     ),
     # -- curvature probes (probes.md) ---------------------------------------------------------------------
-    _f("quadratic", "float", LOSS, "½ Δwᵀ H Δw: the second-order Taylor term of the step (one HVP)", "probe:quadratic"),
+    _f("quadratic", "float", LOSS, "½ Δwᵀ H Δw: the second-order Taylor term of the step (one HVP)", QUADRATIC),
     _f(
         "cubic_remainder",
         "float",
         LOSS,
         "`delta − first_order − quadratic`: everything beyond second order",
-        "probe:quadratic",
+        QUADRATIC,
     ),
     _f(
         "interplay",
