@@ -377,7 +377,7 @@ def test_rewired_loss_calls_give_the_logits_loss_exactly():
     try:
         rewired = nn.CrossEntropyLoss()(nn.Softmax(dim=1)(z), y)  # softmax into CrossEntropyLoss: dropped
         (grad,) = torch.autograd.grad(rewired, z)
-        on_batch_axis = F.nll_loss(torch.log_softmax(z, dim=0), y)  # log_softmax over the batch into NLL
+        on_batch_axis = F.nll_loss(torch.log_softmax(z, dim=0), y)  # over the batch: taken over the classes
         raw_scores = F.nll_loss(z, y)  # raw scores into NLL: given their log_softmax
         method = F.cross_entropy(z.softmax(-1), y)  # the tensor method's output too
         bce = F.binary_cross_entropy_with_logits(torch.sigmoid(z[:, :1]).squeeze(1), b)  # through a view
@@ -392,7 +392,8 @@ def test_rewired_loss_calls_give_the_logits_loss_exactly():
     assert torch.equal(mse, F.mse_loss(z[:, 0], b))
     assert counts == {
         "softmax dropped before cross_entropy": 2,
-        "log_softmax over the classes into nll_loss": 2,
+        "softmax over the classes, not the batch": 1,  # at the log_softmax call itself
+        "log_softmax over the classes into nll_loss": 1,  # the raw scores
         "sigmoid dropped before binary_cross_entropy_with_logits": 1,
         "target reshaped to the input's shape": 1,
     }
@@ -470,7 +471,7 @@ def test_reinitialisation_leaves_the_global_random_stream_alone():
     assert torch.equal(torch.get_rng_state(), state)
 
 
-# -- end to end: one faulty script per new counterfactual, confirmed ------------------------------------------
+# -- end to end: one faulty script per counterfactual, confirmed -----------------------------------------------
 LOOP = """
 for step in range({steps}):
     idx = torch.randint(0, 512, (64,))
@@ -529,6 +530,31 @@ for m in model:
         nn.init.normal_(m.weight, std=0.01)
 opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 """ + LOOP.format(steps=150, loss="nn.functional.cross_entropy(model(x[idx]), y[idx])", after="")
+CROSS_ENTROPY = "nn.functional.cross_entropy(model(x[idx]), y[idx])"
+LR_TOO_LOW = (
+    HEAD
+    + "opt = torch.optim.SGD(model.parameters(), lr=0.003)\n"
+    + LOOP.format(steps=100, loss=CROSS_ENTROPY, after="")
+)
+EXPLODING = """
+import torch
+from torch import nn
+torch.manual_seed(0)
+x = torch.randn(512, 10); y = 100 * (x[:, :1] - x[:, 1:2])  # targets in the hundreds: huge first gradients
+model = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 1))
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+""" + LOOP.format(steps=80, loss="nn.functional.mse_loss(model(x[idx]), y[idx])", after="")
+OFFSET_INPUTS = (
+    HEAD
+    + "x = x + 20  # every feature 20 standard deviations away from 0\n"
+    + "opt = torch.optim.Adam(model.parameters(), lr=0.003)\n"
+    + LOOP.format(steps=80, loss=CROSS_ENTROPY, after="")
+)
+OTHER_MODELS_PARAMS = (
+    HEAD
+    + "opt = torch.optim.Adam(nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 2)).parameters(), lr=0.01)\n"
+    + LOOP.format(steps=100, loss=CROSS_ENTROPY, after="")
+)
 
 
 @pytest.mark.parametrize(
@@ -539,10 +565,24 @@ opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         (SCHEDULE_PER_BATCH, "lr_too_low", "scheduler steps ignored once the lr fell below 0.1 × its peak"),
         (DEAD_RELU, "dead_relu", "layers re-initialised (He ×2)"),
         (TINY_TANH_INIT, "vanishing_gradients", "layers re-initialised (Xavier ×6)"),
+        (LR_TOO_LOW, "lr_too_low", "lr ×10"),
+        (EXPLODING, "exploding_gradients", "gradient norm clipped at the early median"),
+        (OFFSET_INPUTS, "unnormalized_inputs", "first layer's input standardised"),
+        (OTHER_MODELS_PARAMS, "params_not_updating", "missing parameters added to the optimizer"),
     ],
-    ids=["softmax_into_cross_entropy", "broadcast_shapes", "schedule_collapse", "dead_relu", "vanishing_gradients"],
+    ids=[
+        "softmax_into_cross_entropy",
+        "broadcast_shapes",
+        "schedule_collapse",
+        "dead_relu",
+        "vanishing_gradients",
+        "lr_too_low",
+        "exploding_gradients",
+        "unnormalized_inputs",
+        "params_not_updating",
+    ],
 )
-def test_each_new_counterfactual_is_confirmed_on_its_fault(tmp_path, capfd, source, code, fix):
+def test_each_counterfactual_is_confirmed_on_its_fault(tmp_path, capfd, source, code, fix):
     found = _doctor_verify(tmp_path, source, capfd)
     check = next(d for d in found if d["code"] == code)["verification"]
     assert check["verdict"] == "confirmed", check["detail"]
