@@ -1,28 +1,31 @@
-"""The public step API: four calls any training framework can make to have one optimizer step audited.
+"""The public step API: the calls any training framework makes to have one optimizer step audited.
 
-In this order, once per optimizer step (``Audit.watch`` is the first and the last around a block):
+In this order, once per optimizer step (``Audit.watch`` makes the first and the last around a block):
 
-  1. ``audit.begin_step(batch)``  — before the step's first forward: decides whether the step is audited and
+  1. ``audit.begin(batch)``       — before the step's first forward: decides whether the step is audited and
                                     keeps the random state the re-evaluations replay (dropout masks match);
   2. ``audit.before_update()``    — the gradient is final (after backward, clipping, unscaling) and the optimizer
                                     is about to change the weights: weights, gradient and loss before;
   3. ``audit.after_update()``     — the optimizer changed the weights: Δw, loss after, probes, record (returned);
-  4. ``audit.end_step()``         — the step is over (``failed=True`` if training raised in it).
+  4. ``audit.end(failure=None)``  — the step is over (``failure``: the exception training raised in it).
 
 A ``torch.optim.Optimizer`` calls 2 and 3 itself through its step hooks: call only 1 and 4. Any other
 optimizer (fastai's, or an object with ``param_groups``) is read through ``optimizers.py`` and never hooked:
 call all four. A step whose 2 and 3 never come (the framework skipped it) is closed by 4 with ``skipped=True``.
+``begin_step``/``end_step(failed=...)`` are the same calls under their first names (kept, not deprecated).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from .arguments import check_replayable
+from .faults import contained
 
 
 class StepAPI:
-    """``begin_step``/``before_update``/``after_update``/``end_step``, mixed into ``Audit``."""
+    """``begin``/``before_update``/``after_update``/``end`` and the audit's public state, mixed into ``Audit``."""
 
     @property
     def closed(self) -> bool:
@@ -41,7 +44,7 @@ class StepAPI:
         number (None, a string, a tensor of several values) or a failed write is a one-line warning and
         nothing is logged (``strict=True``: a ``TypeError`` / the error instead).
         """
-        try:
+        with contained(self.strict, f"logging {name!r}", lambda e: _not_logged(name, e), wrap=False):
             if (
                 isinstance(value, bool)
                 or not isinstance(value, (int, float))
@@ -50,12 +53,20 @@ class StepAPI:
                 raise TypeError(f"audit.log({name!r}, value): value must be a number, got {type(value).__name__}")
             at = max(self._step_count - 1, self._first_step) if step is None else int(step)
             self.store.log_metric(at, name, float(value.item() if hasattr(value, "item") else value))
-        except Exception as error:
-            if self.strict:
-                raise
-            import warnings
 
-            warnings.warn(f"stepaudit did not log {name!r}: {error}", stacklevel=2)
+    def begin(self, batch: Any, *, accumulate: int = 1) -> Any:
+        """Open the optimizer step on ``batch`` before its first forward; returns the step's ``StepWatch``.
+
+        With gradient accumulation pass the micro-batches as a list and ``accumulate=len(list)``.
+        """
+        return self.begin_step(batch, accumulate=accumulate)
+
+    def end(self, failure: BaseException | None = None, *, skipped: bool = False) -> None:
+        """Close the step opened by ``begin``. ``failure``: what training raised in it (no warning is added);
+        ``skipped``: the framework took no optimizer step (neither counted nor warned about)."""
+        if self._pending is None:
+            raise RuntimeError("audit.end() without audit.begin(batch): open the step first")
+        self._end(stacklevel=3, failed=failure is not None or skipped)
 
     def begin_step(self, batch: Any, *, accumulate: int = 1) -> Any:
         """Open the optimizer step on ``batch`` before its first forward; returns the step's ``StepWatch``.
@@ -110,14 +121,10 @@ class StepAPI:
 
     def _sync(self, pending: Any) -> None:
         """Refresh what the audit reads of the optimizer; a failure is the step's recorded error (never training's)."""
-        try:
+        with contained(
+            self.strict, f"auditing step {self._step_count}: reading the optimizer failed", pending.keep_first
+        ):
             self._reader.sync()
-        except Exception as error:
-            if self.strict:
-                from .audit import AuditError
-
-                raise AuditError(f"auditing step {self._step_count}: reading the optimizer failed: {error}") from error
-            pending.error = pending.error or error
 
     def _manual_pending(self, call: str) -> Any:
         """The open step, for a call only optimizers without torch's step hooks make."""
@@ -130,3 +137,8 @@ class StepAPI:
         if self._pending is None:
             raise RuntimeError(f"audit.{call}() outside a step: call audit.begin_step(batch) before the forward")
         return self._pending
+
+
+def _not_logged(name: str, error: Exception) -> None:
+    """``Audit.log`` outside ``strict``: a one-line warning, nothing logged."""
+    warnings.warn(f"stepaudit did not log {name!r}: {error}", stacklevel=6)
