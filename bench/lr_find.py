@@ -362,6 +362,8 @@ def main() -> None:
         t = time.perf_counter()
         results[name] = run(name, args.seeds)
         print(f"{name}: {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        if args.json:  # after each workload: a crash later keeps what was measured
+            Path(args.json).write_text(json.dumps(results, indent=1, default=str))
     print(table(results))
     print(
         f"\n{args.seeds} seeds, held-out loss after the fixed budget (mean ± sd); "
@@ -369,8 +371,6 @@ def main() -> None:
     )
     for name, rows in results.items():
         print(f"- {name}: stepaudit's reasons: " + " / ".join(rows["_reasons"]))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1, default=str))
 
 
 if __name__ == "__main__":

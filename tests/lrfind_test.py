@@ -2,7 +2,8 @@
 
 Oracles: a quadratic 0.5·wᵀAw with A diagonal (λ_max = max A; SGD along the top eigenvector raises the loss
 exactly when lr > 2/λ_max, α = λ·lr − 1 and g·Δw = −lr‖Aw‖² in closed form; for Adam λ_max(P⁻¹A) = max A_i/P_i
-from the optimizer's own state), hand-worked fastai suggestions on hand-made curves, a loop recomputing the
+from the optimizer's own state, and on one coordinate Adam by hand gives every preconditioned gain m/g and
+curvature a/P), hand-worked fastai suggestions on hand-made curves, a loop recomputing the
 smoothed curve and the divergence stop, and a twin model that never saw lr_find.
 """
 
@@ -202,6 +203,64 @@ def test_adam_preconditioned_sharpness_equals_max_a_over_p_from_the_optimizer_st
     assert math.isnan(result.curvature.safe_lr)
 
 
+class Scalar(nn.Module):
+    """0.5·a·w² on one float64 coordinate: Adam's P and the own-batch parabola are exact there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1, dtype=torch.float64))
+
+
+SCALAR_A = 5.0
+
+
+def scalar_loss(model: Scalar, batch) -> torch.Tensor:
+    return 0.5 * SCALAR_A * (model.w**2).sum()
+
+
+def adam_sweep(lrs, beta1: float, beta2: float = 0.999, eps: float = 1e-8):
+    """Oracle: torch's Adam by hand on 0.5·a·w² (Δw = −lr·m/P, P = (1−β₁ᵗ)(√v̂+ε)); (rises, gains m/g, P) per step."""
+    a, w, m, v, rises, gains, ps = SCALAR_A, 1.0, 0.0, 0.0, [], [], []
+    for t, lr in enumerate(lrs, 1):
+        g = a * w
+        m, v = beta1 * m + (1 - beta1) * g, beta2 * v + (1 - beta2) * g * g
+        p = (1 - beta1**t) * (math.sqrt(v / (1 - beta2**t)) + eps)
+        w_new = w - lr * m / p
+        rises.append(w_new**2 > w**2 * (1 + 1e-12))
+        gains.append(m / g)  # −g·Δw/(lr·g²/P) = m/g
+        ps.append(p)
+        w = w_new
+    return rises, gains, ps
+
+
+@pytest.mark.parametrize("beta1", [0.0, 0.9])
+def test_adam_preconditioned_gain_curvature_and_suggestion_against_adam_by_hand(beta1):
+    """On one coordinate Adam's step is Δw = −lr·G·g/P with G = m/g, and the own-batch loss is an exact parabola
+    of curvature κ_P = ΔwᵀHΔw/ΔwᵀPΔw = a/P in the metric P: it rises exactly when x = lr·G·a/P is > 2 or < 0
+    (x(x−2) > 0: past the opposite wall, or carried uphill). With β₁ = 0, m = g and G = 1 at every step. The
+    suggestion 1/κ_P (G_train = 1), the median over the rising steps from the rise, puts a steady-state step at
+    the rise's P on the floor of the preconditioned parabola, lr·a/P = 1, far below the stability cap."""
+    model = Scalar()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(beta1, 0.999), eps=1e-8)
+    result = lr_find(model, optimizer, scalar_loss, [torch.zeros(1)], start_lr=1e-4, end_lr=10, num=100)
+    rises, gains, ps = adam_sweep(result.lrs, beta1)
+    assert [v == "increase" for v in result.verdicts] == rises
+    assert np.allclose(result.gains, gains, rtol=1e-9) and result.gains[0] == pytest.approx(1 - beta1, rel=1e-9)
+    assert np.allclose(result.curvatures, [SCALAR_A / p for p in ps], rtol=1e-6)
+    assert result.preconditioned and result.gain_train == 1.0
+    x = [lr * g * SCALAR_A / p for lr, g, p in zip(result.lrs, gains, ps)]
+    assert rises == [v * (v - 2) > 1e-9 for v in x]  # the preconditioned parabola: lr·G·κ_P = 2 at the wall
+    up = first_rise(rises)
+    kappa = float(np.median([SCALAR_A / p for p, r in zip(ps[up : up + 5], rises[up : up + 5]) if r]))
+    assert result.lr_rise == result.lrs[up] and "κ_P" in result.reason
+    assert result.suggestion == pytest.approx(1 / kappa, rel=1e-6)
+    if beta1 == 0:
+        assert np.allclose(result.gains, 1.0, rtol=1e-9)  # the step is the plain one: 1/κ_P = ½·lr_rise·G
+        assert 1.9 < result.lr_rise / result.suggestion < 2.5  # the rise: the first grid lr past 2/κ_P (× 1.2)
+    assert 0.9 < result.suggestion * SCALAR_A / ps[up] < 1.1  # the steady-state step lands on the floor
+    assert result.suggestion < result.curvature.precond[1]  # below the stability cap, (2+2β₁)/(1−β₁) above it
+
+
 def test_grid_is_exactly_geometric_and_the_sweep_follows_it():
     grid = lr_grid(1e-7, 10.0, 100)
     assert grid[0] == 1e-7 and grid[-1] == 10.0 and len(grid) == 100
@@ -275,6 +334,13 @@ def test_stepaudit_rule_half_the_first_rise_capped_by_the_bound_else_valley():
     rises = [False] * 6 + [True, False, True, True]
     lr, _ = stepaudit_rule(lrs, rises, math.nan, "", 0.01, np.full(10, 2.5), 10.0)
     assert lr == pytest.approx(0.5 * lrs[6] * 2.5 / 10.0)  # momentum: × G_sweep / G_train
+    kappa = np.array([1.0] * 6 + [40.0, -1.0, 20.0, 30.0])  # rising steps 6, 8, 9 with κ_P > 0: median 30
+    lr, reason = stepaudit_rule(lrs, rises, math.nan, "", 0.01, np.ones(10), 1.0, True, kappa)
+    assert lr == pytest.approx(1 / 30) and "κ_P" in reason  # Adam: 1/(G_train·κ_P), G_train = 1
+    lr, _ = stepaudit_rule(lrs, rises, math.nan, "", 0.01, np.ones(10), 10.0, True, kappa)
+    assert lr == pytest.approx(1 / 300)  # RMSprop with momentum 0.9: G_train = 10
+    lr, _ = stepaudit_rule(lrs, rises, math.nan, "", 0.01, np.ones(10), 1.0, False, kappa)
+    assert lr == 0.5 * lrs[6]  # plain SGD keeps half the rise
     lr, reason = stepaudit_rule(lrs, rises, math.nan, "", 0.01)
     assert lr == 0.5 * lrs[6] and "raised" in reason
     lr, reason = stepaudit_rule(lrs, rises, 0.01, "2/λ_max", 0.02)

@@ -261,7 +261,8 @@ def lr_find(
     ``result.suggestion`` is stepaudit's: half the first lr from which steps raised their own batch's loss (on
     3 of 5 steps; where a plain step lands near its batch's valley floor, α ≈ 0, instead of past it), times
     G_sweep/G_train for heavy-ball momentum (the gain over a plain step the sweep's steps had, over the
-    steady-state (1−d)/(1−β) of training; ``lrfind_suggest`` derives it), capped by the stability bound at the
+    steady-state (1−d)/(1−β) of training); for Adam, AdamW, RMSprop 1/(G_train·κ_P), the floor of the own-batch
+    parabola along the step in the optimizer's metric (``lrfind_suggest`` derives both), capped by the stability bound at the
     start weights (2/λ_max for plain SGD, the preconditioned bound for Adam); fastai's valley when no step
     raised it. fastai's minimum/10, steep, valley and slide are in ``result.suggestions``.
     """
@@ -359,11 +360,12 @@ def _sweep(
             "lr": float(lr),
             "loss": loss_before,
             "grad_sq": float(torch.dot(grad.double(), grad.double())),
+            **dict(zip(("grad_metric", "step_metric"), metrics(optimizer, params, grad, delta_w))),
             **step_fields(loss_before, loss_after, first_order, noise, bool(delta_w.any())),
         }
         average, row["smooth_loss"] = smooth_step(average, loss_before, beta, i)
         rows.append(row)
-        if curvature and info.precond is None and i + 1 == precond_step and _adaptive(optimizer):
+        if curvature and info.precond is None and i + 1 == precond_step and adaptive(optimizer):
             ctx = _context(model, optimizer, loss_fn, names, params, first, first_rng, autocast)
             info.precond = precond_at(ctx, optimizer, tol, max_hvps, seed)
             moved = float(torch.linalg.vector_norm(_flat(params) - start_flat) / torch.linalg.vector_norm(start_flat))
@@ -381,13 +383,37 @@ def _sweep(
     if curvature and info.precond is None:
         info.precond_where = (
             f"not applicable: {preconditioner(optimizer, params).rule}"
-            if not _adaptive(optimizer)
+            if not adaptive(optimizer)
             else "not measured: the optimizer held no second-moment state"
         )
     return LRFindResult.build(
-        rows, lrs, stopped, info, optimizer_name=type(optimizer).__name__, momentum=steady_gain(optimizer)
+        rows,
+        lrs,
+        stopped,
+        info,
+        optimizer_name=type(optimizer).__name__,
+        momentum=steady_gain(optimizer),
+        preconditioned=adaptive(optimizer),
     )
 
 
-def _adaptive(optimizer: torch.optim.Optimizer) -> bool:
+def metrics(
+    optimizer: Any, params: list[torch.Tensor], grad: torch.Tensor, delta_w: torch.Tensor
+) -> tuple[float, float]:
+    """(gᵀP⁻¹g, ΔwᵀPΔw) in the metric the optimizer steps in (Δw = −lr·P⁻¹m; P after the step; I for SGD; NaN else)."""
+    g, dw = grad.double(), delta_w.double()
+    if adaptive(optimizer):
+        found = preconditioner(optimizer, params)
+        if found.inverse_sqrt is None:
+            return math.nan, math.nan
+        d = found.inverse_sqrt.to(device=g.device)  # P^{-1/2}; 0 where a parameter has no state (and no step)
+        root_p = torch.where(d > 0, 1 / d, torch.zeros_like(d))  # P^{1/2}
+        return float(torch.dot(d * g, d * g)), float(torch.dot(root_p * dw, root_p * dw))
+    if isinstance(optimizer, torch.optim.SGD):
+        return float(torch.dot(g, g)), float(torch.dot(dw, dw))
+    return math.nan, math.nan
+
+
+def adaptive(optimizer: Any) -> bool:
+    """Adam, AdamW or RMSprop: a diagonal preconditioner P read from the second moment (``probes.preconditioner``)."""
     return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop))

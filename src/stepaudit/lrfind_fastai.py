@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .audit import Audit
+from .lrfind import adaptive, metrics
 from .lrfind_result import Curvature, LRFindResult
 from .lrfind_suggest import smooth_step, steady_gain
 from .optimizers import reader_for
@@ -43,6 +44,8 @@ class SweepAudit:
         reader = reader_for(optimizer)
         reader.sync()
         self.momentum = steady_gain(reader.reads)
+        self.reader, self.preconditioned = reader, adaptive(reader.reads)
+        self.metrics: dict[int, tuple[float, float]] = {}  # step -> (gᵀP⁻¹g, ΔwᵀPΔw): ``lrfind.metrics``
         self.optimizer_name = reader.name
         self.precond_step = max(1, self.num_it // 10)
         self.audit = Audit(
@@ -54,9 +57,16 @@ class SweepAudit:
             probes={"sharpness": ONCE, "precond_sharpness": self.precond_step},
         )
         self.result: LRFindResult | None = None
+        self.weights = self._flat_weights()  # the weights before the next step (fastai's sweep moves only by steps)
 
     def seen(self, record: dict | None) -> None:
-        """After each audited step: once the preconditioned sharpness has been taken after the first tenth, stop it."""
+        """After each audited step: gᵀP⁻¹g of its gradient (still in .grad); the preconditioned sharpness once."""
+        weights, self.weights = self.weights, self._flat_weights()
+        if record is not None:
+            self.reader.sync()
+            params = self.audit.params
+            grad = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad.detach()).reshape(-1) for p in params])
+            self.metrics[int(record.get("step", -1))] = metrics(self.reader.reads, params, grad, self.weights - weights)
         if record is not None and record.get("step", 0) >= self.precond_step:
             self.audit.probes["precond_sharpness"] = ONCE
 
@@ -74,6 +84,9 @@ class SweepAudit:
                     "loss": float(r["loss_before"]),
                     "smooth_loss": smooth,
                     "grad_sq": float(r["grad_norm"]) ** 2,
+                    **dict(
+                        zip(("grad_metric", "step_metric"), self.metrics.get(int(r.get("step", -1)), (math.nan,) * 2))
+                    ),
                     "loss_after": float(r["loss_after"]),
                     "delta": float(r["delta"]),
                     "first_order": float(r["first_order"]),
@@ -100,8 +113,13 @@ class SweepAudit:
             self._curvature(records[0], later[0] if later else None),
             optimizer_name=self.optimizer_name,
             momentum=self.momentum,
+            preconditioned=self.preconditioned,
         )
         return self.result
+
+    def _flat_weights(self) -> torch.Tensor:
+        """The audited parameters, flattened into one detached copy."""
+        return torch.cat([p.detach().reshape(-1) for p in self.audit.params]).clone()
 
     def _curvature(self, first: dict, later: dict | None) -> Curvature:
         """λ_max and the safe lr at the sweep's first step, the preconditioned bound after its first tenth."""

@@ -63,9 +63,11 @@ class LRFindResult:
     lr_rise: float = math.nan  # first lr from which steps raised their own batch's loss (3 of 5 steps)
     lr_overshoot: float = math.nan  # first lr from which α > 1 (3 of 5 steps)
     optimizer_name: str = ""
-    gains: np.ndarray = field(default_factory=lambda: np.zeros(0))  # −g·Δw/(lr‖g‖²): the step's gain over a plain one
+    gains: np.ndarray = field(default_factory=lambda: np.zeros(0))  # −g·Δw/(lr·gᵀP⁻¹g): gain over a plain step
     momentum: float = 0.0  # heavy-ball β of the optimizer (0: none, or an averaging first moment as in Adam)
     gain_train: float = 1.0  # the steady-state gain of a training step at constant lr, (1−d)/(1−β)
+    preconditioned: bool = False  # gains in the optimizer's metric P⁻¹ (Adam, AdamW, RMSprop) instead of P = I
+    curvatures: np.ndarray = field(default_factory=lambda: np.zeros(0))  # κ_P = 2(Δloss − g·Δw)/(ΔwᵀPΔw)
 
     @classmethod
     def build(
@@ -76,6 +78,7 @@ class LRFindResult:
         curvature: Curvature,
         optimizer_name: str = "",
         momentum: tuple[float, float] = (0.0, 1.0),
+        preconditioned: bool = False,
     ) -> LRFindResult:
         """Assemble the result from the sweep's rows and compute every suggestion."""
         column = lambda key: np.array([r[key] for r in rows], dtype=float)
@@ -96,8 +99,13 @@ class LRFindResult:
             optimizer_name=optimizer_name,
         )
         result.momentum, result.gain_train = momentum
+        result.preconditioned = preconditioned
+        metric = column("grad_metric") if all("grad_metric" in r for r in rows) else column("grad_sq")
         with np.errstate(divide="ignore", invalid="ignore"):
-            result.gains = -result.first_order / (lrs * column("grad_sq"))
+            result.gains = -result.first_order / (lrs * metric)  # G = −g·Δw/(lr·gᵀP⁻¹g), P = I for SGD
+            # the own-batch parabola's curvature along the step, in the optimizer's metric: ΔwᵀHΔw / ΔwᵀPΔw
+            steps = column("step_metric") if all("step_metric" in r for r in rows) else np.full(len(rows), np.nan)
+            result.curvatures = 2 * (result.deltas - result.first_order) / steps
         rises = [v == "increase" for v in verdicts]
         rise = first_rise(rises)
         result.lr_rise = float(lrs[rise]) if rise is not None else math.nan
@@ -106,7 +114,15 @@ class LRFindResult:
         result.suggestions = fastai_suggestions(lrs, result.smooth_losses, len(grid))
         bound, name = curvature.bound
         lr, reason = stepaudit_rule(
-            lrs, rises, bound, name, result.suggestions["valley"], result.gains, result.gain_train
+            lrs,
+            rises,
+            bound,
+            name,
+            result.suggestions["valley"],
+            result.gains,
+            result.gain_train,
+            preconditioned,
+            result.curvatures,
         )
         result.suggestions = {"stepaudit": lr, **result.suggestions}
         result.suggestion, result.reason = lr, reason
@@ -151,6 +167,10 @@ class LRFindResult:
         ]
         if self.gain_train != 1.0:
             rows.append(f"  momentum β {self.momentum:g}: steady-state gain {self.gain_train:.3g}")
+        if self.preconditioned:
+            rows.append(
+                "  gains in the optimizer's metric: −g·Δw/(lr·gᵀP⁻¹g), steady-state 1 for Adam's averaged moment"
+            )
         rows += [f"  {line}" for line in self.curvature_lines()]
         return "\n".join(rows)
 

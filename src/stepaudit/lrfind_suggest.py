@@ -35,8 +35,13 @@ stepaudit's rule (``stepaudit_rule``), in three parts:
    training step at lr has lr·G_train along g, at the valley floor when lr·G_train·λ = 1: the suggestion is
    ½·lr_up·G_sweep/G_train. For plain SGD the factor is 1. On the quadratic it is ≈ (1−β)/λ (tested),
    inside the band (1−√β)²/λ ≤ lr ≤ (1+√β)²/λ where heavy ball contracts at its fastest, √β per step.
-   Adam's, AdamW's and RMSprop's first moment is an average, steady-state gain 1: no factor (RMSprop with
-   momentum, whose buffer sums, gets the heavy-ball one).
+4. Adam, AdamW, RMSprop: the floor along the step in the optimizer's metric. They step Δw = −lr·P⁻¹m (P diagonal
+   from the second moment, ``probes.preconditioner``). The two losses of a step and its slope g·Δw give the own
+   batch's curvature along it, κ_P = ΔwᵀHΔw/ΔwᵀPΔw = 2(Δloss − g·Δw)/ΔwᵀPΔw; a training step lands on its floor
+   at lr·G_train·κ_P = 1 (G_train = 1 for Adam's averaged moment, 1/(1−μ) for RMSprop with momentum μ), so the
+   suggestion is 1/(G_train·κ_P), κ_P the median over the rising steps of the rise window. With m ∥ g it is
+   part 3's ½·lr_up·G_sweep/G_train in the metric P; it does not need m ∥ g (at Adam's rise G_sweep ≈ 1−β₁:
+   the part of m built on earlier batches is orthogonal to the new gradient, and part 3 misreads that).
 
 Capped by the stability bound measured at the start weights: the optimizer's safe lr (2/λ_max for plain SGD,
 (2+2β)/λ_max with momentum, ``probes.curvature.safe_lr``) or, for Adam-like optimizers, the lr at which the
@@ -163,6 +168,8 @@ def stepaudit_rule(
     fallback: float,
     gains: np.ndarray | None = None,
     gain_train: float = 1.0,
+    preconditioned: bool = False,
+    curvatures: np.ndarray | None = None,
 ) -> tuple[float, str]:
     """stepaudit's suggestion and its one-line reason (the rule is in the module docstring)."""
     up = first_rise(rises)
@@ -171,13 +178,26 @@ def stepaudit_rule(
     lr_up = float(lrs[up])
     suggestion = SAFE_FRACTION * lr_up
     reason = f"half of {lr_up:.3g}, the lr from which steps raised their own batch's loss (3 of 5 steps)"
-    if gain_train != 1.0:
+    window = [i for i in range(up, min(up + RISE_WINDOW, len(rises))) if rises[i]]
+    kappa = np.asarray(curvatures if curvatures is not None else np.full(len(rises), np.nan), float)
+    kappa = np.array([kappa[i] for i in window if np.isfinite(kappa[i]) and kappa[i] > 0])
+    if preconditioned and kappa.size:
+        # the own-batch parabola along the step, in P's metric: floor of a steady-state step at lr·G_train·κ_P = 1
+        k = float(np.median(kappa))
+        suggestion = 1.0 / (gain_train * k)
+        reason = (
+            f"1/κ_P: the floor of the own-batch parabola along the step, κ_P = ΔwᵀHΔw/ΔwᵀPΔw = {k:.3g} (P: the "
+            f"optimizer's metric) on the rising steps from {lr_up:.3g}"
+            + (f", / the steady-state gain ({gain_train:.3g})" if gain_train != 1.0 else "")
+        )
+    elif gain_train != 1.0 or preconditioned:
         seen = np.asarray(gains if gains is not None else np.full(len(rises), np.nan), float)
         seen = np.array([g for g, r in zip(seen[up : up + RISE_WINDOW], rises[up : up + RISE_WINDOW]) if r and g > 0])
         g_sweep = float(np.median(seen)) if seen.size else 1.0
-        suggestion *= g_sweep / gain_train
+        suggestion *= g_sweep / gain_train  # ½·lr_up·G_sweep/G_train: lr·G_train·λ = 1, the floor (docstring)
+        kind = "preconditioned" if preconditioned and gain_train == 1.0 else "momentum"
         reason = (
-            f"half of {lr_up:.3g}, the lr from which steps raised their own batch's loss, × the momentum "
+            f"half of {lr_up:.3g}, the lr from which steps raised their own batch's loss, × the {kind} "
             f"gain the sweep saw ({g_sweep:.3g}) / the steady-state gain ({gain_train:.3g})"
         )
     if math.isfinite(bound) and bound > 0 and bound < suggestion:
