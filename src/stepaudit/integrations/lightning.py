@@ -19,7 +19,8 @@ logged metrics alone (any other side effect of ``training_step`` would run again
 Either runs inside the Trainer's precision context (``precision="bf16-mixed"``: autocast, as in training).
 Refused with the fix: gradient accumulation (``accumulate_grad_batches > 1`` or a
 ``GradientAccumulationScheduler``; audit such loops with ``Audit.watch(..., accumulate=N)`` in plain
-PyTorch) and manual optimization without a ``loss_fn`` (its ``training_step`` steps the optimizer itself).
+PyTorch), manual optimization without a ``loss_fn`` (its ``training_step`` steps the optimizer itself) and
+``strategy="fsdp"`` (FSDP1, refused as by ``Audit``: use ``strategy="ddp"``).
 One run folder per fit, also with several processes (``strategy="ddp"``): rank 0 writes ``run`` itself (the
 global records), rank r > 0 writes ``run/rank<r>`` (``docs/distributed.md``).
 """
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 
 from ..audit import Audit
+from ..distributed import refuse_fsdp1
 from .adapter import Adapter
 
 try:  # the unified package first, then the standalone one
@@ -152,6 +154,9 @@ class AuditCallback(Callback):
                 "with manual optimization training_step steps the optimizer itself, so the audit cannot "
                 "re-evaluate it as the loss; pass AuditCallback(loss_fn=lambda module, batch: ...)"
             )
+        wrapped = getattr(trainer, "model", None)  # strategy="fsdp" wraps the module in FSDP1: refused, as by Audit
+        if isinstance(wrapped, torch.nn.Module):
+            refuse_fsdp1(wrapped)
         optimizers = trainer.optimizers
         if not 0 <= self.optimizer_index < len(optimizers):
             raise ValueError(
