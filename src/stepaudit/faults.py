@@ -31,11 +31,8 @@ def contained(
     catch: type[Exception] | tuple[type[Exception], ...] = Exception,
     wrap: bool = True,
 ) -> Iterator[Fault]:
-    """Run the block; an exception of type ``catch`` goes to ``keep``, or is raised (``strict``) as ``AuditError``.
-
-    Yields a ``Fault`` whose ``error`` is the exception kept, if any. ``wrap=False``: under ``strict`` the
-    exception itself is raised (``Audit.log`` raises the user's ``TypeError``).
-    """
+    """Run the block; a ``catch`` exception goes to ``keep`` and the yielded ``Fault``, or (``strict``) is raised as
+    ``AuditError("what: error")`` (``wrap=False``: raised itself, as ``Audit.log`` raises the user's ``TypeError``)."""
     fault = Fault()
     try:
         yield fault
