@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import functional_call
 
 import stepaudit
+from stepaudit.precision import TWIN_KEY, Float64Twin
 from stepaudit.probes import curvature, register
 
 F64 = torch.float64
@@ -391,6 +392,37 @@ def test_float64_option_evaluates_curvature_on_a_float64_twin(tmp_path):
         model, opt, ce_loss, data, tmp_path, {"quadratic": 1}, precision="float64", warmup=1
     )
     dw = after.double() - before.double()
+    expected = 0.5 * float(dw @ dense_hessian(model, ce_loss, data, before.double()) @ dw)
+    assert rel(record["quadratic"], expected) < 1e-10
+
+
+def test_float64_curvature_and_losses_share_the_audits_one_float64_copy_of_the_model(tmp_path, monkeypatch):
+    """precision="float64" with curvature probes: one float64 twin per audit, built once, used by the loss
+    evaluator and the HVPs alike, and still exact at a later step (each user loads it before use)."""
+    built = []
+    init = Float64Twin.__init__
+
+    def counted(self, model):
+        built.append(self)
+        init(self, model)
+
+    monkeypatch.setattr(Float64Twin, "__init__", counted)
+    model, data = net(dtype=torch.float32), batch(dtype=torch.float32)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    probes = {"quadratic": 1, "sharpness": 1, "hessian_trace": 1}
+    audit = stepaudit.Audit(model, opt, ce_loss, run=tmp_path / "run", probes=probes, precision="float64")
+    for _ in range(2):
+        before = flat_params(model)
+        audit.step(data)
+    after = flat_params(model)
+    audit.close()
+    record = audit.records[-1]
+    assert "probe_errors" not in record, record.get("probe_errors")
+    assert record["noise_method"] == "float64" and math.isfinite(record["sharpness"])
+    assert len(built) == 1 and audit.probe_states[TWIN_KEY] is built[0]  # one copy, the shared one
+    kept = [vars(s) for s in audit.probe_states.values() if hasattr(s, "__dict__")]
+    assert not any(isinstance(v, Float64Twin) for state in kept for v in state.values())  # no private copy
+    dw = after.double() - before.double()  # the second step: the twin reloaded after the first step's uses
     expected = 0.5 * float(dw @ dense_hessian(model, ce_loss, data, before.double()) @ dw)
     assert rel(record["quadratic"], expected) < 1e-10
 

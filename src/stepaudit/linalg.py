@@ -159,9 +159,6 @@ def _private(generator: torch.Generator | None) -> torch.Generator:
     return generator if generator is not None else torch.Generator().manual_seed(DEFAULT_SEED)
 
 
-_rademacher = rademacher  # the old private name, still read by probes/curvature.py
-
-
 @dataclass(frozen=True)
 class LanczosResult:
     """Top Ritz pair, its honest residual ``‖Hv − λv‖`` and the number of operator calls."""

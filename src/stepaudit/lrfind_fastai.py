@@ -24,6 +24,7 @@ from .audit import Audit
 from .lrfind import adaptive, metrics
 from .lrfind_result import Curvature, LRFindResult
 from .lrfind_suggest import smooth_step, steady_gain
+from .maths import flat_copy
 from .optimizers import reader_for
 
 ONCE = 10**9  # a probe period no sweep reaches: the probe runs at step 0 only
@@ -119,7 +120,7 @@ class SweepAudit:
 
     def _flat_weights(self) -> torch.Tensor:
         """The audited parameters, flattened into one detached copy."""
-        return torch.cat([p.detach().reshape(-1) for p in self.audit.params]).clone()
+        return flat_copy(self.audit.params)
 
     def _curvature(self, first: dict, later: dict | None) -> Curvature:
         """λ_max and the safe lr at the sweep's first step, the preconditioned bound after its first tenth."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report.charts import BOTTOM, PLOT_HEIGHT, TOP, WIDTH, Frame, _n, polyline
+from .report.charts import BOTTOM, PLOT_HEIGHT, TOP, WIDTH, Frame, coord, polyline
 from .report.scales import Scale, padded
 
 COLORS = {
@@ -36,11 +36,13 @@ def _vertical(frame: Frame, x: float, label: str, color: str, row: int) -> None:
     x0, y0, x1, y1 = frame.plot
     if not (math.isfinite(x) and x0 <= x <= x1):
         return
-    frame.body.append(f'<line class="guide" x1="{_n(x)}" x2="{_n(x)}" y1="{_n(y0)}" y2="{_n(y1)}" stroke="{color}"/>')
+    frame.body.append(
+        f'<line class="guide" x1="{coord(x)}" x2="{coord(x)}" y1="{coord(y0)}" y2="{coord(y1)}" stroke="{color}"/>'
+    )
     anchor = "end" if x > (x0 + x1) / 2 else "start"
     dx = -4 if anchor == "end" else 4
     frame.overlay.append(
-        f'<text class="guide-label" x="{_n(x + dx)}" y="{_n(y0 + 12 + 13 * row)}" '
+        f'<text class="guide-label" x="{coord(x + dx)}" y="{coord(y0 + 12 + 13 * row)}" '
         f'text-anchor="{anchor}" style="fill:{color}">{escape(label)}</text>'
     )
 
@@ -64,7 +66,7 @@ def lr_find_svg(result) -> str:
     frame.body.append(f'<path d="{polyline(xs(lrs), ys(smooth))}" fill="none" stroke="#111827" stroke-width="1.8"/>')
     rises = np.array([v == "increase" for v in result.verdicts])
     if rises.any():
-        marks = "".join(f"M{_n(x)},{_n(TOP)}v7" for x in xs(lrs[rises]))
+        marks = "".join(f"M{coord(x)},{coord(TOP)}v7" for x in xs(lrs[rises]))
         frame.body.append(
             f'<path d="{marks}" stroke="{COLORS["bound"]}" stroke-width="1.5">'
             "<title>this step raised its own batch's loss</title></path>"
@@ -77,7 +79,7 @@ def lr_find_svg(result) -> str:
     ]
     for i, (color, text) in enumerate(legend):
         frame.overlay.append(
-            f'<text class="guide-label" x="{_n(x0 + 6)}" y="{_n(y1 - 8 - 13 * (len(legend) - 1 - i))}" '
+            f'<text class="guide-label" x="{coord(x0 + 6)}" y="{coord(y1 - 8 - 13 * (len(legend) - 1 - i))}" '
             f'style="fill:{color}">{escape(text)}</text>'
         )
     row = 0

@@ -27,7 +27,7 @@ from .doctor.passive import PassiveWatcher, StopRun
 from .doctor.runner import Outcome, run_script
 from .lrfind import Snapshot, lr_find, lr_grid
 from .lrfind_result import LRFindResult
-from .state import AutocastState, RngState, _cuda_devices, preserved
+from .state import AutocastState, RngState, cuda_devices, preserved
 
 MAX_BYTES = 1 << 30  # batches kept, all copies together, at most (then the sweep re-uses them)
 MATCH_RTOL = 1e-4  # the re-evaluated first loss against the one the script backpropagated
@@ -130,7 +130,7 @@ class CaptureWatcher(PassiveWatcher):
     # -- capture ---------------------------------------------------------------------------------------------
     def _forward_pre(self, module, args):
         if self._depth == 0 and not self.full and torch.is_grad_enabled() and self._candidate(module):
-            rng = RngState.capture(_cuda_devices(module), host=True) if self.optimizer is None else None
+            rng = RngState.capture(cuda_devices(module), host=True) if self.optimizer is None else None
             self._call = [module, args, rng, None, AutocastState.capture()]
             self._loss = None  # a loss call belongs to the forward before it
         return super()._forward_pre(module, args)

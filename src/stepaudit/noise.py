@@ -267,9 +267,6 @@ def flat_grad(loss: Loss, params: Mapping[str, Tensor], batch: Any) -> tuple[Ten
     return flat, float(value.detach())
 
 
-_flat_grad = flat_grad  # the old private name, still read by probes/data.py
-
-
 def micro_batch_moments(loss: Loss, params: Mapping[str, Tensor], batch: Any, micro_batches: int = 8) -> Moments:
     """Units are ``micro_batches`` contiguous micro-batches (sizes differ by at most one).
 

@@ -89,6 +89,11 @@ class Float64Twin:
         return abs(working - exact) / max(abs(exact), torch.finfo(torch.float64).tiny)
 
 
+def is_float64(ctx: StepContext) -> bool:
+    """Whether this step's evaluations run in float64: ``precision="float64"``, or the loss evaluator said so."""
+    return ctx.options.get("precision") == "float64" or ctx.record.get("noise_method") == "float64"
+
+
 def shared_twin(ctx: StepContext) -> Float64Twin:
     """The audit's one float64 twin (built on first use, kept with the probes' state), loaded from the live model.
 

@@ -8,10 +8,7 @@ from statistics import median
 
 import torch
 
-from . import maths
 from .maths import finite
-
-flatten, views = maths.flat_copy, maths.views  # the old names, still imported from here by probes/data.py
 
 
 def per_parameter_sums(

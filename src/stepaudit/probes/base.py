@@ -18,6 +18,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..maths import is_number
 from ..schema_fields import Field
 
 # What a probe may read from the step context (``Probe.needs``); documentation, and the audit keeps the
@@ -102,7 +103,7 @@ def _type_problem(hint: Any, value: Any) -> str:
     if hint is int:
         return "" if isinstance(value, int) and not isinstance(value, bool) else "an int"
     if hint is float:
-        return "" if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+        return "" if is_number(value) else "a number"
     if hint is str:
         return "" if isinstance(value, str) else "a str"
     return "" if isinstance(value, origin or hint) else f"a {getattr(hint, '__name__', hint)}"

@@ -62,9 +62,6 @@ def coord(value: float) -> str:
     return f"{value:.1f}"
 
 
-_n = coord  # the old private name, still imported by lrfind_plot.py
-
-
 def _attr_json(data) -> str:
     """JSON for an HTML attribute: NaN becomes null, then everything is escaped."""
     return escape(json.dumps(data, allow_nan=False, separators=(",", ":")), quote=True)

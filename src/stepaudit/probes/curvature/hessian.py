@@ -14,17 +14,17 @@ from typing import Any
 
 import torch
 
-from ... import linalg
+from ... import linalg, maths
 from ...context import Part, StepContext
-from ...precision import Float64Twin, cast_batch
-from ...state import AutocastState, RngState, _cuda_devices
+from ...precision import cast_batch, is_float64, shared_twin
+from ...state import AutocastState, RngState, cuda_devices
 from .options import CurvatureSettings, settings_of, state
 
 HVP_FIELDS = ("hvp_method", "hvp_fallback")  # every curvature probe says which product ran
 NEEDS = frozenset({"weights_before", "update", "record", "batch", "hessian"})
 
 
-def _generator(ctx: StepContext) -> torch.Generator:
+def generator(ctx: StepContext) -> torch.Generator:
     """A private CPU generator kept across steps: random start vectors never consume training RNG."""
     kept = state(ctx)
     if kept.generator is None:
@@ -32,25 +32,21 @@ def _generator(ctx: StepContext) -> torch.Generator:
     return kept.generator
 
 
-def _wants_float64(ctx: StepContext) -> bool:
-    return ctx.options.get("precision") == "float64" or ctx.record.get("noise_method") == "float64"
-
-
-def _method_slot(ctx: StepContext) -> dict:
+def method_slot(ctx: StepContext) -> dict:
     """The context's memory of the HVP method for this precision (measured once per audit, then reused)."""
-    return ctx.memory.setdefault("_hvp_method64" if _wants_float64(ctx) else "_hvp_method", {})
+    return ctx.memory.setdefault("_hvp_method64" if is_float64(ctx) else "_hvp_method", {})
 
 
-def _twin_loss(ctx: StepContext, parts: list[Part]) -> Callable:
-    """``params -> loss`` on a float64 twin of the model (Audit(precision="float64"))."""
-    kept = state(ctx)
-    if kept.twin is None:
-        kept.twin = Float64Twin(ctx.model)
-    twin = kept.twin
-    twin.load(ctx.model)  # buffers and train/eval flags; the weights are substituted anyway
+def _twin_loss(ctx: StepContext, parts: list[Part]) -> tuple[Callable, torch.nn.Module]:
+    """(``params -> loss``, the model it runs) on the audit's shared float64 twin (Audit(precision="float64")).
+
+    The twin is the one the loss evaluator uses (``precision.shared_twin``): loaded here with the live
+    model's buffers and train/eval flags; the weights are substituted anyway.
+    """
+    twin = shared_twin(ctx)
     parts64 = [Part(cast_batch(p.batch, torch.float64), p.rng) for p in parts]
     shadow = dataclasses.replace(ctx, model=twin.twin, parts=parts64, autocast=AutocastState(), cache={})
-    return shadow.loss_of_params()
+    return shadow.loss_of_params(), twin.twin
 
 
 def _in_eval_mode(model: torch.nn.Module, loss: Callable) -> Callable:
@@ -68,13 +64,13 @@ def _in_eval_mode(model: torch.nn.Module, loss: Callable) -> Callable:
     return evaluated
 
 
-def _seeded_rng_state(seed: int, cuda_devices: list[int]) -> RngState:
+def _seeded_rng_state(seed: int, devices: list[int]) -> RngState:
     """Generator states as after seeding with ``seed``, read from private generators.
 
     torch.manual_seed would reseed every CUDA device (or queue that for a lazy CUDA init): a change to
     the training run's random streams even inside fork_rng, which restores only the devices it is given.
     """
-    cuda = {d: torch.Generator(device=f"cuda:{d}").manual_seed(seed).get_state() for d in cuda_devices}
+    cuda = {d: torch.Generator(device=f"cuda:{d}").manual_seed(seed).get_state() for d in devices}
     return RngState(torch.Generator().manual_seed(seed).get_state(), cuda)
 
 
@@ -82,7 +78,7 @@ def _reference_part(ctx: StepContext, batch: Any) -> Part:
     """The fixed reference batch with a fixed RNG state (same dropout masks at every step)."""
     kept = state(ctx)
     if kept.reference_rng is None:
-        kept.reference_rng = _seeded_rng_state(settings_of(ctx.options).seed, _cuda_devices(ctx.model))
+        kept.reference_rng = _seeded_rng_state(settings_of(ctx.options).seed, cuda_devices(ctx.model))
     return Part(batch, kept.reference_rng)
 
 
@@ -95,7 +91,7 @@ def hessian(ctx: StepContext, on: str = "batch") -> linalg.Hvp:
     key = f"_hessian:{on}"
     if key in ctx.cache:
         return ctx.cache[key]
-    float64 = _wants_float64(ctx)
+    float64 = is_float64(ctx)
     if on == "batch" and not float64:
         operator = ctx.hvp()
     else:
@@ -103,14 +99,14 @@ def hessian(ctx: StepContext, on: str = "batch") -> linalg.Hvp:
             parts = ctx.parts
         else:
             parts = [_reference_part(ctx, settings_of(ctx.options).reference_batch)]
-        loss = _twin_loss(ctx, parts) if float64 else ctx.loss_of_params(parts)
+        loss, model = _twin_loss(ctx, parts) if float64 else (ctx.loss_of_params(parts), ctx.model)
         if on == "reference" and ctx.options.get("reference_mode", "eval") == "eval":
-            loss = _in_eval_mode(state(ctx).twin.twin if float64 else ctx.model, loss)
+            loss = _in_eval_mode(model, loss)
         params = tuple(p.detach().to(torch.float64) if float64 else p for p in ctx.before)
-        slot = _method_slot(ctx)
+        slot = method_slot(ctx)
         operator = linalg.make_hvp(loss, params, method=slot.get("method", "auto"))
         slot["method"] = operator.method
-    slot = _method_slot(ctx)
+    slot = method_slot(ctx)
     if operator.fallback_reason:
         slot["fallback"] = operator.fallback_reason
     ctx.cache[key] = operator
@@ -120,7 +116,7 @@ def hessian(ctx: StepContext, on: str = "batch") -> linalg.Hvp:
 def method_fields(ctx: StepContext, operator: linalg.Hvp) -> dict:
     """``hvp_method`` (and ``hvp_fallback`` when forward mode failed) of the operator."""
     fields = {"hvp_method": operator.method}
-    slot = ctx.memory.get("_hvp_method64" if _wants_float64(ctx) else "_hvp_method", {})
+    slot = ctx.memory.get("_hvp_method64" if is_float64(ctx) else "_hvp_method", {})
     if slot.get("fallback"):
         fields["hvp_fallback"] = slot["fallback"]
     return fields
@@ -128,19 +124,14 @@ def method_fields(ctx: StepContext, operator: linalg.Hvp) -> dict:
 
 def working_dtype(ctx: StepContext) -> torch.dtype:
     """Dtype of the Lanczos vectors: the Hessian operator's (float64 twin or model dtype), at least float32."""
-    return linalg.working_dtype(torch.float64 if _wants_float64(ctx) else ctx.flat_before.dtype)
+    return maths.working_dtype(torch.float64 if is_float64(ctx) else ctx.flat_before.dtype)
 
 
 def delta_w(ctx: StepContext) -> torch.Tensor:
     """Δw in the dtype of the Hessian operator (float64 twin: recomputed from the weights, exactly)."""
-    if _wants_float64(ctx):
-        return torch.cat([p.detach().reshape(-1).double() for p in ctx.params]) - ctx.flat_before.double()
+    if is_float64(ctx):
+        return maths.flat_copy(ctx.params).double() - ctx.flat_before.double()
     return ctx.flat_delta_w
-
-
-def dot64(a: torch.Tensor, b: torch.Tensor) -> float:
-    """a·b summed in float64."""
-    return float(torch.dot(a.to(torch.float64), b.to(torch.float64)))
 
 
 def nan_fields(prefix: str, note: str) -> dict:
@@ -165,15 +156,15 @@ def top_eigen(
     the previous vector came out of the same global products. ``memory_key`` names the warm start.
     """
     settings: CurvatureSettings = settings_of(ctx.options)
-    generator, dtype, vectors = _generator(ctx), working_dtype(ctx), state(ctx).vectors
+    gen, dtype, vectors = generator(ctx), working_dtype(ctx), state(ctx).vectors
     previous = vectors.get(memory_key)
     if previous is not None and previous.numel() == dim:
         # A small random admixture keeps the start from being exactly orthogonal to a new top direction.
         previous = previous.to(dtype)
-        noise = linalg._rademacher(dim, generator, dtype, previous.device)
+        noise = maths.rademacher(dim, gen, dtype, previous.device)
         start = previous + 1e-2 * noise / math.sqrt(dim)
     else:
-        start = linalg._rademacher(dim, generator, dtype, ctx.flat_before.device) / math.sqrt(dim)
+        start = maths.rademacher(dim, gen, dtype, ctx.flat_before.device) / math.sqrt(dim)
         if hint is not None:
             norm = float(torch.linalg.vector_norm(hint))
             if math.isfinite(norm) and norm > 0:

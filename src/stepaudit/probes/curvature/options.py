@@ -11,7 +11,6 @@ import torch
 
 from ... import distributed
 from ...context import StepContext
-from ...precision import Float64Twin
 from ...state import RngState
 from ..base import Options
 
@@ -109,7 +108,6 @@ class CurvatureState:
     """What the curvature probes keep across steps (one object per audit, shared by the family)."""
 
     generator: torch.Generator | None = None  # private random vectors: never the training RNG
-    twin: Float64Twin | None = None  # the float64 model for precision="float64"
     reference_rng: RngState | None = None  # the fixed reference batch's fixed random state
     layers: tuple[list[str], torch.Tensor] | None = None  # module paths and each element's module index
     vectors: dict[str, torch.Tensor] = field(default_factory=dict)  # warm starts: "sharpness:<on>", "precond"

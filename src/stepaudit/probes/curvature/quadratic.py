@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 from ...context import StepContext
+from ...maths import dot64
 from .. import register
 from ..base import Probe
-from .hessian import HVP_FIELDS, NEEDS, delta_w, dot64, hessian, method_fields
+from .hessian import HVP_FIELDS, NEEDS, delta_w, hessian, method_fields
 from .options import KEY, OPTION_KEYS, CurvatureSettings, CurvatureState
 
 FIELDS = ("quadratic", "cubic_remainder")

@@ -15,7 +15,7 @@ from ... import distributed, linalg
 from ...context import StepContext
 from .. import register
 from ..base import Probe
-from .hessian import HVP_FIELDS, NEEDS, _method_slot, hessian, method_fields, nan_fields, top_eigen
+from .hessian import HVP_FIELDS, NEEDS, hessian, method_fields, method_slot, nan_fields, top_eigen
 from .options import KEY, OPTION_KEYS, CurvatureSettings, CurvatureState, collective, global_scope
 
 
@@ -59,7 +59,7 @@ def _global_hessian(ctx: StepContext, on: str) -> linalg.Hvp:
     if failed:
         raise RuntimeError(f"the Hessian operator could not be built on every rank ({failure or 'another rank'})")
     if reverse and local.method != linalg.REVERSE:  # timings differ between ranks; the method must not
-        _method_slot(ctx)["method"] = "reverse"
+        method_slot(ctx)["method"] = "reverse"
         for key in ("hvp", f"_hessian:{on}"):
             ctx.cache.pop(key, None)
         local = hessian(ctx, on)

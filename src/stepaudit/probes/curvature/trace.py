@@ -6,9 +6,10 @@ import torch
 
 from ... import linalg
 from ...context import StepContext
+from ...precision import is_float64
 from .. import register
 from ..base import Probe
-from .hessian import HVP_FIELDS, NEEDS, _generator, _wants_float64, hessian, method_fields
+from .hessian import HVP_FIELDS, NEEDS, generator, hessian, method_fields
 from .options import KEY, OPTION_KEYS, CurvatureSettings, CurvatureState
 
 
@@ -20,8 +21,8 @@ def _hessian_trace(ctx: StepContext, options: CurvatureSettings, state: Curvatur
         operator,
         operator.dim,
         samples=samples,
-        generator=_generator(ctx),
-        dtype=ctx.flat_before.dtype if not _wants_float64(ctx) else torch.float64,
+        generator=generator(ctx),
+        dtype=ctx.flat_before.dtype if not is_float64(ctx) else torch.float64,
         device=ctx.flat_before.device,
     )
     return {

@@ -49,8 +49,3 @@ def _relative_error(record: dict) -> float:
 def rounding_bound(record: dict, a: float, b: float) -> float:
     """Rounding bound of ``b − a`` with the step's relative error (same rule as ``rounding_noise``)."""
     return 2.0 * _relative_error(record) * max(abs(a), abs(b))
-
-
-def is_float64(ctx: StepContext) -> bool:
-    """Whether this step's evaluations run in float64 (``precision="float64"`` or a measured rounding)."""
-    return ctx.options.get("precision") == "float64" or ctx.record.get("noise_method") == "float64"

@@ -12,11 +12,12 @@ import torch
 from torch import Tensor
 
 from ...context import StepContext
-from ...records import views
+from ...maths import views
+from ...precision import is_float64
 from ...state import AutocastState, preserved
 from .. import register
 from ..base import NoOptions, Probe
-from .common import evaluate, functional_state, is_float64, rounding_bound
+from .common import evaluate, functional_state, rounding_bound
 
 
 @dataclass

@@ -195,7 +195,7 @@ def _two_batch(ctx: StepContext, loss, params: dict, options: NoiseOptions, bn_t
     big, sizes = None, []
     for part in ctx.parts:
         with preserved(ctx.model, part.rng, ctx.autocast):
-            g, _ = noise_stats._flat_grad(loss, params, part.batch)
+            g, _ = noise_stats.flat_grad(loss, params, part.batch)
         big = g if big is None else big + g
         sizes.append(noise_stats.batch_len(part.batch) or 0)
     big, big_size = big / len(ctx.parts), sum(sizes)
@@ -204,7 +204,7 @@ def _two_batch(ctx: StepContext, loss, params: dict, options: NoiseOptions, bn_t
     if small_size >= big_size:
         raise ValueError(f"batch of {big_size} examples is too small for the two-batch estimator")
     with preserved(ctx.model, first.rng, ctx.autocast):
-        small, _ = noise_stats._flat_grad(loss, params, noise_stats.slice_batch(first.batch, 0, small_size, sizes[0]))
+        small, _ = noise_stats.flat_grad(loss, params, noise_stats.slice_batch(first.batch, 0, small_size, sizes[0]))
     signal, trace = noise_stats.two_batch_estimate(small_size, float(small @ small), big_size, float(big @ big))
     if state.two_batch is None:
         state.two_batch = noise_stats.TwoBatchAverage()

@@ -17,11 +17,12 @@ from torch import Tensor
 
 from ... import noise as noise_stats
 from ...context import StepContext
-from ...records import flatten, views
-from ...state import AutocastState, RngState, _cuda_devices, preserved
+from ...maths import flat_copy, views
+from ...precision import is_float64
+from ...state import AutocastState, RngState, cuda_devices, preserved
 from .. import register
 from ..base import Options, Probe
-from .common import evaluate, functional_state, is_float64, rounding_bound
+from .common import evaluate, functional_state, rounding_bound
 
 
 def reference_batches(reference: Any) -> Callable[[], Iterable]:
@@ -128,7 +129,7 @@ def _reference(ctx: StepContext, options: ReferenceOptions, memory: ReferenceSta
     rng = None
     if mode == "train":  # one fixed set of dropout masks for the whole run: L_ref stays one function of w
         if memory.rng is None:
-            memory.rng = RngState.capture(_cuda_devices(ctx.model))
+            memory.rng = RngState.capture(cuda_devices(ctx.model))
         rng = memory.rng
     key = (mode, float64)
     cached, memory.after = memory.after, None
@@ -142,7 +143,7 @@ def _reference(ctx: StepContext, options: ReferenceOptions, memory: ReferenceSta
     live = [p.detach() for p in ctx.params]
     loss_after, _ = _reference_loss(ctx, live, batches, mode, rng, float64)
     if not want_cos and ctx.options.get("reference_every", 1) == 1:
-        memory.after = (flatten(ctx.params), loss_after, key, [b.detach().clone() for b in ctx.model.buffers()])
+        memory.after = (flat_copy(ctx.params), loss_after, key, [b.detach().clone() for b in ctx.model.buffers()])
     fields = {
         "ref_loss_before": loss_before,
         "ref_loss_after": loss_after,
