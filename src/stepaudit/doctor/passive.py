@@ -13,8 +13,12 @@ The hooks read tensors under ``no_grad`` and never touch RNG, weights, gradients
 inside them is counted (``capture_errors``), never raised into the script. Forward and loss observations
 live in ``observe.py``, names and run-level observations in ``results.py``.
 
+Sampled steps are measured by ``Audit``'s own capture code, with the watcher's sampling policy (``sampled``)
+on top: ``FlatBuffers`` (released between sparse sampled steps), ``layer_rows``, ``wrap_first_call`` for
+closure optimizers, ``context.group_lr``.
+
 Size (over 400 lines): one watcher whose hooks and wrappers share a session's state, plus the torch.compile
-and TorchScript transparency they all need; the shared capture with ``Audit`` is issue 18 point 4.
+and TorchScript transparency they all need.
 """
 
 from __future__ import annotations
@@ -35,11 +39,13 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _module
 from torch.optim import optimizer as _optim
 
-from ..maths import dense, dot_tensor
+from ..closure import wrap_first_call
+from ..context import group_lr
+from ..flat import FlatBuffers
+from ..maths import dense
 from ..records import layer_rows
 from .observe import ForwardObserver
 from .results import RunResults
-from .tensors import copies, grad_copies, group_lr, nonzero_flags, parameter_sums
 
 _ACTIVE: PassiveWatcher | None = None  # the session the patched functions report to
 _LOSSES = (
@@ -87,7 +93,8 @@ class WatchedOptimizer:
     names: list | None = None
     modules: list | None = None
     ever_grad: list = field(default_factory=list)  # per parameter: a nonzero gradient was seen at a sampled step
-    prev_grad: tuple | None = None  # (local step, gradient copies) for the consecutive-gradient cosine
+    flat: FlatBuffers | None = None  # Audit's flat copies, held from a sampled step to the next consecutive one
+    prev_grad: tuple | None = None  # (local step, flat gradient copy, ‖g‖²) for the consecutive-gradient cosine
     max_lr: list = field(default_factory=list)  # largest lr each parameter group had at a sampled step
     zero_watch: dict | None = None  # zeroing check between a sampled step and this optimizer's next step
     pending: dict = field(default_factory=dict)
@@ -479,9 +486,9 @@ class PassiveWatcher(ForwardObserver, RunResults):
         for i, k in enumerate(kept):
             if k and state.params[i].grad is None:
                 kept[i] = False  # set to None since the step: cleared
-        if present:
+        if present:  # one device: only a step FlatBuffers measured starts a watch
             norms = torch._foreach_norm([dense(state.params[i].grad).detach() for i in present])
-            for i, flag in zip(present, nonzero_flags(norms)):
+            for i, flag in zip(present, torch.stack(norms).ne(0).tolist()):
                 kept[i] = flag
 
     def _finish_zero_check(self, state: WatchedOptimizer) -> None:
@@ -500,11 +507,8 @@ class PassiveWatcher(ForwardObserver, RunResults):
 
     # -- optimizer steps -------------------------------------------------------------------------------
     def _register(self, optimizer: torch.optim.Optimizer) -> WatchedOptimizer:
-        params, groups = [], []
-        for g, group in enumerate(optimizer.param_groups):
-            for p in group["params"]:
-                params.append(p)
-                groups.append(g)
+        pairs = [(p, g) for g, group in enumerate(optimizer.param_groups) for p in group["params"]]
+        params, groups = [p for p, _ in pairs], [g for _, g in pairs]
         state = WatchedOptimizer(len(self.optimizers), optimizer, params, groups)
         state.ever_grad = [False] * len(params)
         self.optimizers.append(state)
@@ -520,38 +524,34 @@ class PassiveWatcher(ForwardObserver, RunResults):
         self._in_step = True
         state.pending = {"losses": self._since_step, "backwards": self._backwards_since_step}
         self._since_step, self._backwards_since_step = [], 0
-        closure = args[1] if len(args) > 1 else kwargs.get("closure")
-        if not sampled(state.local_step, self.every) or not state.params:
-            if closure is not None:
-                return self._wrap_closure(state, args, kwargs, closure, snapshot=False)
-            return None
-        try:
-            state.pending["before"] = copies([p.detach() for p in state.params])
-        except Exception as error:  # odd parameters (several devices…): record, never break training
-            state.pending["error"] = f"{type(error).__name__}: {error}"
-            return None
-        if state.local_step < 5 or state.local_step % (5 * self.every) < 2:
+        taken = sampled(state.local_step, self.every) and bool(state.params) and self._take(state, "before")
+        if taken and (state.local_step < 5 or state.local_step % (5 * self.every) < 2):
             self._note_gradients()
-        if closure is not None:
-            return self._wrap_closure(state, args, kwargs, closure, snapshot=True)
-        state.pending["grad"] = grad_copies(state.params)
+
+        def first_call(loss: Any) -> None:  # closure optimizers (LBFGS): the first evaluation's loss and gradient
+            state.pending["closure_loss"] = loss.detach() if isinstance(loss, torch.Tensor) else loss
+            if taken:
+                self._take(state, "grad")
+
+        if (args[1] if len(args) > 1 else kwargs.get("closure")) is not None:
+            args, kwargs = wrap_first_call(args, kwargs, self.guarded(first_call))
+            _dynamo_skips((args[1] if len(args) > 1 else kwargs["closure"],), recursive=False)  # the wrapper
+            return args, kwargs
+        if taken:
+            self._take(state, "grad")
         return None
 
-    def _wrap_closure(self, state: WatchedOptimizer, args, kwargs, closure, snapshot: bool):
-        """Closure optimizers (LBFGS): the first evaluation gives the loss and the gradient."""
-
-        def first_call_recorded():
-            loss = closure()
-            if "closure_loss" not in state.pending:
-                state.pending["closure_loss"] = loss.detach() if isinstance(loss, torch.Tensor) else loss
-                if snapshot:
-                    state.pending["grad"] = grad_copies(state.params)
-            return loss
-
-        _dynamo_skips((first_call_recorded,), recursive=False)
-        if len(args) > 1:
-            return (args[0], first_call_recorded, *args[2:]), kwargs
-        return args, {**kwargs, "closure": first_call_recorded}
+    def _take(self, state: WatchedOptimizer, what: str) -> bool:
+        """Copy the weights (``before``) or gradient (``grad``) into ``FlatBuffers``; odd parameters are recorded."""
+        try:
+            if state.flat is None:
+                state.flat = FlatBuffers(state.params)
+            (state.flat.take_before if what == "before" else state.flat.take_grad)()
+        except Exception as error:
+            state.pending["error"] = f"{type(error).__name__}: {error}"
+            return False
+        state.pending[what] = True
+        return True
 
     def _note_gradients(self) -> None:
         """Which of the model's parameters carry a gradient (for parameters no optimizer holds)."""
@@ -574,7 +574,7 @@ class PassiveWatcher(ForwardObserver, RunResults):
             "step": index,
             "optimizer": state.index,
             "local_step": local,
-            "lr": group_lr(optimizer),
+            "lr": group_lr(optimizer.param_groups[0]) if optimizer.param_groups else math.nan,
             "backward_passes": pending.get("backwards", 0),
             "_losses": losses,
         }
@@ -594,9 +594,11 @@ class PassiveWatcher(ForwardObserver, RunResults):
             record["capture_error"] = pending["error"]
         elif "before" in pending and "grad" in pending:
             try:
-                self._measure(state, record, pending)
+                self._measure(state, record)
             except Exception as error:  # never break training
                 record["capture_error"] = f"{type(error).__name__}: {error}"
+        if state.flat is not None and not sampled(state.local_step, self.every):
+            state.flat.release()  # as Audit's sparse auditing: no copy of the model between sampled steps
         if self._activations:
             self._summarize_activations(record)
         if self._inputs is not None:
@@ -618,26 +620,20 @@ class PassiveWatcher(ForwardObserver, RunResults):
 
     def _note_lrs(self, state: WatchedOptimizer) -> None:
         """Track each group's largest learning rate (a schedule may end at 0; a zero lr throughout is a fault)."""
-        lrs = []
-        for group in state.optimizer.param_groups:
-            try:
-                lrs.append(float(group.get("lr", math.nan)))
-            except (TypeError, ValueError):
-                lrs.append(math.nan)
+        lrs = [group_lr(group) for group in state.optimizer.param_groups]
         if len(state.max_lr) != len(lrs):
             state.max_lr = lrs
         else:
             state.max_lr = [max(a, b) if b == b else a for a, b in zip(state.max_lr, lrs)]
 
     @torch.no_grad()
-    def _measure(self, state: WatchedOptimizer, record: dict, pending: dict) -> None:
-        """Norms, ratios, g·Δw and per-layer rows of a sampled step (field vocabulary: docs/design.md)."""
-        before, grad = pending["before"], pending["grad"]
-        delta = torch._foreach_sub([p.detach() for p in state.params], before)
-        sums = parameter_sums(before, grad, delta)
+    def _measure(self, state: WatchedOptimizer, record: dict) -> None:
+        """Norms, ratios, g·Δw and per-layer rows of a sampled step, computed as ``Audit`` does (``FlatBuffers``)."""
+        flat = state.flat
+        first_order, sums = flat.finish(keep_before=False)  # nothing reads the weights before after this
         if state.names is None or len(state.names) != len(state.params) or self._names_stale(state):
             self._name(state)
-        rows, totals = layer_rows(state.names, state.modules, state.groups, sums)
+        rows, totals = layer_rows(state.names, state.modules, state.groups, sums, first_order=first_order)
         record["measured"] = True  # this step has gradient/update statistics (stored NaN then means NaN)
         record.update(totals)
         record["layers"] = rows
@@ -649,14 +645,14 @@ class PassiveWatcher(ForwardObserver, RunResults):
             record["grad_nonfinite"] = True
         if not math.isfinite(sum(row[3] for row in sums)):  # Σ‖w‖² is finite iff every weight is
             record["weights_nonfinite"] = True
-        previous = state.prev_grad
-        if previous is not None and previous[0] == record["local_step"] - 1:
-            product = float(torch.stack([dot_tensor(a, b) for a, b in zip(previous[1], grad)]).sum())
+        previous, local = state.prev_grad, record["local_step"]
+        if previous is not None and previous[0] == local - 1:
+            grad, before = flat.grad, previous[1].to(flat.grad)
+            if grad.dtype in (torch.float16, torch.bfloat16):  # accumulate in float32, as FlatBuffers' norms
+                grad, before = grad.float(), before.float()
             denominator = math.sqrt(previous[2] * sum(g2))
-            record["grad_cos_prev"] = product / denominator if denominator > 0 else math.nan
-        state.prev_grad = (
-            (record["local_step"], grad, sum(g2)) if sampled(record["local_step"] + 1, self.every) else None
-        )
+            record["grad_cos_prev"] = float(torch.dot(before, grad)) / denominator if denominator > 0 else math.nan
+        state.prev_grad = (local, flat.grad.clone(), sum(g2)) if sampled(local + 1, self.every) else None
         if self.batch_size is not None:
             record["batch_size"] = self.batch_size
 
