@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .maths import is_number
+from .store import new_run_dir
 
 
 def world() -> tuple[int, int]:
@@ -89,6 +90,20 @@ def wrapper_state_kept(wrapper: torch.nn.Module | None) -> Iterator[None]:
 
 
 RANK_FOLDER = "rank{rank}"  # rank r > 0's store, inside the run folder
+
+
+def shared_new_run(name: str | None = None, root: str | os.PathLike = "stepaudit-runs") -> Path:
+    """One new run folder for all ranks: rank 0 makes it (``store.new_run_dir``) and broadcasts its path.
+
+    A collective (one ``broadcast_object_list``): every rank of the process group calls it, else one process
+    alone gets a new folder (the value ``Audit(run=None)`` gives without a process group).
+    """
+    rank, size = world()
+    if size <= 1:
+        return new_run_dir(root, name=name)
+    folder = [str(new_run_dir(root, name=name)) if rank == 0 else None]
+    torch.distributed.broadcast_object_list(folder, src=0)
+    return Path(folder[0])
 
 
 def rank_folder(run: str | os.PathLike, rank: int, world_size: int) -> Path:

@@ -21,8 +21,7 @@ from typing import Any
 import torch
 
 from ..audit import Audit, StepWatch
-from ..distributed import rank_folder, world
-from ..store import new_run_dir
+from ..distributed import rank_folder, shared_new_run, world
 
 
 def run_folder(run: str | os.PathLike | None, rank: int, world_size: int, name: str | None = None) -> Path | None:
@@ -33,18 +32,10 @@ def run_folder(run: str | os.PathLike | None, rank: int, world_size: int, name: 
     rank joins). When only the framework knows of several processes (no process group), this rank's folder.
     """
     if world()[1] > 1:
-        return Path(run) if run is not None else _shared_new_run(name)
+        return Path(run) if run is not None else shared_new_run(name)
     if run is None or world_size <= 1:
         return None if run is None else Path(run)
     return rank_folder(run, rank, world_size)
-
-
-def _shared_new_run(name: str | None) -> Path:
-    """A new run folder made by rank 0 and broadcast to every rank (a collective: all ranks call it)."""
-    dist = torch.distributed
-    folder = [str(new_run_dir(name=name)) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(folder, src=0)
-    return Path(folder[0])
 
 
 class Adapter:
