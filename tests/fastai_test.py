@@ -167,7 +167,7 @@ def test_dropout_masks_are_replayed(tmp_path):
 
 def steps(model, opt, audit, batches, loss_fn, manual: bool) -> list[dict]:
     for batch in batches:
-        audit.begin_step(batch)
+        audit.begin(batch)
         loss_fn(model, batch).backward()
         if manual:
             audit.before_update()
@@ -175,7 +175,7 @@ def steps(model, opt, audit, batches, loss_fn, manual: bool) -> list[dict]:
         if manual:
             audit.after_update()
         opt.zero_grad()
-        audit.end_step()
+        audit.end()
     audit.close()
     return audit.records
 
@@ -256,14 +256,14 @@ def test_audit_step_drives_a_fastai_optimizer(tmp_path):
 
 
 def test_public_step_api_on_a_torch_optimizer(tmp_path):
-    """begin_step/end_step are watch(); the optimizer's hooks make before/after_update, which are refused."""
+    """begin/end are watch(); the optimizer's hooks make before/after_update, which are refused."""
     model = nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     audit = stepaudit.Audit(model, opt, mse, run=tmp_path / "run")
-    audit.begin_step((torch.randn(8, 3), torch.randn(8, 1)))
-    with pytest.raises(RuntimeError, match="call only audit.begin_step"):
+    audit.begin((torch.randn(8, 3), torch.randn(8, 1)))
+    with pytest.raises(RuntimeError, match="call only audit.begin"):
         audit.before_update()
-    audit.end_step(skipped=True)
+    audit.end(skipped=True)
     records = steps(model, opt, audit, [(torch.randn(8, 3), torch.randn(8, 1))] * 2, mse, False)
     assert [r["step"] for r in records] == [0, 1] and audit.skipped_steps == 0
 
@@ -274,11 +274,11 @@ def test_misuse_is_one_line_with_the_fix(tmp_path):
         stepaudit.Audit(model, object(), mse, run=tmp_path / "a")
     opt = Adam(list(model.parameters()), lr=1e-2)
     audit = stepaudit.Audit(model, opt, mse, run=tmp_path / "b")
-    with pytest.raises(RuntimeError, match="call audit.begin_step"):
+    with pytest.raises(RuntimeError, match="call audit.begin"):
         audit.before_update()
-    with pytest.raises(RuntimeError, match="without audit.begin_step"):
-        audit.end_step()
-    audit.begin_step((torch.randn(8, 3), torch.randn(8, 1)))
+    with pytest.raises(RuntimeError, match="without audit.begin"):
+        audit.end()
+    audit.begin((torch.randn(8, 3), torch.randn(8, 1)))
     audit.after_update()
     with pytest.raises(RuntimeError, match="already called"):
         audit.after_update()
@@ -360,14 +360,14 @@ def test_an_optimizer_that_cannot_be_read_is_a_recorded_error_not_a_crash(tmp_pa
     audit = stepaudit.Audit(model, opt, mse, run=tmp_path / "run")
     before = [p.detach().clone() for p in model.parameters()]
     del opt.hypers[0]["sqr_mom"]  # what the mirror reads is gone; fastai's own step does not get that far
-    audit.begin_step((torch.randn(8, 3), torch.randn(8, 1)))
+    audit.begin((torch.randn(8, 3), torch.randn(8, 1)))
     mse(model, (torch.randn(8, 3), torch.randn(8, 1))).backward()
     audit.before_update()
     with torch.no_grad():
         for p in model.parameters():
             p.sub_(0.1 * p.grad)
     record = audit.after_update()
-    audit.end_step()
+    audit.end()
     assert record["verdict"] == "error" and "sqr_mom" in record["error"]
     assert not any(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 

@@ -60,6 +60,24 @@ def test_end_with_a_failure_or_skipped_adds_no_warning_and_counts_no_skipped_ste
             audit.end()
 
 
+def test_begin_step_and_end_step_still_audit_and_warn_naming_the_new_calls(tiny_batch, tmp_path):
+    """The first names keep working (same record as begin/end) and say which call replaces them."""
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / "old") as audit:
+        with pytest.warns(DeprecationWarning, match=r"call audit\.begin\(batch\)"):
+            audit.begin_step(tiny_batch)
+        _train(model, optimizer, tiny_batch)
+        with pytest.warns(DeprecationWarning, match=r"call audit\.end\("):
+            audit.end_step()
+        assert [r["step"] for r in audit.records] == [0] and audit.last["verdict"] != "error"
+        audit.begin(tiny_batch)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            audit.end_step(failed=True)  # failed: no "no optimizer step" warning, no skipped step
+        assert [w.category for w in caught] == [DeprecationWarning] and audit.skipped_steps == 0
+
+
 def test_public_state_is_read_only_and_sinks_see_every_record(tiny_batch, tmp_path):
     model = make_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

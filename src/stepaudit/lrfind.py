@@ -35,7 +35,7 @@ from .precision import working_roundoff
 from .probes.curvature import safe_lr
 from .probes.preconditioner import preconditioner
 from .probes.step import rounding_noise, step_fields
-from .state import AutocastState, RngState, _cuda_devices, preserved, without_grad
+from .state import AutocastState, RngState, cuda_devices, preserved, without_grad
 
 
 class Snapshot:
@@ -55,7 +55,7 @@ class Snapshot:
         self.groups = [
             (g, {k: copy.deepcopy(v) for k, v in g.items() if k != "params"}) for g in optimizer.param_groups
         ]
-        self.rng = RngState.capture(_cuda_devices(model), host=True)
+        self.rng = RngState.capture(cuda_devices(model), host=True)
 
     @torch.no_grad()
     def restore(self) -> None:
@@ -312,7 +312,7 @@ def _sweep(
     seed,
 ) -> LRFindResult:
     """The range test proper (the caller restores the state afterwards)."""
-    devices = _cuda_devices(model)
+    devices = cuda_devices(model)
     source = _batches(batches)
     rows: list[dict] = []
     info = Curvature()

@@ -90,7 +90,7 @@ class LiveView:
         self.audit, self.interval, self._html = audit, interval, HTML
         self._last = 0.0
         self.handle = display(HTML(live_html(audit)), display_id=True)
-        audit._sinks.append(self)
+        audit.add_sink(self)
 
     def __call__(self, record: dict) -> None:
         """A sink: called with every committed record; redraws when ``interval`` has passed."""

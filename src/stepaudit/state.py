@@ -20,7 +20,6 @@ def cuda_devices(model: torch.nn.Module) -> list[int]:
     return sorted(devices)
 
 
-_cuda_devices = cuda_devices  # the old private name, still imported by lrfind.py
 
 
 @dataclass

@@ -12,7 +12,7 @@ In this order, once per optimizer step (``Audit.watch`` makes the first and the 
 A ``torch.optim.Optimizer`` calls 2 and 3 itself through its step hooks: call only 1 and 4. Any other
 optimizer (fastai's, or an object with ``param_groups``) is read through ``optimizers.py`` and never hooked:
 call all four. A step whose 2 and 3 never come (the framework skipped it) is closed by 4 with ``skipped=True``.
-``begin_step``/``end_step(failed=...)`` are the same calls under their first names (kept, not deprecated).
+``begin_step``/``end_step(failed=...)``, their first names, still work and warn (``DeprecationWarning``).
 """
 
 from __future__ import annotations
@@ -59,20 +59,6 @@ class StepAPI:
 
         With gradient accumulation pass the micro-batches as a list and ``accumulate=len(list)``.
         """
-        return self.begin_step(batch, accumulate=accumulate)
-
-    def end(self, failure: BaseException | None = None, *, skipped: bool = False) -> None:
-        """Close the step opened by ``begin``. ``failure``: what training raised in it (no warning is added);
-        ``skipped``: the framework took no optimizer step (neither counted nor warned about)."""
-        if self._pending is None:
-            raise RuntimeError("audit.end() without audit.begin(batch): open the step first")
-        self._end(stacklevel=3, failed=failure is not None or skipped)
-
-    def begin_step(self, batch: Any, *, accumulate: int = 1) -> Any:
-        """Open the optimizer step on ``batch`` before its first forward; returns the step's ``StepWatch``.
-
-        With gradient accumulation pass the micro-batches as a list and ``accumulate=len(list)``.
-        """
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise ValueError(f"accumulate must be a positive int, got {accumulate!r}")
         if accumulate > 1:
@@ -87,6 +73,19 @@ class StepAPI:
         for b in batches:
             check_replayable(b)
         return self._begin(batches).watch
+
+    def end(self, failure: BaseException | None = None, *, skipped: bool = False) -> None:
+        """Close the step opened by ``begin``. ``failure``: what training raised in it (no warning is added);
+        ``skipped``: the framework took no optimizer step (neither counted nor warned about). A due step closed
+        without an update is counted as skipped."""
+        if self._pending is None:
+            raise RuntimeError("audit.end() without audit.begin(batch): open the step first")
+        self._end(stacklevel=3, failed=failure is not None or skipped)
+
+    def begin_step(self, batch: Any, *, accumulate: int = 1) -> Any:
+        """Deprecated first name of ``begin``."""
+        warnings.warn("audit.begin_step(batch) is deprecated: call audit.begin(batch)", DeprecationWarning, 2)
+        return self.begin(batch, accumulate=accumulate)
 
     def before_update(self, loss: Any = None) -> None:
         """The gradient is final and the optimizer is about to update (``loss``: the step's training loss, to
@@ -104,7 +103,7 @@ class StepAPI:
         if pending.updated:
             raise RuntimeError(
                 "audit.after_update() was already called for this step; call it once per "
-                "optimizer step, then audit.end_step()"
+                "optimizer step, then audit.end()"
             )
         pending.updated = True
         if pending.due:
@@ -113,10 +112,10 @@ class StepAPI:
         return pending.watch.record
 
     def end_step(self, *, failed: bool = False, skipped: bool = False) -> None:
-        """Close the step. ``failed``: training raised in it; ``skipped``: the framework took no optimizer step
-        (neither counted nor warned about). A due step closed without an update is counted as skipped."""
+        """Deprecated first name of ``end`` (``failed=True``: ``end(failure=the exception)``)."""
+        warnings.warn("audit.end_step() is deprecated: call audit.end(failure=None)", DeprecationWarning, 2)
         if self._pending is None:
-            raise RuntimeError("audit.end_step() without audit.begin_step(batch): open the step first")
+            raise RuntimeError("audit.end() without audit.begin(batch): open the step first")
         self._end(stacklevel=3, failed=failed or skipped)
 
     def _sync(self, pending: Any) -> None:
@@ -132,10 +131,10 @@ class StepAPI:
             raise RuntimeError(
                 f"audit.{call}() is for optimizers that are not torch.optim.Optimizer; "
                 f"{type(self.optimizer).__name__}'s own step hooks do it: call only "
-                "audit.begin_step(batch) and audit.end_step()"
+                "audit.begin(batch) and audit.end()"
             )
         if self._pending is None:
-            raise RuntimeError(f"audit.{call}() outside a step: call audit.begin_step(batch) before the forward")
+            raise RuntimeError(f"audit.{call}() outside a step: call audit.begin(batch) before the forward")
         return self._pending
 
 

@@ -5,10 +5,10 @@ the framework's own classes but the one attribute):
   ``start``   — build the ``Audit`` for one training run: its run folder (one per training run; the ranks'
                 stores inside it are placed by ``Audit`` itself, ``distributed.rank_folder``), its step count
                 continued after a resume (``first_step``, unless the user passed one);
-  ``open``    — ``audit.begin_step(batch)`` in the hook before the step's first forward;
-  ``close``   — ``audit.end_step()`` in a later hook (``failed``: training raised in the step);
+  ``open``    — ``audit.begin(batch)`` in the hook before the step's first forward;
+  ``close``   — ``audit.end()`` in a later hook (``failure``: training raised in the step);
   ``abandon`` — a step the framework never took (a skipped batch): neither counted nor warned about;
-  ``finish``  — the held step closed (``failed``: training raised) and the audit closed; committed steps stay.
+  ``finish``  — the held step closed (``failure``: what training raised) and the audit closed; committed steps stay.
 """
 
 from __future__ import annotations
@@ -88,31 +88,31 @@ class Adapter:
         """Open the step on ``batch`` (a list of ``accumulate`` micro-batches); None when no audit is running."""
         if self.current is None:
             return None
-        self.handle = self.current.begin_step(batch, accumulate=accumulate)
+        self.handle = self.current.begin(batch, accumulate=accumulate)
         return self.handle
 
-    def close(self, failed: bool = False) -> None:
-        """Close the held step, if any; ``failed``: training raised in it (no warning is added)."""
-        self._end(failed=failed)
+    def close(self, failure: BaseException | None = None) -> None:
+        """Close the held step, if any; ``failure``: what training raised in it (no warning is added)."""
+        self._end(failure=failure)
 
     def abandon(self) -> None:
         """Close the held step, if any, as one the framework never took: not counted as a skipped optimizer step."""
         self._end(skipped=True)
 
-    def finish(self, failed: bool = False) -> None:
-        """Close the held step (``failed``: training raised in it) and the running audit; committed steps stay."""
+    def finish(self, failure: BaseException | None = None) -> None:
+        """Close the held step (``failure``: what training raised in it) and the running audit; committed steps stay."""
         audit, self.current = self.current, None
         try:
             if audit is not None and self.handle is not None:
                 self.handle = None
-                audit.end_step(failed=failed)
+                audit.end(failure)
         finally:
             self.handle = None
             if audit is not None:
                 audit.close()
 
-    def _end(self, failed: bool = False, skipped: bool = False) -> None:
+    def _end(self, failure: BaseException | None = None, skipped: bool = False) -> None:
         if self.handle is None:
             return
         self.handle = None
-        self.current.end_step(failed=failed, skipped=skipped)
+        self.current.end(failure, skipped=skipped)

@@ -10,10 +10,10 @@ optimizer as it is). Events, per fit:
                       (``lrfind_fastai.py``: own-batch rise, α, λ_max, the preconditioned bound) and, after it,
                       ``.lr_find_result`` is an ``LRFindResult`` with stepaudit's suggestion beside fastai's;
   ``before_batch``  — (training batches only; after the callbacks that change the batch, such as MixUp)
-                      ``audit.begin_step((xb, yb))``: the random state here is what the re-evaluation replays;
+                      ``audit.begin((xb, yb))``: the random state here is what the re-evaluation replays;
   ``before_step``   — ``audit.before_update()``: the gradient the optimizer gets (after clipping, unscaling);
   ``after_step``    — ``audit.after_update()``: Δw, loss after, probes, record;
-  ``after_batch``   — ``audit.end_step()`` (a batch fastai cancelled before its step is not counted; a cancelled
+  ``after_batch``   — ``audit.end()`` (a batch fastai cancelled before its step is not counted; a cancelled
                       step, e.g. fp16 overflow, is counted as a skipped step);
   ``after_fit``     — close the audit.
 The audited loss is ``learn.loss_func(learn.model(*xb), *yb)``, read at each call (callbacks that swap it, such
@@ -95,7 +95,7 @@ class AuditCallback(Callback):
 
     def before_fit(self) -> None:
         """Build the audit for this fit (under ``lr_find``: the sweep's, if asked); refuse gradient accumulation."""
-        self._close(failed=True)  # an earlier fit that raised left its step and audit open
+        self._close(RuntimeError("an earlier fit raised"))  # it left its step and audit open
         names = {type(cb).__name__ for cb in self.learn.cbs}
         if "LRFinder" in names:
             if self.measure_lr_find:
@@ -163,7 +163,7 @@ class AuditCallback(Callback):
         if sweeping:
             self.sweep.finish()
 
-    def _close(self, failed: bool = False) -> None:
-        """Close the open step (as failed, when training raised in it) and the audit."""
+    def _close(self, failure: BaseException | None = None) -> None:
+        """Close the open step (as failed when ``failure``: training raised in it) and the audit."""
         self._phase = None
-        self.adapter.finish(failed=failed)
+        self.adapter.finish(failure)

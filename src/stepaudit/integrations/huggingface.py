@@ -183,4 +183,4 @@ class AuditMixin:
 
     def _close_audit_step(self, failure: BaseException | None = None) -> None:
         self._audit_batches, self._audit_opening = [], False  # the step is over: hold no copy of its inputs
-        self.audit_adapter.close(failed=failure is not None)
+        self.audit_adapter.close(failure)

@@ -185,7 +185,7 @@ class AuditCallback(Callback):
         )
 
     def on_train_batch_start(self, trainer: Any, pl_module: torch.nn.Module, batch: Any, batch_idx: int) -> None:
-        """Open ``audit.begin_step(batch)`` before the step Lightning is about to take."""
+        """Open ``audit.begin(batch)`` before the step Lightning is about to take."""
         self.adapter.abandon()  # the batch before was skipped (on_train_batch_start returned -1): no step taken
         if self.adapter.current is None:
             return
@@ -215,4 +215,4 @@ class AuditCallback(Callback):
 
     def on_exception(self, trainer: Any, pl_module: torch.nn.Module, exception: BaseException) -> None:
         """Training failed: close the open step as failed and the audit (committed steps stay on disk)."""
-        self.adapter.finish(failed=True)
+        self.adapter.finish(exception)

@@ -104,6 +104,3 @@ def schedule_collapse(f: Facts) -> Diagnosis | None:
 CODE = Code(
     name="lr_too_low", rule=lr_too_low, priority=100, causes=("labels_unlearnable",), quiet_after_divergence=True
 )
-
-
-_schedule_collapse = schedule_collapse  # the old private name, still imported by doctor/verify.py
