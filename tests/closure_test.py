@@ -41,7 +41,7 @@ def test_lbfgs_is_bit_identical_and_the_first_evaluation_is_seen_once_per_step()
         assert len(evaluated) == len(plain_evaluated) > 3  # several evaluations per step
         assert all(torch.equal(a[0], b[0]) for a, b in zip(evaluated, plain_evaluated))
         assert [count for count, _, _ in seen] == [start + 1 for start in starts]  # once, right after the first
-        for (count, loss, grad), start in zip(seen, starts):
+        for (_, loss, grad), start in zip(seen, starts):
             assert torch.equal(loss, evaluated[start][0]) and torch.equal(grad, evaluated[start][1])
 
 

@@ -28,7 +28,7 @@ model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
 opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 g = torch.Generator().manual_seed(1)
 x, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
-log = []
+log, previous = [], None
 for step in range(int(sys.argv[2])):
     idx = torch.randint(0, 64, (32,))  # the global RNG: any change to it would change the run
     opt.zero_grad()
@@ -40,8 +40,11 @@ for step in range(int(sys.argv[2])):
     opt.step()
     dw = [p.detach().double() - b for p, b in zip(params, before)]
     norm = lambda ts: sum(float((t * t).sum()) for t in ts) ** 0.5
+    dot = lambda xs, ys: sum(float((a * b).sum()) for a, b in zip(xs, ys))
+    cos = dot(grads, previous) / (norm(grads) * norm(previous)) if previous else None
     log.append({"loss": loss.item(), "grad": norm(grads), "update": norm(dw), "weight": norm(before),
-                "first_order": sum(float((a * b).sum()) for a, b in zip(grads, dw))})
+                "first_order": dot(grads, dw), "cos": cos})
+    previous = grads
     print(f"step {step} loss {loss.item():.6f}")
 json.dump(log, open(sys.argv[1], "w"))
 torch.save(model.state_dict(), sys.argv[1] + ".pt")
@@ -100,7 +103,56 @@ def test_records_match_the_scripts_own_bookkeeping(tmp_path):
             assert record[field] == pytest.approx(truth[key], rel=1e-5), (step, field)
         assert record["update_ratio"] == pytest.approx(truth["update"] / truth["weight"], rel=1e-5)
     assert "grad_cos_prev" in by_step[11] and "grad_cos_prev" not in by_step[10]
+    for step in (1, 2, 3, 4, 11, 21):  # consecutive sampled steps
+        assert by_step[step]["grad_cos_prev"] == pytest.approx(log[step]["cos"], rel=1e-5, abs=1e-6), step
     assert not any("grad_norm" in by_step[s] for s in range(30) if s not in measured)
+
+
+def test_no_copy_of_the_model_is_held_between_sparse_sampled_steps(tmp_path, monkeypatch):
+    """As Audit's sparse auditing: the flat buffers go after a sampled step whose next step is not sampled."""
+    from stepaudit.flat import FlatBuffers
+
+    released, release = [], FlatBuffers.release
+
+    def spy(self):
+        released.append(watcher_box[0].step_count)
+        release(self)
+
+    watcher_box = [PassiveWatcher(max_steps=300, sample_every=10)]
+    monkeypatch.setattr(FlatBuffers, "release", spy)
+    outcome = run_script(write(tmp_path, TRAIN), [str(tmp_path / "log.json"), "30"], watcher_box[0])
+    assert outcome.stopped == "finished"
+    assert released == [5, 12, 22]  # after steps 4, 11 and 21, whose next steps are not sampled
+    state = watcher_box[0].optimizers[0]
+    assert state.flat.before is None and state.flat.grad is None and state.prev_grad is None
+
+
+def test_parameters_on_several_devices_are_recorded_never_raised(tmp_path):
+    """FlatBuffers audits one device: a model it refuses gets ``capture_error`` records, and trains unchanged."""
+    source = """
+        import sys, torch
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        spare = torch.nn.Parameter(torch.zeros(2, device="meta"))  # never used: its .grad stays None
+        opt = torch.optim.SGD([*model.parameters(), spare], lr=0.1)
+        for step in range(6):
+            opt.zero_grad(); model(torch.ones(4, 3)).pow(2).mean().backward(); opt.step()
+        torch.save(model.state_dict(), sys.argv[1])
+    """
+    path = write(tmp_path, source)
+    saved = sys.argv[:]
+    sys.argv = [str(path), str(tmp_path / "plain.pt")]
+    try:
+        runpy.run_path(str(path), run_name="__main__")
+    finally:
+        sys.argv = saved
+    watcher, outcome = watch(path, [str(tmp_path / "watched.pt")])
+    assert outcome.stopped == "finished" and watcher.step_count == 6
+    assert all("one device" in r["capture_error"] for r in watcher.records[:5])  # the sampled steps
+    assert not any("measured" in r for r in watcher.records) and "capture_error" not in watcher.records[5]
+    assert all(math.isfinite(r["loss_before"]) for r in watcher.records)
+    a, b = torch.load(tmp_path / "plain.pt"), torch.load(tmp_path / "watched.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_script_behaviour_and_output_are_unchanged(tmp_path, capsys):

@@ -597,7 +597,7 @@ class PassiveWatcher(ForwardObserver, RunResults):
                 self._measure(state, record)
             except Exception as error:  # never break training
                 record["capture_error"] = f"{type(error).__name__}: {error}"
-        if state.flat is not None and not sampled(state.local_step, self.every):
+        if state.flat is not None and sampled(local, self.every) and not sampled(local + 1, self.every):
             state.flat.release()  # as Audit's sparse auditing: no copy of the model between sampled steps
         if self._activations:
             self._summarize_activations(record)
