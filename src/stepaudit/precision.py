@@ -8,12 +8,28 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .flat import is_sharded
 from .state import AutocastState, RngState, cuda_devices, map_tensors, preserved, without_grad
 
 if TYPE_CHECKING:
     from .context import StepContext
 
 TWIN_KEY = "float64_twin"  # the audit's one float64 twin, in its contexts' shared state objects
+
+FLOAT64_SHARDED_REFUSED = (
+    "precision='float64' does not work with FSDP2 (fully_shard): its float64 twin would be a whole copy of the "
+    "model on every rank; use precision=None (working-dtype losses, rounding noise from the dtype's epsilon), "
+    "or DistributedDataParallel with precision='float64'"
+)
+
+
+def refuse_float64_sharded(model: torch.nn.Module, precision: str | None) -> None:
+    """Raise ValueError for ``precision="float64"`` on a model with sharded (DTensor) parameters, at construction.
+
+    The twin is a deep copy, which FSDP2 modules refuse; an unsharded float64 copy would defeat the sharding.
+    """
+    if precision == "float64" and any(is_sharded(p) for p in model.parameters()):
+        raise ValueError(FLOAT64_SHARDED_REFUSED)
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
