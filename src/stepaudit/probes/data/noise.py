@@ -17,6 +17,10 @@ from torch.func import functional_call
 
 from ... import noise as noise_stats
 from ...context import StepContext, check_scalar_loss
+from ...distributed import world
+from ...flat import is_sharded
+from ...maths import is_number
+from ...noise_ranks import CAPTURE as LOCAL_GRAD
 from ...persample import capture, captured_moments, layer_moments, layer_owners
 from ...state import preserved
 from .. import register
@@ -89,10 +93,28 @@ def _check_mean_reduction(ctx: StepContext, loss, params: dict, state: NoiseStat
 
 
 class _TrainingPass:
-    """Layer inputs and output gradients of a step's own training forward/backward (``persample.capture``)."""
+    """Layer inputs and output gradients of a step's own training forward/backward (``persample.capture``).
 
-    def __init__(self, owners: dict, captured: dict, handles: list) -> None:
+    Under several processes also ``local``: each parameter's gradient as this rank's backward accumulated it,
+    before DDP's reducer writes the average ḡ into ``.grad`` (post-accumulate-grad hooks; the per-example
+    gradients of this rank's batch average to it, not to ḡ). One copy of the gradient, no collective.
+    """
+
+    def __init__(self, owners: dict, captured: dict, handles: list, params: list[Tensor] | None = None) -> None:
         self.owners, self.captured, self.handles = owners, captured, handles
+        self.local: list[Tensor | None] | None = None
+        if params is not None:
+            self.local = [None] * len(params)
+            for i, p in enumerate(params):
+                if p.requires_grad:  # a frozen parameter gets no gradient (and no hook): zeros, as in ctx.grads
+                    self.handles.append(p.register_post_accumulate_grad_hook(self._keep(i)))
+
+    def _keep(self, index: int):
+        def keep(param: Tensor) -> None:
+            if param.grad is not None:  # a view of DDP's bucket, which its all-reduce overwrites: copied now
+                self.local[index] = param.grad.detach().clone()
+
+        return keep
 
     def stop(self) -> None:
         for handle in self.handles:
@@ -108,21 +130,48 @@ def noise_capture(
     settings = noise_probe.read_options(options)
     if settings.method not in ("auto", "per_sample") or settings.engine not in ("auto", "hooks"):
         return None
+    if any(is_sharded(p) for p in params):  # FSDP2: probes are not run (whole parameters needed)
+        return None
     owners = layer_owners(model, {"model." + n: p for n, p in zip(names, params)}, "model.")
     if owners is None:
         return None
     captured, handles = capture(owners)
-    return _TrainingPass(owners, captured, handles)
+    distributed = world()[1] > 1  # the optimizer may receive an average over ranks: keep this rank's own gradient
+    try:
+        return _TrainingPass(owners, captured, handles, params if distributed else None)
+    except Exception:
+        for handle in handles:
+            handle.remove()
+        raise
+
+
+def _backward_gradient(ctx: StepContext, seen: _TrainingPass) -> list[Tensor] | None:
+    """The gradient of this rank's batch as the training backward left it (what its per-example gradients average
+    to): the optimizer's own in one process; under DDP the local copy, if the optimizer received ḡ unchanged
+    (|ḡ|² read as the backward ended equals |grad|², so no unscaling or clipping since), else None (replay)."""
+    if seen.local is None:
+        return ctx.grads
+    averaged = ctx.captures.get(LOCAL_GRAD)
+    norm = ctx.record.get("grad_norm") if ctx.record is not None else None
+    if averaged is None or not is_number(norm):
+        return None
+    at_backward, received = averaged.global_value(), float(norm) ** 2
+    if not abs(at_backward - received) <= 1e-5 * received:
+        return None
+    return [g if g is not None else torch.zeros_like(p) for g, p in zip(seen.local, ctx.params)]
 
 
 def _from_training_pass(ctx: StepContext, params: dict, groups: int) -> noise_stats.Moments | None:
     """Per-example moments from the captured training pass, if it was one plain backward of this batch
-    (checked: they must average to the gradient the optimizer received; clipping or loss scaling fail it)."""
+    (checked: they must average to the gradient that backward left; clipping or loss scaling fail it)."""
     seen = ctx.captures.get("noise")
     size = noise_stats.batch_len(ctx.parts[0].batch) if len(ctx.parts) == 1 else None
     if seen is None or size is None or size < 2:
         return None
-    return captured_moments(seen.owners, seen.captured, params, ctx.grads, size, groups=groups, vectors=False)
+    grads = _backward_gradient(ctx, seen)
+    if grads is None:
+        return None
+    return captured_moments(seen.owners, seen.captured, params, grads, size, groups=groups, vectors=False)
 
 
 def _per_sample(ctx: StepContext, loss, params: dict, options: NoiseOptions) -> dict:
