@@ -48,10 +48,10 @@ def loss_fn(model: nn.Module, batch: tuple) -> torch.Tensor:
     return nn.functional.cross_entropy(model(batch[0]), batch[1])
 
 
-def _run(rank: int, folder: str, name: str, audited: bool, scaled: bool = False) -> dict:
+def _run(rank: int, folder: str, name: str, audited: bool, bucket_view: bool, scaled: bool = False) -> dict:
     """STEPS DDP steps with SGD-momentum: the end state, the weights before each step, the records."""
     model = _model()
-    ddp = nn.parallel.DistributedDataParallel(model)
+    ddp = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=bucket_view)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
     audit = stepaudit.Audit(ddp, opt, loss_fn, run=os.path.join(folder, name), probes={"noise": 1}) if audited else None
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if scaled else None
@@ -84,7 +84,7 @@ def _run(rank: int, folder: str, name: str, audited: bool, scaled: bool = False)
     }
 
 
-def _worker(rank: int, folder: str, queue) -> None:
+def _worker(rank: int, folder: str, queue, bucket_view: bool) -> None:
     try:
         torch.distributed.init_process_group(
             "gloo",
@@ -95,9 +95,9 @@ def _worker(rank: int, folder: str, queue) -> None:
         )
         torch.set_num_threads(1)
         runs = {
-            "plain": _run(rank, folder, "plain", audited=False),
-            "audited": _run(rank, folder, "audited", audited=True),
-            "scaled": _run(rank, folder, "scaled", audited=True, scaled=True),
+            "plain": _run(rank, folder, "plain", False, bucket_view),
+            "audited": _run(rank, folder, "audited", True, bucket_view),
+            "scaled": _run(rank, folder, "scaled", True, bucket_view, scaled=True),
         }
         torch.distributed.destroy_process_group()
         torch.save(runs, os.path.join(folder, f"runs{rank}.pt"))
@@ -106,13 +106,14 @@ def _worker(rank: int, folder: str, queue) -> None:
         queue.put((rank, traceback.format_exc()))
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
-    """Each rank's plain, audited and GradScaler runs (one pair of processes)."""
+@pytest.fixture(scope="module", params=[False, True], ids=["grad_copy", "bucket_view"])
+def ranks(tmp_path_factory, request) -> list[dict]:
+    """Each rank's plain, audited and GradScaler runs (one pair of processes), with DDP's gradient_as_bucket_view
+    off and on (on, .grad is a view of the bucket that DDP's all-reduce overwrites)."""
     folder = tmp_path_factory.mktemp("persample")
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
-    procs = [context.Process(target=_worker, args=(r, str(folder), queue)) for r in range(WORLD)]
+    procs = [context.Process(target=_worker, args=(r, str(folder), queue, request.param)) for r in range(WORLD)]
     for p in procs:
         p.start()
     errors = []

@@ -149,11 +149,11 @@ def _backward_gradient(ctx: StepContext, seen: _TrainingPass) -> list[Tensor] | 
     """The gradient of this rank's batch as the training backward left it (what its per-example gradients average
     to): the optimizer's own in one process; under DDP the local copy, if the optimizer received ḡ unchanged
     (|ḡ|² read as the backward ended equals |grad|², so no unscaling or clipping since), else None (replay)."""
-    if seen.local is None:
+    averaged = ctx.captures.get(LOCAL_GRAD)  # DDP only (no wrapper: each rank's .grad is its own)
+    if seen.local is None or averaged is None:
         return ctx.grads
-    averaged = ctx.captures.get(LOCAL_GRAD)
-    norm = ctx.record.get("grad_norm") if ctx.record is not None else None
-    if averaged is None or not is_number(norm):
+    norm = ctx.record.get("grad_norm")
+    if not is_number(norm):
         return None
     at_backward, received = averaged.global_value(), float(norm) ** 2
     if not abs(at_backward - received) <= 1e-5 * received:
