@@ -597,8 +597,9 @@ class PassiveWatcher(ForwardObserver, RunResults):
                 self._measure(state, record)
             except Exception as error:  # never break training
                 record["capture_error"] = f"{type(error).__name__}: {error}"
-        if state.flat is not None and sampled(local, self.every) and not sampled(local + 1, self.every):
+        if sampled(local, self.every) and not sampled(local + 1, self.every) and state.flat is not None:
             state.flat.release()  # as Audit's sparse auditing: no copy of the model between sampled steps
+            state.prev_grad = None
         if self._activations:
             self._summarize_activations(record)
         if self._inputs is not None:
@@ -647,11 +648,11 @@ class PassiveWatcher(ForwardObserver, RunResults):
             record["weights_nonfinite"] = True
         previous, local = state.prev_grad, record["local_step"]
         if previous is not None and previous[0] == local - 1:
-            grad, before = flat.grad, previous[1].to(flat.grad)
+            grad, prev = flat.grad, previous[1].to(flat.grad)
             if grad.dtype in (torch.float16, torch.bfloat16):  # accumulate in float32, as FlatBuffers' norms
-                grad, before = grad.float(), before.float()
+                grad, prev = grad.float(), prev.float()
             denominator = math.sqrt(previous[2] * sum(g2))
-            record["grad_cos_prev"] = float(torch.dot(before, grad)) / denominator if denominator > 0 else math.nan
+            record["grad_cos_prev"] = float(torch.dot(prev, grad)) / denominator if denominator > 0 else math.nan
         state.prev_grad = (local, flat.grad.clone(), sum(g2)) if sampled(local + 1, self.every) else None
         if self.batch_size is not None:
             record["batch_size"] = self.batch_size
