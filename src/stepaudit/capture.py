@@ -10,6 +10,7 @@ goes through the one fault policy (``faults.py``). The state of the open step is
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -102,6 +103,10 @@ class StepCapture:
         )  # other optimizers call before_update()/after_update() (stepapi.py)
         # an audit that is dropped without close() leaves no hooks on the optimizer
         self._finalizer = weakref.finalize(self, _cleanup, list(self._handles), self.replay)
+
+    def _wrapper_kept(self):
+        """DDP's flags kept around the audit's forwards (``wrapper_state_kept``); no wrapper: nothing to keep."""
+        return _NOTHING_KEPT if self._wrapper is None else wrapper_state_kept(self._wrapper)
 
     def _detach(self) -> None:
         """Remove every hook this audit installed (at ``close``)."""
@@ -222,7 +227,7 @@ class StepCapture:
             return None
         changed = None
         with contained(self.strict, f"auditing step {self._step_count} failed before the step", pending.keep):
-            with wrapper_state_kept(self._wrapper):
+            with self._wrapper_kept():
                 changed = self._prepare(pending, args, kwargs)
         return changed
 
@@ -321,7 +326,7 @@ class StepCapture:
         with contained(self.strict, f"auditing step {index} failed", error_record):
             if pending.error is not None:
                 raise pending.error
-            with wrapper_state_kept(self._wrapper):
+            with self._wrapper_kept():
                 record = self._assemble(pending)
         if self._world_size > 1:  # every rank, every audited step, whatever happened above: lockstep
             self._assembly.globalize(record, pending.captures, self._flat_buffers() if self._sharded else None)
@@ -336,6 +341,9 @@ class StepCapture:
         self.replay.check(pending.entry, [part.rng for part in ctx.parts])
         layout = (self.names, self.modules, self.groups)
         return self._assembly.core(ctx, self._flat_buffers(), self.losses, layout, pending.batches, pending.loss_before)
+
+
+_NOTHING_KEPT = contextlib.nullcontext()  # reusable: nullcontext holds no state
 
 
 def _cleanup(handles: list, replay: Replay) -> None:

@@ -131,11 +131,11 @@ class FlatBuffers:
             grad = live.grad
             if grad is None:
                 if i not in self._zeros:
-                    self._zeros[i] = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+                    self._zeros[i] = torch.zeros_like(p, memory_format=torch.contiguous_format)
                 grads.append(self._zeros[i])
             else:
-                grads.append(dense(local(grad)).detach().reshape(-1))
-        torch.cat(grads, out=self.grad)
+                grads.append(dense(local(grad)).detach())
+        torch._foreach_copy_(self.grad_views, grads)  # into the parameter-shaped views: no reshape per parameter
 
     @torch.no_grad()
     def finish(self, keep_before: bool = True) -> tuple[float, list[list[float]]]:
@@ -167,12 +167,17 @@ class FlatBuffers:
         grad = self.grad
         if grad.dtype in _LOW_PRECISION:
             grad, delta = grad.float(), delta.float()
-        values = torch.stack([torch.dot(grad, delta).to(norms[0].dtype), *norms])
+        dot = torch.dot(grad, delta).to(norms[0].dtype)
         if self.sharded:  # shards' squared norms and dot products add up; the norms of the whole follow
+            values = torch.stack([dot, *norms])
             values = _all_reduce_sum(torch.cat([values[:1], values[1:] * values[1:]]))
             values = torch.cat([values[:1], values[1:].sqrt()])
             self.reduced = True
-        values = values.tolist()
+            values = values.tolist()
+        elif grad.device.type == "cpu":  # no sync to save: reading each scalar beats stacking them
+            values = [dot.item(), *(norm.item() for norm in norms)]
+        else:  # one host sync for all of them
+            values = torch.stack([dot, *norms]).tolist()
         n = len(self.params)
         rows = [[math.nan, values[1 + n + i] ** 2, values[1 + 2 * n + i] ** 2, values[1 + i] ** 2] for i in range(n)]
         return sign * values[0], rows
