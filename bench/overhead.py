@@ -7,7 +7,9 @@ All arms of a workload run in one process, interleaved: each repetition runs eve
 number of steps, in an order that rotates from one repetition to the next, so drifts of the machine
 (other processes, thermal state) hit all arms alike. Each arm trains its own copy of the same model
 with plain SGD on the same batch sequence. Reported per arm: the median time per step, and the
-median and interquartile range of the per-repetition ratio to the plain loop of the same repetition.
+median and interquartile range of the per-repetition ratio to the plain loop of the same repetition;
+for the audited arms also the audit's own work above the floor per audited step, in plain steps, and,
+apart from that steady state, the one-time set-up: building the Audit and its first audited step.
 
     python bench/overhead.py [--steps 64] [--repeats 11] [--workloads mlp cnn lm] [--threads N]
                              [--json FILE] [--markdown]
@@ -23,6 +25,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -60,6 +63,8 @@ class Arm:
     times: list[float] = field(default_factory=list)  # seconds per step, one per repetition
     close: Callable[[], None] = lambda: None
     position: int = 0  # index into the batch cycle
+    construction_s: float = 0.0  # building the arm's tool (the Audit), once
+    first_step_s: float = math.nan  # the arm's first step (the audit measures the rounding noise there)
 
     def run(self, batches: list) -> float:
         """Time ``steps`` optimizer steps; return seconds per step."""
@@ -96,8 +101,10 @@ def audited_arm(workload: Workload, steps: int, every: int, folder: Path) -> Arm
     """The same loop through ``audit.step(batch)``, auditing every ``every``-th step."""
     model = copy.deepcopy(workload.model)
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    started = time.perf_counter()
     audit = Audit(model, optimizer, workload.loss_fn, run=folder / f"{workload.name}-every{every}", every=every)
-    return Arm(f"every={every}", audit.step, steps, close=audit.close)
+    built = time.perf_counter() - started
+    return Arm(f"every={every}", audit.step, steps, close=audit.close, construction_s=built)
 
 
 def _outputs_and_targets(workload: Workload) -> Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]:
@@ -168,8 +175,10 @@ def check_runs(arm: Arm, batches: list) -> None:
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for batch in batches[:2]:
-                arm.step(batch)
+            started = time.perf_counter()
+            arm.step(batches[0])
+            arm.first_step_s = time.perf_counter() - started
+            arm.step(batches[1])
         arm.position = 2
         if arm.name == "cockpit":  # keep what BackPACK/Cockpit warn about the validity of their numbers
             notes = {
@@ -222,7 +231,7 @@ def measure(workload: Workload, args: argparse.Namespace, folder: Path) -> dict:
                     break
     for arm in arms:
         arm.close()
-    plain = arms[0].times
+    plain, floor = arms[0].times, arms[1].times
     result = {"workload": workload.name, "description": workload.description, "arms": {}}
     for arm in arms:
         entry: dict[str, Any] = {"status": arm.status, "note": arm.note, "steps_per_repetition": arm.steps}
@@ -238,6 +247,18 @@ def measure(workload: Workload, args: argparse.Namespace, folder: Path) -> dict:
                 ratio_q75=q75,
                 ratios=ratios,
             )
+        if arm.status == "ok" and arm.name.startswith("every=") and arm.times and floor:
+            # the audit's own work above the floor per audited step, in plain steps of the same repetition:
+            # ((audited − plain) × every − (floor − plain)) / plain, which is (audited − floor) / plain at every=1
+            every = int(arm.name.split("=")[1])
+            paired = min(len(arm.times), len(plain), len(floor))
+            above = [
+                ((a - p) * every - (f - p)) / p for a, f, p in zip(arm.times[:paired], floor[:paired], plain[:paired])
+            ]
+            q25, q50, q75 = quartiles(above)
+            entry.update(above_floor_steps=q50, above_floor_q25=q25, above_floor_q75=q75, above_floor=above)
+        if arm.status == "ok":
+            entry.update(construction_ms=1e3 * arm.construction_s, first_step_ms=1e3 * arm.first_step_s)
         result["arms"][arm.name] = entry
     return result
 
@@ -280,6 +301,19 @@ def cell(entry: dict, plain: bool = False) -> str:
     )
 
 
+def above_cell(entry: dict) -> str:
+    if "above_floor_steps" not in entry:
+        return entry["status"]
+    return f"{entry['above_floor_steps']:.2f} ({entry['above_floor_q25']:.2f}–{entry['above_floor_q75']:.2f})"
+
+
+def setup_cell(entry: dict) -> str:
+    if "construction_ms" not in entry:
+        return entry["status"]
+    total = entry["construction_ms"] + entry["first_step_ms"]
+    return f"{total:.1f} ms ({entry['construction_ms']:.1f} + {entry['first_step_ms']:.1f})"
+
+
 def markdown(results: list[dict], info: dict, args: argparse.Namespace) -> str:
     """The results as a markdown table, with the machine and settings underneath."""
     lines = [
@@ -295,6 +329,19 @@ def markdown(results: list[dict], info: dict, args: argparse.Namespace) -> str:
             f"| {cell(arms['every=1'])} "
             f"| {cell(arms['every=16'])} | {cell(cockpit)} |"
         )
+    lines += [
+        "",
+        "| workload | above the floor, every=1 | above the floor, every=16 | set-up, every=1 | set-up, every=16 "
+        "| plain loop's first step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        arms = result["arms"]
+        lines.append(
+            f"| {result['description']} | {above_cell(arms['every=1'])} | {above_cell(arms['every=16'])} "
+            f"| {setup_cell(arms['every=1'])} | {setup_cell(arms['every=16'])} "
+            f"| {arms['plain'].get('first_step_ms', math.nan):.1f} ms |"
+        )
     notes = sorted({r["arms"][a]["note"] for r in results for a in r["arms"] if r["arms"][a].get("note")})
     if notes:
         lines += [""] + [f"† the tool warned: {note}." for note in notes]
@@ -302,7 +349,10 @@ def markdown(results: list[dict], info: dict, args: argparse.Namespace) -> str:
         "",
         "Cells: median time per step · median ratio to the plain loop (interquartile range of the "
         f"per-repetition ratio). {args.repeats} interleaved repetitions of {args.steps} steps "
-        f"(Cockpit: {args.cockpit_steps} steps), SGD lr {LEARNING_RATE}.",
+        f"(Cockpit: {args.cockpit_steps} steps), SGD lr {LEARNING_RATE}. Above the floor: the audit's own "
+        "work per audited step, ((audited − plain) × every − (floor − plain)) / plain per repetition, in plain "
+        "steps, median (interquartile range); steady state, after warm-up. "
+        "Set-up (not in the steady state): building the Audit + its first audited step, timed once.",
         "",
         f"Machine: {info['cpu']}, {info['logical_cores']} logical cores, torch {info['torch']} "
         f"with {info['torch_threads']} thread(s), Python {info['python']}, {info['platform']}; "
