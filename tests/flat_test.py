@@ -78,3 +78,40 @@ def test_parameters_on_two_devices_are_refused():
     params = [torch.zeros(2, requires_grad=True), torch.zeros(2, device="meta", requires_grad=True)]
     with pytest.raises(ValueError, match="one device"):
         FlatBuffers(params)
+
+
+def test_gradient_copy_is_exact_for_any_layout_and_dtype():
+    """The flat gradient holds each .grad as it is (channels_last, transposed, sparse, another dtype, None)."""
+    g = torch.Generator().manual_seed(1)
+    conv = torch.randn(2, 3, 4, 4, generator=g).to(memory_format=torch.channels_last).requires_grad_()
+    transposed = torch.randn(3, 5, generator=g).t().requires_grad_()
+    wide = torch.randn(6, generator=g, dtype=torch.float64).requires_grad_()
+    sparse = torch.randn(5, 2, generator=g).requires_grad_()
+    unused = torch.randn(3, generator=g).requires_grad_()
+    params = [conv, transposed, wide, sparse, unused]
+    conv.grad = torch.randn(2, 3, 4, 4, generator=g).to(memory_format=torch.channels_last)
+    transposed.grad = torch.randn(3, 5, generator=g).t()  # non-contiguous too
+    wide.grad = torch.randn(6, generator=g, dtype=torch.float64)
+    sparse.grad = torch.sparse_coo_tensor([[1, 3]], torch.randn(2, 2, generator=g), (5, 2), check_invariants=True)
+    flat = FlatBuffers(params)
+    flat.take_before()
+    flat.take_grad()
+    # oracle: each gradient densified, in row-major order, cast to float64 (the buffers' promoted dtype)
+    want = [conv.grad, transposed.grad, wide.grad, sparse.grad.to_dense(), torch.zeros(3)]
+    assert flat.grad.dtype == torch.float64
+    assert torch.equal(flat.grad, torch.cat([w.double().flatten() for w in want]))
+
+
+def test_norms_read_back_are_the_per_parameter_norms():
+    """finish's rows carry ‖g‖², ‖Δw‖², ‖w‖² of each parameter as single torch norms give them, bit for bit."""
+    params = _params()
+    flat = FlatBuffers(params)
+    flat.take_before()
+    before = [p.detach().clone() for p in params]
+    _step_with(flat, params)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    _, rows = flat.finish(keep_before=True)
+    for row, p, w, grad in zip(rows, params, before, grads):
+        delta = p.detach().flatten() - w.flatten()
+        want = [torch.linalg.vector_norm(t.flatten()).item() ** 2 for t in (grad, delta, w)]
+        assert row[1:] == want
