@@ -33,7 +33,7 @@ bench: $(STAMP)
 	$(BENCH_PY) bench/overhead.py
 
 doctor-eval: $(STAMP)
-	$(PY) tools/doctor_eval.py tests/doctor_cases
+	$(PY) tools/doctor_eval.py tests/doctor/cases
 
 clean:
 	rm -rf $(VENV) stepaudit-runs build *.egg-info

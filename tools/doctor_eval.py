@@ -1,4 +1,4 @@
-"""Score the doctor on a labelled suite of training scripts: ``python tools/doctor_eval.py tests/doctor_cases``.
+"""Score the doctor on a labelled suite of training scripts: ``python tools/doctor_eval.py tests/doctor/cases``.
 
 For every case in ``<suite>/labels.json`` ({file: {expected, fault, fix}}) it runs
 ``stepaudit doctor --json --max-steps 300 --time-limit 60 <file>`` in a subprocess and reads the JSON,
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python tools/doctor_eval.py", description="Score the doctor on a labelled suite of training scripts."
     )
-    parser.add_argument("suite", type=Path, help="folder with the scripts and labels.json (tests/doctor_cases)")
+    parser.add_argument("suite", type=Path, help="folder with the scripts and labels.json (tests/doctor/cases)")
     parser.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     parser.add_argument("--workers", type=int, default=2, help="doctor runs in parallel (default 2)")
     parser.add_argument("--max-steps", type=int, default=300)

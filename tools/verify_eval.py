@@ -1,6 +1,6 @@
 """Measure ``stepaudit doctor --verify`` on a labelled suite (issue 15's numbers); test tooling, not shipped.
 
-    python tools/verify_eval.py tests/doctor_cases [--workers 2] [--cases c06 c10 ...] [--json] [--no-fixed]
+    python tools/verify_eval.py tests/doctor/cases [--workers 2] [--cases c06 c10 ...] [--json] [--no-fixed]
 
 Runs ``stepaudit doctor --json --verify`` on every case and fixed variant (as ``tools/doctor_eval.py`` runs the
 plain doctor) and reports: the share of faulty cases whose labelled cause has a counterfactual and is

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("fastai.tabular.all")
-CASE = Path(__file__).parent / "doctor_cases" / "c77_fastai_tabular.py"
+CASE = Path(__file__).parent / "cases" / "c77_fastai_tabular.py"
 
 
 def doctor(script: Path) -> dict:

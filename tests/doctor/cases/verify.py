@@ -1,6 +1,6 @@
 """Check every label of the doctor suite: each faulty script trains markedly worse than its fixed variant.
 
-    python tests/doctor_cases/verify.py [--cases c01 c06 ...] [--jobs 2] [--json]
+    python tests/doctor/cases/verify.py [--cases c01 c06 ...] [--jobs 2] [--json]
 
 Runs each script as a user would (``python script.py``), reads its last ``final_metric <name> <value>``
 line, and compares faulty against ``fixed/<same name>``. Healthy cases have no fixed variant; they must

@@ -1,4 +1,4 @@
-"""The doctor's labelled suite (tests/doctor_cases) and its scorer (stepaudit.doctor.evaluate).
+"""The doctor's labelled suite (tests/doctor/cases) and its scorer (stepaudit.doctor.evaluate).
 
 Structure checks are static and fast. Label verification runs real scripts: a small subset by default,
 all of them with STEPAUDIT_DOCTOR_SUITE_FULL=1 (about two minutes on two cores).
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 
-SUITE = Path(__file__).resolve().parent / "doctor_cases"
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "doctor_eval.py"
+SUITE = Path(__file__).resolve().parent / "cases"
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "doctor_eval.py"
 # The codes as the issue defines them (not imported from the doctor, which is what is being scored).
 CODES = {
     "healthy",
