@@ -140,11 +140,6 @@ def test_fsdp2_float64_never_hangs_and_fails_in_one_line(outcomes):
             assert all(r["verdict"] == "error" and "\n" not in r["error"] for r in fsdp2["records"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="audit.py does not call precision.refuse_float64_sharded at construction yet (issue 16: patch for the "
-    "lead); until then every audited FSDP2 step is an error record ('FSDP does not support deepcopy')",
-)
 def test_fsdp2_float64_is_refused_at_construction(outcomes):
     """``Audit(fully_shard model, precision="float64")`` raises the one-line message on every rank."""
     for rank in outcomes:

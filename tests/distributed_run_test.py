@@ -95,10 +95,6 @@ def test_ranks_get_one_new_folder_made_by_rank_zero(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["ddp", "ddp-2"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="audit.py does not call distributed.shared_new_run for run=None yet (issue 16: patch for the lead)",
-)
 def test_audit_run_none_under_a_process_group_makes_one_run_folder(tmp_path):
     """``Audit(run=None)`` on two ranks: rank 0 in one new folder, rank 1 in its ``rank1`` folder; one
     ``broadcast_object_list`` at construction on each rank, and no other folder."""

@@ -38,13 +38,14 @@ from .arguments import check_replayable, index_parameters, validate
 from .assemble import Assembly
 from .capture import PendingStep, StepCapture, StepWatch
 from .context import check_scalar_loss
-from .distributed import rank_folder, unwrap, unwrap_optimizer, world
+from .distributed import rank_folder, shared_new_run, unwrap, unwrap_optimizer, world
 from .faults import AuditError
 from .flat import is_sharded
 from .losses import LossEvaluator
 from .meta import describe
 from .notebook import Diagnoses, NotebookMixin
 from .optimizers import reader_for
+from .precision import refuse_float64_sharded
 from .records import summarize
 from .state import cuda_devices
 from .stepapi import StepAPI
@@ -94,6 +95,7 @@ class Audit(StepAPI, StepCapture, NotebookMixin):
         if run is not None:
             run = rank_folder(run, self._rank, self._world_size)  # ranks never share a store
         validate(model, self._reader.reads, loss_fn, every, precision, reference_mode, first_step)
+        refuse_float64_sharded(model, precision)  # FSDP2: no float64 twin of a sharded model
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.every, self.strict, self.precision = every, strict, precision
         self.options = {
@@ -113,6 +115,8 @@ class Audit(StepAPI, StepCapture, NotebookMixin):
         self.memory: dict = {}  # the step context's own flags across steps (HVP method, grad mode)
         self.probe_states: dict = {}  # each probe's state object, by state key (reset with the parameters)
         self._index_parameters(stacklevel=3)
+        if run is None and self._world_size > 1:  # one run folder: rank 0 makes it, every rank joins the broadcast
+            run = rank_folder(shared_new_run(name), self._rank, self._world_size)
         self.run = Path(run) if run is not None else new_run_dir(name=name)
         meta = describe(model, self._reader.reads, every=every, probes=self.probes, precision=precision)
         if not self._reader.hooked:
@@ -120,7 +124,6 @@ class Audit(StepAPI, StepCapture, NotebookMixin):
         self.store = RunStore(self.run, meta, name=name)
         self._writer = RecordWriter(self.store, strict)
         self.records: list[dict] = self._writer.records  # the same list: every committed record, in order
-        self._sinks = self._writer.sinks  # the old private name (notebook.py): add_sink() is the public call
         self._assembly = Assembly(
             self.probes, self._collective_probes, strict, self._sharded, self._rank, self._world_size, self._writer
         )

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from . import probes as probe_registry
+from .closure import wrap_first_call
 from .context import Part, StepContext
 from .distributed import wrapper_state_kept
 from .faults import contained, quietly
@@ -265,9 +266,8 @@ class StepCapture:
             pending.loss_before = self.losses.before(ctx, pending.watch.loss)
             return None
 
-        def first_call_recorded():
-            loss = closure()
-            if not ctx.grads and pending.error is None:
+        def first_call(loss):
+            if pending.error is None:
                 # never break training: the record says what failed
                 with contained(self.strict, f"auditing step {ctx.step} failed in the closure", pending.keep):
                     ctx.grads = self._grads()
@@ -278,11 +278,8 @@ class StepCapture:
                         )
                     ]
                     pending.loss_before = self.losses.before(ctx, loss)
-            return loss
 
-        if len(args) > 1:
-            return (args[0], first_call_recorded, *args[2:]), kwargs
-        return args, {**kwargs, "closure": first_call_recorded}
+        return wrap_first_call(args, kwargs, first_call)
 
     def _flat_buffers(self) -> FlatBuffers:
         """The audit's reusable flat copies (made at the first audited step)."""
