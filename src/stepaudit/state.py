@@ -20,8 +20,6 @@ def cuda_devices(model: torch.nn.Module) -> list[int]:
     return sorted(devices)
 
 
-
-
 @dataclass
 class RngState:
     """The CPU generator state plus the generator state of every CUDA device the model lives on.
