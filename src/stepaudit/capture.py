@@ -22,7 +22,7 @@ from . import probes as probe_registry
 from .closure import wrap_first_call
 from .context import Part, StepContext
 from .distributed import wrapper_state_kept
-from .faults import contained, quietly
+from .faults import AuditError, contained, quietly
 from .flat import FlatBuffers
 from .noise_ranks import CAPTURE, LocalGradNorms
 from .replay import MAX_EVENTS_PER_BATCH, Replay
@@ -109,6 +109,12 @@ class StepCapture:
         """DDP's flags kept around the audit's forwards (``wrapper_state_kept``); no wrapper: nothing to keep."""
         return _NOTHING_KEPT if self._wrapper is None else wrapper_state_kept(self._wrapper)
 
+    @property
+    def _strict_at_once(self) -> bool:
+        """``strict`` raises where the failure happens in one process; under several, every rank raises after the
+        step's all-reduce (``_on_step_post``), so no rank is left waiting in it for a peer that has left."""
+        return self.strict and self._world_size == 1
+
     def _detach(self) -> None:
         """Remove every hook this audit installed (at ``close``)."""
         self._finalizer()  # the optimizer hooks, and this audit's count as a host-RNG tracker
@@ -145,7 +151,7 @@ class StepCapture:
         groups = self._reader.reads.param_groups
         if (len(groups), sum(len(g["params"]) for g in groups)) != self._indexed:
             # e.g. a group holding a parameter that is not in the model: audited with the old index, an error record
-            with contained(self.strict, f"auditing step {self._step_count}", pending.keep, catch=ValueError):
+            with contained(self._strict_at_once, f"auditing step {self._step_count}", pending.keep, catch=ValueError):
                 self._index_parameters(stacklevel=5)
         elif self.params[0].device != self._device:  # model.to("cuda") after the Audit was built
             self._devices, self._device = cuda_devices(self.model), self.params[0].device
@@ -207,7 +213,9 @@ class StepCapture:
         count = len(pending.batches)
         if count > 1 and torch.is_grad_enabled() and len(pending.events) < MAX_EVENTS_PER_BATCH * count:
             # inside the user's forward: never break training
-            with contained(self.strict, f"auditing step {self._step_count}: marking a forward failed", pending.keep):
+            with contained(
+                self._strict_at_once, f"auditing step {self._step_count}: marking a forward failed", pending.keep
+            ):
                 self.replay.record_forward(
                     output, pending.events, pending.handles, self._devices, host=pending.entry.host is not None
                 )
@@ -227,7 +235,7 @@ class StepCapture:
         if not pending.due or pending.stepped:
             return None
         changed = None
-        with contained(self.strict, f"auditing step {self._step_count} failed before the step", pending.keep):
+        with contained(self._strict_at_once, f"auditing step {self._step_count} failed before the step", pending.keep):
             with self._wrapper_kept():
                 changed = self._prepare(pending, args, kwargs)
         return changed
@@ -269,7 +277,7 @@ class StepCapture:
         def first_call(loss):
             if pending.error is None:
                 # never break training: the record says what failed
-                with contained(self.strict, f"auditing step {ctx.step} failed in the closure", pending.keep):
+                with contained(self._strict_at_once, f"auditing step {ctx.step} failed in the closure", pending.keep):
                     ctx.grads = self._grads()
                     ctx.parts = [
                         Part(b, r)
@@ -320,7 +328,7 @@ class StepCapture:
         def error_record(error: Exception) -> None:
             record.update(step=index, verdict="error", error=f"{type(error).__name__}: {error}")
 
-        with contained(self.strict, f"auditing step {index} failed", error_record):
+        with contained(self._strict_at_once, f"auditing step {index} failed", error_record):
             if pending.error is not None:
                 raise pending.error
             with self._wrapper_kept():
@@ -331,6 +339,8 @@ class StepCapture:
                 self._assembly.run_probes(pending.ctx, record, index, collective=True)
         pending.watch.record = record
         self._writer.commit(record)
+        if self.strict and self._world_size > 1 and record.get("verdict") == "error":
+            raise AuditError(f"auditing step {index} failed: {record.get('error')}")  # on every rank, in lockstep
 
     def _assemble(self, pending: PendingStep) -> dict:
         """The step's record from what was captured (``assemble.py``)."""
