@@ -13,6 +13,9 @@ RMSprop, the preconditioned sharpness λ_max(P⁻¹H) and the lr at which it mee
 Afterwards weights, ``.grad``, buffers, train/eval flags, optimizer state and hyperparameters, and the CPU,
 CUDA, Python and NumPy random streams are exactly as they were (the original tensor objects, their values
 copied back). The batches consumed from ``batches`` are not given back: pass a fresh iterator or a list.
+
+Size (over 400 lines): the sweep, its exact snapshot and restore, and the curvature at the start weights share
+one set of invariants (nothing the sweep touches survives it); the result, suggestion and plot are separate modules.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import copy
 import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -273,45 +277,38 @@ def lr_find(
     snapshot = Snapshot(model, optimizer)
     try:
         with step_hooks_held_back(optimizer):
-            return _sweep(
-                model,
-                optimizer,
-                loss_fn,
-                batches,
-                lrs,
-                names,
-                params,
-                ratios,
-                stop_div,
-                div_factor,
-                beta,
-                curvature,
-                tol,
-                max_hvps,
-                seed,
-            )
+            settings = SweepSettings(stop_div, div_factor, beta, curvature, tol, max_hvps, seed)
+            return _sweep(model, optimizer, loss_fn, batches, lrs, (names, params, ratios), settings)
     finally:
         snapshot.restore()
 
 
+@dataclass(frozen=True)
+class SweepSettings:
+    """``lr_find``'s keyword settings, as the sweep reads them."""
+
+    stop_div: bool
+    div_factor: float
+    beta: float
+    curvature: bool
+    tol: float
+    max_hvps: int
+    seed: int
+
+
 def _sweep(
-    model,
-    optimizer,
-    loss_fn,
-    batches,
-    lrs,
-    names,
-    params,
-    ratios,
-    stop_div,
-    div_factor,
-    beta,
-    curvature,
-    tol,
-    max_hvps,
-    seed,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable,
+    batches: Iterable,
+    lrs: list[float],
+    layout: tuple[list, list, list[float]],
+    settings: SweepSettings,
 ) -> LRFindResult:
-    """The range test proper (the caller restores the state afterwards)."""
+    """The range test proper (the caller restores the state afterwards); ``layout``: (names, params, lr ratios)."""
+    names, params, ratios = layout
+    stop_div, div_factor, beta, curvature = settings.stop_div, settings.div_factor, settings.beta, settings.curvature
+    tol, max_hvps, seed = settings.tol, settings.max_hvps, settings.seed
     devices = cuda_devices(model)
     source = _batches(batches)
     rows: list[dict] = []

@@ -4,6 +4,8 @@
 reference in docs/audit.md (``python -m stepaudit.schema --markdown``). A new record field is one line here.
 Writers: ``core`` (audit.py, records.py, the step probe), ``probe:<name>`` (an optional probe),
 ``distributed`` (several processes), ``passive`` (the doctor's passive capture).
+
+Size (over 400 lines): it is a table, one entry per field; splitting it would scatter the one vocabulary.
 """
 
 from __future__ import annotations

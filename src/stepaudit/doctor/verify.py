@@ -34,6 +34,9 @@ a linked folder on the way becomes a real folder of links), so checkpoints and l
 scratch copy (``torch.save``, which writes from C++, gets the same; other C-level writers, such as sqlite3
 or h5py, are not seen). A write that would reach the user's working folder or the script's folder by
 another path is refused (``PermissionError``) and the run is reported as failed.
+
+Size (over 400 lines): the parent (runs, judgement, the report's lines) and the child entry share the run
+protocol and the scratch-folder rules; the counterfactuals themselves live in ``counterfactual*.py``.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Every chart is one ``<svg class="chart">`` with a ``viewBox`` (it scales with th
 gridlines, ticked and labelled axes, and a clip path so nothing is drawn outside the plot. Long
 series are drawn as min/max envelopes (``downsample.envelope``); dense scatters merge overlapping
 dots only. Every string that reaches the SVG goes through ``html.escape``.
+
+Size (over 400 lines): the four chart kinds share one frame (axes, ticks, clip, legend, hover titles).
 """
 
 from __future__ import annotations
