@@ -20,9 +20,10 @@ Either runs inside the Trainer's precision context (``precision="bf16-mixed"``: 
 Refused with the fix: gradient accumulation (``accumulate_grad_batches > 1`` or a
 ``GradientAccumulationScheduler``; audit such loops with ``Audit.watch(..., accumulate=N)`` in plain
 PyTorch), manual optimization without a ``loss_fn`` (its ``training_step`` steps the optimizer itself) and
-``strategy="fsdp"`` (FSDP1, refused as by ``Audit``: use ``strategy="ddp"``).
-One run folder per fit, also with several processes (``strategy="ddp"``): rank 0 writes ``run`` itself (the
-global records), rank r > 0 writes ``run/rank<r>`` (``docs/distributed.md``).
+``strategy="fsdp"`` (FSDP1, refused as by ``Audit``: use ``strategy="ddp"``, or ``ModelParallelStrategy`` with
+``fully_shard`` in ``configure_model``, which is FSDP2 and audited as such).
+One run folder per fit, also with several processes (``strategy="ddp"``, ``ModelParallelStrategy``): rank 0
+writes ``run`` itself (the global records), rank r > 0 writes ``run/rank<r>`` (``docs/distributed.md``).
 """
 
 from __future__ import annotations
