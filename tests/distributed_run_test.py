@@ -28,6 +28,16 @@ def _shared_runs(folder: str) -> list[str]:
     return [str(shared_new_run("ddp", root=Path(folder) / "runs")) for _ in range(2)]
 
 
+def _unwritable_root(folder: str) -> dict:
+    """``shared_new_run`` whose root is a file: rank 0 cannot make the folder; what each rank raises."""
+    (Path(folder) / "a-file").write_text("")
+    try:
+        shared_new_run("ddp", root=Path(folder) / "a-file")
+    except OSError as error:
+        return {"raised": f"OSError: {error}"}
+    return {"raised": None}
+
+
 def _audit_run_none(folder: str) -> dict:
     """``Audit(ddp, ..., run=None)`` in ``folder``: its run and the broadcasts its construction issued."""
     os.chdir(folder)  # this child's working directory: stepaudit-runs/ lands in the test's folder
@@ -93,6 +103,14 @@ def test_ranks_get_one_new_folder_made_by_rank_zero(tmp_path):
     root = tmp_path / "runs"
     assert answers[0] == [str(root / "ddp"), str(root / "ddp-2")]
     assert sorted(p.name for p in root.iterdir()) == ["ddp", "ddp-2"]
+
+
+def test_a_folder_rank_zero_cannot_make_raises_on_every_rank_without_waiting(tmp_path):
+    """Rank 0's failure travels with the broadcast: both ranks raise the same one-line OSError naming run=."""
+    answers = _on_two_ranks(tmp_path, _unwritable_root)
+    raised = answers[0]["raised"]
+    assert answers[1]["raised"] == raised and raised.startswith("OSError: rank 0 could not make the run folder")
+    assert "run=" in raised and "\n" not in raised
 
 
 def test_audit_run_none_under_a_process_group_makes_one_run_folder(tmp_path):

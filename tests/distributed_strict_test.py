@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 import stepaudit
+from stepaudit import capture as capture_module
 from stepaudit.faults import AuditError
 
 pytestmark = pytest.mark.skipif(
@@ -49,12 +50,37 @@ def _worker(rank: int, folder: str, where: str, queue) -> None:
         def failing_loss(model: nn.Module, batch: tuple) -> torch.Tensor:
             """The audit's own evaluations of a step after the first: the loss before (1st call), after (2nd)."""
             current["calls"] += 1
-            nth = 1 if where == "before" else 2
+            nth = {"before": 1, "after": 2}.get(where)
             if rank == FAILING_RANK and current["step"] == FAILING_STEP and current["calls"] == nth:
                 raise RuntimeError(f"injected failure {where} the update")
             return _loss(model, batch)
 
-        audit = stepaudit.Audit(ddp, optimizer, failing_loss, run=os.path.join(folder, "run"), strict=True)
+        probes = None
+        if where == "capture":  # a probe's capture of the training pass fails to start (in begin, before the forward)
+            start_for = capture_module.probe_registry.capture_for
+
+            def failing_capture_for(name: str):
+                start = start_for(name)
+
+                def failing_start(*args, **kwargs):
+                    if rank == FAILING_RANK and current["step"] == FAILING_STEP:
+                        raise RuntimeError("injected failure starting a capture")
+                    return start(*args, **kwargs) if start is not None else None
+
+                return failing_start
+
+            capture_module.probe_registry.capture_for = failing_capture_for  # this forked child's only
+            probes = {"noise": 1}
+        audit = stepaudit.Audit(
+            ddp, optimizer, failing_loss, run=os.path.join(folder, "run"), strict=True, probes=probes
+        )
+        if where == "sink":  # a sink (TensorBoard, a full disk) fails after the step's all-reduce
+
+            def failing_sink(record: dict) -> None:
+                if rank == FAILING_RANK and record["step"] == FAILING_STEP:
+                    raise OSError("injected failure writing")
+
+            audit.add_sink(failing_sink)
         g = torch.Generator().manual_seed(rank)
         raised, started = None, time.monotonic()
         for step in range(5):
@@ -98,16 +124,25 @@ def _run(tmp_path, where: str) -> dict:
     return results
 
 
-@pytest.mark.parametrize("where", ["before", "after"])
+@pytest.mark.parametrize("where", ["before", "after", "capture", "sink"])
 def test_a_failure_on_one_rank_raises_on_every_rank_at_the_same_step(tmp_path, where):
-    """Both ranks raise AuditError at step 2, well inside the process-group timeout; the failing rank's
-    message names its own error, the other's says how many ranks failed; steps 0-2 are committed on both."""
+    """Both ranks raise AuditError at the same step, well inside the process-group timeout: at step 2 for a
+    failure before or after the update or starting a capture; at step 3 for a failed write of step 2 (it
+    happens after step 2's all-reduce). The failing rank's message names its own error, the other's says how
+    many ranks failed; every step up to the raising one is kept."""
     results = _run(tmp_path, where)
+    at = FAILING_STEP + 1 if where == "sink" else FAILING_STEP
+    own = {
+        "before": "injected failure before the update",
+        "after": "injected failure after the update",
+        "capture": "injected failure starting a capture",
+        "sink": "writing step 2 failed: injected failure writing",
+    }[where]
     for rank in range(WORLD):
         raised, records = results[rank]["raised"], results[rank]["records"]
-        assert raised is not None and raised[0] == FAILING_STEP, f"rank {rank} did not raise at step 2: {raised}"
+        assert raised is not None and raised[0] == at, f"rank {rank} did not raise at step {at}: {raised}"
         assert results[rank]["seconds"] < PG_TIMEOUT_S  # nobody waited for a peer that had left
-        assert [s for s, _, _ in records] == [0, 1, 2]
-        assert [v == "error" for _, v, _ in records] == [False, False, True]
-        expected = f"injected failure {where} the update" if rank == FAILING_RANK else "failed on 1 of 2 ranks"
+        assert [s for s, _, _ in records] == list(range(at + 1))
+        assert [v == "error" for _, v, _ in records] == [False] * at + [True]
+        expected = own if rank == FAILING_RANK else "failed on 1 of 2 ranks"
         assert expected in raised[1] and "\n" not in raised[1]

@@ -124,9 +124,12 @@ class Assembly:
                 continue
             if self.world_size > 1 and not collective:
                 record["probe_scope"] = "rank"  # this rank's batch, on the module DDP wraps: no collective
-            self._run_probe(probe_registry.get(name), ctx, record, index)
+            # strict: a probe with collectives of its own runs after the step's all-reduce, where a failure raised
+            # on one rank would leave its peers inside the probe's collectives: recorded instead
+            strict = self.strict and not (collective and self.world_size > 1)
+            self._run_probe(probe_registry.get(name), ctx, record, index, strict)
 
-    def _run_probe(self, probe: Any, ctx: StepContext, record: dict, index: int) -> None:
+    def _run_probe(self, probe: Any, ctx: StepContext, record: dict, index: int, strict: bool) -> None:
         """One probe: its fields checked against its declaration; what it may not write goes to ``probe_errors``."""
         name = probe.name
 
@@ -135,7 +138,7 @@ class Assembly:
             record.setdefault("probe_errors", {})[name] = text
 
         ctx.amendments = {}
-        with contained(self.strict, f"probe {name!r} failed at step {index}", keep) as fault:
+        with contained(strict, f"probe {name!r} failed at step {index}", keep) as fault:
             fields = probe(ctx)
         if fault.error is not None:
             return
@@ -144,6 +147,6 @@ class Assembly:
         record.update(accepted)
         if problems or refusals:  # the contract the probe declared: the step is stored without those fields
             message = "; ".join(problems + [f"previous record: {p}" for p in refusals])
-            refused(self.strict, f"probe {name!r} at step {index}", message, keep)
+            refused(strict, f"probe {name!r} at step {index}", message, keep)
         if amended:
             self.writer.amend_previous(index - 1, amended)

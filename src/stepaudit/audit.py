@@ -122,7 +122,7 @@ class Audit(StepAPI, StepCapture, NotebookMixin):
         if not self._reader.hooked:
             meta.update(optimizer=self._reader.name, optimizer_mapping=self._reader.mapping)
         self.store = RunStore(self.run, meta, name=name)
-        self._writer = RecordWriter(self.store, strict)
+        self._writer = RecordWriter(self.store, strict, self._world_size)
         self.records: list[dict] = self._writer.records  # the same list: every committed record, in order
         self._assembly = Assembly(
             self.probes, self._collective_probes, strict, self._sharded, self._rank, self._world_size, self._writer

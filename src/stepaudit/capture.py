@@ -163,7 +163,8 @@ class StepCapture:
             if start is None:
                 continue
             capture = None
-            with contained(self.strict, f"probe {name!r} could not watch step {step}"):  # it replays the pass itself
+            keep = pending.keep if self.strict else None  # strict under several processes: the step's error
+            with contained(self._strict_at_once, f"probe {name!r} could not watch step {step}", keep):  # or it replays
                 capture = start(self.model, self.names, self.params, self.options)
             if capture is not None:
                 pending.captures[name] = capture
@@ -329,6 +330,9 @@ class StepCapture:
             record.update(step=index, verdict="error", error=f"{type(error).__name__}: {error}")
 
         with contained(self._strict_at_once, f"auditing step {index} failed", error_record):
+            if self._writer.deferred is not None:  # strict, several processes: an earlier write failed on this rank
+                pending.keep_first(self._writer.deferred)
+                self._writer.deferred = None
             if pending.error is not None:
                 raise pending.error
             with self._wrapper_kept():

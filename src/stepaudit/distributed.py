@@ -101,9 +101,16 @@ def shared_new_run(name: str | None = None, root: str | os.PathLike = "stepaudit
     rank, size = world()
     if size <= 1:
         return new_run_dir(root, name=name)
-    folder = [str(new_run_dir(root, name=name)) if rank == 0 else None]
-    torch.distributed.broadcast_object_list(folder, src=0)
-    return Path(folder[0])
+    made = [None, None]  # (folder, error): a failure on rank 0 is raised on every rank, none waits
+    if rank == 0:
+        try:
+            made[0] = str(new_run_dir(root, name=name))
+        except Exception as error:
+            made[1] = f"{type(error).__name__}: {error}"
+    torch.distributed.broadcast_object_list(made, src=0)
+    if made[1] is not None:
+        raise OSError(f"rank 0 could not make the run folder: {made[1]}; pass run= a folder every rank can write")
+    return Path(made[0])
 
 
 def rank_folder(run: str | os.PathLike, rank: int, world_size: int) -> Path:

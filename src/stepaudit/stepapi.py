@@ -121,7 +121,7 @@ class StepAPI:
     def _sync(self, pending: Any) -> None:
         """Refresh what the audit reads of the optimizer; a failure is the step's recorded error (never training's)."""
         with contained(
-            self.strict, f"auditing step {self._step_count}: reading the optimizer failed", pending.keep_first
+            self._strict_at_once, f"auditing step {self._step_count}: reading the optimizer failed", pending.keep_first
         ):
             self._reader.sync()
 

@@ -12,8 +12,9 @@ from .store import RunStore
 class RecordWriter:
     """Appends each step's record to ``records``, the store and every sink; a failed write never stops training."""
 
-    def __init__(self, store: RunStore, strict: bool) -> None:
-        self.store, self.strict = store, strict
+    def __init__(self, store: RunStore, strict: bool, world_size: int = 1) -> None:
+        self.store, self.strict, self.world_size = store, strict, world_size
+        self.deferred: Exception | None = None  # strict under several processes: raised with the next audited step
         self.records: list[dict] = []
         self.sinks: list[Callable[[dict], None]] = []
 
@@ -24,8 +25,10 @@ class RecordWriter:
 
         def warn(error: Exception) -> None:
             warnings.warn(f"stepaudit could not write step {step}: {error}", stacklevel=5)
+            if self.strict:  # several processes: after the step's all-reduce, so every rank raises at the next
+                self.deferred = RuntimeError(f"writing step {step} failed: {error}")
 
-        with contained(self.strict, f"writing step {step} failed", warn):
+        with contained(self.strict and self.world_size == 1, f"writing step {step} failed", warn):
             self.store.append(record)
             for sink in self.sinks:
                 sink(record)
