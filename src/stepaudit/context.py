@@ -22,7 +22,12 @@ def group_lr(group: dict) -> float:
     lr = group.get("lr")
     if isinstance(lr, torch.Tensor):
         return float(lr) if lr.numel() == 1 else float("nan")
-    return float(lr) if isinstance(lr, (int, float)) else float("nan")
+    if lr is None or isinstance(lr, (bool, str)) or not hasattr(lr, "__float__"):
+        return float("nan")
+    try:
+        return float(lr)  # int, float, NumPy scalars and 0-d arrays
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 class _Objective(torch.nn.Module):

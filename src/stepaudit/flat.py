@@ -70,6 +70,7 @@ class FlatBuffers:
         """Drop the buffers (the next ``take_before`` allocates them again)."""
         self.before = self.grad = self.delta_w = None
         self.before_views = self.grad_views = self.delta_w_views = None
+        self._sources, self._pointers = [], []  # a non-contiguous parameter's flat copy, old storage after .to()
         self._segments: list[tuple[torch.Tensor, ...]] = []
         self._zeros: dict[int, torch.Tensor] = {}
 
@@ -103,15 +104,15 @@ class FlatBuffers:
             self.params = [local(p) for p in self._live]  # FSDP may swap a shard's storage between steps
         pointers = [p.data_ptr() for p in self.params]
         if pointers != self._pointers:
+            if self.before is not None and (
+                self.before.device != self.params[0].device or self.before.dtype != self._dtype()
+            ):
+                self.release()  # model.to(device) or a dtype change: allocate to match in take_before
             self._sources = [p.detach().reshape(-1) for p in self.params]
             # a non-contiguous parameter gives a copy, not a view: never cache that
             self._pointers = (
                 pointers if all(s.data_ptr() == p.data_ptr() for s, p in zip(self._sources, self.params)) else []
             )
-            if self.before is not None and (
-                self.before.device != self.params[0].device or self.before.dtype != self._dtype()
-            ):
-                self.release()  # model.to(device) or a dtype change: allocate to match in take_before
         return self._sources
 
     @torch.no_grad()

@@ -127,6 +127,26 @@ def test_no_copy_of_the_model_is_held_between_sparse_sampled_steps(tmp_path, mon
     assert state.flat.before is None and state.flat.grad is None and state.prev_grad is None
 
 
+def test_an_optimizer_that_stops_stepping_holds_no_copy_once_another_starts(tmp_path):
+    """Trials or folds (a fresh model and optimizer each): when a new optimizer first steps, the earlier
+    ones' buffers and gradient copies go, so the watcher holds at most the newest one's; a NumPy lr is read."""
+    source = """
+        import numpy as np, torch
+        torch.manual_seed(0)
+        for trial in range(4):
+            model = torch.nn.Linear(5, 2)
+            opt = torch.optim.SGD(model.parameters(), lr=np.float32(0.1))
+            for step in range(3):  # all sampled: buffers and the previous gradient are held in between
+                opt.zero_grad(); model(torch.ones(4, 5)).pow(2).mean().backward(); opt.step()
+    """
+    watcher, outcome = watch(write(tmp_path, source), [])
+    assert outcome.stopped == "finished" and len(watcher.optimizers) == 4
+    for state in watcher.optimizers[:3]:
+        assert state.flat.before is None and state.flat.grad is None and state.prev_grad is None
+    assert watcher.optimizers[3].flat.before is not None  # the newest keeps them (its next step may come)
+    assert all(r["lr"] == pytest.approx(0.1) for r in watcher.records)
+
+
 def test_parameters_on_several_devices_are_recorded_never_raised(tmp_path):
     """FlatBuffers audits one device: a model it refuses gets ``capture_error`` records, and trains unchanged."""
     source = """

@@ -41,7 +41,7 @@ from torch.optim import optimizer as _optim
 
 from ..closure import wrap_first_call
 from ..context import group_lr
-from ..flat import FlatBuffers
+from ..flat import FlatBuffers, is_sharded
 from ..maths import dense
 from ..records import layer_rows
 from .observe import ForwardObserver
@@ -511,6 +511,10 @@ class PassiveWatcher(ForwardObserver, RunResults):
         params, groups = [p for p, _ in pairs], [g for _, g in pairs]
         state = WatchedOptimizer(len(self.optimizers), optimizer, params, groups)
         state.ever_grad = [False] * len(params)
+        for other in self.optimizers:  # a new optimizer (a new trial, fold, model): the others may never step again
+            if other.flat is not None:
+                other.flat.release()
+            other.prev_grad = None
         self.optimizers.append(state)
         self._by_id[id(optimizer)] = state
         return state
@@ -545,6 +549,8 @@ class PassiveWatcher(ForwardObserver, RunResults):
         """Copy the weights (``before``) or gradient (``grad``) into ``FlatBuffers``; odd parameters are recorded."""
         try:
             if state.flat is None:
+                if any(is_sharded(p) for p in state.params):  # FlatBuffers would all-reduce from inside a hook
+                    raise ValueError("not measured: parameters sharded by FSDP2")
                 state.flat = FlatBuffers(state.params)
             (state.flat.take_before if what == "before" else state.flat.take_grad)()
         except Exception as error:
