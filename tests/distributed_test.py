@@ -228,7 +228,11 @@ def test_batchnorm_and_dropout_train_bit_identically_under_the_audit(
             assert all(math.isfinite(r["sharpness"]) and r["probe_scope"] == "rank" for r in records[::2])
             assert not any(r.get("probe_errors") for r in records)
         elif probes:
-            assert all("FSDP2" in r["probe_errors"]["sharpness"] for r in records[::2])
+            assert all(
+                "FSDP2" in r["probe_errors"]["sharpness"]
+                and "DistributedDataParallel" in r["probe_errors"]["sharpness"]
+                for r in records[::2]
+            )
 
 
 def _oracle(weights: list[torch.Tensor], rank: int, step: int) -> tuple[float, list[torch.Tensor]]:

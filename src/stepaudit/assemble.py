@@ -119,7 +119,7 @@ class Assembly:
                 continue
             if self.sharded:  # the same on every rank: no probe issues a collective that a peer would not
                 record.setdefault("probe_errors", {})[name] = (
-                    "not measured: probes need whole parameters and FSDP2 shards them"
+                    "not measured: probes need whole parameters and FSDP2 shards them (DistributedDataParallel runs them)"
                 )
                 continue
             if self.world_size > 1 and not collective:
