@@ -111,8 +111,14 @@ class _TrainingPass:
 
     def _keep(self, index: int):
         def keep(param: Tensor) -> None:
-            if param.grad is not None:  # a view of DDP's bucket, which its all-reduce overwrites: copied now
-                self.local[index] = param.grad.detach().clone()
+            grad = param.grad
+            if grad is None:
+                return
+            kept = self.local[index]  # a view of DDP's bucket, which its all-reduce overwrites: copied now
+            if kept is not None and not grad.is_sparse and kept.shape == grad.shape and kept.dtype == grad.dtype:
+                kept.copy_(grad.detach())  # a later backward of the step (accumulation): one buffer, not a new one
+            else:
+                self.local[index] = grad.detach().clone()
 
         return keep
 
