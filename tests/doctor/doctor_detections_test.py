@@ -298,3 +298,30 @@ def test_a_torchscript_model_is_diagnosed(tmp_path):
     """
     found = doctor(tmp_path, textwrap.dedent(body) + LOOP)
     assert found[0]["code"] == "healthy"
+
+
+def test_progressive_unfreezing_with_add_param_group_is_not_params_not_updating(tmp_path):
+    """Fine-tuning that unfreezes the backbone later (``add_param_group``): its parameters are held from then
+    on, so no "belong to no optimizer" error; a backbone never added is still caught (the control)."""
+    body = """
+backbone = nn.Sequential(nn.Linear(8, 32), nn.ReLU())
+model = nn.Sequential(backbone, nn.Linear(32, 3))
+for p in backbone.parameters():
+    p.requires_grad_(False)
+opt = torch.optim.Adam(model[1].parameters(), lr=1e-2)
+for step in range(200):
+    if step == 20:
+        for p in backbone.parameters():
+            p.requires_grad_(True)
+        {add}
+    idx = torch.randint(0, 512, (64,), generator=g)
+    opt.zero_grad()
+    F.cross_entropy(model(X[idx]), y[idx]).backward()
+    opt.step()
+"""
+    added = doctor(
+        tmp_path, body.replace("{add}", 'opt.add_param_group({"params": backbone.parameters(), "lr": 1e-3})')
+    )
+    assert "params_not_updating" not in problems(added), added[0]
+    forgotten = doctor(tmp_path, body.replace("{add}", "pass"))
+    assert forgotten[0]["code"] == "params_not_updating"

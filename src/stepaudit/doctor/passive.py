@@ -98,6 +98,7 @@ class WatchedOptimizer:
     max_lr: list = field(default_factory=list)  # largest lr each parameter group had at a sampled step
     zero_watch: dict | None = None  # zeroing check between a sampled step and this optimizer's next step
     pending: dict = field(default_factory=dict)
+    group_count: int = 0  # param_groups when params was read (add_param_group changes it: re-read)
 
 
 def _leaf(tensor: torch.Tensor, walk: int) -> dict:
@@ -507,10 +508,8 @@ class PassiveWatcher(ForwardObserver, RunResults):
 
     # -- optimizer steps -------------------------------------------------------------------------------
     def _register(self, optimizer: torch.optim.Optimizer) -> WatchedOptimizer:
-        pairs = [(p, g) for g, group in enumerate(optimizer.param_groups) for p in group["params"]]
-        params, groups = [p for p, _ in pairs], [g for _, g in pairs]
-        state = WatchedOptimizer(len(self.optimizers), optimizer, params, groups)
-        state.ever_grad = [False] * len(params)
+        state = WatchedOptimizer(len(self.optimizers), optimizer, [], [])
+        self._index(state)
         for other in self.optimizers:  # a new optimizer (a new trial, fold, model): the others may never step again
             if other.flat is not None:
                 other.flat.release()
@@ -519,10 +518,26 @@ class PassiveWatcher(ForwardObserver, RunResults):
         self._by_id[id(optimizer)] = state
         return state
 
+    @staticmethod
+    def _index(state: WatchedOptimizer) -> None:
+        """Read the parameters the optimizer holds (again after ``add_param_group``: progressive unfreezing)."""
+        groups = state.optimizer.param_groups
+        pairs = [(p, g) for g, group in enumerate(groups) for p in group["params"]]
+        seen = {id(p): flag for p, flag in zip(state.params, state.ever_grad)}
+        state.params, state.groups = [p for p, _ in pairs], [g for _, g in pairs]
+        state.ever_grad = [seen.get(id(p), False) for p in state.params]
+        state.group_count, state.names, state.modules = len(groups), None, None
+        if state.flat is not None:
+            state.flat.release()
+        state.flat = state.prev_grad = state.zero_watch = None
+
     def _step_pre(self, optimizer, args, kwargs):
         self._check_stop()
         state = self._by_id.get(id(optimizer)) or self._register(optimizer)
         self._finish_zero_check(state)
+        groups = optimizer.param_groups
+        if len(groups) != state.group_count or sum(len(g["params"]) for g in groups) != len(state.params):
+            self._index(state)
         self._close_activations()
         self._depth = 0
         self._in_step = True
