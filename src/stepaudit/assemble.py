@@ -16,7 +16,7 @@ from . import probes as probe_registry
 from .arguments import batch_size
 from .context import StepContext, group_lr
 from .distributed import collective_device, global_objective
-from .faults import contained, refused
+from .faults import contained, raises_at_once, refused
 from .flat import FlatBuffers
 from .losses import LossEvaluator
 from .noise_ranks import CAPTURE, noise_fields, rank_values
@@ -126,7 +126,7 @@ class Assembly:
                 record["probe_scope"] = "rank"  # this rank's batch, on the module DDP wraps: no collective
             # strict: a probe with collectives of its own runs after the step's all-reduce, where a failure raised
             # on one rank would leave its peers inside the probe's collectives: recorded instead
-            strict = self.strict and not (collective and self.world_size > 1)
+            strict = raises_at_once(self.strict, self.world_size) if collective else self.strict
             self._run_probe(probe_registry.get(name), ctx, record, index, strict)
 
     def _run_probe(self, probe: Any, ctx: StepContext, record: dict, index: int, strict: bool) -> None:

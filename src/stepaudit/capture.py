@@ -10,7 +10,6 @@ goes through the one fault policy (``faults.py``). The state of the open step is
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from . import probes as probe_registry
 from .closure import wrap_first_call
 from .context import Part, StepContext
 from .distributed import wrapper_state_kept
-from .faults import AuditError, contained, quietly
+from .faults import AuditError, contained, quietly, raises_at_once
 from .flat import FlatBuffers
 from .noise_ranks import CAPTURE, LocalGradNorms
 from .replay import MAX_EVENTS_PER_BATCH, Replay
@@ -105,15 +104,10 @@ class StepCapture:
         # an audit that is dropped without close() leaves no hooks on the optimizer
         self._finalizer = weakref.finalize(self, _cleanup, list(self._handles), self.replay)
 
-    def _wrapper_kept(self):
-        """DDP's flags kept around the audit's forwards (``wrapper_state_kept``); no wrapper: nothing to keep."""
-        return _NOTHING_KEPT if self._wrapper is None else wrapper_state_kept(self._wrapper)
-
     @property
     def _strict_at_once(self) -> bool:
-        """``strict`` raises where the failure happens in one process; under several, every rank raises after the
-        step's all-reduce (``_on_step_post``), so no rank is left waiting in it for a peer that has left."""
-        return self.strict and self._world_size == 1
+        """``strict`` raises where the failure happens only in one process (``faults.raises_at_once``)."""
+        return raises_at_once(self.strict, self._world_size)
 
     def _detach(self) -> None:
         """Remove every hook this audit installed (at ``close``)."""
@@ -237,7 +231,7 @@ class StepCapture:
             return None
         changed = None
         with contained(self._strict_at_once, f"auditing step {self._step_count} failed before the step", pending.keep):
-            with self._wrapper_kept():
+            with wrapper_state_kept(self._wrapper):
                 changed = self._prepare(pending, args, kwargs)
         return changed
 
@@ -335,7 +329,7 @@ class StepCapture:
                 self._writer.deferred = None
             if pending.error is not None:
                 raise pending.error
-            with self._wrapper_kept():
+            with wrapper_state_kept(self._wrapper):
                 record = self._assemble(pending)
         if self._world_size > 1:  # every rank, every audited step, whatever happened above: lockstep
             self._assembly.globalize(record, pending.captures, self._flat_buffers() if self._sharded else None)
@@ -352,9 +346,6 @@ class StepCapture:
         self.replay.check(pending.entry, [part.rng for part in ctx.parts])
         layout = (self.names, self.modules, self.groups)
         return self._assembly.core(ctx, self._flat_buffers(), self.losses, layout, pending.batches, pending.loss_before)
-
-
-_NOTHING_KEPT = contextlib.nullcontext()  # reusable: nullcontext holds no state
 
 
 def _cleanup(handles: list, replay: Replay) -> None:

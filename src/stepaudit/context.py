@@ -22,7 +22,7 @@ def group_lr(group: dict) -> float:
     lr = group.get("lr")
     if isinstance(lr, torch.Tensor):
         return float(lr) if lr.numel() == 1 else float("nan")
-    if lr is None or isinstance(lr, (bool, str)) or not hasattr(lr, "__float__"):
+    if lr is None or isinstance(lr, (bool, str, bytes)):  # float("0.1") parses: not a number torch accepts
         return float("nan")
     try:
         return float(lr)  # int, float, NumPy scalars and 0-d arrays

@@ -77,11 +77,21 @@ def unwrap_optimizer(optimizer: object) -> object:
     return optimizer
 
 
+def wrapper_state_kept(wrapper: torch.nn.Module | None) -> contextlib.AbstractContextManager:
+    """DDP's forward-sync flags as they were, whatever forwards the audit runs (through the wrapper or not).
+
+    No wrapper (one process, on every audited step): a shared no-op, without building a generator.
+    """
+    return _NOTHING_KEPT if wrapper is None else _flags_kept(wrapper)
+
+
+_NOTHING_KEPT = contextlib.nullcontext()  # reusable: nullcontext holds no state
+
+
 @contextlib.contextmanager
-def wrapper_state_kept(wrapper: torch.nn.Module | None) -> Iterator[None]:
-    """DDP's forward-sync flags as they were, whatever forwards the audit runs (through the wrapper or not)."""
+def _flags_kept(wrapper: torch.nn.Module) -> Iterator[None]:
     names = ("require_forward_param_sync", "require_backward_grad_sync")
-    saved = {n: getattr(wrapper, n) for n in names if wrapper is not None and hasattr(wrapper, n)}
+    saved = {n: getattr(wrapper, n) for n in names if hasattr(wrapper, n)}
     try:
         yield
     finally:

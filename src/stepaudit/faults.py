@@ -47,6 +47,13 @@ def contained(
             raise
 
 
+def raises_at_once(strict: bool, world_size: int) -> bool:
+    """Whether ``strict`` raises where the failure happens: in one process only. Under several, a failure is the
+    step's error record, shared by the step's all-reduce, and every rank raises after it (``capture.py``), so no
+    rank is left waiting in a collective for a peer that has left."""
+    return strict and world_size == 1
+
+
 def refused(strict: bool, what: str, message: str, keep: Callable[[str], Any]) -> None:
     """A contract broken without an exception (a probe's undeclared field): ``keep(message)``, or raise (``strict``)."""
     if strict:

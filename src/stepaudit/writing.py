@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 
-from .faults import contained
+from .faults import contained, raises_at_once
 from .store import RunStore
 
 
@@ -28,7 +28,7 @@ class RecordWriter:
             if self.strict:  # several processes: after the step's all-reduce, so every rank raises at the next
                 self.deferred = RuntimeError(f"writing step {step} failed: {error}")
 
-        with contained(self.strict and self.world_size == 1, f"writing step {step} failed", warn):
+        with contained(raises_at_once(self.strict, self.world_size), f"writing step {step} failed", warn):
             self.store.append(record)
             for sink in self.sinks:
                 sink(record)
