@@ -236,7 +236,10 @@ def test_strict_capture_failure_leaves_no_open_step(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("every, expected", [(3, [False] * 4), (1, [True] * 4)])
-def test_flat_buffers_are_kept_only_while_the_next_step_is_audited(tmp_path, every, expected):
+def test_flat_buffers_are_kept_only_while_the_next_step_is_audited(tmp_path, monkeypatch, every, expected):
+    from stepaudit.flat import FlatBuffers
+
+    monkeypatch.setattr(FlatBuffers, "KEEP_BYTES", 8)  # the model's 16 bytes of buffers count as large
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -245,9 +248,33 @@ def test_flat_buffers_are_kept_only_while_the_next_step_is_audited(tmp_path, eve
     for _ in range(4):
         audit.step(torch.randn(4, 3))
         held.append(audit._flat is not None and audit._flat.before is not None)
-    assert held == expected  # sparse auditing holds no copy of the model between audited steps
+    assert held == expected  # sparse auditing holds no copy of a large model between audited steps
     assert [r["step"] for r in audit.records] == list(range(0, 4, every))
     assert all(r["verdict"] != "error" for r in audit.records)
+
+
+def test_small_flat_buffers_are_kept_between_sparse_steps_and_reused_exactly(tmp_path):
+    """Under ``KEEP_BYTES`` the buffers stay (no allocation per sparse step); reused, they give the same
+    first_order as a float64 recomputation from copies taken by hand."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loss_fn = lambda m, b: m(b).pow(2).mean()  # noqa: E731
+    audit = stepaudit.Audit(model, opt, loss_fn, run=tmp_path / "run", every=3)
+    buffers, truths = set(), {}
+    for step in range(7):
+        batch = torch.randn(4, 3)
+        before = [p.detach().double().clone() for p in model.parameters()]
+        audit.step(batch)
+        if step % 3 == 0:
+            grads = [p.grad.double() for p in model.parameters()]
+            after = [p.detach().double() for p in model.parameters()]
+            truths[step] = sum(float((g * (a - b)).sum()) for g, a, b in zip(grads, after, before))
+        buffers.add(audit._flat.before.data_ptr())
+        assert audit._flat.before is not None
+    assert len(buffers) == 1
+    for record in audit.records:
+        assert record["first_order"] == pytest.approx(truths[record["step"]], rel=1e-5)
     audit.close()
 
 

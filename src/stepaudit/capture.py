@@ -117,8 +117,13 @@ class StepCapture:
         self._forward_handle = None
 
     # -- 0 and 4: the step opens and closes ------------------------------------------------------------
-    def _begin(self, batches: list) -> PendingStep:
-        """Open the step: decide whether it is audited; if so, save the random state and attach the forward hook."""
+    def _begin(self, batches: list, forward_inside: bool = False) -> PendingStep:
+        """Open the step: decide whether it is audited; if so, save the random state and attach the forward hook.
+
+        ``forward_inside`` (``step()``): the one forward runs inside this call, under the autocast state of
+        now, so that state is read here and no forward hook is needed (a hooked module takes nn.Module's slower
+        call path).
+        """
         if self._pending is not None:
             raise RuntimeError("audit.watch() blocks cannot be nested; finish the current step first")
         step = self._step_count
@@ -130,7 +135,10 @@ class StepCapture:
             try:
                 self._refresh_index(pending)
                 pending.entry = self.replay.open(self._devices)
-                self._forward_handle = self.model.register_forward_hook(self._forward_end)
+                if forward_inside and len(batches) == 1:
+                    pending.autocast = AutocastState.capture()
+                else:
+                    self._forward_handle = self.model.register_forward_hook(self._forward_end)
                 if self._world_size > 1 and self._wrapper is not None:  # DDP: g_r before its all-reduce
                     pending.captures[CAPTURE] = LocalGradNorms(self.params)
                 if self.probes:
@@ -170,7 +178,7 @@ class StepCapture:
 
     def _end(self, stacklevel: int, failed: bool = False) -> None:
         """Close the step: detach the forward hook, output hooks and captures; count a step that was due but
-        never taken; release the flat buffers if the next step is not audited.
+        never taken; release large flat buffers if the next step is not audited.
 
         ``failed``: the block raised; the exception says what happened, so no warning is added.
         """
@@ -186,7 +194,7 @@ class StepCapture:
         if pending.due and not self._closed:
             self.replay.check(pending.entry)  # a step that was not audited still tells
         if pending.due and self._flat is not None and not self.due():
-            self._flat.release()  # sparse auditing holds no copy of the model between audited steps
+            self._flat.idle()  # sparse auditing holds no copy of a large model between audited steps
         if pending.due and not pending.stepped and not failed:
             self.skipped_steps += 1  # e.g. GradScaler skipped a step with inf/NaN gradients
             warnings.warn(
