@@ -150,6 +150,11 @@ def _partly_not_updating(f: Facts, zero_lr: list, groups: list) -> Diagnosis | N
         return None
     severity = "error" if share >= 0.5 or orphans else "warning"
     kind = "no_grad" if not orphans and not zero_lr else "structure"
+    if kind == "no_grad" and share < 0.5 and f.learning_well:
+        # the rest of the model learns: a head this loss never uses, or a bias that cancels (a Siamese distance
+        # ‖f(a) − f(b)‖ takes none from the last layer's bias) is no fault; a detached encoder holds most values
+        severity = "info"
+        parts[-1] += "; the rest of the model learns, so these are likely parts this loss does not use"
     fix = (
         "build the optimizer after the model is final (after replacing layers / moving to the device) "
         "from model.parameters(); don't detach() or wrap the forward in torch.no_grad()"
