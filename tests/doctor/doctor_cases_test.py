@@ -42,6 +42,8 @@ CODES = {
     "labels_unlearnable",
     "gradient_noise_dominates",
     "nonfinite",
+    "weight_decay_too_high",
+    "data_not_shuffled",
 }
 # Words that would give a fault away in a file name, comment, string or user-defined identifier.
 # Stems match word starts ("vanish" matches "vanishing"); the rest match whole words.

@@ -29,6 +29,8 @@ BEFORE_CODES = (
     "labels_unlearnable",
     "gradient_noise_dominates",
     "nonfinite",
+    "weight_decay_too_high",  # added after the refactor, with its own cases (c79, c81)
+    "data_not_shuffled",  # added after the refactor, with its own cases (c82, c83)
 )
 BEFORE_CAUSES = {
     "params_not_updating": ("lr_too_low", "labels_unlearnable", "gradient_noise_dominates", "vanishing_gradients"),
@@ -99,6 +101,20 @@ BEFORE_CAUSES = {
         "gradient_noise_dominates",
         "params_not_updating:no_grad",
     ),
+    "weight_decay_too_high": (
+        "labels_unlearnable",
+        "gradient_noise_dominates",
+        "vanishing_gradients",
+        "lr_too_low",
+        "dead_relu",
+    ),
+    "data_not_shuffled": (
+        "lr_too_high",
+        "exploding_gradients",
+        "gradient_noise_dominates",
+        "labels_unlearnable",
+        "nonfinite",
+    ),
     "lr_too_low": ("labels_unlearnable",),
     "labels_unlearnable": ("gradient_noise_dominates",),
 }
@@ -107,7 +123,9 @@ BEFORE_PRIORITY = (
     "missing_zero_grad",
     "loss_wiring",
     "unnormalized_inputs",
+    "data_not_shuffled",
     "lr_too_high",
+    "weight_decay_too_high",
     "exploding_gradients",
     "dead_relu",
     "saturated_activations",
@@ -123,16 +141,24 @@ BEFORE_RULES = (
     "missing_zero_grad",
     "loss_wiring",
     "unnormalized_inputs",
+    "data_not_shuffled",
     "dead_relu",
     "saturated_activations",
     "vanishing_gradients",
     "exploding_gradients",
     "lr_too_high",
+    "weight_decay_too_high",
     "lr_too_low",
     "labels_unlearnable",
     "gradient_noise_dominates",
 )
-BEFORE_QUIET_AFTER_DIVERGENCE = {"lr_too_low", "labels_unlearnable", "gradient_noise_dominates", "vanishing_gradients"}
+BEFORE_QUIET_AFTER_DIVERGENCE = {
+    "lr_too_low",
+    "labels_unlearnable",
+    "gradient_noise_dominates",
+    "vanishing_gradients",
+    "weight_decay_too_high",
+}
 BEFORE_NOTES_WHEN_LEARNING = {
     "exploding_gradients",
     "vanishing_gradients",

@@ -364,3 +364,71 @@ def test_significantly_negative_cosines_mean_oscillation():
     assert n == 100 and m == pytest.approx(-0.3) and se == pytest.approx(0.2 * math.sqrt(100 / 99) / 10)
     assert f.oscillating
     assert not Facts(run(grad_cos_prev=lambda t: 0.4 if t % 2 else -0.4), {}).oscillating  # mean 0: scatter
+
+
+def test_lr_too_high_when_large_steps_bounce_at_a_plateau():
+    # Adam at 100× its lr: steps of 20% of the weights, consecutive gradients apart, the norm growing 30×,
+    # and a loss that only goes from 1.38 to about 1.0 without ever rising above its start or going NaN
+    bouncing = dict(
+        loss=lambda t: 1.0 + 0.38 * math.exp(-t / 10),
+        ratio=0.2,
+        grad_cos_prev=lambda t: -0.05 + 0.02 * ((t % 3) - 1),
+        weight_norm=lambda t: 10.0 * (1 + 0.3 * t),
+    )
+    found = diagnose(run(**bouncing), meta=passive(label_counts={"0": 1, "1": 1, "2": 1, "3": 1}))
+    assert codes(found)[0] == "lr_too_high", codes(found)
+    assert found[0]["first_step"] == 0 and "bounces" in found[0]["evidence"] and "lr" in found[0]["fix"]
+    # the same large steps on a run whose loss falls to 5% of its start: Adam with BatchNorm at a high lr
+    # that learns is not flagged by this branch
+    learning = {**bouncing, "loss": lambda t: 0.05 + 1.33 * math.exp(-t / 10)}
+    assert "lr_too_high" not in codes(diagnose(run(**learning), meta=passive()))
+    # modest steps (cs231n's 1e-3) and positive cosines on the same plateau: not this branch
+    modest = {**bouncing, "ratio": 1e-3, "grad_cos_prev": 0.3, "weight_norm": 10.0}
+    assert "lr_too_high" not in codes(diagnose(run(**modest), meta=passive()))
+
+
+def _decay_meta(decay: float, lr: float = 1e-3, optimizer: str = "AdamW") -> dict:
+    group = {"lr": lr, "weight_decay": decay, "n_params": 1000}
+    return passive(
+        label_counts=UNIFORM_10, optimizers=[{"optimizer": optimizer, "param_groups": [group], "max_lr": [lr]}]
+    )
+
+
+def test_weight_decay_too_high():
+    # AdamW weight_decay 30 at lr 1e-3: 3% of every weight per step; the norm falls 6.8 → 1.9, the loss
+    # stays at 90% of ln 10
+    shrinking = dict(
+        loss=lambda t: 2.07 + 0.23 * math.exp(-t / 10), ratio=0.02, weight_norm=lambda t: 1.9 + 4.9 * math.exp(-t / 20)
+    )
+    found = diagnose(run(**shrinking), meta=_decay_meta(30.0))
+    assert codes(found)[0] == "weight_decay_too_high", codes(found)
+    assert found[0]["severity"] == "error" and "weight_decay = 30" in found[0]["evidence"]
+    assert "0.03" in found[0]["evidence"] and "30" in found[0]["fix"]
+    # the usual AdamW decay (1e-2: 1e-5 per step) on the same curve: not a decay finding
+    assert "weight_decay_too_high" not in codes(diagnose(run(**shrinking), meta=_decay_meta(1e-2)))
+    # a strong decay whose weights did not shrink (the loss defends them): not this finding
+    held = {**shrinking, "weight_norm": 6.8}
+    assert "weight_decay_too_high" not in codes(diagnose(run(**held), meta=_decay_meta(30.0)))
+    # a strong decay on a run that learns (loss 2.3 → 0.05): not this finding
+    learning = {**shrinking, "loss": lambda t: 2.3 * math.exp(-t / 30) + 0.05}
+    assert "weight_decay_too_high" not in codes(diagnose(run(**learning), meta=_decay_meta(30.0)))
+
+
+def test_input_scale_is_dated_before_the_first_step_and_explains_the_steps_it_made_too_large():
+    # raw 0-255 pixels (input RMS 124, best measured at step 40): steps of the weights' size kill the
+    # ReLUs by step 2 and the loss sits at ln 10; the input scale is the root, lr_too_high its consequence
+    found = diagnose(
+        run(
+            loss=lambda t: 2.3,
+            ratio=1.0,
+            input_rms=lambda t: 124.0 if t == 40 else None,
+            input_feature_rms_max=lambda t: 205.0 if t == 40 else None,
+            input_rows=lambda t: 640 if t == 40 else None,
+            input_layer="Linear",
+            dead_relu_share=lambda t: 0.1 if t < 2 else 0.9,
+        ),
+        meta=passive(label_counts=UNIFORM_10),
+    )
+    assert codes(found)[0] == "unnormalized_inputs" and found[0]["first_step"] == 0, codes(found)
+    high = [d for d in found if d["code"] == "lr_too_high"]
+    assert high and "consequence of unnormalized_inputs" in high[0]["evidence"]

@@ -262,6 +262,16 @@ class Facts:
         return max((v for v in (first, third) if v is not None), default=None)
 
     @cached_property
+    def weight_growth(self) -> tuple[float, float, float] | None:
+        """(late ‖w‖ / first ‖w‖, first ‖w‖, late ‖w‖): the median over the last fifth of the sampled steps
+        (at least two) against the first sampled step; needs five sampled steps."""
+        norms = finite(r.get("weight_norm") for r in self.sampled)
+        if len(norms) < 5 or norms[0] <= 0:
+            return None
+        late = median(norms[-max(2, len(norms) // 5) :])
+        return late / norms[0], norms[0], late
+
+    @cached_property
     def gradient_always_zero(self) -> bool:
         """Every sampled step's gradient was exactly 0 (and at least one step was sampled)."""
         return bool(self.sampled) and all((r.get("grad_norm") or 0) == 0 for r in self.sampled)

@@ -58,6 +58,8 @@ class ForwardObserver:
         self.summed_losses: set[str] = set()
         self.target_nan_or_inf = False
         self.label_counts: Counter = Counter()
+        self.batch_labels: list[list[int]] = []  # [distinct labels, labels, step] of sampled training batches
+        self.batch_label_pool: Counter = Counter()  # their labels pooled
         self.target_moments = [0.0, 0.0, 0.0]  # n, Σy, Σy² of regression targets
         self.initial_loss: dict | None = None
         self.batch_size: int | None = None
@@ -180,6 +182,10 @@ class ForwardObserver:
         if kwargs.get("reduction", "mean") != "mean" or (len(args) > 5 and name == "mse_loss"):
             self.summed_losses.add(name)  # 'sum' (or 'none'): the loss is not on a per-example scale
         step = self.step_count
+        if self.window and (step < 5 or step % self.every < 2):  # the sampled steps
+            self._note_batch_labels(
+                name, _tensor_arg(args, kwargs, 0, "input"), _tensor_arg(args, kwargs, 1, "target"), kwargs
+            )
         if not self.window or not (step < 5 or step % (5 * self.every) < 2):  # a few windows suffice
             return
         x = _tensor_arg(args, kwargs, 0, "input")
@@ -289,6 +295,31 @@ class ForwardObserver:
             self.target_moments[0] += t.numel()
             self.target_moments[1] += float(t.sum())
             self.target_moments[2] += float((t * t).sum())
+
+    def _note_batch_labels(self, name: str, x: Any, y: Any, kwargs: dict) -> None:
+        """Which classes one training batch holds (``data_not_shuffled`` compares them with a shuffled batch's).
+
+        Classification losses with one hard label per example; training calls only (the input requires grad: a
+        validation loop over a class-sorted folder is unshuffled on purpose), the first call of a step."""
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.requires_grad and x.dim() >= 1):
+            return
+        if len(self.batch_labels) >= 400 or (self.batch_labels and self.batch_labels[-1][2] == self.step_count):
+            return
+        with torch.no_grad():
+            if name in ("cross_entropy", "nll_loss") and x.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
+                values = y[y != kwargs.get("ignore_index", -100)]
+            elif name in ("binary_cross_entropy", "binary_cross_entropy_with_logits") and y.numel() == x.shape[0]:
+                values = y.reshape(-1)
+                if not bool(((values == 0) | (values == 1)).all()):
+                    return  # soft targets
+                values = values.long()
+            else:
+                return
+            if values.numel() < 8 or values.numel() != x.shape[0] or int(values.min()) < 0:
+                return
+            counts = torch.bincount(values.cpu()).tolist()
+        self.batch_label_pool.update({i: c for i, c in enumerate(counts) if c})
+        self.batch_labels.append([sum(1 for c in counts if c), int(values.numel()), self.step_count])
 
     def loss_findings(self) -> list[dict]:
         """Miswirings seen at (nearly) every inspected call of their loss function, not once by chance."""

@@ -105,6 +105,8 @@ class RunResults:
             "target_nan_or_inf": self.target_nan_or_inf,
             "initial_loss": self.initial_loss,
             "label_counts": {str(k): v for k, v in sorted(self.label_counts.items())},
+            "batch_labels": self.batch_labels,
+            "batch_label_pool": {str(k): v for k, v in sorted(self.batch_label_pool.items())},
             "target_variance": (s2 / n - (s1 / n) ** 2) if n > 1 else None,
             "batch_size": self.batch_size,
             "trainable_numel": trainable,

@@ -20,6 +20,8 @@ round numbers with a stated meaning, not fits to a test suite. Sources cited by 
         norms growing by orders of magnitude; clip them.
   [ZK]  Zhang et al., "Understanding deep learning requires rethinking generalization" (2017): random
         labels are fitted only by memorisation, slowly, the loss staying near the label entropy.
+  [LH]  Loshchilov & Hutter, "Decoupled Weight Decay Regularization" (ICLR 2019): AdamW's decay
+        w ← w − lr·λ·w acts apart from the gradient step; λ must be tuned with lr and run length.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from collections.abc import Callable
 from ..diagnosis import Diagnosis
 from ..facts import Facts
 from . import (
+    data_not_shuffled,
     dead_relu,
     exploding_gradients,
     gradient_noise_dominates,
@@ -42,6 +45,7 @@ from . import (
     saturated_activations,
     unnormalized_inputs,
     vanishing_gradients,
+    weight_decay_too_high,
 )
 from .base import RESERVED, Code, validate
 
@@ -52,11 +56,13 @@ _MODULES = (
     missing_zero_grad,
     loss_wiring,
     unnormalized_inputs,
+    data_not_shuffled,
     dead_relu,
     saturated_activations,
     vanishing_gradients,
     exploding_gradients,
     lr_too_high,
+    weight_decay_too_high,
     lr_too_low,
     labels_unlearnable,
     gradient_noise_dominates,

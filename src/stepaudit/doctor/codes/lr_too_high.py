@@ -65,6 +65,10 @@ def lr_too_high(f: Facts) -> Diagnosis | None:
         parts.append(f"lr exceeded the stability bound 2/λ_max at {len(unsafe)} of {len(judged)} measured steps")
         first = first if first is not None else int(unsafe[0]["step"])
         strength += 0.3
+    bounce = _bouncing(f)
+    if bounce and not parts:
+        parts.append(bounce)
+        first, strength = 0, strength + 0.35
     if not parts:
         return None
     ratio = f.update_ratio_early
@@ -84,6 +88,41 @@ def lr_too_high(f: Facts) -> Diagnosis | None:
         f"lower the learning rate{lr_text} by 3–10× (or add warm-up / gradient clipping)",
         lr_direction=-1,
     )
+
+
+def _bouncing(f: Facts) -> str | None:
+    """Steps far too large for a loss that does not fall: it bounces at a plateau instead of diverging.
+
+    Adam's step is about lr per coordinate whatever the gradient's size, so at 100× its usual lr the loss
+    need not climb above its start (the branches above): it stalls, the consecutive gradients point apart
+    (each step jumps across the valley it should descend) or the steps, not the loss, set the weights'
+    scale (the norm grows by an order of magnitude in a few hundred steps).
+    """
+    early, late = f.update_ratio_early, f.update_ratio
+    # ≥ 0.1 early (100× cs231n's 1e-3) or ≥ 1e-2 over the whole run (10×). Measured on the digits and tabular
+    # MLPs: Adam at lr 1e-3 gives 0.013 early and 0.004 over the run; at lr 0.3 and 1.0 0.34–0.42 early.
+    big = (early is not None and early >= 0.1) or (late is not None and late >= 1e-2)
+    # the loss did not halve [learning_well's bar]: a run with large steps that still learns is left alone
+    # (healthy Adam with BatchNorm at lr 0.1–0.3 also moves its weights by 0.3 early, and halves its loss)
+    stalled = f.progress is not None and f.progress < 0.5 and f.first_nonfinite is None and f.loss_form is None
+    if not (big and stalled):
+        return None
+    growth, cos = f.weight_growth, f.grad_cos_mean
+    # 10× in one run: with Adam at lr 1e-3 the tabular MLP's norm grew 1.3×, at lr 0.3 and 1.0 34× and 65×
+    grew = growth is not None and growth[0] >= 10
+    # mean consecutive-gradient cosine ≤ 0: E[g_t·g_t+1] ≈ ‖G‖² − η g_tᵀHg_t ≥ 0 for steps short enough
+    # [MC; DL], so a mean at or below 0 means the curvature term wins: the steps overshoot
+    apart = cos is not None and cos <= 0
+    if not (grew or apart):
+        return None
+    said = [f"the steps moved the weights by {_g(early if early is not None else late)} of their norm"]
+    said[0] += " early on" if early is not None and early >= 0.1 else " per step over the run"
+    if apart:
+        said.append(f"consecutive gradients pointed apart (mean cosine {_g(cos)}): each step overshot")
+    if grew:
+        said.append(f"the weights' norm grew {_g(growth[0])}× ({_g(growth[1])} → {_g(growth[2])})")
+    said.append(f"yet the loss only went from {_g(f.loss_start)} to {_g(f.loss_end)}: it bounces, it does not descend")
+    return "; ".join(said)
 
 
 CODE = Code(

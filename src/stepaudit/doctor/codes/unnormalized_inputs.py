@@ -65,7 +65,11 @@ def unnormalized_inputs(f: Facts) -> Diagnosis | None:
         "unnormalized_inputs",
         severity,
         _clip(0.55 + 0.15 * (off - 1) + (0.2 if trouble else 0)),
-        int(first["step"]),
+        # The first layer's input is the data: its scale is a property of the data set, there before any
+        # step, whichever step's pooled rows measured it best (the record used here can be step 40). Dated
+        # at step 0, it can explain what the first oversized steps did (dead ReLUs, exploding gradients,
+        # an lr that is too high only for these inputs) instead of being dated after them.
+        0,
         evidence + ".",
         "standardise the inputs with the training-set statistics: x = (x - mean) / std "
         "(images: divide by 255, then normalise per channel)",
