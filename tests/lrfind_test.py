@@ -401,3 +401,48 @@ def test_optimizer_step_hooks_do_not_see_the_sweep_and_are_back_afterwards():
         glob.remove()
     optimizer.step()
     assert seen == {"own": 1, "global": 1}  # the handles still remove what they registered
+
+
+def test_adaptive_rule_reads_kappa_where_the_floor_is_first_reached_when_the_sweep_flattens_the_landscape():
+    """A preconditioned step along its own gradient (G = 1) on a parabola of curvature κ_P lands at α = lr·κ_P − 1
+    (α = 1/t* − 1, t* = 1/(lr·κ_P)) and raises its batch's loss when α > 1. The landscape has κ_P = 200 where
+    training starts, and the sweep's own steps carry the weights to a flatter region, κ_P = 10, from lr 0.0105 on
+    (a GRU under Adam did this: κ_P 230–280 at its floor, 13–15 at a rise only at 0.5–0.6). A steady step from
+    the start weights lands on its floor at lr = 1/200. The old rule read κ_P only on the 3-of-5 rise, which
+    comes in the flat region (lr > 2/10): 1/10, twenty times too large."""
+    lrs = np.geomspace(1e-4, 10, 100)
+    kappa = np.where(lrs < 0.0105, 200.0, 10.0)
+    alphas = lrs * kappa - 1
+    rises = [bool(a > 1) for a in alphas]
+    assert sum(rises[: int(np.searchsorted(lrs, 0.0105))]) == 1  # one rise before the flat region: no 3 of 5
+    lr, reason = stepaudit_rule(lrs, rises, math.nan, "", 0.01, np.ones(100), 1.0, True, kappa, alphas)
+    assert lr == pytest.approx(1 / 200) and "floor" in reason
+    lr, _ = stepaudit_rule(lrs, rises, math.nan, "", 0.01, np.ones(100), 10.0, True, kappa, alphas)
+    assert lr == pytest.approx(1 / 2000)  # RMSprop with momentum 0.9: / G_train = 10
+    lr, _ = stepaudit_rule(lrs, rises, 1e-3, "the preconditioned bound", 0.01, np.ones(100), 1.0, True, kappa, alphas)
+    assert lr == 1e-3  # still capped by the stability bound
+    # a stationary parabola: floor and rise give the same κ_P, and the rule is the rise's 1/κ_P as before
+    flat = np.full(100, 50.0)
+    alphas = lrs * flat - 1
+    rises = [bool(a > 1) for a in alphas]
+    lr, _ = stepaudit_rule(lrs, rises, math.nan, "", 0.01, np.ones(100), 1.0, True, flat, alphas)
+    assert lr == pytest.approx(1 / 50)
+    # steps carried uphill by a buffer (no α, NaN) that raised their loss count as past the floor
+    alphas = np.full(100, np.nan)
+    rises = [bool(x >= 0.0105) for x in lrs]
+    lr, _ = stepaudit_rule(lrs, rises, math.nan, "", 0.01, np.ones(100), 1.0, True, kappa, alphas)
+    assert lr == pytest.approx(1 / 10)  # the rising steps are all in the flat region: nothing else was measured
+    # SGD (not preconditioned) keeps half the rise; the floor does not enter
+    lr, _ = stepaudit_rule(
+        lrs,
+        [bool(a > 1) for a in lrs * kappa - 1],
+        math.nan,
+        "",
+        0.01,
+        np.ones(100),
+        1.0,
+        False,
+        kappa,
+        lrs * kappa - 1,
+    )
+    assert lr == pytest.approx(0.5 * lrs[int(np.argmax(lrs > 0.2))])

@@ -8,7 +8,7 @@ from html import escape
 
 import numpy as np
 
-from .lrfind_suggest import fastai_suggestions, first_rise, stepaudit_rule
+from .lrfind_suggest import fastai_suggestions, first_rise, reached_floor, stepaudit_rule
 
 ORDER = ("stepaudit", "valley", "steep", "minimum", "slide")
 LABELS = {
@@ -62,6 +62,7 @@ class LRFindResult:
     reason: str = ""
     lr_rise: float = math.nan  # first lr from which steps raised their own batch's loss (3 of 5 steps)
     lr_overshoot: float = math.nan  # first lr from which α > 1 (3 of 5 steps)
+    lr_floor: float = math.nan  # first lr from which steps reached their own batch's floor: α ≥ 0 or a rise (3 of 5)
     optimizer_name: str = ""
     gains: np.ndarray = field(default_factory=lambda: np.zeros(0))  # −g·Δw/(lr·gᵀP⁻¹g): gain over a plain step
     momentum: float = 0.0  # heavy-ball β of the optimizer (0: none, or an averaging first moment as in Adam)
@@ -111,6 +112,8 @@ class LRFindResult:
         result.lr_rise = float(lrs[rise]) if rise is not None else math.nan
         over = first_rise([bool(a > 1) for a in result.alphas])
         result.lr_overshoot = float(lrs[over]) if over is not None else math.nan
+        floor = first_rise(reached_floor(result.alphas, rises))
+        result.lr_floor = float(lrs[floor]) if floor is not None else math.nan
         result.suggestions = fastai_suggestions(lrs, result.smooth_losses, len(grid))
         bound, name = curvature.bound
         lr, reason = stepaudit_rule(
@@ -123,6 +126,7 @@ class LRFindResult:
             result.gain_train,
             preconditioned,
             result.curvatures,
+            result.alphas,
         )
         result.suggestions = {"stepaudit": lr, **result.suggestions}
         result.suggestion, result.reason = lr, reason
@@ -164,6 +168,7 @@ class LRFindResult:
             "",
             f"  first lr where the own-batch loss rose: {_fmt(self.lr_rise)}  (on 3 of 5 steps)",
             f"  first lr with α > 1 (overshoot):         {_fmt(self.lr_overshoot)}",
+            f"  first lr at or past the floor (α ≥ 0):  {_fmt(self.lr_floor)}",
         ]
         if self.gain_train != 1.0:
             rows.append(f"  momentum β {self.momentum:g}: steady-state gain {self.gain_train:.3g}")

@@ -42,6 +42,13 @@ stepaudit's rule (``stepaudit_rule``), in three parts:
    suggestion is 1/(G_train·κ_P), κ_P the median over the rising steps of the rise window. With m ∥ g it is
    part 3's ½·lr_up·G_sweep/G_train in the metric P; it does not need m ∥ g (at Adam's rise G_sweep ≈ 1−β₁:
    the part of m built on earlier batches is orthogonal to the new gradient, and part 3 misreads that).
+   κ_P needs no rise, only a resolved quadratic term, and the sweep resolves it twice: first where steps reach
+   their own batch's floor (α ≥ 0, i.e. ΔwᵀHΔw ≥ −g·Δw, or a rise, on 3 of 5 steps: ``lr_floor``, at lr·G·κ_P = 1
+   on a quadratic), then at the rise. On a stationary landscape both give the same κ_P; when they differ the sweep's
+   own large steps moved the weights between them (a GRU under Adam: κ_P 230–280 at the floor, then 13–15 at a
+   rise that came only at 0.5–0.6, after overshooting steps had carried the net to a flatter region). A training
+   step from the start weights must stay at or before the floor at both, so κ_P is the larger of the two medians
+   (each over the window's steps that met its condition, α ≥ 0 or a rise).
 
 Capped by the stability bound measured at the start weights: the optimizer's safe lr (2/λ_max for plain SGD,
 (2+2β)/λ_max with momentum, ``probes.curvature.safe_lr``) or, for Adam-like optimizers, the lr at which the
@@ -170,27 +177,40 @@ def stepaudit_rule(
     gain_train: float = 1.0,
     preconditioned: bool = False,
     curvatures: np.ndarray | None = None,
+    alphas: np.ndarray | None = None,
 ) -> tuple[float, str]:
     """stepaudit's suggestion and its one-line reason (the rule is in the module docstring)."""
     up = first_rise(rises)
+    kappa_all = np.asarray(curvatures if curvatures is not None else np.full(len(rises), np.nan), float)
+    if preconditioned:
+        # the own-batch parabola along the step, in P's metric: floor of a steady-state step at lr·G_train·κ_P = 1;
+        # κ_P read where the sweep resolves it, at its floor window and at its rise window, the larger of the two
+        floors = reached_floor(alphas if alphas is not None else np.full(len(rises), np.nan), rises)
+        read = [
+            (k, float(lrs[start]), what)
+            for flags, what in ((floors, "reached their own batch's floor"), (rises, "raised their own batch's loss"))
+            for start in [first_rise(flags)]
+            if start is not None
+            for k in [window_kappa(kappa_all, flags, start)]
+            if math.isfinite(k)
+        ]
+        if read:
+            k, lr_at, what = max(read)
+            suggestion = 1.0 / (gain_train * k)
+            others = "; ".join(f"{o:.3g} from {at:.3g}" for o, at, w in read if w != what)
+            reason = (
+                f"1/κ_P: the floor of the own-batch parabola along the step, κ_P = ΔwᵀHΔw/ΔwᵀPΔw = {k:.3g} (P: the "
+                f"optimizer's metric) on the steps from {lr_at:.3g} that {what} (3 of 5)"
+                + (f", the larger of the two (the other: {others})" if others else "")
+                + (f", / the steady-state gain ({gain_train:.3g})" if gain_train != 1.0 else "")
+            )
+            return capped(suggestion, reason, bound, bound_name)
     if up is None:
         return fallback, "no step of the sweep raised its own batch's loss: fastai's valley"
     lr_up = float(lrs[up])
     suggestion = SAFE_FRACTION * lr_up
     reason = f"half of {lr_up:.3g}, the lr from which steps raised their own batch's loss (3 of 5 steps)"
-    window = [i for i in range(up, min(up + RISE_WINDOW, len(rises))) if rises[i]]
-    kappa = np.asarray(curvatures if curvatures is not None else np.full(len(rises), np.nan), float)
-    kappa = np.array([kappa[i] for i in window if np.isfinite(kappa[i]) and kappa[i] > 0])
-    if preconditioned and kappa.size:
-        # the own-batch parabola along the step, in P's metric: floor of a steady-state step at lr·G_train·κ_P = 1
-        k = float(np.median(kappa))
-        suggestion = 1.0 / (gain_train * k)
-        reason = (
-            f"1/κ_P: the floor of the own-batch parabola along the step, κ_P = ΔwᵀHΔw/ΔwᵀPΔw = {k:.3g} (P: the "
-            f"optimizer's metric) on the rising steps from {lr_up:.3g}"
-            + (f", / the steady-state gain ({gain_train:.3g})" if gain_train != 1.0 else "")
-        )
-    elif gain_train != 1.0 or preconditioned:
+    if gain_train != 1.0 or preconditioned:
         seen = np.asarray(gains if gains is not None else np.full(len(rises), np.nan), float)
         seen = np.array([g for g, r in zip(seen[up : up + RISE_WINDOW], rises[up : up + RISE_WINDOW]) if r and g > 0])
         g_sweep = float(np.median(seen)) if seen.size else 1.0
@@ -200,6 +220,24 @@ def stepaudit_rule(
             f"half of {lr_up:.3g}, the lr from which steps raised their own batch's loss, × the {kind} "
             f"gain the sweep saw ({g_sweep:.3g}) / the steady-state gain ({gain_train:.3g})"
         )
+    return capped(suggestion, reason, bound, bound_name)
+
+
+def capped(suggestion: float, reason: str, bound: float, bound_name: str) -> tuple[float, str]:
+    """The suggestion, or the stability bound measured at the start weights where that is lower."""
     if math.isfinite(bound) and bound > 0 and bound < suggestion:
-        return bound, f"{bound_name} {bound:.3g} (measured early in the sweep), below the rise-based {suggestion:.3g}"
+        return bound, f"{bound_name} {bound:.3g} (measured early in the sweep), below the rule's {suggestion:.3g}"
     return suggestion, reason
+
+
+def reached_floor(alphas, rises: list[bool]) -> list[bool]:
+    """Per step: did it land at or past its own batch's floor: α ≥ 0, or it raised its own batch's loss (a step
+    carried uphill by a momentum buffer has no α, NaN, but went past the floor all the same)."""
+    return [bool(a >= 0) or bool(r) for a, r in zip(np.asarray(alphas, float), rises)]
+
+
+def window_kappa(kappa: np.ndarray, flags: list[bool], start: int) -> float:
+    """Median κ_P over the steps of the window from ``start`` that met the condition, finite and > 0 (NaN: none)."""
+    held = [kappa[i] for i in range(start, min(start + RISE_WINDOW, len(flags), len(kappa))) if flags[i]]
+    held = [k for k in held if np.isfinite(k) and k > 0]
+    return float(np.median(held)) if held else math.nan
