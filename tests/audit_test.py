@@ -372,3 +372,22 @@ def test_a_new_run_in_an_old_folder_does_not_inherit_its_logged_metrics(tmp_path
     first.close()
     RunStore(tmp_path / "r", {"model": "m"}).close()
     assert read_metrics(tmp_path / "r") == {}
+
+
+def test_autocast_entered_inside_loss_fn_sets_the_noise_floor_of_step(tmp_path):
+    """A loss_fn that enters bfloat16 autocast around the model: step() must see it (the forward hook reads it
+    inside the forward), so the rounding noise is that of bfloat16 (2⁻⁸ relative at least), not float32's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+    def loss_fn(m, b):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return nn.functional.cross_entropy(m(b[0]), b[1])
+
+    x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
+    with stepaudit.Audit(model, opt, loss_fn, run=tmp_path / "run") as audit:
+        for _ in range(3):
+            audit.step((x, y))
+    for record in audit.records:
+        assert record["rounding_noise"] >= 2.0**-8 * abs(record["loss_before"]), record

@@ -4,8 +4,7 @@ Hook order for one audited step (nothing wraps or subclasses the optimizer):
   0. ``begin(batch)`` (``step()``/``watch()`` open) — the step is due: the random state here is the one the
                                      first (micro-)batch's re-evaluation replays; attach (1), start the due
                                      probes' captures (``probes.register_capture``: observe-only hooks);
-  1. ``model`` forward hook       — autocast state of the training forward (``step()`` reads it at 0 and
-                                     attaches no hook: its forward runs inside it); with accumulation, the
+  1. ``model`` forward hook       — autocast state of the training forward; with accumulation, the
                                      RNG state after each forward and, through a gradient hook on its
                                      output, when the backward reaches it (where the next micro-batch's
                                      loss_fn starts; ``replay.py``);
@@ -185,7 +184,7 @@ class Audit(StepAPI, StepCapture, NotebookMixin):
             losses.append(loss.detach())
             return loss
 
-        pending = self._begin([batch], forward_inside=True)
+        pending = self._begin([batch])
         try:
             if self._takes_closure():
                 stepped.step(closure)

@@ -117,12 +117,10 @@ class StepCapture:
         self._forward_handle = None
 
     # -- 0 and 4: the step opens and closes ------------------------------------------------------------
-    def _begin(self, batches: list, forward_inside: bool = False) -> PendingStep:
+    def _begin(self, batches: list) -> PendingStep:
         """Open the step: decide whether it is audited; if so, save the random state and attach the forward hook.
 
-        ``forward_inside`` (``step()``): the one forward runs inside this call, under the autocast state of
-        now, so that state is read here and no forward hook is needed (a hooked module takes nn.Module's slower
-        call path).
+        The hook is needed in ``step()`` too: a ``loss_fn`` may enter autocast itself, around the model only.
         """
         if self._pending is not None:
             raise RuntimeError("audit.watch() blocks cannot be nested; finish the current step first")
@@ -135,10 +133,7 @@ class StepCapture:
             try:
                 self._refresh_index(pending)
                 pending.entry = self.replay.open(self._devices)
-                if forward_inside and len(batches) == 1:
-                    pending.autocast = AutocastState.capture()
-                else:
-                    self._forward_handle = self.model.register_forward_hook(self._forward_end)
+                self._forward_handle = self.model.register_forward_hook(self._forward_end)
                 if self._world_size > 1 and self._wrapper is not None:  # DDP: g_r before its all-reduce
                     pending.captures[CAPTURE] = LocalGradNorms(self.params)
                 if self.probes:

@@ -51,9 +51,9 @@ class FlatBuffers:
     """Flat ``before``, ``grad`` and ``delta_w`` vectors of one parameter list, with per-parameter views.
 
     ``before`` and ``grad`` are allocated with the object (at the first audited step) and kept while
-    audited steps follow one another; ``release()`` drops them between sparse audited steps, so that
-    an audit with ``every=16`` holds no copy of the model through the 15 training steps in between;
-    ``take_before`` allocates them again. ``delta_w`` exists only on steps that need it (a probe due,
+    audited steps follow one another; between sparse audited steps ``idle()`` drops them (``release()``) when
+    they hold more than ``KEEP_BYTES``, so that an audit with ``every=16`` holds no copy of a large model through
+    the 15 training steps in between; ``take_before`` allocates them again. ``delta_w`` exists only on steps that need it (a probe due,
     or ``exact``).
     """
 
