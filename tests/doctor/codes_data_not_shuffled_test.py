@@ -29,20 +29,30 @@ def facts(batches: list[list[int]], counts: dict) -> Facts:
 
 def test_batches_of_one_class_fire_and_shuffled_ones_do_not():
     ten = {str(k): 100 for k in range(10)}
-    sorted_batches = [[1, 32, s] for s in range(8)] + [[2, 32, 8]]
+    sorted_batches = [[1, 32, s, [s // 4]] for s in range(8)] + [[2, 32, 8, [1, 2]]]
     found = data_not_shuffled(facts(sorted_batches, ten))
     assert found is not None and found.severity == "error" and found.first_step == 0
     assert "9 of 9" in found.evidence
-    shuffled = [[9, 32, s] for s in range(9)]  # a shuffled batch of 32 holds ~9.7 of 10 classes
+    shuffled = [[9, 32, s, list(range(9))] for s in range(9)]  # a shuffled batch of 32 holds ~9.7 of 10 classes
     assert data_not_shuffled(facts(shuffled, ten)) is None
+
+
+def test_few_classes_per_batch_that_change_every_step_are_not_sorted_data():
+    """Identity (P×K) sampling: 2 of 10 classes per batch, new ones each step; a GAN's constant targets alternate."""
+    ten = {str(k): 100 for k in range(10)}
+    pk = [[2, 32, s, [(2 * s) % 10, (2 * s + 1) % 10]] for s in range(9)]
+    assert data_not_shuffled(facts(pk, ten)) is None
+    gan = [[1, 64, s, [s % 2]] for s in range(12)]
+    assert data_not_shuffled(facts(gan, {"0": 384, "1": 384})) is None
+    assert data_not_shuffled(facts([[1, 64, 2 * s, [(s // 3) % 2]] for s in range(12)], {"0": 384, "1": 384})) is None
 
 
 def test_no_verdict_from_few_batches_or_from_batches_too_small_to_hold_two_classes():
     ten = {str(k): 100 for k in range(10)}
-    assert data_not_shuffled(facts([[1, 32, s] for s in range(4)], ten)) is None  # 4 < 5 batches
+    assert data_not_shuffled(facts([[1, 32, s, [0]] for s in range(4)], ten)) is None  # 4 < 5 batches
     skewed = {"0": 990, "1": 10}  # a shuffled batch of 16 holds 1.15 classes on average: one is no evidence
-    assert data_not_shuffled(facts([[1, 16, s] for s in range(20)], skewed)) is None
-    assert data_not_shuffled(facts([[1, 32, s] for s in range(20)], {"3": 500})) is None  # one class in all
+    assert data_not_shuffled(facts([[1, 16, s, [0]] for s in range(20)], skewed)) is None
+    assert data_not_shuffled(facts([[1, 32, s, [3]] for s in range(20)], {"3": 500})) is None  # one class in all
 
 
 SCRIPT = """
@@ -75,7 +85,7 @@ def test_a_script_reading_its_classes_in_order_is_named_and_the_shuffled_one_is_
     assert run_script(path, [], watcher).error is None
     watcher.finish()
     observed = watcher.observations()
-    assert observed["batch_labels"] and all(size == 32 for _, size, _ in observed["batch_labels"])  # no validation
+    assert observed["batch_labels"] and all(size == 32 for _, size, *_ in observed["batch_labels"])  # no validation
     codes = [d["code"] for d in diagnose_facts(Facts(watcher.records, {}, observed))]
     assert ("data_not_shuffled" in codes) == ordered
     if ordered:

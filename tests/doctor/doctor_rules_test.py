@@ -432,3 +432,33 @@ def test_input_scale_is_dated_before_the_first_step_and_explains_the_steps_it_ma
     assert codes(found)[0] == "unnormalized_inputs" and found[0]["first_step"] == 0, codes(found)
     high = [d for d in found if d["code"] == "lr_too_high"]
     assert high and "consequence of unnormalized_inputs" in high[0]["evidence"]
+
+
+def test_weight_decay_of_an_empty_group_is_not_rated():
+    # a large decay on a group without parameters decays nothing; the group that holds them has none
+    empty = {"lr": 1e-3, "weight_decay": 30.0, "n_params": 0}
+    held = {"lr": 1e-3, "weight_decay": 0.0, "n_params": 1000}
+    meta = passive(
+        label_counts=UNIFORM_10,
+        optimizers=[{"optimizer": "AdamW", "param_groups": [empty, held], "max_lr": [1e-3, 1e-3]}],
+    )
+    shrinking = dict(
+        loss=lambda t: 2.07 + 0.23 * math.exp(-t / 10), ratio=0.02, weight_norm=lambda t: 1.9 + 4.9 * math.exp(-t / 20)
+    )
+    assert "weight_decay_too_high" not in codes(diagnose(run(**shrinking), meta=meta))
+
+
+def test_bouncing_needs_gradients_pointing_apart_not_only_a_growing_norm():
+    # logistic regression from a small init (N(0, 0.01)): early steps of 0.8 of the weights, the norm growing 30×,
+    # the loss 0.70 → 0.55 at its noise floor, consecutive gradients still agreeing (cosine +0.13): healthy
+    healthy = dict(
+        loss=lambda t: 0.55 + 0.15 * math.exp(-t / 15),
+        ratio=0.03,
+        update_ratio=lambda t: 0.8 if t < 5 else 0.03,
+        grad_cos_prev=0.13,
+        weight_norm=lambda t: 0.042 + 1.25 * (1 - math.exp(-t / 20)),
+    )
+    meta = passive(label_counts={"0": 1, "1": 1})
+    assert "lr_too_high" not in codes(diagnose(run(**healthy), meta=meta))
+    # the same run with consecutive gradients pointing apart is the bounce
+    assert "lr_too_high" in codes(diagnose(run(**{**healthy, "grad_cos_prev": -0.1}), meta=meta))

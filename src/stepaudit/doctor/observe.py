@@ -58,7 +58,7 @@ class ForwardObserver:
         self.summed_losses: set[str] = set()
         self.target_nan_or_inf = False
         self.label_counts: Counter = Counter()
-        self.batch_labels: list[list[int]] = []  # [distinct labels, labels, step] of sampled training batches
+        self.batch_labels: list[list] = []  # [distinct labels, labels, step, the first 64 classes] of sampled batches
         self.batch_label_pool: Counter = Counter()  # their labels pooled
         self.target_moments = [0.0, 0.0, 0.0]  # n, Σy, Σy² of regression targets
         self.initial_loss: dict | None = None
@@ -319,7 +319,8 @@ class ForwardObserver:
                 return
             counts = torch.bincount(values.cpu()).tolist()
         self.batch_label_pool.update({i: c for i, c in enumerate(counts) if c})
-        self.batch_labels.append([sum(1 for c in counts if c), int(values.numel()), self.step_count])
+        classes = [i for i, c in enumerate(counts) if c]
+        self.batch_labels.append([len(classes), int(values.numel()), self.step_count, classes[:64]])
 
     def loss_findings(self) -> list[dict]:
         """Miswirings seen at (nearly) every inspected call of their loss function, not once by chance."""

@@ -17,7 +17,8 @@ def expected_classes(frequencies: list[float], size: int) -> float:
 
 
 def data_not_shuffled(f: Facts) -> Diagnosis | None:
-    """Training batches hold far fewer classes than shuffled batches of their size would (passive check)."""
+    """Training batches hold far fewer classes than shuffled batches of their size would, and consecutive batches the
+    same ones (passive check)."""
     counts = [float(c) for c in (f.obs.get("batch_label_pool") or {}).values() if c]
     batches = [b for b in f.obs.get("batch_labels") or [] if len(b) >= 2]
     total = sum(counts)
@@ -38,6 +39,16 @@ def data_not_shuffled(f: Facts) -> Diagnosis | None:
             few.append((distinct, size, expected, rest[0] if rest else None))
     if judged < MIN_BATCHES or len(few) < SORTED_SHARE * judged:
         return None
+    # Sorted data gives runs: a batch holds the classes of the batch before it. Batches built from few classes
+    # on purpose draw new ones every step (identity P×K sampling for metric learning), and a GAN's loss calls
+    # alternate their constant targets from step to step: neither repeats its classes.
+    overlaps = [
+        len(set(a[3]) & set(b[3])) / len(set(a[3]) | set(b[3]))
+        for a, b in zip(batches, batches[1:])
+        if len(a) >= 4 and len(b) >= 4 and b[2] == a[2] + 1 and (a[3] or b[3])
+    ]
+    if len(overlaps) < 3 or sorted(overlaps)[len(overlaps) // 2] < 0.5:
+        return None
     mean_distinct = sum(d for d, *_ in few) / len(few)
     mean_expected = sum(e for *_, e, _ in few) / len(few)
     # error whatever the loss did: on batches of one class the training loss falls by fitting that class's
@@ -48,7 +59,8 @@ def data_not_shuffled(f: Facts) -> Diagnosis | None:
         _clip(0.6 + 0.3 * len(few) / judged),
         0,
         f"{len(few)} of {judged} inspected training batches held {mean_distinct:.1f} classes on average, where "
-        f"shuffled batches of their size would hold {mean_expected:.1f} of the {len(counts)} classes seen: the data "
+        f"shuffled batches of their size would hold {mean_expected:.1f} of the {len(counts)} classes seen, and "
+        "consecutive batches held the same classes: the data "
         "arrives ordered by label, so each run of steps fits the class of the moment and undoes the last "
         "(a falling training loss on such batches means little).",
         "shuffle the training data every epoch: DataLoader(..., shuffle=True), or index with torch.randperm",

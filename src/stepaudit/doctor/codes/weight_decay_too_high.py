@@ -38,7 +38,7 @@ def weight_decay_too_high(f: Facts) -> Diagnosis | None:
     for g in _groups(f):
         lr, decay = g.get("lr"), g.get("weight_decay")
         if isinstance(lr, (int, float)) and isinstance(decay, (int, float)) and lr > 0 and decay > 0:
-            if (g.get("n_params") or 1) > 0:
+            if g.get("n_params") is None or g["n_params"] > 0:  # an empty group decays nothing
                 rated.append((lr * decay, lr, decay, g))
     if not rated:
         return None
