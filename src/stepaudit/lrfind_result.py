@@ -196,6 +196,7 @@ class LRFindResult:
             for line in [
                 f"first lr where the own-batch loss rose: {_fmt(self.lr_rise)}",
                 f"first lr with α > 1: {_fmt(self.lr_overshoot)}",
+                f"first lr at or past the floor (α ≥ 0): {_fmt(self.lr_floor)}",
                 *self.curvature_lines(),
                 f"stopped: {self.stopped}",
             ]
