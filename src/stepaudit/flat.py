@@ -2,13 +2,15 @@
 
 Allocated at an audited step and overwritten by the next one. Between sparse audited steps they are
 released when they are large (over ``KEEP_BYTES``), so ``every=16`` holds no copy of a big model through
-the steps in between, and kept when small, where allocating them again cost more than the rest of the
-audited step's copies (fresh pages fault on first touch: measured 286 µs against 62 µs for the MLP's 2×0.3 MB). On small models an audited step's cost
-is per-call overhead and memory traffic, not arithmetic: a kernel launched right after the training
-backward costs about three times what it costs in a tight loop (measured: a 3k-parameter ``cat``
-78 µs versus 23 µs). So the number of calls is fixed, whatever the number of parameters: two
-``cat`` into preallocated buffers before the step; one in-place subtraction, two multi-tensor norms,
-one dot product and one host sync after it.
+the steps in between, and kept when small, where allocating them again cost more than the copies
+themselves (fresh pages fault on first touch: 286 µs against 62 µs for the MLP's 2×0.3 MB, measured in
+place on a loaded machine).
+
+On small models an audited step's cost is per-call overhead and memory traffic, not arithmetic: a kernel
+launched right after the training backward costs about three times what it costs in a tight loop (measured:
+a 3k-parameter ``cat`` 78 µs versus 23 µs). So the number of calls is fixed, whatever the number of
+parameters: two ``cat`` into preallocated buffers before the step; one in-place subtraction, two
+multi-tensor norms, one dot product and one host sync after it.
 
 The buffers belong to the step being audited: a probe that keeps one of them beyond its step must
 copy it.
@@ -52,9 +54,9 @@ class FlatBuffers:
 
     ``before`` and ``grad`` are allocated with the object (at the first audited step) and kept while
     audited steps follow one another; between sparse audited steps ``idle()`` drops them (``release()``) when
-    they hold more than ``KEEP_BYTES``, so that an audit with ``every=16`` holds no copy of a large model through
-    the 15 training steps in between; ``take_before`` allocates them again. ``delta_w`` exists only on steps that need it (a probe due,
-    or ``exact``).
+    they hold more than ``KEEP_BYTES``, so that an audit with ``every=16`` holds no copy of a large model
+    through the 15 training steps in between; ``take_before`` allocates them again. ``delta_w`` exists only
+    on steps that need it (a probe due, or ``exact``).
     """
 
     def __init__(self, params: Sequence[torch.Tensor], exact: bool = False) -> None:

@@ -181,8 +181,8 @@ def stepaudit_rule(
 ) -> tuple[float, str]:
     """stepaudit's suggestion and its one-line reason (the rule is in the module docstring)."""
     up = first_rise(rises)
-    kappa_all = np.asarray(curvatures if curvatures is not None else np.full(len(rises), np.nan), float)
     if preconditioned:
+        kappa_all = np.asarray(curvatures if curvatures is not None else np.full(len(rises), np.nan), float)
         # the own-batch parabola along the step, in P's metric: floor of a steady-state step at lr·G_train·κ_P = 1;
         # κ_P read where the sweep resolves it, at its floor window and at its rise window, the larger of the two
         floors = reached_floor(alphas if alphas is not None else np.full(len(rises), np.nan), rises)

@@ -262,6 +262,17 @@ class Facts:
         return max((v for v in (first, third) if v is not None), default=None)
 
     @cached_property
+    def param_groups(self) -> list[dict]:
+        """Parameter groups with their largest learning rate (passive: the largest seen, since schedules may end at
+        0, each with its optimizer's description under ``opt``; active: the groups as the audit began)."""
+        groups = [
+            {**g, "lr": (o.get("max_lr") or [])[i] if i < len(o.get("max_lr") or []) else g.get("lr"), "opt": o}
+            for o in self.obs.get("optimizers") or []
+            for i, g in enumerate(o.get("param_groups") or [])
+        ]
+        return groups or [dict(g) for g in self.meta.get("param_groups") or []]
+
+    @cached_property
     def weight_growth(self) -> tuple[float, float, float] | None:
         """(late ‖w‖ / first ‖w‖, first ‖w‖, late ‖w‖): the median over the last fifth of the sampled steps
         (at least two) against the first sampled step; needs five sampled steps."""

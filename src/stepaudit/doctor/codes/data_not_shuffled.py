@@ -20,13 +20,13 @@ def data_not_shuffled(f: Facts) -> Diagnosis | None:
     """Training batches hold far fewer classes than shuffled batches of their size would, and consecutive batches the
     same ones (passive check)."""
     counts = [float(c) for c in (f.obs.get("batch_label_pool") or {}).values() if c]
-    batches = [b for b in f.obs.get("batch_labels") or [] if len(b) >= 2]
+    batches = f.obs.get("batch_labels") or []  # [distinct classes, labels, step, the first 64 classes]
     total = sum(counts)
     if len(counts) < 2 or total <= 0 or len(batches) < MIN_BATCHES:
         return None
     frequencies = [c / total for c in counts]
     judged, few = 0, []
-    for distinct, size, *rest in batches:
+    for distinct, size, _, _ in batches:
         expected = expected_classes(frequencies, int(size))
         if expected < 1.9:  # a shuffled batch this small may hold one class by chance: not evidence
             continue
@@ -36,7 +36,7 @@ def data_not_shuffled(f: Facts) -> Diagnosis | None:
         # class with probability 2⁻⁷; the frequencies are pooled over the same batches, so sorted batches bias
         # them towards the classes seen first, which only lowers ``expected``
         if distinct <= max(1.0, expected / 2):
-            few.append((distinct, size, expected, rest[0] if rest else None))
+            few.append((distinct, expected))
     if judged < MIN_BATCHES or len(few) < SORTED_SHARE * judged:
         return None
     # Sorted data gives runs: a batch holds the classes of the batch before it. Batches built from few classes
@@ -45,12 +45,12 @@ def data_not_shuffled(f: Facts) -> Diagnosis | None:
     overlaps = [
         len(set(a[3]) & set(b[3])) / len(set(a[3]) | set(b[3]))
         for a, b in zip(batches, batches[1:])
-        if len(a) >= 4 and len(b) >= 4 and b[2] == a[2] + 1 and (a[3] or b[3])
+        if b[2] == a[2] + 1 and (a[3] or b[3])
     ]
     if len(overlaps) < 3 or sorted(overlaps)[len(overlaps) // 2] < 0.5:
         return None
-    mean_distinct = sum(d for d, *_ in few) / len(few)
-    mean_expected = sum(e for *_, e, _ in few) / len(few)
+    mean_distinct = sum(d for d, _ in few) / len(few)
+    mean_expected = sum(e for _, e in few) / len(few)
     # error whatever the loss did: on batches of one class the training loss falls by fitting that class's
     # frequency (the bias), so a falling loss is no sign of learning here
     return Diagnosis(

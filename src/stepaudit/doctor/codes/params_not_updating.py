@@ -34,12 +34,7 @@ def params_not_updating(f: Facts) -> Diagnosis | None:
             "no backward pass and no optimizer step were seen: nothing was trained.",
             "check that the script reaches its training loop (loss.backward(); optimizer.step())",
         )
-    groups = [
-        {**g, "lr": (o.get("max_lr") or [])[i] if i < len(o.get("max_lr") or []) else g.get("lr")}
-        for o in obs.get("optimizers") or []
-        for i, g in enumerate(o.get("param_groups") or [])
-    ]
-    groups = groups or (f.meta.get("param_groups") or [])  # active: the groups as the audit began
+    groups = f.param_groups
     zero_lr = [g for g in groups if g.get("lr") == 0]  # passive: the largest lr seen (schedules may end at 0)
     if groups and len(zero_lr) == len(groups):
         return Diagnosis(

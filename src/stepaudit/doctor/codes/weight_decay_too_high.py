@@ -20,22 +20,12 @@ SHARE_PER_STEP = 5e-3
 SHRINK = 0.5
 
 
-def _groups(f: Facts) -> list[dict]:
-    """Parameter groups with their largest learning rate (passive: observed; active: as the audit began)."""
-    groups = [
-        {**g, "lr": (o.get("max_lr") or [])[i] if i < len(o.get("max_lr") or []) else g.get("lr"), "opt": o}
-        for o in f.obs.get("optimizers") or []
-        for i, g in enumerate(o.get("param_groups") or [])
-    ]
-    return groups or [dict(g) for g in f.meta.get("param_groups") or []]
-
-
 def weight_decay_too_high(f: Facts) -> Diagnosis | None:
     """Decay removes ≥ 0.5% of every weight per step, the weights' norm halves, and the loss does not fall [LH]."""
     if f.learning_well or f.first_nonfinite is not None:
         return None
     rated = []
-    for g in _groups(f):
+    for g in f.param_groups:
         lr, decay = g.get("lr"), g.get("weight_decay")
         if isinstance(lr, (int, float)) and isinstance(decay, (int, float)) and lr > 0 and decay > 0:
             if g.get("n_params") is None or g["n_params"] > 0:  # an empty group decays nothing
