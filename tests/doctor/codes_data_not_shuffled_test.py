@@ -7,12 +7,11 @@ import math
 import textwrap
 
 import pytest
+from support.doctor import watch_script
 
 from stepaudit.doctor import diagnose_facts
 from stepaudit.doctor.codes.data_not_shuffled import data_not_shuffled, expected_classes
 from stepaudit.doctor.facts import Facts
-from stepaudit.doctor.passive import PassiveWatcher
-from stepaudit.doctor.runner import run_script
 
 
 def test_expected_classes_equals_an_enumeration_of_every_batch():
@@ -81,9 +80,7 @@ for epoch in range(3):
 def test_a_script_reading_its_classes_in_order_is_named_and_the_shuffled_one_is_not(tmp_path, ordered):
     path = tmp_path / "train.py"
     path.write_text(f"SORTED = {ordered}\n" + textwrap.dedent(SCRIPT))
-    watcher = PassiveWatcher(max_steps=300)
-    assert run_script(path, [], watcher).error is None
-    watcher.finish()
+    watcher = watch_script(path)
     observed = watcher.observations()
     assert observed["batch_labels"] and all(size == 32 for _, size, *_ in observed["batch_labels"])  # no validation
     codes = [d["code"] for d in diagnose_facts(Facts(watcher.records, {}, observed))]

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import textwrap
 
-from stepaudit.doctor import diagnose_facts
-from stepaudit.doctor.facts import Facts
-from stepaudit.doctor.passive import PassiveWatcher
-from stepaudit.doctor.runner import run_script
+from support.doctor import diagnose_script
 
 SCRIPT = """
 import torch
@@ -42,10 +39,7 @@ for epoch in range(8):
 def diagnoses(tmp_path, detach: bool) -> list[dict]:
     path = tmp_path / "train.py"
     path.write_text(f"DETACH = {detach}\n" + textwrap.dedent(SCRIPT))
-    watcher = PassiveWatcher(max_steps=300)
-    assert run_script(path, [], watcher).error is None
-    watcher.finish()
-    return diagnose_facts(Facts(watcher.records, {}, watcher.observations()))
+    return diagnose_script(path)
 
 
 def test_an_unused_head_on_a_model_that_learns_is_only_noted(tmp_path):

@@ -6,11 +6,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
-
-from stepaudit.doctor import diagnose_facts
-from stepaudit.doctor.facts import Facts
-from stepaudit.doctor.passive import PassiveWatcher
-from stepaudit.doctor.runner import run_script
+from support.doctor import diagnose_script
 
 HEAD = """
 import torch
@@ -28,11 +24,7 @@ def doctor(tmp_path, body: str, max_steps: int = 300) -> list[dict]:
     """The doctor's diagnoses of ``HEAD + body`` run as a script."""
     path = tmp_path / "train.py"
     path.write_text(HEAD + textwrap.dedent(body))
-    watcher = PassiveWatcher(max_steps=max_steps)
-    outcome = run_script(path, [], watcher)
-    assert outcome.error is None, outcome.error
-    watcher.finish()
-    return diagnose_facts(Facts(watcher.records, {}, watcher.observations()))
+    return diagnose_script(path, max_steps)
 
 
 def problems(found: list[dict]) -> list[str]:
