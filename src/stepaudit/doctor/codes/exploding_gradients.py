@@ -12,6 +12,19 @@ from ..facts import Facts
 from .base import Code
 
 
+def summed_note(f: Facts) -> str | None:
+    """The loss reduced with 'sum' (or 'none' then summed): its gradient is the mean's times the count summed."""
+    names = f.obs.get("summed_losses") or []
+    if not names:
+        return None
+    # d(Σ ℓ_i)/dw = n · d(mean ℓ_i)/dw: a sum over a batch of B examples (× every output value) multiplies the
+    # gradient, and with SGD the step, by that count, so an lr tuned for the mean is that many times too large
+    return (
+        f"the loss ({', '.join(names)}) is summed, not averaged, over the batch: its gradient and each SGD step "
+        "are the mean's times the number of summed values"
+    )
+
+
 def exploding_gradients(f: Facts) -> Diagnosis | None:
     """Gradients growing by orders of magnitude over the run, or already huge relative to the weights [PM]."""
     parts, first = [], None
@@ -53,14 +66,22 @@ def exploding_gradients(f: Facts) -> Diagnosis | None:
         return None
     severity = "error" if f.first_nonfinite or _not_training(f) else "warning"
     kind = "init" if first == (f.sampled[0]["step"] if f.sampled else None) else "cliff" if cliff else "growth"
+    fix = (
+        "clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)) and use a smaller "
+        "initialisation or normalisation layers"
+    )
+    confidence = _clip(0.55 + 0.15 * len(parts))  # the findings above, not the note below
+    summed = summed_note(f)
+    if summed:
+        parts.append(summed)
+        fix = "reduce the loss with 'mean' (or divide the lr by the number of summed values); else " + fix
     return Diagnosis(
         "exploding_gradients",
         severity,
-        _clip(0.55 + 0.15 * len(parts)),
+        confidence,
         first,
         "; ".join(parts) + ".",
-        "clip gradients (torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)) and use a smaller "
-        "initialisation or normalisation layers",
+        fix,
         kind="overflow" if overflow is not None else kind,
         persistent=overflow is not None or cliff is not None,
     )

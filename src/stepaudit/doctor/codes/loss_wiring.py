@@ -109,6 +109,21 @@ def loss_wiring(f: Facts) -> Diagnosis | None:
             "1e-8))), or use the fused losses (F.cross_entropy, F.binary_cross_entropy_with_logits)",
             kind="nonfinite_at_start",
         )
+    init = f.obs.get("initial_loss") or {}
+    if init.get("loss") == "cross_entropy" and init.get("classes") == 1:
+        # log_softmax over a class axis of size 1 is log(e^z / e^z) = 0 for any logit z: the loss is 0 and its
+        # gradient is 0 whatever the model outputs (soft float targets are accepted, so nothing raises)
+        return Diagnosis(
+            "loss_wiring",
+            "error",
+            0.95,
+            int(init.get("step") or 0),
+            "CrossEntropyLoss received a single class column (input of shape (N, 1)): the softmax of one "
+            "value is 1, so the loss is 0 and its gradient is 0 whatever the model predicts.",
+            "for two classes use one logit with BCEWithLogitsLoss (float targets of the same shape), or two "
+            "logits with CrossEntropyLoss and integer class labels",
+            kind="single_class",
+        )
     form = f.loss_form
     zero_grad = f.gradient_always_zero
     if form is not None and (form["kind"] == "unbounded_below" or f.moved or zero_grad or f.obs.get("custom_update")):
@@ -132,7 +147,6 @@ def loss_wiring(f: Facts) -> Diagnosis | None:
                 "log-probabilities (log_softmax), and a loss of probabilities must stay ≥ 0"
             )
         return Diagnosis("loss_wiring", "error", 0.85, 0, evidence + ".", fix, kind=form["kind"], whole_run=True)
-    init = f.obs.get("initial_loss") or {}
     classes, value = init.get("classes"), init.get("value")
     if init.get("loss") == "cross_entropy" and classes and classes >= 2 and isinstance(value, (int, float)):
         expected = math.log(classes)

@@ -7,6 +7,7 @@ from ..diagnosis import clip as _clip
 from ..diagnosis import fmt as _g
 from ..facts import Facts, med
 from .base import Code
+from .exploding_gradients import summed_note
 
 
 def lr_too_high(f: Facts) -> Diagnosis | None:
@@ -79,13 +80,18 @@ def lr_too_high(f: Facts) -> Diagnosis | None:
         strength -= 0.15  # a rising loss with modest steps may be bad data or wiring rather than the lr
     lr = next((r.get("lr") for r in f.records if isinstance(r.get("lr"), (int, float))), None)
     lr_text = f" (lr = {_g(lr)})" if lr else ""
+    fix = f"lower the learning rate{lr_text} by 3–10× (or add warm-up / gradient clipping)"
+    summed = summed_note(f)
+    if summed:
+        parts.append(summed)
+        fix = "reduce the loss with 'mean' (or divide the lr by the number of summed values); else " + fix
     return Diagnosis(
         "lr_too_high",
         "error",
         _clip(0.4 + strength),
         first,
         "; ".join(parts) + ".",
-        f"lower the learning rate{lr_text} by 3–10× (or add warm-up / gradient clipping)",
+        fix,
         lr_direction=-1,
     )
 
@@ -121,7 +127,14 @@ def _bouncing(f: Facts) -> str | None:
     # mean consecutive-gradient cosine ≤ 0: E[g_t·g_t+1] ≈ ‖G‖² − η g_tᵀHg_t ≥ 0 for steps short enough
     # [MC; DL], so a mean at or below 0 means the curvature term wins: the steps overshoot (required: a healthy
     # logistic regression from a small init moved 0.8 of its weights early, grew 30×, cosine +0.13)
-    apart = cos is not None and cos <= 0
+    # The mean must also be told from 0: a mean within two standard errors of 0 is consecutive gradients
+    # nearly orthogonal (noise, or a loss that gives no signal), which is what gradient_noise_dominates reads,
+    # not overshoot. It counts as overshoot when it is clearly negative (mean < −2 s.e.: Facts.oscillating),
+    # or with the weights' norm grown ≥ 10× as independent sign that the steps set the weights' scale (c78,
+    # Adam at lr 0.3: −0.05 ± 0.09, 34×). A zero-initialised ReLU net (−0.05 ± 0.15, its ‖w‖ starting at 0
+    # so that any step is "large") and an LSTM fed (batch, time) as (time, batch) (−0.01 ± 0.07, 3×, Adam
+    # at lr 0.01 whose fixed run moves as far) stall for other reasons and were named lr_too_high.
+    apart = cos is not None and cos <= 0 and (f.oscillating or grew)
     if not apart:
         return None
     size, whole = (early, False) if early is not None and early >= 0.1 else (late, True)

@@ -47,17 +47,53 @@ def lr_too_low(f: Facts) -> Diagnosis | None:
         )
         strength += 0.1
     lr = next((r.get("lr") for r in f.records if isinstance(r.get("lr"), (int, float))), None)
+    fix = (
+        f"raise the learning rate{f' (lr = {_g(lr)})' if lr else ''} by 10× and watch the loss; "
+        "an lr range test finds the largest one that still descends"
+    )
+    clipped = clipped_norm(f)
+    if clipped is not None:
+        parts.append(
+            f"the gradient reaching step() had the same norm {_g(clipped[0])} at {clipped[1]} of {clipped[2]} "
+            "sampled steps: it is rescaled to a fixed norm (gradient clipping) at every step, so the steps are "
+            "set by the clipping threshold, not by the gradient"
+        )
+        strength += 0.2
+        fix = (
+            f"raise the gradient-clipping threshold (max_norm = {_g(clipped[0])}) above the gradient's usual norm "
+            "(e.g. clip_grad_norm_(…, 1.0)), so that clipping only catches spikes; else " + fix
+        )
     return Diagnosis(
         "lr_too_low",
         "warning" if strength < 0.5 else "error",
         _clip(0.4 + strength),
         0,
         f"the loss went from {_g(f.loss_start)} to {_g(f.loss_end)} in {f.n_steps} steps; " + "; ".join(parts) + ".",
-        f"raise the learning rate{f' (lr = {_g(lr)})' if lr else ''} by 10× and watch the loss; "
-        "an lr range test finds the largest one that still descends",
+        fix,
         whole_run=True,
         lr_direction=+1,
     )
+
+
+def clipped_norm(f: Facts) -> tuple[float, int, int] | None:
+    """(norm, steps, sampled): ≥ 80% of ≥ 5 sampled steps reached step() with one and the same ‖g‖ (±0.1%).
+
+    A mini-batch gradient's norm varies from batch to batch by tens of percent; the same value to 0.1% at
+    almost every step is a gradient rescaled to a fixed norm, clip_grad_norm_ clipping every step.
+    """
+    norms = sorted(
+        r["grad_norm"] for r in f.sampled if isinstance(r.get("grad_norm"), (int, float)) and r["grad_norm"] > 0
+    )
+    if len(norms) < 5:
+        return None
+    best, count = None, 0
+    for value in norms:
+        near = sum(1 for v in norms if abs(v - value) <= 1e-3 * value)
+        if near > count:
+            best, count = value, near
+    if count < 0.8 * len(norms):
+        return None
+    return best, count, len(norms)
 
 
 def schedule_collapse(f: Facts) -> Diagnosis | None:

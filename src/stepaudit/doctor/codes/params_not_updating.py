@@ -56,9 +56,11 @@ def params_not_updating(f: Facts) -> Diagnosis | None:
                 0.95,
                 int(f.sampled[0]["step"]),
                 f"the gradient the optimizer received was exactly 0 at all {len(f.sampled)} sampled steps, "
-                "so no weight changed: .grad is cleared between backward() and step(), or backward() "
-                "runs after step().",
-                "order each iteration as optimizer.zero_grad(); loss.backward(); optimizer.step()",
+                "so no weight changed: .grad is cleared between backward() and step(), backward() "
+                "runs after step(), or the loss reaches no weight (rebuilt from .item() / .detach() / .numpy() "
+                "values, so backward() stops at a new leaf).",
+                "order each iteration as optimizer.zero_grad(); loss.backward(); optimizer.step(), and compute "
+                "the loss from the model's output tensors (no .item(), .detach() or torch.tensor(...) on the way)",
             )
         return Diagnosis(
             "params_not_updating",
@@ -145,6 +147,14 @@ def _partly_not_updating(f: Facts, zero_lr: list, groups: list) -> Diagnosis | N
         return None
     severity = "error" if share >= 0.5 or orphans else "warning"
     kind = "no_grad" if not orphans and not zero_lr else "structure"
+    fresh = orphans and all(
+        o.get("registered") is False and str(o.get("name")).startswith("a tensor of") for o in orphans
+    )
+    if fresh and not no_grad_numel and not zero_lr and share < 0.5 and f.learning_well:
+        # leaves created anew at every step (an accumulator such as loss = torch.zeros(1, requires_grad=True)):
+        # no optimizer could keep them across steps, so they are not weights the model needs, and the run learnt
+        severity = "info"
+        parts[-1] += "; they are created anew at every step and the model learns, so they are likely not weights"
     if kind == "no_grad" and share < 0.5 and f.learning_well:
         # the rest of the model learns: a head this loss never uses, or a bias that cancels (a Siamese distance
         # ‖f(a) − f(b)‖ takes none from the last layer's bias) is no fault; a detached encoder holds most values
