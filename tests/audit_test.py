@@ -391,3 +391,110 @@ def test_autocast_entered_inside_loss_fn_sets_the_noise_floor_of_step(tmp_path):
             audit.step((x, y))
     for record in audit.records:
         assert record["rounding_noise"] >= 2.0**-8 * abs(record["loss_before"]), record
+
+
+class _GradWritingSGD(torch.optim.SGD):
+    """SGD whose step() also halves each .grad in place after using it, from step ``writes_from`` on."""
+
+    def __init__(self, params, writes_from: int, **kwargs) -> None:
+        super().__init__(params, **kwargs)
+        self.writes_from, self.calls = writes_from, 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        if self.calls >= self.writes_from:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(0.5)
+        self.calls += 1
+        return loss
+
+
+def _audit_against_oracle(optimizer_for, tmp_path, monkeypatch, steps=5):
+    """Audit ``steps`` steps; per step the float64 oracle of g·Δw, ‖g‖, ‖Δw‖ from autograd on a copy of the
+    model taken before it. Returns the records, the oracles, how many times the gradient was copied, and
+    whether the final weights equal an unaudited run's."""
+    from stepaudit.flat import FlatBuffers
+
+    copies = []
+    take_grad = FlatBuffers.take_grad
+    monkeypatch.setattr(FlatBuffers, "take_grad", lambda self: copies.append(1) or take_grad(self))
+    batches = [(torch.randn(32, 6), torch.randint(0, 3, (32,))) for _ in range(steps)]
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)])  # SGD.step hooked: a subclass's super().step() nests
+    plain = make_mlp()
+    plain_opt = optimizer_for(plain)
+    for batch in batches:
+        plain_opt.zero_grad()
+        classification_loss(plain, batch).backward()
+        plain_opt.step()
+    model = make_mlp()
+    opt = optimizer_for(model)
+    oracles = []
+    with stepaudit.Audit(model, opt, classification_loss, run=tmp_path / "run") as audit:
+        for batch in batches:
+            old = copy.deepcopy(model)
+            audit.step(batch)
+            grads = torch.autograd.grad(classification_loss(old, batch), list(old.parameters()))
+            deltas = [(n.detach() - o.detach()).double() for n, o in zip(model.parameters(), old.parameters())]
+            oracles.append(
+                (
+                    sum(float((g.double() * d).sum()) for g, d in zip(grads, deltas)),
+                    math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads)),
+                    math.sqrt(sum(float((d**2).sum()) for d in deltas)),
+                )
+            )
+        records = list(audit.records)
+    assert [r["step"] for r in records] == list(range(steps))  # a nested step() is one step
+    identical = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), plain.state_dict().values()))
+    return records, oracles, len(copies), identical
+
+
+def _assert_matches(record, oracle):
+    first_order, grad_norm, update_norm = oracle
+    assert record["first_order"] == pytest.approx(first_order, rel=1e-5)
+    assert record["grad_norm"] == pytest.approx(grad_norm, rel=1e-6)
+    assert record["update_norm"] == pytest.approx(update_norm, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "optimizer_for",
+    [
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2),
+        lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2),
+    ],
+    ids=["sgd", "adamw"],
+)
+def test_later_steps_borrow_the_gradient_and_still_match_the_oracle(optimizer_for, tmp_path, monkeypatch):
+    """After the first audited step shows step() leaves .grad alone, no copy is taken, and every record
+    still equals the autograd recomputation; training is unchanged."""
+    torch.manual_seed(5)
+    records, oracles, copies, identical = _audit_against_oracle(optimizer_for, tmp_path, monkeypatch)
+    assert copies == 1 and identical
+    for record, oracle in zip(records, oracles, strict=True):
+        _assert_matches(record, oracle)
+
+
+def test_an_optimizer_writing_grad_in_step_is_always_copied(tmp_path, monkeypatch):
+    torch.manual_seed(6)
+    records, oracles, copies, identical = _audit_against_oracle(
+        lambda m: _GradWritingSGD(m.parameters(), writes_from=0, lr=0.1), tmp_path, monkeypatch
+    )
+    assert copies == 5 and identical
+    for record, oracle in zip(records, oracles, strict=True):
+        _assert_matches(record, oracle)
+
+
+def test_an_optimizer_that_starts_writing_grad_fails_that_step_only(tmp_path, monkeypatch):
+    """The version counter catches a step() that writes .grad after borrowing was learned: that step is an
+    error record saying so (never a wrong number); later steps copy and match the oracle."""
+    torch.manual_seed(7)
+    records, oracles, copies, identical = _audit_against_oracle(
+        lambda m: _GradWritingSGD(m.parameters(), writes_from=2, lr=0.1), tmp_path, monkeypatch
+    )
+    assert identical and copies == 1 + 2  # step 0 copied; steps 1 and 2 borrowed; steps 3 and 4 copied
+    assert [r["verdict"] == "error" for r in records] == [False, False, True, False, False]
+    assert "changed .grad in place" in records[2]["error"]
+    for record, oracle in zip(records[:2] + records[3:], oracles[:2] + oracles[3:]):
+        _assert_matches(record, oracle)

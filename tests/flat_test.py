@@ -34,24 +34,77 @@ def test_finish_matches_float64_oracle(keep_before, exact):
             assert torch.equal(flat.delta_w, want_delta)
 
 
-def _step_with(flat, params):
-    """Like _step but with the gradients copied into ``flat`` after they are set, before the update."""
+def _step_with(flat, params, take=None, scale_grad_in_step=False, per_parameter=False):
+    """An SGD step with fresh gradients: ``take`` (default ``flat.take_grad``) runs after they are set and
+    before the update; ``scale_grad_in_step`` makes the step also halve each ``.grad`` in place, after using it.
+    Returns the float64 oracle: g·Δw and rows [‖g‖², ‖Δw‖², ‖w‖²] (``per_parameter``: [g·Δw, ...] per row)."""
     for i, p in enumerate(params):
         if i != 2:
             p.grad = torch.randn(p.shape, dtype=p.dtype)
-    flat.take_grad()
+    (take or flat.take_grad)()
     before = [p.detach().double().clone() for p in params]
     grads = [p.grad.double() if p.grad is not None else torch.zeros_like(b) for p, b in zip(params, before)]
     with torch.no_grad():
         for p in params:
             if p.grad is not None:
                 p.sub_(0.1 * p.grad)
+                if scale_grad_in_step:
+                    p.grad.mul_(0.5)
     delta = [p.detach().double() - b for p, b in zip(params, before)]
-    first_order = sum(float((g * d).sum()) for g, d in zip(grads, delta))
+    dots = [float((g * d).sum()) for g, d in zip(grads, delta)]
     rows = [
         [float(g.pow(2).sum()), float(d.pow(2).sum()), float(b.pow(2).sum())] for g, d, b in zip(grads, delta, before)
     ]
-    return first_order, rows
+    if per_parameter:
+        rows = [[dot, *row] for dot, row in zip(dots, rows)]
+    return sum(dots), rows
+
+
+@pytest.mark.parametrize("keep_before", [True, False])
+def test_borrowed_gradient_matches_float64_oracle(keep_before):
+    """Once a step has shown that step() leaves .grad alone, the sums read the live .grad after the step."""
+    params = _params()
+    flat = FlatBuffers(params)
+    flat.take_before()
+    assert not flat.borrow_grad()  # nothing learned yet: the first audited step copies
+    _step_with(flat, params)
+    flat.finish(keep_before=keep_before)
+    assert flat.grad_kept is True
+    for _ in range(2):
+        flat.take_before()
+        first_order, rows = _step_with(flat, params, take=lambda: _borrowed(flat), per_parameter=True)
+        got_first_order, got_rows = flat.finish(keep_before=keep_before)
+        assert got_first_order == pytest.approx(first_order, rel=1e-5)
+        for got, want in zip(got_rows, rows):
+            assert got == pytest.approx(want, rel=1e-5)
+        assert got_rows[2][:2] == [0.0, 0.0]  # the parameter without .grad: a zero gradient
+
+
+def _borrowed(flat):
+    assert flat.borrow_grad()
+
+
+def test_a_gradient_changed_inside_step_is_never_read_as_the_one_the_step_used():
+    """step() writing .grad in place: learned on the copied step, or caught by the version counter after."""
+    params = _params()
+    flat = FlatBuffers(params)
+    flat.take_before()
+    first_order, _ = _step_with(flat, params, scale_grad_in_step=True)
+    assert flat.finish()[0] == pytest.approx(first_order, rel=1e-5)  # the copy holds the gradient used
+    assert flat.grad_kept is False
+    flat.take_before()
+    assert not flat.borrow_grad()
+
+    flat = FlatBuffers(params)
+    flat.take_before()
+    _step_with(flat, params)
+    flat.finish()
+    flat.take_before()
+    _step_with(flat, params, take=lambda: _borrowed(flat), scale_grad_in_step=True)
+    with pytest.raises(RuntimeError, match="changed .grad in place"):
+        flat.finish()
+    flat.take_before()
+    assert not flat.borrow_grad() and flat.grad_kept is False
 
 
 def test_replaced_parameter_storage_is_followed():
@@ -103,7 +156,7 @@ def test_gradient_copy_is_exact_for_any_layout_and_dtype():
 
 
 def test_norms_read_back_are_the_per_parameter_norms():
-    """finish's rows carry ‖g‖², ‖Δw‖², ‖w‖² of each parameter as single torch norms give them, bit for bit."""
+    """finish's rows carry ‖g‖², ‖Δw‖², ‖w‖² of each parameter: float64 sums of squares are the oracle."""
     params = _params()
     flat = FlatBuffers(params)
     flat.take_before()
@@ -113,5 +166,5 @@ def test_norms_read_back_are_the_per_parameter_norms():
     _, rows = flat.finish(keep_before=True)
     for row, p, w, grad in zip(rows, params, before, grads):
         delta = p.detach().flatten() - w.flatten()
-        want = [torch.linalg.vector_norm(t.flatten()).item() ** 2 for t in (grad, delta, w)]
-        assert row[1:] == want
+        want = [float((t.double().flatten() ** 2).sum()) for t in (grad, delta, w)]
+        assert row[1:] == pytest.approx(want, rel=1e-6)

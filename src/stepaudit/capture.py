@@ -71,6 +71,9 @@ class StepCapture:
         """No step open; install the optimizer's step hooks (torch optimizers only)."""
         self._pending: PendingStep | None = None
         self._warned_outside = False
+        # step() calls under way: a subclass's step() calling super().step() runs the hooks twice, nested
+        # (torch hooks each class's step once it has an instance); only the outermost call is the step
+        self._step_depth = 0
         self._flat: FlatBuffers | None = None
         self.replay = Replay()  # which random state each re-evaluation replays
         me = weakref.ref(self)  # hooks must not keep the audit alive, nor be deep-copied with it
@@ -126,6 +129,7 @@ class StepCapture:
             raise RuntimeError("audit.watch() blocks cannot be nested; finish the current step first")
         step = self._step_count
         due = not self._closed and self.due(step)
+        self._step_depth = 0  # a step() that raised never ran its post-hooks
         self._pending = pending = PendingStep(batches, StepWatch(), due)
         if due:
             if self._flat is not None:
@@ -220,6 +224,9 @@ class StepCapture:
 
     # -- 2: before the optimizer's update --------------------------------------------------------------
     def _on_step_pre(self, args, kwargs):
+        self._step_depth += 1
+        if self._step_depth > 1:
+            return None  # the inner call of a nested step(): the outer one is the step
         pending = self._pending
         if pending is None:
             if not self._warned_outside:
@@ -265,7 +272,7 @@ class StepCapture:
         # The hook receives the step's own arguments: args[0] is the optimizer itself.
         closure = args[1] if len(args) > 1 else kwargs.get("closure")
         if closure is None:
-            ctx.grads = self._grads()
+            ctx.grads = self._grads(borrow=not pending.captures and not self._assembly.due(ctx.step))
             if self._fused_amp_skip(ctx):
                 pending.skipped = True
                 return None
@@ -293,9 +300,15 @@ class StepCapture:
             self._flat = FlatBuffers(self.params, exact=self._exact_sums)
         return self._flat
 
-    def _grads(self) -> list[torch.Tensor]:
-        """Views into one flat copy of the gradient the optimizer sees (zeros where .grad is None)."""
+    def _grads(self, borrow: bool = False) -> list[torch.Tensor] | None:
+        """Views into one flat copy of the gradient the optimizer sees (zeros where .grad is None).
+
+        ``borrow`` (no probe reads the gradient on this step): None where ``FlatBuffers.borrow_grad`` can
+        read the live ``.grad`` after the step instead of a copy; ``ctx.grads`` and ``ctx.flat_grad`` stay None.
+        """
         flat = self._flat_buffers()
+        if borrow and getattr(self.optimizer, "grad_scale", None) is None and flat.borrow_grad():
+            return None  # a fused optimizer under GradScaler (grad_scale set) unscales a copy: never borrowed
         flat.take_grad()
         self._pending.ctx.flat_grad = flat.grad
         return flat.grad_views
@@ -314,6 +327,9 @@ class StepCapture:
 
     # -- 3: after the optimizer's update ---------------------------------------------------------------
     def _on_step_post(self) -> None:
+        self._step_depth = max(0, self._step_depth - 1)
+        if self._step_depth:
+            return  # the inner call of a nested step() ended; the outer one has not
         pending, index = self._pending, self._step_count
         if pending is not None and pending.skipped:
             return  # counted in _end like a step GradScaler did not take (the weights did not move)

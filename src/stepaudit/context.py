@@ -78,7 +78,9 @@ class StepContext:
     names: list[str]  # audited parameters, optimizer order
     params: list[torch.Tensor]
     before: list[torch.Tensor]  # weights before the step
-    grads: list[torch.Tensor]  # gradient the optimizer received (zeros where .grad was None)
+    # gradient the optimizer received (zeros where .grad was None); None on a step no probe reads it, where
+    # the audit reads the live .grad after the step instead of a copy (``FlatBuffers.borrow_grad``)
+    grads: list[torch.Tensor] | None
     delta_w: list[torch.Tensor] | None = None  # set after the step
     flat_before: torch.Tensor | None = None  # the same three as single flat vectors
     flat_grad: torch.Tensor | None = None

@@ -9,8 +9,13 @@ place on a loaded machine).
 On small models an audited step's cost is per-call overhead and memory traffic, not arithmetic: a kernel
 launched right after the training backward costs about three times what it costs in a tight loop (measured:
 a 3k-parameter ``cat`` 78 µs versus 23 µs). So the number of calls is fixed, whatever the number of
-parameters: two ``cat`` into preallocated buffers before the step; one in-place subtraction, two
-multi-tensor norms, one dot product and one host sync after it.
+parameters: two ``cat`` into preallocated buffers before the step; one in-place subtraction, one BLAS dot
+product per sum (Σx² as x·x: no square root to undo) and one host sync after it.
+
+The gradient is borrowed rather than copied on steps where no probe reads it: once an earlier audited
+step has shown that this optimizer's ``step()`` leaves every ``.grad`` untouched, the sums read the live
+``.grad`` after the step, and each tensor's version counter (bumped by every in-place write) proves it
+was not changed in between. A step that did change it is recorded as failed and later steps copy again.
 
 The buffers belong to the step being audited: a probe that keeps one of them beyond its step must
 copy it.
@@ -68,6 +73,10 @@ class FlatBuffers:
         self.sizes = [p.numel() for p in self.params]
         self._sources: list[torch.Tensor] = []
         self._pointers: list[int] = []
+        # The gradient, borrowed instead of copied: each live ``.grad`` (or None) with its version counter.
+        self._lent: list[tuple[torch.Tensor | None, int]] | None = None
+        self.grad_kept: bool | None = None  # whether this optimizer's step() leaves .grad untouched (seen once)
+        self._versions: list[tuple[torch.Tensor | None, int]] | None = None  # noted at the first copy, to learn it
         self._allocate()  # refuses a model on several devices right away
 
     KEEP_BYTES = 64 << 20  # all buffers together: ~8M float32 parameters at most are kept between sparse steps
@@ -85,6 +94,7 @@ class FlatBuffers:
         self._sources, self._pointers = [], []  # a non-contiguous parameter's flat copy, old storage after .to()
         self._segments: list[tuple[torch.Tensor, ...]] = []
         self._zeros: dict[int, torch.Tensor] = {}
+        self._lent = None
 
     def _allocate(self) -> None:
         devices = {p.device for p in self.params}
@@ -139,6 +149,7 @@ class FlatBuffers:
     @torch.no_grad()
     def take_grad(self) -> None:
         """Before the step: copy the gradient the optimizer sees into ``grad`` (zeros where ``.grad`` is None)."""
+        self._lent = None
         grads = []
         for i, (p, live) in enumerate(zip(self.params, self._live)):
             grad = live.grad
@@ -149,13 +160,45 @@ class FlatBuffers:
             else:
                 grads.append(dense(local(grad)).detach())
         torch._foreach_copy_(self.grad_views, grads)  # into the parameter-shaped views: no reshape per parameter
+        if self.grad_kept is None and not self.sharded:
+            self._versions = self._note_grads()  # finish() learns whether step() leaves .grad as it was
+
+    def borrow_grad(self) -> bool:
+        """Before the step: note the live gradients instead of copying them, where that is known to be exact.
+
+        Exact when the optimizer's ``step()`` leaves every ``.grad`` untouched: seen on an earlier audited
+        step (``grad_kept``) and checked again after this one through each tensor's version counter, which
+        every in-place write bumps. Only for dense, unsharded, working-precision float32/float64 gradients;
+        otherwise (and on the first audited step) returns False and the caller copies (``take_grad``).
+        """
+        self._lent = None
+        if not self.grad_kept or self.sharded or self.exact or self.grad is None or self.grad.dtype not in _BORROWABLE:
+            return False
+        lent = self._note_grads()
+        for (grad, _), p in zip(lent, self.params):
+            if grad is not None and (
+                grad.layout != torch.strided or grad.dtype != self.grad.dtype or grad.shape != p.shape
+            ):
+                return False
+        self._lent = lent
+        return True
+
+    def _note_grads(self) -> list[tuple[torch.Tensor | None, int]]:
+        return [(g, g._version) if (g := live.grad) is not None else (None, 0) for live in self._live]
+
+    def _grads_after_step(self, noted: list[tuple[torch.Tensor | None, int]]) -> bool:
+        """Whether every ``.grad`` is the tensor noted before the step, with no in-place write since."""
+        return all(
+            live.grad is grad and (grad is None or grad._version == version)
+            for live, (grad, version) in zip(self._live, noted)
+        )
 
     @torch.no_grad()
     def finish(self, keep_before: bool = True) -> tuple[float, list[list[float]]]:
         """After the step: Δw, then (g·Δw, rows [g·Δw or NaN, ‖g‖², ‖Δw‖², ‖w‖²] per parameter), one host sync.
 
-        Working dtype: fused multi-tensor norms and one BLAS dot product (about 1e-7 relative for
-        float32; 16-bit types accumulate in float32); only the total g·Δw is computed. ``exact``:
+        Working dtype: BLAS dot products (about 1e-7 relative for float32; 16-bit types accumulate in
+        float32); only the total g·Δw is computed, except with a borrowed gradient (per parameter). ``exact``:
         float64 products and sums per parameter. ``keep_before=False`` (no probe needs the buffers):
         ``before`` is overwritten in place by ``before − after`` = −Δw, which saves a copy and a pass;
         ``before`` no longer holds its meaning afterwards and ``delta_w`` is not formed.
@@ -167,33 +210,67 @@ class FlatBuffers:
                 rows = _all_reduce_sum(torch.tensor(rows, dtype=torch.float64, device=self.grad.device)).tolist()
                 self.reduced = True
             return sum(row[0] for row in rows), rows
+        if self.grad_kept is None and self._versions is not None:
+            self.grad_kept, self._versions = self._grads_after_step(self._versions), None
+        if self._lent is not None:
+            return self._finish_lent(keep_before)
         before, grads = list(self._segments[0]), list(self._segments[1])
         if keep_before:
             self._delta_into_buffer()
-            norms = _norms(before + grads + list(torch.split(self.delta_w, self.sizes)))
+            squares = _squares(before + grads + list(torch.split(self.delta_w, self.sizes)))
             delta, sign = self.delta_w, 1.0
         else:
-            norms = _norms(before + grads)
+            squares = _squares(before + grads)  # ‖w‖² must be read before ``before`` is overwritten
             torch._foreach_sub_(before, self._param_flats())
-            norms = [*norms, *_norms(before)]
+            squares += _squares(before)
             delta, sign = self.before, -1.0  # IEEE subtraction is antisymmetric: an exact negation
         grad = self.grad
         if grad.dtype in _LOW_PRECISION:
             grad, delta = grad.float(), delta.float()
-        dot = torch.dot(grad, delta).to(norms[0].dtype)
-        if self.sharded:  # shards' squared norms and dot products add up; the norms of the whole follow
-            values = torch.stack([dot, *norms])
-            values = _all_reduce_sum(torch.cat([values[:1], values[1:] * values[1:]]))
-            values = torch.cat([values[:1], values[1:].sqrt()])
+        dot = torch.dot(grad, delta).to(squares[0].dtype)
+        if self.sharded:  # shards' squared norms and dot products add up over ranks
+            values = _all_reduce_sum(torch.stack([dot, *squares])).tolist()
             self.reduced = True
-            values = values.tolist()
-        elif grad.device.type == "cpu":  # no sync to save: reading each scalar beats stacking them
-            values = [dot.item(), *(norm.item() for norm in norms)]
-        else:  # one host sync for all of them
-            values = torch.stack([dot, *norms]).tolist()
+        else:
+            values = _read([dot, *squares])
         n = len(self.params)
-        rows = [[math.nan, values[1 + n + i] ** 2, values[1 + 2 * n + i] ** 2, values[1 + i] ** 2] for i in range(n)]
+        rows = [[math.nan, values[1 + n + i], values[1 + 2 * n + i], values[1 + i]] for i in range(n)]
         return sign * values[0], rows
+
+    def _finish_lent(self, keep_before: bool) -> tuple[float, list[list[float]]]:
+        """``finish`` with the gradient borrowed (``borrow_grad``): per parameter g·Δw, ‖g‖², ‖Δw‖², ‖w‖²."""
+        lent, self._lent = self._lent, None
+        if not self._grads_after_step(lent):
+            self.grad_kept = False  # from now on the gradient is copied before the step
+            raise RuntimeError(
+                "optimizer.step() changed .grad in place on this step, so its gradient sums are unknown; "
+                "later audited steps copy the gradient first"
+            )
+        before = list(self._segments[0])
+        if keep_before:
+            self._delta_into_buffer()
+            deltas, sign = list(torch.split(self.delta_w, self.sizes)), 1.0
+            weights = _squares(before)
+        else:
+            weights = _squares(before)  # before ``before`` is overwritten with −Δw
+            torch._foreach_sub_(before, self._param_flats())
+            deltas, sign = before, -1.0
+        present = [i for i, (grad, _) in enumerate(lent) if grad is not None]
+        grads = [lent[i][0].reshape(-1) for i in present]
+        values = _read(
+            [
+                *weights,
+                *_squares(deltas),
+                *_squares(grads),
+                *(torch.dot(g, deltas[i]) for g, i in zip(grads, present)),
+            ]
+        )
+        n, m = len(self.params), len(present)
+        grad_squares, dots = [0.0] * n, [0.0] * n  # a parameter without .grad: a zero gradient
+        for k, i in enumerate(present):
+            grad_squares[i], dots[i] = values[2 * n + k], sign * values[2 * n + m + k]
+        rows = [[dots[i], grad_squares[i], values[n + i], values[i]] for i in range(n)]
+        return math.fsum(dots), rows
 
     def stand_in(self) -> None:
         """Join this step's all-reduce with NaN (this rank failed before ``finish``), so no peer waits forever."""
@@ -211,13 +288,23 @@ class FlatBuffers:
 
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_BORROWABLE = (torch.float32, torch.float64)
 
 
-def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Euclidean norm of each tensor, one fused call; 16-bit tensors accumulate in float32."""
+def _read(scalars: list[torch.Tensor]) -> list[float]:
+    """0-dim tensors as floats: one by one on the CPU (no sync to save: that beats stacking), one sync elsewhere."""
+    if scalars[0].device.type == "cpu":
+        return [scalar.item() for scalar in scalars]
+    return torch.stack(scalars).tolist()
+
+
+def _squares(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Σx² of each 1-D tensor: one BLAS dot product each (no square root to undo); 16-bit tensors
+    accumulate in float32 through one fused multi-tensor norm, squared."""
     if tensors[0].dtype not in _LOW_PRECISION:
-        return list(torch._foreach_norm(tensors))
+        return [torch.dot(t, t) for t in tensors]
     try:
-        return list(torch._foreach_norm(tensors, 2, torch.float32))
+        norms = torch._foreach_norm(tensors, 2, torch.float32)
     except (TypeError, RuntimeError):  # torch without the dtype argument
-        return [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
+        norms = [torch.linalg.vector_norm(t, dtype=torch.float32) for t in tensors]
+    return [norm * norm for norm in norms]
