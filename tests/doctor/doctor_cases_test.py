@@ -44,6 +44,7 @@ CODES = {
     "nonfinite",
     "weight_decay_too_high",
     "data_not_shuffled",
+    "rnn_batch_time_swapped",
 }
 # Words that would give a fault away in a file name, comment, string or user-defined identifier.
 # Stems match word starts ("vanish" matches "vanishing"); the rest match whole words.

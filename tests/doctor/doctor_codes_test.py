@@ -31,6 +31,7 @@ BEFORE_CODES = (
     "nonfinite",
     "weight_decay_too_high",  # added after the refactor, with its own cases (c79, c81)
     "data_not_shuffled",  # added after the refactor, with its own cases (c82, c83)
+    "rnn_batch_time_swapped",  # added after the refactor, with its own cases (c91-c93)
 )
 BEFORE_CAUSES = {
     "params_not_updating": ("lr_too_low", "labels_unlearnable", "gradient_noise_dominates", "vanishing_gradients"),
@@ -115,6 +116,16 @@ BEFORE_CAUSES = {
         "labels_unlearnable",
         "nonfinite",
     ),
+    "rnn_batch_time_swapped": (
+        "lr_too_high",
+        "lr_too_low",
+        "labels_unlearnable",
+        "gradient_noise_dominates",
+        "vanishing_gradients",
+        "exploding_gradients",
+        "saturated_activations",
+        "dead_relu",
+    ),
     "lr_too_low": ("labels_unlearnable",),
     "labels_unlearnable": ("gradient_noise_dominates",),
 }
@@ -122,6 +133,7 @@ BEFORE_PRIORITY = (
     "params_not_updating",
     "missing_zero_grad",
     "loss_wiring",
+    "rnn_batch_time_swapped",
     "unnormalized_inputs",
     "data_not_shuffled",
     "lr_too_high",
@@ -140,6 +152,7 @@ BEFORE_RULES = (
     "params_not_updating",
     "missing_zero_grad",
     "loss_wiring",
+    "rnn_batch_time_swapped",
     "unnormalized_inputs",
     "data_not_shuffled",
     "dead_relu",

@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .recurrent import RecurrentObserver
+
 _NORMALIZING = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
 MAX_ACTIVATION_ROWS = 64  # per sampled step
 # A unit "never fires on the batch": a healthy unit active on half the examples is silent on all 16 with
@@ -30,7 +32,7 @@ def _tensor_arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
     return args[index] if len(args) > index else kwargs.get(name)
 
 
-class ForwardObserver:
+class ForwardObserver(RecurrentObserver):
     """State and callbacks for forward-pass and loss statistics (used by ``PassiveWatcher``)."""
 
     step_count: int
@@ -63,6 +65,7 @@ class ForwardObserver:
         self.target_moments = [0.0, 0.0, 0.0]  # n, Σy, Σy² of regression targets
         self.initial_loss: dict | None = None
         self.batch_size: int | None = None
+        self._init_recurrent()
 
     # -- forward statistics ------------------------------------------------------------------------------
     def _forward_pre(self, module, args):
@@ -77,6 +80,8 @@ class ForwardObserver:
             self.roots.setdefault(id(module), module)
             self._first_layer_pending = True
         self._depth += 1
+        if isinstance(module, torch.nn.RNNBase):
+            self._note_recurrent(module, args)
         if self._first_layer_pending and module._parameters and any(v is not None for v in module._parameters.values()):
             self._first_layer_pending = False
             if self._input_rows < MAX_INPUT_ROWS and args and isinstance(args[0], torch.Tensor):
@@ -183,9 +188,9 @@ class ForwardObserver:
             self.summed_losses.add(name)  # 'sum' (or 'none'): the loss is not on a per-example scale
         step = self.step_count
         if self.window and (step < 5 or step % self.every < 2):  # the sampled steps
-            self._note_batch_labels(
-                name, _tensor_arg(args, kwargs, 0, "input"), _tensor_arg(args, kwargs, 1, "target"), kwargs
-            )
+            x, y = _tensor_arg(args, kwargs, 0, "input"), _tensor_arg(args, kwargs, 1, "target")
+            self._note_batch_labels(name, x, y, kwargs)
+            self._note_loss_shape(x, y)
         if not self.window or not (step < 5 or step % (5 * self.every) < 2):  # a few windows suffice
             return
         x = _tensor_arg(args, kwargs, 0, "input")

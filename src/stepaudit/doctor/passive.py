@@ -7,7 +7,8 @@ What is installed for one session (and removed, every patch restored, by ``close
     and whether ``.grad`` was cleared since the previous step;
   - wrappers around ``torch.relu``/``sigmoid``/``tanh`` and the loss functions of ``torch.nn.functional``
     (``nn.ReLU``, ``nn.CrossEntropyLoss`` … call these): dead/saturated units, what the loss received;
-  - global module forward hooks (only on sampled steps): the model's root modules, the first layer's input.
+  - global module forward hooks (only on sampled steps): the model's root modules, the first layer's input,
+    the input shapes of recurrent layers built with ``batch_first=False`` (``recurrent.py``).
 Heavy statistics run on sampled steps only (``sampled``) to keep the cost within the 15% budget.
 The hooks read tensors under ``no_grad`` and never touch RNG, weights, gradients or buffers; a failure
 inside them is counted (``capture_errors``), never raised into the script. Forward and loss observations

@@ -113,6 +113,7 @@ class RunResults:
             **self._frozen(),
             "orphan_params": orphans,
             "weight_layers": self.weight_layers(),
+            **self.recurrent_inputs(self._prefixed_roots() or [(r, "") for r in self.roots.values()]),
             "models": sorted({type(m).__name__ for m in self.roots.values() if any(True for _ in m.parameters())}),
             "elapsed_s": self.elapsed(),
             "capture_errors": {"count": self.capture_errors, "first": self.first_capture_error},
