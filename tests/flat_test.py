@@ -101,7 +101,7 @@ def test_a_gradient_changed_inside_step_is_never_read_as_the_one_the_step_used()
     flat.finish()
     flat.take_before()
     _step_with(flat, params, take=lambda: _borrowed(flat), scale_grad_in_step=True)
-    with pytest.raises(RuntimeError, match="changed .grad in place"):
+    with pytest.raises(RuntimeError, match="wrote to or replaced .grad"):
         flat.finish()
     flat.take_before()
     assert not flat.borrow_grad() and flat.grad_kept is False
@@ -168,3 +168,32 @@ def test_norms_read_back_are_the_per_parameter_norms():
         delta = p.detach().flatten() - w.flatten()
         want = [float((t.double().flatten() ** 2).sum()) for t in (grad, delta, w)]
         assert row[1:] == pytest.approx(want, rel=1e-6)
+
+
+def test_complex_parameters_sum_squared_moduli():
+    """Complex tensors (seen by the passive doctor): ‖z‖² = Σ|z|², and g·Δw = Re Σ conj(g)·Δw, in float64."""
+    g = torch.Generator().manual_seed(2)
+    params = [torch.randn(4, 3, dtype=torch.complex64, generator=g).requires_grad_()]
+    flat = FlatBuffers(params)
+    flat.take_before()
+    before = params[0].detach().clone().to(torch.complex128)
+    params[0].grad = torch.randn(4, 3, dtype=torch.complex64, generator=g)
+    flat.take_grad()
+    with torch.no_grad():
+        params[0].sub_(0.1 * params[0].grad)
+    grad, delta = params[0].grad.to(torch.complex128), params[0].detach().to(torch.complex128) - before
+    first_order, rows = flat.finish()
+    assert first_order == pytest.approx(float((grad.conj() * delta).sum().real), rel=1e-5)
+    want = [float((t.abs() ** 2).sum()) for t in (grad, delta, before)]
+    assert rows[0][1:] == pytest.approx(want, rel=1e-5)
+
+
+def test_nothing_is_learned_about_step_from_a_step_without_gradients():
+    params = _params()
+    flat = FlatBuffers(params)
+    flat.take_before()
+    flat.take_grad()  # every .grad is None (e.g. all frozen for now): no evidence about step()
+    flat.finish()
+    assert flat.grad_kept is None
+    flat.take_before()
+    assert not flat.borrow_grad()

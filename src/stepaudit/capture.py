@@ -10,6 +10,7 @@ goes through the one fault policy (``faults.py``). The state of the open step is
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -71,9 +72,14 @@ class StepCapture:
         """No step open; install the optimizer's step hooks (torch optimizers only)."""
         self._pending: PendingStep | None = None
         self._warned_outside = False
-        # step() calls under way: a subclass's step() calling super().step() runs the hooks twice, nested
-        # (torch hooks each class's step once it has an instance); only the outermost call is the step
-        self._step_depth = 0
+        # The frame of torch's step wrapper whose hooks are the step under way. A subclass's step() calling
+        # super().step() runs the hooks twice, nested (torch hooks each class's step once it has an instance):
+        # only the outermost call is the step. A frame, not a counter: a step() that raised leaves no trace.
+        self._outer_step = None
+        # Borrowing the gradient (FlatBuffers.borrow_grad) is trusted only for torch's own optimizers, which
+        # never write .grad in step(): a custom step() can, even unseen by the version counter (``.data``).
+        step = getattr(type(self.optimizer), "step", None)  # fastai's OptimWrapper forwards it: none on the type
+        self._builtin_step = (getattr(step, "__module__", None) or "").startswith("torch.optim.")
         self._flat: FlatBuffers | None = None
         self.replay = Replay()  # which random state each re-evaluation replays
         me = weakref.ref(self)  # hooks must not keep the audit alive, nor be deep-copied with it
@@ -85,12 +91,12 @@ class StepCapture:
 
         def step_pre(optimizer, args, kwargs):
             audit = me()
-            return None if audit is None else audit._on_step_pre(args, kwargs)
+            return None if audit is None else audit._on_step_pre(args, kwargs, sys._getframe(1))
 
         def step_post(optimizer, args, kwargs):
             audit = me()
             if audit is not None:
-                audit._on_step_post()
+                audit._on_step_post(sys._getframe(1))
 
         # The forward hook is attached only while an audited step is pending (``_begin``/``_end``):
         # any forward hook sends every forward of the model through nn.Module's slower hook path.
@@ -129,7 +135,6 @@ class StepCapture:
             raise RuntimeError("audit.watch() blocks cannot be nested; finish the current step first")
         step = self._step_count
         due = not self._closed and self.due(step)
-        self._step_depth = 0  # a step() that raised never ran its post-hooks
         self._pending = pending = PendingStep(batches, StepWatch(), due)
         if due:
             if self._flat is not None:
@@ -182,6 +187,7 @@ class StepCapture:
         ``failed``: the block raised; the exception says what happened, so no warning is added.
         """
         pending, self._pending = self._pending, None
+        self._outer_step = None  # a step() that raised ran no post-hook: hold no frame past the block
         for handle in pending.handles:
             handle.remove()
         try:
@@ -223,10 +229,11 @@ class StepCapture:
                 )
 
     # -- 2: before the optimizer's update --------------------------------------------------------------
-    def _on_step_pre(self, args, kwargs):
-        self._step_depth += 1
-        if self._step_depth > 1:
+    def _on_step_pre(self, args, kwargs, caller=None):
+        """``caller``: the frame of torch's step wrapper running the hooks (None from ``before_update``)."""
+        if _running(self._outer_step, caller):
             return None  # the inner call of a nested step(): the outer one is the step
+        self._outer_step = caller
         pending = self._pending
         if pending is None:
             if not self._warned_outside:
@@ -307,7 +314,7 @@ class StepCapture:
         read the live ``.grad`` after the step instead of a copy; ``ctx.grads`` and ``ctx.flat_grad`` stay None.
         """
         flat = self._flat_buffers()
-        if borrow and getattr(self.optimizer, "grad_scale", None) is None and flat.borrow_grad():
+        if borrow and self._builtin_step and getattr(self.optimizer, "grad_scale", None) is None and flat.borrow_grad():
             return None  # a fused optimizer under GradScaler (grad_scale set) unscales a copy: never borrowed
         flat.take_grad()
         self._pending.ctx.flat_grad = flat.grad
@@ -326,10 +333,10 @@ class StepCapture:
         return False
 
     # -- 3: after the optimizer's update ---------------------------------------------------------------
-    def _on_step_post(self) -> None:
-        self._step_depth = max(0, self._step_depth - 1)
-        if self._step_depth:
+    def _on_step_post(self, caller=None) -> None:
+        if caller is not self._outer_step and _running(self._outer_step, caller):
             return  # the inner call of a nested step() ended; the outer one has not
+        self._outer_step = None
         pending, index = self._pending, self._step_count
         if pending is not None and pending.skipped:
             return  # counted in _end like a step GradScaler did not take (the weights did not move)
@@ -372,3 +379,15 @@ def _cleanup(handles: list, replay: Replay) -> None:
     for handle in handles:
         handle.remove()
     replay.close()
+
+
+def _running(outer, frame, depth: int = 64) -> bool:
+    """Whether ``outer`` (a step wrapper's frame) is still on the stack below ``frame`` (then ``frame`` is nested)."""
+    if outer is None or frame is None:
+        return False
+    frame = frame.f_back
+    while frame is not None and depth:
+        if frame is outer:
+            return True
+        frame, depth = frame.f_back, depth - 1
+    return False

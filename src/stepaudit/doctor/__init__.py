@@ -83,6 +83,11 @@ def healthy(f: Facts, notes: bool = False) -> Diagnosis:
     cos = f.grad_cos_early
     if cos is not None:
         parts.append(f"consecutive-gradient cosine {cos:.2g} early on")
+    failed = next((r["capture_error"] for r in f.records if r.get("capture_error")), None)
+    if failed and not f.sampled:  # a complex parameter…: say what was not checked rather than pass it over
+        parts.append(
+            f"the gradient statistics could not be taken ({failed[:80]}): the rules that read them did not run"
+        )
     confidence = 0.9 if (f.progress or 0) >= 0.3 else 0.7
     if f.n_steps < 20:
         confidence = 0.4

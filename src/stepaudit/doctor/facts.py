@@ -154,7 +154,8 @@ class Facts:
 
     @cached_property
     def lr_collapse(self) -> dict | None:
-        """The learning rate falling below 1/1000 of its peak before the last fifth of the run.
+        """The learning rate falling below 1/1000 of its peak before the last fifth of the run, and staying
+        below 1/100 of it from then on (warm restarts, SGDR, dip to ~0 and come back: no collapse).
 
         Returns the peak and final lr, the step where it first fell below peak/1000, and the scheduler
         classes whose ``step()`` ran with their call counts (a per-epoch schedule stepped per batch).
@@ -173,6 +174,8 @@ class Facts:
         fell = next((s for s, v in lrs if v < 1e-3 * peak and s > lrs[0][0]), None)
         if fell is None or fell > 0.8 * end_step or lrs[-1][1] >= 1e-3 * peak:
             return None
+        if any(v >= 1e-2 * peak for s, v in lrs if s > fell):
+            return None  # the schedule restarted after the dip
         return {"peak": peak, "final": lrs[-1][1], "step": fell, "schedulers": dict(self.obs.get("schedulers") or {})}
 
     @cached_property
@@ -182,9 +185,10 @@ class Facts:
         - constant: the first ≥ 10 losses identical (to 1e-12 relative); a model that is learning, or even
           one seeing different batches, changes its loss. Stuck at exactly 0 is the common form (the log of
           a probability that is already 1, a loss multiplied by a mask of zeros).
-        - unbounded below: negative at the end and ≥ 10× its starting magnitude below 0, still falling
-          over the last three fifths: a likelihood maximised instead of minimised (a lost minus sign), or a loss
-          whose minimum is −∞ (NLL on raw scores).
+        - unbounded below: negative at the end and ≥ 10× its starting magnitude below 0 (and ≤ −10: a Gaussian
+          NLL that starts near 0 and falls to −1.5 as its variance shrinks is bounded), still falling over the
+          last three fifths: a likelihood maximised instead of minimised (a lost minus sign), or a loss whose
+          minimum is −∞ (NLL on raw scores).
         """
         values = [v for _, v in self.losses]
         if len(values) >= 10:
@@ -198,7 +202,7 @@ class Facts:
             fifth = len(values) // 5
             m = [median(values[i * fifth : (i + 1) * fifth]) for i in range(2, 5)]
             falling = all(b < a - 0.1 * abs(a) for a, b in zip(m, m[1:]))
-            if self.loss_end < 0 and -self.loss_end >= 10 * max(abs(self.loss_start), 1e-3) and falling:
+            if self.loss_end < 0 and -self.loss_end >= 10 * max(abs(self.loss_start), 1.0) and falling:
                 return {
                     "kind": "unbounded_below",
                     "start": self.loss_start,

@@ -93,7 +93,7 @@ class WatchedOptimizer:
     local_step: int = 0
     names: list | None = None
     modules: list | None = None
-    ever_grad: list = field(default_factory=list)  # per parameter: a nonzero gradient was seen at a sampled step
+    ever_grad: list = field(default_factory=list)  # per parameter: nonzero gradient seen (False: never; None: unread)
     flat: FlatBuffers | None = None  # Audit's flat copies, held from a sampled step to the next consecutive one
     prev_grad: tuple | None = None  # (local step, flat gradient copy, ‖g‖²) for the consecutive-gradient cosine
     max_lr: list = field(default_factory=list)  # largest lr each parameter group had at a sampled step
@@ -142,6 +142,8 @@ class PassiveWatcher(ForwardObserver, RunResults):
         self.backward_count = 0
         self._since_step: list[torch.Tensor] = []  # scalar losses at backward since the last step
         self._backwards_since_step = 0
+        self._backward_grads: Any = None  # the gradient passed to the backward being observed (set by its wrapper)
+        self._last_window: tuple[int, list] | None = None  # (optimizer, losses) of the last step after a backward
         self._in_step = False
         self.zero_checks: list[dict] = []
         self.stopping: str | None = None
@@ -354,17 +356,22 @@ class PassiveWatcher(ForwardObserver, RunResults):
             return
         self._close_activations()
         self._depth = 0
+        grads, self._backward_grads = self._backward_grads, None
         loss = tensors[0] if isinstance(tensors, (tuple, list)) and len(tensors) == 1 else tensors
-        if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            scaled = self._scaled
-            if scaled is not None and scaled[0]() is loss:  # GradScaler.scale(loss).backward(): unscale
-                self._since_step.append(loss.detach() / scaled[1])
-            else:
-                self._since_step.append(loss.detach())
-        if self._graph_walks < GRAPH_WALKS and isinstance(loss, torch.Tensor) and loss.grad_fn is not None:
+        scaled = self._scaled
+        if isinstance(loss, torch.Tensor) and scaled is not None and scaled[0]() is loss and grads is None:
+            self._since_step.append(loss.detach() / scaled[1])  # GradScaler.scale(loss).backward(): unscale
+        else:
+            value = _backward_loss(tensors, grads)
+            if value is not None:
+                self._since_step.append(value)
+        roots = [
+            t for t in (tensors if isinstance(tensors, (tuple, list)) else [tensors]) if isinstance(t, torch.Tensor)
+        ]
+        if self._graph_walks < GRAPH_WALKS and any(t.grad_fn is not None for t in roots):
             self._graph_walks += 1
             try:
-                self._walk_graph(loss)
+                self._walk_graph(roots)
             except Exception:  # an odd graph: fewer leaves known, nothing else lost
                 pass
         self.backward_count += 1
@@ -381,7 +388,7 @@ class PassiveWatcher(ForwardObserver, RunResults):
             self.stopping = "max_steps"  # backward passes but never an optimizer step: enough seen
             raise StopRun(self.stopping)
 
-    def _walk_graph(self, loss: torch.Tensor) -> None:
+    def _walk_graph(self, roots: list[torch.Tensor]) -> None:
         """The leaves the backward will write ``.grad`` to (AccumulateGrad nodes), found before it runs.
 
         Parameters kept in a plain list or dict, or created inside ``forward``, are leaves of the graph
@@ -389,7 +396,7 @@ class PassiveWatcher(ForwardObserver, RunResults):
         finds them whatever the model's structure.
         """
         self._settle_leaves()
-        stack, seen = [loss.grad_fn], set()
+        stack, seen = [t.grad_fn for t in roots], set()
         while stack and len(seen) < MAX_GRAPH_NODES:
             node = stack.pop()
             if node is None or id(node) in seen:
@@ -526,7 +533,7 @@ class PassiveWatcher(ForwardObserver, RunResults):
         pairs = [(p, g) for g, group in enumerate(groups) for p in group["params"]]
         seen = {id(p): flag for p, flag in zip(state.params, state.ever_grad)}
         state.params, state.groups = [p for p, _ in pairs], [g for _, g in pairs]
-        state.ever_grad = [seen.get(id(p), False) for p in state.params]
+        state.ever_grad = [seen.get(id(p)) for p in state.params]
         state.group_count, state.names, state.modules = len(groups), None, None
         if state.flat is not None:
             state.flat.release()
@@ -542,7 +549,12 @@ class PassiveWatcher(ForwardObserver, RunResults):
         self._close_activations()
         self._depth = 0
         self._in_step = True
-        state.pending = {"losses": self._since_step, "backwards": self._backwards_since_step}
+        losses, backwards = self._since_step, self._backwards_since_step
+        if backwards:
+            self._last_window = (state.index, losses)
+        elif self._last_window is not None and self._last_window[0] != state.index:
+            losses = self._last_window[1]  # a second optimizer stepped after the same backward: the same loss
+        state.pending = {"losses": losses, "backwards": backwards}
         self._since_step, self._backwards_since_step = [], 0
         taken = sampled(state.local_step, self.every) and bool(state.params) and self._take(state, "before")
         if taken and (state.local_step < 5 or state.local_step % (5 * self.every) < 2):
@@ -614,6 +626,8 @@ class PassiveWatcher(ForwardObserver, RunResults):
         self._count_schedulers()
         if "error" in pending:
             record["capture_error"] = pending["error"]
+            if sampled(local, self.every):
+                self._read_gradients(state)
         elif "before" in pending and "grad" in pending:
             try:
                 self._measure(state, record)
@@ -640,6 +654,18 @@ class PassiveWatcher(ForwardObserver, RunResults):
         if self.max_steps is not None and self.step_count >= self.max_steps:
             self.stopping = "max_steps"
         self._check_stop()
+
+    @torch.no_grad()
+    def _read_gradients(self, state: WatchedOptimizer) -> None:
+        """The statistics could not be taken (a complex parameter…): still read which parameters carry a nonzero
+        gradient, one at a time; one that cannot be read stays unknown (None), never "no gradient"."""
+        for i, p in enumerate(state.params):
+            if state.ever_grad[i] or is_sharded(p):  # a sharded gradient would need the other ranks
+                continue
+            try:
+                state.ever_grad[i] = p.grad is not None and bool(dense(p.grad).ne(0).any())
+            except Exception:  # an odd tensor: its gradient stays unknown
+                continue
 
     def _note_lrs(self, state: WatchedOptimizer) -> None:
         """Track each group's largest learning rate (a schedule may end at 0; a zero lr throughout is a fault)."""
@@ -725,6 +751,29 @@ def _schedulers_in_heap(optimizer: torch.optim.Optimizer, kinds: tuple) -> list:
 
 
 # -- module-level wrappers (they look up the active session at call time) -----------------------------------
+def _backward_loss(tensors: Any, grads: Any) -> torch.Tensor | None:
+    """The scalar a backward pass differentiates: a scalar, the sum of a list of them, Σ loss·gradient for
+    a tensor given its gradient (``per_example.backward(gradient=w)``); None when it cannot be told."""
+    tensors = list(tensors) if isinstance(tensors, (tuple, list)) else [tensors]
+    grads = list(grads) if isinstance(grads, (tuple, list)) else [] if grads is None else [grads]
+    grads += [None] * (len(tensors) - len(grads))
+    if not tensors or len(grads) != len(tensors):
+        return None
+    total = None
+    with torch.no_grad():
+        for loss, grad in zip(tensors, grads):
+            if not isinstance(loss, torch.Tensor) or loss.is_complex():
+                return None
+            if isinstance(grad, torch.Tensor) and grad.shape == loss.shape:
+                part = (loss.detach() * grad.detach().to(loss.dtype)).sum()
+            elif grad is None and loss.numel() == 1:
+                part = loss.detach().reshape(())
+            else:
+                return None
+            total = part if total is None else total + part.to(total.device)
+    return total
+
+
 def _active() -> PassiveWatcher | None:
     """The session the wrappers report to; None while torch.compile traces (nothing of ours is traced)."""
     return None if _compiling() else _ACTIVE
@@ -858,6 +907,7 @@ def _backward_wrapper(name: str, original: Callable) -> Callable:
     def backward(tensors, *args, **kwargs):
         watcher = active()
         if watcher is not None:
+            watcher._backward_grads = args[0] if args else kwargs.get("grad_tensors")
             watcher._on_backward(tensors)
         return original(tensors, *args, **kwargs)
 

@@ -6,7 +6,6 @@ run store, or once the script has ended.
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -69,7 +68,8 @@ class RunResults:
                     values.append(float(loss))
                 except (TypeError, ValueError, RuntimeError):
                     continue
-            record["loss_before"] = sum(values) if values else math.nan
+            if values:  # no loss seen at this step's backward passes: unknown, not NaN (absent)
+                record["loss_before"] = sum(values)
 
     def _flush(self) -> None:
         self._settle_losses()
@@ -123,7 +123,8 @@ class RunResults:
         from .passive import sampled  # the schedule lives with the watcher
 
         names = state.names or [f"param{i}" for i in range(len(state.params))]
-        no_grad = [i for i, p in enumerate(state.params) if not state.ever_grad[i]]
+        no_grad = [i for i, p in enumerate(state.params) if state.ever_grad[i] is False]  # None: never read
+        unread = [i for i, p in enumerate(state.params) if state.ever_grad[i] is None and p.requires_grad]
         return {
             "index": state.index,
             "optimizer": type(state.optimizer).__name__,
@@ -141,6 +142,7 @@ class RunResults:
                 {"name": names[i], "numel": numel(state.params[i])} for i in no_grad if state.params[i].requires_grad
             ][:50],
             "no_grad_numel": sum(numel(state.params[i]) for i in no_grad if state.params[i].requires_grad),
+            "grad_unread_numel": sum(numel(state.params[i]) for i in unread),  # gradients never read: not judged
         }
 
     def _orphans(self) -> tuple[int, list[dict]]:

@@ -55,9 +55,12 @@ def stored_record(row: dict, passive: bool) -> dict:
     """A stored row as the rules expect it: NaN read back for a field the step never wrote is dropped.
 
     Only the fields a step always writes keep their NaN (``loss_before``; the norms of audited steps and
-    of measured passive steps), where NaN is a measurement.
+    of measured passive steps), where NaN is a measurement. A passive step with no backward pass since the
+    last step saw no loss (nor shared one): its missing ``loss_before`` is unknown, not NaN.
     """
     keep = set(_ALWAYS)
+    if passive and row.get("backward_passes") == 0:
+        keep.discard("loss_before")
     if not passive or row.get("measured") == 1:
         keep.update(_AUDITED)
     return {k: v for k, v in row.items() if k in keep or not (isinstance(v, float) and v != v)}

@@ -117,7 +117,48 @@ def _mostly_frozen(f: Facts) -> Diagnosis | None:
     )
 
 
+def _zero_lr_note(f: Facts, zero_lr: list, groups: list) -> Diagnosis | None:
+    """Some groups with lr=0 while the others learn, on a loss that falls: a frozen-by-lr layer, likely on purpose.
+
+    Weighed by the groups' share of the optimizers' values; lr=0 over (nearly) everything, or a loss that
+    does not fall, stays with the error of ``_partly_not_updating``.
+    """
+    share = _numel_share(zero_lr, groups)
+    if not zero_lr or share >= 0.9 or f.progress is None or _not_training(f) or f.first_nonfinite is not None:
+        return None
+    names = ", ".join(str(_group_index(f, g)) for g in zero_lr)
+    which = f"group {names} has" if len(zero_lr) == 1 else f"groups {names} have"
+    return Diagnosis(
+        "params_not_updating",
+        "info",
+        _clip(0.5 + 0.4 * share),
+        0,
+        f"parameter {which} lr=0 ({share:.0%} of the optimizer's values), so those weights never change; the "
+        "other groups learn and the loss falls.",
+        f"parameter {which} lr=0; if that is intended (a layer frozen by its learning rate) ignore this, "
+        "otherwise give it a positive learning rate",
+        kind="zero_lr_group",
+    )
+
+
+def _group_index(f: Facts, group: dict) -> int:
+    """A group's position in its own optimizer's ``param_groups``."""
+    same = [g for g in f.param_groups if g.get("opt") is group.get("opt")]
+    return next(i for i, g in enumerate(same) if g is group)
+
+
+def _numel_share(part: list, groups: list) -> float:
+    """The share of the groups' values in ``part`` (by count of groups where the sizes are unknown)."""
+    total = sum(g.get("n_params") or 0 for g in groups)
+    if not total:
+        return len(part) / len(groups) if groups else 0.0
+    return sum(g.get("n_params") or 0 for g in part) / total
+
+
 def _partly_not_updating(f: Facts, zero_lr: list, groups: list) -> Diagnosis | None:
+    note = _zero_lr_note(f, zero_lr, groups)
+    if note is not None:
+        return _partly_not_updating(f, [], groups) or note
     obs = f.obs
     trainable = obs.get("trainable_numel") or 0
     orphans = obs.get("orphan_params") or []
@@ -141,7 +182,7 @@ def _partly_not_updating(f: Facts, zero_lr: list, groups: list) -> Diagnosis | N
             f"{', '.join(p['name'] for p in no_grad[:3])}) never received a nonzero gradient (detached or unused)"
         )
     if zero_lr:
-        share = max(share, len(zero_lr) / len(groups))
+        share = max(share, _numel_share(zero_lr, groups))
         parts.append(f"{len(zero_lr)} of {len(groups)} parameter groups have lr = 0")
     if not parts:
         return None
