@@ -144,6 +144,23 @@ def test_a_complex_parameter_is_not_called_a_parameter_without_gradient(tmp_path
     found = diagnose_script(_script(tmp_path, COMPLEX))
     assert "params_not_updating" not in _errors(found), found
     assert not any(d["code"] == "params_not_updating" and "filt" in d["evidence"] for d in found), found
+
+
+REFUSED = """
+model = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 3))
+spare = nn.Parameter(torch.zeros(2, device="meta"))  # FlatBuffers refuses a second device: no statistics
+opt = torch.optim.Adam([*model.parameters(), spare], lr=3e-3)
+for epoch in range(6):
+    for i in range(0, 512, 32):
+        opt.zero_grad(); F.cross_entropy(model(X[i:i + 32]), y[i:i + 32]).backward(); opt.step()
+"""
+
+
+def test_a_failed_gradient_capture_is_not_a_zero_gradient(tmp_path):
+    watcher = watch_script(_script(tmp_path, REFUSED))
+    assert all("capture_error" in r for r in watcher.records[:5]) and not any("measured" in r for r in watcher.records)
+    found = diagnose_facts(Facts(watcher.records, {}, watcher.observations()))
+    assert "params_not_updating" not in _errors(found), found
     assert found[0]["code"] == "healthy" and "could not be taken" in found[0]["evidence"], found
 
 
