@@ -10,7 +10,6 @@ goes through the one fault policy (``faults.py``). The state of the open step is
 
 from __future__ import annotations
 
-import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from .context import Part, StepContext
 from .distributed import wrapper_state_kept
 from .faults import AuditError, contained, quietly, raises_at_once
 from .flat import FlatBuffers
+from .nesting import hook_caller, running_below
 from .noise_ranks import CAPTURE, LocalGradNorms
 from .replay import MAX_EVENTS_PER_BATCH, Replay
 from .state import AutocastState, RngState, cuda_devices
@@ -72,9 +72,7 @@ class StepCapture:
         """No step open; install the optimizer's step hooks (torch optimizers only)."""
         self._pending: PendingStep | None = None
         self._warned_outside = False
-        # The frame of torch's step wrapper whose hooks are the step under way. A subclass's step() calling
-        # super().step() runs the hooks twice, nested (torch hooks each class's step once it has an instance):
-        # only the outermost call is the step. A frame, not a counter: a step() that raised leaves no trace.
+        # the frame of torch's step wrapper whose hooks are the step under way (a nested call is not a step)
         self._outer_step = None
         # Borrowing the gradient (FlatBuffers.borrow_grad) is trusted only for torch's own optimizers, which
         # never write .grad in step(): a custom step() can, even unseen by the version counter (``.data``).
@@ -91,12 +89,12 @@ class StepCapture:
 
         def step_pre(optimizer, args, kwargs):
             audit = me()
-            return None if audit is None else audit._on_step_pre(args, kwargs, sys._getframe(1))
+            return None if audit is None else audit._on_step_pre(args, kwargs, hook_caller(1))
 
         def step_post(optimizer, args, kwargs):
             audit = me()
             if audit is not None:
-                audit._on_step_post(sys._getframe(1))
+                audit._on_step_post(hook_caller(1))
 
         # The forward hook is attached only while an audited step is pending (``_begin``/``_end``):
         # any forward hook sends every forward of the model through nn.Module's slower hook path.
@@ -231,7 +229,7 @@ class StepCapture:
     # -- 2: before the optimizer's update --------------------------------------------------------------
     def _on_step_pre(self, args, kwargs, caller=None):
         """``caller``: the frame of torch's step wrapper running the hooks (None from ``before_update``)."""
-        if _running(self._outer_step, caller):
+        if running_below(self._outer_step, caller):
             return None  # the inner call of a nested step(): the outer one is the step
         self._outer_step = caller
         pending = self._pending
@@ -334,7 +332,7 @@ class StepCapture:
 
     # -- 3: after the optimizer's update ---------------------------------------------------------------
     def _on_step_post(self, caller=None) -> None:
-        if caller is not self._outer_step and _running(self._outer_step, caller):
+        if caller is not self._outer_step and running_below(self._outer_step, caller):
             return  # the inner call of a nested step() ended; the outer one has not
         self._outer_step = None
         pending, index = self._pending, self._step_count
@@ -379,15 +377,3 @@ def _cleanup(handles: list, replay: Replay) -> None:
     for handle in handles:
         handle.remove()
     replay.close()
-
-
-def _running(outer, frame, depth: int = 64) -> bool:
-    """Whether ``outer`` (a step wrapper's frame) is still on the stack below ``frame`` (then ``frame`` is nested)."""
-    if outer is None or frame is None:
-        return False
-    frame = frame.f_back
-    while frame is not None and depth:
-        if frame is outer:
-            return True
-        frame, depth = frame.f_back, depth - 1
-    return False

@@ -108,6 +108,29 @@ def test_records_match_the_scripts_own_bookkeeping(tmp_path):
     assert not any("grad_norm" in by_step[s] for s in range(30) if s not in measured)
 
 
+NESTED = TRAIN.replace(
+    "opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)",
+    """torch.optim.SGD([torch.zeros(1, requires_grad=True)])  # SGD.step is hooked: the subclass's super().step() nests
+class LoggedSGD(torch.optim.SGD):
+    def step(self, closure=None):
+        return super().step(closure)
+opt = LoggedSGD(model.parameters(), lr=0.1, momentum=0.9)""",
+)
+
+
+def test_a_step_calling_super_step_is_one_step(tmp_path):
+    """A subclass's step() calling super().step() runs the global hooks twice, nested: one step, measured whole."""
+    path = write(tmp_path, NESTED)
+    log_file = tmp_path / "log.json"
+    watcher, outcome = watch(path, [str(log_file), "12"], sample_every=10)
+    assert outcome.stopped == "finished" and watcher.step_count == 12 and len(watcher.records) == 12
+    log = json.loads(log_file.read_text())
+    assert [r["loss_before"] for r in watcher.records] == pytest.approx([e["loss"] for e in log], rel=1e-6)
+    for record in watcher.records:
+        if "first_order" in record:
+            assert record["first_order"] == pytest.approx(log[record["step"]]["first_order"], rel=1e-5)
+
+
 def test_no_copy_of_the_model_is_held_between_sparse_sampled_steps(tmp_path, monkeypatch):
     """As Audit's sparse auditing: the flat buffers go after a sampled step whose next step is not sampled."""
     from stepaudit.flat import FlatBuffers

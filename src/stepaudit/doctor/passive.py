@@ -44,6 +44,7 @@ from ..closure import wrap_first_call
 from ..context import group_lr
 from ..flat import FlatBuffers, is_sharded
 from ..maths import dense
+from ..nesting import hook_caller, running_below
 from ..records import layer_rows
 from .observe import ForwardObserver
 from .results import RunResults
@@ -100,6 +101,7 @@ class WatchedOptimizer:
     zero_watch: dict | None = None  # zeroing check between a sampled step and this optimizer's next step
     pending: dict = field(default_factory=dict)
     group_count: int = 0  # param_groups when params was read (add_param_group changes it: re-read)
+    outer_step: Any = None  # the frame of torch's step wrapper of the step under way (``nesting.py``)
 
 
 def _leaf(tensor: torch.Tensor, walk: int) -> dict:
@@ -542,6 +544,10 @@ class PassiveWatcher(ForwardObserver, RunResults):
     def _step_pre(self, optimizer, args, kwargs):
         self._check_stop()
         state = self._by_id.get(id(optimizer)) or self._register(optimizer)
+        caller = hook_caller(2)  # above ``guarded``'s call: torch's step wrapper
+        if running_below(state.outer_step, caller):
+            return None  # a subclass's step() calling super().step(): the outer call is the step
+        state.outer_step = caller
         self._finish_zero_check(state)
         groups = optimizer.param_groups
         if len(groups) != state.group_count or sum(len(g["params"]) for g in groups) != len(state.params):
@@ -596,6 +602,10 @@ class PassiveWatcher(ForwardObserver, RunResults):
 
     def _step_post(self, optimizer, args, kwargs):
         state = self._by_id[id(optimizer)]
+        caller = hook_caller(2)
+        if caller is not state.outer_step and running_below(state.outer_step, caller):
+            return  # the nested call ended; the step has not
+        state.outer_step = None
         self._in_step = False
         local, index = state.local_step, self.step_count
         state.local_step += 1
