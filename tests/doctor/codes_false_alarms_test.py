@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 import textwrap
 
+import pytest
+import torch
 from doctor_rules_test import codes, passive, run
 from support.doctor import diagnose_script, watch_script
 
@@ -122,6 +124,15 @@ def test_a_backward_of_a_loss_list_or_a_weighted_vector_counts_the_loss(tmp_path
         assert 0.9 < losses[0] < 1.4 and losses[-1] < 0.5 * losses[0], losses[:: len(losses) // 4]  # ≈ ln 3 at init
         found = diagnose_facts(Facts(watcher.records, {}, watcher.observations()))
         assert found[0]["code"] == "healthy" and not _errors(found), found
+
+
+def test_a_weighted_backward_of_a_16_bit_loss_is_summed_without_overflow():
+    """Σ loss·w of a float16 vector whose sum exceeds float16's range (65504): finite, in float32."""
+    from stepaudit.doctor.passive import _backward_loss
+
+    per = torch.full((256, 64), 115.0, dtype=torch.float16)
+    total = _backward_loss(per, torch.ones_like(per))
+    assert math.isfinite(float(total)) and float(total) == pytest.approx(115.0 * 256 * 64, rel=1e-3)
 
 
 COMPLEX = """

@@ -58,6 +58,14 @@ VARIANTS = {
         "self.head(out).reshape(-1, C)",
         "nn.functional.cross_entropy(model(x_all[idx]), y_all[idx].repeat(T))",
     ),
+    # a seq-first tagger whose loss is taken one example at a time, out[:, b]: each loss's batch is T (dim 0)
+    "per_example": (
+        "nn.LSTM(F, 24)",
+        "self.rnn(x.transpose(0, 1))[0]",
+        "self.head(out)",
+        "(lambda out, y: sum(nn.functional.cross_entropy(out[:, b], y[:, b]) for b in range(B)))"
+        "(model(x_all[idx]), y_all[idx].expand(T, B))",
+    ),
     # packed sequences are never judged
     "packed": (
         "nn.LSTM(F, 24)",
@@ -89,11 +97,11 @@ def test_a_seq_first_lstm_fed_batch_first_tensors_is_named_with_its_shapes(tmp_p
     assert "batch_first=True" in found[0]["fix"] and "transpose(0, 1)" in found[0]["fix"]
 
 
-@pytest.mark.parametrize("variant", ["batch_first", "seq_first", "per_step", "packed"])
+@pytest.mark.parametrize("variant", ["batch_first", "seq_first", "per_step", "per_example", "packed"])
 def test_layouts_that_match_what_the_layer_expects_are_not_named(tmp_path, variant):
     watcher = watch_script(_script(tmp_path, variant))
     obs = watcher.observations()
-    judged = {"batch_first": 0, "seq_first": 1, "per_step": 1, "packed": 0}[variant]
+    judged = {"batch_first": 0, "seq_first": 1, "per_step": 1, "per_example": 1, "packed": 0}[variant]
     assert len(obs["recurrent_inputs"]) == judged  # the seq-first layers were seen, and still not named
     if judged:
         assert obs["recurrent_inputs"][0]["calls"][0] == [0, 12, 16, 3]
@@ -126,6 +134,15 @@ def test_the_rule_reads_dim_0_against_every_loss_of_the_step():
     }
     for why, obs in cases.items():
         assert rnn_batch_time_swapped(Facts([], {}, {"mode": "passive", **obs})) is None, why
+    # losses whose rows cover every (dim 0, dim 1) position: a per-example loop over a seq-first output
+    looped = _obs(calls, [[s, [32, 10], [32]] for s in range(5) for _ in range(20)])
+    assert rnn_batch_time_swapped(Facts([], {}, {"mode": "passive", **looped})) is None
+    # a layer run twice a step (siamese) counts steps, not calls: 3 calls in one step are not 3 steps
+    twice = _obs([[s, 32, 20, 5] for s in range(3) for _ in range(2)], [[s, [32, 10], [32]] for s in range(3)])
+    found = rnn_batch_time_swapped(Facts([], {}, {"mode": "passive", **twice}))
+    assert found is not None and "3 of 3 sampled steps" in found.evidence
+    crowded = _obs([[0, 32, 20, 5]] * 3, [[0, [32, 10], [32]]])
+    assert rnn_batch_time_swapped(Facts([], {}, {"mode": "passive", **crowded})) is None
     # one step in ten that does not match still fires (9 of 10 sampled steps)
     mixed = _obs([[s, 32, 20, 5] for s in range(10)], [[s, [32 if s else 20, 10], None] for s in range(10)])
     found = rnn_batch_time_swapped(Facts([], {}, {"mode": "passive", **mixed}))

@@ -775,7 +775,8 @@ def _backward_loss(tensors: Any, grads: Any) -> torch.Tensor | None:
             if not isinstance(loss, torch.Tensor) or loss.is_complex():
                 return None
             if isinstance(grad, torch.Tensor) and grad.shape == loss.shape:
-                part = (loss.detach() * grad.detach().to(loss.dtype)).sum()
+                dtype = torch.float32 if loss.dtype in (torch.float16, torch.bfloat16) else loss.dtype
+                part = (loss.detach().to(dtype) * grad.detach().to(dtype)).sum()  # 16-bit: no overflow to inf
             elif grad is None and loss.numel() == 1:
                 part = loss.detach().reshape(())
             else:

@@ -54,4 +54,7 @@ class RecurrentObserver:
         for key, seen in self._recurrent.items():
             name = names.get(key) or seen["layer"]
             layers.append({"module": name, "layer": seen["layer"], "calls": seen["calls"]})
-        return {"recurrent_inputs": layers, "loss_shapes": self._loss_shapes if layers else []}
+        shapes = self._loss_shapes
+        if len(shapes) >= MAX_LOSS_SHAPES:  # the cap may have cut the last step short: none of it is judged
+            shapes = [entry for entry in shapes if entry[0] != shapes[-1][0]]
+        return {"recurrent_inputs": layers, "loss_shapes": shapes if layers else []}

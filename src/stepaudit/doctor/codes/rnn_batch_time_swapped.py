@@ -21,12 +21,14 @@ def _swapped(call: list, shapes: list[list]) -> bool | None:
 
     Dim 0 must be every loss's leading size and dim 1 none's: a seq-first model taking ``out[-1]`` has the
     batch at dim 1; a loss over every step sees T·B rows; a per-step loss that keeps the (d0, d1) layout
-    cannot tell time from batch and is left alone, as is a dim 1 of 1 (batch 1 fed seq-first).
+    cannot tell time from batch and is left alone, as is a dim 1 of 1 (batch 1 fed seq-first). Losses
+    whose rows add up to d0·d1 or more cover every position (a seq-first loss over ``out[:, b]`` for each
+    example b, in a loop): left alone too.
     """
     _, d0, d1, _ = call
     if not shapes:
         return None
-    if d0 == d1 or d1 < 2:
+    if d0 == d1 or d1 < 2 or sum(loss[0] for loss, _ in shapes) >= d0 * d1:
         return False
     for loss, target in shapes:
         keeps_layout = len(loss) >= 2 and loss[1] == d1
@@ -42,13 +44,17 @@ def rnn_batch_time_swapped(f: Facts) -> Diagnosis | None:
         by_step.setdefault(step, []).append([loss, target])
     best = None
     for layer in f.obs.get("recurrent_inputs") or []:
-        verdicts = [(call, _swapped(call, by_step.get(call[0], []))) for call in layer.get("calls") or []]
-        checked = [(call, v) for call, v in verdicts if v is not None]
-        hits = [call for call, v in checked if v]
-        if len(checked) < MIN_CHECKED or len(hits) < 0.9 * len(checked):
+        steps: dict[int, list] = {}  # per sampled step: its calls' verdicts (a layer may run twice a step)
+        for call in layer.get("calls") or []:
+            verdict = _swapped(call, by_step.get(call[0], []))
+            if verdict is not None:
+                steps.setdefault(call[0], []).append((call, verdict))
+        checked = len(steps)
+        hits = [calls[0][0] for calls in steps.values() if all(v for _, v in calls)]
+        if checked < MIN_CHECKED or len(hits) < 0.9 * checked:
             continue
         if best is None or len(hits) > len(best[1]):
-            best = (layer, hits, len(checked))
+            best = (layer, hits, checked)
     if best is None:
         return None
     layer, hits, checked = best
@@ -62,9 +68,9 @@ def rnn_batch_time_swapped(f: Facts) -> Diagnosis | None:
         f"{layer['module']} ({layer['layer']}, batch_first=False) reads its input as (time, batch, features) "
         f"but received ({d0}, {d1}, {d2}) while the loss's batch was {d0}, at {len(hits)} of {checked} sampled "
         f"steps: the recurrence runs across the {d0} examples of the batch and treats each of the {d1} time "
-        "steps as a separate sequence (out[:, -1] is not the last time step).",
+        "steps as a separate sequence (so out[:, -1] would not be the last time step).",
         f"build the layer with nn.{layer['layer']}(..., batch_first=True), or feed it x.transpose(0, 1) "
-        "(time first) and read the last step as out[-1]",
+        "(time first; its last time step is then out[-1])",
         whole_run=True,
     )
 
