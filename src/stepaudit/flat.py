@@ -170,7 +170,7 @@ class FlatBuffers:
 
         Exact when the optimizer's ``step()`` leaves every ``.grad`` untouched: seen on an earlier audited
         step (``grad_kept``) and checked again after this one through each tensor's version counter, which
-        every in-place write bumps. Only for dense, unsharded, working-precision float32/float64 gradients;
+        in-place writes bump (not writes through ``.data``: the caller borrows for torch's optimizers only). Only for dense, unsharded, working-precision float32/float64 gradients;
         otherwise (and on the first audited step) returns False and the caller copies (``take_grad``).
         """
         self._lent = None
@@ -217,16 +217,9 @@ class FlatBuffers:
             self.grad_kept, self._versions = self._grads_after_step(self._versions), None
         if self._lent is not None:
             return self._finish_lent(keep_before)
-        before, grads = list(self._segments[0]), list(self._segments[1])
-        if keep_before:
-            self._delta_into_buffer()
-            squares = _squares(before + grads + list(torch.split(self.delta_w, self.sizes)))
-            delta, sign = self.delta_w, 1.0
-        else:
-            squares = _squares(before + grads)  # ‖w‖² must be read before ``before`` is overwritten
-            torch._foreach_sub_(before, self._param_flats())
-            squares += _squares(before)
-            delta, sign = self.before, -1.0  # IEEE subtraction is antisymmetric: an exact negation
+        squares = _squares(list(self._segments[0]) + list(self._segments[1]))  # ‖w‖², ‖g‖²
+        delta, deltas, sign = self._delta_segments(keep_before)
+        squares += _squares(deltas)
         grad = self.grad
         if grad.dtype in _LOW_PRECISION:
             grad, delta = grad.float(), delta.float()
@@ -240,6 +233,17 @@ class FlatBuffers:
         rows = [[math.nan, values[1 + n + i], values[1 + 2 * n + i], values[1 + i]] for i in range(n)]
         return sign * values[0], rows
 
+    def _delta_segments(self, keep_before: bool) -> tuple[torch.Tensor, list[torch.Tensor], float]:
+        """Δw after the step, flat and per parameter, and its sign: formed in ``delta_w`` (``keep_before``), or
+        ``before`` overwritten in place by before − after = −Δw, sign −1 (IEEE subtraction is antisymmetric:
+        an exact negation). Read ‖w‖² from ``before`` first."""
+        if keep_before:
+            self._delta_into_buffer()
+            return self.delta_w, list(torch.split(self.delta_w, self.sizes)), 1.0
+        before = list(self._segments[0])
+        torch._foreach_sub_(before, self._param_flats())
+        return self.before, before, -1.0
+
     def _finish_lent(self, keep_before: bool) -> tuple[float, list[list[float]]]:
         """``finish`` with the gradient borrowed (``borrow_grad``): per parameter g·Δw, ‖g‖², ‖Δw‖², ‖w‖²."""
         lent, self._lent = self._lent, None
@@ -249,15 +253,8 @@ class FlatBuffers:
                 "optimizer.step() wrote to or replaced .grad on this step, so its gradient sums are unknown; "
                 "later audited steps copy the gradient first"
             )
-        before = list(self._segments[0])
-        if keep_before:
-            self._delta_into_buffer()
-            deltas, sign = list(torch.split(self.delta_w, self.sizes)), 1.0
-            weights = _squares(before)
-        else:
-            weights = _squares(before)  # before ``before`` is overwritten with −Δw
-            torch._foreach_sub_(before, self._param_flats())
-            deltas, sign = before, -1.0
+        weights = _squares(list(self._segments[0]))
+        _, deltas, sign = self._delta_segments(keep_before)
         present = [i for i, (grad, _) in enumerate(lent) if grad is not None]
         grads = [lent[i][0].reshape(-1) for i in present]
         values = _read(
