@@ -52,3 +52,35 @@ def test_an_unused_head_on_a_model_that_learns_is_only_noted(tmp_path):
 def test_a_detached_trunk_is_still_an_error(tmp_path):
     found = diagnoses(tmp_path, detach=True)
     assert found[0]["code"] == "params_not_updating" and found[0]["severity"] == "error"
+
+
+TWO_OPTIMIZERS = """
+import torch
+import torch.nn.functional as F
+from torch import nn
+torch.manual_seed(0)
+g = torch.Generator().manual_seed(1)
+X = torch.randn(512, 8, generator=g)
+y = (X @ torch.randn(8, 3, generator=g)).argmax(1)
+body = nn.Sequential(nn.Linear(8, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU())
+head, bias = nn.Linear(64, 3), nn.Linear(8, 3, bias=False)
+opt_body = torch.optim.SGD(body.parameters(), lr=0.05, momentum=0.9)
+opt_head = torch.optim.SGD([{"params": head.parameters()}, {"params": bias.parameters(), "lr": 0.0}], lr=0.05)
+for epoch in range(6):
+    for i in range(0, 512, 32):
+        opt_body.zero_grad(); opt_head.zero_grad()
+        F.cross_entropy(head(body(X[i:i + 32])) + bias(X[i:i + 32]), y[i:i + 32]).backward()
+        opt_body.step(); opt_head.step()
+"""
+
+
+def test_an_lr_0_group_names_its_optimizer_when_there_are_several(tmp_path):
+    path = tmp_path / "train.py"
+    path.write_text(textwrap.dedent(TWO_OPTIMIZERS))
+    found = diagnose_script(path)
+    note = next(d for d in found if d["code"] == "params_not_updating")
+    assert note["severity"] == "info", found
+    # the second optimizer (index 1) holds the lr=0 group as its own group 1; the first has one group, lr 0.05
+    assert "group 1 of optimizer 1 has lr=0" in note["evidence"], note
+    assert "group 1 of optimizer 1 has lr=0" in note["fix"], note
+    assert "(<1% of the optimizers' values)" in note["evidence"], note

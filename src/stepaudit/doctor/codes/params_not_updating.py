@@ -126,19 +126,36 @@ def _zero_lr_note(f: Facts, zero_lr: list, groups: list) -> Diagnosis | None:
     share = _numel_share(zero_lr, groups)
     if not zero_lr or share >= 0.9 or f.progress is None or _not_training(f) or f.first_nonfinite is not None:
         return None
-    names = ", ".join(str(_group_index(f, g)) for g in zero_lr)
-    which = f"group {names} has" if len(zero_lr) == 1 else f"groups {names} have"
+    which = _groups_named(f, zero_lr)
+    owner = "optimizers'" if len({id(g.get("opt")) for g in f.param_groups}) > 1 else "optimizer's"
     return Diagnosis(
         "params_not_updating",
         "info",
         _clip(0.5 + 0.4 * share),
         0,
-        f"parameter {which} lr=0 ({share:.0%} of the optimizer's values), so those weights never change; the "
+        f"parameter {which} lr=0 ({_percent(share)} of the {owner} values), so those weights never change; the "
         "other groups learn and the loss falls.",
         f"parameter {which} lr=0; if that is intended (a layer frozen by its learning rate) ignore this, "
         "otherwise give it a positive learning rate",
         kind="zero_lr_group",
     )
+
+
+def _percent(share: float) -> str:
+    """A share as a percentage; a nonzero share below 0.5% is "<1%", never "0%"."""
+    return "<1%" if 0 < share < 0.005 else f"{share:.0%}"
+
+
+def _groups_named(f: Facts, part: list) -> str:
+    """ "group 1 has" / "groups 0, 2 have"; with several optimizers each group names its optimizer's index."""
+    several = len({id(g.get("opt")) for g in f.param_groups}) > 1
+    names = [
+        f"{_group_index(f, g)} of optimizer {(g.get('opt') or {}).get('index', '?')}"
+        if several
+        else str(_group_index(f, g))
+        for g in part
+    ]
+    return f"group {names[0]} has" if len(part) == 1 else f"groups {', '.join(names)} have"
 
 
 def _group_index(f: Facts, group: dict) -> int:
