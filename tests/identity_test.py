@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import classification_loss, make_mlp
+from support.identity import assert_same_model, assert_same_optimizer, assert_same_rng, rng_state, seed_host
 from torch import nn
 
 import stepaudit
@@ -46,6 +47,7 @@ def train(
         else None
     )
     torch.manual_seed(99)
+    seed_host()
     for micro in batches(5, accumulate):
         block = audit.watch(micro if accumulate > 1 else micro[0], accumulate=accumulate) if audited else _nothing()
         with block:
@@ -59,7 +61,7 @@ def train(
         scheduler.step()
     if audit is not None:
         audit.close()
-    return model, opt, torch.get_rng_state(), audit
+    return model, opt, rng_state(), audit
 
 
 class _nothing:
@@ -72,15 +74,9 @@ class _nothing:
 
 def assert_identical(a, b):
     (model_a, opt_a, rng_a, _), (model_b, opt_b, rng_b, _) = a, b
-    for (name, x), (_, y) in zip(model_a.state_dict().items(), model_b.state_dict().items()):
-        assert torch.equal(x, y), name  # weights and BatchNorm buffers
-    state_a, state_b = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
-    assert state_a.keys() == state_b.keys()
-    for key in state_a:
-        for field in state_a[key]:
-            assert torch.equal(torch.as_tensor(state_a[key][field]), torch.as_tensor(state_b[key][field])), field
-    assert opt_a.param_groups[0]["lr"] == opt_b.param_groups[0]["lr"]
-    assert torch.equal(rng_a, rng_b)
+    assert_same_model(model_a, model_b)  # weights and BatchNorm buffers
+    assert_same_optimizer(opt_a, opt_b)  # every state entry and every group's settings (lr, initial_lr …)
+    assert_same_rng(rng_a, rng_b)
 
 
 @pytest.mark.parametrize("optimizer_name", list(OPTIMIZERS))
@@ -125,6 +121,7 @@ def test_plain_step_api_is_bit_identical_to_a_hand_written_loop(tmp_path):
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         audit = stepaudit.Audit(model, opt, classification_loss, run=tmp_path / str(audited)) if audited else None
         torch.manual_seed(5)
+        seed_host()
         for ((x, y),) in batches(4, 1):
             if audited:
                 audit.step((x, y))
@@ -132,7 +129,7 @@ def test_plain_step_api_is_bit_identical_to_a_hand_written_loop(tmp_path):
                 opt.zero_grad()
                 classification_loss(model, (x, y)).backward()
                 opt.step()
-        return model, opt, torch.get_rng_state(), audit
+        return model, opt, rng_state(), audit
 
     assert_identical(run(False), run(True))
 
@@ -161,6 +158,7 @@ def test_every_torch_optimizer_is_audited_and_untouched(name, tiny_batch, tmp_pa
         opt = getattr(torch.optim, name)(model.parameters(), **kwargs)
         audit = stepaudit.Audit(model, opt, classification_loss, run=tmp_path / f"{name}{audited}") if audited else None
         torch.manual_seed(3)
+        seed_host()
         for _ in range(3):
             if audit:
                 audit.step(tiny_batch)
@@ -170,7 +168,7 @@ def test_every_torch_optimizer_is_audited_and_untouched(name, tiny_batch, tmp_pa
                 opt.step()
         if audit:
             audit.close()
-        return model, opt, torch.get_rng_state(), audit
+        return model, opt, rng_state(), audit
 
     plain, audited = run(False), run(True)
     assert_identical(plain, audited)

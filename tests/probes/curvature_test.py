@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from support.identity import assert_same_model, assert_same_optimizer, assert_same_rng, rng_state, seed_host
 from torch import nn
 from torch.func import functional_call
 
@@ -475,6 +476,7 @@ def test_training_is_bit_identical_with_every_curvature_probe_on(tmp_path, kind)
             reference = batch(n=16, seed=4, dtype=torch.float32)
             curvature.configure(audit, sharpness_on=reference if kind == "sgd" else "batch")
         torch.manual_seed(99)
+        seed_host()
         losses = []
         for i in range(4):
             data = batch(seed=10 + i, dtype=torch.float32)
@@ -494,15 +496,13 @@ def test_training_is_bit_identical_with_every_curvature_probe_on(tmp_path, kind)
                 ["precond_sharpness"] if kind == "adam" else []
             )
             assert all(math.isfinite(first[k]) for k in wanted), first
-        return model, opt, torch.get_rng_state(), losses
+        return model, opt, rng_state(), losses
 
     (m1, o1, r1, l1), (m2, o2, r2, l2) = run(False), run(True)
-    assert l1 == l2 and torch.equal(r1, r2)
-    for (n, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
-        assert torch.equal(a, b), n
-    for s1, s2 in zip(o1.state.values(), o2.state.values()):
-        for key in s1:
-            assert torch.equal(torch.as_tensor(s1[key]), torch.as_tensor(s2[key])), key
+    assert l1 == l2
+    assert_same_rng(r1, r2)
+    assert_same_model(m1, m2)
+    assert_same_optimizer(o1, o2)
 
 
 def test_hvp_through_attention_matches_finite_difference_of_gradient(tmp_path):

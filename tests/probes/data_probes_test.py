@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from support.identity import assert_same_model, assert_same_optimizer, assert_same_rng, rng_state, seed_host
 
 import stepaudit
 from stepaudit.probes.data import reference_batches, run_shares
@@ -374,6 +375,7 @@ def test_training_is_bit_identical_with_data_probes_on(tmp_path, config):
     runs = []
     for audit_on in (False, True):
         torch.manual_seed(0)
+        seed_host()
         model = factory()
         optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
         audit = None
@@ -392,7 +394,7 @@ def test_training_is_bit_identical_with_data_probes_on(tmp_path, config):
             if config == "two-batch":
                 audit.options["probe_options"] = {"noise": {"method": "two_batch"}}
         train(model, optimizer, batches(4), audit)
-        runs.append((model, optimizer, torch.get_rng_state()))
+        runs.append((model, optimizer, rng_state()))
         if audit:
             assert all("probe_errors" not in r for r in audit.records)
             if config == "dropout-per-sample-eval-ref":
@@ -400,11 +402,9 @@ def test_training_is_bit_identical_with_data_probes_on(tmp_path, config):
             assert "next_delta" in audit.records[0] and "ref_delta" in audit.records[0]
             audit.close()
     (m0, o0, r0), (m1, o1, r1) = runs
-    for a, b in zip(m0.state_dict().values(), m1.state_dict().values()):
-        assert torch.equal(a, b)
-    for a, b in zip(o0.state_dict()["state"].values(), o1.state_dict()["state"].values()):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    assert torch.equal(r0, r1)
+    assert_same_model(m0, m1)
+    assert_same_optimizer(o0, o1)
+    assert_same_rng(r0, r1)
     assert all(m.training for m in m1.modules())
 
 
@@ -493,6 +493,7 @@ def test_noise_capture_on_the_training_pass_leaves_training_bit_identical(tmp_pa
     runs = []
     for audit_on in (False, True):
         torch.manual_seed(0)
+        seed_host()
         model = factory()
         optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
         audit = (
@@ -504,11 +505,11 @@ def test_noise_capture_on_the_training_pass_leaves_training_bit_identical(tmp_pa
         if audit is not None:
             assert all(r["noise_pass"] == "training" for r in audit.records)
             audit.close()
-        runs.append((model.state_dict(), optimizer.state_dict()["state"], torch.get_rng_state()))
+        runs.append((model, optimizer, rng_state()))
     (m0, o0, r0), (m1, o1, r1) = runs
-    assert all(torch.equal(m0[k], m1[k]) for k in m0)
-    assert all(torch.equal(o0[i][k], o1[i][k]) for i in o0 for k in o0[i] if torch.is_tensor(o0[i][k]))
-    assert torch.equal(r0, r1)
+    assert_same_model(m0, m1)
+    assert_same_optimizer(o0, o1)
+    assert_same_rng(r0, r1)
 
 
 def test_noise_probe_replays_when_reading_the_training_pass_fails(tmp_path, monkeypatch):
