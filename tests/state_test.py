@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import classification_loss
+from support.identity import assert_same_model, assert_same_rng, rng_state
 from torch import nn
 
 import stepaudit
@@ -54,7 +55,7 @@ class RebindingEma(nn.Module):
 
 def train(make, audited: bool, tmp_path, steps: int = 6, skip=(), before_each=None, **audit_kwargs):
     """The same loop with or without the audit (through ``watch``; steps in ``skip`` never call
-    ``optimizer.step()``); returns (model, Python's state, NumPy's key, records)."""
+    ``optimizer.step()``); returns (model, the RNG states (``support.identity.rng_state``), records)."""
     torch.manual_seed(0)
     random.seed(0)
     np.random.seed(0)
@@ -78,16 +79,15 @@ def train(make, audited: bool, tmp_path, steps: int = 6, skip=(), before_each=No
     records = audit.records if audit is not None else None
     if audit is not None:
         audit.close()
-    return model, random.getstate(), np.random.get_state()[1].copy(), records
+    return model, rng_state(), records
 
 
 def assert_same_training(make, tmp_path, **kwargs) -> None:
-    """Weights and Python/NumPy generator states bit-identical with and without the audit."""
-    plain, python_plain, numpy_plain, _ = train(make, False, tmp_path, **kwargs)
-    audited, python_audited, numpy_audited, _ = train(make, True, tmp_path, **kwargs)
-    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), audited.parameters()))
-    assert python_plain == python_audited
-    assert np.array_equal(numpy_plain, numpy_audited)
+    """Weights, buffers and the torch, Python and NumPy generator states bit-identical with and without the audit."""
+    plain, rng_plain, _ = train(make, False, tmp_path, **kwargs)
+    audited, rng_audited, _ = train(make, True, tmp_path, **kwargs)
+    assert_same_model(plain, audited)
+    assert_same_rng(rng_plain, rng_audited)
 
 
 def test_python_and_numpy_generators_are_replayed_and_restored(tmp_path):
@@ -108,6 +108,19 @@ def test_a_rebound_buffer_goes_back_to_its_object_and_values(tmp_path):
     audited, *_ = train(RebindingEma, True, tmp_path, steps=4)
     assert torch.equal(plain.mean, audited.mean)
     assert_same_training(RebindingEma, tmp_path, steps=4)
+    # the object too: the re-evaluation re-binds ``mean`` again; the training pass's tensor must come back
+    model = RebindingEma()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with stepaudit.Audit(model, optimizer, classification_loss, run=tmp_path / "identity") as audit:
+        for batch in batches(3):
+            with audit.watch(batch):
+                optimizer.zero_grad()
+                classification_loss(model, batch).backward()
+                trained = model.mean  # the object the training forward bound
+                values = trained.clone()
+                optimizer.step()
+            assert model.mean is trained and torch.equal(model.mean, values)
+        assert all(r["verdict"] != "error" for r in audit.records)
 
 
 def test_loss_after_inside_an_autocast_region_spanning_the_step_uses_the_new_weights(tmp_path):

@@ -8,7 +8,6 @@ that diverges just above the learning rate ``safe_lr`` reports.
 from __future__ import annotations
 
 import copy
-import random
 import subprocess
 import sys
 from functools import partial
@@ -34,6 +33,7 @@ from fastai.tabular.all import (
     tabular_config,
     tabular_learner,
 )
+from support.identity import assert_same_rng, rng_state  # noqa: E402
 
 from stepaudit.integrations.fastai import AuditCallback  # noqa: E402
 
@@ -115,13 +115,12 @@ def test_training_is_bit_identical_with_the_callback(tmp_path, opt, schedule, bf
         if bf16:
             learn.to_bf16()
         fit(learn, schedule)
-        runs.append((learn, torch.get_rng_state(), np.random.get_state()[1], random.getstate()))
-    (plain, *rngs_plain), (audited, *rngs_audited) = runs
+        runs.append((learn, rng_state()))
+    (plain, rng_plain), (audited, rng_audited) = runs
     for a, b in zip(plain.model.state_dict().values(), audited.model.state_dict().values()):
         assert torch.equal(a, b)
     assert same(optimizer_state(plain.opt), optimizer_state(audited.opt))
-    assert torch.equal(rngs_plain[0], rngs_audited[0])
-    assert (rngs_plain[1] == rngs_audited[1]).all() and rngs_plain[2] == rngs_audited[2]
+    assert_same_rng(rng_plain, rng_audited)
     assert plain.recorder.values == audited.recorder.values  # losses and metrics
     records = audited.stepaudit.audit.records
     assert [r["step"] for r in records] == list(range(8))  # training batches only: 2 epochs × 4
@@ -308,12 +307,12 @@ def test_lr_find_measured_by_the_callback_leaves_learn_as_fastai_does(tmp_path, 
         funcs = (valley, steep, learn.stepaudit.suggest) if measured else (valley, steep)
         with learn.no_bar(), learn.no_logging():
             suggested = learn.lr_find(num_it=40, show_plot=False, suggest_funcs=funcs)
-        runs.append((learn, suggested, torch.get_rng_state(), np.random.get_state()[1], random.getstate()))
-    (plain, plain_lrs, *plain_rng), (learn, lrs, *rng) = runs
+        runs.append((learn, suggested, rng_state()))
+    (plain, plain_lrs, plain_rng), (learn, lrs, rng) = runs
     for a, b in zip(plain.model.state_dict().values(), learn.model.state_dict().values()):
         assert torch.equal(a, b)
     assert same(optimizer_state(plain.opt), optimizer_state(learn.opt))
-    assert torch.equal(plain_rng[0], rng[0]) and (plain_rng[1] == rng[1]).all() and plain_rng[2] == rng[2]
+    assert_same_rng(plain_rng, rng)
     assert plain.recorder.lrs == learn.recorder.lrs and plain.recorder.losses == learn.recorder.losses
     assert (lrs.valley, lrs.steep) == (plain_lrs.valley, plain_lrs.steep)
     result = learn.stepaudit.lr_find_result
