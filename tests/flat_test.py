@@ -27,7 +27,7 @@ def test_finish_matches_float64_oracle(keep_before, exact):
         first_order, rows = _step_with(flat, params)
         got_first_order, got_rows = flat.finish(keep_before=keep_before)
         assert got_first_order == pytest.approx(first_order, rel=1e-5)
-        for got, want in zip(got_rows, rows):
+        for got, want in zip(got_rows, rows, strict=True):
             assert got[1:] == pytest.approx(want, rel=1e-5)
         if keep_before:
             want_delta = torch.cat([p.detach().reshape(-1) for p in params]) - flat.before
@@ -75,7 +75,7 @@ def test_borrowed_gradient_matches_float64_oracle(keep_before):
         first_order, rows = _step_with(flat, params, take=lambda: _borrowed(flat), per_parameter=True)
         got_first_order, got_rows = flat.finish(keep_before=keep_before)
         assert got_first_order == pytest.approx(first_order, rel=1e-5)
-        for got, want in zip(got_rows, rows):
+        for got, want in zip(got_rows, rows, strict=True):
             assert got == pytest.approx(want, rel=1e-5)
         assert got_rows[2][:2] == [0.0, 0.0]  # the parameter without .grad: a zero gradient
 
@@ -164,7 +164,7 @@ def test_norms_read_back_are_the_per_parameter_norms():
     _step_with(flat, params)
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     _, rows = flat.finish(keep_before=True)
-    for row, p, w, grad in zip(rows, params, before, grads):
+    for row, p, w, grad in zip(rows, params, before, grads, strict=True):
         delta = p.detach().flatten() - w.flatten()
         want = [float((t.double().flatten() ** 2).sum()) for t in (grad, delta, w)]
         assert row[1:] == pytest.approx(want, rel=1e-6)
