@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .loss_args import loss_arguments, loss_reduction
 from .recurrent import RecurrentObserver
 
 _NORMALIZING = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
@@ -64,6 +65,7 @@ class ForwardObserver(RecurrentObserver):
         self.batch_label_pool: Counter = Counter()  # their labels pooled
         self.target_moments = [0.0, 0.0, 0.0]  # n, Σy, Σy² of regression targets
         self.initial_loss: dict | None = None
+        self._loaded: list[tuple[str, set[int]]] = []  # modules loaded from a state dict before the first loss
         self.batch_size: int | None = None
         self._init_recurrent()
 
@@ -184,17 +186,17 @@ class ForwardObserver(RecurrentObserver):
     def on_loss(self, name: str, args: tuple, kwargs: dict, output: Any) -> None:
         """What a loss function received: probabilities where it expects logits, shapes that broadcast…"""
         self.loss_calls[name] += 1
-        if kwargs.get("reduction", "mean") != "mean" or (len(args) > 5 and name == "mse_loss"):
+        bound = loss_arguments(name, args, kwargs)
+        reduction = loss_reduction(bound)
+        if reduction != "mean":
             self.summed_losses.add(name)  # 'sum' (or 'none'): the loss is not on a per-example scale
         step = self.step_count
+        x, y = bound.get("input"), bound.get("target")
         if self.window and (step < 5 or step % self.every < 2):  # the sampled steps
-            x, y = _tensor_arg(args, kwargs, 0, "input"), _tensor_arg(args, kwargs, 1, "target")
-            self._note_batch_labels(name, x, y, kwargs)
+            self._note_batch_labels(name, x, y, bound)
             self._note_loss_shape(x, y)
         if not self.window or not (step < 5 or step % (5 * self.every) < 2):  # a few windows suffice
             return
-        x = _tensor_arg(args, kwargs, 0, "input")
-        y = _tensor_arg(args, kwargs, 1, "target")
         if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.numel() == 0:
             return
         grad_enabled = torch.is_grad_enabled()
@@ -210,7 +212,7 @@ class ForwardObserver(RecurrentObserver):
             if isinstance(y, torch.Tensor):
                 if y.is_floating_point() and not bool(torch.isfinite(y).all()):
                     self.target_nan_or_inf = True
-                self._note_targets(name, x, y, kwargs)
+                self._note_targets(name, x, y, bound)
             if (
                 self.initial_loss is None
                 and grad_enabled
@@ -223,7 +225,13 @@ class ForwardObserver(RecurrentObserver):
                     if name == "cross_entropy" and x.dim() >= 2
                     else (int(x.shape[0]) if name == "cross_entropy" else None)
                 )
-                self.initial_loss = {"loss": name, "value": float(output), "classes": classes, "step": self.step_count}
+                self.initial_loss = {
+                    "loss": name,
+                    "value": float(output),
+                    "classes": classes,
+                    "step": self.step_count,
+                    "reduction": reduction,
+                }
             if self.batch_size is None and x.dim() >= 1:
                 self.batch_size = int(x.shape[0])
 
@@ -278,9 +286,9 @@ class ForwardObserver(RecurrentObserver):
         """Softmaxes over the batch axis seen at least twice."""
         return [seen for seen in self._axis_flags.values() if seen["count"] >= 2]
 
-    def _note_targets(self, name: str, x: torch.Tensor, y: torch.Tensor, kwargs: dict) -> None:
+    def _note_targets(self, name: str, x: torch.Tensor, y: torch.Tensor, bound: dict) -> None:
         if name in ("cross_entropy", "nll_loss") and not y.is_floating_point():
-            ignore = kwargs.get("ignore_index", -100)
+            ignore = bound.get("ignore_index", -100)
             values = y.reshape(-1)
             values = values[values != ignore]
             if values.numel():
@@ -301,7 +309,7 @@ class ForwardObserver(RecurrentObserver):
             self.target_moments[1] += float(t.sum())
             self.target_moments[2] += float((t * t).sum())
 
-    def _note_batch_labels(self, name: str, x: Any, y: Any, kwargs: dict) -> None:
+    def _note_batch_labels(self, name: str, x: Any, y: Any, bound: dict) -> None:
         """Which classes one training batch holds (``data_not_shuffled`` compares them with a shuffled batch's).
 
         Classification losses with one hard label per example; training calls only (the input requires grad: a
@@ -312,7 +320,7 @@ class ForwardObserver(RecurrentObserver):
             return
         with torch.no_grad():
             if name in ("cross_entropy", "nll_loss") and x.dim() == 2 and y.dim() == 1 and not y.is_floating_point():
-                values = y[y != kwargs.get("ignore_index", -100)]
+                values = y[y != bound.get("ignore_index", -100)]
             elif name in ("binary_cross_entropy", "binary_cross_entropy_with_logits") and y.numel() == x.shape[0]:
                 values = y.reshape(-1)
                 if not bool(((values == 0) | (values == 1)).all()):

@@ -166,6 +166,7 @@ class PassiveWatcher(ForwardObserver, RunResults):
         self._on_activation = self.guarded(self.on_activation)
         self._on_loss = self.guarded(self.on_loss)
         self._on_softmax = self.guarded(self.on_softmax)
+        self._on_load_state = self.guarded(self.on_load_state)
         self.graph_leaves: dict = {}  # leaves of walked autograd graphs: id (or a freed key) -> ``_leaf``
         self._graph_walks = 0
         self._schedulers: weakref.WeakSet = weakref.WeakSet()  # the optimizers' lr schedulers, once found
@@ -194,6 +195,7 @@ class PassiveWatcher(ForwardObserver, RunResults):
         for name in _SOFTMAXES:
             self._patch(F, name, _softmax_wrapper)
             self._patch(torch, name, _softmax_wrapper)
+        self._patch(torch.nn.Module, "load_state_dict", _load_state_wrapper)
         if hasattr(torch.amp, "GradScaler"):  # torch ≥ 2.3; torch.cuda.amp.GradScaler subclasses it
             self._patch(torch.amp.GradScaler, "scale", _scale_wrapper)
         self._compiled_before = _dynamo_compiled()
@@ -1000,6 +1002,19 @@ def _softmax_wrapper(name: str, original: Callable) -> Callable:
         return call(original, args, kwargs, frame(1))
 
     return _as_original(softmax, original)
+
+
+def _load_state_wrapper(name: str, original: Callable) -> Callable:
+    active = _active
+
+    def load_state_dict(module, *args, **kwargs):
+        result = original(module, *args, **kwargs)
+        watcher = active()
+        if watcher is not None:
+            watcher._on_load_state(module)
+        return result
+
+    return _as_original(load_state_dict, original, rebuild=False)
 
 
 def _loss_wrapper(name: str, original: Callable) -> Callable:

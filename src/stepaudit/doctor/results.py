@@ -55,6 +55,16 @@ class RunResults:
         state.names = [known.get(id(p), f"param{i}") for i, p in enumerate(state.params)]
         state.modules = [n.rsplit(".", 1)[0] if "." in n else "(root)" for n in state.names]
 
+    def on_load_state(self, module: torch.nn.Module) -> None:
+        """``module.load_state_dict`` ran: before the first loss, the weights it filled are not an initialisation."""
+        if self.initial_loss is None and not self.step_count:
+            self._loaded.append((type(module).__name__, {id(p) for p in module.parameters()}))
+
+    def loaded_weights(self) -> str | None:
+        """The class of a module loaded from a state dict before the first loss whose weights an optimizer trains."""
+        trained = {id(p) for state in self.optimizers for p in state.params}
+        return next((name for name, ids in self._loaded if ids & trained), None)
+
     # -- results ---------------------------------------------------------------------------------------------
     def _settle_losses(self) -> None:
         """Turn the kept loss tensors into floats (one sync per step, at the end or at a flush)."""
@@ -104,6 +114,7 @@ class RunResults:
             "summed_losses": sorted(self.summed_losses),
             "target_nan_or_inf": self.target_nan_or_inf,
             "initial_loss": self.initial_loss,
+            "loaded_weights": self.loaded_weights(),
             "label_counts": {str(k): v for k, v in sorted(self.label_counts.items())},
             "batch_labels": self.batch_labels,
             "batch_label_pool": {str(k): v for k, v in sorted(self.batch_label_pool.items())},

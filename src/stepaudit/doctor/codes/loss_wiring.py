@@ -148,7 +148,9 @@ def loss_wiring(f: Facts) -> Diagnosis | None:
             )
         return Diagnosis("loss_wiring", "error", 0.85, 0, evidence + ".", fix, kind=form["kind"], whole_run=True)
     classes, value = init.get("classes"), init.get("value")
-    if init.get("loss") == "cross_entropy" and classes and classes >= 2 and isinstance(value, (int, float)):
+    # ln C is the mean loss of a fresh initialisation: not of a summed loss (B·ln C), nor of loaded weights
+    fresh = init.get("reduction", "mean") == "mean" and not f.obs.get("loaded_weights")
+    if init.get("loss") == "cross_entropy" and classes and classes >= 2 and isinstance(value, (int, float)) and fresh:
         expected = math.log(classes)
         if math.isfinite(value) and value > 2 * expected:
             # For logits of spread s, E[CE] ≈ ln C + s²/2: beyond 2 ln C the initialisation alone costs as much as
