@@ -51,6 +51,9 @@ def test_gradscaler_first_order_uses_unscaled_gradient_and_is_bit_identical(tiny
     assert first["grad_norm"] == pytest.approx(
         float(torch.cat([g.reshape(-1) for g in grads]).double().norm()), rel=1e-5
     )
+    # SGD with momentum moves by −lr·g on its first step (the buffer starts at g): g·Δw = −lr·‖g‖²
+    first_order = -0.1 * sum(float((g.double() ** 2).sum()) for g in grads)
+    assert first["first_order"] == pytest.approx(first_order, rel=1e-5)
 
 
 def test_skipped_step_is_counted_not_audited(tiny_batch, tmp_path):
@@ -87,7 +90,10 @@ def test_fused_optimizer_gradient_is_unscaled_and_its_skipped_step_counted(tiny_
     true_norm = float(torch.cat([g.reshape(-1) for g in grads]).norm())
     for fused in (False, True):
         assert records[fused]["grad_norm"] == pytest.approx(true_norm, rel=1e-5)
-    assert records[True]["first_order"] == pytest.approx(records[False]["first_order"], rel=1e-4)
+    # Adam's first step: m̂ = g, v̂ = g², Δw = −lr·g/(|g| + eps), so g·Δw = −lr·Σ g²/(|g| + eps)
+    first_order = -1e-2 * sum(float((g.double() ** 2 / (g.double().abs() + 1e-8)).sum()) for g in grads)
+    for fused in (False, True):
+        assert records[fused]["first_order"] == pytest.approx(first_order, rel=1e-4)
 
     model = make_mlp()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
