@@ -241,6 +241,12 @@ def test_last_loss_is_the_doctors_median_of_the_last_fifth(doctor_run, tmp_path)
     records = list(audit.records)
     audit.close()
     assert summary(load_run(tmp_path / "active"))["last_loss"] == pytest.approx(Facts(records).loss_end)
+    # written out: 40 steps of batch 64, so the last fifth is 8 steps (more than the 5-step floor)
+    import statistics
+
+    expected = statistics.median(r["loss_before"] for r in records[-8:])
+    assert summary(load_run(tmp_path / "active"))["last_loss"] == pytest.approx(expected, rel=1e-12)
+    assert expected != pytest.approx(statistics.median(r["loss_before"] for r in records[:8]))
 
 
 def test_compare_shows_the_stored_top_diagnosis(doctor_run, runs, capsys):
