@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import warnings
 
 import numpy as np
@@ -207,12 +208,39 @@ def test_summary_and_load_round_trip(tiny_batch, tmp_path):
     assert summary["share_decrease"] + summary["share_increase"] + summary["share_flat"] == pytest.approx(1.0)
     frame = stepaudit.load(tmp_path / "r")
     assert list(frame["step"]) == [0, 1, 2]
+    _check_summary_against_records(audit.summary(), audit.records)
     assert list(frame["delta"]) == pytest.approx([r["delta"] for r in audit.records], rel=1e-15)
     meta = stepaudit.load(tmp_path / "r", table="meta")
     assert meta["optimizer"] == "SGD" and meta["param_groups"][0]["lr"] == 0.1
     assert meta["summary"]["audited_steps"] == 3
     layers = stepaudit.load(tmp_path / "r", table="layers")
     assert set(layers["kind"]) == {"module", "group"}
+
+
+def _check_summary_against_records(summary: dict, records: list[dict]) -> None:
+    """The summary's shares and medians, recomputed from the records with the standard library."""
+    for verdict in ("decrease", "increase", "flat", "nonfinite", "error"):
+        count = sum(r["verdict"] == verdict for r in records)
+        assert summary[f"share_{verdict}"] == pytest.approx(count / len(records), rel=1e-15), verdict
+    assert summary["median_alpha"] == pytest.approx(statistics.median(r["alpha"] for r in records), rel=1e-15)
+    ratio = statistics.median(r["delta"] / r["first_order"] for r in records)
+    assert summary["median_delta_over_first_order"] == pytest.approx(ratio, rel=1e-15)
+    assert summary["first_loss"] == records[0]["loss_before"] and summary["last_loss"] == records[-1]["loss_before"]
+
+
+def test_summary_medians_and_shares_on_a_run_that_overshoots(tmp_path):
+    # lr 30 on this MLP: some steps lower the batch's loss and some raise it, so the shares and medians differ
+    model = make_mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=30.0)
+    g = torch.Generator().manual_seed(3)
+    data = [(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g)) for _ in range(9)]
+    with stepaudit.Audit(model, opt, classification_loss, run=tmp_path / "r") as audit:
+        for batch in data:
+            audit.step(batch)
+    verdicts = {r["verdict"] for r in audit.records}
+    assert {"decrease", "increase"} <= verdicts, verdicts
+    assert len({r["alpha"] for r in audit.records}) == len(audit.records)
+    _check_summary_against_records(audit.summary(), audit.records)
 
 
 def test_strict_capture_failure_leaves_no_open_step(tmp_path, monkeypatch):
