@@ -47,6 +47,9 @@ def params_not_updating(f: Facts) -> Diagnosis | None:
         )
     if f.sampled and not f.moved:
         zero_grad = f.gradient_always_zero
+        stale = _stale_optimizer(f) if zero_grad else None
+        if stale is not None:
+            return stale
         if zero_grad and ((f.loss_form or {}).get("kind") == "constant_loss" or f.dead_output is not None):
             return None  # the loss does not depend on the weights (loss_wiring) or the output is a dead ReLU
         if zero_grad:
@@ -71,6 +74,56 @@ def params_not_updating(f: Facts) -> Diagnosis | None:
             "check the learning rate and that the optimizer holds the model's parameters",
         )
     return _rare_steps(f) or _mostly_frozen(f) or _partly_not_updating(f, zero_lr, groups)
+
+
+def _live_orphans(f: Facts) -> list[dict]:
+    """Parameters that received a gradient but belong to no optimizer, less the leaves a step creates anew
+    (an accumulator such as ``torch.zeros(1, requires_grad=True)``, which no optimizer could keep)."""
+    return [
+        o
+        for o in f.obs.get("orphan_params") or []
+        if not (o.get("registered") is False and str(o.get("name")).startswith("a tensor of"))
+    ]
+
+
+def _stale_optimizer(f: Facts) -> Diagnosis | None:
+    """The optimizer's own parameters never get a gradient while other parameters do and belong to no optimizer:
+    the optimizer was built for a model that was then replaced (a swapped head, a new model per fold)."""
+    orphans = _live_orphans(f)
+    if not orphans:
+        return None
+    values = sum(o["numel"] for o in _distinct(orphans))
+    names = ", ".join(dict.fromkeys(str(o["name"]) for o in orphans if o["name"] != "?")) or "unnamed tensors"
+    return Diagnosis(
+        "params_not_updating",
+        "error",
+        0.95,
+        int(f.sampled[0]["step"]),
+        f"the optimizer's own parameters never received a gradient (0 at all {len(f.sampled)} sampled steps), "
+        f"while {len(orphans)} parameter tensors that do receive gradients ({values:,} values; e.g. "
+        f"{_first(names)}) belong to no optimizer: the optimizer holds the parameters of a model that was "
+        "replaced or re-created after it was built (a swapped head, a new model per fold), so no weight the "
+        "loss uses ever changes.",
+        "build the optimizer after the model is final (or pass the new model's parameters to it), e.g. "
+        "optimizer = torch.optim.Adam(model.parameters()) after the last model = ... / model.fc = ...",
+        kind="stale_optimizer",
+    )
+
+
+def _first(names: str, n: int = 3) -> str:
+    return ", ".join(names.split(", ")[:n])
+
+
+def _distinct(orphans: list[dict]) -> list[dict]:
+    """One entry per (name, size): a tensor re-created at every step (a layer built in forward()) counts once."""
+    return list({(o["name"], o["numel"]): o for o in orphans}.values())
+
+
+def _recreated(orphans: list[dict]) -> int:
+    """How many times the most repeated unnamed orphan was seen anew: parameters seen with a gradient that are
+    no longer the model's (name "?") and come back with the same size are re-created between steps."""
+    sizes = [o["numel"] for o in orphans if o.get("name") == "?" and o.get("registered") is not False]
+    return max((sizes.count(n) for n in set(sizes)), default=0)
 
 
 def _rare_steps(f: Facts) -> Diagnosis | None:
@@ -179,18 +232,28 @@ def _partly_not_updating(f: Facts, zero_lr: list, groups: list) -> Diagnosis | N
     obs = f.obs
     trainable = obs.get("trainable_numel") or 0
     orphans = obs.get("orphan_params") or []
-    orphan_numel = sum(o["numel"] for o in orphans)
+    recreated = _recreated(orphans)
+    orphan_numel = sum(o["numel"] for o in _distinct(orphans))
     no_grad = [p for o in obs.get("optimizers") or [] for p in o.get("no_grad") or []]
     no_grad_numel = sum(o.get("no_grad_numel", 0) for o in obs.get("optimizers") or [])
     held = sum(o.get("numel", 0) for o in obs.get("optimizers") or [])
     parts, share = [], 0.0
     if orphans:
-        share = max(share, orphan_numel / trainable if trainable else 1.0)
-        parts.append(
-            f"{len(orphans)} parameter tensors ({orphan_numel:,} values, {share:.0%} of the model's trainable "
-            f"values; e.g. {', '.join(o['name'] for o in orphans[:3])}) receive gradients but belong to no "
-            "optimizer, so they never change"
-        )
+        share = max(share, min(1.0, orphan_numel / trainable) if trainable else 1.0)
+        if recreated >= 2:
+            parts.append(
+                f"{len(_distinct(orphans))} distinct parameter tensors ({orphan_numel:,} values, {_percent(share)} "
+                f"of the model's trainable values) receive gradients but belong to no optimizer, and are new "
+                f"objects at each step they are seen (up to {recreated} copies of the same size): a layer created "
+                "inside forward() starts from fresh random weights at every call and never learns"
+            )
+        else:
+            named = [str(o["name"]) for o in _distinct(orphans) if o["name"] != "?"] or ["unnamed tensors"]
+            parts.append(
+                f"{len(orphans)} parameter tensors ({orphan_numel:,} values, {_percent(share)} of the model's "
+                f"trainable values; e.g. {', '.join(named[:3])}) receive gradients but belong to no "
+                "optimizer, so they never change"
+            )
     if no_grad_numel and held:
         s = no_grad_numel / held
         share = max(share, s)
@@ -222,7 +285,12 @@ def _partly_not_updating(f: Facts, zero_lr: list, groups: list) -> Diagnosis | N
         "build the optimizer after the model is final (after replacing layers / moving to the device) "
         "from model.parameters(); don't detach() or wrap the forward in torch.no_grad()"
     )
-    if any(o.get("registered") is False for o in orphans):
+    if recreated >= 2:
+        fix = (
+            "create layers in __init__ (self.out = nn.Linear(...)), not inside forward(), so the same weights "
+            "are used at every step; then build the optimizer from model.parameters()"
+        )
+    elif any(o.get("registered") is False for o in orphans):
         fix = (
             "register every layer with the model: keep submodules in nn.ModuleList / nn.ModuleDict, not a plain "
             "list or dict, and create weights once in __init__ as nn.Parameter, not inside forward(); then "
