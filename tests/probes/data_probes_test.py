@@ -315,11 +315,41 @@ def test_noise_probe_refuses_a_summed_loss(tmp_path):
     audit.close()
 
 
-def test_noise_probe_with_dropout_uses_per_sample_gradients(tmp_path):
+def masked_example_gradients(factory, state, batch, rng: torch.Tensor) -> torch.Tensor:
+    """Rows: each example's gradient under the dropout masks the training forward drew from ``rng``."""
+    model = twin(factory, state).train()
+    torch.set_rng_state(rng)  # one forward over the whole batch draws the same masks as training did
+    losses = F.cross_entropy(model(batch[0]), batch[1], reduction="none")
+    params = list(model.parameters())
+    rows = [torch.autograd.grad(loss, params, retain_graph=True) for loss in losses]
+    return torch.stack([torch.cat([g.reshape(-1) for g in row]).double() for row in rows])
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_noise_probe_with_dropout_uses_the_training_masks(tmp_path, clip):
+    # clip: the training gradient no longer adds up, so the probe replays the pass, with the step's masks
     torch.manual_seed(0)
-    audit = audited(Net(dropout=0.3), tmp_path, probes={"noise": 1}, strict=True)
-    audit.step(batches(1)[0])
-    assert audit.last["noise_scale_method"] == "per_sample" and audit.last["trace_sigma"] > 0
+    factory = lambda: Net(dropout=0.5)  # noqa: E731
+    model = factory()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    audit = stepaudit.Audit(model, optimizer, loss_fn, run=tmp_path / "run", probes={"noise": 1}, strict=True)
+    for batch in batches(2):
+        before, rng = snapshot(model), torch.get_rng_state()
+        with audit.watch(batch):
+            optimizer.zero_grad()
+            loss_fn(model, batch).backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+            optimizer.step()
+        record = audit.last
+        assert record["noise_scale_method"] == "per_sample"
+        assert record["noise_pass"] == ("replay" if clip else "training")
+        rows = masked_example_gradients(factory, before, batch, rng)
+        trace = covariance_trace(rows)
+        assert record["trace_sigma"] == pytest.approx(trace, rel=1e-4)
+        assert record["grad_sq_norm"] == pytest.approx(float(rows.mean(0) @ rows.mean(0)) - trace / 32, rel=1e-4)
+        fresh = masked_example_gradients(factory, before, batch, torch.Generator().manual_seed(123).get_state())
+        assert covariance_trace(fresh) != pytest.approx(trace, rel=1e-2)  # other masks: the check can tell
     audit.close()
 
 
@@ -553,8 +583,12 @@ def test_noise_probe_on_a_16_bit_model(tmp_path, dtype):
     model = Net().to(dtype)
     audit = audited(model, tmp_path, probes={"noise": 1}, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     batch = batches(1)[0]
+    before = snapshot(model)
     audit.step((batch[0].to(dtype), batch[1]))
     record = audit.last
     assert "probe_errors" not in record and record["noise_scale_method"] == "per_sample"
-    assert math.isfinite(record["trace_sigma"]) and record["trace_sigma"] > 0
+    # oracle: the same (16-bit) weights in float32, one gradient per example; the tolerance is 16-bit rounding
+    rows = unit_gradients(Net, {k: v.float() for k, v in before.items()}, batch, list(range(33)))
+    tolerance = {torch.float16: 1e-3, torch.bfloat16: 5e-3}[dtype]  # measured 4e-5 and 4e-4: 10× margin
+    assert record["trace_sigma"] == pytest.approx(covariance_trace(rows), rel=tolerance)
     audit.close()
