@@ -15,8 +15,11 @@ original's last loss − the fixed run's and ``noise`` = |the original's − its
   fixed run trains: its last loss is at least ``MARKED`` of its start below its start, and not at the loss
   of predicting the label frequencies (the doctor's "stuck at the prior");
 - **inconclusive**: the run failed; or ``gain > 0`` but the noise is too large to tell (``NOISE_TIMES ×
-  noise ≥ MARKED``); or markedly better than the original but the fixed run did not train either;
-- **refuted**: otherwise (no better); a refuted diagnosis is demoted below the confirmed ones.
+  noise ≥ MARKED``); or better beyond the noise but not markedly (``max(SLIGHT, NOISE_TIMES × noise) ≤
+  gain < MARKED``: the fix helped, by less than a fix must); or markedly better than the original but the
+  fixed run did not train either;
+- **refuted**: otherwise (no better, or better by less than ``SLIGHT``); a refuted diagnosis is demoted
+  below the confirmed ones.
 
 A learning-rate fix tries its second factor when the first is not confirmed and keeps the better run.
 
@@ -59,6 +62,7 @@ from .counterfactual import COUNTERFACTUALS, REPORTING
 from .counterfactual_wiring import BATCH_AXIS
 
 MARKED = 0.10  # share of the starting loss the fix must remove beyond the original's, at least
+SLIGHT = MARKED / 2  # below this gain a fix counts as no help at all (refuted); up to MARKED it is inconclusive
 NOISE_TIMES = 3.0  # the margin in units of the original's run-to-run noise
 TOP = 3  # diagnoses verified, at most
 _FINAL = re.compile(r"\bfinal_metric\s+\w+\s+(-?\d*\.?\d+(?:e[-+]?\d+)?)", re.IGNORECASE)  # the doctor suite's own line
@@ -251,6 +255,8 @@ def judge_noise(original: RunLoss, fixed: RunLoss, noise: float | None) -> tuple
         return ("confirmed" if _trains(fixed) else "inconclusive"), noise
     if gain > 0 and NOISE_TIMES * noise >= MARKED:
         return "inconclusive", noise
+    if gain >= max(SLIGHT, NOISE_TIMES * noise):
+        return "inconclusive", noise  # better beyond the noise, but not markedly
     return "refuted", noise
 
 
@@ -270,6 +276,19 @@ def _detail(verdict: str, fix: str, original: RunLoss, rerun: RunLoss, fixed: Ru
     text = f"{verdict}: with {fix} the loss {went} {fixed.shown()} (original {original.shown()})"
     if rerun.metric is not None and fixed.metric is not None:
         text += f"; the script's printed metric {fixed.metric:.3g} (original {rerun.metric:.3g})"
+    gain = _gain(original, fixed)
+    slight = (
+        gain is not None
+        and 0 < gain < MARKED
+        and noise is not None
+        and math.isfinite(noise)
+        and NOISE_TIMES * noise < MARKED
+    )
+    if verdict == "inconclusive" and slight:
+        return (
+            text
+            + f": better than the original by {_share(gain)} of its starting loss, less than the {MARKED:.0%} a fix must remove"
+        )
     if verdict == "inconclusive" and not _trains(fixed):
         return text + ": better than the original, but that run did not train either"
     if verdict == "inconclusive":
@@ -278,9 +297,19 @@ def _detail(verdict: str, fix: str, original: RunLoss, rerun: RunLoss, fixed: Ru
                 text + f", but the original's run-to-run noise ({noise:.2g} of its starting loss) is too large to tell"
             )
         return text + ", and the original's re-run differs too much to tell"
+    if verdict == "refuted" and gain is not None and gain > 0:
+        return (
+            text
+            + f": only {_share(gain)} of its starting loss better than the original, under the {MARKED:.0%} a fix must remove"
+        )
     if verdict == "refuted":
         return text + ": no better than the original"
     return text
+
+
+def _share(x: float) -> str:
+    """A share as a percentage; a nonzero one under 0.5% is "<1%", never "0%"."""
+    return "<1%" if 0 < x < 0.005 else f"{x:.0%}"
 
 
 def _unchecked(code: str, why: str = "") -> dict:
