@@ -10,7 +10,7 @@ answer consistent. Its policies, applied in this order by ``reconcile``:
    the label prior, a mechanism finding (``NOTES_WHEN_LEARNING``) cannot be why the model is not training:
    its severity becomes ``info``, unless the rule marked it ``persistent`` (it lasted to the end at a
    level that costs accuracy whatever the loss did: half the tanh units saturated from initialisation,
-   a batch of ≤ 8 far below the noise scale, a gradient that overflowed). (Measured: the official polynomial-fitting tutorial feeds raw x³ features
+   a batch of ≤ 8 far below the noise scale on a loss that levelled off, a gradient that overflowed). (Measured: the official polynomial-fitting tutorial feeds raw x³ features
    (RMS 13), has ‖g‖/‖w‖ ≈ 4e5 at step 0 under reduction='sum', and still trains to R² 0.90 with RMSprop;
    a healthy small Transformer has a first-to-last-layer gradient ratio below 1e-2.)
 3. **No opposite advice.** Each finding's fix moves the learning rate one way or not at all
