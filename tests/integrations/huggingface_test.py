@@ -8,6 +8,8 @@ import torch
 import stepaudit
 
 transformers = pytest.importorskip("transformers")
+from support.identity import assert_same_model, assert_same_optimizer, assert_same_rng, rng_state  # noqa: E402
+
 from stepaudit.integrations.huggingface import AuditMixin  # noqa: E402
 
 
@@ -95,15 +97,11 @@ def train(
 
 def test_training_is_bit_identical_with_the_mixin(tmp_path):
     plain, plain_trainer = train(tmp_path / "plain")
-    plain_rng = torch.get_rng_state()
+    plain_rng = rng_state()
     audited, trainer = train(tmp_path / "audited", AuditedTrainer, audit_options={"run": tmp_path / "run"})
-    assert torch.equal(torch.get_rng_state(), plain_rng)
-    for (name, a), (_, b) in zip(plain.state_dict().items(), audited.state_dict().items()):
-        assert torch.equal(a, b), name
-    plain_state, audited_state = plain_trainer.optimizer.state_dict()["state"], trainer.optimizer.state_dict()["state"]
-    for key in plain_state:
-        for field in plain_state[key]:
-            assert torch.equal(torch.as_tensor(plain_state[key][field]), torch.as_tensor(audited_state[key][field]))
+    assert_same_rng(rng_state(), plain_rng)  # the Trainer seeds torch, Python and NumPy from args.seed
+    assert_same_model(plain, audited)
+    assert_same_optimizer(plain_trainer.optimizer, trainer.optimizer)
     records = trainer.audit.records
     assert [r["step"] for r in records] == list(range(6)) and trainer.audit.closed
     assert all(r["verdict"] in ("decrease", "increase", "flat") for r in records)

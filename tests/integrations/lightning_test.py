@@ -10,6 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import stepaudit
 
 pl = pytest.importorskip("lightning.pytorch")
+from support.identity import assert_same_model, assert_same_optimizer, assert_same_rng, rng_state  # noqa: E402
+
 from stepaudit.integrations.lightning import AuditCallback  # noqa: E402
 
 
@@ -69,17 +71,12 @@ def fit(
 
 def test_training_is_bit_identical_with_the_callback(tmp_path):
     plain, plain_trainer = fit()
-    plain_rng = torch.get_rng_state()
+    plain_rng = rng_state()
     callback = AuditCallback(run=tmp_path / "run")
     audited, audited_trainer = fit([callback])
-    assert torch.equal(torch.get_rng_state(), plain_rng)
-    for (name, a), (_, b) in zip(plain.state_dict().items(), audited.state_dict().items()):
-        assert torch.equal(a, b), name  # weights and BatchNorm buffers
-    plain_state = plain_trainer.optimizers[0].state_dict()["state"]
-    audited_state = audited_trainer.optimizers[0].state_dict()["state"]
-    for key in plain_state:
-        for field in plain_state[key]:
-            assert torch.equal(torch.as_tensor(plain_state[key][field]), torch.as_tensor(audited_state[key][field]))
+    assert_same_rng(rng_state(), plain_rng)  # each fit seeds torch, Python and NumPy first
+    assert_same_model(plain, audited)  # weights and BatchNorm buffers
+    assert_same_optimizer(plain_trainer.optimizers[0], audited_trainer.optimizers[0])
     # The re-evaluations did not log: the epoch mean of train_loss is the training passes' own.
     assert torch.equal(
         plain_trainer.callback_metrics["train_loss_epoch"], audited_trainer.callback_metrics["train_loss_epoch"]
