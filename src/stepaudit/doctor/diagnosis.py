@@ -23,6 +23,7 @@ class Diagnosis:
     whole_run: bool = False  # judged over the whole run: no onset to compare with a cause's
     lr_direction: int = 0  # which way the fix moves the learning rate: −1 lower, +1 raise, 0 leaves it
     persistent: bool = False  # the mechanism lasted to the end at a level that matters, whatever the loss did
+    mechanism_only: bool = False  # evidence of a mechanism only (step sizes, dead units), not of a rising loss
 
     def as_dict(self) -> dict:
         """The JSON contract: code, severity, confidence, first_step, evidence, fix."""

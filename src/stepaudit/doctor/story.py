@@ -7,12 +7,16 @@ answer consistent. Its policies, applied in this order by ``reconcile``:
    went non-finite, findings about a lack of progress (``QUIET_AFTER_DIVERGENCE``) describe numbers
    computed on the way to NaN, not a cause: they are dropped.
 2. **Findings that do not stop training are notes.** When the loss at least halved and did not stall at
-   the label prior, a mechanism finding (``NOTES_WHEN_LEARNING``) cannot be why the model is not training:
-   its severity becomes ``info``, unless the rule marked it ``persistent`` (it lasted to the end at a
-   level that costs accuracy whatever the loss did: half the tanh units saturated from initialisation,
-   a batch of ≤ 8 far below the noise scale on a loss that levelled off, a gradient that overflowed). (Measured: the official polynomial-fitting tutorial feeds raw x³ features
-   (RMS 13), has ‖g‖/‖w‖ ≈ 4e5 at step 0 under reduction='sum', and still trains to R² 0.90 with RMSprop;
-   a healthy small Transformer has a first-to-last-layer gradient ratio below 1e-2.)
+   the label prior, a mechanism finding (``NOTES_WHEN_LEARNING``), or a finding whose only evidence is a
+   mechanism (``Diagnosis.mechanism_only``: ``lr_too_high`` from large early steps and dead ReLUs, with no
+   rising or diverging loss), cannot be why the model is not training: its severity becomes ``info``,
+   unless the rule marked it ``persistent`` (it lasted to the end at a level that costs accuracy whatever
+   the loss did: half the tanh units saturated from initialisation, a batch of ≤ 8 far below the noise
+   scale on a loss that levelled off, a gradient that overflowed). A note is never taken as another
+   finding's cause (``order``), so the links stay one story. (Measured: the official polynomial-fitting
+   tutorial feeds raw x³ features (RMS 13), has ‖g‖/‖w‖ ≈ 4e5 at step 0 under reduction='sum', and still
+   trains to R² 0.90 with RMSprop; a healthy small Transformer has a first-to-last-layer gradient ratio
+   below 1e-2.)
 3. **No opposite advice.** Each finding's fix moves the learning rate one way or not at all
    (``Diagnosis.lr_direction``). When findings disagree, the weaker (confidence × severity) is dropped. A finding that another
    explains (a consequence, see ``CAUSES`` in ``codes``) gets "fix <cause> first" instead of its own fix
@@ -40,7 +44,7 @@ def reconcile(found: list[Diagnosis], f: Facts) -> list[Diagnosis]:
         kept = [d for d in kept if d.code not in QUIET_AFTER_DIVERGENCE]
     if f.learning_well:
         for d in kept:
-            if d.code in NOTES_WHEN_LEARNING and d.severity != "info" and not d.persistent:
+            if (d.code in NOTES_WHEN_LEARNING or d.mechanism_only) and d.severity != "info" and not d.persistent:
                 d.severity = "info"
                 d.evidence += f" The loss still fell from {f.loss_start:.3g} to {f.loss_end:.3g}, so this is not what stops training."
     while len({d.lr_direction for d in kept if d.lr_direction}) > 1:

@@ -13,6 +13,7 @@ from .exploding_gradients import summed_note
 def lr_too_high(f: Facts) -> Diagnosis | None:
     """Steps that overshoot: the loss climbs above its start [DL], own-batch increases, lr beyond 2/λ_max."""
     parts, first, strength = [], None, 0.0
+    loss_level = False  # a loss that rose and stayed high, or went non-finite (not only a mechanism)
     peak = f.peak
     # a spike the run recovers from (or ends far below its start after) is a catapult, not a fault
     ended_high = (
@@ -24,6 +25,7 @@ def lr_too_high(f: Facts) -> Diagnosis | None:
             f"and was still at {_g(f.loss_end)} at the end"
         )
         first, strength = peak[1], strength + 0.35
+        loss_level = True
     found = f.first_nonfinite
     growth = f.grad_growth
     grew = first is not None or (growth is not None and growth[0] >= 10)
@@ -31,6 +33,7 @@ def lr_too_high(f: Facts) -> Diagnosis | None:
         parts.append(f"then went non-finite at step {found['step']}")  # after growth, not out of the blue
         first = found["step"] if first is None else first
         strength += 0.2
+        loss_level = True
     own = [r for r in f.own_batch if isinstance(r.get("first_order"), (int, float)) and r["first_order"] < 0]
     if len(own) >= 5:
         up = sum(r["delta"] > 0 for r in own) / len(own)
@@ -70,6 +73,7 @@ def lr_too_high(f: Facts) -> Diagnosis | None:
     if bounce and not parts:
         parts.append(bounce)
         first, strength = 0, strength + 0.35
+        loss_level = True
     if not parts:
         return None
     ratio = f.update_ratio_early
@@ -93,6 +97,7 @@ def lr_too_high(f: Facts) -> Diagnosis | None:
         "; ".join(parts) + ".",
         fix,
         lr_direction=-1,
+        mechanism_only=not loss_level,  # on a run whose loss halved, the story lowers this to a note
     )
 
 
