@@ -65,6 +65,7 @@ class ForwardObserver(RecurrentObserver):
         self.batch_label_pool: Counter = Counter()  # their labels pooled
         self.target_moments = [0.0, 0.0, 0.0]  # n, Σy, Σy² of regression targets
         self.initial_loss: dict | None = None
+        self._loss_signs: list = [0, 0, set()]  # backward losses inspected, ≤ 0 by construction, their log-probs
         self._loaded: list[tuple[str, set[int]]] = []  # modules loaded from a state dict before the first loss
         self.batch_size: int | None = None
         self._init_recurrent()

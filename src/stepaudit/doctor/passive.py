@@ -374,6 +374,8 @@ class PassiveWatcher(ForwardObserver, RunResults):
         ]
         if self._graph_walks < GRAPH_WALKS and any(t.grad_fn is not None for t in roots):
             self._graph_walks += 1
+            if len(roots) == 1 and grads is None:
+                self._note_loss_sign(roots[0])
             try:
                 self._walk_graph(roots)
             except Exception:  # an odd graph: fewer leaves known, nothing else lost

@@ -6,12 +6,13 @@ run store, or once the script has ended.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..maths import numel
 from ..meta import optimizer_groups
+from .loss_sign import log_likelihood_sources
 
 if TYPE_CHECKING:
     from .passive import WatchedOptimizer
@@ -65,6 +66,24 @@ class RunResults:
         trained = {id(p) for state in self.optimizers for p in state.params}
         return next((name for name, ids in self._loaded if ids & trained), None)
 
+    def _note_loss_sign(self, loss: Any) -> None:
+        """Whether a loss handed to backward is a log-likelihood, ≤ 0 by construction (see ``loss_sign``)."""
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or loss.grad_fn is None:
+            return
+        try:
+            sources = log_likelihood_sources(loss)
+        except Exception:  # an odd graph: the sign stays unknown
+            sources = None
+        self._loss_signs[0] += 1
+        if sources:
+            self._loss_signs[1] += 1
+            self._loss_signs[2].update(sources)
+
+    def log_likelihood_loss(self) -> dict | None:
+        """Every inspected backward loss (at least two) was ≤ 0 by construction: the log-probabilities it sums."""
+        checked, nonpositive, sources = self._loss_signs
+        return {"checked": checked, "sources": sorted(sources)} if checked >= 2 and nonpositive == checked else None
+
     # -- results ---------------------------------------------------------------------------------------------
     def _settle_losses(self) -> None:
         """Turn the kept loss tensors into floats (one sync per step, at the end or at a flush)."""
@@ -115,6 +134,7 @@ class RunResults:
             "target_nan_or_inf": self.target_nan_or_inf,
             "initial_loss": self.initial_loss,
             "loaded_weights": self.loaded_weights(),
+            "log_likelihood_loss": self.log_likelihood_loss(),
             "label_counts": {str(k): v for k, v in sorted(self.label_counts.items())},
             "batch_labels": self.batch_labels,
             "batch_label_pool": {str(k): v for k, v in sorted(self.batch_label_pool.items())},

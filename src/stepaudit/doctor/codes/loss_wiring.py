@@ -124,6 +124,22 @@ def loss_wiring(f: Facts) -> Diagnosis | None:
             "logits with CrossEntropyLoss and integer class labels",
             kind="single_class",
         )
+    likelihood = f.obs.get("log_likelihood_loss")
+    start, end = f.loss_start, f.loss_end
+    if likelihood and start is not None and end is not None and end < start:
+        return Diagnosis(
+            "loss_wiring",
+            "error",
+            0.85,
+            0,
+            f"the loss handed to backward is built only from log-probabilities ({', '.join(likelihood['sources'])}) "
+            "with non-negative weights, so it is ≤ 0 whatever the model predicts and unbounded below; it fell "
+            f"from {_g(start)} to {_g(end)}: minimising a log-likelihood drives the probability of the data to 0.",
+            "negate it: loss = -log_likelihood.mean() (or use F.binary_cross_entropy_with_logits / F.cross_entropy, "
+            "which are already the negative log-likelihood)",
+            kind="log_likelihood_minimised",
+            whole_run=True,
+        )
     form = f.loss_form
     zero_grad = f.gradient_always_zero
     if form is not None and (form["kind"] == "unbounded_below" or f.moved or zero_grad or f.obs.get("custom_update")):
