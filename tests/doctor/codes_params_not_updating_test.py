@@ -84,3 +84,31 @@ def test_an_lr_0_group_names_its_optimizer_when_there_are_several(tmp_path):
     assert "group 1 of optimizer 1 has lr=0" in note["evidence"], note
     assert "group 1 of optimizer 1 has lr=0" in note["fix"], note
     assert "(<1% of the optimizers' values)" in note["evidence"], note
+
+
+STEP_OUTSIDE_LOOP = """
+import torch, torch.nn as nn
+torch.manual_seed(0)
+g = torch.Generator().manual_seed(1)
+X = torch.randn(640, 64, generator=g)
+y = (X @ torch.randn(64, 10, generator=g)).argmax(1)
+model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+opt = torch.optim.SGD(model.parameters(), lr=0.05); crit = nn.CrossEntropyLoss()
+for ep in range(20):
+    perm = torch.randperm(len(X))
+    for i in range(0, len(X), 64):
+        b = perm[i:i+64]; opt.zero_grad(); loss = crit(model(X[b]), y[b]); loss.backward()
+    opt.step()                                   # dedented out of the batch loop
+"""
+
+
+def test_a_step_dedented_out_of_the_batch_loop_does_not_claim_summed_gradients(tmp_path):
+    """zero_grad() ran before every backward, so each update holds the last batch's gradient only (the hunt's
+    f19, the "optimizer.step() dedented out of the batch loop" slip): the zeroing checks say so."""
+    path = tmp_path / "train.py"
+    path.write_text(textwrap.dedent(STEP_OUTSIDE_LOOP))
+    found = diagnose_script(path)
+    top = found[0]
+    assert top["code"] == "params_not_updating" and top["severity"] == "warning", found
+    assert "once every 10" in top["evidence"]
+    assert "sums the gradients" not in top["evidence"] and "only the last batch's gradient" in top["evidence"]

@@ -143,12 +143,30 @@ def _rare_steps(f: Facts) -> Diagnosis | None:
         0.7,
         0,
         f"optimizer.step() ran {f.n_steps} times for {total} backward passes (once every {every}) and the "
-        f"loss barely moved: each update sums the gradients of {every} batches, and the weights change "
-        f"{every}× less often than the script sees batches (deliberate gradient accumulation does this "
+        f"loss barely moved: {_between_steps(f, every)}, and the weights change {every}× less often than the "
+        "script sees batches (deliberate gradient accumulation, zero_grad() only after each step, does this "
         "too; then ignore this).",
         "call optimizer.zero_grad(), loss.backward() and optimizer.step() once per batch, inside the "
         "batch loop (check the indentation of optimizer.step())",
         kind="rare_steps",
+    )
+
+
+def _between_steps(f: Facts, every: int) -> str:
+    """What the gradient applied at each step holds, as far as the zeroing checks tell (see missing_zero_grad):
+    cleared before the next backward began, or still there (nothing clears it, so the batches add up)."""
+    checks = [c for c in f.obs.get("zero_checks") or [] if isinstance(c.get("kept"), (int, float))]
+    if checks and sum(c["kept"] < 0.5 for c in checks) >= 0.9 * len(checks):
+        return (
+            f".grad was cleared before the first backward() after each of {len(checks)} checked steps: if "
+            f"zero_grad() runs in the batch loop, each update applies only the last batch's gradient and the "
+            f"other {every - 1} batches' gradients are computed and thrown away"
+        )
+    if checks and sum(c["kept"] >= 0.5 for c in checks) >= 0.9 * len(checks):
+        return f".grad is never cleared between steps, so each update sums the gradients of {every} batches"
+    return (
+        f"each update applies the sum of {every} batches' gradients, or only the last batch's if zero_grad() "
+        "runs in the batch loop"
     )
 
 
