@@ -97,8 +97,9 @@ def test_a_summed_loss_at_init_is_not_compared_with_ln_c(tmp_path, loss):
     obs = watcher.observations()
     assert obs["summed_losses"] and obs["initial_loss"]["reduction"] == "sum"
     assert obs["initial_loss"]["value"] > 10 * torch.log(torch.tensor(3.0)).item()
-    found = diagnose_facts(Facts(watcher.records, {}, obs))
-    assert not _init_judged(found), found
+    facts = Facts(watcher.records, {}, obs)
+    assert facts.label_entropy is None  # nor is the loss's end compared with the per-example label entropy
+    assert not _init_judged(diagnose_facts(facts))
 
 
 def _checkpoint(tmp_path, scale: float) -> str:
