@@ -12,7 +12,8 @@ answer consistent. Its policies, applied in this order by ``reconcile``:
    rising or diverging loss), cannot be why the model is not training: its severity becomes ``info``,
    unless the rule marked it ``persistent`` (it lasted to the end at a level that costs accuracy whatever
    the loss did: half the tanh units saturated from initialisation, a batch of ≤ 8 far below the noise
-   scale on a loss that levelled off, a gradient that overflowed). A note is never taken as another
+   scale on a loss that levelled off, a gradient that overflowed, ≥ 90% of the hidden ReLUs killed for good
+   by the first steps). A note is never taken as another
    finding's cause (``order``), so the links stay one story. (Measured: the official polynomial-fitting
    tutorial feeds raw x³ features (RMS 13), has ‖g‖/‖w‖ ≈ 4e5 at step 0 under reduction='sum', and still
    trains to R² 0.90 with RMSprop; a healthy small Transformer has a first-to-last-layer gradient ratio

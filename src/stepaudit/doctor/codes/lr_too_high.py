@@ -14,6 +14,7 @@ def lr_too_high(f: Facts) -> Diagnosis | None:
     """Steps that overshoot: the loss climbs above its start [DL], own-batch increases, lr beyond 2/λ_max."""
     parts, first, strength = [], None, 0.0
     loss_level = False  # a loss that rose and stayed high, or went non-finite (not only a mechanism)
+    crippled = False  # ≥ 90% of the hidden ReLUs killed for good (dead_relu's bar for "whatever the loss did")
     peak = f.peak
     # a spike the run recovers from (or ends far below its start after) is a catapult, not a fault
     ended_high = (
@@ -59,6 +60,7 @@ def lr_too_high(f: Facts) -> Diagnosis | None:
         )
         first = killed if first is None else min(first, killed)
         strength += 0.4 - 0.1  # the step-size part below is already said here
+        crippled = f.share_late("dead_relu_share")[0] >= 0.9
     unsafe = [
         r for r in f.healthy_records if r.get("lr_exceeds_safe") in (True, 1) or r.get("precond_exceeds") in (True, 1)
     ]
@@ -97,7 +99,8 @@ def lr_too_high(f: Facts) -> Diagnosis | None:
         "; ".join(parts) + ".",
         fix,
         lr_direction=-1,
-        mechanism_only=not loss_level,  # on a run whose loss halved, the story lowers this to a note
+        mechanism_only=not loss_level,  # on a run whose loss halved, the story lowers this to a note…
+        persistent=crippled,  # …unless the steps killed nearly every ReLU for good: capacity lost to the end
     )
 
 

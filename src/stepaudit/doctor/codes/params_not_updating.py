@@ -262,8 +262,9 @@ def _partly_not_updating(f: Facts, zero_lr: list, groups: list) -> Diagnosis | N
             parts.append(
                 f"{len(_distinct(orphans))} distinct parameter tensors ({orphan_numel:,} values, {_percent(share)} "
                 f"of the model's trainable values) receive gradients but belong to no optimizer, and are new "
-                f"objects at each step they are seen (up to {recreated} copies of the same size): a layer created "
-                "inside forward() starts from fresh random weights at every call and never learns"
+                f"objects at later steps (up to {recreated} copies of the same size): a layer created inside "
+                "forward() (or re-created in the training loop) starts from fresh random weights each time and "
+                "never learns"
             )
         else:
             named = [str(o["name"]) for o in _distinct(orphans) if o["name"] != "?"] or ["unnamed tensors"]
