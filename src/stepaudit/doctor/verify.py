@@ -299,8 +299,8 @@ def _detail(verdict: str, fix: str, original: RunLoss, rerun: RunLoss, fixed: Ru
         return text + ", and the original's re-run differs too much to tell"
     if verdict == "refuted" and gain is not None and gain > 0:
         return (
-            text
-            + f": only {_share(gain)} of its starting loss better than the original, under the {MARKED:.0%} a fix must remove"
+            text + f": only {_share(gain)} of its starting loss lower, under the {MARKED:.0%} a fix must remove, so "
+            "no better than the original"
         )
     if verdict == "refuted":
         return text + ": no better than the original"
