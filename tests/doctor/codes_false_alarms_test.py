@@ -10,25 +10,10 @@ import pytest
 import torch
 from doctor_rules_test import codes, passive, run
 from support.doctor import diagnose_script, watch_script
+from support.doctor import toy_script as _script
 
 from stepaudit.doctor import diagnose, diagnose_facts
 from stepaudit.doctor.facts import Facts
-
-DATA = """
-import torch
-import torch.nn.functional as F
-from torch import nn
-torch.manual_seed(0)
-g = torch.Generator().manual_seed(1)
-X = torch.randn(512, 8, generator=g)
-y = (X @ torch.randn(8, 3, generator=g)).argmax(1)
-"""
-
-
-def _script(tmp_path, body: str):
-    path = tmp_path / "train.py"
-    path.write_text(textwrap.dedent(DATA) + textwrap.dedent(body))
-    return path
 
 
 def _codes(found: list[dict]) -> list[str]:

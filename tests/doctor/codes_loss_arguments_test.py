@@ -3,31 +3,14 @@ ln C only when it is the mean loss of a fresh initialisation (not a summed loss,
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
 import torch
 from support.doctor import diagnose_script, watch_script
+from support.doctor import toy_script as _script
 
 from stepaudit.doctor import diagnose_facts
 from stepaudit.doctor.facts import Facts
 from stepaudit.doctor.loss_args import loss_arguments, loss_reduction
-
-DATA = """
-import torch
-import torch.nn.functional as F
-from torch import nn
-torch.manual_seed(0)
-g = torch.Generator().manual_seed(1)
-X = torch.randn(512, 8, generator=g)
-y = (X @ torch.randn(8, 3, generator=g)).argmax(1)
-"""
-
-
-def _script(tmp_path, body: str):
-    path = tmp_path / "train.py"
-    path.write_text(textwrap.dedent(DATA) + textwrap.dedent(body))
-    return path
 
 
 def _init_judged(found: list[dict]) -> bool:
