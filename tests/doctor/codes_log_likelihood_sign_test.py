@@ -105,7 +105,13 @@ BINARY, CLASSES = torch.tensor([0.0, 1.0, 1.0, 0.0]), torch.tensor([0, 1, 2, 1])
     ("make", "sources"),
     [
         (lambda p, z: (BINARY * torch.log(p)).mean() / 2, ["log of a sigmoid/softmax output"]),
-        (lambda p, z: -torch.nn.functional.cross_entropy(z, CLASSES), ["log_softmax"]),
+        (lambda p, z: -torch.nn.functional.cross_entropy(z, CLASSES), None),  # an added minus sign: an ascent
+        (
+            lambda p, z: -torch.nn.functional.nll_loss(torch.log_softmax(z, 1), CLASSES, reduction="none").mean(),
+            ["log_softmax"],
+        ),
+        (lambda p, z: -torch.nn.functional.binary_cross_entropy(p, BINARY), None),
+        (lambda p, z: -(-(BINARY[:, None] * torch.log_softmax(z, 1)).sum() / 4), None),  # a negated soft-target NLL
         (lambda p, z: torch.nn.functional.cross_entropy(z, CLASSES), None),
         (lambda p, z: (torch.log(p) * torch.tensor([1.0, 2.0, 3.0, 0.5])).mean(), None),  # returns: the data's sign
         (lambda p, z: -(torch.log(p) * torch.tensor([-1.0, 0.0, -1.0, -0.5])).mean(), None),  # rewards ≤ 0, no baseline
@@ -116,3 +122,55 @@ BINARY, CLASSES = torch.tensor([0.0, 1.0, 1.0, 0.0]), torch.tensor([0, 1, 2, 1])
 def test_the_sign_is_read_from_the_graph(make, sources):
     z = torch.randn(4, 3, requires_grad=True)
     assert log_likelihood_sources(make(torch.sigmoid(z[:, 0]), z)) == sources
+
+
+# a minus sign written in front of a library cross-entropy: the classifier's loss is maximised on purpose
+ASCENTS = {
+    # gradient-ascent unlearning (NegGrad) of a forget set
+    "unlearn": """
+        import torch, torch.nn as nn, torch.nn.functional as F
+        torch.manual_seed(0)
+        X = torch.randn(512, 10); y = (X[:, :3] @ torch.randn(3, 4)).argmax(1)
+        net = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 4))
+        net.load_state_dict({k: v.clone() for k, v in net.state_dict().items()})
+        opt = torch.optim.SGD(net.parameters(), lr=1e-2)
+        forget = X[:64], y[:64]
+        for it in range(60):
+            loss = -F.cross_entropy(net(forget[0]), forget[1])
+            opt.zero_grad(); loss.backward(); opt.step()
+        """,
+    # a universal adversarial perturbation of a fixed classifier (untargeted): its loss barely moves
+    "adv_perturb": """
+        import torch, torch.nn as nn, torch.nn.functional as F
+        torch.manual_seed(0)
+        X = torch.randn(1024, 10); y = (X[:, :3] @ torch.randn(3, 5)).argmax(1)
+        clf = nn.Sequential(nn.Linear(10, 32), nn.ReLU(), nn.Linear(32, 5))
+        for p in clf.parameters(): p.requires_grad_(False)
+        delta = torch.zeros(10, requires_grad=True)
+        opt = torch.optim.Adam([delta], lr=1e-2)
+        for it in range(100):
+            i = (it * 64) % 1024
+            loss = -F.cross_entropy(clf(X[i:i+64] + delta), y[i:i+64])
+            opt.zero_grad(); loss.backward(); opt.step()
+            with torch.no_grad(): delta.clamp_(-0.5, 0.5)
+        """,
+}
+
+
+@pytest.mark.parametrize("case", sorted(ASCENTS))
+def test_a_negated_library_cross_entropy_is_an_ascent_not_a_lost_sign(tmp_path, case):
+    path = tmp_path / f"{case}.py"
+    path.write_text(textwrap.dedent(ASCENTS[case]))
+    found = diagnose_script(path)
+    assert not _flagged(found), found
+
+
+def test_a_minimised_log_likelihood_must_really_fall(tmp_path):
+    # the log-likelihood of a frozen model's outputs (only a bias-free scale trains, at a tiny lr): it barely moves
+    loss = "F.log_softmax(out.detach() * SCALE, 1).gather(1, cb[:, None]).mean()"
+    body = DATA.replace("net.parameters()", "[SCALE]").replace("import torch\n", "import torch\nSCALE = None\n", 1)
+    body = body.replace("opt = ", "SCALE = torch.ones((), requires_grad=True)\nopt = ")
+    path = tmp_path / "train.py"
+    path.write_text(body.replace("OUT", "3").replace("LOSS", loss).replace("ASCEND", "False").replace("LR", "1e-6"))
+    found = diagnose_script(path)
+    assert not _flagged(found), found

@@ -1,10 +1,15 @@
 """The sign of a loss read from its autograd graph: a log-likelihood (≤ 0 by construction) handed to backward.
 
 A loss built only from log-probabilities (log of a sigmoid or softmax output, log_softmax, logsigmoid, or a
-negated BCE/NLL) combined with constant non-negative weights, sums, means and views is ≤ 0 whatever the
+negated elementwise BCE/NLL, as torch.distributions' log_prob computes it) combined with constant non-negative weights, sums, means and views is ≤ 0 whatever the
 model predicts, and its infimum is −∞: each log p falls without bound as the model drives p to 0. Minimising
 it is maximising the negative log-likelihood (a lost minus sign). Anything else (a log of a variance, a
 product of two model outputs such as p·log p, a constant of mixed sign) leaves the sign unknown.
+
+A minus sign written in front of a negative log-likelihood (a reduced library criterion such as
+``-F.cross_entropy(...)``, ``-F.binary_cross_entropy(...)``, or an NLL the script already negated, e.g. the
+soft-target cross-entropy ``-(t·log p).sum() / N``) is an *added* sign, not a lost one: gradient-ascent
+unlearning and adversarial perturbations maximise a classifier's loss on purpose. Such a loss's sign is unknown.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ _SAME = {
     "StackBackward0",
 }
 _PROBABILITIES = {"SigmoidBackward0", "SoftmaxBackward0"}
+_LIBRARY_NLL = {"BinaryCrossEntropyBackward0", "BinaryCrossEntropyWithLogitsBackward0", "NllLossBackward0"}
+_SCALING = {"MulBackward0", "MulBackward1", "DivBackward0", "DivBackward1"}
 _PROBABILITY_KEEPING = _SAME | {"RsubBackward1", "ClampBackward1", "ClampMinBackward0", "ClampMaxBackward0"}
 
 
@@ -73,6 +80,26 @@ def _probability(node: Any, budget: int = 8) -> bool:
             return True
         children = [c for c, _ in getattr(node, "next_functions", ()) if c is not None]
         if len(children) != 1 or name not in _PROBABILITY_KEEPING | {"AddBackward0", "AddBackward1"}:
+            return False
+        node = children[0]
+    return False
+
+
+def _negative_log_likelihood(node: Any, budget: int = 8) -> bool:
+    """``node`` outputs an NLL the script wrote as such: a reduced library criterion (NLL, BCE, cross-entropy, whose
+    ``reduction`` is 'mean' or 'sum') or an explicit negation, through views, sums, means and constant scalings.
+
+    An elementwise (reduction='none') library NLL is not one: ``-bce(..., reduction='none')`` is how
+    torch.distributions' Bernoulli.log_prob computes a log-likelihood term."""
+    for _ in range(budget):
+        name = type(node).__name__
+        if name == "NegBackward0":
+            return True
+        if name in _LIBRARY_NLL:
+            reduction = _saved(node, "_saved_reduction")
+            return not (isinstance(reduction, int) and reduction == 0)  # 0: 'none'
+        children = [c for c, _ in getattr(node, "next_functions", ()) if c is not None]
+        if len(children) != 1 or name not in _SAME | _SCALING:
             return False
         node = children[0]
     return False
@@ -113,6 +140,8 @@ class _Walk:
             signs = {self.sign(c) for c in nexts if c is not None}
             return signs.pop() if len(signs) == 1 and None not in nexts else 0
         if name == "NegBackward0":
+            if nexts[0] is not None and _negative_log_likelihood(nexts[0]):
+                return 0  # a minus sign added in front of an NLL: an ascent on purpose (see the module's doc)
             return -self.sign(nexts[0])
         if name in ("AddBackward0", "SubBackward0"):
             if len(nexts) != 2 or None in nexts:

@@ -10,6 +10,10 @@ from ..diagnosis import fmt as _g
 from ..facts import Facts
 from .base import Code
 
+# a real fall of a minimised log-likelihood: its start's 5% (verify's SLIGHT, the least gain that counts as any), not
+# any fall (an ascent that stalls reads "fell from -1.71 to -1.71")
+FELL = 0.05
+
 _WIRING = {
     "probabilities_into_cross_entropy": (
         "error",
@@ -126,7 +130,7 @@ def loss_wiring(f: Facts) -> Diagnosis | None:
         )
     likelihood = f.obs.get("log_likelihood_loss")
     start, end = f.loss_start, f.loss_end
-    if likelihood and start is not None and end is not None and end < start:
+    if likelihood and start is not None and end is not None and start - end >= FELL * abs(start) and end < start:
         return Diagnosis(
             "loss_wiring",
             "error",
