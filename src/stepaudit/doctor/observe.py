@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .loss_args import loss_arguments, loss_reduction
+from .loss_sign import _probability
 from .recurrent import RecurrentObserver
 
 _NORMALIZING = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
@@ -202,7 +203,7 @@ class ForwardObserver(RecurrentObserver):
             return
         grad_enabled = torch.is_grad_enabled()
         with torch.no_grad():
-            check = _loss_check(name, x.detach(), y)
+            check = _loss_check(name, x.detach(), y, x.grad_fn)
             self._loss_checked[name] += 1
             if check is not None:
                 seen = self._loss_flags.setdefault(
@@ -384,8 +385,12 @@ def _input_stats(layer: str, flat: torch.Tensor) -> dict | None:
     return stats
 
 
-def _loss_check(name: str, x: torch.Tensor, y: Any) -> dict | None:
-    """A loss wired to the wrong kind of input, with the measured numbers."""
+ENDS = 0.05  # within this of 0 or 1: a sigmoid output pushed to a decision
+ENDS_SHARE = 0.25  # the share of such values that marks graph-less inputs in (0, 1) as probabilities
+
+
+def _loss_check(name: str, x: torch.Tensor, y: Any, graph: Any = None) -> dict | None:
+    """A loss wired to the wrong kind of input, with the measured numbers; ``graph`` is the input's grad_fn."""
     if name in ("cross_entropy", "nll_loss") and x.dim() >= 2 and x.shape[1] >= 2:
         low, high = (float(v) for v in torch.aminmax(x))
         row_sum = x.sum(1) if low >= 0 and high <= 1 else None
@@ -408,7 +413,16 @@ def _loss_check(name: str, x: torch.Tensor, y: Any) -> dict | None:
                 "probabilities": probabilities,
             }
     if name == "binary_cross_entropy_with_logits" and x.numel() >= 8:
-        if bool((x > 0).all() and (x < 1).all()):
+        # Values in (0, 1) alone are no proof: raw logits of a discriminator or a weak classifier can stay there (a
+        # DCGAN's D read [0.54, 0.79] for 200 steps). A sigmoid/softmax in the input's autograd graph is. Without a
+        # graph (the loss computed under no_grad), the values must also hug the ends as trained probabilities do and
+        # logits confined to (0, 1) have no reason to: a quarter of them within ENDS of 0 or 1.
+        inside = bool((x > 0).all() and (x < 1).all())
+        if graph is not None:
+            probabilities = inside and _probability(graph)
+        else:
+            probabilities = inside and float(((x < ENDS) | (x > 1 - ENDS)).float().mean()) >= ENDS_SHARE
+        if probabilities:
             return {"kind": "probabilities_into_bce_with_logits", "min": float(x.min()), "max": float(x.max())}
     if name in ("mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss") and isinstance(y, torch.Tensor):
         if tuple(x.shape) != tuple(y.shape):
