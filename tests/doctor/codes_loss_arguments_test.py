@@ -119,9 +119,43 @@ for epoch in range(4):
         ("net[2].load_state_dict({k[2:]: v for k, v in state.items() if k.startswith('2.')})", False),
         # a loaded module the optimizer does not train (a frozen teacher) leaves the fresh model's init judged
         ("teacher.load_state_dict(state); net[2].weight.data.copy_(state['2.weight'])", True),
+        # a reset to the model's own initial weights (per fold) changes no value: the initialisation is still judged
+        (
+            "net[2].weight.data.mul_(40); init = {k: v.clone() for k, v in net.state_dict().items()}; "
+            "net.load_state_dict(init)",
+            True,
+        ),
     ],
 )
 def test_the_loss_of_loaded_weights_is_not_judged_as_an_initialisation(tmp_path, load, judged):
     body = LOADED.replace("CKPT", repr(_checkpoint(tmp_path, 40.0))).replace("LOAD", load)
     found = diagnose_script(_script(tmp_path, body))
     assert _init_judged(found) == judged, found
+
+
+# a genuinely bad init (last layer x30), with the common "reset to the initial weights per fold" load_state_dict
+BAD_INIT_RESET = """
+import torch, torch.nn as nn, torch.nn.functional as F, copy
+torch.manual_seed(0)
+X = torch.randn(1024, 10); y = (X[:, :3] @ torch.randn(3, 10)).argmax(1)
+model = nn.Sequential(nn.Linear(10, 64), nn.ReLU(), nn.Linear(64, 10))
+with torch.no_grad(): model[2].weight.mul_(30)
+init_state = copy.deepcopy(model.state_dict())
+for fold in range(2):
+    model.load_state_dict(init_state)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for ep in range(2):
+        for i in range(0, 1024, 64):
+            loss = F.cross_entropy(model(X[i:i+64]), y[i:i+64])
+            opt.zero_grad(); loss.backward(); opt.step()
+"""
+
+
+def test_a_reset_to_the_initial_weights_is_not_a_loaded_checkpoint(tmp_path):
+    path = tmp_path / "badinit_reset.py"
+    path.write_text(BAD_INIT_RESET)
+    found = diagnose_script(path)
+    assert _init_judged(found), found
+    # the script's own load is untouched: it still returns torch's result
+    module = torch.nn.Linear(2, 2)
+    assert str(module.load_state_dict(module.state_dict())) == "<All keys matched successfully>"

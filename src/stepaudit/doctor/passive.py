@@ -1006,14 +1006,36 @@ def _softmax_wrapper(name: str, original: Callable) -> Callable:
     return _as_original(softmax, original)
 
 
+def _weights_fingerprint(module: Any) -> list | None:
+    """Per-parameter (name, id, float64 sum): enough to tell whether a load changed any value (None if unreadable)."""
+    try:
+        with torch.no_grad():
+            named = list(module.named_parameters())
+            if not named:
+                return []
+            sums = torch.stack([p.detach().sum(dtype=torch.float64).to("cpu") for _, p in named]).tolist()
+        return [(n, id(p), v) for (n, p), v in zip(named, sums)]
+    except Exception:  # meta, lazy or sharded parameters: unknown, counted as changed
+        return None
+
+
 def _load_state_wrapper(name: str, original: Callable) -> Callable:
     active = _active
 
     def load_state_dict(module, *args, **kwargs):
+        watcher = active()
+        # Only a load before the first loss matters (the weights it fills are not an initialisation), and only one
+        # that changed a value: a per-fold reset to the initial weights (load_state_dict(init_state)) leaves the
+        # initialisation as it is. A fingerprint before and after, outside the script's view; NaN reads as changed.
+        before = None
+        if watcher is not None and watcher.initial_loss is None and not watcher.step_count:
+            before = _weights_fingerprint(module)
         result = original(module, *args, **kwargs)
         watcher = active()
         if watcher is not None:
-            watcher._on_load_state(module)
+            after = _weights_fingerprint(module) if before is not None else None
+            if before is None or after is None or before != after:
+                watcher._on_load_state(module)
         return result
 
     return _as_original(load_state_dict, original, rebuild=False)
