@@ -24,7 +24,10 @@ def lr_too_low(f: Facts) -> Diagnosis | None:
         parts.append(f"‖Δw‖/‖w‖ is {_g(ratio)} per step (median; cs231n: ≈ 1e-3)")
         strength += 0.3
     total, start = f.predicted_total, f.loss_start
-    if total is not None and start and total < 0.1 * abs(start):
+    # the loss fell by more than twice what the steps promised (a promise curvature only takes back from): something
+    # else moves it (another optimizer's steps, as the generator's move the discriminator's loss in a GAN)
+    outpaced = total is not None and start and f.loss_end is not None and start - f.loss_end > 2 * max(total, 0)
+    if total is not None and start and total < 0.1 * abs(start) and not outpaced:
         parts.append(
             f"even if every step's own-batch decrease −g·Δw carried over, the whole run would remove only "
             f"{_g(total)} of a loss of {_g(start)}"
