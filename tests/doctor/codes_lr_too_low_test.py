@@ -4,6 +4,8 @@ discriminator's loss in a GAN (a DCGAN-style toy at lr 2e-4 read as a warning); 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from support.doctor import diagnose_script, toy_script
 
 GAN = """
@@ -39,3 +41,11 @@ def test_a_gan_whose_discriminator_loss_falls_faster_than_its_steps_promise_is_n
 def test_a_tiny_learning_rate_still_is(tmp_path):
     found = diagnose_script(toy_script(tmp_path, TINY_LR))
     assert found[0]["code"] == "lr_too_low" and "would remove only" in found[0]["evidence"], found
+
+
+def test_batch_noise_around_a_flat_loss_does_not_count_as_a_fall():
+    # c89: every step clipped to norm 0.005; the loss wanders 1.395 -> 1.386, four times the tiny promise but far
+    # less than a tenth of its start, and nothing else moves it
+    case = Path(__file__).parent / "cases" / "c89_wave_gru_clip.py"
+    found = diagnose_script(case, max_steps=250)
+    assert found[0]["code"] == "lr_too_low", found

@@ -24,9 +24,11 @@ def lr_too_low(f: Facts) -> Diagnosis | None:
         parts.append(f"‖Δw‖/‖w‖ is {_g(ratio)} per step (median; cs231n: ≈ 1e-3)")
         strength += 0.3
     total, start = f.predicted_total, f.loss_start
-    # the loss fell by more than twice what the steps promised (a promise curvature only takes back from): something
-    # else moves it (another optimizer's steps, as the generator's move the discriminator's loss in a GAN)
-    outpaced = total is not None and start and f.loss_end is not None and start - f.loss_end > 2 * max(total, 0)
+    # the loss fell markedly (a tenth of its start: not batch noise around a flat loss) and by more than twice what
+    # the steps promised (a promise curvature only takes back from): something else moves it (another optimizer's
+    # steps, as the generator's move the discriminator's loss in a GAN)
+    fell = start - f.loss_end if start and f.loss_end is not None else None
+    outpaced = total is not None and fell is not None and fell > max(2 * max(total, 0), 0.1 * abs(start))
     if total is not None and start and total < 0.1 * abs(start) and not outpaced:
         parts.append(
             f"even if every step's own-batch decrease −g·Δw carried over, the whole run would remove only "
