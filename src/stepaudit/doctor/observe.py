@@ -3,6 +3,9 @@
 ``ForwardObserver`` is mixed into ``PassiveWatcher``: the global module forward hooks (sampled steps only)
 find the model's root modules and its first parametrised layer; the wrapped activation and loss
 functions report what they produced or received. Everything is read under ``no_grad``.
+
+Size (over 400 lines): one mixin whose hooks share a session's observation state; the loss-argument binding and
+the loss-sign walk already live in ``loss_args.py`` and ``loss_sign.py``.
 """
 
 from __future__ import annotations
