@@ -8,7 +8,8 @@ from typing import Any
 import torch.nn.functional as F
 
 
-def _positional(args: tuple, kwargs: dict, index: int, name: str) -> Any:
+def argument(args: tuple, kwargs: dict, index: int, name: str) -> Any:
+    """The argument at position ``index`` of a call, else the keyword ``name`` (None if neither was given)."""
     return args[index] if len(args) > index else kwargs.get(name)
 
 
@@ -28,7 +29,7 @@ def loss_arguments(name: str, args: tuple, kwargs: dict) -> dict:
             return dict(signature.bind_partial(*args, **kwargs).arguments)
         except TypeError:
             pass
-    return {**kwargs, "input": _positional(args, kwargs, 0, "input"), "target": _positional(args, kwargs, 1, "target")}
+    return {**kwargs, "input": argument(args, kwargs, 0, "input"), "target": argument(args, kwargs, 1, "target")}
 
 
 def loss_reduction(bound: dict) -> str:

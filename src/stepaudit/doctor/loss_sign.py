@@ -72,7 +72,7 @@ def _saved(node: Any, name: str) -> Any:
         return None
 
 
-def _probability(node: Any, budget: int = 8) -> bool:
+def is_probability(node: Any, budget: int = 8) -> bool:
     """``node`` outputs a sigmoid/softmax probability, through views, 1 − p, clamps or an added constant."""
     for _ in range(budget):
         name = type(node).__name__
@@ -121,7 +121,7 @@ class _Walk:
         nexts = [c for c, _ in node.next_functions]
         if name == "LogBackward0":
             x = _saved(node, "_saved_self")  # the log's input at this step: a probability is ≤ 1
-            if nexts and _probability(nexts[0]) and isinstance(x, torch.Tensor) and bool((x <= 1).all()):
+            if nexts and is_probability(nexts[0]) and isinstance(x, torch.Tensor) and bool((x <= 1).all()):
                 self.sources.add("log of a sigmoid/softmax output")
                 return -1
             return 0

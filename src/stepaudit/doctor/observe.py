@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from .loss_args import loss_arguments, loss_reduction
-from .loss_sign import _probability
+from .loss_args import argument, loss_arguments, loss_reduction
+from .loss_sign import is_probability
 from .recurrent import RecurrentObserver
 
 _NORMALIZING = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
@@ -31,10 +31,6 @@ MAX_INPUT_VALUES = 4_000_000  # all pooled rows together (32 MB of float64), wha
 def _compiled_graph(module: torch.nn.Module) -> bool:
     """A graph TorchDynamo or AOTAutograd made (weights lifted to inputs), not a user's traced model."""
     return isinstance(module, torch.fx.GraphModule) and next(module.parameters(), None) is None
-
-
-def _tensor_arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
-    return args[index] if len(args) > index else kwargs.get(name)
 
 
 class ForwardObserver(RecurrentObserver):
@@ -244,8 +240,8 @@ class ForwardObserver(RecurrentObserver):
         """A softmax taken over the batch axis of a (batch, classes) tensor normalises across examples."""
         if not self.window or self._softmax_checked >= 64:
             return
-        x = _tensor_arg(args, kwargs, 0, "input")
-        dim = _tensor_arg(args, kwargs, 1, "dim")
+        x = argument(args, kwargs, 0, "input")
+        dim = argument(args, kwargs, 1, "dim")
         if not isinstance(x, torch.Tensor) or x.dim() < 2 or not isinstance(dim, int) or self.batch_size is None:
             return
         self._softmax_checked += 1
@@ -422,7 +418,7 @@ def _loss_check(name: str, x: torch.Tensor, y: Any, graph: Any = None) -> dict |
         # logits confined to (0, 1) have no reason to: a quarter of them within ENDS of 0 or 1.
         inside = bool((x > 0).all() and (x < 1).all())
         if graph is not None:
-            probabilities = inside and _probability(graph)
+            probabilities = inside and is_probability(graph)
         else:
             probabilities = inside and float(((x < ENDS) | (x > 1 - ENDS)).float().mean()) >= ENDS_SHARE
         if probabilities:

@@ -93,7 +93,6 @@ def _stale_optimizer(f: Facts) -> Diagnosis | None:
     if not orphans:
         return None
     values = sum(o["numel"] for o in _distinct(orphans))
-    names = ", ".join(dict.fromkeys(str(o["name"]) for o in orphans if o["name"] != "?")) or "unnamed tensors"
     return Diagnosis(
         "params_not_updating",
         "error",
@@ -101,7 +100,7 @@ def _stale_optimizer(f: Facts) -> Diagnosis | None:
         int(f.sampled[0]["step"]),
         f"the optimizer's own parameters never received a gradient (0 at all {len(f.sampled)} sampled steps), "
         f"while {len(orphans)} parameter tensors that do receive gradients ({values:,} values; e.g. "
-        f"{_first(names)}) belong to no optimizer: the optimizer holds the parameters of a model that was "
+        f"{_orphan_names(orphans)}) belong to no optimizer: the optimizer holds the parameters of a model that was "
         "replaced or re-created after it was built (a swapped head, a new model per fold), so no weight the "
         "loss uses ever changes.",
         "build the optimizer after the model is final (or pass the new model's parameters to it), e.g. "
@@ -110,8 +109,10 @@ def _stale_optimizer(f: Facts) -> Diagnosis | None:
     )
 
 
-def _first(names: str, n: int = 3) -> str:
-    return ", ".join(names.split(", ")[:n])
+def _orphan_names(orphans: list[dict], n: int = 3) -> str:
+    """The first ``n`` distinct names of the orphans that still have one ("?": no longer the model's)."""
+    named = list(dict.fromkeys(str(o["name"]) for o in orphans if o["name"] != "?"))
+    return ", ".join(named[:n]) or "unnamed tensors"
 
 
 def _distinct(orphans: list[dict]) -> list[dict]:
@@ -198,7 +199,7 @@ def _zero_lr_note(f: Facts, zero_lr: list, groups: list) -> Diagnosis | None:
     if not zero_lr or share >= 0.9 or f.progress is None or _not_training(f) or f.first_nonfinite is not None:
         return None
     which = _groups_named(f, zero_lr)
-    owner = "optimizers'" if len({id(g.get("opt")) for g in f.param_groups}) > 1 else "optimizer's"
+    owner = "optimizers'" if _several_optimizers(f) else "optimizer's"
     return Diagnosis(
         "params_not_updating",
         "info",
@@ -217,9 +218,14 @@ def _percent(share: float) -> str:
     return "<1%" if 0 < share < 0.005 else f"{share:.0%}"
 
 
+def _several_optimizers(f: Facts) -> bool:
+    """The groups come from more than one optimizer (passive: each group carries its optimizer under ``opt``)."""
+    return len({id(g.get("opt")) for g in f.param_groups}) > 1
+
+
 def _groups_named(f: Facts, part: list) -> str:
     """ "group 1 has" / "groups 0, 2 have"; with several optimizers each group names its optimizer's index."""
-    several = len({id(g.get("opt")) for g in f.param_groups}) > 1
+    several = _several_optimizers(f)
     names = [
         f"{_group_index(f, g)} of optimizer {(g.get('opt') or {}).get('index', '?')}"
         if several
@@ -267,10 +273,9 @@ def _partly_not_updating(f: Facts, zero_lr: list, groups: list) -> Diagnosis | N
                 "never learns"
             )
         else:
-            named = [str(o["name"]) for o in _distinct(orphans) if o["name"] != "?"] or ["unnamed tensors"]
             parts.append(
                 f"{len(orphans)} parameter tensors ({orphan_numel:,} values, {_percent(share)} of the model's "
-                f"trainable values; e.g. {', '.join(named[:3])}) receive gradients but belong to no "
+                f"trainable values; e.g. {_orphan_names(orphans)}) receive gradients but belong to no "
                 "optimizer, so they never change"
             )
     if no_grad_numel and held:
